@@ -1,0 +1,33 @@
+# crystalc: the two commands of the quick start are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEMO_MODEL ?= examples/shakespeare/model.pt
+
+.PHONY: venv tools demo test lint clean
+
+venv: $(VENV)/.installed
+
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+tools:
+	@bash scripts/ensure-tools.sh
+
+demo: venv tools
+	$(BIN)/crystalc compile $(DEMO_MODEL) --target c -o demo-out --build
+	./demo-out/model --prompt "ROMEO:" -n 300 -t 0.8 --seed 42
+
+lint: venv
+	$(BIN)/ruff check crystalc backends tests bench examples
+
+test: venv tools lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf demo-out build .pytest_cache

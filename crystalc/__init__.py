@@ -1,0 +1,3 @@
+"""crystalc: a multi-target compiler for crystal language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,201 @@
+"""The crystalc command line: parse options, call the library, print. Nothing else lives here.
+
+Every failure caused by the user's input is a CrystalError (or a click usage
+error) and ends as one line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from crystalc.errors import CrystalError
+
+TARGETS = ("c",)
+QUANT_MODES = ("int8", "int16", "mixed", "mixed8")
+
+
+def _load(path: str, n_heads: int | None = None):
+    from crystalc.frontend import load_model
+
+    return load_model(path, n_heads=n_heads)
+
+
+def _apply_passes(graph, prune_corpus: str | None, keep: str | None, quantize: str | None,
+                  granularity: str):
+    """The pass order is fixed: prune_vocab, then quantize (pruning first quantizes fewer rows)."""
+    from crystalc.passes.pipeline import Pass, run_pipeline
+
+    passes = []
+    if prune_corpus is not None:
+        from crystalc.passes.prune_vocab import prune_vocab
+
+        text = _read_text(prune_corpus)
+        keep_ids = _parse_ids(keep) if keep else []
+        passes.append(Pass("prune_vocab", lambda g: prune_vocab(g, text, keep_ids)))
+    if quantize is not None:
+        from crystalc.passes.quantize import quantize as quantize_pass
+
+        passes.append(Pass("quantize", lambda g: quantize_pass(g, quantize, granularity)))
+    return run_pipeline(graph, passes)
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CrystalError(f"{path}: cannot read corpus ({e})") from None
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise CrystalError(f"token ids must be comma-separated integers, got {text!r}") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="crystalc")
+def cli() -> None:
+    """crystalc: compile crystal language models to C, CUDA, Verilog and SPICE.
+
+    MODEL arguments accept a crystalc .pt checkpoint, a checkpoint saved by the
+    original causal_crystal.py, a bare state_dict, a .safetensors file with a JSON
+    config beside it, or a .crystal file.
+    """
+
+
+n_heads_option = click.option("--n-heads", type=click.IntRange(1), default=None,
+                              help="Attention heads, for checkpoints whose config does not say.")
+prune_option = click.option("--prune-vocab", "prune_corpus", type=click.Path(dir_okay=False), default=None,
+                            help="Keep only the tokens that occur in this corpus.")
+keep_option = click.option("--keep", default=None, help="With --prune-vocab: ids to keep anyway, e.g. 0,1,2.")
+quant_option = click.option("--quantize", type=click.Choice(QUANT_MODES), default=None,
+                            help="Quantize weights: int8, int16, mixed (f32 embeddings + int16), "
+                                 "mixed8 (f32 embeddings + int8).")
+gran_option = click.option("--granularity", default="tensor", show_default=True,
+                           help="Scale granularity: tensor (the seeds' min/max), row, or group:N.")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--target", "-t", type=click.Choice(TARGETS), required=True, help="Backend to compile for.")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Output folder; replaced as a whole only once everything is written.")
+@click.option("--build", is_flag=True, help="Also build the artifact with the target's tool and print its path.")
+@click.option("--cflags", default=None, help="C compiler flags for --build (default: -O3 -march=native).")
+@n_heads_option
+@prune_option
+@keep_option
+@quant_option
+@gran_option
+def compile(model: str, target: str, out_dir: str, build: bool, cflags: str | None, n_heads: int | None,
+            prune_corpus: str | None, keep: str | None, quantize: str | None, granularity: str) -> None:
+    """Compile MODEL for a target into the folder OUT."""
+    from crystalc.backends import get_backend
+    from crystalc.fsutil import atomic_dir
+
+    graph = _apply_passes(_load(model, n_heads), prune_corpus, keep, quantize, granularity)
+    backend = get_backend(target)
+    with atomic_dir(out_dir) as tmp:
+        backend.emit(graph, tmp)
+        if build:
+            backend.build(tmp, cflags=cflags)
+    if build:
+        click.echo(str(Path(out_dir) / "model"))
+    else:
+        click.echo(f"wrote {out_dir}")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@n_heads_option
+def inspect(model: str, n_heads: int | None) -> None:
+    """Print MODEL's ops, shapes, dtypes, parameter counts, bytes and frozen/active neurons."""
+    click.echo(_load(model, n_heads).text(), nl=False)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--prompt", default=None, help="Text prompt (needs the model's tokenizer).")
+@click.option("--prompt-ids", default=None, help="Comma-separated token ids of the original tokenizer.")
+@click.option("-n", "n_tokens", type=click.IntRange(0), default=100, show_default=True, help="Tokens to generate.")
+@click.option("-t", "temperature", type=click.FloatRange(0), default=0.8, show_default=True,
+              help="Sampling temperature; 0 is greedy.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--shift", type=click.IntRange(1), default=1, show_default=True,
+              help="Tokens dropped when the context window is full.")
+@click.option("--logits", is_flag=True, help="Print the last prompt position's logits instead of generating.")
+def run(model: str, prompt: str | None, prompt_ids: str | None, n_tokens: int, temperature: float,
+        top_p: float, seed: int, shift: int, logits: bool) -> None:
+    """Run MODEL with the portable C runtime (built once and cached)."""
+    from crystalc.runtime import run_model
+
+    args = []
+    if prompt is not None:
+        args += ["--prompt", prompt]
+    if prompt_ids is not None:
+        args += ["--prompt-ids", prompt_ids]
+    args += ["-n", str(n_tokens), "-t", repr(temperature), "--top-p", repr(top_p), "--seed", str(seed),
+             "--shift", str(shift)]
+    if logits:
+        args.append("--logits")
+    sys.exit(run_model(model, args))
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--int8", "mode", flag_value="int8", help="Everything int8.")
+@click.option("--int16", "mode", flag_value="int16", help="Everything int16.")
+@click.option("--mixed", "mode", flag_value="mixed", help="float32 embeddings, int16 everything else.")
+@click.option("--mixed8", "mode", flag_value="mixed8", help="float32 embeddings, int8 everything else.")
+@gran_option
+@click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), required=True, help="Output .crystal file.")
+@n_heads_option
+def quantize(model: str, mode: str | None, granularity: str, out_path: str, n_heads: int | None) -> None:
+    """Quantize MODEL and write a .crystal file."""
+    from crystalc.format.crystal import write_crystal
+
+    if mode is None:
+        raise CrystalError("choose a mode: --int8, --int16, --mixed or --mixed8")
+    graph = _apply_passes(_load(model, n_heads), None, None, mode, granularity)
+    write_crystal(graph, out_path)
+    click.echo(f"wrote {out_path} ({Path(out_path).stat().st_size:,} bytes)")
+
+
+@cli.command("prune-vocab")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--corpus", type=click.Path(dir_okay=False), required=True, help="Text whose tokens are kept.")
+@keep_option
+@click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), required=True, help="Output .crystal file.")
+@n_heads_option
+def prune_vocab(model: str, corpus: str, keep: str | None, out_path: str, n_heads: int | None) -> None:
+    """Keep only the vocabulary rows a corpus uses; ids stay those of the original tokenizer."""
+    from crystalc.format.crystal import write_crystal
+
+    graph = _apply_passes(_load(model, n_heads), corpus, keep, None, "tensor")
+    write_crystal(graph, out_path)
+    click.echo(f"kept {graph.config.vocab_size} of {graph.orig_vocab_size} tokens; wrote {out_path}")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False, prog_name="crystalc")
+    except click.exceptions.Abort:
+        click.echo("crystalc: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"crystalc: error: {e.format_message()}", err=True)
+        sys.exit(2)
+    except CrystalError as e:
+        click.echo(f"crystalc: error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""The model configuration: the table at the top of spec/model.md."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from crystalc.errors import CrystalError
+
+# Dimensions beyond these are not a model we can compile on one machine; they
+# are almost always a corrupted or hostile file, and rejecting them early keeps
+# every product of dimensions far from integer overflow downstream.
+MAX_DIM = 1 << 20
+MAX_ELEMENTS = 1 << 31
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    d_model: int = 128
+    n_ctx: int = 64
+    n_heads: int = 4
+    n_blocks: int = 1
+    n_neurons: tuple[int, ...] = (64,)
+    ffn_hidden: int = 256
+    field_norm: bool = True
+    field_eps: float = 1e-8
+    final_norm: bool = False
+    tie_head: bool = False
+    ln_eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build from a checkpoint's config dict, filling the spec's defaults."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CrystalError(f"config: unknown field(s) {', '.join(unknown)}")
+        if "vocab_size" not in d:
+            raise CrystalError("config: missing field vocab_size")
+        kw = dict(d)
+        d_model = int(kw.get("d_model", 128))
+        kw.setdefault("ffn_hidden", 2 * d_model)
+        n_blocks = int(kw.get("n_blocks", 1))
+        neurons = kw.get("n_neurons", 64)
+        if isinstance(neurons, (list, tuple)):
+            neurons = tuple(int(n) for n in neurons)
+        else:
+            neurons = (int(neurons),) * n_blocks
+        kw["n_neurons"] = neurons
+        try:
+            cfg = cls(**kw)
+        except (TypeError, ValueError) as e:
+            raise CrystalError(f"config: {e}") from None
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["n_neurons"] = list(self.n_neurons)
+        return d
+
+    def validate(self) -> None:
+        ints = ("vocab_size", "d_model", "n_ctx", "n_heads", "n_blocks", "ffn_hidden")
+        for name in ints:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise CrystalError(f"config: {name} must be an integer, got {v!r}")
+            if not 1 <= v <= MAX_DIM:
+                raise CrystalError(f"config: {name} = {v} is outside 1..{MAX_DIM}")
+        if len(self.n_neurons) != self.n_blocks:
+            raise CrystalError(
+                f"config: n_neurons has {len(self.n_neurons)} entries for {self.n_blocks} blocks"
+            )
+        for n in self.n_neurons:
+            if not 0 <= n <= MAX_DIM:
+                raise CrystalError(f"config: n_neurons entry {n} is outside 0..{MAX_DIM}")
+        if self.d_model % self.n_heads:
+            raise CrystalError(f"config: d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        for name in ("field_eps", "ln_eps"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise CrystalError(f"config: {name} must be a finite non-negative number, got {v!r}")
+        for rows, cols, what in (
+            (self.vocab_size, self.d_model, "token_embed"),
+            (self.n_ctx, self.d_model, "pos_embed"),
+            (self.ffn_hidden, self.d_model, "ffn.fc1"),
+            (max(self.n_neurons, default=0), self.d_model, "field.positions"),
+        ):
+            if rows * cols > MAX_ELEMENTS:
+                raise CrystalError(f"config: {what} would hold {rows}x{cols} elements, more than {MAX_ELEMENTS}")

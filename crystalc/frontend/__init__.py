@@ -1,0 +1,41 @@
+"""Front end: read a model file of any supported kind and lower it to a verified Graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from crystalc.errors import CrystalError
+from crystalc.ir.graph import Graph
+
+CRYSTAL_MAGIC = b"CRYS"
+
+
+def load_model(path: str | Path, n_heads: int | None = None) -> Graph:
+    """A Graph from a .pt, .safetensors (+ JSON config) or .crystal file.
+
+    The kind is decided by the file's first bytes, not its name, so a mislabelled
+    file gets the right reader or a clear error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CrystalError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:4] == CRYSTAL_MAGIC:
+        from crystalc.format.crystal import read_crystal
+
+        return read_crystal(path)
+    if path.suffix == ".safetensors":
+        from crystalc.frontend.safetensors_ckpt import read_safetensors
+
+        raw = read_safetensors(path)
+    else:
+        from crystalc.frontend.torch_ckpt import read_torch_checkpoint
+
+        raw = read_torch_checkpoint(path)
+    from crystalc.frontend.lower import lower
+
+    try:
+        return lower(raw, n_heads=n_heads)
+    except CrystalError as e:
+        raise CrystalError(f"{path}: {e}") from None

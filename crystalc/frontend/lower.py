@@ -1,0 +1,120 @@
+"""Lowering a raw checkpoint to the crystal IR: alias names, infer or check the config, validate."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+from crystalc.config import ModelConfig
+from crystalc.errors import CrystalError
+from crystalc.frontend import aliases
+from crystalc.frontend.raw import RawCheckpoint
+from crystalc.ir.graph import Graph, build_graph
+from crystalc.ir.tensor import Tensor
+
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+_CANONICAL = re.compile(
+    r"^(token_embed\.weight|pos_embed\.weight|ln_f\.(weight|bias)|head\.(weight|bias)|"
+    r"blocks\.\d+\.(ln[123]\.(weight|bias)|attn\.(q|k|v|out)_proj\.(weight|bias)|"
+    r"field\.(positions|values|temperature|frozen)|ffn\.fc[12]\.(weight|bias)))$"
+)
+
+
+def _shape(state: dict[str, np.ndarray], key: str, ndim: int) -> tuple[int, ...]:
+    if key not in state:
+        raise CrystalError(f"missing parameter {key}")
+    a = state[key]
+    if a.ndim != ndim:
+        raise CrystalError(f"{key}: shape {list(a.shape)}, expected a {ndim}-D tensor")
+    return a.shape
+
+
+def infer_config(state: dict[str, np.ndarray], given: dict[str, Any], n_heads: int | None,
+                 default_heads: int | None) -> ModelConfig:
+    """The config a bare state_dict implies; n_heads cannot be seen in shapes."""
+    v, d = _shape(state, "token_embed.weight", 2)
+    t, d2 = _shape(state, "pos_embed.weight", 2)
+    if d2 != d:
+        raise CrystalError(f"pos_embed.weight: shape {[t, d2]}, expected [{t}, {d}] (d_model of token_embed)")
+    blocks = sorted({int(m.group(1)) for k in state if (m := _BLOCK_KEY.match(k))})
+    if blocks != list(range(len(blocks))):
+        raise CrystalError(f"block indices {blocks} are not 0..{len(blocks) - 1}")
+    if not blocks:
+        raise CrystalError("no blocks.* parameters found")
+    neurons = tuple(_shape(state, f"blocks.{b}.field.positions", 2)[0] for b in blocks)
+    f = _shape(state, "blocks.0.ffn.fc1.weight", 2)[0]
+    heads = n_heads or given.get("n_heads") or default_heads
+    if heads is None:
+        raise CrystalError("n_heads cannot be inferred from a bare state_dict: pass --n-heads")
+    cfg: dict[str, Any] = {
+        "vocab_size": v, "d_model": d, "n_ctx": t, "n_heads": int(heads), "n_blocks": len(blocks),
+        "n_neurons": list(neurons), "ffn_hidden": f,
+        "final_norm": "ln_f.weight" in state, "tie_head": "head.weight" not in state,
+    }
+    for k in ("field_norm", "field_eps", "ln_eps"):
+        if k in given:
+            cfg[k] = given[k]
+    return ModelConfig.from_dict(cfg)
+
+
+def lower(raw: RawCheckpoint, n_heads: int | None = None) -> Graph:
+    keys = list(raw.state)
+    seeds = aliases.is_seeds_layout(keys)
+    state: dict[str, np.ndarray] = {}
+    for k in keys:
+        name = aliases.canonical_name(k) if seeds else k
+        if name is None:
+            continue
+        if not _CANONICAL.match(name):
+            raise CrystalError(f"unexpected parameter {k} {list(raw.state[k].shape)}")
+        state[name] = raw.state[k]
+
+    given = {aliases.CONFIG_ALIASES.get(k, k): v for k, v in (raw.config or {}).items()}
+    if raw.config is not None and not seeds and "vocab_size" in given:
+        if n_heads is not None and given.get("n_heads", n_heads) != n_heads:
+            raise CrystalError(f"--n-heads {n_heads} disagrees with the checkpoint's n_heads {given['n_heads']}")
+        if n_heads is not None:
+            given["n_heads"] = n_heads
+        config = ModelConfig.from_dict(given)
+    else:
+        # The seeds' files and bare state_dicts: shapes say everything but n_heads.
+        config = infer_config(state, given, n_heads, default_heads=4 if seeds else None)
+
+    params: dict[str, Tensor] = {}
+    for name, arr in state.items():
+        if name.endswith(".frozen"):
+            if arr.dtype != np.bool_:
+                arr = arr.astype(bool)
+            params[name] = Tensor(name, np.ascontiguousarray(arr))
+            continue
+        if arr.dtype != np.float32:
+            raise CrystalError(f"{name}: dtype {arr.dtype}, expected a floating-point tensor")
+        params[name] = Tensor(name, np.ascontiguousarray(arr))
+    # Older seeds' files predate freezing: no frozen buffer means nothing is frozen.
+    for b, n in enumerate(config.n_neurons):
+        key = f"blocks.{b}.field.frozen"
+        if key not in params and f"blocks.{b}.field.positions" in params:
+            params[key] = Tensor(key, np.zeros(n, dtype=bool))
+    extra = sorted(set(params) - _expected_names(config))
+    if extra:
+        raise CrystalError(f"unexpected parameter {extra[0]} {list(params[extra[0]].shape)} for this config")
+    return build_graph(config, params, raw.tokenizer, meta=raw.meta)
+
+
+def _expected_names(c: ModelConfig) -> set[str]:
+    names = {"token_embed.weight", "pos_embed.weight", "head.bias"}
+    if not c.tie_head:
+        names.add("head.weight")
+    if c.final_norm:
+        names |= {"ln_f.weight", "ln_f.bias"}
+    for b in range(c.n_blocks):
+        p = f"blocks.{b}"
+        for ln in ("ln1", "ln2", "ln3"):
+            names |= {f"{p}.{ln}.weight", f"{p}.{ln}.bias"}
+        for proj in ("q", "k", "v", "out"):
+            names |= {f"{p}.attn.{proj}_proj.weight", f"{p}.attn.{proj}_proj.bias"}
+        names |= {f"{p}.field.{x}" for x in ("positions", "values", "temperature", "frozen")}
+        names |= {f"{p}.ffn.fc1.weight", f"{p}.ffn.fc1.bias", f"{p}.ffn.fc2.weight", f"{p}.ffn.fc2.bias"}
+    return names

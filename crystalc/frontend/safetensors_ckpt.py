@@ -1,0 +1,45 @@
+"""Reading `.safetensors` weights with a JSON config beside them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from crystalc.errors import CrystalError
+from crystalc.frontend.raw import RawCheckpoint
+
+
+def config_path_for(path: Path) -> Path | None:
+    """MODEL.json, MODEL.config.json, or config.json in the same folder, first found."""
+    for cand in (path.with_suffix(".json"), path.with_suffix(".config.json"), path.parent / "config.json"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def read_safetensors(path: Path) -> RawCheckpoint:
+    try:
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+    except ImportError:
+        raise CrystalError("reading .safetensors needs the 'safetensors' package (pip install safetensors)") from None
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CrystalError(f"{path}: not a readable safetensors file ({e})") from None
+    cfg_path = config_path_for(path)
+    config = tokenizer = None
+    meta: dict = {}
+    if cfg_path is not None:
+        try:
+            doc = json.loads(cfg_path.read_text())
+        except (OSError, ValueError) as e:
+            raise CrystalError(f"{cfg_path}: not valid JSON ({e})") from None
+        if not isinstance(doc, dict):
+            raise CrystalError(f"{cfg_path}: expected a JSON object")
+        # Either the config itself, or {"config": ..., "tokenizer": ..., "meta": ...}.
+        if isinstance(doc.get("config"), dict):
+            config, tokenizer, meta = doc["config"], doc.get("tokenizer"), doc.get("meta") or {}
+        else:
+            config = doc
+    return RawCheckpoint(str(path), dict(state), config, tokenizer, meta)

@@ -1,0 +1,60 @@
+"""Reading `.pt` checkpoints: the spec's wrapper dict, the seeds' {"model", "config"}, or a bare state_dict.
+
+The only module of the front end that imports torch, and it does so lazily.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crystalc.errors import CrystalError
+from crystalc.frontend.raw import RawCheckpoint
+
+
+def read_torch_checkpoint(path: Path) -> RawCheckpoint:
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError,
+            TypeError, KeyError, IndexError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CrystalError(f"{path}: not a readable PyTorch checkpoint ({first[:200]})") from None
+    if not isinstance(obj, dict):
+        raise CrystalError(f"{path}: expected a dict, found {type(obj).__name__}")
+    config: dict[str, Any] | None = None
+    tokenizer = None
+    meta: dict[str, Any] = {}
+    if "model" in obj and isinstance(obj["model"], dict):
+        state = obj["model"]
+        if obj.get("format", "crystalc-checkpoint") != "crystalc-checkpoint":
+            raise CrystalError(f"{path}: unknown checkpoint format {obj.get('format')!r}")
+        if obj.get("version", 1) != 1:
+            raise CrystalError(f"{path}: checkpoint version {obj.get('version')!r}; this crystalc reads 1")
+        config = obj.get("config")
+        if config is not None and not isinstance(config, dict):
+            raise CrystalError(f"{path}: 'config' is a {type(config).__name__}, expected a dict")
+        tokenizer = obj.get("tokenizer")
+        meta = obj.get("meta") or {}
+        if "format" not in obj:
+            meta = {}  # the seeds' {"model", "config"}: their extras are not ours to carry
+    else:
+        state = obj
+    arrays: dict[str, np.ndarray] = {}
+    for k, v in state.items():
+        if not isinstance(k, str):
+            raise CrystalError(f"{path}: state_dict key {k!r} is not a string")
+        if not isinstance(v, torch.Tensor):
+            raise CrystalError(f"{path}: {k} is a {type(v).__name__}, expected a tensor")
+        if v.dtype == torch.bool:
+            arrays[k] = v.numpy().copy()
+        elif v.is_floating_point():
+            arrays[k] = v.detach().to(torch.float32).numpy().copy()
+        else:
+            arrays[k] = v.numpy().copy()
+    return RawCheckpoint(str(path), arrays, config, tokenizer, dict(meta))

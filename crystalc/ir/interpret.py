@@ -1,0 +1,136 @@
+"""The reference interpreter: numpy, float32, one function per IR op.
+
+This is the truth every backend is compared against. It favours the spec's
+formulas over speed; the only liberty taken is computing GELU's erf in float64,
+which is closer to the exact function than any float32 implementation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from crystalc.errors import CrystalError
+from crystalc.ir.graph import Graph
+from crystalc.ir.ops import FFN, CausalSelfAttention, Head, LayerNorm, NeuronField
+from crystalc.ir.tensor import Tensor
+
+_erf = np.frompyfunc(math.erf, 1, 1)
+
+
+def _w(t: Tensor) -> np.ndarray:
+    return t.values()
+
+
+def token_embedding(weight: Tensor, ids: np.ndarray) -> np.ndarray:
+    return _w(weight)[ids]
+
+
+def position_embedding(weight: Tensor, s: int) -> np.ndarray:
+    return _w(weight)[:s]
+
+
+def layer_norm(op: LayerNorm, x: np.ndarray, eps: float) -> np.ndarray:
+    mean = x.mean(axis=-1, keepdims=True, dtype=np.float32)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True, dtype=np.float32)
+    return ((x - mean) / np.sqrt(var + np.float32(eps)) * _w(op.weight) + _w(op.bias)).astype(np.float32)
+
+
+def linear(x: np.ndarray, weight: Tensor, bias: Tensor) -> np.ndarray:
+    return (x @ _w(weight).T + _w(bias)).astype(np.float32)
+
+
+def causal_attention(op: CausalSelfAttention, h: np.ndarray) -> np.ndarray:
+    s, d = h.shape
+    nh = op.n_heads
+    hd = d // nh
+    q = linear(h, op.q_weight, op.q_bias).reshape(s, nh, hd).transpose(1, 0, 2)
+    k = linear(h, op.k_weight, op.k_bias).reshape(s, nh, hd).transpose(1, 0, 2)
+    v = linear(h, op.v_weight, op.v_bias).reshape(s, nh, hd).transpose(1, 0, 2)
+    scores = (q @ k.transpose(0, 2, 1)) / np.float32(math.sqrt(hd))
+    scores = np.where(np.tril(np.ones((s, s), dtype=bool)), scores, -np.inf)
+    scores = scores - scores.max(axis=-1, keepdims=True)
+    p = np.exp(scores)
+    p = p / p.sum(axis=-1, keepdims=True)
+    y = (p @ v).transpose(1, 0, 2).reshape(s, d).astype(np.float32)
+    return linear(y, op.out_weight, op.out_bias)
+
+
+def neuron_field(op: NeuronField, h: np.ndarray) -> np.ndarray:
+    s, d = h.shape
+    if op.n_neurons == 0:
+        return np.zeros((s, d), dtype=np.float32)
+    pos = _w(op.positions)
+    diff = h[:, None, :] - pos[None, :, :]
+    dist = np.sqrt((diff * diff).sum(axis=-1, dtype=np.float32))
+    w = np.exp(-dist / (np.abs(_w(op.temperature)) + np.float32(0.1))).astype(np.float32)
+    if op.normalize:
+        w = w / (w.sum(axis=-1, keepdims=True) + np.float32(op.eps))
+    return (w @ _w(op.values)).astype(np.float32)
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    return (0.5 * x64 * (1.0 + _erf(x64 / math.sqrt(2.0)).astype(np.float64))).astype(np.float32)
+
+
+def ffn(op: FFN, h: np.ndarray) -> np.ndarray:
+    return linear(gelu(linear(h, op.fc1_weight, op.fc1_bias)), op.fc2_weight, op.fc2_bias)
+
+
+def head(op: Head, weight: Tensor, h: np.ndarray) -> np.ndarray:
+    return linear(h, weight, op.bias)
+
+
+def forward(graph: Graph, ids: Sequence[int]) -> np.ndarray:
+    """Logits [S, V] for current-vocabulary ids, 1 <= S <= n_ctx."""
+    c = graph.config
+    ids_arr = np.asarray(ids, dtype=np.int64)
+    s = len(ids_arr)
+    if not 1 <= s <= c.n_ctx:
+        raise CrystalError(f"sequence of {s} tokens; the model takes 1..{c.n_ctx}")
+    if ids_arr.min() < 0 or ids_arr.max() >= c.vocab_size:
+        raise CrystalError(f"token id outside 0..{c.vocab_size - 1}")
+    x = token_embedding(graph.token_embed.weight, ids_arr) + position_embedding(graph.pos_embed.weight, s)
+    x = x.astype(np.float32)
+    for blk in graph.blocks:
+        x = x + causal_attention(blk.attn, layer_norm(blk.ln1, x, c.ln_eps))
+        x = x + neuron_field(blk.field, layer_norm(blk.ln2, x, c.ln_eps))
+        x = x + ffn(blk.ffn, layer_norm(blk.ln3, x, c.ln_eps))
+    if graph.final_norm is not None:
+        x = layer_norm(graph.final_norm, x, c.ln_eps)
+    return head(graph.head, graph.head_weight, x)
+
+
+def generate(
+    graph: Graph,
+    prompt: Sequence[int],
+    n: int,
+    shift: int = 1,
+    pick: Callable[[np.ndarray], int] | None = None,
+) -> list[int]:
+    """Continue `prompt` (current ids) by n tokens with the spec's window semantics.
+
+    A prompt longer than the window keeps its last n_ctx tokens; when the window
+    is full, the oldest `shift` tokens are dropped before the next one is added.
+    `pick` chooses a token from logits; greedy (first maximum) by default.
+    """
+    t = graph.config.n_ctx
+    if not 1 <= shift <= t:
+        raise CrystalError(f"--shift {shift} is outside 1..{t}")
+    if not prompt:
+        raise CrystalError("empty prompt")
+    choose = pick or (lambda logits: int(np.argmax(logits)))
+    ctx = list(prompt)[-t:]
+    out: list[int] = []
+    for i in range(n):
+        tok = choose(forward(graph, ctx)[-1])
+        out.append(tok)
+        if i + 1 == n:
+            break
+        if len(ctx) == t:
+            ctx = ctx[shift:]
+        ctx.append(tok)
+    return out

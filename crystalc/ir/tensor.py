@@ -1,0 +1,121 @@
+"""Typed tensors of the IR and the one definition of dequantization.
+
+A tensor is float32, bool, or integer codes with quantization parameters. Every
+consumer (interpreter, .crystal writer, every backend) reads real values through
+`Tensor.values()` or reproduces `dequantize()` exactly, so there is one meaning of
+a quantized tensor in the whole toolchain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from crystalc.errors import CrystalError
+
+DTYPES = {"f32": np.float32, "i8": np.int8, "i16": np.int16, "bool": np.bool_}
+QUANT_SCHEMES = ("tensor", "row", "group")
+
+
+@dataclass(frozen=True, eq=False)
+class Quant:
+    """How integer codes map back to float32: value = float(code) * scale + offset.
+
+    scheme "tensor": scale and offset have shape (1,); the seeds' asymmetric
+    min/max mapping. scheme "row": shape (rows,), symmetric (offset 0) per row of a
+    2-D tensor. scheme "group": shape (rows, cols // group) with `group` consecutive
+    columns sharing a scale, symmetric. The arithmetic is float32 throughout:
+    multiply, round to float32, add, round to float32 (no fused multiply-add).
+    """
+
+    scheme: str
+    scale: np.ndarray
+    offset: np.ndarray
+    group: int = 0
+
+    def expanded(self, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """scale and offset broadcast to `shape`."""
+        if self.scheme == "tensor":
+            return (np.broadcast_to(self.scale.reshape(()), shape),
+                    np.broadcast_to(self.offset.reshape(()), shape))
+        if self.scheme == "row":
+            lead = (shape[0],) + (1,) * (len(shape) - 1)
+            return (np.broadcast_to(self.scale.reshape(lead), shape),
+                    np.broadcast_to(self.offset.reshape(lead), shape))
+        s = np.repeat(self.scale, self.group, axis=1)[:, : shape[1]]
+        o = np.repeat(self.offset, self.group, axis=1)[:, : shape[1]]
+        return s, o
+
+
+def dequantize(codes: np.ndarray, quant: Quant) -> np.ndarray:
+    scale, offset = quant.expanded(codes.shape)
+    prod = (codes.astype(np.float32) * scale.astype(np.float32)).astype(np.float32)
+    return (prod + offset.astype(np.float32)).astype(np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class Tensor:
+    """A named, typed array. `data` holds float32 values or integer codes."""
+
+    name: str
+    data: np.ndarray
+    quant: Quant | None = None
+
+    @property
+    def dtype(self) -> str:
+        for name, t in DTYPES.items():
+            if self.data.dtype == t:
+                return name
+        raise CrystalError(f"{self.name}: unsupported dtype {self.data.dtype}")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def nbytes(self) -> int:
+        q = 0 if self.quant is None else self.quant.scale.nbytes + self.quant.offset.nbytes
+        return int(self.data.nbytes) + q
+
+    def values(self) -> np.ndarray:
+        """The float32 values the model computes with."""
+        if self.quant is None:
+            return self.data
+        return dequantize(self.data, self.quant)
+
+    def verify(self, shape: tuple[int, ...], dtypes: tuple[str, ...] = ("f32",)) -> None:
+        if self.shape != tuple(shape):
+            raise CrystalError(f"{self.name}: shape {list(self.shape)}, expected {list(shape)}")
+        if self.dtype not in dtypes:
+            raise CrystalError(f"{self.name}: dtype {self.dtype}, expected {' or '.join(dtypes)}")
+        if self.dtype in ("i8", "i16"):
+            q = self.quant
+            if q is None:
+                raise CrystalError(f"{self.name}: integer tensor without quantization parameters")
+            if q.scheme not in QUANT_SCHEMES:
+                raise CrystalError(f"{self.name}: unknown quantization scheme {q.scheme!r}")
+            want = {"tensor": (1,), "row": (shape[0],) if shape else (1,)}.get(q.scheme)
+            if q.scheme == "group":
+                if len(shape) != 2 or q.group < 1:
+                    raise CrystalError(f"{self.name}: group quantization needs a 2-D tensor and group >= 1")
+                want = (shape[0], -(-shape[1] // q.group))
+            if q.scheme == "row" and len(shape) < 1:
+                raise CrystalError(f"{self.name}: row quantization of a scalar")
+            for what, arr in (("scale", q.scale), ("offset", q.offset)):
+                if arr.dtype != np.float32 or arr.shape != want:
+                    raise CrystalError(
+                        f"{self.name}: quantization {what} has shape {list(arr.shape)} "
+                        f"dtype {arr.dtype}, expected {list(want)} float32"
+                    )
+                if not np.all(np.isfinite(arr)):
+                    raise CrystalError(f"{self.name}: quantization {what} holds NaN or Inf")
+        elif self.quant is not None:
+            raise CrystalError(f"{self.name}: {self.dtype} tensor with quantization parameters")
+        if self.dtype == "f32" and not np.all(np.isfinite(self.data)):
+            bad = int(np.size(self.data) - np.count_nonzero(np.isfinite(self.data)))
+            raise CrystalError(f"{self.name}: {bad} NaN/Inf value(s) in a tensor of shape {list(self.shape)}")
+
+
+def f32(name: str, array: np.ndarray) -> Tensor:
+    return Tensor(name, np.ascontiguousarray(array, dtype=np.float32))

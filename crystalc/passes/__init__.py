@@ -1,0 +1,1 @@
+"""Graph -> Graph transformations, run in a declared order by passes.pipeline."""

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install the external tools the tests drive, when missing and when we can (root
+# or sudo). Otherwise say what to install; the tests then skip (or fail, in CI).
+set -u
+need_cmds=(cc make)
+need_pkgs=(gcc make)
+missing=()
+for i in "${!need_cmds[@]}"; do
+  command -v "${need_cmds[$i]}" >/dev/null 2>&1 || missing+=("${need_pkgs[$i]}")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo -n"; else
+  echo "crystalc: missing tools; install them with: apt-get install -y ${missing[*]}" >&2
+  exit 0
+fi
+echo "crystalc: installing ${missing[*]}" >&2
+$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null

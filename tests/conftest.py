@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny random crystal models built from a seed, and tool requirements."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from crystalc.config import ModelConfig
+from crystalc.ir.graph import Graph
+from crystalc.ir.tensor import Tensor
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC_VECTORS = REPO.parent / "shared" / "spec" / "vectors"
+
+# Shapes every backend's parity tests run on. Odd on purpose: D not a power of
+# two, a block with no neurons and one with a single neuron, several blocks,
+# each of field_norm / final_norm / tie_head on and off.
+FIXTURE_SHAPES: dict[str, dict[str, Any]] = {
+    "d40_h5": dict(vocab_size=23, d_model=40, n_ctx=9, n_heads=5, n_blocks=1, n_neurons=7, ffn_hidden=80),
+    "three_blocks_n0_n1": dict(vocab_size=19, d_model=12, n_ctx=7, n_heads=3, n_blocks=3,
+                               n_neurons=[0, 1, 5], ffn_hidden=20, final_norm=True),
+    "tied_unnormalised": dict(vocab_size=31, d_model=24, n_ctx=8, n_heads=2, n_blocks=2, n_neurons=[4, 3],
+                              ffn_hidden=36, field_norm=False, tie_head=True),
+    "all_on": dict(vocab_size=17, d_model=8, n_ctx=5, n_heads=1, n_blocks=1, n_neurons=2, ffn_hidden=8,
+                   final_norm=True, tie_head=True),
+}
+
+
+def random_state(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
+    """Canonical state_dict of a random model, scaled like a trained one (not like an init)."""
+    rng = np.random.default_rng(seed)
+    d, f, v, t = cfg.d_model, cfg.ffn_hidden, cfg.vocab_size, cfg.n_ctx
+
+    def r(*shape: int, s: float = 1.0) -> np.ndarray:
+        return (rng.standard_normal(shape) * s).astype(np.float32)
+
+    sd: dict[str, np.ndarray] = {"token_embed.weight": r(v, d), "pos_embed.weight": r(t, d, s=0.3)}
+    for b, n in enumerate(cfg.n_neurons):
+        p = f"blocks.{b}"
+        for ln in ("ln1", "ln2", "ln3"):
+            sd[f"{p}.{ln}.weight"] = (1 + r(d, s=0.1)).astype(np.float32)
+            sd[f"{p}.{ln}.bias"] = r(d, s=0.1)
+        for proj in ("q", "k", "v", "out"):
+            sd[f"{p}.attn.{proj}_proj.weight"] = r(d, d, s=d ** -0.5)
+            sd[f"{p}.attn.{proj}_proj.bias"] = r(d, s=0.1)
+        sd[f"{p}.field.positions"] = r(n, d)
+        sd[f"{p}.field.values"] = r(n, d, s=0.5)
+        sd[f"{p}.field.temperature"] = r(n, s=2.0)
+        sd[f"{p}.field.frozen"] = rng.random(n) < 0.5
+        sd[f"{p}.ffn.fc1.weight"] = r(f, d, s=d ** -0.5)
+        sd[f"{p}.ffn.fc1.bias"] = r(f, s=0.1)
+        sd[f"{p}.ffn.fc2.weight"] = r(d, f, s=f ** -0.5)
+        sd[f"{p}.ffn.fc2.bias"] = r(d, s=0.1)
+    if cfg.final_norm:
+        sd["ln_f.weight"] = (1 + r(d, s=0.1)).astype(np.float32)
+        sd["ln_f.bias"] = r(d, s=0.1)
+    if not cfg.tie_head:
+        sd["head.weight"] = r(v, d, s=d ** -0.5)
+    sd["head.bias"] = r(v, s=0.1)
+    return sd
+
+
+def random_graph(shape: str | dict[str, Any], seed: int = 0, tokenizer: dict | None = None) -> Graph:
+    from crystalc.ir.graph import build_graph
+
+    cfg = ModelConfig.from_dict(FIXTURE_SHAPES[shape] if isinstance(shape, str) else shape)
+    params = {k: Tensor(k, v) for k, v in random_state(cfg, seed).items()}
+    return build_graph(cfg, params, tokenizer)
+
+
+def save_pt(graph: Graph, path: Path, tokenizer: dict | None = None) -> Path:
+    """Write a graph as the spec's .pt checkpoint."""
+    import torch
+
+    ckpt = {
+        "format": "crystalc-checkpoint", "version": 1, "config": graph.config.to_dict(),
+        "model": {k: torch.from_numpy(np.array(v)) for k, v in graph.state_dict().items()}, "meta": {},
+    }
+    if tokenizer or graph.tokenizer:
+        ckpt["tokenizer"] = tokenizer or graph.tokenizer
+    torch.save(ckpt, path)
+    return path
+
+
+def require_tool(*names: str) -> None:
+    """Skip when a tool is missing, except in CI, where a missing tool is a failure."""
+    missing = [n for n in names if shutil.which(n) is None]
+    if missing:
+        msg = f"missing tool(s): {', '.join(missing)}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg + " (CI=true: tool-backed tests may not skip)")
+        pytest.skip(msg)
+
+
+@pytest.fixture(params=sorted(FIXTURE_SHAPES))
+def fixture_graph(request: pytest.FixtureRequest) -> Graph:
+    return random_graph(request.param, seed=1)
