@@ -24,7 +24,7 @@ class Quant:
 
     scheme "tensor": scale and offset have shape (1,); the seeds' asymmetric
     min/max mapping. scheme "row": shape (rows,), symmetric (offset 0) per row of a
-    2-D tensor. scheme "group": shape (rows, cols // group) with `group` consecutive
+    2-D tensor (a 1-D tensor is one row). scheme "group": shape (rows, cols // group) with `group` consecutive
     columns sharing a scale, symmetric. The arithmetic is float32 throughout:
     multiply, round to float32, add, round to float32 (no fused multiply-add).
     """
@@ -40,6 +40,9 @@ class Quant:
             return (np.broadcast_to(self.scale.reshape(()), shape),
                     np.broadcast_to(self.offset.reshape(()), shape))
         if self.scheme == "row":
+            if len(shape) < 2:  # a 1-D tensor is a single row
+                return (np.broadcast_to(self.scale.reshape(()), shape),
+                        np.broadcast_to(self.offset.reshape(()), shape))
             lead = (shape[0],) + (1,) * (len(shape) - 1)
             return (np.broadcast_to(self.scale.reshape(lead), shape),
                     np.broadcast_to(self.offset.reshape(lead), shape))
@@ -95,13 +98,11 @@ class Tensor:
                 raise CrystalError(f"{self.name}: integer tensor without quantization parameters")
             if q.scheme not in QUANT_SCHEMES:
                 raise CrystalError(f"{self.name}: unknown quantization scheme {q.scheme!r}")
-            want = {"tensor": (1,), "row": (shape[0],) if shape else (1,)}.get(q.scheme)
+            want = {"tensor": (1,), "row": (shape[0],) if len(shape) == 2 else (1,)}.get(q.scheme)
             if q.scheme == "group":
                 if len(shape) != 2 or q.group < 1:
                     raise CrystalError(f"{self.name}: group quantization needs a 2-D tensor and group >= 1")
                 want = (shape[0], -(-shape[1] // q.group))
-            if q.scheme == "row" and len(shape) < 1:
-                raise CrystalError(f"{self.name}: row quantization of a scalar")
             for what, arr in (("scale", q.scale), ("offset", q.offset)):
                 if arr.dtype != np.float32 or arr.shape != want:
                     raise CrystalError(
