@@ -1,0 +1,173 @@
+"""The front end: every checkpoint kind lowers to the same graph; bad input is one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from crystalc.errors import CrystalError
+from crystalc.frontend import load_model
+from crystalc.ir.interpret import forward
+from tests.conftest import SPEC_VECTORS, random_graph, save_pt
+
+
+def _same(a, b) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb)
+    for k in sa:
+        np.testing.assert_array_equal(sa[k], sb[k])
+    assert a.config == b.config
+
+
+def test_wrapper_roundtrip(tmp_path: Path) -> None:
+    g = random_graph("three_blocks_n0_n1", seed=2)
+    _same(g, load_model(save_pt(g, tmp_path / "m.pt")))
+
+
+def test_bare_state_dict_needs_heads(tmp_path: Path) -> None:
+    g = random_graph("d40_h5", seed=2)
+    p = tmp_path / "bare.pt"
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in g.state_dict().items()}, p)
+    with pytest.raises(CrystalError, match="n-heads"):
+        load_model(p)
+    _same(g, load_model(p, n_heads=5))
+
+
+def test_seeds_layout_matches_vectors() -> None:
+    g = load_model(SPEC_VECTORS / "seeds_layout.pt")
+    assert g.config.n_heads == 4 and g.config.n_blocks == 1
+    assert g.tokenizer is None and g.meta == {}
+
+
+def test_seeds_layout_older_names_and_no_frozen(tmp_path: Path) -> None:
+    """Older seeds' files call the field `attention.*` and predate the frozen buffer."""
+    sd = torch.load(SPEC_VECTORS / "seeds_layout.pt", weights_only=True)["model"]
+    old = {k.replace("geo_attn.", "attention."): v for k, v in sd.items() if k != "geo_attn.frozen"}
+    p = tmp_path / "old.pt"
+    torch.save(old, p)
+    g = load_model(p)
+    assert not g.blocks[0].field.frozen.data.any()
+    ref = load_model(SPEC_VECTORS / "seeds_layout.pt")
+    np.testing.assert_array_equal(forward(g, [1, 2, 3]), forward(ref, [1, 2, 3]))
+
+
+def test_safetensors_with_json_config(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    g = random_graph("tied_unnormalised", seed=5)
+    sd = {k: np.ascontiguousarray(v) for k, v in g.state_dict().items()}
+    sd = {k: (v.astype(np.uint8) if v.dtype == bool else v) for k, v in sd.items()}
+    save_file(sd, str(tmp_path / "m.safetensors"))
+    (tmp_path / "m.json").write_text(json.dumps(g.config.to_dict()))
+    _same(g, load_model(tmp_path / "m.safetensors"))
+
+
+# --- bad input: one line, exit status 2, nothing written ------------------------------------
+
+def _ckpt(tmp_path: Path, mutate) -> Path:
+    g = random_graph("d40_h5", seed=7)
+    ckpt = {"format": "crystalc-checkpoint", "version": 1, "config": g.config.to_dict(),
+            "model": {k: torch.from_numpy(np.array(v)) for k, v in g.state_dict().items()}, "meta": {}}
+    mutate(ckpt)
+    p = tmp_path / "bad.pt"
+    torch.save(ckpt, p)
+    return p
+
+
+def _drop(key: str):
+    return lambda c: c["model"].pop(key)
+
+
+def _reshape(key: str):
+    return lambda c: c["model"].__setitem__(key, torch.zeros(3, 3))
+
+
+def _nan(key: str):
+    def f(c):
+        c["model"][key][0] = float("nan")
+    return f
+
+
+def _inf(key: str):
+    def f(c):
+        c["model"][key].view(-1)[-1] = float("inf")
+    return f
+
+
+BAD = {
+    "missing key": (_drop("blocks.0.ffn.fc1.bias"), "missing parameter blocks.0.ffn.fc1.bias"),
+    "wrong shape": (_reshape("blocks.0.field.positions"), r"blocks.0.field.positions: shape \[3, 3\]"),
+    "nan": (_nan("head.bias"), "head.bias: 1 NaN/Inf"),
+    "inf": (_inf("blocks.0.attn.q_proj.weight"), "q_proj.weight: 1 NaN/Inf"),
+    "heads do not divide": (lambda c: c["config"].__setitem__("n_heads", 3), "not divisible by n_heads"),
+    "absurd dimension": (lambda c: c["config"].__setitem__("vocab_size", 1 << 40), "vocab_size"),
+    "unknown config field": (lambda c: c["config"].__setitem__("n_layers", 2), "unknown field"),
+    "unexpected key": (lambda c: c["model"].__setitem__("blocks.0.extra.weight", torch.zeros(2)),
+                       "unexpected parameter blocks.0.extra.weight"),
+    "wrong version": (lambda c: c.__setitem__("version", 9), "version 9"),
+    "not a tensor": (lambda c: c["model"].__setitem__("head.bias", [1.0]), "head.bias is a list"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_checkpoint_raises(tmp_path: Path, case: str) -> None:
+    mutate, pattern = BAD[case]
+    with pytest.raises(CrystalError, match=pattern):
+        load_model(_ckpt(tmp_path, mutate))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "crystalc.cli", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all\n", b"PK\x03\x04truncated zip"])
+def test_cli_not_a_checkpoint(tmp_path: Path, content: bytes) -> None:
+    p = tmp_path / "not-a-checkpoint.pt"
+    p.write_bytes(content)
+    r = _cli("inspect", str(p))
+    assert r.returncode == 2
+    assert r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1 and "not-a-checkpoint.pt" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_nan_checkpoint_one_line(tmp_path: Path) -> None:
+    r = _cli("inspect", str(_ckpt(tmp_path, _nan("pos_embed.weight"))))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "pos_embed.weight" in r.stderr
+
+
+def test_cli_unknown_option_one_line() -> None:
+    r = _cli("inspect", "--bogus")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--bogus" in r.stderr
+
+
+def test_cli_missing_file() -> None:
+    r = _cli("inspect", "/nonexistent/model.pt")
+    assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def test_weights_only_refuses_pickled_code(tmp_path: Path) -> None:
+    """A checkpoint that would run code on unpickling is refused, not executed."""
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    p = tmp_path / "evil.pt"
+    torch.save({"model": {"x": Evil()}}, p)
+    r = _cli("inspect", str(p))
+    assert r.returncode == 2 and not marker.exists()
+
+
+def test_inspect_reports_neurons() -> None:
+    r = _cli("inspect", str(SPEC_VECTORS / "two_blocks.pt"))
+    assert r.returncode == 0, r.stderr
+    assert "neuron_field" in r.stdout and "6 neurons" in r.stdout and "3 neurons" in r.stdout
+    assert "parameters:" in r.stdout
