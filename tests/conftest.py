@@ -100,3 +100,13 @@ def require_tool(*names: str) -> None:
 @pytest.fixture(params=sorted(FIXTURE_SHAPES))
 def fixture_graph(request: pytest.FixtureRequest) -> Graph:
     return random_graph(request.param, seed=1)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--update-golden", action="store_true", default=False,
+                     help="rewrite tests/golden/ from the current generators instead of comparing")
+
+
+@pytest.fixture
+def update_golden(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--update-golden"))
