@@ -29,10 +29,10 @@ def _apply_passes(graph, prune_corpus: str | None, keep: str | None, quantize: s
     from crystalc.passes.pipeline import Pass, run_pipeline
 
     passes = []
-    if prune_corpus is not None:
+    if prune_corpus is not None or keep:
         from crystalc.passes.prune_vocab import prune_vocab
 
-        text = _read_text(prune_corpus)
+        text = _read_text(prune_corpus) if prune_corpus is not None else None
         keep_ids = _parse_ids(keep) if keep else []
         passes.append(Pass("prune_vocab", lambda g: prune_vocab(g, text, keep_ids)))
     if quantize is not None:
@@ -168,17 +168,45 @@ def quantize(model: str, mode: str | None, granularity: str, out_path: str, n_he
 
 @cli.command("prune-vocab")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--corpus", type=click.Path(dir_okay=False), required=True, help="Text whose tokens are kept.")
+@click.option("--corpus", type=click.Path(dir_okay=False), default=None,
+              help="Text whose tokens are kept (needs the model's tokenizer).")
 @keep_option
 @click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), required=True, help="Output .crystal file.")
 @n_heads_option
-def prune_vocab(model: str, corpus: str, keep: str | None, out_path: str, n_heads: int | None) -> None:
+def prune_vocab(model: str, corpus: str | None, keep: str | None, out_path: str, n_heads: int | None) -> None:
     """Keep only the vocabulary rows a corpus uses; ids stay those of the original tokenizer."""
     from crystalc.format.crystal import write_crystal
 
+    if corpus is None and not keep:
+        raise CrystalError("give --corpus FILE, --keep IDS, or both")
     graph = _apply_passes(_load(model, n_heads), corpus, keep, None, "tensor")
     write_crystal(graph, out_path)
-    click.echo(f"kept {graph.config.vocab_size} of {graph.orig_vocab_size} tokens; wrote {out_path}")
+    skipped = graph.meta.get("prune_vocab", {}).get("skipped_chars", 0)
+    note = f" ({skipped:,} corpus characters not in the vocabulary skipped)" if skipped else ""
+    click.echo(f"kept {graph.config.vocab_size} of {graph.orig_vocab_size} tokens{note}; wrote {out_path}")
+
+
+@cli.command("eval")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--corpus", type=click.Path(dir_okay=False), required=True, help="Held-out text to score.")
+@click.option("--modes", default="int8,int16,mixed,mixed8", show_default=True,
+              help="Comma-separated quantization modes (float32 is always the baseline).")
+@click.option("--granularities", default="tensor,row,group:32", show_default=True,
+              help="Comma-separated granularities: tensor, row, group:N.")
+@click.option("--max-tokens", type=click.IntRange(1), default=8192, show_default=True,
+              help="Score at most this many tokens of the corpus.")
+@n_heads_option
+def eval_(model: str, corpus: str, modes: str, granularities: str, max_tokens: int, n_heads: int | None) -> None:
+    """Quality report: size, perplexity and agreement with float32 for every mode x granularity."""
+    from crystalc.evaluate import evaluate, markdown, timed_progress
+
+    report = evaluate(
+        _load(model, n_heads), _read_text(corpus),
+        modes=[m for m in modes.replace(" ", "").split(",") if m],
+        granularities=[g for g in granularities.replace(" ", "").split(",") if g],
+        max_tokens=max_tokens, progress=timed_progress(lambda s: click.echo(s, err=True)),
+    )
+    click.echo(markdown(report), nl=False)
 
 
 def main() -> None:

@@ -1,0 +1,235 @@
+"""The quality report: what each quantization mode x granularity costs in size and accuracy.
+
+For every combination (and the float32 baseline) the report gives the size of the
+.crystal file, the compression ratio, the cross-entropy and perplexity of a held-out
+corpus, the top-1 agreement with float32 and the largest logit error, all computed
+with the numpy reference interpreter.
+
+Speed: the corpus is cut into windows of n_ctx tokens and a batch of windows goes
+through the interpreter's own op functions at once. Every op but attention works
+per position, so those run on all positions of the batch flattened together;
+attention runs window by window with interpret.causal_attention. The quantized
+weights are dequantized once up front with Tensor.values() (the one definition).
+tests/test_evaluate.py checks forward_windows against interpret.forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from crystalc.errors import CrystalError
+from crystalc.ir import interpret
+from crystalc.ir.graph import Graph
+from crystalc.ir.ops import Op
+from crystalc.ir.tensor import Tensor
+from crystalc.passes.quantize import MODES, check_mode, parse_granularity, quantize
+from crystalc.tokenizer import Tokenizer
+
+DEFAULT_GRANULARITIES = ("tensor", "row", "group:32")
+# positions x neurons x d_model floats held at once by the neuron field of one batch
+_FIELD_BUDGET = 1 << 24
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    mode: str  # "float32" or a quantize mode
+    granularity: str  # "-" for float32
+    nbytes: int
+    cross_entropy: float  # nats per token
+    perplexity: float
+    top1_agreement: float  # fraction of positions whose argmax equals float32's
+    max_logit_error: float  # max |logit - float32 logit| over positions and vocabulary
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    rows: tuple[EvalRow, ...]
+    n_tokens: int  # predicted positions
+    size_is_file: bool  # True: sizes of written .crystal files; False: estimated from tensor bytes
+    dropped_tokens: int  # corpus tokens absent from a pruned vocabulary, left out of the sequence
+
+
+def _dequantized(graph: Graph) -> Graph:
+    """The same graph with every quantized tensor replaced by its float32 values."""
+
+    def op_f32(op: Op) -> Op:
+        changes = {f.name: Tensor(v.name, v.values()) for f in dataclasses.fields(op)
+                   if isinstance(v := getattr(op, f.name), Tensor) and v.quant is not None}
+        return dataclasses.replace(op, **changes) if changes else op
+
+    blocks = tuple(dataclasses.replace(b, **{f.name: op_f32(getattr(b, f.name)) for f in dataclasses.fields(b)})
+                   for b in graph.blocks)
+    return graph.replace(
+        token_embed=op_f32(graph.token_embed), pos_embed=op_f32(graph.pos_embed), blocks=blocks,
+        final_norm=None if graph.final_norm is None else op_f32(graph.final_norm), head=op_f32(graph.head),
+    )
+
+
+def _forward_batch(g: Graph, ids: np.ndarray) -> np.ndarray:
+    """interpret.forward for B windows of equal length S at once: [B,S] -> [B,S,V]."""
+    c = g.config
+    b, s = ids.shape
+    x = (interpret.token_embedding(g.token_embed.weight, ids)
+         + interpret.position_embedding(g.pos_embed.weight, s)).astype(np.float32).reshape(b * s, -1)
+    for blk in g.blocks:
+        h = interpret.layer_norm(blk.ln1, x, c.ln_eps).reshape(b, s, -1)
+        x = x + np.concatenate([interpret.causal_attention(blk.attn, h[i]) for i in range(b)])
+        x = x + interpret.neuron_field(blk.field, interpret.layer_norm(blk.ln2, x, c.ln_eps))
+        x = x + interpret.ffn(blk.ffn, interpret.layer_norm(blk.ln3, x, c.ln_eps))
+    if g.final_norm is not None:
+        x = interpret.layer_norm(g.final_norm, x, c.ln_eps)
+    return interpret.head(g.head, g.head_weight, x).reshape(b, s, -1)
+
+
+def forward_windows(graph: Graph, windows: np.ndarray) -> np.ndarray:
+    """Logits [B,S,V] of B windows of current ids [B,S], in batches that bound memory."""
+    g = _dequantized(graph)
+    b, s = windows.shape
+    if not 1 <= s <= g.config.n_ctx:
+        raise CrystalError(f"windows of {s} tokens; the model takes 1..{g.config.n_ctx}")
+    widest = max([g.config.d_model * n for n in g.config.n_neurons] + [g.config.ffn_hidden, 1])
+    per_batch = max(1, _FIELD_BUDGET // (s * widest))
+    out = [_forward_batch(g, windows[i:i + per_batch]) for i in range(0, b, per_batch)]
+    return np.concatenate(out) if out else np.zeros((0, s, g.config.vocab_size), dtype=np.float32)
+
+
+def corpus_to_ids(graph: Graph, text: str, max_tokens: int | None) -> tuple[np.ndarray, int]:
+    """Current-vocabulary ids of `text` (at most max_tokens), and how many tokens a pruned vocabulary lacked."""
+    if graph.tokenizer is None:
+        raise CrystalError("the model has no tokenizer: eval needs one to read the corpus")
+    orig = np.asarray(Tokenizer(graph.tokenizer).encode(text, strict=False), dtype=np.int64)
+    if max_tokens is not None:
+        orig = orig[: max_tokens + 1]  # max_tokens predictions need one more token of context
+    lookup = np.full(max(graph.orig_vocab_size or 0, graph.config.vocab_size, int(orig.max(initial=0)) + 1), -1)
+    lookup[graph.original_ids()] = np.arange(graph.config.vocab_size)
+    cur = lookup[orig]
+    kept = cur[cur >= 0]
+    if kept.size < 2:
+        raise CrystalError("the corpus holds fewer than 2 tokens the model knows: nothing to evaluate")
+    return kept, int(cur.size - kept.size)
+
+
+def _split(ids: np.ndarray, t: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(inputs [B,S], targets [B,S]) groups: full windows of t, then the shorter last one."""
+    n_pred = ids.size - 1
+    full = n_pred // t
+    groups = []
+    if full:
+        idx = np.arange(full)[:, None] * t + np.arange(t)[None, :]
+        groups.append((ids[idx], ids[idx + 1]))
+    rest = n_pred - full * t
+    if rest:
+        start = full * t
+        groups.append((ids[None, start:start + rest], ids[None, start + 1:start + 1 + rest]))
+    return groups
+
+
+def _logits(graph: Graph, groups: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Logits of every predicted position, [n_pred, V], in corpus order."""
+    v = graph.config.vocab_size
+    return np.concatenate([forward_windows(graph, x).reshape(-1, v) for x, _ in groups])
+
+
+def _cross_entropy(logits: np.ndarray, targets: np.ndarray) -> float:
+    z = logits.astype(np.float64)
+    zmax = z.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(z - zmax).sum(axis=1)) + zmax[:, 0]
+    return float(np.mean(lse - z[np.arange(z.shape[0]), targets]))
+
+
+def crystal_size(graph: Graph) -> tuple[int, bool]:
+    """Bytes of the graph's .crystal file, written to a temporary folder; or, while no
+    writer exists, the tensors' bytes (codes + scales) as an estimate (second value False)."""
+    try:
+        from crystalc.format.crystal import write_crystal
+    except ImportError:
+        return graph.nbytes, False
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "model.crystal"
+        write_crystal(graph, p)
+        return p.stat().st_size, True
+
+
+def evaluate(
+    graph: Graph,
+    corpus_text: str,
+    modes: Sequence[str] = MODES,
+    granularities: Sequence[str] = DEFAULT_GRANULARITIES,
+    max_tokens: int | None = 8192,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> EvalReport:
+    """The quality report of `graph` (taken as the float32 reference) on a held-out corpus."""
+    for m in modes:
+        check_mode(m)
+    grans = [str(parse_granularity(gr)) for gr in granularities]
+    ids, dropped = corpus_to_ids(graph, corpus_text, max_tokens)
+    groups = _split(ids, graph.config.n_ctx)
+    targets = np.concatenate([y.reshape(-1) for _, y in groups])
+    jobs: list[tuple[str, str]] = [("float32", "-")] + [(m, gr) for m in modes for gr in grans]
+    base = _dequantized(graph)
+    ref_logits: np.ndarray | None = None
+    rows = []
+    size_is_file = True
+    for i, (mode, gran) in enumerate(jobs):
+        if progress is not None:
+            progress(i, len(jobs), f"{mode} {gran}")
+        g = base if mode == "float32" else quantize(base, mode, gran)
+        nbytes, is_file = crystal_size(g)
+        size_is_file = size_is_file and is_file
+        logits = _logits(g, groups)
+        if ref_logits is None:
+            ref_logits = logits
+        ce = _cross_entropy(logits, targets)
+        rows.append(EvalRow(
+            mode=mode, granularity=gran, nbytes=nbytes, cross_entropy=ce,
+            perplexity=math.exp(ce),
+            top1_agreement=float(np.mean(logits.argmax(axis=1) == ref_logits.argmax(axis=1))),
+            max_logit_error=float(np.abs(logits - ref_logits).max()),
+        ))
+    if progress is not None:
+        progress(len(jobs), len(jobs), "done")
+    return EvalReport(tuple(rows), int(targets.size), size_is_file, dropped)
+
+
+def markdown(report: EvalReport) -> str:
+    """The report as a Markdown table, float32 first; stable formatting for the README."""
+    base = report.rows[0]
+    size_head = "file bytes" if report.size_is_file else "bytes (estimated)"
+    lines = [
+        f"| mode | granularity | {size_head} | ratio | cross-entropy (nats) | perplexity | ppl vs f32 "
+        "| top-1 agree | max logit err |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report.rows:
+        lines.append(
+            f"| {r.mode} | {r.granularity} | {r.nbytes:,} | {base.nbytes / r.nbytes:.2f}x | "
+            f"{r.cross_entropy:.4f} | {r.perplexity:.4f} | {100 * (r.perplexity / base.perplexity - 1):+.2f}% | "
+            f"{100 * r.top1_agreement:.2f}% | {r.max_logit_error:.4g} |"
+        )
+    notes = [f"{report.n_tokens:,} predicted tokens"]
+    if not report.size_is_file:
+        notes.append("sizes estimated from tensor bytes (no .crystal writer installed)")
+    if report.dropped_tokens:
+        notes.append(f"{report.dropped_tokens:,} corpus tokens outside the pruned vocabulary left out")
+    return "\n".join(lines) + "\n\n" + "; ".join(notes) + ".\n"
+
+
+def timed_progress(echo: Callable[[str], None]) -> Callable[[int, int, str], None]:
+    """A progress callback printing one line per job with the time the previous one took."""
+    last = [time.monotonic()]
+
+    def report(i: int, n: int, label: str) -> None:
+        now = time.monotonic()
+        took = "" if i == 0 else f" (previous took {now - last[0]:.1f}s)"
+        last[0] = now
+        echo(f"eval [{i}/{n}] {label}{took}")
+
+    return report
