@@ -1,0 +1,150 @@
+"""The quantize pass: error bounds per mode and granularity, the seeds' per-tensor formula, mixed modes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from crystalc.errors import CrystalError
+from crystalc.ir.interpret import forward
+from crystalc.ir.tensor import dequantize
+from crystalc.passes.quantize import MODES, parse_granularity, quantize, quantize_array
+from tests.conftest import random_graph
+
+GRANS = ("tensor", "row", "group:1", "group:4", "group:7", "group:64")
+QMAX = {8: 127, 16: 32767}
+
+
+def seeds_formula(arr: np.ndarray, bits: int) -> tuple[np.ndarray, np.float32, np.float32]:
+    """A direct numpy transcription of the seeds' quantize_array_int16 (and, for 8 bits, its int8 twin)."""
+    qmax = QMAX[bits]
+    a = arr.astype(np.float32)
+    lo, hi = a.min(), a.max()
+    scale = (hi - lo) / float(2 * qmax)  # 65534.0 for int16, 254.0 for int8
+    offset = lo + qmax * scale
+    q = np.clip(np.round((a - offset) / scale), -qmax, qmax)
+    return q.astype(np.int16 if bits == 16 else np.int8), scale, offset
+
+
+def sample_arrays() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(7)
+    heavy = rng.standard_normal((13, 40)).astype(np.float32)
+    heavy[3, 5] = 60.0  # one outlier: per-tensor scales suffer, per-row ones do not
+    return {
+        "normal_2d": rng.standard_normal((17, 40)).astype(np.float32),
+        "outlier_2d": heavy,
+        "odd_cols": (rng.standard_normal((5, 23)) * 3).astype(np.float32),
+        "shifted": (rng.random((6, 9)) * 0.5 + 10).astype(np.float32),  # all positive, far from 0
+        "vector": rng.standard_normal(31).astype(np.float32),
+        "zero_row": np.vstack([np.zeros(12), rng.standard_normal(12)]).astype(np.float32),
+    }
+
+
+def _bound(x: np.ndarray, deq: np.ndarray, scale: np.ndarray) -> None:
+    """|x - deq| <= scale/2, plus float32 rounding of the products (a few ulps of |x|)."""
+    slack = 4 * np.spacing(np.float32(np.abs(x).max()))
+    err = np.abs(x.astype(np.float64) - deq.astype(np.float64))
+    assert np.all(err <= scale.astype(np.float64) / 2 * (1 + 1e-6) + slack), float((err - scale / 2).max())
+
+
+@pytest.mark.parametrize("bits", (8, 16))
+@pytest.mark.parametrize("gran", GRANS)
+@pytest.mark.parametrize("name", sorted(sample_arrays()))
+def test_error_is_at_most_half_a_step(name: str, gran: str, bits: int) -> None:
+    x = sample_arrays()[name]
+    t = quantize_array(name, x, bits, parse_granularity(gran))
+    assert t.data.dtype == (np.int8 if bits == 8 else np.int16)
+    assert np.abs(t.data.astype(np.int32)).max() <= QMAX[bits]
+    scale, offset = t.quant.expanded(x.shape)
+    if t.quant.scheme != "tensor":
+        assert not np.any(offset), "row and group scales are symmetric"
+    _bound(x, t.values(), np.asarray(scale))
+    np.testing.assert_array_equal(t.values(), dequantize(t.data, t.quant))
+
+
+@pytest.mark.parametrize("bits", (8, 16))
+@pytest.mark.parametrize("name", sorted(sample_arrays()))
+def test_tensor_scheme_is_the_seeds_formula(name: str, bits: int) -> None:
+    x = sample_arrays()[name]
+    codes, scale, offset = seeds_formula(x, bits)
+    t = quantize_array(name, x, bits, parse_granularity("tensor"))
+    np.testing.assert_array_equal(t.data, codes)
+    assert t.quant.scale.tolist() == [np.float32(scale)]
+    assert t.quant.offset.tolist() == [np.float32(offset)]
+    # and the value is the seeds' dequantization q * scale + offset
+    want = (codes.astype(np.float32) * np.float32(scale) + np.float32(offset)).astype(np.float32)
+    np.testing.assert_array_equal(t.values(), want)
+
+
+def test_group_with_columns_not_divisible_by_n() -> None:
+    x = sample_arrays()["odd_cols"]  # 23 columns, groups of 5: 4 full groups and one of 3
+    t = quantize_array("w", x, 8, parse_granularity("group:5"))
+    assert t.quant.scheme == "group" and t.quant.group == 5
+    assert t.quant.scale.shape == (5, 5)
+    np.testing.assert_array_equal(t.quant.scale[:, -1], (np.abs(x[:, 20:]).max(axis=1) / np.float32(127)))
+    np.testing.assert_array_equal(t.quant.scale[:, 0], (np.abs(x[:, :5]).max(axis=1) / np.float32(127)))
+    # each group's largest magnitude is represented exactly by +-127
+    assert np.all(np.abs(t.data[:, 20:]).max(axis=1) == 127)
+
+
+def test_finer_granularity_beats_an_outlier() -> None:
+    x = sample_arrays()["outlier_2d"]
+    err = {g: float(np.abs(x - quantize_array("w", x, 8, parse_granularity(g)).values()).mean())
+           for g in ("tensor", "row", "group:8")}
+    assert err["row"] < err["tensor"] / 3
+    assert err["group:8"] < err["row"]
+
+
+def test_constant_and_empty_tensors_are_exact() -> None:
+    for gran in ("tensor", "row", "group:3"):
+        for x in (np.full((3, 4), 0.37, np.float32), np.zeros(5, np.float32), np.zeros((0, 4), np.float32),
+                  np.zeros(0, np.float32)):
+            t = quantize_array("c", x, 8, parse_granularity(gran))
+            assert np.all(np.isfinite(t.quant.scale))
+            np.testing.assert_array_equal(t.values(), x)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("gran", ("tensor", "row", "group:4"))
+def test_quantized_graph_verifies_and_stays_close(fixture_graph, mode: str, gran: str) -> None:
+    g = fixture_graph
+    q = quantize(g, mode, gran)
+    bits = 8 if mode in ("int8", "mixed8") else 16
+    for t in q.tensors():
+        if t.name.endswith("frozen"):
+            assert t.dtype == "bool"
+        elif mode.startswith("mixed") and t.name in ("token_embed.weight", "pos_embed.weight"):
+            assert t.dtype == "f32" and t.quant is None
+        else:
+            assert t.dtype == ("i8" if bits == 8 else "i16"), t.name
+            # a 1-D tensor is one row; the IR's group scheme is 2-D only, so it gets a row scale
+            want = gran.split(":")[0] if t.data.ndim == 2 or gran == "tensor" else "row"
+            assert t.quant.scheme == want, t.name
+    if mode.startswith("mixed") and g.config.tie_head:
+        assert q.head_weight.dtype == "f32"
+    ids = [i % g.config.vocab_size for i in range(g.config.n_ctx)]
+    ref, got = forward(g, ids), forward(q, ids)
+    # loose sanity bound (exact bounds are per tensor, above): logits move by a few percent of their spread
+    tol = (0.6 if bits == 8 else 0.01) * float(ref.std())
+    assert np.abs(got - ref).max() < tol
+    assert q.meta["quantize"] == {"mode": mode, "granularity": gran}
+
+
+def test_requantizing_a_quantized_graph() -> None:
+    g = random_graph("d40_h5", seed=3)
+    once = quantize(g, "int8", "row")
+    twice = quantize(once, "mixed8", "group:8")
+    assert twice.token_embed.weight.dtype == "f32"
+    np.testing.assert_array_equal(twice.token_embed.weight.data, once.token_embed.weight.values())
+    twice.verify()
+
+
+@pytest.mark.parametrize("bad", ("", "rows", "group", "group:", "group:0", "group:-2", "group:x", "tensor:3"))
+def test_bad_granularity(bad: str) -> None:
+    with pytest.raises(CrystalError, match="granularity"):
+        quantize(random_graph("all_on"), "int8", bad)
+
+
+def test_bad_mode() -> None:
+    with pytest.raises(CrystalError, match="mode"):
+        quantize(random_graph("all_on"), "int4", "row")

@@ -1,0 +1,110 @@
+"""The quality report: its batched forward against the interpreter, its metrics, its command."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crystalc.errors import CrystalError
+from crystalc.evaluate import _split, corpus_to_ids, evaluate, forward_windows, markdown
+from crystalc.ir.interpret import forward
+from crystalc.passes.prune_vocab import prune_vocab
+from crystalc.passes.quantize import quantize
+from tests.conftest import FIXTURE_SHAPES, random_graph, save_pt
+
+CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+        "First Citizen:\nYou are all resolved rather to die than to famish?\n")
+
+
+def char_graph(shape: str = "d40_h5", seed: int = 0):
+    cfg = dict(FIXTURE_SHAPES[shape], vocab_size=len(CHARS))
+    return random_graph(cfg, seed=seed, tokenizer={"kind": "char", "chars": CHARS})
+
+
+@pytest.mark.parametrize("quant", (None, ("int8", "group:3")))
+def test_forward_windows_matches_the_interpreter(fixture_graph, quant) -> None:
+    g = quantize(fixture_graph, *quant) if quant else fixture_graph
+    rng = np.random.default_rng(0)
+    windows = rng.integers(0, g.config.vocab_size, size=(5, g.config.n_ctx))
+    got = forward_windows(g, windows)
+    want = np.stack([forward(g, w.tolist()) for w in windows])
+    # same op functions and weights; only BLAS blocking of the flattened batch may reorder sums
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_split_covers_every_prediction_once() -> None:
+    ids = np.arange(23)
+    groups = _split(ids, 5)
+    xs = np.concatenate([x.reshape(-1) for x, _ in groups])
+    ys = np.concatenate([y.reshape(-1) for _, y in groups])
+    np.testing.assert_array_equal(xs, np.arange(22))
+    np.testing.assert_array_equal(ys, np.arange(1, 23))
+    assert [x.shape for x, _ in groups] == [(4, 5), (1, 2)]
+
+
+def test_report_metrics() -> None:
+    g = char_graph()
+    rep = evaluate(g, TEXT, modes=("int16", "int8"), granularities=("row", "tensor"), max_tokens=100)
+    assert [(r.mode, r.granularity) for r in rep.rows] == [
+        ("float32", "-"), ("int16", "row"), ("int16", "tensor"), ("int8", "row"), ("int8", "tensor")]
+    base = rep.rows[0]
+    assert rep.n_tokens == 100
+    assert base.top1_agreement == 1.0 and base.max_logit_error == 0.0
+    # the float32 cross-entropy, recomputed here position by position with the interpreter
+    ids = corpus_to_ids(g, TEXT, 100)[0]
+    t = g.config.n_ctx
+    nll = []
+    for start in range(0, 100, t):
+        x = ids[start:min(start + t, 100)]
+        logits = forward(g, x.tolist()).astype(np.float64)
+        y = ids[start + 1:start + 1 + len(x)]
+        lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+        nll.extend(lse - logits[np.arange(len(x)), y])
+    assert math.isclose(base.cross_entropy, float(np.mean(nll)), rel_tol=1e-5)
+    assert math.isclose(base.perplexity, math.exp(base.cross_entropy))
+    int16_row = rep.rows[1]
+    assert int16_row.max_logit_error < 1e-2 and abs(int16_row.perplexity / base.perplexity - 1) < 1e-3
+    assert int16_row.nbytes < base.nbytes
+    table = markdown(rep)
+    assert table.splitlines()[0].startswith("| mode | granularity |")
+    assert "| int8 | tensor |" in table and "100 predicted tokens" in table
+
+
+def test_pruned_model_drops_unknown_tokens() -> None:
+    p = prune_vocab(char_graph(), "First Citizen", [])
+    rep = evaluate(p, TEXT, modes=(), granularities=("row",), max_tokens=None)
+    assert rep.dropped_tokens > 0 and rep.n_tokens + 1 + rep.dropped_tokens == len(TEXT)
+
+
+def test_errors() -> None:
+    with pytest.raises(CrystalError, match="no tokenizer"):
+        evaluate(random_graph("all_on"), TEXT)
+    with pytest.raises(CrystalError, match="fewer than 2 tokens"):
+        evaluate(char_graph(), "\u00e9")
+    with pytest.raises(CrystalError, match="granularity"):
+        evaluate(char_graph(), TEXT, granularities=("group:",))
+
+
+def _crystalc(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "crystalc.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_eval_command(tmp_path: Path) -> None:
+    model = save_pt(char_graph(), tmp_path / "m.pt")
+    corpus = tmp_path / "held.txt"
+    corpus.write_text(TEXT * 3)
+    r = _crystalc("eval", str(model), "--corpus", str(corpus), "--modes", "mixed8,int8",
+                  "--granularities", "row,group:8", "--max-tokens", "200")
+    assert r.returncode == 0, r.stderr
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| ")]
+    assert len(rows) == 1 + 1 + 4  # header, float32, 2 modes x 2 granularities
+    assert "eval [4/5] int8 group:8" in r.stderr and "eval [5/5] done" in r.stderr
+    for bad in (("--modes", "int4"), ("--granularities", "group:0")):
+        r = _crystalc("eval", str(model), "--corpus", str(corpus), *bad)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
