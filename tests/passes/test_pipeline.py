@@ -1,0 +1,108 @@
+"""Passes compose: prune_vocab then quantize, through the library and through the command line."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crystalc.frontend import load_model
+from crystalc.ir.interpret import forward
+from crystalc.passes.pipeline import Pass, run_pipeline
+from crystalc.passes.prune_vocab import prune_vocab
+from crystalc.passes.quantize import quantize
+from tests.conftest import FIXTURE_SHAPES, random_graph, save_pt
+
+CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+CORPUS = "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n"
+
+
+def char_graph(shape: str = "d40_h5", seed: int = 0):
+    cfg = dict(FIXTURE_SHAPES[shape], vocab_size=len(CHARS))
+    return random_graph(cfg, seed=seed, tokenizer={"kind": "char", "chars": CHARS})
+
+
+def _crystalc(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "crystalc.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def _has_crystal_writer() -> bool:
+    return importlib.util.find_spec("crystalc.format.crystal") is not None
+
+
+@pytest.mark.parametrize("shape", sorted(FIXTURE_SHAPES))
+def test_prune_then_quantize_equals_quantize_then_prune(shape: str) -> None:
+    g = char_graph(shape, seed=8)
+    a = run_pipeline(g, [Pass("prune_vocab", lambda x: prune_vocab(x, CORPUS, [])),
+                         Pass("quantize", lambda x: quantize(x, "mixed8", "row"))])
+    b = prune_vocab(quantize(g, "mixed8", "row"), CORPUS, [])
+    # row scales are per row, so slicing rows commutes with quantizing them; the 1-D head
+    # bias is one row whose scale follows the largest kept entry, so it differs within a step
+    for ta, tb in zip(a.tensors(), b.tensors(), strict=True):
+        if ta.name == "head.bias":
+            step = max(float(ta.quant.scale[0]), float(tb.quant.scale[0]))
+            assert np.abs(ta.values() - tb.values()).max() <= step
+            continue
+        np.testing.assert_array_equal(ta.data, tb.data)
+        if ta.quant is not None:
+            np.testing.assert_array_equal(ta.quant.scale, tb.quant.scale)
+    ids = a.to_current_ids([CHARS.index(c) for c in "Romeo"])
+    np.testing.assert_allclose(forward(a, ids), forward(b, ids), atol=float(b.head.bias.quant.scale[0]) + 1e-6)
+    assert a.meta["quantize"]["mode"] == "mixed8" and a.meta["prune_vocab"]["kept"] == a.config.vocab_size
+
+
+@pytest.mark.skipif(not _has_crystal_writer(), reason="the .crystal writer has not landed")
+def test_quantize_and_prune_commands_write_what_the_passes_compute(tmp_path: Path) -> None:
+    g = char_graph("d40_h5", seed=9)
+    model = save_pt(g, tmp_path / "m.pt")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS)
+    r = _crystalc("quantize", str(model), "--int8", "--granularity", "group:5", "-o", str(tmp_path / "q.crystal"))
+    assert r.returncode == 0, r.stderr
+    q = load_model(tmp_path / "q.crystal")
+    want = quantize(load_model(model), "int8", "group:5")
+    for ta, tb in zip(q.tensors(), want.tensors(), strict=True):
+        np.testing.assert_array_equal(ta.values(), tb.values())
+    # a .crystal input composes too: prune the quantized file
+    r = _crystalc("prune-vocab", str(tmp_path / "q.crystal"), "--corpus", str(corpus), "--keep", "0",
+                  "-o", str(tmp_path / "p.crystal"))
+    assert r.returncode == 0, r.stderr
+    kept = sorted({0} | {CHARS.index(c) for c in CORPUS})
+    assert f"kept {len(kept)} of {len(CHARS)} tokens" in r.stdout
+    p = load_model(tmp_path / "p.crystal")
+    assert p.vocab_map.tolist() == kept
+    np.testing.assert_array_equal(p.token_embed.weight.values(), q.token_embed.weight.values()[kept])
+
+
+@pytest.mark.parametrize("args", (
+    ("quantize", "{m}", "--int8", "--granularity", "group:0", "-o", "{d}/x.crystal"),
+    ("quantize", "{m}", "--int8", "--granularity", "columns", "-o", "{d}/x.crystal"),
+    ("quantize", "{m}", "-o", "{d}/x.crystal"),
+    ("compile", "{m}", "--target", "c", "-o", "{d}/out", "--quantize", "int4"),
+    ("compile", "{m}", "--target", "c", "-o", "{d}/out", "--quantize", "int8", "--granularity", "group:x"),
+    ("prune-vocab", "{m}", "-o", "{d}/x.crystal"),
+    ("prune-vocab", "{m}", "--keep", "1,x", "-o", "{d}/x.crystal"),
+    ("prune-vocab", "{m}", "--keep", "999", "-o", "{d}/x.crystal"),
+))
+def test_bad_options_exit_2_with_one_line(tmp_path: Path, args: tuple[str, ...]) -> None:
+    model = save_pt(char_graph("all_on"), tmp_path / "m.pt")
+    r = _crystalc(*(a.format(m=model, d=tmp_path) for a in args))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("crystalc: error:"), r.stderr
+    assert not list(tmp_path.glob("x.crystal*")) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("crystalc.backends.c") is None, reason="the C backend has not landed")
+def test_compile_composes_prune_and_quantize(tmp_path: Path) -> None:
+    g = char_graph("d40_h5", seed=10)
+    model = save_pt(g, tmp_path / "m.pt")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS)
+    r = _crystalc("compile", str(model), "--target", "c", "--prune-vocab", str(corpus), "--quantize", "mixed8",
+                  "--granularity", "row", "-o", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    assert any((tmp_path / "out").iterdir())
