@@ -182,7 +182,7 @@ def encode_crystal(graph: Graph) -> bytes:
         off = _align(len(body))
         body += b"\0" * (off - len(body)) + s.data
         qoff = 0
-        if s.qdata:
+        if s.scheme:  # even an empty parameter block (a 0-row tensor) gets a valid aligned offset
             qoff = _align(len(body))
             body += b"\0" * (qoff - len(body)) + s.qdata
         if len(s.name) >= NAME_BYTES:

@@ -1,0 +1,186 @@
+"""The .crystal writer and reader: bit-exact round trips of every dtype, scheme and shape."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from crystalc.errors import CrystalError
+from crystalc.format import crystal as fmt
+from crystalc.format.crystal import encode_crystal, read_crystal, write_crystal
+from crystalc.frontend import load_model
+from crystalc.ir.graph import Graph
+from crystalc.ir.interpret import forward
+from crystalc.ir.tensor import Quant, Tensor
+from crystalc.tokenizer import char_tokenizer
+from tests.conftest import FIXTURE_SHAPES, random_graph
+
+CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyzé—"
+
+
+def quantize_by_hand(graph: Graph, dtype: str, scheme: str, group: int = 3, keep_embeddings: bool = False) -> Graph:
+    """Every weight tensor as integer codes with random (finite) parameters, built without the quantize pass."""
+    rng = np.random.default_rng(7)
+    itype = np.int8 if dtype == "i8" else np.int16
+    qmax = 127 if dtype == "i8" else 32767
+
+    def q(t: Tensor) -> Tensor:
+        if t.dtype == "bool" or (keep_embeddings and t.name in fmt.EMBEDDINGS):
+            return t
+        shape = t.shape
+        codes = rng.integers(-qmax, qmax + 1, size=shape).astype(itype)
+        rows = shape[0] if len(shape) == 2 else 1
+        sch = scheme if (scheme != "group" or len(shape) == 2) else "row"
+        n = {"tensor": (1,), "row": (rows,), "group": (rows, -(-shape[-1] // group))}[sch]
+        scale = (rng.random(n) * 0.01 + 1e-4).astype(np.float32)
+        offset = (rng.standard_normal(n) * 0.01).astype(np.float32) if sch == "tensor" else np.zeros(n, np.float32)
+        return Tensor(t.name, codes, Quant(sch, scale, offset, group if sch == "group" else 0))
+
+    import dataclasses
+
+    def op_q(op):
+        return dataclasses.replace(op, **{f.name: q(getattr(op, f.name)) for f in dataclasses.fields(op)
+                                          if isinstance(getattr(op, f.name), Tensor)})
+
+    blocks = tuple(dataclasses.replace(b, **{f.name: op_q(getattr(b, f.name)) for f in dataclasses.fields(b)})
+                   for b in graph.blocks)
+    return graph.replace(token_embed=op_q(graph.token_embed), pos_embed=op_q(graph.pos_embed), blocks=blocks,
+                         final_norm=None if graph.final_norm is None else op_q(graph.final_norm),
+                         head=op_q(graph.head)).verify()
+
+
+def assert_graphs_identical(a: Graph, b: Graph) -> None:
+    assert a.config == b.config
+    ta = {t.name: t for t in a.tensors()}
+    tb = {t.name: t for t in b.tensors()}
+    assert ta.keys() == tb.keys()
+    for name, x in ta.items():
+        y = tb[name]
+        assert x.data.dtype == y.data.dtype and x.data.shape == y.data.shape, name
+        assert x.data.tobytes() == y.data.tobytes(), name
+        assert (x.quant is None) == (y.quant is None), name
+        if x.quant is not None:
+            assert (x.quant.scheme, x.quant.group) == (y.quant.scheme, y.quant.group), name
+            assert x.quant.scale.shape == y.quant.scale.shape, name
+            assert x.quant.scale.tobytes() == y.quant.scale.tobytes(), name
+            assert x.quant.offset.tobytes() == y.quant.offset.tobytes(), name
+    assert a.tokenizer == b.tokenizer
+    assert a.meta == b.meta
+    assert a.orig_vocab_size == b.orig_vocab_size
+    if a.vocab_map is None:
+        assert b.vocab_map is None
+    else:
+        assert b.vocab_map.dtype == np.int64 and np.array_equal(a.vocab_map, b.vocab_map)
+
+
+def round_trip(graph: Graph, tmp_path) -> Graph:
+    path = tmp_path / "m.crystal"
+    size = write_crystal(graph, path)
+    assert size == path.stat().st_size
+    back = read_crystal(path)
+    assert_graphs_identical(graph, back)
+    assert encode_crystal(back) == path.read_bytes()  # deterministic: same graph, same bytes
+    return back
+
+
+def pruned(graph: Graph, keep: list[int]) -> Graph:
+    """A pruned copy built by hand: rows `keep` of the embedding, head and bias."""
+    import dataclasses
+
+    idx = np.asarray(keep)
+
+    def rows(t: Tensor) -> Tensor:
+        q = t.quant
+        if q is not None and q.scheme != "tensor" and t.data.ndim == 2:  # per-row parameters follow their rows
+            q = Quant(q.scheme, np.ascontiguousarray(q.scale[idx]), np.ascontiguousarray(q.offset[idx]), q.group)
+        return Tensor(t.name, np.ascontiguousarray(t.data[idx]), q)
+
+    head = dataclasses.replace(graph.head, bias=rows(graph.head.bias),
+                               weight=None if graph.head.weight is None else rows(graph.head.weight))
+    cfg = dataclasses.replace(graph.config, vocab_size=len(keep))
+    return graph.replace(config=cfg, token_embed=dataclasses.replace(graph.token_embed,
+                                                                     weight=rows(graph.token_embed.weight)),
+                         head=head, vocab_map=idx.astype(np.int64), orig_vocab_size=graph.config.vocab_size).verify()
+
+
+@pytest.mark.parametrize("shape", sorted(FIXTURE_SHAPES))
+def test_float32_round_trip_every_shape(shape, tmp_path):
+    v = FIXTURE_SHAPES[shape]["vocab_size"]
+    g = random_graph(shape, seed=3, tokenizer={"kind": "char", "chars": CHARS[:v]})
+    g = g.replace(meta={"corpus_sha256": "ab" * 32, "val_loss": 1.25, "steps": [1, 2]})
+    back = round_trip(g, tmp_path)
+    ids = list(range(min(5, g.config.n_ctx)))
+    assert forward(back, ids).tobytes() == forward(g, ids).tobytes()
+
+
+@pytest.mark.parametrize("dtype", ["i8", "i16"])
+@pytest.mark.parametrize("scheme", ["tensor", "row", "group"])
+@pytest.mark.parametrize("shape", ["d40_h5", "three_blocks_n0_n1", "tied_unnormalised"])
+def test_quantized_round_trip_by_hand(shape, dtype, scheme, tmp_path):
+    g = quantize_by_hand(random_graph(shape, seed=5), dtype, scheme)
+    back = round_trip(g, tmp_path)
+    assert forward(back, [1, 2, 3]).tobytes() == forward(g, [1, 2, 3]).tobytes()
+
+
+@pytest.mark.parametrize("dtype,bit", [("i8", fmt.MIXED8), ("i16", fmt.MIXED)])
+def test_mixed_modes_set_the_seeds_flag_bits(dtype, bit, tmp_path):
+    g = quantize_by_hand(random_graph("d40_h5", seed=2), dtype, "row", keep_embeddings=True)
+    data = encode_crystal(g)
+    flags = int.from_bytes(data[6:8], "little")
+    assert flags & fmt.SUMMARY_FLAGS == bit and flags & fmt.CAUSAL
+    round_trip(g, tmp_path)
+
+
+def test_mode_flags(tmp_path):
+    g = random_graph("all_on", seed=1)
+    assert int.from_bytes(encode_crystal(g)[6:8], "little") & fmt.SUMMARY_FLAGS == fmt.FLOAT32
+    g16 = quantize_by_hand(g, "i16", "tensor")
+    flags = int.from_bytes(encode_crystal(g16)[6:8], "little")
+    assert flags & fmt.SUMMARY_FLAGS == fmt.INT16
+    assert flags & (fmt.FINAL_NORM | fmt.TIE_HEAD | fmt.FIELD_NORM) == fmt.FINAL_NORM | fmt.TIE_HEAD | fmt.FIELD_NORM
+    g8 = quantize_by_hand(g, "i8", "tensor")
+    assert int.from_bytes(encode_crystal(g8)[6:8], "little") & fmt.SUMMARY_FLAGS == 0  # no seeds' bit for all-int8
+
+
+@pytest.mark.parametrize("mode", ["int8", "int16", "mixed", "mixed8"])
+@pytest.mark.parametrize("granularity", ["tensor", "row", "group:4"])
+def test_quantize_pass_output_round_trips(mode, granularity, tmp_path):
+    quantize = pytest.importorskip("crystalc.passes.quantize").quantize
+    g = quantize(random_graph("three_blocks_n0_n1", seed=4), mode, granularity)
+    round_trip(g, tmp_path)
+
+
+def test_pruned_vocabulary_round_trip(tmp_path):
+    g = random_graph("d40_h5", seed=6, tokenizer={"kind": "char", "chars": CHARS[:23]})
+    p = pruned(quantize_by_hand(g, "i8", "group"), [0, 2, 3, 7, 11, 19, 22])
+    data = encode_crystal(p)
+    assert int.from_bytes(data[6:8], "little") & fmt.PRUNED_VOCAB
+    back = round_trip(p, tmp_path)
+    assert back.config.vocab_size == 7 and back.orig_vocab_size == 23
+    assert back.to_current_ids([2, 22]) == [1, 6]
+    smaller = encode_crystal(pruned(g, [0, 2, 3, 7, 11, 19, 22]))
+    assert len(smaller) < len(encode_crystal(g))
+
+
+def test_hf_tokenizer_and_frontend_dispatch(tmp_path):
+    tok = {"kind": "hf-tokenizers", "json": '{"model": {"type": "BPE"}}'}
+    g = random_graph("all_on", seed=8, tokenizer=tok)
+    path = tmp_path / "m.crystal"
+    write_crystal(g, path)
+    assert_graphs_identical(g, load_model(path))
+
+
+def test_char_tokenizer_from_corpus_round_trips(tmp_path):
+    tok = char_tokenizer("héllo wörld\n")
+    g = random_graph(dict(FIXTURE_SHAPES["all_on"], vocab_size=len(tok["chars"])), seed=9, tokenizer=tok)
+    round_trip(g, tmp_path)
+
+
+def test_write_is_atomic_on_failure(tmp_path):
+    path = tmp_path / "m.crystal"
+    path.write_bytes(b"old")
+    g = random_graph("all_on", seed=1).replace(meta={"bad": object()})
+    with pytest.raises(CrystalError, match="JSON"):
+        write_crystal(g, path)
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.crystal"]
