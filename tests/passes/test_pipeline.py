@@ -57,7 +57,7 @@ def test_prune_then_quantize_equals_quantize_then_prune(shape: str) -> None:
 
 @pytest.mark.skipif(not _has_crystal_writer(), reason="the .crystal writer has not landed")
 def test_quantize_and_prune_commands_write_what_the_passes_compute(tmp_path: Path) -> None:
-    g = char_graph("d40_h5", seed=9)
+    g = char_graph("three_blocks_n0_n1", seed=9)  # a block with no neurons: empty quantized tensors
     model = save_pt(g, tmp_path / "m.pt")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(CORPUS)
