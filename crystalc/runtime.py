@@ -1,0 +1,117 @@
+"""The portable C runtime: built once with the system C compiler, cached, and run on a .crystal file.
+
+The runtime is templates/runtime/crystal_runtime.c (the .crystal loader and main)
+compiled together with the forward pass and command line that the generated C
+shares (templates/c/). The binary is cached under $CRYSTALC_CACHE (default
+~/.cache/crystalc), keyed by the crystalc version, the compiler, its flags and a
+hash of every source, so an edited source or a new version rebuilds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from importlib.resources import files
+from pathlib import Path
+
+from crystalc import __version__
+from crystalc.errors import CrystalError
+
+CFLAGS = ("-std=c11", "-O2")
+SANITIZE_CFLAGS = ("-std=c11", "-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+                   "-fno-sanitize-recover=all")
+# The files of templates/c/ that the runtime links: the shared forward pass and command line.
+SHARED_C = ("crystal_forward.c", "crystal_cli.c")
+
+
+def templates_dir() -> Path:
+    return Path(str(files("crystalc.templates")))
+
+
+def runtime_sources(loader_only: bool = False) -> list[Path]:
+    """The C files of the runtime (or of the loader-only check program), in build order."""
+    root = templates_dir()
+    srcs = [root / "runtime" / "crystal_runtime.c"]
+    if not loader_only:
+        shared = [root / "c" / name for name in SHARED_C]
+        missing = [p.name for p in shared if not p.is_file()]
+        if missing:
+            raise CrystalError(f"the portable runtime needs templates/c/{missing[0]}, which this crystalc lacks")
+        srcs += shared
+    return srcs
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("CRYSTALC_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "crystalc"
+
+
+def compiler() -> str:
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        raise CrystalError(f"no C compiler: '{cc}' is not on PATH (install gcc, or set CC)")
+    return cc
+
+
+def build_runtime(sanitize: bool = False, loader_only: bool = False, cflags: tuple[str, ...] | None = None) -> Path:
+    """Path of the runtime binary, compiling it only when no cached build matches.
+
+    `sanitize` builds with AddressSanitizer and UBSan (the tests); `loader_only`
+    builds the program that loads a file, prints one summary line and exits.
+    """
+    cc = compiler()
+    flags = list(cflags or (SANITIZE_CFLAGS if sanitize else CFLAGS))
+    if loader_only:
+        flags.append("-DCRYSTAL_LOADER_CHECK")
+    srcs = runtime_sources(loader_only)
+    include = templates_dir() / "c"
+    h = hashlib.sha256(f"{__version__}\0{cc}\0{' '.join(flags)}\0".encode())
+    for p in srcs + sorted(include.glob("*.h")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    name = "crystal_check" if loader_only else "crystal_runtime"
+    out = cache_dir() / f"{name}-{__version__}-{h.hexdigest()[:16]}" / name
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        exe = Path(tmp) / name
+        cmd = [cc, *flags, f"-I{include}", *map(str, srcs), "-o", str(exe), "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CrystalError(f"building the runtime failed ({shlex.join(cmd)}): "
+                               + " ".join(proc.stderr.split())[:2000])
+        exe.chmod(0o755)
+        os.replace(exe, out)  # same folder: atomic, and a concurrent build of the same key replaces it whole
+    return out
+
+
+def run_model(model_path: str | os.PathLike[str], args: list[str]) -> int:
+    """Run the portable runtime on a model with the spec's command line; returns its exit status.
+
+    A .crystal file runs as it is; any other model (.pt, .safetensors) is written
+    to a temporary .crystal first.
+    """
+    from crystalc.frontend import CRYSTAL_MAGIC
+
+    path = Path(model_path)
+    if not path.is_file():
+        raise CrystalError(f"{path}: no such file")
+    exe = build_runtime()
+    with open(path, "rb") as f:
+        is_crystal = f.read(4) == CRYSTAL_MAGIC
+    sys.stdout.flush()
+    if is_crystal:
+        return subprocess.run([str(exe), str(path), *args]).returncode
+    from crystalc.format.crystal import write_crystal
+    from crystalc.frontend import load_model
+
+    graph = load_model(path)
+    with tempfile.TemporaryDirectory(prefix="crystalc-run-") as tmp:
+        tmp_model = Path(tmp) / "model.crystal"
+        write_crystal(graph, tmp_model)
+        return subprocess.run([str(exe), str(tmp_model), *args]).returncode

@@ -1,0 +1,115 @@
+"""Malformed .crystal files: the Python reader and the C loader (under ASan + UBSan) reject them with one line.
+
+The corruptions (tests/format/corrupt.py) cover every header field, truncation at
+every section boundary, offsets past the end, overlapping sections, bad names and
+codes, and dimensions whose products overflow 32 and 64 bits. Both readers must
+agree on every case, say what is wrong in one line, and never crash.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from crystalc.errors import CrystalError
+from crystalc.format.crystal import decode_crystal, encode_crystal
+from tests.conftest import random_graph, require_tool
+from tests.format.corrupt import all_cases
+from tests.format.test_crystal import CHARS, pruned, quantize_by_hand
+
+
+def base_files() -> dict[str, bytes]:
+    g = random_graph("three_blocks_n0_n1", seed=2, tokenizer={"kind": "char", "chars": CHARS[:19]})
+    q = pruned(quantize_by_hand(g, "i8", "group"), [0, 1, 4, 5, 9, 18]).replace(meta={"note": "corruption base"})
+    f = random_graph("tied_unnormalised", seed=3, tokenizer={"kind": "hf-tokenizers", "json": "{}"})
+    return {"quantized_pruned": encode_crystal(q), "float_tied": encode_crystal(f)}
+
+
+BASES = base_files()
+
+
+def python_verdict(data: bytes) -> str | None:
+    """None when the reader accepts the bytes, else its one-line message."""
+    try:
+        decode_crystal(data)
+    except CrystalError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("base", sorted(BASES))
+def test_python_reader_rejects_every_corruption_with_one_line(base):
+    cases = all_cases(BASES[base])
+    assert len(cases) > 150
+    for label, data, must_fail in cases:
+        try:
+            msg = python_verdict(data)
+        except Exception as e:  # anything but CrystalError escaping is a bug
+            pytest.fail(f"{label}: {type(e).__name__} escaped: {e}")
+        if must_fail:
+            assert msg is not None, f"{label}: accepted"
+        if msg is not None:
+            assert "\n" not in msg and msg, label
+
+
+@pytest.fixture(scope="module")
+def sanitized_loader(tmp_path_factory):
+    require_tool("gcc")
+    import os
+
+    from crystalc.runtime import build_runtime
+
+    os.environ.setdefault("CRYSTALC_CACHE", str(tmp_path_factory.mktemp("cache")))
+    return build_runtime(sanitize=True, loader_only=True)
+
+
+def run_c(exe, path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(exe), str(path)], capture_output=True, text=True, timeout=60,
+                          env={"ASAN_OPTIONS": "abort_on_error=0:detect_leaks=1", "PATH": "/usr/bin:/bin"})
+
+
+@pytest.mark.parametrize("base", sorted(BASES))
+def test_c_loader_agrees_under_sanitizers(base, sanitized_loader, tmp_path):
+    ok = run_c(sanitized_loader, _write(tmp_path / "ok.crystal", BASES[base]))
+    assert ok.returncode == 0 and ok.stderr == "", ok.stderr
+    cases = all_cases(BASES[base])
+    paths = [_write(tmp_path / f"c{i}.crystal", data) for i, (_, data, _) in enumerate(cases)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda p: run_c(sanitized_loader, p), paths))
+    for (label, data, _), res in zip(cases, results, strict=True):
+        py = python_verdict(data)
+        assert res.returncode in (0, 2), f"{label}: exit {res.returncode}\n{res.stderr[-3000:]}"
+        assert (res.returncode == 0) == (py is None), f"{label}: C exit {res.returncode} ({res.stderr.strip()}), " \
+                                                      f"Python {py!r}"
+        if res.returncode == 2:
+            lines = res.stderr.splitlines()
+            assert len(lines) == 1 and "error" in lines[0] and res.stdout == "", f"{label}: {res.stderr!r}"
+
+
+def test_random_byte_flips_never_crash(sanitized_loader, tmp_path):
+    """Random damage, checksum re-sealed, so the flips reach the structural checks."""
+    from tests.format.corrupt import reseal
+
+    rng = np.random.default_rng(0)
+    data = BASES["quantized_pruned"]
+    paths, blobs = [], []
+    for i in range(60):
+        b = bytearray(data)
+        for _ in range(int(rng.integers(1, 6))):
+            k = int(rng.integers(0, len(b) - 4))
+            b[k] = int(rng.integers(0, 256))
+        blobs.append(reseal(b))
+        paths.append(_write(tmp_path / f"r{i}.crystal", blobs[-1]))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda p: run_c(sanitized_loader, p), paths))
+    for blob, res in zip(blobs, results, strict=True):
+        assert res.returncode in (0, 2), res.stderr[-3000:]
+        assert (res.returncode == 0) == (python_verdict(blob) is None)
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
