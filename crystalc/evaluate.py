@@ -34,7 +34,7 @@ from crystalc.passes.quantize import MODES, check_mode, parse_granularity, quant
 from crystalc.tokenizer import Tokenizer
 
 DEFAULT_GRANULARITIES = ("tensor", "row", "group:32")
-# positions x neurons x d_model floats held at once by the neuron field of one batch
+# floats held at once by the widest intermediate of one batch (e.g. positions x neurons x d_model)
 _FIELD_BUDGET = 1 << 24
 
 
@@ -95,7 +95,8 @@ def forward_windows(graph: Graph, windows: np.ndarray) -> np.ndarray:
     b, s = windows.shape
     if not 1 <= s <= g.config.n_ctx:
         raise CrystalError(f"windows of {s} tokens; the model takes 1..{g.config.n_ctx}")
-    widest = max([g.config.d_model * n for n in g.config.n_neurons] + [g.config.ffn_hidden, 1])
+    # the widest per-position intermediate: the field's distances, the FFN's hidden layer or the logits
+    widest = max([g.config.d_model * n for n in g.config.n_neurons] + [g.config.ffn_hidden, g.config.vocab_size])
     per_batch = max(1, _FIELD_BUDGET // (s * widest))
     out = [_forward_batch(g, windows[i:i + per_batch]) for i in range(0, b, per_batch)]
     return np.concatenate(out) if out else np.zeros((0, s, g.config.vocab_size), dtype=np.float32)
@@ -138,11 +139,20 @@ def _logits(graph: Graph, groups: list[tuple[np.ndarray, np.ndarray]]) -> np.nda
     return np.concatenate([forward_windows(graph, x).reshape(-1, v) for x, _ in groups])
 
 
-def _cross_entropy(logits: np.ndarray, targets: np.ndarray) -> float:
-    z = logits.astype(np.float64)
-    zmax = z.max(axis=1, keepdims=True)
-    lse = np.log(np.exp(z - zmax).sum(axis=1)) + zmax[:, 0]
-    return float(np.mean(lse - z[np.arange(z.shape[0]), targets]))
+def _nll(logits: np.ndarray, targets: np.ndarray, rows: int = 1024) -> np.ndarray:
+    """-log softmax(logits)[target] per position, in float64, a slice of rows at a time (bounded memory)."""
+    out = np.empty(logits.shape[0], dtype=np.float64)
+    for i in range(0, logits.shape[0], rows):
+        z = logits[i:i + rows].astype(np.float64)
+        zmax = z.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(z - zmax).sum(axis=1)) + zmax[:, 0]
+        out[i:i + rows] = lse - z[np.arange(z.shape[0]), targets[i:i + rows]]
+    return out
+
+
+def _max_abs_diff(a: np.ndarray, b: np.ndarray, rows: int = 1024) -> float:
+    return max((float(np.abs(a[i:i + rows] - b[i:i + rows]).max()) for i in range(0, a.shape[0], rows)),
+               default=0.0)
 
 
 def crystal_size(graph: Graph) -> tuple[int, bool]:
@@ -187,12 +197,12 @@ def evaluate(
         logits = _logits(g, groups)
         if ref_logits is None:
             ref_logits = logits
-        ce = _cross_entropy(logits, targets)
+        ce = float(np.mean(_nll(logits, targets)))
         rows.append(EvalRow(
             mode=mode, granularity=gran, nbytes=nbytes, cross_entropy=ce,
             perplexity=math.exp(ce),
             top1_agreement=float(np.mean(logits.argmax(axis=1) == ref_logits.argmax(axis=1))),
-            max_logit_error=float(np.abs(logits - ref_logits).max()),
+            max_logit_error=_max_abs_diff(logits, ref_logits),
         ))
     if progress is not None:
         progress(len(jobs), len(jobs), "done")
