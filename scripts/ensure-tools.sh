@@ -2,8 +2,8 @@
 # Install the external tools the tests drive, when missing and when we can (root
 # or sudo). Otherwise say what to install; the tests then skip (or fail, in CI).
 set -u
-need_cmds=(cc make)
-need_pkgs=(gcc make)
+need_cmds=(cc make clang)
+need_pkgs=(gcc make clang)  # clang: libFuzzer for fuzz/ (tests/fuzz)
 missing=()
 for i in "${!need_cmds[@]}"; do
   command -v "${need_cmds[$i]}" >/dev/null 2>&1 || missing+=("${need_pkgs[$i]}")
