@@ -443,6 +443,14 @@ static int load_v3(crystal_file *f, crystal_model *m, const uint8_t *buf, size_t
             if (bytes_sections[i]->dtype != DT_U8 || bytes_sections[i]->ndim != 1)
                 return fail(err, errlen, "section %s: expected a 1-D u8 array", bytes_sections[i]->name);
         }
+    /* the JSON sections are for Python; the runtime only checks that they are UTF-8 */
+    for (int i = 1; i < 3; i++) {
+        const entry *e = bytes_sections[i];
+        uint64_t len;
+        for (uint64_t k = 0; e && k < e->len; k += len)
+            if (!utf8_next(buf + e->off, e->len, k, &len))
+                return fail(err, errlen, "section %s: not valid UTF-8", e->name);
+    }
     m->tokenizer = tj ? CRYSTAL_TOK_OTHER : CRYSTAL_TOK_NONE;
     if (tc) {
         /* id i is the i-th UTF-8 character; ids past the text decode to nothing */
