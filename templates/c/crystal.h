@@ -67,4 +67,35 @@ typedef struct {
     const uint32_t *char_offsets;     /* id i is chars[char_offsets[i] .. char_offsets[i+1]) */
 } crystal_model;
 
+/* --- crystal_forward.c: the forward pass over any filled crystal_model ------------------- */
+
+/* Run state of one sequence: activations of the current position and the KV cache. */
+typedef struct {
+    float *x;            /* [D] residual stream */
+    float *h;            /* [D] normalised input of the current sublayer */
+    float *q, *y, *f;    /* [D] query, attention output (heads concatenated), sublayer output */
+    float *hid;          /* [F] FFN hidden */
+    float *att;          /* [T] attention weights of one head */
+    float *fw;           /* [max N] neuron field weights */
+    float *row, *row2;   /* [max(V, F, D, T, N)] dequantised rows (weights, biases, scales) */
+    float *key_cache;    /* [L][T][D] */
+    float *value_cache;  /* [L][T][D] */
+    float *logits;       /* [V] */
+} crystal_state;
+
+int crystal_state_init(crystal_state *s, const crystal_model *m);  /* 0, or -1 when out of memory */
+void crystal_state_free(crystal_state *s);
+/* Feed current-vocabulary id `token` at position `pos` (0 <= pos < n_ctx), filling the KV
+ * cache at `pos` (positions < pos must already be there); return the logits [V], or NULL
+ * when want_logits is 0 (the head is skipped). */
+const float *crystal_forward(const crystal_model *m, crystal_state *s, int token, int pos, int want_logits);
+/* Logits [n, V] of every position of `ids` (1 <= n <= n_ctx) into `out`; 0, or -1 on bad input. */
+int crystal_forward_sequence(const crystal_model *m, const int32_t *ids, int n, float *out);
+
+/* --- crystal_cli.c: the spec's command line shared by every generated program -------------- */
+
+/* argv[0] names the program in messages; the options follow (no model path). Returns the
+ * exit status: 0, or 2 after one line on stderr for bad arguments. */
+int crystal_main(const crystal_model *m, int argc, char **argv);
+
 #endif
