@@ -1,0 +1,286 @@
+"""Turn the measurements of bench/run.py into derived figures, bench/results.md and the plot."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import roofline
+import workload
+
+# regime -> (title, {implementation key: (label, schedule kind, shift)})
+REGIMES = {
+    "window": ("within the window (64 tokens from a 1-token prompt)", {
+        "c": ("generated C, KV cache", "window-kv", 1),
+        "torch": ("PyTorch eager, recomputing the prefix", "window-recompute", 1),
+        "torch_full": ("PyTorch eager, seeds' form (logits of every position)", "window-recompute", 1),
+    }),
+    "shift1": ("past the window, exact sliding window (--shift 1)", {
+        "c": ("generated C, window recompute", "past-recompute", 1),
+        "torch": ("PyTorch eager, window recompute", "past-recompute", 1),
+        "ort": ("ONNX Runtime, window recompute", "past-recompute", 1),
+    }),
+    "shift32": ("past the window, --shift 32", {
+        "c": ("generated C, shift + KV cache", "past-kv", 32),
+        "torch": ("PyTorch eager, shift + KV cache", "past-kv", 32),
+    }),
+}
+BASELINES = ("torch", "torch_full", "ort")
+
+# (regime, baseline, C precision, minimum ratio) from issue 5's acceptance.
+TARGETS = [
+    ("window", "torch", "f32", 6.0), ("window", "torch", "mixed8", 12.0),
+    ("shift1", "ort", "f32", 1.0),
+    ("shift32", "torch", "f32", 6.0), ("shift32", "torch", "mixed8", 12.0),
+]
+COLD_TARGET = 100.0
+ROOFLINE_TARGET = 0.80  # within the window, C float32
+
+
+def _peaks(res: dict) -> tuple[float, float]:
+    y = res["yardstick"]
+    return y["sgemm_1024"]["gflops"] * 1e9, y["sgemv_head"]["gbs"] * 1e9
+
+
+def derive(res: dict) -> None:
+    """Add res['rows']: one row per (regime, implementation, precision) with work, rates and ratios."""
+    cfg = workload.CONFIG
+    peak_f, peak_b = _peaks(res)
+    rows = []
+    for regime, (_, impls) in REGIMES.items():
+        got = res["regimes"][regime]
+        c_rates = {tag: v["tokens_per_s"] for tag, v in got.get("c", {}).items()}
+        for key, (label, kind, shift) in impls.items():
+            entries = got.get(key, {}).items() if key == "c" else [("f32", got[key])] if key in got else []
+            for tag, v in entries:
+                w = roofline.work(cfg, res["tensor_bytes"][tag], kind, shift, all_logits=(key == "torch_full"))
+                roof, bound = roofline.roofline(w, peak_f, peak_b)
+                tps = v["tokens_per_s"]
+                row = {"regime": regime, "impl": key, "label": label, "precision": tag, "tokens_per_s": tps,
+                       "mflop_per_token": w.flops / 1e6, "mb_per_token": w.bytes / 1e6,
+                       "ktrans_per_token": w.transcendentals / 1e3, "gflops": tps * w.flops / 1e9,
+                       "gbs": tps * w.bytes / 1e9, "roofline_tps": roof, "bound": bound,
+                       "roofline_fraction": tps / roof}
+                if key in BASELINES:
+                    row["ratios"] = {ct: cr / tps for ct, cr in c_rates.items()}
+                rows.append(row)
+    res["rows"] = rows
+    cold = res.get("cold", {})
+    if "torch" in cold:
+        res["cold_ratios"] = {t: cold["torch"]["wall_s"] / v["wall_s"] for t, v in cold.items() if t != "torch"}
+    res["targets"] = _targets(res)
+
+
+def _row(res: dict, regime: str, impl: str, precision: str) -> dict | None:
+    for r in res["rows"]:
+        if (r["regime"], r["impl"], r["precision"]) == (regime, impl, precision):
+            return r
+    return None
+
+
+def _targets(res: dict) -> list[dict]:
+    out = []
+    for regime, base, prec, need in TARGETS:
+        b = _row(res, regime, base, "f32")
+        got = b["ratios"].get(prec) if b else None
+        out.append({"what": f"{REGIMES[regime][0]}: C {prec} / {REGIMES[regime][1][base][0]}",
+                    "need": f">= {need:g}x", "got": None if got is None else f"{got:.2f}x",
+                    "met": None if got is None else got >= need})
+    c = _row(res, "window", "c", "f32")
+    out.append({"what": "within the window: C f32, fraction of the roofline", "need": f">= {ROOFLINE_TARGET:.0%}",
+                "got": None if c is None else f"{c['roofline_fraction']:.0%}",
+                "met": None if c is None else c["roofline_fraction"] >= ROOFLINE_TARGET})
+    for prec in ("f32", "mixed8"):
+        got = res.get("cold_ratios", {}).get(prec)
+        out.append({"what": f"cold start to 100 tokens: Python+torch / C {prec}", "need": f">= {COLD_TARGET:g}x",
+                    "got": None if got is None else f"{got:.1f}x", "met": None if got is None else got >= COLD_TARGET})
+    return out
+
+
+def _fmt(x: float | None, spec: str = ".0f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:,.0f} KiB"
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    y = res["yardstick"]
+    peak_f, peak_b = _peaks(res)
+    c = res["config"]
+    lines = [
+        "# crystalc benchmark results",
+        "",
+        f"Written by `python bench/run.py`{' --quick (few repetitions: not for quoting)' if res['quick'] else ''} "
+        f"on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC in {res['elapsed_s']:.0f} s. "
+        "See bench/README.md for what each number means and how it is measured.",
+        "",
+        f"- Machine: {m['cpu']}, {m['cores']} cores (shared: load average {res['load_before'][0]:.1f} before, "
+        f"{res['load_after'][0]:.1f} after the run; every measurement is single-threaded, other processes "
+        "compete for the same cores and caches). Linux " + m["kernel"] + ".",
+        f"- Software: {m['gcc']}; Python {m['python']}, torch {m['torch']}, onnxruntime {m['onnxruntime']}, "
+        f"numpy {m['numpy']} ({y['blas']}).",
+        f"- Model: random weights (seed {res['seed']}), V = {c['vocab_size']:,}, D = {c['d_model']}, "
+        f"T = {c['n_ctx']}, H = {c['n_heads']}, {c['n_blocks']} block of {c['n_neurons'][0]} neurons, "
+        f"FFN {c['ffn_hidden']}. Greedy (`-t 0`), one thread everywhere.",
+        f"- Repetitions: C programs {res['reps']['c']} launches of each run length (medians), in-process "
+        f"baselines {res['reps']['python']} timed runs after a warm-up (median), cold-start Python "
+        f"{res['reps']['cold_python']} launches.",
+        "",
+        "## Targets of issue 5 (for the later optimisation task)",
+        "",
+        "| target | needed | measured | met |",
+        "|---|---|---|---|",
+    ]
+    for t in res["targets"]:
+        met = "not available" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        lines.append(f"| {t['what']} | {t['need']} | {t['got'] or '—'} | {met} |")
+    errors = {tag: b["error"] for tag, b in res["c_build"].items() if "error" in b}
+    for tag, err in errors.items():
+        lines += ["", f"C {tag}: not available (`crystalc compile` failed: {err})."]
+
+    lines += [
+        "",
+        "## Generation speed (tokens/s, one thread, greedy)",
+        "",
+        "Ratios are the C program's tokens/s over the baseline's (C f32 / this, C mixed8 / this). The PyTorch and "
+        "ONNX Runtime baselines run float32 weights: they have no int8 path for this model (the dequantized mixed8 "
+        "weights compute at float32 speed), so the mixed8 ratio compares the C mixed8 program with the float32 "
+        "baseline. Work, roofline and bound are per the formulas below, for each implementation's own schedule.",
+        "",
+        "| regime | implementation | precision | tokens/s | C f32 / this | C mixed8 / this | MFLOP/token "
+        "| MB/token | GFLOP/s | roofline tokens/s | of roofline | bound |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        ratios = r.get("ratios", {})
+        lines.append(
+            f"| {REGIMES[r['regime']][0]} | {r['label']} | {r['precision']} | {r['tokens_per_s']:,.0f} "
+            f"| {_fmt(ratios.get('f32'), '.2f')} | {_fmt(ratios.get('mixed8'), '.2f')} "
+            f"| {r['mflop_per_token']:.2f} | {r['mb_per_token']:.2f} | {r['gflops']:.1f} "
+            f"| {r['roofline_tps']:,.0f} | {r['roofline_fraction']:.0%} | {r['bound']} |")
+
+    cold = res.get("cold", {})
+    lines += ["", "## Cold start: launch to 100 generated tokens (1-token prompt, --shift 1)", "",
+              "| program | wall time | peak RSS | Python+torch / this |", "|---|---|---|---|"]
+    for tag, v in cold.items():
+        name = "Python script: import torch, load the .pt, generate" if tag == "torch" else f"generated C ({tag})"
+        ratio = res.get("cold_ratios", {}).get(tag)
+        lines.append(f"| {name} | {v['wall_s'] * 1e3:,.1f} ms | {_kib(v['maxrss_kb'] * 1024)} "
+                     f"| {_fmt(ratio, '.1f')} |")
+
+    lines += ["", "## Building the C program", "",
+              "| precision | crystalc compile (emit C) | gcc build | generated source | binary | peak RSS "
+              "(--shift 1 run) | files |",
+              "|---|---|---|---|---|---|---|"]
+    for tag, b in res["c_build"].items():
+        if "error" in b:
+            lines.append(f"| {tag} | not available | | | | | |")
+            continue
+        rss = res["regimes"]["shift1"]["c"].get(tag, {}).get("maxrss_kb")
+        files = ", ".join(f"{k} ({_kib(v)})" for k, v in b["files"].items())
+        lines.append(f"| {tag} | {b['compile_s']:.2f} s | {b['build_s']:.2f} s | {_kib(b['source_bytes'])} "
+                     f"| {_kib(b['binary_bytes'])} | {_kib(rss * 1024) if rss else '—'} | {files} |")
+    lines += ["", "`crystalc compile` reads the .pt checkpoint, which imports torch (about 1.5 s of its time). "
+              "The build time is the extra wall time of `--build` over the same command without it."]
+
+    lines += [
+        "",
+        "## Roofline",
+        "",
+        "Yardstick (numpy's OpenBLAS, one thread, medians):",
+        "",
+        f"- compute peak: SGEMM 1024 x 1024 x 1024 at **{peak_f / 1e9:.1f} GFLOP/s**; on the model's own "
+        f"window products: [64 x 128] x [128 x 128] {y['sgemm_qkv_out']['gflops']:.1f}, "
+        f"[64 x 128] x [128 x 788] {y['sgemm_field']['gflops']:.1f}, "
+        f"[64 x 128] x [128 x 256] {y['sgemm_ffn']['gflops']:.1f} GFLOP/s;",
+        f"- bandwidth: the head's SGEMV [{c['vocab_size']:,} x 128] x [128] in "
+        f"{y['sgemv_head']['s'] * 1e6:.0f} us, **{peak_b / 1e9:.1f} GB/s** (the float32 model fits in L3, so this "
+        f"is the level its weights stream from); for reference a 6144 x 6144 SGEMV from DRAM: "
+        f"{y['sgemv_dram']['gbs']:.1f} GB/s.",
+        "",
+        "Roofline tokens/s = 1 / max(FLOPs per token / compute peak, bytes per token / bandwidth); the bound is "
+        "whichever term is larger. The yardstick is OpenBLAS's reach on this machine, not the hardware's "
+        "theoretical peak, so a well-tuned program can exceed 100%. The compute peak is float32's even for mixed8 "
+        "(its int8 weights are multiplied in float32 or int32; an int8 dot-product peak would be higher).",
+        "",
+        "Per-token work of each schedule:",
+        "",
+        "| schedule | precision | MFLOP/token | exp/sqrt/erf per token | MB/token | FLOP/byte |",
+        "|---|---|---|---|---|---|",
+    ]
+    seen = set()
+    for r in res["rows"]:
+        key = (REGIMES[r["regime"]][1][r["impl"]][1:], r["precision"], r["impl"] == "torch_full")
+        if key in seen:
+            continue
+        seen.add(key)
+        kind, shift = key[0]
+        name = f"{kind}" + (f" (K = {shift})" if kind == "past-kv" else "") + (", all logits" if key[2] else "")
+        lines.append(f"| {name} | {r['precision']} | {r['mflop_per_token']:.2f} | {r['ktrans_per_token']:.1f}k "
+                     f"| {r['mb_per_token']:.2f} | {r['mflop_per_token'] / r['mb_per_token']:.1f} |")
+    lines += ["", "Schedules:", ""] + [f"- {k}: {v}" for k, v in roofline.SCHEDULES.items()]
+    lines += ["", "```", roofline.FORMULAS, "```"]
+
+    lines += ["", "## Same generation semantics on both sides", "",
+              "Greedy tokens of the C program against PyTorch's on the same prompt and flags (for mixed8: PyTorch "
+              "on the dequantized mixed8 weights). A late difference can be a near-tie flipped by float32 "
+              "rounding order (cdist vs the direct distance), after which the sequences diverge.", "",
+              "| check | result |", "|---|---|"]
+    for k, v in res["checks"].items():
+        lines.append(f"| {k} | {v} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, rx) = plt.subplots(1, 2, figsize=(14, 5.5))
+    colours = {"c/f32": "#1f77b4", "c/mixed8": "#17becf", "torch/f32": "#d62728", "torch_full/f32": "#ff9896",
+               "ort/f32": "#2ca02c"}
+    names = {"c/f32": "C f32", "c/mixed8": "C mixed8", "torch/f32": "PyTorch eager",
+             "torch_full/f32": "PyTorch, all logits", "ort/f32": "ONNX Runtime"}
+    regimes = list(REGIMES)
+    width = 0.16
+    for i, key in enumerate(colours):
+        xs, ys = [], []
+        for j, regime in enumerate(regimes):
+            impl, prec = key.split("/")
+            r = _row(res, regime, impl, prec)
+            if r:
+                xs.append(j + (i - 2) * width)
+                ys.append(r["tokens_per_s"])
+        if xs:
+            ax.bar(xs, ys, width, label=names[key], color=colours[key])
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(regimes)), ["within window", "--shift 1", "--shift 32"])
+    ax.set_ylabel("tokens/s (one thread)")
+    ax.set_title("Generation speed")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", which="both", alpha=0.3)
+
+    peak_f, peak_b = _peaks(res)
+    grid = [0.05 * 1.1**k for k in range(90)]
+    rx.plot(grid, [min(peak_f, x * peak_b) / 1e9 for x in grid], "k-", lw=1.5, label="roofline (OpenBLAS yardstick)")
+    markers = {"window": "o", "shift1": "s", "shift32": "^"}
+    for r in res["rows"]:
+        key = f"{r['impl']}/{r['precision']}"
+        rx.scatter(r["mflop_per_token"] / r["mb_per_token"], r["gflops"], marker=markers[r["regime"]],
+                   color=colours[key], s=50, edgecolors="k", linewidths=0.5)
+    for regime, mk in markers.items():
+        rx.scatter([], [], marker=mk, color="w", edgecolors="k", label=REGIMES[regime][0].split(" (")[0])
+    rx.set_xscale("log")
+    rx.set_yscale("log")
+    rx.set_xlabel("arithmetic intensity (FLOP/byte)")
+    rx.set_ylabel("achieved GFLOP/s")
+    rx.set_title("Roofline (colours as on the left)")
+    rx.legend(fontsize=8, loc="lower right")
+    rx.grid(which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

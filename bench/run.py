@@ -1,0 +1,229 @@
+"""The crystalc benchmark: generated C against PyTorch eager and ONNX Runtime, one thread, greedy.
+
+    .venv/bin/python bench/run.py            # the real run: writes bench/results.md and bench/results.png
+    .venv/bin/python bench/run.py --quick    # few repetitions, for developing the harness
+
+Everything it builds (the random checkpoint, the ONNX export, the compiled programs,
+results.json) goes to bench/work/, which git ignores. bench/README.md explains each number.
+"""
+
+from __future__ import annotations
+
+import os
+
+import proc
+
+# Before numpy, torch or onnxruntime start their thread pools.
+os.environ.update(proc.SINGLE_THREAD_ENV)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import cprog  # noqa: E402
+import numpy as np  # noqa: E402
+import report  # noqa: E402
+import torch  # noqa: E402
+import torch_gen  # noqa: E402
+import workload  # noqa: E402
+
+from crystalc.config import ModelConfig  # noqa: E402
+from crystalc.model import CrystalLM, model_from_graph  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+MODES = (None, "mixed8")
+
+
+def timed(gen: Iterator[int], skip: int) -> tuple[list[int], float]:
+    """All tokens of `gen`, and the seconds spent producing those after the first `skip`."""
+    toks: list[int] = []
+    t0 = time.perf_counter()
+    for tok in gen:
+        toks.append(tok)
+        if len(toks) == skip:
+            t0 = time.perf_counter()
+    return toks, time.perf_counter() - t0
+
+
+def in_process(make: callable, skip: int, reps: int) -> dict:
+    """Median tokens/s of an in-process generator over `reps` runs (one untimed warm-up)."""
+    toks, _ = timed(make(), skip)
+    rates = []
+    for _ in range(reps):
+        toks, dt = timed(make(), skip)
+        rates.append((len(toks) - skip) / dt)
+    return {"tokens_per_s": proc.median(rates), "all": rates, "tokens": toks}
+
+
+def load_torch(path: Path) -> CrystalLM:
+    ckpt = torch.load(path, weights_only=True)
+    model = CrystalLM(ModelConfig.from_dict(ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def graphs(ckpt: Path) -> dict[str, object]:
+    from crystalc.frontend import load_model
+    from crystalc.passes.quantize import quantize
+
+    g = load_model(str(ckpt))
+    return {"f32": g, "mixed8": quantize(g, "mixed8", "tensor")}
+
+
+def yardstick() -> dict:
+    c = workload.CONFIG
+    argv = [sys.executable, str(HERE / "blas_peak.py"), str(c.vocab_size), str(c.d_model), str(c.n_ctx),
+            str(c.n_neurons[0]), str(c.ffn_hidden)]
+    out = subprocess.run(argv, env=proc.child_env(), capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gcc = subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout.splitlines()
+    import onnxruntime
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "gcc": gcc[0] if gcc else "?",
+            "kernel": platform.release()}
+
+
+def build_c(ckpt: Path, work: Path, reps: int) -> dict:
+    out = {}
+    for mode in MODES:
+        tag = mode or "f32"
+        print(f"[bench] crystalc compile --target c{' --quantize ' + mode if mode else ''} --build", flush=True)
+        try:
+            b = cprog.compile_and_build(ckpt, work, mode, reps)
+            out[tag] = {"binary": str(b.binary), "compile_s": b.compile_s, "build_s": b.build_s,
+                        "source_bytes": b.source_bytes, "binary_bytes": b.binary_bytes, "files": b.files}
+        except RuntimeError as e:
+            out[tag] = {"error": str(e).splitlines()[-1][-300:]}
+            print(f"[bench]   not available: {out[tag]['error']}", flush=True)
+    return out
+
+
+def c_rates(builds: dict, prompt: list[int], n_short: int, n_long: int, shift: int, reps: int,
+            check_n: int) -> dict:
+    """For each C build: tokens/s by the difference method, and the tokens of a check_n-token run."""
+    out = {}
+    for tag, b in builds.items():
+        if "error" in b:
+            continue
+        binary = Path(b["binary"])
+        r = cprog.rate(binary, prompt, n_short, n_long, shift, reps)
+        toks, _ = cprog.generate(binary, prompt, check_n, shift)
+        out[tag] = {"tokens_per_s": r.tokens_per_s, "long_s": r.long_s, "short_s": r.short_s,
+                    "timed_tokens": r.tokens, "maxrss_kb": r.maxrss_kb, "tokens": toks}
+    return out
+
+
+def agreement(a: list[int], b: list[int]) -> str:
+    n = min(len(a), len(b))
+    first = next((i for i in range(n) if a[i] != b[i]), None)
+    return f"{n}/{n} identical" if first is None else f"first difference at token {first} of {n}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="few repetitions (developing the harness)")
+    ap.add_argument("--work", type=Path, default=HERE / "work")
+    ap.add_argument("--results", type=Path, default=HERE / "results.md")
+    ap.add_argument("--plot", type=Path, default=HERE / "results.png")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    t_start = time.perf_counter()
+    reps_c, reps_py, reps_cold_py = (3, 2, 1) if args.quick else (11, 5, 5)
+    res: dict = {"machine": machine(), "load_before": os.getloadavg(), "quick": args.quick,
+                 "reps": {"c": reps_c, "python": reps_py, "cold_python": reps_cold_py},
+                 "config": workload.CONFIG.to_dict(), "seed": workload.SEED}
+    work = args.work
+    ckpt = workload.make_checkpoint(work / "model.pt")
+    model = load_torch(ckpt)
+    gs = graphs(ckpt)
+    res["tensor_bytes"] = {tag: {t.name: t.nbytes for t in g.tensors()} for tag, g in gs.items()}
+    p1, p64 = workload.prompts()
+    t, w, m = workload.CONFIG.n_ctx, workload.WINDOW_TOKENS, workload.PAST_TOKENS
+    warm = workload.PAST_WARM
+
+    print("[bench] yardstick: OpenBLAS single-thread SGEMM / SGEMV", flush=True)
+    res["yardstick"] = yardstick()
+    res["c_build"] = build_c(ckpt, work, 1 if args.quick else 3)
+    builds = {k: v for k, v in res["c_build"].items() if "error" not in v}
+    # The token check for mixed8: PyTorch on the dequantized mixed8 weights (the same numbers the C computes with).
+    ref_models = {"f32": model, "mixed8": model_from_graph(gs["mixed8"]).eval()}
+
+    regimes: dict = {}
+    print("[bench] within the window", flush=True)
+    r = {"c": c_rates(builds, p1, 0, w, 1, reps_c, w),
+         "torch": in_process(lambda: torch_gen.generate_recompute(model, p1, w), 0, reps_py),
+         "torch_full": in_process(lambda: torch_gen.generate_full_logits(model, p1, w), 0, max(1, reps_py // 2))}
+    regimes["window"] = r
+
+    print("[bench] past the window, --shift 1", flush=True)
+    onnx_path = torch_gen.export_onnx(model, work / "model.onnx")
+    sess = torch_gen.ort_session(onnx_path)
+    r = {"c": c_rates(builds, p64, warm, warm + m, 1, reps_c, warm + m),
+         "torch": in_process(lambda: torch_gen.generate_recompute(model, p64, warm + m, 1), warm, reps_py),
+         "ort": in_process(lambda: torch_gen.generate_ort_window(sess, t, p64, warm + m), warm, reps_py)}
+    regimes["shift1"] = r
+
+    print("[bench] past the window, --shift 32", flush=True)
+    r = {"c": c_rates(builds, p64, warm, warm + m, 32, reps_c, warm + m),
+         "torch": in_process(lambda: torch_gen.generate_kv(model, p64, warm + m, 32), warm, reps_py)}
+    regimes["shift32"] = r
+    res["regimes"] = regimes
+
+    # Same semantics on both sides: the C tokens against PyTorch's (f32 model, or the dequantized mixed8 one).
+    checks = {}
+    for name, (prompt, n, shift, fn) in {
+        "window": (p1, w, 1, torch_gen.generate_recompute),
+        "shift1": (p64, warm + m, 1, torch_gen.generate_recompute),
+        "shift32": (p64, warm + m, 32, torch_gen.generate_kv),
+    }.items():
+        for tag, c in regimes[name]["c"].items():
+            ref = regimes[name]["torch"]["tokens"] if tag == "f32" else list(fn(ref_models[tag], prompt, n, shift))
+            checks[f"{name}/{tag}"] = agreement(c["tokens"], ref)
+    checks["shift1/ort"] = agreement(regimes["shift1"]["ort"]["tokens"], regimes["shift1"]["torch"]["tokens"])
+    checks["shift32/torch-kv vs recompute"] = agreement(
+        regimes["shift32"]["torch"]["tokens"],
+        list(torch_gen.generate_recompute(model, p64, warm + m, 32)))
+    res["checks"] = checks
+
+    print("[bench] cold start", flush=True)
+    n = workload.COLD_TOKENS
+    cold = {}
+    for tag, b in builds.items():
+        wall, rss, toks = cprog.cold(cprog.argv(Path(b["binary"]), p1, n, 1), reps_c)
+        cold[tag] = {"wall_s": wall, "maxrss_kb": rss, "tokens": toks[-n:]}
+    py = [sys.executable, str(HERE / "cold_torch.py"), str(ckpt), ",".join(map(str, p1)), str(n)]
+    wall, rss, toks = cprog.cold(py, reps_cold_py)
+    cold["torch"] = {"wall_s": wall, "maxrss_kb": rss, "tokens": toks}
+    for tag in builds:
+        ref = toks if tag == "f32" else list(torch_gen.generate_recompute(ref_models[tag], p1, n))
+        checks[f"cold/{tag}"] = agreement(cold[tag]["tokens"], ref)
+    res["cold"] = cold
+
+    res["load_after"] = os.getloadavg()
+    res["elapsed_s"] = time.perf_counter() - t_start
+    report.derive(res)
+    (work / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    args.results.write_text(report.markdown(res))
+    report.plot(res, args.plot)
+    print(f"[bench] wrote {args.results} and {args.plot} in {res['elapsed_s']:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
