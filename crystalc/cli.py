@@ -182,7 +182,8 @@ def prune_vocab(model: str, corpus: str | None, keep: str | None, out_path: str,
     graph = _apply_passes(_load(model, n_heads), corpus, keep, None, "tensor")
     write_crystal(graph, out_path)
     skipped = graph.meta.get("prune_vocab", {}).get("skipped_chars", 0)
-    note = f" ({skipped:,} corpus characters not in the vocabulary skipped)" if skipped else ""
+    plural = "" if skipped == 1 else "s"
+    note = f" ({skipped:,} corpus character{plural} not in the vocabulary skipped)" if skipped else ""
     click.echo(f"kept {graph.config.vocab_size} of {graph.orig_vocab_size} tokens{note}; wrote {out_path}")
 
 
