@@ -1,0 +1,190 @@
+"""The C backend: a graph becomes portable C99 plus one binary blob of weights.
+
+Decisions taken here (the templates in templates/c/ only render text):
+
+- Weights go into `weights.bin`, linked into the program's read-only data by an
+  assembler `.incbin` (`weights.S`), never printed as C literals: hex arrays cost
+  2.4-5 bytes of source per weight byte and slow the compiler down, a blob costs 1
+  and the compiler never parses it (docs/backends.md). Every array starts on a
+  64-byte boundary, little-endian; the program checks the byte order at start-up.
+- `model.c` fills the `crystal_model` of crystal.h with pointers into the blob;
+  the forward pass and the command line are the shared crystal_forward.c and
+  crystal_cli.c that the portable runtime also runs.
+- Frozen neurons are `static const` data: the whole model is constant, and the
+  frozen mask of each block is a `static const` C array with its counts in a comment.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crystalc.errors import CrystalError
+from crystalc.ir.graph import Graph
+from crystalc.ir.ops import LayerNorm
+from crystalc.ir.tensor import Tensor
+from crystalc.templating import render
+
+ALIGN = 64
+BLOB_MAGIC = 0x57595243  # "CRYW" read as a little-endian uint32: the start-up byte-order check
+DEFAULT_CFLAGS = "-O3 -march=native"
+SHARED_FILES = ("crystal.h", "crystal_forward.c", "crystal_cli.c")
+DTYPE_ENUM = {"f32": "CRYSTAL_F32", "i8": "CRYSTAL_I8", "i16": "CRYSTAL_I16"}
+LITTLE = {"f32": "<f4", "i8": "i1", "i16": "<i2"}
+SCHEME_ENUM = {None: "CRYSTAL_Q_NONE", "tensor": "CRYSTAL_Q_TENSOR", "row": "CRYSTAL_Q_ROW", "group": "CRYSTAL_Q_GROUP"}
+TOKENIZER_ENUM = {None: "CRYSTAL_TOK_NONE", "char": "CRYSTAL_TOK_CHAR"}
+
+
+@dataclass
+class Blob:
+    """The weights file being laid out: aligned arrays appended in graph order."""
+
+    parts: list[bytes] = field(default_factory=list)
+    size: int = 0
+    table: list[tuple[str, int, int]] = field(default_factory=list)  # (what, offset, bytes) for the listing
+
+    def add(self, what: str, data: bytes) -> int:
+        pad = -self.size % ALIGN
+        if pad:
+            self.parts.append(b"\0" * pad)
+            self.size += pad
+        off = self.size
+        self.parts.append(data)
+        self.size += len(data)
+        self.table.append((what, off, len(data)))
+        return off
+
+    def bytes(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def _tensor(blob: Blob, t: Tensor) -> dict[str, Any]:
+    """A crystal_tensor initializer's fields for tensor `t`, its arrays appended to the blob."""
+    shape = t.shape
+    rows, cols = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
+    q = t.quant
+    desc = {
+        "name": t.name, "dtype": DTYPE_ENUM[t.dtype], "scheme": SCHEME_ENUM[q.scheme if q else None],
+        "rows": rows, "cols": cols, "group": q.group if q and q.scheme == "group" else 0,
+        "data": blob.add(t.name, np.ascontiguousarray(t.data, dtype=LITTLE[t.dtype]).tobytes()),
+        "scale": None, "offset": None,
+        "shape": "x".join(map(str, shape)) or "0", "kind": t.dtype + (f"/{q.scheme}" if q else ""),
+    }
+    if q is not None:
+        desc["scale"] = blob.add(t.name + " scale", np.ascontiguousarray(q.scale, dtype="<f4").tobytes())
+        desc["offset"] = blob.add(t.name + " offset", np.ascontiguousarray(q.offset, dtype="<f4").tobytes())
+    return desc
+
+
+def _layer_norm(blob: Blob, ln: LayerNorm) -> dict[str, Any]:
+    return {"weight": _tensor(blob, ln.weight), "bias": _tensor(blob, ln.bias)}
+
+
+def lower(graph: Graph) -> tuple[dict[str, Any], bytes]:
+    """The template context and the weights blob of `graph`."""
+    c = graph.config
+    blob = Blob()
+    blob.add("magic", np.array([BLOB_MAGIC], dtype="<u4").tobytes())
+    ctx: dict[str, Any] = {
+        "config": c, "magic": f"0x{BLOB_MAGIC:08x}u",
+        "ln_eps": f"{float(np.float32(c.ln_eps))!r}f", "field_eps": f"{float(np.float32(c.field_eps))!r}f",
+        "token_embed": _tensor(blob, graph.token_embed.weight),
+        "pos_embed": _tensor(blob, graph.pos_embed.weight),
+        "blocks": [],
+    }
+    for b, blk in enumerate(graph.blocks):
+        f = blk.field
+        frozen = [int(x) for x in np.asarray(f.frozen.data, dtype=bool)]
+        a = blk.attn
+        ctx["blocks"].append({
+            "index": b,
+            "ln1": _layer_norm(blob, blk.ln1),
+            "attn": {k: _tensor(blob, getattr(a, k)) for k in (
+                "q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias", "out_weight", "out_bias")},
+            "ln2": _layer_norm(blob, blk.ln2),
+            "field": {
+                "n_neurons": f.n_neurons, "n_frozen": sum(frozen), "frozen": frozen,
+                "positions": _tensor(blob, f.positions), "values": _tensor(blob, f.values),
+                "temperature": _tensor(blob, f.temperature),
+            },
+            "ln3": _layer_norm(blob, blk.ln3),
+            "ffn": {k: _tensor(blob, getattr(blk.ffn, k)) for k in (
+                "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")},
+        })
+    ctx["ln_f"] = _layer_norm(blob, graph.final_norm) if graph.final_norm is not None else None
+    ctx["head_weight"] = ctx["token_embed"] if graph.head.weight is None else _tensor(blob, graph.head.weight)
+    ctx["head_bias"] = _tensor(blob, graph.head.bias)
+
+    orig = graph.orig_vocab_size or c.vocab_size
+    ctx["orig_vocab_size"] = orig
+    ctx["vocab_map"] = None
+    if graph.vocab_map is not None:
+        ctx["vocab_map"] = blob.add("vocab_map", np.asarray(graph.vocab_map, dtype="<i4").tobytes())
+
+    tok = graph.tokenizer or {}
+    kind = tok.get("kind")
+    ctx["tokenizer"] = TOKENIZER_ENUM.get(kind, "CRYSTAL_TOK_OTHER")
+    ctx["tokenizer_kind"] = kind or "none"
+    ctx["chars"] = ctx["char_offsets"] = None
+    if kind == "char":
+        chars = tok["chars"]
+        if len(chars) != orig:
+            raise CrystalError(f"tokenizer: {len(chars)} characters for a vocabulary of {orig} ids")
+        pieces = [ch.encode("utf-8") for ch in chars]
+        offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype("<u4")
+        ctx["chars"] = blob.add("tokenizer chars", b"".join(pieces))
+        ctx["char_offsets"] = blob.add("tokenizer char offsets", offsets.tobytes())
+    ctx["blob_size"] = blob.size
+    ctx["blob_table"] = blob.table
+    ctx["summary"] = (f"V={c.vocab_size} D={c.d_model} T={c.n_ctx} H={c.n_heads} L={c.n_blocks} "
+                      f"F={c.ffn_hidden} neurons={list(c.n_neurons)} field_norm={int(c.field_norm)} "
+                      f"final_norm={int(c.final_norm)} tie_head={int(c.tie_head)}")
+    return ctx, blob.bytes()
+
+
+class CBackend:
+    name = "c"
+
+    def emit(self, graph: Graph, out_dir: Path, **options: Any) -> list[Path]:
+        """Write model.h, model.c, main.c, weights.S, weights.bin, Makefile and the shared C into out_dir."""
+        graph.verify()
+        out_dir = Path(out_dir)
+        ctx, blob = lower(graph)
+        written = []
+        for template, name in (("model.h.j2", "model.h"), ("model.c.j2", "model.c"), ("main.c.j2", "main.c"),
+                               ("weights.S.j2", "weights.S"), ("Makefile.j2", "Makefile")):
+            path = out_dir / name
+            path.write_text(render("c", template, **ctx, default_cflags=DEFAULT_CFLAGS), encoding="utf-8")
+            written.append(path)
+        (out_dir / "weights.bin").write_bytes(blob)
+        written.append(out_dir / "weights.bin")
+        shared = files("crystalc.templates") / "c"
+        for name in SHARED_FILES:
+            (out_dir / name).write_bytes((shared / name).read_bytes())
+            written.append(out_dir / name)
+        return written
+
+    def build(self, out_dir: Path, cflags: str | None = None, target: str = "model", **options: Any) -> Path:
+        """Run `make` in out_dir; `target` is "model" (the program) or "libmodel.so" (for the cffi binding)."""
+        for tool in ("make", os.environ.get("CC", "cc")):
+            if shutil.which(tool) is None:
+                raise CrystalError(f"building C needs '{tool}', which is not on PATH")
+        cmd = ["make", "-s", "-C", str(out_dir), target]
+        if cflags is not None:
+            cmd.append(f"CFLAGS={cflags}")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            detail = " ".join((proc.stderr or proc.stdout).split())[:2000]
+            raise CrystalError(f"building the C model failed ({shlex.join(cmd)}): {detail}")
+        return Path(out_dir) / target
+
+
+BACKEND = CBackend()

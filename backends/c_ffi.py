@@ -1,0 +1,64 @@
+"""Run a model compiled by the C backend in-process: the generated code as a shared library, via cffi.
+
+The parity tests use it to get logits for whole sequences as numpy arrays
+without going through text. It calls `model_forward` of the generated model.c,
+which runs crystal_forward.c one position at a time with the KV cache, exactly
+as the program does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cffi
+import numpy as np
+
+from crystalc.errors import CrystalError
+from crystalc.ir.graph import Graph
+
+CDEF = """
+int model_check(void);
+int model_forward(const int32_t *ids, int n, float *out);
+"""
+
+
+class CModel:
+    """A built libmodel.so of one graph, loaded once."""
+
+    def __init__(self, library: Path, vocab_size: int, n_ctx: int) -> None:
+        self.ffi = cffi.FFI()
+        self.ffi.cdef(CDEF)
+        try:
+            self.lib = self.ffi.dlopen(str(library))
+        except OSError as e:
+            raise CrystalError(f"{library}: cannot load the compiled model ({e})") from None
+        if self.lib.model_check() != 0:
+            raise CrystalError(f"{library}: weights.bin does not read correctly on this machine (byte order)")
+        self.vocab_size = vocab_size
+        self.n_ctx = n_ctx
+
+    def forward(self, ids: list[int] | np.ndarray) -> np.ndarray:
+        """Logits [S, V] (float32) for current-vocabulary ids, 1 <= S <= n_ctx, like interpret.forward."""
+        arr = np.ascontiguousarray(ids, dtype=np.int32)
+        s = len(arr)
+        if arr.ndim != 1 or not 1 <= s <= self.n_ctx:
+            raise CrystalError(f"sequence of {s} tokens; the model takes 1..{self.n_ctx}")
+        if arr.min() < 0 or arr.max() >= self.vocab_size:
+            raise CrystalError(f"token id outside 0..{self.vocab_size - 1}")
+        out = np.empty((s, self.vocab_size), dtype=np.float32)
+        rc = self.lib.model_forward(self.ffi.from_buffer("int32_t[]", arr), s, self.ffi.from_buffer("float[]", out))
+        if rc != 0:
+            raise CrystalError("the compiled model refused the sequence (or ran out of memory)")
+        return out
+
+
+def load(graph: Graph, out_dir: Path, cflags: str | None = None) -> CModel:
+    """Emit `graph` into out_dir (when it holds no emitted model yet), build libmodel.so and load it."""
+    from crystalc.backends.c import BACKEND
+
+    out_dir = Path(out_dir)
+    if not (out_dir / "model.c").is_file():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        BACKEND.emit(graph, out_dir)
+    library = BACKEND.build(out_dir, cflags=cflags, target="libmodel.so")
+    return CModel(library.resolve(), graph.config.vocab_size, graph.config.n_ctx)
