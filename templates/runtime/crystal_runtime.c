@@ -680,3 +680,54 @@ int main(int argc, char **argv) {
     return 0;
 }
 #endif
+
+#if !defined(CRYSTAL_LOADER_CHECK) && !defined(CRYSTAL_RUNTIME_NO_MAIN)
+/* The runtime proper: MODEL.crystal first, then the spec's options, which
+ * crystal_main (templates/c/crystal_cli.c, shared with the generated programs)
+ * parses and runs. The seeds' positional form `MODEL.crystal PROMPT [N [TEMP]]`
+ * is rewritten into `--prompt PROMPT -n N -t TEMP` first. */
+int main(int argc, char **argv) {
+    static const char prog[] = "crystal_runtime";
+    if (argc < 2 || argv[1][0] == '-') {
+        if (argc >= 2 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) {
+            printf("usage: %s MODEL.crystal --prompt TEXT | --prompt-ids ID,ID,... [--logits] [-n N] [-t TEMP]\n"
+                   "       [--top-p P] [--seed S] [--shift K]\n"
+                   "   or: %s MODEL.crystal PROMPT [N [TEMP]]   (the seeds' positional form)\n", prog, prog);
+            return 0;
+        }
+        fprintf(stderr, "%s: error: the first argument must be a .crystal model file (see --help)\n", prog);
+        return 2;
+    }
+    char **args = malloc(((size_t)argc + 8) * sizeof *args);
+    if (!args) {
+        fprintf(stderr, "%s: error: out of memory\n", prog);
+        return 2;
+    }
+    int n = 0;
+    args[n++] = (char *)prog;
+    if (argc >= 3 && argc <= 5 && argv[2][0] != '-') {
+        args[n++] = "--prompt";
+        args[n++] = argv[2];
+        if (argc >= 4) { args[n++] = "-n"; args[n++] = argv[3]; }
+        if (argc >= 5) { args[n++] = "-t"; args[n++] = argv[4]; }
+    } else {
+        for (int i = 2; i < argc; i++) args[n++] = argv[i];
+    }
+    args[n] = NULL;
+    crystal_file f;
+    crystal_model m;
+    char err[512];
+    int rc;
+    if (crystal_load_file(&f, &m, argv[1], err, sizeof err)) {
+        for (char *c = err; *c; c++)
+            if (*c == '\n' || *c == '\r') *c = ' ';  /* one line, even for a path with a newline */
+        fprintf(stderr, "%s: error: %s\n", prog, err);
+        rc = 2;
+    } else {
+        rc = crystal_main(&m, n, args);
+    }
+    crystal_file_free(&f);
+    free(args);
+    return rc;
+}
+#endif

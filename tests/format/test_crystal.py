@@ -32,7 +32,7 @@ def quantize_by_hand(graph: Graph, dtype: str, scheme: str, group: int = 3, keep
         rows = shape[0] if len(shape) == 2 else 1
         sch = scheme if (scheme != "group" or len(shape) == 2) else "row"
         n = {"tensor": (1,), "row": (rows,), "group": (rows, -(-shape[-1] // group))}[sch]
-        scale = (rng.random(n) * 0.01 + 1e-4).astype(np.float32)
+        scale = ((rng.random(n) * 0.5 + 0.5) / qmax).astype(np.float32)  # values within about +-1, like a model's
         offset = (rng.standard_normal(n) * 0.01).astype(np.float32) if sch == "tensor" else np.zeros(n, np.float32)
         return Tensor(t.name, codes, Quant(sch, scale, offset, group if sch == "group" else 0))
 

@@ -1,0 +1,200 @@
+"""The portable C runtime against the reference interpreter, on every dtype x scheme and several shapes.
+
+`--logits` prints one `<original-id> <logit>` line per row of the current
+vocabulary; it must equal the interpreter's last-position logits within 1e-4
+(absolute; the models are tiny and their logits of order 1-10, so this is a few
+float32 ulps of accumulated rounding from a different summation order, while
+any real mistake - a wrong scale, a transposed matrix, a missing term - moves
+logits by far more).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from crystalc.format.crystal import encode_crystal, write_crystal
+from crystalc.ir.interpret import forward, generate
+from tests.conftest import random_graph, require_tool, save_pt
+from tests.format.test_crystal import pruned, quantize_by_hand
+
+TOL = 1e-4
+SHAPES = ["d40_h5", "three_blocks_n0_n1", "tied_unnormalised", "all_on"]
+SANITIZER_ENV = {"ASAN_OPTIONS": "abort_on_error=0:detect_leaks=1", "UBSAN_OPTIONS": "print_stacktrace=1"}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    require_tool("cc")
+    path = str(tmp_path_factory.mktemp("crystalc-cache"))
+    old = os.environ.get("CRYSTALC_CACHE")
+    os.environ["CRYSTALC_CACHE"] = path
+    yield path
+    if old is None:
+        os.environ.pop("CRYSTALC_CACHE", None)
+    else:
+        os.environ["CRYSTALC_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def runtime(cache):
+    from crystalc.runtime import build_runtime
+
+    return build_runtime()
+
+
+@pytest.fixture(scope="module")
+def sanitized(cache):
+    require_tool("gcc")
+    from crystalc.runtime import build_runtime
+
+    return build_runtime(sanitize=True)
+
+
+def run(exe, *args, sanitizer: bool = False) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **SANITIZER_ENV) if sanitizer else None
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=120, env=env)
+
+
+def runtime_logits(exe, path, ids: list[int], sanitizer: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    res = run(exe, path, "--prompt-ids", ",".join(map(str, ids)), "--logits", sanitizer=sanitizer)
+    assert res.returncode == 0, res.stderr
+    rows = [line.split() for line in res.stdout.splitlines()]
+    return np.array([int(r[0]) for r in rows]), np.array([float(r[1]) for r in rows], dtype=np.float64)
+
+
+def check_parity(exe, graph, tmp_path, ids: list[int], sanitizer: bool = False) -> None:
+    path = tmp_path / "m.crystal"
+    write_crystal(graph, path)
+    got_ids, got = runtime_logits(exe, path, ids, sanitizer)
+    want = forward(graph, graph.to_current_ids(ids))[-1]
+    assert np.array_equal(got_ids, graph.original_ids())
+    assert np.abs(got - want).max() <= TOL, np.abs(got - want).max()
+
+
+def prompt(graph) -> list[int]:
+    rng = np.random.default_rng(0)
+    return [int(x) for x in rng.choice(graph.original_ids(), size=graph.config.n_ctx)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_float32_logits_match_the_interpreter(runtime, shape, tmp_path):
+    g = random_graph(shape, seed=21)
+    check_parity(runtime, g, tmp_path, prompt(g))
+    check_parity(runtime, g, tmp_path, prompt(g)[:1])
+
+
+@pytest.mark.parametrize("dtype", ["i8", "i16"])
+@pytest.mark.parametrize("scheme", ["tensor", "row", "group"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quantized_logits_match_the_interpreter(runtime, shape, dtype, scheme, tmp_path):
+    g = quantize_by_hand(random_graph(shape, seed=22), dtype, scheme)
+    check_parity(runtime, g, tmp_path, prompt(g))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int16", "mixed", "mixed8"])
+@pytest.mark.parametrize("granularity", ["tensor", "row", "group:5"])
+def test_quantize_pass_modes_match_the_interpreter(runtime, mode, granularity, tmp_path):
+    from crystalc.passes.quantize import quantize
+
+    for shape in ("d40_h5", "three_blocks_n0_n1"):
+        g = quantize(random_graph(shape, seed=23), mode, granularity)
+        check_parity(runtime, g, tmp_path, prompt(g))
+
+
+def test_pruned_model_speaks_original_ids(runtime, tmp_path):
+    g = pruned(quantize_by_hand(random_graph("d40_h5", seed=24), "i8", "row"), [1, 3, 4, 8, 15, 22])
+    check_parity(runtime, g, tmp_path, [22, 3, 3, 8])
+    res = run(runtime, tmp_path / "m.crystal", "--prompt-ids", "2", "--logits")  # 2 was pruned
+    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1
+
+
+def test_sanitized_runtime_on_every_scheme(sanitized, tmp_path):
+    for scheme in ("tensor", "row", "group"):
+        g = quantize_by_hand(random_graph("three_blocks_n0_n1", seed=25), "i8", scheme)
+        check_parity(sanitized, g, tmp_path, prompt(g), sanitizer=True)
+
+
+def test_seeds_v2_file_runs(runtime, tmp_path):
+    from crystalc.format.crystal import read_crystal
+    from tests.format.seeds_v2_writer import seeds_v2_bytes
+    from tests.format.test_seeds_v2 import state
+
+    for mixed8 in (False, True):
+        path = tmp_path / "seeds.crystal"
+        path.write_bytes(seeds_v2_bytes(state(), n_heads=3, mixed8=mixed8))
+        ids, got = runtime_logits(runtime, path, [1, 2, 3, 4])
+        want = forward(read_crystal(path), [1, 2, 3, 4])[-1]
+        assert np.array_equal(ids, np.arange(29)) and np.abs(got - want).max() <= TOL
+
+
+def char_model(tmp_path):
+    text = "to be or not to be, that is the question\n"
+    chars = "".join(sorted(set(text)))
+    g = random_graph(dict(vocab_size=len(chars), d_model=16, n_ctx=6, n_heads=2, n_neurons=5, ffn_hidden=32), seed=26,
+                     tokenizer={"kind": "char", "chars": chars})
+    path = tmp_path / "char.crystal"
+    write_crystal(g, path)
+    return g, path, chars
+
+
+def test_greedy_generation_matches_the_interpreter_past_the_window(runtime, tmp_path):
+    g, path, chars = char_model(tmp_path)
+    ids = [chars.index(c) for c in "to be"]
+    want = "".join(chars[i] for i in generate(g, ids, 20))  # 5 + 20 tokens: the window (6) slides
+    res = run(runtime, path, "--prompt", "to be", "-n", 20, "-t", 0)
+    assert res.returncode == 0, res.stderr
+    assert want in res.stdout
+
+
+def test_seeds_positional_form(runtime, tmp_path):
+    _, path, _ = char_model(tmp_path)
+    spec = run(runtime, path, "--prompt", "to be", "-n", 12, "-t", 0.8, "--seed", 42)
+    seeds = run(runtime, path, "to be", 12, 0.8)
+    assert spec.returncode == 0 and seeds.returncode == 0, seeds.stderr
+    assert seeds.stdout == spec.stdout
+
+
+def test_bad_arguments_exit_2_with_one_line(runtime, tmp_path):
+    _, path, _ = char_model(tmp_path)
+    for args in ([], [tmp_path / "missing.crystal", "--prompt", "a"], [path, "--prompt-ids", "999", "--logits"]):
+        res = run(runtime, *args)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, (args, res.stderr)
+
+
+def test_sanitized_runtime_rejects_corrupt_files(sanitized, tmp_path):
+    from tests.format.corrupt import all_cases
+    from tests.format.test_corrupt import BASES, python_verdict
+
+    cases = all_cases(BASES["quantized_pruned"])[::7]
+    for i, (label, data, _) in enumerate(cases):
+        path = tmp_path / f"c{i}.crystal"
+        path.write_bytes(data)
+        res = run(sanitized, path, "--prompt-ids", "0,1", "--logits", sanitizer=True)
+        assert res.returncode in (0, 2), f"{label}: {res.stderr[-3000:]}"
+        assert (res.returncode == 0) == (python_verdict(data) is None), label
+        if res.returncode == 2:
+            assert len(res.stderr.splitlines()) == 1 and res.stdout == "", f"{label}: {res.stderr!r}"
+
+
+def test_crystalc_run_on_crystal_and_pt(cache, tmp_path):
+    g, path, chars = char_model(tmp_path)
+    pt = save_pt(g, tmp_path / "m.pt")
+    outs = []
+    for model in (path, pt):
+        res = subprocess.run([os.path.join(os.path.dirname(os.sys.executable), "crystalc"), "run", str(model),
+                              "--prompt-ids", "1,2,3", "--logits"], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        outs.append(res.stdout)
+    assert outs[0] == outs[1]
+    want = forward(g, [1, 2, 3])[-1]
+    got = np.array([float(line.split()[1]) for line in outs[0].splitlines()])
+    assert np.abs(got - want).max() <= TOL
+    bad = tmp_path / "bad.crystal"
+    bad.write_bytes(encode_crystal(g)[:-9])
+    res = subprocess.run([os.path.join(os.path.dirname(os.sys.executable), "crystalc"), "run", str(bad),
+                          "--prompt-ids", "1"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr
