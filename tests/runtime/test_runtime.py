@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -185,7 +186,7 @@ def test_crystalc_run_on_crystal_and_pt(cache, tmp_path):
     pt = save_pt(g, tmp_path / "m.pt")
     outs = []
     for model in (path, pt):
-        res = subprocess.run([os.path.join(os.path.dirname(os.sys.executable), "crystalc"), "run", str(model),
+        res = subprocess.run([os.path.join(os.path.dirname(sys.executable), "crystalc"), "run", str(model),
                               "--prompt-ids", "1,2,3", "--logits"], capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr
         outs.append(res.stdout)
@@ -195,6 +196,6 @@ def test_crystalc_run_on_crystal_and_pt(cache, tmp_path):
     assert np.abs(got - want).max() <= TOL
     bad = tmp_path / "bad.crystal"
     bad.write_bytes(encode_crystal(g)[:-9])
-    res = subprocess.run([os.path.join(os.path.dirname(os.sys.executable), "crystalc"), "run", str(bad),
+    res = subprocess.run([os.path.join(os.path.dirname(sys.executable), "crystalc"), "run", str(bad),
                           "--prompt-ids", "1"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr
