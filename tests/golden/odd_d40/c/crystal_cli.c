@@ -1,0 +1,369 @@
+/* crystal_cli.c: the command line every crystalc program shares (shared/spec/model.md,
+ * "Generated programs"), over any filled crystal_model:
+ *
+ *   PROG --prompt "ROMEO:" [-n 100] [-t 0.8] [--top-p 0.9] [--seed 42] [--shift K]
+ *   PROG --prompt-ids 5,17,3 --logits
+ *
+ * --prompt needs the model's char tokenizer; it prints the prompt and its continuation as
+ * text. --prompt-ids takes ids of the ORIGINAL tokenizer (mapped through vocab_map) and
+ * prints the generated ids the same way, comma-separated on one line. --logits prints the
+ * last prompt position's logits as `<original-id> <logit %.9g>` per current vocabulary
+ * entry. Generation past the window follows the spec: when the T positions are full, the
+ * oldest K (--shift) tokens are dropped and the remaining T-K recomputed once.
+ * Bad arguments: one line on stderr, exit status 2.
+ */
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "crystal.h"
+
+#define EXIT_BAD 2
+
+typedef struct {
+    const char *prompt, *prompt_ids;
+    int logits;
+    long n_tokens;
+    double temperature, top_p;
+    unsigned long long seed;
+    long shift;
+} options;
+
+static int bad(const char *prog, const char *fmt, ...) {
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    for (char *c = msg; *c; c++)
+        if (*c == '\n' || *c == '\r') *c = ' ';  /* one line, whatever was quoted */
+    fprintf(stderr, "%s: error: %s\n", prog, msg);
+    return EXIT_BAD;
+}
+
+static void usage(const char *prog) {
+    printf("usage: %s --prompt TEXT | --prompt-ids ID,ID,... [--logits] [-n N] [-t TEMP] [--top-p P]\n"
+           "       [--seed S] [--shift K]\n"
+           "  --prompt TEXT       text prompt (needs the model's char tokenizer); prints text\n"
+           "  --prompt-ids IDS    comma-separated ids of the original tokenizer; prints ids\n"
+           "  --logits            print `<original-id> <logit>` of the last prompt position and stop\n"
+           "  -n N                tokens to generate (default 100)\n"
+           "  -t TEMP             sampling temperature, 0 = greedy (default 0.8)\n"
+           "  --top-p P           nucleus sampling mass in (0, 1] (default 0.9)\n"
+           "  --seed S            random seed (default 42)\n"
+           "  --shift K           tokens dropped when the window is full, 1..n_ctx (default 1)\n",
+           prog);
+}
+
+static int parse_long(const char *s, long *out) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (end == s || *end != '\0' || errno) return -1;
+    *out = v;
+    return 0;
+}
+
+static int parse_double(const char *s, double *out) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (end == s || *end != '\0' || errno || !isfinite(v)) return -1;
+    *out = v;
+    return 0;
+}
+
+/* --- vocabulary: original ids <-> current rows ------------------------------------------ */
+
+static int orig_vocab(const crystal_model *m) {
+    return m->orig_vocab_size > 0 ? m->orig_vocab_size : m->vocab_size;
+}
+
+static int original_id(const crystal_model *m, int row) { return m->vocab_map ? (int)m->vocab_map[row] : row; }
+
+/* The current row of original id `id`, or -1 when it was pruned (vocab_map is increasing). */
+static int current_row(const crystal_model *m, long id) {
+    if (!m->vocab_map) return id < m->vocab_size ? (int)id : -1;
+    int lo = 0, hi = m->vocab_size - 1;
+    while (lo <= hi) {
+        int mid = lo + (hi - lo) / 2;
+        if (m->vocab_map[mid] == id) return mid;
+        if (m->vocab_map[mid] < id) lo = mid + 1;
+        else hi = mid - 1;
+    }
+    return -1;
+}
+
+/* Parse "5,17,3" into current rows; returns the count, or -1 after an error message. */
+static int parse_prompt_ids(const crystal_model *m, const char *prog, const char *text, int32_t *rows, int cap) {
+    int n = 0;
+    const char *p = text;
+    for (;;) {
+        while (*p == ' ') p++;
+        char *end;
+        errno = 0;
+        long id = strtol(p, &end, 10);
+        if (end == p || errno) return bad(prog, "--prompt-ids: expected comma-separated integers, got '%s'", text), -1;
+        if (id < 0 || id >= orig_vocab(m))
+            return bad(prog, "--prompt-ids: token id %ld is outside the vocabulary 0..%d", id, orig_vocab(m) - 1), -1;
+        int row = current_row(m, id);
+        if (row < 0) return bad(prog, "--prompt-ids: token id %ld was pruned from this model's vocabulary", id), -1;
+        if (n < cap) rows[n] = row;
+        n++;
+        p = end;
+        while (*p == ' ') p++;
+        if (*p == '\0') break;
+        if (*p != ',') return bad(prog, "--prompt-ids: expected comma-separated integers, got '%s'", text), -1;
+        p++;
+    }
+    return n;
+}
+
+/* --- the char tokenizer ----------------------------------------------------------------- */
+
+static size_t token_text(const crystal_model *m, int orig, const char **text) {
+    *text = m->chars + m->char_offsets[orig];
+    return m->char_offsets[orig + 1] - m->char_offsets[orig];
+}
+
+/* Encode `text` one character (one UTF-8 sequence) at a time; -1 after an error message. */
+static int encode_chars(const crystal_model *m, const char *prog, const char *text, int32_t *rows, int cap) {
+    int n = 0;
+    size_t len = strlen(text), i = 0;
+    while (i < len) {
+        unsigned char b = (unsigned char)text[i];
+        size_t k = b < 0x80 ? 1 : b >= 0xf0 ? 4 : b >= 0xe0 ? 3 : b >= 0xc0 ? 2 : 1;
+        if (k > len - i) k = len - i;
+        int found = -1;
+        for (int id = 0; id < orig_vocab(m) && found < 0; id++) {
+            const char *t;
+            if (token_text(m, id, &t) == k && memcmp(t, text + i, k) == 0) found = id;
+        }
+        if (found < 0) return bad(prog, "--prompt: character '%.*s' is not in the model's vocabulary", (int)k, text + i), -1;
+        int row = current_row(m, found);
+        if (row < 0) return bad(prog, "--prompt: character '%.*s' was pruned from this model's vocabulary", (int)k,
+                                text + i), -1;
+        if (n < cap) rows[n] = row;
+        n++;
+        i += k;
+    }
+    return n;
+}
+
+/* --- sampling --------------------------------------------------------------------------- */
+
+/* splitmix64: a small, well-mixed generator; the same seed gives the same text everywhere */
+static unsigned long long next_random(unsigned long long *state) {
+    unsigned long long z = (*state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static double uniform(unsigned long long *state) { return (double)(next_random(state) >> 11) * 0x1.0p-53; }
+
+typedef struct { float p; int i; } candidate;
+
+static int by_probability(const void *a, const void *b) {
+    const candidate *x = a, *y = b;
+    if (x->p != y->p) return x->p > y->p ? -1 : 1;
+    return x->i - y->i;  /* ties in id order, so the choice never depends on qsort */
+}
+
+static int argmax(const float *v, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (v[i] > v[best]) best = i;
+    return best;
+}
+
+/* A current-vocabulary row from logits: greedy at temperature 0, else softmax(logits / t)
+ * restricted to the smallest set of most likely tokens holding top_p of the mass. */
+static int sample(const float *logits, int v, const options *o, unsigned long long *rng, candidate *cand) {
+    if (o->temperature == 0.0) return argmax(logits, v);
+    float max = logits[argmax(logits, v)];
+    double total = 0.0;
+    for (int i = 0; i < v; i++) {
+        cand[i].p = (float)exp((double)(logits[i] - max) / o->temperature);
+        cand[i].i = i;
+        total += cand[i].p;
+    }
+    int n = v;
+    if (o->top_p < 1.0) {
+        /* tokens below (1 - top_p) / (v - 1) of the mass can never be needed to reach top_p */
+        double cutoff = v > 1 ? (1.0 - o->top_p) / (v - 1) * total : 0.0;
+        n = 0;
+        for (int i = 0; i < v; i++)
+            if (cand[i].p >= cutoff) cand[n++] = cand[i];
+        qsort(cand, (size_t)n, sizeof *cand, by_probability);
+        double mass = 0.0;
+        int keep = n;
+        for (int i = 0; i < n; i++) {
+            mass += cand[i].p;
+            if (mass >= o->top_p * total) {
+                keep = i + 1;
+                break;
+            }
+        }
+        n = keep;
+        total = mass;
+    }
+    double r = uniform(rng) * total, acc = 0.0;
+    for (int i = 0; i < n; i++) {
+        acc += cand[i].p;
+        if (r < acc) return cand[i].i;
+    }
+    return cand[n - 1].i;
+}
+
+/* --- output ----------------------------------------------------------------------------- */
+
+static void print_token(const crystal_model *m, int row, int text, int first) {
+    if (text) {
+        const char *t;
+        size_t len = token_text(m, original_id(m, row), &t);
+        fwrite(t, 1, len, stdout);
+    } else {
+        printf(first ? "%d" : ",%d", original_id(m, row));
+    }
+    fflush(stdout);
+}
+
+/* --- main ------------------------------------------------------------------------------- */
+
+static int parse_options(const char *prog, int argc, char **argv, options *o, int *help) {
+    *help = 0;
+    o->prompt = o->prompt_ids = NULL;
+    o->logits = 0;
+    o->n_tokens = 100;
+    o->temperature = 0.8;
+    o->top_p = 0.9;
+    o->seed = 42;
+    o->shift = 1;
+    for (int i = 1; i < argc; i++) {
+        const char *arg = argv[i], *val = NULL;
+        char name[32];
+        const char *eq = strncmp(arg, "--", 2) == 0 ? strchr(arg, '=') : NULL;
+        size_t len = eq ? (size_t)(eq - arg) : strlen(arg);
+        if (len >= sizeof name) len = sizeof name - 1;
+        memcpy(name, arg, len);
+        name[len] = '\0';
+        if (!strcmp(name, "-h") || !strcmp(name, "--help")) {
+            *help = 1;
+            return 0;
+        }
+        if (!strcmp(name, "--logits")) {
+            if (eq) return bad(prog, "--logits takes no value");
+            o->logits = 1;
+            continue;
+        }
+        int known = !strcmp(name, "--prompt") || !strcmp(name, "--prompt-ids") || !strcmp(name, "-n") ||
+                    !strcmp(name, "-t") || !strcmp(name, "--top-p") || !strcmp(name, "--seed") ||
+                    !strcmp(name, "--shift");
+        if (!known) return bad(prog, arg[0] == '-' ? "unknown option '%s' (see --help)" : "unexpected argument '%s'",
+                               arg);
+        if (eq) val = eq + 1;
+        else if (i + 1 < argc) val = argv[++i];
+        else return bad(prog, "%s needs a value", name);
+        long l;
+        double d;
+        if (!strcmp(name, "--prompt")) o->prompt = val;
+        else if (!strcmp(name, "--prompt-ids")) o->prompt_ids = val;
+        else if (!strcmp(name, "-n")) {
+            if (parse_long(val, &l) || l < 0 || l > 1000000000L)
+                return bad(prog, "-n: expected a count of tokens >= 0, got '%s'", val);
+            o->n_tokens = l;
+        } else if (!strcmp(name, "-t")) {
+            if (parse_double(val, &d) || d < 0) return bad(prog, "-t: expected a temperature >= 0, got '%s'", val);
+            o->temperature = d;
+        } else if (!strcmp(name, "--top-p")) {
+            if (parse_double(val, &d) || !(d > 0 && d <= 1)) return bad(prog, "--top-p: expected a value in (0, 1], got '%s'", val);
+            o->top_p = d;
+        } else if (!strcmp(name, "--seed")) {
+            char *end;
+            errno = 0;
+            long long s = strtoll(val, &end, 10);
+            if (end == val || *end != '\0' || errno) return bad(prog, "--seed: expected an integer, got '%s'", val);
+            o->seed = (unsigned long long)s;
+        } else {
+            if (parse_long(val, &l)) return bad(prog, "--shift: expected an integer, got '%s'", val);
+            o->shift = l;
+        }
+    }
+    if (!o->prompt == !o->prompt_ids) return bad(prog, "give exactly one of --prompt and --prompt-ids");
+    return 0;
+}
+
+int crystal_main(const crystal_model *m, int argc, char **argv) {
+    const char *prog = argc > 0 && argv[0] ? argv[0] : "model";
+    options o;
+    int help;
+    if (parse_options(prog, argc, argv, &o, &help)) return EXIT_BAD;
+    if (help) {
+        usage(prog);
+        return 0;
+    }
+    int t = m->n_ctx, v = m->vocab_size;
+    if (o.shift < 1 || o.shift > t) return bad(prog, "--shift %ld is outside 1..%d", o.shift, t);
+    if (o.prompt && m->tokenizer != CRYSTAL_TOK_CHAR)
+        return bad(prog, "--prompt needs a char tokenizer, which this model lacks; use --prompt-ids");
+
+    /* the prompt, as current rows; one longer than the window keeps its last T tokens */
+    size_t cap = strlen(o.prompt ? o.prompt : o.prompt_ids) + 1;
+    int32_t *prompt = malloc(cap * sizeof *prompt);
+    int32_t *ctx = malloc((size_t)t * sizeof *ctx);
+    candidate *cand = malloc((size_t)v * sizeof *cand);
+    crystal_state s;
+    if (!prompt || !ctx || !cand || crystal_state_init(&s, m)) {
+        free(prompt);
+        free(ctx);
+        free(cand);
+        return bad(prog, "out of memory for a model of %d tokens x %d positions", v, t);
+    }
+    int n = o.prompt ? encode_chars(m, prog, o.prompt, prompt, (int)cap)
+                     : parse_prompt_ids(m, prog, o.prompt_ids, prompt, (int)cap);
+    int status = 0;
+    if (n == 0) status = bad(prog, "empty prompt");
+    if (n <= 0) {
+        status = EXIT_BAD;
+        goto done;
+    }
+    int len = n < t ? n : t;
+    memcpy(ctx, prompt + (n - len), (size_t)len * sizeof *ctx);
+
+    const float *logits = NULL;
+    for (int p = 0; p < len; p++) logits = crystal_forward(m, &s, ctx[p], p, p == len - 1);
+    if (o.logits) {
+        for (int i = 0; i < v; i++) printf("%d %.9g\n", original_id(m, i), (double)logits[i]);
+        goto done;
+    }
+
+    int text = o.prompt != NULL;
+    if (text) fputs(o.prompt, stdout);
+    unsigned long long rng = o.seed;
+    for (long i = 0; i < o.n_tokens; i++) {
+        int tok = sample(logits, v, &o, &rng, cand);
+        print_token(m, tok, text, i == 0);
+        if (i + 1 == o.n_tokens) break;
+        if (len == t) {
+            /* window full: drop the oldest K tokens and recompute the rest once */
+            len -= (int)o.shift;
+            memmove(ctx, ctx + o.shift, (size_t)len * sizeof *ctx);
+            for (int p = 0; p < len; p++) crystal_forward(m, &s, ctx[p], p, 0);
+        }
+        ctx[len] = tok;
+        logits = crystal_forward(m, &s, tok, len, 1);
+        len++;
+    }
+    if (o.n_tokens > 0 || text) putchar('\n');
+
+done:
+    crystal_state_free(&s);
+    free(prompt);
+    free(ctx);
+    free(cand);
+    return status;
+}

@@ -1,0 +1,101 @@
+/* crystal.h: the in-memory model every piece of crystalc's C shares.
+ *
+ * The generated model (weights linked into the binary) and the portable
+ * runtime (weights loaded from a .crystal file) both fill a crystal_model and
+ * hand it to the same forward pass. One meaning of a quantized tensor, the
+ * IR's: value = (float)code * scale + offset, in float32, no fused multiply-add.
+ */
+#ifndef CRYSTAL_H
+#define CRYSTAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum crystal_dtype { CRYSTAL_F32 = 0, CRYSTAL_I8 = 1, CRYSTAL_I16 = 2 };
+enum crystal_scheme { CRYSTAL_Q_NONE = 0, CRYSTAL_Q_TENSOR = 1, CRYSTAL_Q_ROW = 2, CRYSTAL_Q_GROUP = 3 };
+
+/* A row-major matrix (a vector is one row of `cols` entries). */
+typedef struct {
+    const void *data;     /* float, int8_t or int16_t by dtype */
+    int dtype;            /* enum crystal_dtype */
+    int scheme;           /* enum crystal_scheme; CRYSTAL_Q_NONE for float32 */
+    int rows, cols;
+    int group;            /* columns sharing one scale under CRYSTAL_Q_GROUP */
+    const float *scale;   /* 1 (tensor), rows (row), rows * ceil(cols / group) (group) */
+    const float *offset;  /* as many as scale; zeros for the symmetric schemes */
+} crystal_tensor;
+
+typedef struct { crystal_tensor weight, bias; } crystal_layer_norm;
+
+typedef struct {
+    crystal_tensor q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, out_weight, out_bias;
+} crystal_causal_attention;
+
+typedef struct {
+    int n_neurons;
+    crystal_tensor positions, values, temperature;  /* [N,D], [N,D], [N] */
+    const uint8_t *frozen;                          /* [N], 1 = crystallised */
+} crystal_neuron_field;
+
+typedef struct { crystal_tensor fc1_weight, fc1_bias, fc2_weight, fc2_bias; } crystal_ffn;
+
+typedef struct {
+    crystal_layer_norm ln1;
+    crystal_causal_attention attn;
+    crystal_layer_norm ln2;
+    crystal_neuron_field field;
+    crystal_layer_norm ln3;
+    crystal_ffn ffn;
+} crystal_block;
+
+enum crystal_tokenizer { CRYSTAL_TOK_NONE = 0, CRYSTAL_TOK_CHAR = 1, CRYSTAL_TOK_OTHER = 2 };
+
+typedef struct {
+    int vocab_size;        /* current vocabulary (after pruning) */
+    int d_model, n_ctx, n_heads, n_blocks, ffn_hidden;
+    int field_norm, final_norm, tie_head;
+    float field_eps, ln_eps;
+    crystal_tensor token_embed, pos_embed;
+    const crystal_block *blocks;      /* n_blocks */
+    crystal_layer_norm ln_f;          /* when final_norm */
+    crystal_tensor head_weight;       /* the token embedding when tie_head */
+    crystal_tensor head_bias;
+    int orig_vocab_size;              /* the tokenizer's vocabulary before pruning */
+    const int32_t *vocab_map;         /* [vocab_size] original id of each row; NULL = identity */
+    int tokenizer;                    /* enum crystal_tokenizer */
+    const char *chars;                /* CRYSTAL_TOK_CHAR: UTF-8 text of each original id, */
+    const uint32_t *char_offsets;     /* id i is chars[char_offsets[i] .. char_offsets[i+1]) */
+} crystal_model;
+
+/* --- crystal_forward.c: the forward pass over any filled crystal_model ------------------- */
+
+/* Run state of one sequence: activations of the current position and the KV cache. */
+typedef struct {
+    float *x;            /* [D] residual stream */
+    float *h;            /* [D] normalised input of the current sublayer */
+    float *q, *y, *f;    /* [D] query, attention output (heads concatenated), sublayer output */
+    float *hid;          /* [F] FFN hidden */
+    float *att;          /* [T] attention weights of one head */
+    float *fw;           /* [max N] neuron field weights */
+    float *row, *row2;   /* [max(V, F, D, T, N)] dequantised rows (weights, biases, scales) */
+    float *key_cache;    /* [L][T][D] */
+    float *value_cache;  /* [L][T][D] */
+    float *logits;       /* [V] */
+} crystal_state;
+
+int crystal_state_init(crystal_state *s, const crystal_model *m);  /* 0, or -1 when out of memory */
+void crystal_state_free(crystal_state *s);
+/* Feed current-vocabulary id `token` at position `pos` (0 <= pos < n_ctx), filling the KV
+ * cache at `pos` (positions < pos must already be there); return the logits [V], or NULL
+ * when want_logits is 0 (the head is skipped). */
+const float *crystal_forward(const crystal_model *m, crystal_state *s, int token, int pos, int want_logits);
+/* Logits [n, V] of every position of `ids` (1 <= n <= n_ctx) into `out`; 0, or -1 on bad input. */
+int crystal_forward_sequence(const crystal_model *m, const int32_t *ids, int n, float *out);
+
+/* --- crystal_cli.c: the spec's command line shared by every generated program -------------- */
+
+/* argv[0] names the program in messages; the options follow (no model path). Returns the
+ * exit status: 0, or 2 after one line on stderr for bad arguments. */
+int crystal_main(const crystal_model *m, int argc, char **argv);
+
+#endif
