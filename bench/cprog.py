@@ -17,17 +17,19 @@ from pathlib import Path
 import proc
 
 CRYSTALC = Path(sys.executable).with_name("crystalc")
-SOURCE_SUFFIXES = (".c", ".h")
+SOURCE_SUFFIXES = (".c", ".h", ".S")   # what crystalc writes as text; weights.bin is data
+DATA_SUFFIXES = (".bin",)
 
 
 @dataclass(frozen=True)
 class Build:
     binary: Path
     compile_s: float      # crystalc compile without --build (reading the .pt imports torch)
-    build_s: float        # extra wall time of --build: the C compiler
-    source_bytes: int     # generated .c and .h files
+    build_s: float        # the C compiler: `make -B` in the output folder
+    source_bytes: int     # generated .c, .h and .S files
+    data_bytes: int       # weight files beside them (.bin), embedded into the binary by the build
     binary_bytes: int
-    files: dict[str, int]  # every file of the output folder -> size
+    files: dict[str, int]  # every file of the output folder but object files -> size
 
 
 def crystalc_compile(ckpt: Path, out: Path, quantize: str | None, build: bool) -> float:
@@ -41,34 +43,33 @@ def crystalc_compile(ckpt: Path, out: Path, quantize: str | None, build: bool) -
 
 
 def compile_and_build(ckpt: Path, work: Path, quantize: str | None, reps: int = 1) -> Build:
-    """Emit the C once without building (its time), then emit and build (the difference is
-    the C compiler's time). Medians of `reps` of each."""
+    """Time `crystalc compile` emitting the C (median of reps), build it with `--build`, and
+    time the C compiler alone: `make -B` in the output folder, the very command `--build`
+    runs (median of reps). Without a Makefile the build time is the wall-time difference
+    between `--build` and the plain command."""
     tag = quantize or "f32"
     src_dir, bin_dir = work / f"c-{tag}-src", work / f"c-{tag}"
-    emit, full = [], []
-    for _ in range(reps):
-        emit.append(crystalc_compile(ckpt, src_dir, quantize, build=False))
-        full.append(crystalc_compile(ckpt, bin_dir, quantize, build=True))
+    emit = [crystalc_compile(ckpt, src_dir, quantize, build=False) for _ in range(reps)]
     shutil.rmtree(src_dir, ignore_errors=True)
+    full = crystalc_compile(ckpt, bin_dir, quantize, build=True)
     binary = bin_dir / "model"
     if not binary.is_file():
         raise RuntimeError(f"crystalc compile --build left no {binary}")
-    files = {p.name: p.stat().st_size for p in sorted(bin_dir.iterdir()) if p.is_file()}
+    make = shutil.which("make")
+    if (bin_dir / "Makefile").is_file() and make:
+        cmd = [make, "-B", "-s", "-C", str(bin_dir), "model"]
+        build_s = proc.median([proc.check(proc.run(cmd), "make").wall_s for _ in range(reps)])
+    else:
+        build_s = max(full - proc.median(emit), 0.0)
+    files = {p.name: p.stat().st_size for p in sorted(bin_dir.iterdir()) if p.is_file() and p.suffix != ".o"}
     src = sum(size for name, size in files.items() if name.endswith(SOURCE_SUFFIXES))
-    e, f = proc.median(emit), proc.median(full)
-    return Build(binary, e, max(f - e, 0.0), src, binary.stat().st_size, files)
+    data = sum(size for name, size in files.items() if name.endswith(DATA_SUFFIXES))
+    return Build(binary, proc.median(emit), build_s, src, data, binary.stat().st_size, files)
 
 
 def argv(binary: Path, prompt: list[int], n: int, shift: int) -> list[str]:
     return [str(binary), "--prompt-ids", ",".join(map(str, prompt)), "-n", str(n), "-t", "0",
             "--shift", str(shift)]
-
-
-def generate(binary: Path, prompt: list[int], n: int, shift: int) -> tuple[list[int], proc.Run]:
-    """The generated ids (the program prints them; the prompt's ids are not echoed back)."""
-    r = proc.check(proc.run(argv(binary, prompt, n, shift)), f"{binary.name} -n {n}")
-    ids = r.ints()
-    return ids[-n:] if n else [], r
 
 
 @dataclass(frozen=True)
@@ -77,28 +78,33 @@ class Rate:
     long_s: float      # median wall time of the longer run
     short_s: float     # median wall time of the shorter run
     tokens: int        # tokens between them
-    maxrss_kb: int
+    reps: int
+    generated: list[int]  # the ids the longer run printed
 
 
-def rate(binary: Path, prompt: list[int], n_short: int, n_long: int, shift: int, reps: int) -> Rate:
-    longs, shorts, rss = [], [], 0
+def rate(binary: Path, prompt: list[int], n_short: int, n_long: int, shift: int, min_reps: int, max_reps: int,
+         budget_s: float) -> Rate:
+    """The difference method. One untimed launch of the long run (warms the page cache and
+    gives the tokens), then as many interleaved pairs as fit in budget_s, within the bounds."""
+    first = proc.check(proc.run(argv(binary, prompt, n_long, shift)), f"{binary.name} -n {n_long}")
+    reps = max(min_reps, min(max_reps, int(budget_s / max(first.wall_s, 1e-3))))
+    longs, shorts = [], []
     for _ in range(reps):
         for n, sink in ((n_long, longs), (n_short, shorts)):
             r = proc.check(proc.run(argv(binary, prompt, n, shift)), f"{binary.name} -n {n}")
             sink.append(r.wall_s)
-            rss = max(rss, r.maxrss_kb)
     lo, sh = proc.median(longs), proc.median(shorts)
     tokens = n_long - n_short
     dt = lo - sh
-    return Rate(tokens / dt if dt > 0 else float("nan"), lo, sh, tokens, rss)
+    ids = first.ints()
+    return Rate(tokens / dt if dt > 0 else float("nan"), lo, sh, tokens, reps, ids[-n_long:])
 
 
-def cold(argv_: list[str], reps: int, env: dict[str, str] | None = None) -> tuple[float, int, list[int]]:
-    """(median wall time launch -> exit, peak RSS in KiB, ids printed by the last run)."""
-    walls, rss, out = [], 0, []
+def cold(argv_: list[str], reps: int, env: dict[str, str] | None = None) -> tuple[float, int | None, list[int]]:
+    """(median wall time launch -> exit, peak RSS in KiB of one more run, ids printed by the last run)."""
+    walls, out = [], []
     for _ in range(reps):
         r = proc.check(proc.run(argv_, env), Path(argv_[0]).name)
         walls.append(r.wall_s)
-        rss = max(rss, r.maxrss_kb)
         out = r.ints()
-    return proc.median(walls), rss, out
+    return proc.median(walls), proc.peak_rss_kb(argv_, env), out

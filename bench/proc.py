@@ -1,7 +1,9 @@
-"""Run a program as a black box and measure it: wall time, peak RSS, exit status, output.
+"""Run a program as a black box and measure it: wall time, exit status, output; peak RSS apart.
 
-posix_spawn + wait4 gives each child's own rusage (so each run's peak RSS, not the
-largest of all children so far, which is what getrusage(RUSAGE_CHILDREN) reports).
+Peak RSS is not read from this process's own children: a child spawned from a large
+Python process inherits its memory's high-water mark across exec (Linux records the old
+mm's peak into ru_maxrss), so every child would look as big as the benchmark. GNU time
+starts the program from its own small process instead.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+GNU_TIME = "/usr/bin/time"
 # Single thread everywhere: BLAS, OpenMP and PyTorch in every child read these.
 SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -20,7 +24,6 @@ SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_N
 @dataclass(frozen=True)
 class Run:
     wall_s: float
-    maxrss_kb: int
     rc: int
     stdout: str
     stderr: str
@@ -43,12 +46,21 @@ def run(argv: list[str], env: dict[str, str] | None = None) -> Run:
                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
         t0 = time.perf_counter()
         pid = os.posix_spawn(argv[0], argv, env or child_env(), file_actions=actions)
-        _, status, usage = os.wait4(pid, 0)
+        _, status = os.waitpid(pid, 0)
         wall = time.perf_counter() - t0
         out.seek(0)
         err.seek(0)
-        return Run(wall, int(usage.ru_maxrss), os.waitstatus_to_exitcode(status),
+        return Run(wall, os.waitstatus_to_exitcode(status),
                    out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace"))
+
+
+def peak_rss_kb(argv: list[str], env: dict[str, str] | None = None) -> int | None:
+    """Peak resident set size of one run, in KiB (GNU time's %M); None without /usr/bin/time."""
+    if not os.path.exists(GNU_TIME):
+        return None
+    with tempfile.NamedTemporaryFile("r", suffix=".txt") as f:
+        check(run([GNU_TIME, "-f", "%M", "-o", f.name, *argv], env), Path(argv[0]).name)
+        return int(f.read().split()[-1])
 
 
 def check(r: Run, what: str) -> Run:

@@ -10,7 +10,7 @@ import workload
 
 # regime -> (title, {implementation key: (label, schedule kind, shift)})
 REGIMES = {
-    "window": ("within the window (64 tokens from a 1-token prompt)", {
+    "window": ("within the window (1-token prompt, 64 tokens; 63 timed)", {
         "c": ("generated C, KV cache", "window-kv", 1),
         "torch": ("PyTorch eager, recomputing the prefix", "window-recompute", 1),
         "torch_full": ("PyTorch eager, seeds' form (logits of every position)", "window-recompute", 1),
@@ -122,12 +122,14 @@ def markdown(res: dict) -> str:
         "compete for the same cores and caches). Linux " + m["kernel"] + ".",
         f"- Software: {m['gcc']}; Python {m['python']}, torch {m['torch']}, onnxruntime {m['onnxruntime']}, "
         f"numpy {m['numpy']} ({y['blas']}).",
+        f"- crystalc: commit {res['git']}.",
         f"- Model: random weights (seed {res['seed']}), V = {c['vocab_size']:,}, D = {c['d_model']}, "
         f"T = {c['n_ctx']}, H = {c['n_heads']}, {c['n_blocks']} block of {c['n_neurons'][0]} neurons, "
         f"FFN {c['ffn_hidden']}. Greedy (`-t 0`), one thread everywhere.",
-        f"- Repetitions: C programs {res['reps']['c']} launches of each run length (medians), in-process "
-        f"baselines {res['reps']['python']} timed runs after a warm-up (median), cold-start Python "
-        f"{res['reps']['cold_python']} launches.",
+        f"- Repetitions: C programs {res['reps']['c'][0]}-{res['reps']['c'][1]} launches of each run length "
+        f"(as many as fit in about {res['reps']['c'][2]:g} s; medians), in-process baselines "
+        f"{res['reps']['python']} timed runs after a warm-up (median), cold start {res['reps']['c'][1]} launches "
+        f"of the C program and {res['reps']['cold']} of the Python script (medians).",
         "",
         "## Targets of issue 5 (for the later optimisation task)",
         "",
@@ -168,23 +170,26 @@ def markdown(res: dict) -> str:
     for tag, v in cold.items():
         name = "Python script: import torch, load the .pt, generate" if tag == "torch" else f"generated C ({tag})"
         ratio = res.get("cold_ratios", {}).get(tag)
-        lines.append(f"| {name} | {v['wall_s'] * 1e3:,.1f} ms | {_kib(v['maxrss_kb'] * 1024)} "
+        rss = _kib(v["maxrss_kb"] * 1024) if v["maxrss_kb"] else "—"
+        lines.append(f"| {name} | {v['wall_s'] * 1e3:,.1f} ms | {rss} "
                      f"| {_fmt(ratio, '.1f')} |")
 
     lines += ["", "## Building the C program", "",
-              "| precision | crystalc compile (emit C) | gcc build | generated source | binary | peak RSS "
-              "(--shift 1 run) | files |",
-              "|---|---|---|---|---|---|---|"]
+              "| precision | crystalc compile (emit C) | gcc build | generated source | weights data | binary "
+              "| peak RSS (--shift 1 run) | files |",
+              "|---|---|---|---|---|---|---|---|"]
     for tag, b in res["c_build"].items():
         if "error" in b:
-            lines.append(f"| {tag} | not available | | | | | |")
+            lines.append(f"| {tag} | not available | | | | | | |")
             continue
-        rss = res["regimes"]["shift1"]["c"].get(tag, {}).get("maxrss_kb")
+        rss = b.get("maxrss_kb")
         files = ", ".join(f"{k} ({_kib(v)})" for k, v in b["files"].items())
         lines.append(f"| {tag} | {b['compile_s']:.2f} s | {b['build_s']:.2f} s | {_kib(b['source_bytes'])} "
-                     f"| {_kib(b['binary_bytes'])} | {_kib(rss * 1024) if rss else '—'} | {files} |")
+                     f"| {_kib(b['data_bytes'])} | {_kib(b['binary_bytes'])} | {_kib(rss * 1024) if rss else '—'} "
+                     f"| {files} |")
     lines += ["", "`crystalc compile` reads the .pt checkpoint, which imports torch (about 1.5 s of its time). "
-              "The build time is the extra wall time of `--build` over the same command without it."]
+              "The gcc build is `make -B -s -C DIR model`, the command `--build` runs, timed on its own "
+              "(default flags: the generated Makefile's)."]
 
     lines += [
         "",

@@ -52,9 +52,9 @@ def head_flops(cfg: ModelConfig) -> int:
 # A schedule is the list of forwards (start, S) that produce a stretch of tokens.
 Schedule = list[tuple[int, int]]
 SCHEDULES = {
-    "window-kv": "a 1-token prompt and 64 new tokens, each one new position (KV cache): "
-                 "64 forwards of 1 position, attending to 1..64 keys",
-    "window-recompute": "the same 64 tokens, recomputing the whole prefix each time: forwards of 1..64 positions",
+    "window-kv": "a 1-token prompt and 64 new tokens; timed: the 63 after the prompt's own forward, "
+                 "each one new position (KV cache): forwards of 1 position attending to 2..64 keys",
+    "window-recompute": "the same 63 tokens, recomputing the whole prefix each time: forwards of 2..64 positions",
     "past-recompute": "past the window, every token recomputes the 64-position window (--shift 1, "
                       "or any shift without a KV cache)",
     "past-kv": "past the window with --shift K and a KV cache: per K tokens, one recompute of the T-K kept "
@@ -66,9 +66,9 @@ def schedule(kind: str, cfg: ModelConfig, shift: int = 1) -> tuple[Schedule, int
     """(forwards, tokens they produce) for one steady-state stretch of a regime (SCHEDULES)."""
     t = cfg.n_ctx
     if kind == "window-kv":
-        return [(p, 1) for p in range(t)], t
+        return [(p, 1) for p in range(1, t)], t - 1
     if kind == "window-recompute":
-        return [(0, s) for s in range(1, t + 1)], t
+        return [(0, s) for s in range(2, t + 1)], t - 1
     if kind == "past-recompute":
         return [(0, t)], 1
     if kind == "past-kv":

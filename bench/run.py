@@ -100,6 +100,19 @@ def machine() -> dict:
             "kernel": platform.release()}
 
 
+def git_state() -> str:
+    """The commit measured, and whether the C backend's files differ from it."""
+    root = HERE.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "backends", "templates"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head + (" with uncommitted changes in backends/ or templates/" if dirty else "")
+
+
 def build_c(ckpt: Path, work: Path, reps: int) -> dict:
     out = {}
     for mode in MODES:
@@ -108,25 +121,21 @@ def build_c(ckpt: Path, work: Path, reps: int) -> dict:
         try:
             b = cprog.compile_and_build(ckpt, work, mode, reps)
             out[tag] = {"binary": str(b.binary), "compile_s": b.compile_s, "build_s": b.build_s,
-                        "source_bytes": b.source_bytes, "binary_bytes": b.binary_bytes, "files": b.files}
+                        "source_bytes": b.source_bytes, "data_bytes": b.data_bytes, "binary_bytes": b.binary_bytes,
+                        "files": b.files}
         except RuntimeError as e:
             out[tag] = {"error": str(e).splitlines()[-1][-300:]}
             print(f"[bench]   not available: {out[tag]['error']}", flush=True)
     return out
 
 
-def c_rates(builds: dict, prompt: list[int], n_short: int, n_long: int, shift: int, reps: int,
-            check_n: int) -> dict:
-    """For each C build: tokens/s by the difference method, and the tokens of a check_n-token run."""
+def c_rates(builds: dict, prompt: list[int], n_short: int, n_long: int, shift: int, reps: tuple) -> dict:
+    """For each C build: tokens/s by the difference method, and the tokens its long run printed."""
     out = {}
     for tag, b in builds.items():
-        if "error" in b:
-            continue
-        binary = Path(b["binary"])
-        r = cprog.rate(binary, prompt, n_short, n_long, shift, reps)
-        toks, _ = cprog.generate(binary, prompt, check_n, shift)
+        r = cprog.rate(Path(b["binary"]), prompt, n_short, n_long, shift, *reps)
         out[tag] = {"tokens_per_s": r.tokens_per_s, "long_s": r.long_s, "short_s": r.short_s,
-                    "timed_tokens": r.tokens, "maxrss_kb": r.maxrss_kb, "tokens": toks}
+                    "timed_tokens": r.tokens, "reps": r.reps, "tokens": r.generated}
     return out
 
 
@@ -145,9 +154,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     t_start = time.perf_counter()
-    reps_c, reps_py, reps_cold_py = (3, 2, 1) if args.quick else (11, 5, 5)
-    res: dict = {"machine": machine(), "load_before": os.getloadavg(), "quick": args.quick,
-                 "reps": {"c": reps_c, "python": reps_py, "cold_python": reps_cold_py},
+    # C: (min, max launches of each run length, seconds to aim for); in-process runs; cold-start launches.
+    reps_c, reps_py, reps_cold = ((2, 3, 2.0), 2, 1) if args.quick else ((5, 15, 10.0), 5, 5)
+    res: dict = {"machine": machine(), "git": git_state(), "load_before": os.getloadavg(), "quick": args.quick,
+                 "reps": {"c": list(reps_c), "python": reps_py, "cold": reps_cold},
                  "config": workload.CONFIG.to_dict(), "seed": workload.SEED}
     work = args.work
     ckpt = workload.make_checkpoint(work / "model.pt")
@@ -167,24 +177,27 @@ def main() -> None:
 
     regimes: dict = {}
     print("[bench] within the window", flush=True)
-    r = {"c": c_rates(builds, p1, 0, w, 1, reps_c, w),
-         "torch": in_process(lambda: torch_gen.generate_recompute(model, p1, w), 0, reps_py),
-         "torch_full": in_process(lambda: torch_gen.generate_full_logits(model, p1, w), 0, max(1, reps_py // 2))}
+    # The first token comes from the prompt's own forward on every side: time the 63 after it.
+    r = {"c": c_rates(builds, p1, 1, w, 1, reps_c),
+         "torch": in_process(lambda: torch_gen.generate_recompute(model, p1, w), 1, reps_py),
+         "torch_full": in_process(lambda: torch_gen.generate_full_logits(model, p1, w), 1, max(1, reps_py // 2))}
     regimes["window"] = r
 
     print("[bench] past the window, --shift 1", flush=True)
     onnx_path = torch_gen.export_onnx(model, work / "model.onnx")
     sess = torch_gen.ort_session(onnx_path)
-    r = {"c": c_rates(builds, p64, warm, warm + m, 1, reps_c, warm + m),
+    r = {"c": c_rates(builds, p64, warm, warm + m, 1, reps_c),
          "torch": in_process(lambda: torch_gen.generate_recompute(model, p64, warm + m, 1), warm, reps_py),
          "ort": in_process(lambda: torch_gen.generate_ort_window(sess, t, p64, warm + m), warm, reps_py)}
     regimes["shift1"] = r
 
     print("[bench] past the window, --shift 32", flush=True)
-    r = {"c": c_rates(builds, p64, warm, warm + m, 32, reps_c, warm + m),
+    r = {"c": c_rates(builds, p64, warm, warm + m, 32, reps_c),
          "torch": in_process(lambda: torch_gen.generate_kv(model, p64, warm + m, 32), warm, reps_py)}
     regimes["shift32"] = r
     res["regimes"] = regimes
+    for b in builds.values():
+        b["maxrss_kb"] = proc.peak_rss_kb(cprog.argv(Path(b["binary"]), p64, warm + m, 1))
 
     # Same semantics on both sides: the C tokens against PyTorch's (f32 model, or the dequantized mixed8 one).
     checks = {}
@@ -206,10 +219,10 @@ def main() -> None:
     n = workload.COLD_TOKENS
     cold = {}
     for tag, b in builds.items():
-        wall, rss, toks = cprog.cold(cprog.argv(Path(b["binary"]), p1, n, 1), reps_c)
+        wall, rss, toks = cprog.cold(cprog.argv(Path(b["binary"]), p1, n, 1), reps_c[1])
         cold[tag] = {"wall_s": wall, "maxrss_kb": rss, "tokens": toks[-n:]}
     py = [sys.executable, str(HERE / "cold_torch.py"), str(ckpt), ",".join(map(str, p1)), str(n)]
-    wall, rss, toks = cprog.cold(py, reps_cold_py)
+    wall, rss, toks = cprog.cold(py, reps_cold)
     cold["torch"] = {"wall_s": wall, "maxrss_kb": rss, "tokens": toks}
     for tag in builds:
         ref = toks if tag == "f32" else list(torch_gen.generate_recompute(ref_models[tag], p1, n))
