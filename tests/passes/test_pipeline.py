@@ -15,7 +15,7 @@ from crystalc.ir.interpret import forward
 from crystalc.passes.pipeline import Pass, run_pipeline
 from crystalc.passes.prune_vocab import prune_vocab
 from crystalc.passes.quantize import quantize
-from tests.conftest import FIXTURE_SHAPES, random_graph, save_pt
+from tests.conftest import FIXTURE_SHAPES, random_graph, require_tool, save_pt
 
 CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 CORPUS = "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n"
@@ -102,7 +102,19 @@ def test_compile_composes_prune_and_quantize(tmp_path: Path) -> None:
     model = save_pt(g, tmp_path / "m.pt")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(CORPUS)
+    require_tool("gcc", "make")
+    out = tmp_path / "out"
     r = _crystalc("compile", str(model), "--target", "c", "--prune-vocab", str(corpus), "--quantize", "mixed8",
-                  "--granularity", "row", "-o", str(tmp_path / "out"))
+                  "--granularity", "row", "-o", str(out), "--build")
     assert r.returncode == 0, r.stderr
-    assert any((tmp_path / "out").iterdir())
+    # the program speaks original ids and computes what the interpreter computes on the same passes
+    want_graph = quantize(prune_vocab(load_model(model), CORPUS, []), "mixed8", "row")
+    prompt = [CHARS.index(c) for c in "Romeo"]
+    run = subprocess.run([str(out / "model"), "--prompt-ids", ",".join(map(str, prompt)), "--logits"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    lines = [ln.split() for ln in run.stdout.splitlines()]
+    assert [int(a) for a, _ in lines] == want_graph.vocab_map.tolist()
+    got = np.array([float(b) for _, b in lines], dtype=np.float32)
+    want = forward(want_graph, want_graph.to_current_ids(prompt))[-1]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
