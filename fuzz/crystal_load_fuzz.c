@@ -1,12 +1,15 @@
 /* libFuzzer target for the portable runtime's .crystal loader.
  *
- * Build: clang -g -O1 -fsanitize=fuzzer,address,undefined -I templates/c fuzz/crystal_load_fuzz.c -lm
+ * Build: clang -g -O1 -fsanitize=fuzzer,address,undefined -I templates/c fuzz/crystal_load_fuzz.c \
+ *        templates/c/crystal_forward.c -lm
  * Inputs of even length get a correct CRC-32 written over their last four bytes
  * before loading, so that mutations reach the structural checks behind the
  * checksum; odd lengths are loaded as they are. A file the loader accepts is
  * walked end to end, so a pointer or size it let through that runs past the
- * file shows up as an AddressSanitizer report.
+ * file shows up as an AddressSanitizer report, and a small one is run through
+ * the shared forward pass for two positions.
  */
+#define CRYSTAL_RUNTIME_NO_MAIN
 #include "../templates/runtime/crystal_runtime.c"
 
 static volatile uint8_t sink;
@@ -66,6 +69,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         if (m.tokenizer == CRYSTAL_TOK_CHAR)
             for (int i = 0; i < m.orig_vocab_size; i++)
                 for (uint32_t k = m.char_offsets[i]; k < m.char_offsets[i + 1]; k++) sink ^= (uint8_t)m.chars[k];
+        /* run it when its run state is small (the fuzzer's memory limit is not the loader's business) */
+        if ((uint64_t)m.n_blocks * (uint64_t)m.n_ctx * (uint64_t)m.d_model <= (1u << 20)) {
+            crystal_state s;
+            if (crystal_state_init(&s, &m) == 0) {
+                const float *logits = crystal_forward(&m, &s, m.vocab_size - 1, 0, 1);
+                sink ^= (uint8_t)(logits[0] > 0);
+                if (m.n_ctx > 1) crystal_forward(&m, &s, 0, 1, 1);
+                crystal_state_free(&s);
+            }
+        }
     } else if (err[0] == 0 || strchr(err, '\n')) {
         __builtin_trap(); /* a rejection must say what is wrong, in one line */
     }

@@ -194,7 +194,7 @@ static int weight(ctx *c, const char *name, unsigned ndim, uint32_t rows, uint32
     return 0;
 }
 
-static int layer_norm(ctx *c, const char *prefix, uint32_t d, crystal_layer_norm *ln) {
+static int load_layer_norm(ctx *c, const char *prefix, uint32_t d, crystal_layer_norm *ln) {
     char name[NAME_BYTES + 16];
     snprintf(name, sizeof name, "%s.weight", prefix);
     if (weight(c, name, 1, 1, d, 0, &ln->weight)) return -1;
@@ -374,7 +374,7 @@ static int load_v3(crystal_file *f, crystal_model *m, const uint8_t *buf, size_t
         if (weight(&c, name, ndim, rows, cols, 0, &blk->field_)) return -1;
 #define LN(field_, suffix)                                                     \
         snprintf(name, sizeof name, "blocks.%u.%s", b, suffix);               \
-        if (layer_norm(&c, name, d, &blk->field_)) return -1;
+        if (load_layer_norm(&c, name, d, &blk->field_)) return -1;
         LN(ln1, "ln1")
         W(attn.q_weight, "attn.q_proj.weight", 2, d, d)
         W(attn.q_bias, "attn.q_proj.bias", 1, 1, d)
@@ -405,7 +405,7 @@ static int load_v3(crystal_file *f, crystal_model *m, const uint8_t *buf, size_t
 #undef W
 #undef LN
     }
-    if (m->final_norm && layer_norm(&c, "ln_f", d, &m->ln_f)) return -1;
+    if (m->final_norm && load_layer_norm(&c, "ln_f", d, &m->ln_f)) return -1;
     if (m->tie_head) m->head_weight = m->token_embed;
     else if (weight(&c, "head.weight", 2, vocab, d, 0, &m->head_weight)) return -1;
     if (weight(&c, "head.bias", 1, 1, vocab, 0, &m->head_bias)) return -1;

@@ -20,7 +20,8 @@ def test_loader_survives_a_bounded_fuzz_run(tmp_path):
     exe = tmp_path / "crystal_load_fuzz"
     build = subprocess.run(
         ["clang", "-g", "-O1", "-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=all",
-         f"-I{REPO / 'templates' / 'c'}", str(REPO / "fuzz" / "crystal_load_fuzz.c"), "-o", str(exe), "-lm"],
+         f"-I{REPO / 'templates' / 'c'}", str(REPO / "fuzz" / "crystal_load_fuzz.c"),
+         str(REPO / "templates" / "c" / "crystal_forward.c"), "-o", str(exe), "-lm"],
         capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
     corpus = tmp_path / "corpus"
