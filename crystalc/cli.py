@@ -112,9 +112,17 @@ def compile(model: str, target: str, out_dir: str, build: bool, cflags: str | No
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @n_heads_option
-def inspect(model: str, n_heads: int | None) -> None:
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Also draw the neuron field (PCA, frozen vs active) and the training curve to this PNG.")
+def inspect(model: str, n_heads: int | None, plot_path: str | None) -> None:
     """Print MODEL's ops, shapes, dtypes, parameter counts, bytes and frozen/active neurons."""
-    click.echo(_load(model, n_heads).text(), nl=False)
+    graph = _load(model, n_heads)
+    click.echo(graph.text(), nl=False)
+    if plot_path is not None:
+        from crystalc.plot import plot_model
+
+        plot_model(graph, plot_path)
+        click.echo(f"wrote {plot_path}")
 
 
 @cli.command()
@@ -185,6 +193,65 @@ def prune_vocab(model: str, corpus: str | None, keep: str | None, out_path: str,
     plural = "" if skipped == 1 else "s"
     note = f" ({skipped:,} corpus character{plural} not in the vocabulary skipped)" if skipped else ""
     click.echo(f"kept {graph.config.vocab_size} of {graph.orig_vocab_size} tokens{note}; wrote {out_path}")
+
+
+@cli.command()
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="UTF-8 training corpus.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Checkpoint (.pt) to write.")
+@click.option("--tokenizer", default="char", show_default=True, help="char, or bpe:N (byte-level BPE, N tokens).")
+@click.option("--d-model", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--n-ctx", type=click.IntRange(1), default=64, show_default=True, help="Context length T.")
+@click.option("--n-heads", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--n-blocks", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--ffn-hidden", type=click.IntRange(1), default=None, help="FFN width (default 2 x d-model).")
+@click.option("--neurons", type=click.IntRange(0), default=64, show_default=True, help="Initial neurons per block.")
+@click.option("--max-neurons", type=click.IntRange(0), default=1024, show_default=True, help="Cap per block.")
+@click.option("--growth", type=click.Choice(["split", "none"]), default="split", show_default=True,
+              help="split: split the hottest non-frozen neurons; none: fixed size.")
+@click.option("--grow-every", type=click.IntRange(1), default=10, show_default=True, help="Rounds between growths.")
+@click.option("--grow-count", type=click.IntRange(0), default=0, show_default=True,
+              help="Splits per growth; 0: reach --max-neurons by 80%% of training.")
+@click.option("--freeze", type=click.Choice(["graceful", "none"]), default="graceful", show_default=True)
+@click.option("--freeze-min-age", type=click.IntRange(0), default=50, show_default=True,
+              help="Rounds a neuron lives before it may freeze.")
+@click.option("--soft-halflife", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Soft freezing: LR x max(0.01, 0.5^(age/halflife)) in rounds; 0 is off.")
+@click.option("--steps", type=click.IntRange(1), default=6000, show_default=True, help="Optimizer steps.")
+@click.option("--rounds", type=click.IntRange(1), default=600, show_default=True,
+              help="Rounds the run is divided into (the seeds' epochs); schedules count in rounds.")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-3, show_default=True)
+@click.option("--eval-every", type=click.IntRange(1), default=20, show_default=True, help="Rounds between evals.")
+@click.option("--patience", type=click.IntRange(0), default=0, show_default=True,
+              help="Stop after this many evaluations without a better validation loss and keep the best; 0: never.")
+@click.option("--val-frac", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
+@click.option("--sampling", type=click.Choice(["auto", "overlap", "random"]), default="auto", show_default=True,
+              help="overlap: windows with stride T/2; random: random starts; auto picks by corpus size.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(0), default=0, show_default=True, help="torch threads; 0: default.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(data: str, out_path: str, tokenizer: str, d_model: int, n_ctx: int, n_heads: int, n_blocks: int,
+          ffn_hidden: int | None, neurons: int, max_neurons: int, growth: str, grow_every: int, grow_count: int,
+          freeze: str, freeze_min_age: int, soft_halflife: float, steps: int, rounds: int, batch_size: int,
+          lr: float, eval_every: int, patience: int, val_frac: float, sampling: str, seed: int, threads: int,
+          quiet: bool) -> None:
+    """Train a crystal model on a text corpus (runs under torchrun too) and write a .pt checkpoint."""
+    from crystalc.train.data import parse_tokenizer_spec, read_corpus
+    from crystalc.train.loop import TrainConfig
+    from crystalc.train.loop import train as run_training
+
+    parse_tokenizer_spec(tokenizer)  # a bad spec fails before the corpus is read
+    cfg = TrainConfig(
+        d_model=d_model, n_ctx=n_ctx, n_heads=n_heads, n_blocks=n_blocks, ffn_hidden=ffn_hidden, neurons=neurons,
+        max_neurons=max_neurons, growth=growth, grow_every=grow_every, grow_count=grow_count, freeze=freeze,
+        freeze_every=grow_every, freeze_min_age=freeze_min_age, soft_halflife=soft_halflife, steps=steps,
+        rounds=rounds, batch_size=batch_size, lr=lr, eval_every=eval_every, patience=patience, val_frac=val_frac,
+        sampling=sampling, tokenizer=tokenizer, seed=seed, threads=threads, progress=not quiet)
+    _, _, meta = run_training(read_corpus(data), cfg, out=out_path, log=lambda s: click.echo(s, err=True))
+    last = meta["curve"][-1] if meta["curve"] else None
+    summary = (f": val loss {last['val_loss']:.4f}, {sum(last['neurons'])} neurons, {last['frozen_pct']:.1f}% frozen"
+               if last else "")
+    click.echo(f"wrote {out_path}{summary}")
 
 
 @cli.command("eval")

@@ -1,0 +1,209 @@
+"""Crystal training on a tiny model: loss falls, neurons grow, some freeze, frozen stays frozen, same seed same file."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from crystalc.train.data import Batches, encode, split
+from crystalc.train.loop import TrainConfig, _step_with_freezing, train
+from crystalc.train.stats import FieldStats
+
+WORDS = ["the", "king", "queen", "crown", "doth", "speak", "night", "love", "sword", "fair"]
+
+# Small enough to train in seconds on one shared core, long enough (120 steps,
+# 40 rounds) that the graceful schedule reaches its freezing phases.
+TINY = TrainConfig(d_model=16, n_ctx=16, n_heads=2, neurons=4, max_neurons=16, steps=120, rounds=40, batch_size=8,
+                   lr=1e-2, warmup=10, grow_every=4, freeze_every=4, freeze_min_age=4, eval_every=5,
+                   eval_windows=16, seed=7, threads=1, progress=False)
+
+
+def corpus(n_lines: int = 300, seed: int = 0) -> str:
+    """A deterministic toy play: speaker lines with a learnable structure."""
+    g = torch.Generator().manual_seed(seed)
+    lines = []
+    for i in range(n_lines):
+        who = "ROMEO" if i % 2 == 0 else "JULIET"
+        k = 3 + int(torch.randint(0, 4, (1,), generator=g))
+        words = [WORDS[int(j)] for j in torch.randint(0, len(WORDS), (k,), generator=g)]
+        lines.append(f"{who}:\n{' '.join(words)}.\n")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return train(corpus(), TINY)
+
+
+def test_loss_falls_neurons_grow_some_freeze(trained) -> None:
+    model, tok, meta = trained
+    curve = meta["curve"]
+    assert curve[-1]["val_loss"] < curve[0]["val_loss"] - 0.3
+    assert curve[-1]["loss"] < curve[0]["loss"]
+    n = model.blocks[0].field.n_neurons
+    assert TINY.neurons < n <= TINY.max_neurons
+    frozen = int(model.blocks[0].field.frozen.sum())
+    assert 0 < frozen < n
+    assert meta["neurons"] == [n] and meta["frozen"] == [frozen]
+    assert tok["kind"] == "char" and model.config.vocab_size == len(tok["chars"])
+
+
+def test_frozen_neurons_stay_bit_identical(trained) -> None:
+    """Further steps (Adam momentum included) leave frozen rows untouched and move the others."""
+    model, tok, _ = trained
+    field = model.blocks[0].field
+    frozen = field.frozen.clone()
+    before = {k: getattr(field, k).detach().clone() for k in ("positions", "values", "temperature")}
+    ids = encode(corpus(), tok)
+    batches = Batches(split(ids, 0.1, TINY.n_ctx)[0], TINY.n_ctx, 8, seed=1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    stats = [FieldStats.new(b.field.n_neurons) for b in model.blocks]
+    model.train()
+    for _ in range(5):
+        x, y = batches.next()
+        loss = F.cross_entropy(model(x).reshape(-1, model.config.vocab_size), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        for name in before:
+            g = getattr(field, name).grad
+            assert torch.count_nonzero(g[frozen]) == 0  # no gradient reaches a frozen neuron
+        _step_with_freezing(opt, model, stats, 0, halflife=0.0)
+    for name, old in before.items():
+        new = getattr(field, name).detach()
+        assert torch.equal(new[frozen], old[frozen]), name
+        assert not torch.equal(new[~frozen], old[~frozen]), name
+
+
+def test_soft_freezing_scales_updates() -> None:
+    """With soft freezing an old neuron moves less than a newborn one, and never zero."""
+    from crystalc.train.freezing import soft_multiplier
+
+    st = FieldStats.new(3)
+    st.birth = torch.tensor([0, 50, 100])
+    m = soft_multiplier(st, 100, halflife=50)
+    assert torch.allclose(m, torch.tensor([0.25, 0.5, 1.0]))
+    st.birth = torch.tensor([-10_000, 0, 0])
+    assert float(soft_multiplier(st, 0, 50)[0]) == pytest.approx(0.01)
+
+
+def test_growth_splits_hottest_and_preserves_value_sum() -> None:
+    from crystalc.model import NeuronField
+    from crystalc.train.growth import hottest, split
+
+    torch.manual_seed(0)
+    f = NeuronField(5, 4)
+    f.frozen[1] = True
+    st = FieldStats.new(5)
+    st.grad_ema = torch.tensor([0.1, 9.0, 0.5, 3.0, 0.2])  # 1 is hottest but frozen
+    parents = hottest(st, f.frozen, 2)
+    assert parents.tolist() == [3, 2]
+    vsum = f.values.detach().sum(0).clone()
+    tau = f.temperature.detach().clone()
+    split(f, parents, torch.Generator().manual_seed(0))
+    assert f.n_neurons == 7 and f.frozen.tolist() == [False, True, False, False, False, False, False]
+    assert torch.allclose(f.values.detach().sum(0), vsum, atol=1e-6)  # value is shared, not created
+    assert torch.equal(f.temperature.detach()[5:], tau[parents])
+    assert (f.positions.detach()[5:] - f.positions.detach()[parents]).abs().max() < 1.0
+
+
+def test_graceful_schedule() -> None:
+    from crystalc.train.freezing import aggression, choose_frozen
+
+    assert [aggression(p) for p in (0.0, 0.19, 0.2, 0.49, 0.5, 0.79, 0.8, 1.0)] == [0, 0, .3, .3, .6, .6, 1, 1]
+    st = FieldStats.new(40)
+    st.n_readings[:] = 10
+    st.history = torch.linspace(0, 1, 40).unsqueeze(1).repeat(1, 10)  # neuron i's readings all = i/39
+    activity = torch.linspace(0, 1, 40)
+    frozen = torch.zeros(40, dtype=torch.bool)
+    assert len(choose_frozen(st, frozen, activity, 0.1, 100, 50)) == 0  # first 20%: nothing
+    got = choose_frozen(st, frozen, activity, 0.9, 100, 50)
+    assert got.tolist() == [0, 1, 2, 3]  # 10% x 1.0 x 40 candidates, coldest first, all below median activity
+    st.birth[:] = 90
+    assert len(choose_frozen(st, frozen, activity, 0.9, 100, 50)) == 0  # too young
+
+
+def test_same_seed_same_checkpoint(tmp_path: Path) -> None:
+    cfg = replace(TINY, steps=40, rounds=20)
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    train(corpus(), cfg, out=str(a))
+    train(corpus(), cfg, out=str(b))
+    assert a.read_bytes() == b.read_bytes()
+    sa = torch.load(a, weights_only=True)["model"]
+    sb = torch.load(b, weights_only=True)["model"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    c = tmp_path / "c.pt"
+    train(corpus(), replace(cfg, seed=8), out=str(c))
+    sc = torch.load(c, weights_only=True)["model"]
+    assert not torch.equal(sa["token_embed.weight"], sc["token_embed.weight"])
+
+
+def test_checkpoint_loads_and_matches_interpreter(tmp_path: Path) -> None:
+    """The trained checkpoint is the spec's: the front end loads it and the interpreter agrees with torch."""
+    import numpy as np
+
+    from crystalc.frontend import load_model
+    from crystalc.ir.interpret import forward
+
+    path = tmp_path / "m.pt"
+    model, tok, meta = train(corpus(), replace(TINY, steps=30, rounds=10), out=str(path))
+    g = load_model(path)
+    assert g.meta["curve"] == meta["curve"]
+    ids = encode("ROMEO:\nthe king", tok).tolist()
+    with torch.no_grad():
+        want = model.eval()(torch.tensor([ids]))[0].numpy()
+    assert np.abs(forward(g, ids) - want).max() < 1e-4
+
+
+def test_bpe_tokenizer(tmp_path: Path) -> None:
+    pytest.importorskip("tokenizers")
+    from crystalc.tokenizer import Tokenizer
+    from crystalc.train.data import build_tokenizer
+
+    text = corpus()
+    spec = build_tokenizer(text, "bpe:300")
+    t = Tokenizer(spec)
+    assert t.vocab_size == 300
+    assert t.decode(t.encode("JULIET:\nfair sword.")) == "JULIET:\nfair sword."
+    assert spec == build_tokenizer(text, "bpe:300")  # deterministic
+
+
+def _crystalc(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "crystalc.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--data", "/nonexistent/corpus.txt"], "no such data file"),
+    (["--tokenizer", "bpe:many"], "bpe:N"),
+    (["--tokenizer", "words"], "expected 'char' or 'bpe:N'"),
+    (["--neurons", "10", "--max-neurons", "5"], "max neurons"),
+])
+def test_cli_bad_input(tmp_path: Path, args: list[str], needle: str) -> None:
+    data = tmp_path / "c.txt"
+    data.write_text(corpus(20))
+    out = tmp_path / "m.pt"
+    base = ["--data", str(data)] if "--data" not in args else []
+    r = _crystalc("train", *base, "--out", str(out), *args, "--steps", "2", "--quiet")
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
+    assert not out.exists()
+
+
+def test_cli_trains(tmp_path: Path) -> None:
+    data = tmp_path / "c.txt"
+    data.write_text(corpus(60))
+    out = tmp_path / "m.pt"
+    r = _crystalc("train", "--data", str(data), "--out", str(out), "--d-model", "16", "--n-ctx", "16", "--n-heads",
+                  "2", "--neurons", "4", "--max-neurons", "8", "--steps", "12", "--rounds", "6", "--grow-every", "2",
+                  "--batch-size", "4", "--eval-every", "3", "--quiet", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout
+    ck = torch.load(io.BytesIO(out.read_bytes()), weights_only=True)
+    assert ck["format"] == "crystalc-checkpoint" and ck["tokenizer"]["kind"] == "char"
+    assert ck["config"]["n_neurons"][0] > 4 and ck["meta"]["curve"]
