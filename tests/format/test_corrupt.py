@@ -120,3 +120,50 @@ def test_random_byte_flips_never_crash(sanitized_loader, tmp_path):
 def _write(path, data: bytes):
     path.write_bytes(data)
     return path
+
+
+def v2_cases() -> list[tuple[str, bytes]]:
+    """The seeds' version-2 files: every header field set to odd values, truncations, offsets moved."""
+    import struct
+
+    from tests.format.seeds_v2_writer import seeds_v2_bytes
+    from tests.format.test_seeds_v2 import state
+
+    cases = []
+    for mixed8 in (False, True):
+        data = seeds_v2_bytes(state(), n_heads=3, mixed8=mixed8)
+        tag = "mixed8" if mixed8 else "float32"
+        cases.append((f"{tag} valid", data))
+        layout = [("<H", 4), ("<H", 6), ("<I", 8)] + [("<H", 12 + 2 * i) for i in range(10)] + \
+                 [("<I", 32 + 4 * i) for i in range(8)]
+        for form, off in layout:
+            bits = struct.calcsize(form) * 8
+            orig = struct.unpack_from(form, data, off)[0]
+            for v in {0, 1, orig + 1, orig - 1, (1 << bits) - 1, 1 << (bits - 1), len(data), 64}:
+                b = bytearray(data)
+                struct.pack_into(form, b, off, v % (1 << bits))
+                cases.append((f"{tag} field at {off} = {v}", bytes(b)))
+        offsets = struct.unpack_from("<7I", data, 32)
+        for k in sorted({*offsets, 63, 64, len(data) - 1}):
+            cases.append((f"{tag} truncated at {k}", data[:k]))
+            b = bytearray(data[:k])
+            if k >= 64:
+                struct.pack_into("<I", b, 60, k)  # total size patched to match
+                cases.append((f"{tag} truncated at {k}, total patched", bytes(b)))
+    return cases
+
+
+def test_c_loader_agrees_on_seeds_v2_files(sanitized_loader, tmp_path):
+    cases = v2_cases()
+    paths = [_write(tmp_path / f"v{i}.crystal", data) for i, (_, data) in enumerate(cases)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda p: run_c(sanitized_loader, p), paths))
+    rejected = 0
+    for (label, data), res in zip(cases, results, strict=True):
+        py = python_verdict(data)
+        assert res.returncode in (0, 2), f"{label}: exit {res.returncode}\n{res.stderr[-3000:]}"
+        assert (res.returncode == 0) == (py is None), f"{label}: C {res.stderr.strip()!r}, Python {py!r}"
+        rejected += res.returncode == 2
+        if res.returncode == 2:
+            assert len(res.stderr.splitlines()) == 1, f"{label}: {res.stderr!r}"
+    assert rejected > len(cases) // 2
