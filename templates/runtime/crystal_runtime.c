@@ -609,6 +609,9 @@ static int load_v2(crystal_file *f, crystal_model *m, const uint8_t *buf, size_t
 /* --- entry points ------------------------------------------------------------------------- */
 
 int crystal_load_bytes(crystal_file *f, crystal_model *m, const uint8_t *buf, size_t size, char *err, size_t errlen) {
+    const uint16_t probe = 1;
+    if (*(const uint8_t *)&probe != 1) /* tensors are used in place, as stored: little-endian */
+        return fail(err, errlen, "this runtime needs a little-endian machine");
     if (size < 8) return fail(err, errlen, "file is %zu bytes, too short for a .crystal header", size);
     if (rd32(buf) != MAGIC) return fail(err, errlen, "not a .crystal file (bad magic)");
     unsigned version = rd16(buf + 4);

@@ -199,3 +199,21 @@ def test_crystalc_run_on_crystal_and_pt(cache, tmp_path):
     res = subprocess.run([os.path.join(os.path.dirname(sys.executable), "crystalc"), "run", str(bad),
                           "--prompt-ids", "1"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr
+
+
+@pytest.mark.parametrize("name", ["two_blocks", "plain", "seeds_layout"])
+def test_spec_vectors_through_crystal_file(runtime, name, tmp_path):
+    """The spec's independent float64 logits, through .pt -> .crystal -> the runtime."""
+    import json
+
+    from crystalc.frontend import load_model
+    from tests.conftest import SPEC_VECTORS
+
+    if not SPEC_VECTORS.is_dir():
+        pytest.skip("spec vectors not present")
+    expected = json.loads((SPEC_VECTORS / "expected.json").read_text())[name]
+    path = tmp_path / f"{name}.crystal"
+    write_crystal(load_model(SPEC_VECTORS / f"{name}.pt"), path)
+    for case in expected["cases"]:
+        _, got = runtime_logits(runtime, path, case["prompt_ids"])
+        assert np.abs(got - np.array(case["logits"])).max() <= TOL
