@@ -264,6 +264,12 @@ def train(text: str, cfg: TrainConfig, out: str | None = None,
             model.config = _with_neurons(model.config, model)
             net = _wrap(model, dd)
         if done % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            if dd.on:  # the curve records the loss of the global batch, the same on every rank
+                import torch.distributed as dist
+
+                t = torch.tensor([last_loss], dtype=torch.float64)
+                dist.all_reduce(t)
+                last_loss = float(t) / dd.world
             val = evaluate(model, val_windows)
             point = _curve_point(step + 1, done, last_loss, val, model)
             run.curve.append(point)
