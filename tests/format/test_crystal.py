@@ -184,3 +184,15 @@ def test_write_is_atomic_on_failure(tmp_path):
         write_crystal(g, path)
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["m.crystal"]
+
+
+def test_crystal_path_never_imports_torch(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "m.crystal"
+    write_crystal(random_graph("all_on", seed=1), path)
+    code = ("import sys; from crystalc.frontend import load_model; import crystalc.runtime; "
+            f"load_model({str(path)!r}); assert 'torch' not in sys.modules, 'torch imported'")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
