@@ -162,9 +162,17 @@ def _sections(graph: Graph) -> list[_Section]:
     return out
 
 
+def _plain(o: Any) -> Any:
+    """numpy scalars and arrays (common in training metrics) as JSON numbers and lists."""
+    if isinstance(o, (np.generic, np.ndarray)):
+        return o.tolist()
+    raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
+
+
 def _json_bytes(obj: Any, what: str) -> bytes:
     try:
-        return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+                          default=_plain).encode("utf-8")
     except (TypeError, ValueError) as e:
         raise CrystalError(f"cannot write .crystal: the {what} is not JSON-serialisable ({e})") from None
 

@@ -176,6 +176,13 @@ def test_char_tokenizer_from_corpus_round_trips(tmp_path):
     round_trip(g, tmp_path)
 
 
+def test_numpy_values_in_meta_are_written_as_plain_json(tmp_path):
+    g = random_graph("all_on", seed=1).replace(meta={"loss": np.float32(0.5), "curve": np.arange(3)})
+    path = tmp_path / "m.crystal"
+    write_crystal(g, path)
+    assert read_crystal(path).meta == {"loss": 0.5, "curve": [0, 1, 2]}
+
+
 def test_write_is_atomic_on_failure(tmp_path):
     path = tmp_path / "m.crystal"
     path.write_bytes(b"old")
