@@ -58,7 +58,7 @@ SCHEMES = {"tensor": 1, "row": 2, "group": 3}
 SCHEME_NAME = {v: k for k, v in SCHEMES.items()}
 
 NAME_BYTES = 48
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.]+$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_.]+")
 EXTRA_SECTIONS = {"vocab_map": DT_I32, "tokenizer.chars": DT_U8, "tokenizer.json": DT_U8, "meta.json": DT_U8}
 EMBEDDINGS = ("token_embed.weight", "pos_embed.weight")
 
@@ -404,7 +404,7 @@ def _entry_name(raw: bytes, i: int) -> str:
         name = raw[:nul].decode("ascii")
     except UnicodeDecodeError:
         name = ""
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise CrystalError(f"section table entry {i}: bad name {raw[:nul]!r}")
     return name
 

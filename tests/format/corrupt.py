@@ -145,6 +145,7 @@ def entry_cases(data: bytes, picks: int = 8) -> Iterator[Case]:
             yield f"{tag} scheme=group without parameters", patched(data, f["scheme"], "<B", 3), True
         name = bytearray(data[base: base + 48])
         yield f"{tag} name without NUL", patched(data, base, "48s", b"x" * 48), True
+        yield f"{tag} name with a trailing newline", patched(data, base, "48s", e.name.encode() + b"\n"), True
         name[0:1] = b"/"
         yield f"{tag} name with '/'", patched(data, base, "48s", bytes(name)), True
         other = entries[(i + 1) % n].name.encode()
