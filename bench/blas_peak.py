@@ -2,7 +2,8 @@
 
 Run as a script in a child process so that OPENBLAS_NUM_THREADS=1 is set before
 OpenBLAS starts (bench/run.py does this); prints one JSON object. Each figure is the
-median of several timed repetitions after a warm-up call.
+median of several timed repetitions after a warm-up call, timed by this process's CPU
+time like the rates it is compared with (the cores are shared; see bench/README.md).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ def _median_s(fn, reps: int, inner: int = 1) -> float:
     fn()
     times = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         for _ in range(inner):
             fn()
-        times.append((time.perf_counter() - t0) / inner)
+        times.append((time.process_time() - t0) / inner)
     return statistics.median(times)
 
 

@@ -3,8 +3,9 @@
 Tokens/s of a program that must be launched for every measurement: time a run that
 generates the stretch of interest and a run that stops just before it (same prompt,
 same flags), take the median of several launches of each (interleaved, so drift in the
-machine's load hits both alike), and divide the difference by the tokens in between.
-Process start, loading the model and the prompt's own forward cancel out.
+machine's load hits both alike), and divide the tokens in between by the difference.
+Process start, loading the model and the prompt's own forward cancel out. Done twice:
+with CPU time (the headline figure) and with wall time.
 """
 
 from __future__ import annotations
@@ -74,9 +75,12 @@ def argv(binary: Path, prompt: list[int], n: int, shift: int) -> list[str]:
 
 @dataclass(frozen=True)
 class Rate:
-    tokens_per_s: float
-    long_s: float      # median wall time of the longer run
-    short_s: float     # median wall time of the shorter run
+    tokens_per_s: float       # from CPU time
+    tokens_per_s_wall: float  # from wall time
+    long_s: float      # median CPU time of the longer run
+    short_s: float     # median CPU time of the shorter run
+    long_wall_s: float
+    short_wall_s: float
     tokens: int        # tokens between them
     reps: int
     generated: list[int]  # the ids the longer run printed
@@ -88,23 +92,24 @@ def rate(binary: Path, prompt: list[int], n_short: int, n_long: int, shift: int,
     gives the tokens), then as many interleaved pairs as fit in budget_s, within the bounds."""
     first = proc.check(proc.run(argv(binary, prompt, n_long, shift)), f"{binary.name} -n {n_long}")
     reps = max(min_reps, min(max_reps, int(budget_s / max(first.wall_s, 1e-3))))
-    longs, shorts = [], []
+    runs: dict[int, list[proc.Run]] = {n_long: [], n_short: []}
     for _ in range(reps):
-        for n, sink in ((n_long, longs), (n_short, shorts)):
-            r = proc.check(proc.run(argv(binary, prompt, n, shift)), f"{binary.name} -n {n}")
-            sink.append(r.wall_s)
-    lo, sh = proc.median(longs), proc.median(shorts)
+        for n in (n_long, n_short):
+            runs[n].append(proc.check(proc.run(argv(binary, prompt, n, shift)), f"{binary.name} -n {n}"))
     tokens = n_long - n_short
-    dt = lo - sh
-    ids = first.ints()
-    return Rate(tokens / dt if dt > 0 else float("nan"), lo, sh, tokens, reps, ids[-n_long:])
+
+    def per_s(key: str) -> tuple[float, float, float]:
+        lo = proc.median([getattr(r, key) for r in runs[n_long]])
+        sh = proc.median([getattr(r, key) for r in runs[n_short]])
+        return (tokens / (lo - sh) if lo > sh else float("nan")), lo, sh
+
+    cpu, lo, sh = per_s("cpu_s")
+    wall, lo_w, sh_w = per_s("wall_s")
+    return Rate(cpu, wall, lo, sh, lo_w, sh_w, tokens, reps, first.ints()[-n_long:])
 
 
-def cold(argv_: list[str], reps: int, env: dict[str, str] | None = None) -> tuple[float, int | None, list[int]]:
-    """(median wall time launch -> exit, peak RSS in KiB of one more run, ids printed by the last run)."""
-    walls, out = [], []
-    for _ in range(reps):
-        r = proc.check(proc.run(argv_, env), Path(argv_[0]).name)
-        walls.append(r.wall_s)
-        out = r.ints()
-    return proc.median(walls), proc.peak_rss_kb(argv_, env), out
+def cold(argv_: list[str], reps: int, env: dict[str, str] | None = None) -> dict:
+    """Median wall and CPU time launch -> exit, peak RSS in KiB of one more run, ids printed by the last run."""
+    runs = [proc.check(proc.run(argv_, env), Path(argv_[0]).name) for _ in range(reps)]
+    return {"wall_s": proc.median([r.wall_s for r in runs]), "cpu_s": proc.median([r.cpu_s for r in runs]),
+            "maxrss_kb": proc.peak_rss_kb(argv_, env), "tokens": runs[-1].ints()}

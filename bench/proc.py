@@ -1,4 +1,8 @@
-"""Run a program as a black box and measure it: wall time, exit status, output; peak RSS apart.
+"""Run a program as a black box and measure it: wall and CPU time, exit status, output; peak RSS apart.
+
+CPU time (user + system, from wait4) is what the program itself spent on a core; on a
+machine whose cores are shared, wall time also counts the moments other processes held
+the core, so both are recorded (bench/README.md says which figure is used where).
 
 Peak RSS is not read from this process's own children: a child spawned from a large
 Python process inherits its memory's high-water mark across exec (Linux records the old
@@ -24,6 +28,7 @@ SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_N
 @dataclass(frozen=True)
 class Run:
     wall_s: float
+    cpu_s: float      # user + system time of the child (and any children it waited for)
     rc: int
     stdout: str
     stderr: str
@@ -46,11 +51,11 @@ def run(argv: list[str], env: dict[str, str] | None = None) -> Run:
                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
         t0 = time.perf_counter()
         pid = os.posix_spawn(argv[0], argv, env or child_env(), file_actions=actions)
-        _, status = os.waitpid(pid, 0)
+        _, status, usage = os.wait4(pid, 0)
         wall = time.perf_counter() - t0
         out.seek(0)
         err.seek(0)
-        return Run(wall, os.waitstatus_to_exitcode(status),
+        return Run(wall, usage.ru_utime + usage.ru_stime, os.waitstatus_to_exitcode(status),
                    out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace"))
 
 

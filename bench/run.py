@@ -39,25 +39,29 @@ HERE = Path(__file__).resolve().parent
 MODES = (None, "mixed8")
 
 
-def timed(gen: Iterator[int], skip: int) -> tuple[list[int], float]:
-    """All tokens of `gen`, and the seconds spent producing those after the first `skip`."""
+def timed(gen: Iterator[int], skip: int) -> tuple[list[int], float, float]:
+    """All tokens of `gen`, and the (CPU, wall) seconds spent producing those after the first `skip`.
+
+    CPU time is this process's (every thread's); the baselines compute on one thread."""
     toks: list[int] = []
-    t0 = time.perf_counter()
+    c0, w0 = time.process_time(), time.perf_counter()
     for tok in gen:
         toks.append(tok)
         if len(toks) == skip:
-            t0 = time.perf_counter()
-    return toks, time.perf_counter() - t0
+            c0, w0 = time.process_time(), time.perf_counter()
+    return toks, time.process_time() - c0, time.perf_counter() - w0
 
 
 def in_process(make: callable, skip: int, reps: int) -> dict:
-    """Median tokens/s of an in-process generator over `reps` runs (one untimed warm-up)."""
-    toks, _ = timed(make(), skip)
-    rates = []
+    """Median tokens/s (by CPU and by wall time) of an in-process generator over `reps` runs,
+    after one untimed warm-up run."""
+    timed(make(), skip)
+    cpu, wall = [], []
     for _ in range(reps):
-        toks, dt = timed(make(), skip)
-        rates.append((len(toks) - skip) / dt)
-    return {"tokens_per_s": proc.median(rates), "all": rates, "tokens": toks}
+        toks, c, w = timed(make(), skip)
+        cpu.append((len(toks) - skip) / c)
+        wall.append((len(toks) - skip) / w)
+    return {"tokens_per_s": proc.median(cpu), "tokens_per_s_wall": proc.median(wall), "tokens": toks}
 
 
 def load_torch(path: Path) -> CrystalLM:
@@ -134,8 +138,9 @@ def c_rates(builds: dict, prompt: list[int], n_short: int, n_long: int, shift: i
     out = {}
     for tag, b in builds.items():
         r = cprog.rate(Path(b["binary"]), prompt, n_short, n_long, shift, *reps)
-        out[tag] = {"tokens_per_s": r.tokens_per_s, "long_s": r.long_s, "short_s": r.short_s,
-                    "timed_tokens": r.tokens, "reps": r.reps, "tokens": r.generated}
+        out[tag] = {"tokens_per_s": r.tokens_per_s, "tokens_per_s_wall": r.tokens_per_s_wall,
+                    "long_cpu_s": r.long_s, "short_cpu_s": r.short_s, "long_wall_s": r.long_wall_s,
+                    "short_wall_s": r.short_wall_s, "timed_tokens": r.tokens, "reps": r.reps, "tokens": r.generated}
     return out
 
 
@@ -155,7 +160,7 @@ def main() -> None:
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     # C: (min, max launches of each run length, seconds to aim for); in-process runs; cold-start launches.
-    reps_c, reps_py, reps_cold = ((2, 3, 2.0), 2, 1) if args.quick else ((5, 15, 10.0), 5, 5)
+    reps_c, reps_py, reps_cold = ((2, 3, 2.0), 2, 1) if args.quick else ((5, 15, 10.0), 5, 7)
     res: dict = {"machine": machine(), "git": git_state(), "load_before": os.getloadavg(), "quick": args.quick,
                  "reps": {"c": list(reps_c), "python": reps_py, "cold": reps_cold},
                  "config": workload.CONFIG.to_dict(), "seed": workload.SEED}
@@ -219,13 +224,12 @@ def main() -> None:
     n = workload.COLD_TOKENS
     cold = {}
     for tag, b in builds.items():
-        wall, rss, toks = cprog.cold(cprog.argv(Path(b["binary"]), p1, n, 1), reps_c[1])
-        cold[tag] = {"wall_s": wall, "maxrss_kb": rss, "tokens": toks[-n:]}
+        cold[tag] = cprog.cold(cprog.argv(Path(b["binary"]), p1, n, 1), reps_cold)
+        cold[tag]["tokens"] = cold[tag]["tokens"][-n:]
     py = [sys.executable, str(HERE / "cold_torch.py"), str(ckpt), ",".join(map(str, p1)), str(n)]
-    wall, rss, toks = cprog.cold(py, reps_cold)
-    cold["torch"] = {"wall_s": wall, "maxrss_kb": rss, "tokens": toks}
+    cold["torch"] = cprog.cold(py, reps_cold)
     for tag in builds:
-        ref = toks if tag == "f32" else list(torch_gen.generate_recompute(ref_models[tag], p1, n))
+        ref = cold["torch"]["tokens"] if tag == "f32" else list(torch_gen.generate_recompute(ref_models[tag], p1, n))
         checks[f"cold/{tag}"] = agreement(cold[tag]["tokens"], ref)
     res["cold"] = cold
 

@@ -16,6 +16,7 @@ keeps the seeds' form as a reference row.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -186,7 +187,9 @@ def export_onnx(model: CrystalLM, path: Path) -> Path:
     """torch.onnx.export (TorchScript exporter, opset 17) with a fixed [1, T] int64 input."""
     ids = torch.zeros(1, model.config.n_ctx, dtype=torch.int64)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.inference_mode():
+    # The tracer warns that Python-level shapes become constants: intended, the input is fixed.
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         torch.onnx.export(LastLogits(model).eval(), (ids,), str(path), dynamo=False, opset_version=17,
                           input_names=["ids"], output_names=["logits"])
     return path
