@@ -1,7 +1,7 @@
 """The C backend against the reference interpreter.
 
 Tolerance: max abs logit error <= 1e-4. The models are tiny with logits of order
-1-10; the C accumulates dot products in a different order than numpy (eight
+1-10; the C accumulates dot products in a different order than numpy (sixteen
 partial sums, then a tail), which moves a float32 logit by a few ulps (measured:
 ~1e-6), while any real mistake - a wrong scale, a transposed matrix, a missing
 term, a wrong cache position - moves logits by far more than 1e-4.
