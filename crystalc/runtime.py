@@ -77,6 +77,15 @@ def build_runtime(sanitize: bool = False, loader_only: bool = False, cflags: tup
     out = cache_dir() / f"{name}-{__version__}-{h.hexdigest()[:16]}" / name
     if out.is_file():
         return out
+    try:
+        return _compile(cc, flags, srcs, include, out)
+    except OSError as e:
+        raise CrystalError(f"cannot build the runtime in {out.parent} ({e.strerror or e}); "
+                           "set CRYSTALC_CACHE to a writable folder") from None
+
+
+def _compile(cc: str, flags: list[str], srcs: list[Path], include: Path, out: Path) -> Path:
+    name = out.name
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         exe = Path(tmp) / name
