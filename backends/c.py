@@ -174,7 +174,8 @@ class CBackend:
 
     def build(self, out_dir: Path, cflags: str | None = None, target: str = "model", **options: Any) -> Path:
         """Run `make` in out_dir; `target` is "model" (the program) or "libmodel.so" (for the cffi binding)."""
-        for tool in ("make", os.environ.get("CC", "cc")):
+        cc = shlex.split(os.environ.get("CC", "cc") or "cc")[0]
+        for tool in ("make", cc):
             if shutil.which(tool) is None:
                 raise CrystalError(f"building C needs '{tool}', which is not on PATH")
         cmd = ["make", "-s", "-C", str(out_dir), target]

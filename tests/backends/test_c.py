@@ -349,3 +349,23 @@ def test_compile_build_failure_is_one_line(tmp_path):
     out = tmp_path / "out"
     res = cli("compile", str(ckpt), "--target", "c", "-o", str(out), "--build", "--cflags", "-O2 -fno-such-flag")
     assert res.returncode == 2 and len(res.stderr.splitlines()) == 1 and not out.exists(), res.stderr
+
+
+def test_acceptance_size_model_source_and_build_time(tmp_path):
+    """The issue's acceptance: 12 MB of float32 weights -> at most 2x of source, gcc -O2 in under 60 s."""
+    import time
+
+    require_tool("gcc")
+    shape = dict(vocab_size=11706, d_model=128, n_ctx=64, n_heads=4, n_blocks=1, n_neurons=788, ffn_hidden=256)
+    g = random_graph(shape, seed=21)
+    assert g.nbytes >= 12_000_000
+    out = emit(g, tmp_path)
+    generated = sum(p.stat().st_size for p in out.iterdir())  # every emitted file, the blob included
+    assert generated <= 2 * g.nbytes, (generated, g.nbytes)
+    start = time.monotonic()
+    res = subprocess.run(["make", "-s", "-C", str(out), "CC=gcc", "CFLAGS=-O2"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert time.monotonic() - start < 60
+    prompt = [5, 11705, 42]
+    _, got = binary_logits(out / "model", prompt)
+    assert np.abs(got - forward(g, prompt)[-1]).max() <= TOL
