@@ -369,3 +369,22 @@ def test_acceptance_size_model_source_and_build_time(tmp_path):
     prompt = [5, 11705, 42]
     _, got = binary_logits(out / "model", prompt)
     assert np.abs(got - forward(g, prompt)[-1]).max() <= TOL
+
+
+def test_program_under_sanitizers(tmp_path):
+    """ASan + UBSan over the generated program: every path of generation (window shifts, sampling, top-p)."""
+    require_tool("gcc")
+    g = quantized(random_graph("three_blocks_n0_n1", seed=22), "i16", "group", group=5)
+    out = emit(g, tmp_path)
+    flags = "-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all"
+    res = subprocess.run(["make", "-s", "-C", str(out), "CC=gcc", f"CFLAGS={flags}"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    exe = out / "model"
+    prompt = some_prompt(g, 11)  # longer than the window (T = 7)
+    _, got = binary_logits(exe, prompt)
+    assert np.abs(got - forward(g, g.to_current_ids(prompt)[-7:])[-1]).max() <= TOL
+    runs = (["-t", 0, "--shift", 1], ["-t", 0.9, "--top-p", 0.5, "--shift", 3], ["-t", 1.5, "--top-p", 1, "--shift", 7])
+    for args in runs:
+        res = run(exe, "--prompt-ids", ",".join(map(str, prompt)), "-n", 40, *args)
+        assert res.returncode == 0 and res.stderr == "", res.stderr
+        assert len(res.stdout.strip().split(",")) == 40
