@@ -1,0 +1,54 @@
+"""crystalc inspect --plot: a PNG of the neuron field and, when the checkpoint has one, the training curve."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import random_graph, save_pt
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _crystalc(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "crystalc.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_pca2_orders_by_variance() -> None:
+    from crystalc.plot import pca2
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 3)) * [5.0, 1.0, 0.1]
+    xy, share = pca2(x)
+    assert xy.shape == (200, 2) and share[0] > share[1] > 0
+    assert np.corrcoef(xy[:, 0], x[:, 0])[0, 1] ** 2 > 0.99
+    assert pca2(np.zeros((0, 3)))[0].shape == (0, 2)
+
+
+@pytest.mark.parametrize("shape", ["three_blocks_n0_n1", "d40_h5"])
+def test_inspect_plot(tmp_path: Path, shape: str) -> None:
+    pytest.importorskip("matplotlib")
+    g = random_graph(shape, seed=1)
+    g = g.replace(meta={"curve": [
+        {"step": s, "round": s, "loss": 3 - s / 10, "val_loss": 3.1 - s / 11, "neurons": [4 + s] * g.config.n_blocks,
+         "frozen": [s // 2] * g.config.n_blocks, "frozen_pct": 10.0 * s / 5} for s in range(1, 6)]})
+    from crystalc.plot import plot_model
+
+    png = tmp_path / "a.png"
+    plot_model(g, png)
+    assert png.read_bytes().startswith(PNG)
+    plot_model(g, tmp_path / "b.png")
+    assert (tmp_path / "b.png").read_bytes() == png.read_bytes()  # deterministic
+
+
+def test_inspect_plot_cli(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    model = save_pt(random_graph("d40_h5", seed=2), tmp_path / "m.pt")
+    out = tmp_path / "field.png"
+    r = _crystalc("inspect", str(model), "--plot", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes().startswith(PNG) and f"wrote {out}" in r.stdout
