@@ -88,6 +88,11 @@ def _layer_norm(blob: Blob, ln: LayerNorm) -> dict[str, Any]:
     return {"weight": _tensor(blob, ln.weight), "bias": _tensor(blob, ln.bias)}
 
 
+def _c_float(x: float) -> str:
+    """A float literal that parses to exactly float32(x): numpy's shortest round-trip digits."""
+    return f"{np.float32(x)!s}f"
+
+
 def lower(graph: Graph) -> tuple[dict[str, Any], bytes]:
     """The template context and the weights blob of `graph`."""
     c = graph.config
@@ -95,7 +100,7 @@ def lower(graph: Graph) -> tuple[dict[str, Any], bytes]:
     blob.add("magic", np.array([BLOB_MAGIC], dtype="<u4").tobytes())
     ctx: dict[str, Any] = {
         "config": c, "magic": f"0x{BLOB_MAGIC:08x}u",
-        "ln_eps": f"{float(np.float32(c.ln_eps))!r}f", "field_eps": f"{float(np.float32(c.field_eps))!r}f",
+        "ln_eps": _c_float(c.ln_eps), "field_eps": _c_float(c.field_eps),
         "token_embed": _tensor(blob, graph.token_embed.weight),
         "pos_embed": _tensor(blob, graph.pos_embed.weight),
         "blocks": [],
