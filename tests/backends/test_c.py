@@ -388,3 +388,16 @@ def test_program_under_sanitizers(tmp_path):
         res = run(exe, "--prompt-ids", ",".join(map(str, prompt)), "-n", 40, *args)
         assert res.returncode == 0 and res.stderr == "", res.stderr
         assert len(res.stdout.strip().split(",")) == 40
+
+
+def test_top_p_on_uniform_logits_keeps_the_first_token(tmp_path):
+    """All logits equal: every token is below the top-p cutoff but the most likely one must stay."""
+    import dataclasses
+
+    g = random_graph("d40_h5", seed=23)
+    h = g.head
+    zero = dataclasses.replace(h, weight=Tensor(h.weight.name, np.zeros_like(h.weight.data)),
+                               bias=Tensor(h.bias.name, np.zeros_like(h.bias.data)))
+    exe = program(g.replace(head=zero).verify(), tmp_path)
+    res = run(exe, "--prompt-ids", "1,2", "-n", 10, "-t", 1, "--top-p", 0.01)
+    assert res.returncode == 0 and res.stdout == ",".join(["0"] * 10) + "\n", res.stderr
