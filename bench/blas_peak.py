@@ -58,6 +58,11 @@ def measure(vocab: int, d: int, n_ctx: int, neurons: int, ffn: int) -> dict:
     t = _median_s(lambda: w @ x, 9, inner=20)
     out["sgemv_head"] = {"shape": [vocab, d], "s": t, "gbs": w.nbytes / t / 1e9, "gflops": 2 * vocab * d / t / 1e9}
 
+    # Vectorised exp (numpy's SIMD loops) on the field's count of arguments per window.
+    args = -np.linspace(0, 40, n_ctx * neurons, dtype=np.float32)
+    t = _median_s(lambda: np.exp(args), 9, inner=20)
+    out["exp_numpy"] = {"n": args.size, "s": t, "ns_each": t / args.size * 1e9}
+
     # For reference: a matrix far larger than L3 streams from DRAM.
     big = rng.standard_normal((6144, 6144), dtype=np.float32)
     xb = rng.standard_normal(6144, dtype=np.float32)

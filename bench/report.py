@@ -100,6 +100,55 @@ def _targets(res: dict) -> list[dict]:
     return out
 
 
+def _bounds(res: dict) -> list[str]:
+    """One line per regime: the C program's bound by the roofline, the time per token it
+    implies against the time measured, and the transcendental functions on top."""
+    peak_f, peak_b = _peaks(res)
+    y = res["yardstick"]
+    ns_scalar, ns_vector = y["expf_scalar_ns"], y["exp_numpy"]["ns_each"]
+    out = []
+    for regime, (title, _) in REGIMES.items():
+        parts = []
+        for prec in ("f32", "mixed8"):
+            r = _row(res, regime, "c", prec)
+            if r is None:
+                continue
+            t_c = r["mflop_per_token"] * 1e6 / peak_f * 1e6
+            t_m = r["mb_per_token"] * 1e6 / peak_b * 1e6
+            parts.append(
+                f"C {prec}: {1e6 / r['tokens_per_s']:,.0f} us/token measured; the roofline's floor is "
+                f"{max(t_c, t_m):,.0f} us ({r['bound']}: {t_c:,.0f} us of FLOPs at the SGEMM peak, {t_m:,.0f} us "
+                f"of bytes at the SGEMV bandwidth), so {r['roofline_fraction']:.0%} of the roofline; plus "
+                f"{r['ktrans_per_token']:.1f}k exp/sqrt/erf per token, {r['ktrans_per_token'] * ns_scalar:,.0f} us "
+                f"at a scalar expf's {ns_scalar:.1f} ns, {r['ktrans_per_token'] * ns_vector:,.0f} us at a vectorised "
+                f"exp's {ns_vector:.2f} ns")
+        if parts:
+            out.append(f"- **{title}**: " + "; ".join(parts) + ".")
+    if not out:
+        out.append("- no C program was measured.")
+    return out
+
+
+# Issue 5's figures "for scale" (one thread, such a model): regime, implementation -> tokens/s.
+ISSUE_SCALE = {("window", "torch"): 1400, ("shift1", "torch"): 950, ("shift1", "ort"): 2500}
+
+
+def _scale_note(res: dict) -> list[str]:
+    got = []
+    for (regime, impl), quoted in ISSUE_SCALE.items():
+        r = _row(res, regime, impl, "f32")
+        if r:
+            got.append(f"{REGIMES[regime][1][impl][0]} {REGIMES[regime][0].split(' (')[0]}: about {quoted:,} quoted, "
+                       f"{r['tokens_per_s']:,.0f} measured")
+    if not got:
+        return []
+    return ["", "The issue quotes baselines for scale; here (tokens/s by CPU time): " + "; ".join(got) + ". "
+            "Slower baselines make every ratio above larger, so read the ratios with the baselines' absolute "
+            "figures beside them; CPU time removes other processes' turns on the core, not their pressure on the "
+            "shared caches and memory. PyTorch's own matrix-vector product (MKL on an AMD CPU) is a further reason: "
+            "see bench/README.md."]
+
+
 def _fmt(x: float | None, spec: str = ".0f") -> str:
     return "—" if x is None else format(x, spec)
 
@@ -146,7 +195,7 @@ def markdown(res: dict) -> str:
     for tag, err in errors.items():
         lines += ["", f"C {tag}: not available (`crystalc compile` failed: {err})."]
 
-    lines += [
+    lines += ["", "## What bounds each regime", ""] + _bounds(res) + _scale_note(res) + [
         "",
         "## Generation speed (tokens/s, one thread, greedy)",
         "",
@@ -213,7 +262,10 @@ def markdown(res: dict) -> str:
         f"- bandwidth: the head's SGEMV [{c['vocab_size']:,} x 128] x [128] in "
         f"{y['sgemv_head']['s'] * 1e6:.0f} us, **{peak_b / 1e9:.1f} GB/s** (the float32 model fits in L3, so this "
         f"is the level its weights stream from); for reference a 6144 x 6144 SGEMV from DRAM: "
-        f"{y['sgemv_dram']['gbs']:.1f} GB/s.",
+        f"{y['sgemv_dram']['gbs']:.1f} GB/s;",
+        f"- exponentials: glibc's scalar `expf` (C, -O2) {y['expf_scalar_ns']:.2f} ns per call; numpy's vectorised "
+        f"exp {y['exp_numpy']['ns_each']:.3f} ns per element (over {y['exp_numpy']['n']:,}, the field's count "
+        "for a 64-position window).",
         "",
         "Roofline tokens/s = 1 / max(FLOPs per token / compute peak, bytes per token / bandwidth); the bound is "
         "whichever term is larger. The yardstick is OpenBLAS's reach on this machine, not the hardware's "

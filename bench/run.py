@@ -79,12 +79,16 @@ def graphs(ckpt: Path) -> dict[str, object]:
     return {"f32": g, "mixed8": quantize(g, "mixed8", "tensor")}
 
 
-def yardstick() -> dict:
+def yardstick(work: Path) -> dict:
     c = workload.CONFIG
     argv = [sys.executable, str(HERE / "blas_peak.py"), str(c.vocab_size), str(c.d_model), str(c.n_ctx),
             str(c.n_neurons[0]), str(c.ffn_hidden)]
-    out = subprocess.run(argv, env=proc.child_env(), capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
+    out = json.loads(subprocess.run(argv, env=proc.child_env(), capture_output=True, text=True, check=True).stdout)
+    # One scalar expf, from C: plain -O2, so every call is glibc's expf.
+    exe = work / "expf_cost"
+    subprocess.run([os.environ.get("CC", "cc"), "-O2", "-o", str(exe), str(HERE / "expf_cost.c"), "-lm"], check=True)
+    out["expf_scalar_ns"] = float(proc.check(proc.run([str(exe)]), "expf_cost").stdout)
+    return out
 
 
 def machine() -> dict:
@@ -174,7 +178,7 @@ def main() -> None:
     warm = workload.PAST_WARM
 
     print("[bench] yardstick: OpenBLAS single-thread SGEMM / SGEMV", flush=True)
-    res["yardstick"] = yardstick()
+    res["yardstick"] = yardstick(work)
     res["c_build"] = build_c(ckpt, work, 1 if args.quick else 3)
     builds = {k: v for k, v in res["c_build"].items() if "error" not in v}
     # The token check for mixed8: PyTorch on the dequantized mixed8 weights (the same numbers the C computes with).
