@@ -183,8 +183,9 @@ static int argmax(const float *v, int n) {
 /* A current-vocabulary row from logits: greedy at temperature 0, else softmax(logits / t)
  * restricted to the smallest set of most likely tokens holding top_p of the mass. */
 static int sample(const float *logits, int v, const options *o, unsigned long long *rng, candidate *cand) {
-    if (o->temperature == 0.0) return argmax(logits, v);
-    float max = logits[argmax(logits, v)];
+    int best = argmax(logits, v);
+    if (o->temperature == 0.0) return best;
+    float max = logits[best];
     double total = 0.0;
     for (int i = 0; i < v; i++) {
         cand[i].p = (float)exp((double)(logits[i] - max) / o->temperature);
@@ -193,11 +194,12 @@ static int sample(const float *logits, int v, const options *o, unsigned long lo
     }
     int n = v;
     if (o->top_p < 1.0) {
-        /* tokens below (1 - top_p) / (v - 1) of the mass can never be needed to reach top_p */
+        /* a token below (1 - top_p) / (v - 1) of the mass is never needed to reach top_p,
+         * except the most likely one, which always is */
         double cutoff = v > 1 ? (1.0 - o->top_p) / (v - 1) * total : 0.0;
         n = 0;
         for (int i = 0; i < v; i++)
-            if (cand[i].p >= cutoff) cand[n++] = cand[i];
+            if (cand[i].p >= cutoff || i == best) cand[n++] = cand[i];
         qsort(cand, (size_t)n, sizeof *cand, by_probability);
         double mass = 0.0;
         int keep = n;

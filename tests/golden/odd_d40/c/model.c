@@ -8,6 +8,7 @@
  * (float)code * scale + offset. The forward pass is crystal_forward.c.
  */
 #include <stddef.h>
+#include <string.h>
 
 #include "model.h"
 
@@ -28,44 +29,44 @@ static const crystal_block blocks[1] = {
     { /* blocks.0 */
         /* layer_norm */
         .ln1 = {
-            .weight = TENSOR(11456, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL) /* blocks.0.ln1.weight f32 [40] */,
-            .bias = TENSOR(11648, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL) /* blocks.0.ln1.bias f32 [40] */,
+            .weight = TENSOR(11456, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.ln1.weight f32 [40] */
+            .bias = TENSOR(11648, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.ln1.bias f32 [40] */
         },
         /* causal_attention, 5 heads */
         .attn = {
-            .q_weight = TENSOR(11840, CRYSTAL_F32, CRYSTAL_Q_NONE, 40, 40, 0, NULL, NULL) /* blocks.0.attn.q_proj.weight f32 [40x40] */,
-            .q_bias = TENSOR(18240, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL) /* blocks.0.attn.q_proj.bias f32 [40] */,
-            .k_weight = TENSOR(18432, CRYSTAL_F32, CRYSTAL_Q_NONE, 40, 40, 0, NULL, NULL) /* blocks.0.attn.k_proj.weight f32 [40x40] */,
-            .k_bias = TENSOR(24832, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL) /* blocks.0.attn.k_proj.bias f32 [40] */,
-            .v_weight = TENSOR(25024, CRYSTAL_F32, CRYSTAL_Q_NONE, 40, 40, 0, NULL, NULL) /* blocks.0.attn.v_proj.weight f32 [40x40] */,
-            .v_bias = TENSOR(31424, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL) /* blocks.0.attn.v_proj.bias f32 [40] */,
-            .out_weight = TENSOR(31616, CRYSTAL_F32, CRYSTAL_Q_NONE, 40, 40, 0, NULL, NULL) /* blocks.0.attn.out_proj.weight f32 [40x40] */,
-            .out_bias = TENSOR(38016, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL) /* blocks.0.attn.out_proj.bias f32 [40] */,
+            .q_weight = TENSOR(11840, CRYSTAL_F32, CRYSTAL_Q_NONE, 40, 40, 0, NULL, NULL), /* blocks.0.attn.q_proj.weight f32 [40x40] */
+            .q_bias = TENSOR(18240, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.attn.q_proj.bias f32 [40] */
+            .k_weight = TENSOR(18432, CRYSTAL_F32, CRYSTAL_Q_NONE, 40, 40, 0, NULL, NULL), /* blocks.0.attn.k_proj.weight f32 [40x40] */
+            .k_bias = TENSOR(24832, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.attn.k_proj.bias f32 [40] */
+            .v_weight = TENSOR(25024, CRYSTAL_F32, CRYSTAL_Q_NONE, 40, 40, 0, NULL, NULL), /* blocks.0.attn.v_proj.weight f32 [40x40] */
+            .v_bias = TENSOR(31424, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.attn.v_proj.bias f32 [40] */
+            .out_weight = TENSOR(31616, CRYSTAL_F32, CRYSTAL_Q_NONE, 40, 40, 0, NULL, NULL), /* blocks.0.attn.out_proj.weight f32 [40x40] */
+            .out_bias = TENSOR(38016, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.attn.out_proj.bias f32 [40] */
         },
         /* layer_norm */
         .ln2 = {
-            .weight = TENSOR(38208, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL) /* blocks.0.ln2.weight f32 [40] */,
-            .bias = TENSOR(38400, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL) /* blocks.0.ln2.bias f32 [40] */,
+            .weight = TENSOR(38208, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.ln2.weight f32 [40] */
+            .bias = TENSOR(38400, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.ln2.bias f32 [40] */
         },
         /* neuron_field, 7 neurons */
         .field = {
             .n_neurons = 7,
-            .positions = TENSOR(38592, CRYSTAL_F32, CRYSTAL_Q_NONE, 7, 40, 0, NULL, NULL) /* blocks.0.field.positions f32 [7x40] */,
-            .values = TENSOR(39744, CRYSTAL_F32, CRYSTAL_Q_NONE, 7, 40, 0, NULL, NULL) /* blocks.0.field.values f32 [7x40] */,
-            .temperature = TENSOR(40896, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 7, 0, NULL, NULL) /* blocks.0.field.temperature f32 [7] */,
+            .positions = TENSOR(38592, CRYSTAL_F32, CRYSTAL_Q_NONE, 7, 40, 0, NULL, NULL), /* blocks.0.field.positions f32 [7x40] */
+            .values = TENSOR(39744, CRYSTAL_F32, CRYSTAL_Q_NONE, 7, 40, 0, NULL, NULL), /* blocks.0.field.values f32 [7x40] */
+            .temperature = TENSOR(40896, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 7, 0, NULL, NULL), /* blocks.0.field.temperature f32 [7] */
             .frozen = blocks_0_field_frozen,
         },
         /* layer_norm */
         .ln3 = {
-            .weight = TENSOR(40960, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL) /* blocks.0.ln3.weight f32 [40] */,
-            .bias = TENSOR(41152, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL) /* blocks.0.ln3.bias f32 [40] */,
+            .weight = TENSOR(40960, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.ln3.weight f32 [40] */
+            .bias = TENSOR(41152, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.ln3.bias f32 [40] */
         },
         /* ffn */
         .ffn = {
-            .fc1_weight = TENSOR(41344, CRYSTAL_F32, CRYSTAL_Q_NONE, 80, 40, 0, NULL, NULL) /* blocks.0.ffn.fc1.weight f32 [80x40] */,
-            .fc1_bias = TENSOR(54144, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 80, 0, NULL, NULL) /* blocks.0.ffn.fc1.bias f32 [80] */,
-            .fc2_weight = TENSOR(54464, CRYSTAL_F32, CRYSTAL_Q_NONE, 40, 80, 0, NULL, NULL) /* blocks.0.ffn.fc2.weight f32 [40x80] */,
-            .fc2_bias = TENSOR(67264, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL) /* blocks.0.ffn.fc2.bias f32 [40] */,
+            .fc1_weight = TENSOR(41344, CRYSTAL_F32, CRYSTAL_Q_NONE, 80, 40, 0, NULL, NULL), /* blocks.0.ffn.fc1.weight f32 [80x40] */
+            .fc1_bias = TENSOR(54144, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 80, 0, NULL, NULL), /* blocks.0.ffn.fc1.bias f32 [80] */
+            .fc2_weight = TENSOR(54464, CRYSTAL_F32, CRYSTAL_Q_NONE, 40, 80, 0, NULL, NULL), /* blocks.0.ffn.fc2.weight f32 [40x80] */
+            .fc2_bias = TENSOR(67264, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.ffn.fc2.bias f32 [40] */
         },
     },
 };
@@ -80,16 +81,16 @@ const crystal_model crystal_builtin_model = {
     .field_norm = 1,
     .final_norm = 0,
     .tie_head = 0,
-    .field_eps = 9.99999993922529e-09f,
-    .ln_eps = 9.999999747378752e-06f,
+    .field_eps = 1e-08f,
+    .ln_eps = 1e-05f,
     /* token_embedding */
-    .token_embed = TENSOR(64, CRYSTAL_F32, CRYSTAL_Q_NONE, 62, 40, 0, NULL, NULL) /* token_embed.weight f32 [62x40] */,
+    .token_embed = TENSOR(64, CRYSTAL_F32, CRYSTAL_Q_NONE, 62, 40, 0, NULL, NULL), /* token_embed.weight f32 [62x40] */
     /* position_embedding */
-    .pos_embed = TENSOR(9984, CRYSTAL_F32, CRYSTAL_Q_NONE, 9, 40, 0, NULL, NULL) /* pos_embed.weight f32 [9x40] */,
+    .pos_embed = TENSOR(9984, CRYSTAL_F32, CRYSTAL_Q_NONE, 9, 40, 0, NULL, NULL), /* pos_embed.weight f32 [9x40] */
     .blocks = blocks,
     /* head */
-    .head_weight = TENSOR(67456, CRYSTAL_F32, CRYSTAL_Q_NONE, 62, 40, 0, NULL, NULL) /* head.weight f32 [62x40] */,
-    .head_bias = TENSOR(77376, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 62, 0, NULL, NULL) /* head.bias f32 [62] */,
+    .head_weight = TENSOR(67456, CRYSTAL_F32, CRYSTAL_Q_NONE, 62, 40, 0, NULL, NULL), /* head.weight f32 [62x40] */
+    .head_bias = TENSOR(77376, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 62, 0, NULL, NULL), /* head.bias f32 [62] */
     .orig_vocab_size = 62,
     .vocab_map = NULL,
     .tokenizer = CRYSTAL_TOK_CHAR,
@@ -98,14 +99,11 @@ const crystal_model crystal_builtin_model = {
 };
 
 int model_check(void) {
-    /* the blob opens with 0x57595243u in little-endian order */
-    const unsigned char *p = crystal_weights;
-    unsigned long host = (unsigned long)p[0] | (unsigned long)p[1] << 8 | (unsigned long)p[2] << 16 |
-                         (unsigned long)p[3] << 24;
-    uint32_t native;
-    const unsigned char *q = (const unsigned char *)&native;
-    native = 0x57595243u;
-    return host == 0x57595243u && q[0] == p[0] && q[1] == p[1] && q[2] == p[2] && q[3] == p[3] ? 0 : -1;
+    /* weights.bin opens with 0x57595243u written little-endian; read natively it matches only on
+     * a little-endian machine */
+    uint32_t magic;
+    memcpy(&magic, crystal_weights, sizeof magic);
+    return magic == 0x57595243u ? 0 : -1;
 }
 
 int model_forward(const int32_t *ids, int n, float *out) {
