@@ -207,3 +207,13 @@ def test_cli_trains(tmp_path: Path) -> None:
     ck = torch.load(io.BytesIO(out.read_bytes()), weights_only=True)
     assert ck["format"] == "crystalc-checkpoint" and ck["tokenizer"]["kind"] == "char"
     assert ck["config"]["n_neurons"][0] > 4 and ck["meta"]["curve"]
+
+
+def test_early_stopping_keeps_the_best() -> None:
+    """A learning rate too small to improve: training stops after `patience` evaluations and keeps the best."""
+    cfg = replace(TINY, lr=1e-9, warmup=1, patience=2, steps=100, rounds=20, eval_every=2, growth="none",
+                  freeze="none")
+    model, _, meta = train(corpus(), cfg)
+    assert meta["stopped_early"] and meta["steps_done"] < cfg.steps
+    assert meta["best_step"] == meta["curve"][0]["step"]
+    assert len(meta["curve"]) == 1 + cfg.patience

@@ -1,0 +1,53 @@
+"""Batches: overlapping windows cover the corpus, random starts stay in range, ranks split the global batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crystalc.errors import CrystalError
+from crystalc.train.data import Batches, eval_windows, parse_tokenizer_spec, split
+
+
+def test_overlap_covers_every_window_once_per_epoch() -> None:
+    ids = torch.arange(1000)
+    b = Batches(ids, n_ctx=16, batch_size=4, sampling="overlap", seed=0)
+    seen = []
+    for _ in range(len(b.starts) // 4):
+        x, y = b.next()
+        assert torch.equal(y[:, :-1], x[:, 1:])  # targets are the inputs shifted by one
+        seen += x[:, 0].tolist()
+    assert set(seen) <= set(range(0, 1000 - 16, 8))
+    assert len(set(seen)) == len(seen) == (len(b.starts) // 4) * 4  # stride T/2, no repeats within an epoch
+
+
+def test_random_sampling_and_auto() -> None:
+    ids = torch.arange(500)
+    b = Batches(ids, n_ctx=10, batch_size=64, sampling="random", seed=1)
+    x, y = b.next()
+    assert x.shape == (64, 10) and int(y.max()) <= 499
+    assert Batches(ids, 10, 4).sampling == "overlap"
+
+
+def test_ranks_take_slices_of_the_global_batch() -> None:
+    ids = torch.arange(2000)
+    whole = Batches(ids, 8, 6, "overlap", seed=5)
+    parts = [Batches(ids, 8, 3, "overlap", seed=5, rank=r, world=2) for r in range(2)]
+    for _ in range(3):
+        x, _ = whole.next()
+        assert torch.equal(torch.cat([p.next()[0] for p in parts]), x)
+
+
+def test_split_and_eval_windows() -> None:
+    tr, va = split(torch.arange(1000), 0.1, 16)
+    assert len(va) == 100 and torch.equal(torch.cat([tr, va]), torch.arange(1000))
+    w = eval_windows(va, 16, 4)
+    assert w.shape == (4, 17)
+    with pytest.raises(CrystalError, match="too few"):
+        split(torch.arange(20), 0.1, 16)
+
+
+@pytest.mark.parametrize("spec", ["", "bpe", "bpe:10", "bpe:-5", "char:3", "BPE:300"])
+def test_bad_tokenizer_specs(spec: str) -> None:
+    with pytest.raises(CrystalError):
+        parse_tokenizer_spec(spec)
