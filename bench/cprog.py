@@ -82,6 +82,7 @@ class Rate:
     long_wall_s: float
     short_wall_s: float
     tokens: int        # tokens between them
+    range: tuple[float, float]  # min and max by CPU time over the interleaved (long, short) pairs
     reps: int
     generated: list[int]  # the ids the longer run printed
 
@@ -105,7 +106,10 @@ def rate(binary: Path, prompt: list[int], n_short: int, n_long: int, shift: int,
 
     cpu, lo, sh = per_s("cpu_s")
     wall, lo_w, sh_w = per_s("wall_s")
-    return Rate(cpu, wall, lo, sh, lo_w, sh_w, tokens, reps, first.ints()[-n_long:])
+    pairs = [tokens / (a.cpu_s - b.cpu_s)
+             for a, b in zip(runs[n_long], runs[n_short], strict=True) if a.cpu_s > b.cpu_s]
+    spread = (min(pairs), max(pairs)) if pairs else (float("nan"), float("nan"))
+    return Rate(cpu, wall, lo, sh, lo_w, sh_w, tokens, spread, reps, first.ints()[-n_long:])
 
 
 def cold(argv_: list[str], reps: int, env: dict[str, str] | None = None) -> dict:

@@ -57,7 +57,7 @@ def derive(res: dict) -> None:
                 roof, bound = roofline.roofline(w, peak_f, peak_b)
                 tps = v["tokens_per_s"]
                 row = {"regime": regime, "impl": key, "label": label, "precision": tag, "tokens_per_s": tps,
-                       "tokens_per_s_wall": v["tokens_per_s_wall"],
+                       "tokens_per_s_wall": v["tokens_per_s_wall"], "range": v["range"],
                        "mflop_per_token": w.flops / 1e6, "mb_per_token": w.bytes / 1e6,
                        "ktrans_per_token": w.transcendentals / 1e3, "gflops": tps * w.flops / 1e9,
                        "gbs": tps * w.bytes / 1e9, "roofline_tps": roof, "bound": bound,
@@ -201,21 +201,23 @@ def markdown(res: dict) -> str:
         "",
         "Tokens/s from CPU time (user + system: what the program spent on its core; the cores here are shared, "
         "so wall time also counts other processes' turns) and, for comparison, from wall time. "
-        "Ratios are the C program's tokens/s over the baseline's (C f32 / this, C mixed8 / this), by CPU time. "
+        "The range is the lowest and highest of the repetitions (for a C program: of each interleaved pair of "
+        "long and short runs). Ratios are the C program's tokens/s over the baseline's (C f32 / this, "
+        "C mixed8 / this), by CPU time. "
         "The PyTorch and "
         "ONNX Runtime baselines run float32 weights: they have no int8 path for this model (the dequantized mixed8 "
         "weights compute at float32 speed), so the mixed8 ratio compares the C mixed8 program with the float32 "
         "baseline. Work, roofline and bound are per the formulas below, for each implementation's own schedule.",
         "",
-        "| regime | implementation | precision | tokens/s (CPU) | tokens/s (wall) | C f32 / this | C mixed8 / this "
-        "| MFLOP/token | MB/token | GFLOP/s | roofline tokens/s | of roofline | bound |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| regime | implementation | precision | tokens/s (CPU) | range (CPU) | tokens/s (wall) | C f32 / this "
+        "| C mixed8 / this | MFLOP/token | MB/token | GFLOP/s | roofline tokens/s | of roofline | bound |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         ratios = r.get("ratios", {})
         lines.append(
             f"| {REGIMES[r['regime']][0]} | {r['label']} | {r['precision']} | {r['tokens_per_s']:,.0f} "
-            f"| {r['tokens_per_s_wall']:,.0f} "
+            f"| {r['range'][0]:,.0f}-{r['range'][1]:,.0f} | {r['tokens_per_s_wall']:,.0f} "
             f"| {_fmt(ratios.get('f32'), '.2f')} | {_fmt(ratios.get('mixed8'), '.2f')} "
             f"| {r['mflop_per_token']:.2f} | {r['mb_per_token']:.2f} | {r['gflops']:.1f} "
             f"| {r['roofline_tps']:,.0f} | {r['roofline_fraction']:.0%} | {r['bound']} |")

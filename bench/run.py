@@ -1,7 +1,7 @@
 """The crystalc benchmark: generated C against PyTorch eager and ONNX Runtime, one thread, greedy.
 
     .venv/bin/python bench/run.py            # the real run: writes bench/results.md and bench/results.png
-    .venv/bin/python bench/run.py --quick    # few repetitions, for developing the harness
+    .venv/bin/python bench/run.py --quick    # few repetitions, for developing the harness (writes to bench/work/)
 
 Everything it builds (the random checkpoint, the ONNX export, the compiled programs,
 results.json) goes to bench/work/, which git ignores. bench/README.md explains each number.
@@ -61,7 +61,8 @@ def in_process(make: callable, skip: int, reps: int) -> dict:
         toks, c, w = timed(make(), skip)
         cpu.append((len(toks) - skip) / c)
         wall.append((len(toks) - skip) / w)
-    return {"tokens_per_s": proc.median(cpu), "tokens_per_s_wall": proc.median(wall), "tokens": toks}
+    return {"tokens_per_s": proc.median(cpu), "tokens_per_s_wall": proc.median(wall), "range": [min(cpu), max(cpu)],
+            "tokens": toks}
 
 
 def load_torch(path: Path) -> CrystalLM:
@@ -142,7 +143,7 @@ def c_rates(builds: dict, prompt: list[int], n_short: int, n_long: int, shift: i
     out = {}
     for tag, b in builds.items():
         r = cprog.rate(Path(b["binary"]), prompt, n_short, n_long, shift, *reps)
-        out[tag] = {"tokens_per_s": r.tokens_per_s, "tokens_per_s_wall": r.tokens_per_s_wall,
+        out[tag] = {"tokens_per_s": r.tokens_per_s, "tokens_per_s_wall": r.tokens_per_s_wall, "range": r.range,
                     "long_cpu_s": r.long_s, "short_cpu_s": r.short_s, "long_wall_s": r.long_wall_s,
                     "short_wall_s": r.short_wall_s, "timed_tokens": r.tokens, "reps": r.reps, "tokens": r.generated}
     return out
@@ -158,9 +159,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few repetitions (developing the harness)")
     ap.add_argument("--work", type=Path, default=HERE / "work")
-    ap.add_argument("--results", type=Path, default=HERE / "results.md")
-    ap.add_argument("--plot", type=Path, default=HERE / "results.png")
+    ap.add_argument("--results", type=Path, default=None, help="default bench/results.md (--quick: bench/work/)")
+    ap.add_argument("--plot", type=Path, default=None, help="default bench/results.png (--quick: bench/work/)")
     args = ap.parse_args()
+    # A quick run's numbers are not for quoting: they never replace the committed results by default.
+    out_dir = args.work if args.quick else HERE
+    args.results = args.results or out_dir / "results.md"
+    args.plot = args.plot or out_dir / "results.png"
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     # C: (min, max launches of each run length, seconds to aim for); in-process runs; cold-start launches.
