@@ -1,0 +1,117 @@
+"""The benchmark's baselines compute what they claim (no timing here: bench/ measures, tests check).
+
+A ratio in bench/results.md means something only if the PyTorch and ONNX Runtime loops
+follow the spec's generation semantics exactly as the C program does; these tests pin
+that down against the reference interpreter, and check the roofline's schedules.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from crystalc.ir import interpret
+from crystalc.model import model_from_graph
+from tests.conftest import FIXTURE_SHAPES, REPO, random_graph
+
+sys.path.insert(0, str(REPO / "bench"))
+import roofline  # noqa: E402
+import torch_gen  # noqa: E402
+import workload  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("shape", sorted(FIXTURE_SHAPES))
+def test_last_position_logits_match_the_interpreter(shape):
+    g = random_graph(shape, seed=3)
+    model = model_from_graph(g).eval()
+    ids = [i % g.config.vocab_size for i in range(3, 3 + g.config.n_ctx)]
+    want = interpret.forward(g, ids)
+    with torch.inference_mode():
+        got = torch_gen.forward_last(model, torch.tensor([ids])).numpy()
+        every = torch_gen.forward_all(model, torch.tensor([ids])).numpy()
+    # cdist's matrix-product distance rounds differently from the direct sum: float32 noise only.
+    np.testing.assert_allclose(got, want[-1], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(every, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", sorted(FIXTURE_SHAPES))
+def test_kv_cache_forward_matches_recompute(shape):
+    g = random_graph(shape, seed=5)
+    model = model_from_graph(g).eval()
+    t = g.config.n_ctx
+    ids = [(7 * i + 1) % g.config.vocab_size for i in range(t)]
+    with torch.inference_mode():
+        cache = torch_gen.KVCache(model)
+        torch_gen._forward_cached(model, cache, ids[:2], 0)
+        for p in range(2, t):
+            got = torch_gen._forward_cached(model, cache, [ids[p]], p).numpy()
+            want = torch_gen.forward_last(model, torch.tensor([ids[:p + 1]])).numpy()
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", sorted(FIXTURE_SHAPES))
+def test_generation_loops_follow_the_spec_window_semantics(shape):
+    g = random_graph(shape, seed=11)
+    model = model_from_graph(g).eval()
+    t, v = g.config.n_ctx, g.config.vocab_size
+    n = 3 * t + 2
+    for prompt in ([1], [(5 * i + 2) % v for i in range(t + 3)]):
+        for shift in sorted({1, 2, t}):
+            want = interpret.generate(g, prompt, n, shift)
+            assert list(torch_gen.generate_recompute(model, prompt, n, shift)) == want
+            assert list(torch_gen.generate_kv(model, prompt, n, shift)) == want
+            assert list(torch_gen.generate_full_logits(model, prompt, n, shift)) == want
+
+
+def test_onnx_export_generates_the_sliding_window(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    g = random_graph("d40_h5", seed=2)
+    model = model_from_graph(g).eval()
+    t = g.config.n_ctx
+    prompt = [(3 * i) % g.config.vocab_size for i in range(t)]
+    sess = torch_gen.ort_session(torch_gen.export_onnx(model, tmp_path / "m.onnx"))
+    assert list(torch_gen.generate_ort_window(sess, t, prompt, 2 * t)) == interpret.generate(g, prompt, 2 * t, 1)
+
+
+def test_schedules_cost_what_the_spec_says():
+    cfg = workload.CONFIG
+    t = cfg.n_ctx
+    for k in (1, 2, 32, t):
+        forwards, tokens = roofline.schedule("past-kv", cfg, k)
+        # The spec: amortised (T-K)/K recomputed positions plus one new position per token.
+        assert sum(s for _, s in forwards) / tokens == pytest.approx(t / k)
+        assert all(start + s <= t for start, s in forwards)
+    assert roofline.schedule("past-kv", cfg, 1) == roofline.schedule("past-recompute", cfg)
+    kv, _ = roofline.schedule("window-kv", cfg)
+    rec, _ = roofline.schedule("window-recompute", cfg)
+    assert [start + s for start, s in kv] == [s for _, s in rec]  # same last positions, same tokens
+
+
+def test_work_per_token():
+    cfg = workload.CONFIG
+    g = random_graph(dict(cfg.to_dict()), seed=0)
+    f32 = {x.name: x.nbytes for x in g.tensors()}
+    w_kv = roofline.work(cfg, f32, "window-kv")
+    w_rec = roofline.work(cfg, f32, "window-recompute")
+    w_past = roofline.work(cfg, f32, "past-recompute")
+    # The head's product dominates a single position; a whole window costs far more FLOPs, not bytes.
+    assert 2 * cfg.vocab_size * cfg.d_model < w_kv.flops < 2 * roofline.head_flops(cfg)
+    assert w_kv.flops < w_rec.flops < w_past.flops
+    assert w_kv.bytes == pytest.approx(w_past.bytes, rel=0.05)
+    # Every weight but the embeddings' unused rows is read once a forward.
+    head = f32["head.weight"] + f32["head.bias"]
+    assert head < w_kv.bytes < sum(f32.values())
+    all_logits = roofline.work(cfg, f32, "window-recompute", all_logits=True)
+    # Forwards of S = 2..64 positions run S - 1 extra heads each: 32 a token on average.
+    assert all_logits.flops - w_rec.flops == pytest.approx(roofline.head_flops(cfg) * 32, rel=1e-9)
+    rate, bound = roofline.roofline(w_kv, peak_flops=100e9, peak_bw=50e9)
+    assert bound == "memory" and rate == pytest.approx(50e9 / w_kv.bytes)
