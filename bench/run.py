@@ -150,7 +150,9 @@ def c_rates(builds: dict, prompt: list[int], n_short: int, n_long: int, shift: i
 
 
 def agreement(a: list[int], b: list[int]) -> str:
-    n = min(len(a), len(b))
+    if len(a) != len(b):
+        return f"different lengths: {len(a)} and {len(b)} tokens"
+    n = len(a)
     first = next((i for i in range(n) if a[i] != b[i]), None)
     return f"{n}/{n} identical" if first is None else f"first difference at token {first} of {n}"
 
