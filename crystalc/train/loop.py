@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from crystalc.config import ModelConfig
 from crystalc.errors import CrystalError
 from crystalc.model import CrystalLM, save_checkpoint
+from crystalc.tokenizer import Tokenizer
 from crystalc.train import data as D
 from crystalc.train.freezing import choose_frozen, soft_multiplier
 from crystalc.train.growth import hottest, remap_optimizer, split
@@ -201,7 +202,7 @@ def train(text: str, cfg: TrainConfig, out: str | None = None,
     tok = D.build_tokenizer(text, cfg.tokenizer)
     ids = D.encode(text, tok)
     train_ids, val_ids = D.split(ids, cfg.val_frac, cfg.n_ctx)
-    vocab = len(tok["chars"]) if tok["kind"] == "char" else D.Tokenizer(tok).vocab_size
+    vocab = Tokenizer(tok).vocab_size
     mcfg = ModelConfig.from_dict(dict(
         vocab_size=vocab, d_model=cfg.d_model, n_ctx=cfg.n_ctx, n_heads=cfg.n_heads, n_blocks=cfg.n_blocks,
         n_neurons=cfg.neurons, ffn_hidden=cfg.ffn_hidden or 2 * cfg.d_model, final_norm=cfg.final_norm,
@@ -274,7 +275,7 @@ def train(text: str, cfg: TrainConfig, out: str | None = None,
             point = _curve_point(step + 1, done, last_loss, val, model)
             run.curve.append(point)
             bar.set_postfix_str(f"loss {last_loss:.3f} val {val:.3f} neurons {sum(point['neurons'])} "
-                                f"frozen {point['frozen_pct']:.0f}%")
+                                f"frozen {point['frozen_pct']:.0f}%", refresh=False)
             if log is not None and not show and dd.rank == 0:
                 log(_fmt_point(point))
             if val < run.best_val - 1e-4 or math.isnan(run.best_val):
@@ -380,7 +381,7 @@ class _NoBar:
     def update(self, n: int) -> None:
         pass
 
-    def set_postfix_str(self, s: str) -> None:
+    def set_postfix_str(self, s: str, refresh: bool = True) -> None:
         pass
 
     def close(self) -> None:
