@@ -69,17 +69,12 @@ typedef struct {
 
 /* --- crystal_forward.c: the forward pass over any filled crystal_model ------------------- */
 
-/* Run state of one sequence: activations of the current position and the KV cache. */
+/* Run state of one sequence: the KV cache, activations, and the weights packed for the
+ * matrix products (transposed, dequantised, padded), all owned by crystal_forward.c. */
+struct crystal_work;
+
 typedef struct {
-    float *x;            /* [D] residual stream */
-    float *h;            /* [D] normalised input of the current sublayer */
-    float *q, *y, *f;    /* [D] query, attention output (heads concatenated), sublayer output */
-    float *hid;          /* [F] FFN hidden */
-    float *att;          /* [T] attention weights of one head */
-    float *fw;           /* [max N] neuron field weights */
-    float *row, *row2;   /* [max(V, F, D, T, N)] dequantised rows (weights, biases, scales) */
-    float *key_cache;    /* [L][T][D] */
-    float *value_cache;  /* [L][T][D] */
+    struct crystal_work *work;
     float *logits;       /* [V] */
 } crystal_state;
 
@@ -89,6 +84,11 @@ void crystal_state_free(crystal_state *s);
  * cache at `pos` (positions < pos must already be there); return the logits [V], or NULL
  * when want_logits is 0 (the head is skipped). */
 const float *crystal_forward(const crystal_model *m, crystal_state *s, int token, int pos, int want_logits);
+/* Feed current-vocabulary ids[0..n) at positions start..start+n-1 (start + n <= n_ctx) in one
+ * go (a prompt, or the window recomputed after a shift), filling the KV cache; return the
+ * logits [V] of the last of them, or NULL when want_logits is 0. */
+const float *crystal_forward_window(const crystal_model *m, crystal_state *s, const int32_t *ids, int start, int n,
+                                    int want_logits);
 /* Logits [n, V] of every position of `ids` (1 <= n <= n_ctx) into `out`; 0, or -1 on bad input. */
 int crystal_forward_sequence(const crystal_model *m, const int32_t *ids, int n, float *out);
 

@@ -336,8 +336,8 @@ int crystal_main(const crystal_model *m, int argc, char **argv) {
     int len = n < t ? n : t;
     memcpy(ctx, prompt + (n - len), (size_t)len * sizeof *ctx);
 
-    const float *logits = NULL;
-    for (int p = 0; p < len; p++) logits = crystal_forward(m, &s, ctx[p], p, p == len - 1);
+    /* the prompt in one go: its positions' products are matrix products */
+    const float *logits = crystal_forward_window(m, &s, ctx, 0, len, 1);
     if (o.logits) {
         for (int i = 0; i < v; i++) printf("%d %.9g\n", original_id(m, i), (double)logits[i]);
         goto done;
@@ -351,13 +351,16 @@ int crystal_main(const crystal_model *m, int argc, char **argv) {
         print_token(m, tok, text, i == 0);
         if (i + 1 == o.n_tokens) break;
         if (len == t) {
-            /* window full: drop the oldest K tokens and recompute the rest once */
+            /* window full: drop the oldest K tokens, then recompute the rest and the new
+             * token together (one batch of matrix products) */
             len -= (int)o.shift;
             memmove(ctx, ctx + o.shift, (size_t)len * sizeof *ctx);
-            for (int p = 0; p < len; p++) crystal_forward(m, &s, ctx[p], p, 0);
+            ctx[len] = tok;
+            logits = crystal_forward_window(m, &s, ctx, 0, len + 1, 1);
+        } else {
+            ctx[len] = tok;
+            logits = crystal_forward(m, &s, tok, len, 1);
         }
-        ctx[len] = tok;
-        logits = crystal_forward(m, &s, tok, len, 1);
         len++;
     }
     if (o.n_tokens > 0 || text) putchar('\n');

@@ -1,22 +1,88 @@
 /* crystal_forward.c: the forward pass of the spec (shared/spec/model.md) over a crystal_model.
  *
- * One position at a time with a KV cache, like llama2.c: crystal_forward() feeds one token
- * and mirrors the spec's formulas op by op; each function carries the name of the IR op it
- * computes (token_embedding, layer_norm, causal_attention, neuron_field, ffn, head).
+ * A forward computes a run of positions start .. start+n-1 together, with a KV cache for the
+ * positions before `start`: n = 1 is decoding one token, n > 1 a prompt or a window recompute
+ * after a shift. Each function carries the name of the IR op it computes (token_embedding,
+ * layer_norm, causal_attention, neuron_field, ffn, head).
  *
- * Weights are float32, or int8/int16 codes read as value = (float)code * scale + offset in
- * float32 (crystalc/ir/tensor.py dequantize). The multiply and the add are two roundings;
- * builds pass -ffp-contract=off so that no compiler fuses them. The dtype is switched on
- * once per row segment, never inside the inner loop, and the dot products keep eight
- * partial sums so that a compiler can vectorise them without reassociating anything.
+ * Why it is shaped this way (docs/backends.md has the measurements):
+ * - Over n positions every sublayer is a small matrix product (n x D x 3D for q/k/v, n x D x N
+ *   for the field's distances, n x N x D for its weighted sum, n x D x F and n x F x D for the
+ *   FFN). One kernel, `matmul`, computes them all from weights packed once at start-up:
+ *   transposed to [K][columns], dequantised to float32, zero-padded to whole register tiles,
+ *   so a tile of MR rows x NR columns stays in registers while K streams past and no dot
+ *   product needs a horizontal sum. n = 1 runs the same kernel with one row.
+ * - The head (V x D, the biggest matrix by far) is read in place, row by row, and only for
+ *   the positions whose logits are wanted (the last one, when generating): its rows are
+ *   dotted with h four at a time, float32 or integer codes, so it streams at memory speed.
+ * - exp (field weights, softmax) and erf (GELU) are small vectorisable polynomials instead of
+ *   libm calls, which no compiler vectorises without -ffast-math: fast_exp is within 2 ulp of
+ *   expf, fast_erf within 2e-7 of erf (absolute); both are far below the 1e-4 logit tolerance.
+ * - Multiply-adds use fmaf where the machine has a fused multiply-add (FP_FAST_FMAF), else
+ *   a * b + c. Builds pass -ffp-contract=off so that the compiler fuses nothing by itself:
+ *   a dequantised weight is (float)code * scale + offset with two roundings, as the IR has it.
  */
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "crystal.h"
 
-/* --- reading weights -------------------------------------------------------------------- */
+#ifdef FP_FAST_FMAF
+#define MADD(a, b, c) fmaf((a), (b), (c))
+#else
+#define MADD(a, b, c) ((a) * (b) + (c))
+#endif
+
+#define MR 4      /* rows of a matmul register tile */
+#define NR 32     /* columns of a matmul register tile: four AVX or two AVX-512 registers */
+#define ALIGN 64  /* bytes: every buffer starts on a cache line */
+
+static int round_up(int n, int m) { return (n + m - 1) / m * m; }
+
+/* --- fast elementwise functions ------------------------------------------------------------ */
+
+/* e^x for x <= 88: 2^k * e^r with k = round(x / ln 2) and |r| <= ln 2 / 2, e^r by its Taylor
+ * series to degree 7 (truncation below 6e-9 relative). Below -87.3 (where expf goes subnormal)
+ * it returns 0: the field's far neurons and masked scores, whose weight is nothing anyway. */
+static inline float fast_exp(float x) {
+    const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    float xc = x < -87.3f ? -87.3f : x > 88.0f ? 88.0f : x;
+    float k = (xc * 1.44269504f + shifter) - shifter;
+    float r = (xc - k * 0.693145752f) - k * 1.42860677e-6f; /* ln 2 in two parts: exact k * hi */
+    float p = 1.0f / 5040.0f;
+    p = MADD(p, r, 1.0f / 720.0f);
+    p = MADD(p, r, 1.0f / 120.0f);
+    p = MADD(p, r, 1.0f / 24.0f);
+    p = MADD(p, r, 1.0f / 6.0f);
+    p = MADD(p, r, 0.5f);
+    p = MADD(p, r, 1.0f);
+    p = MADD(p, r, 1.0f);
+    int32_t bits = ((int32_t)k + 127) * (1 << 23);
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return x < -87.3f ? 0.0f : p * scale;
+}
+
+/* erf(x) by Abramowitz & Stegun 7.1.26: 1 - t (a1 + t (a2 + ...)) e^{-x^2}, t = 1 / (1 + p|x|),
+ * absolute error below 1.5e-7 (plus float32 rounding), odd in x. */
+static inline float fast_erf(float x) {
+    float a = fabsf(x);
+    float t = 1.0f / (1.0f + 0.3275911f * a);
+    float y = 1.061405429f;
+    y = MADD(y, t, -1.453152027f);
+    y = MADD(y, t, 1.421413741f);
+    y = MADD(y, t, -0.284496736f);
+    y = MADD(y, t, 0.254829592f);
+    float e = 1.0f - y * t * fast_exp(-a * a);
+    return x < 0.0f ? -e : e;
+}
+
+/* GELU in its exact erf form: 0.5 x (1 + erf(x / sqrt 2)) */
+static inline float gelu(float x) { return 0.5f * x * (1.0f + fast_erf(x * 0.707106781f)); }
+
+/* --- reading weights ----------------------------------------------------------------------- */
 
 /* Columns that share one scale: the group under CRYSTAL_Q_GROUP, else the whole row. */
 static int segment_width(const crystal_tensor *t) {
@@ -32,10 +98,425 @@ static void quant_params(const crystal_tensor *t, int r, int g, int n_segments, 
     *offset = t->offset ? t->offset[i] : 0.0f;
 }
 
-/* Partial sums per dot product: 16 floats fill one AVX-512 register or two AVX ones, and
- * were the fastest choice measured with gcc -O2/-O3 (with and without -march=native) and
- * clang; 8 lets gcc -O3 -march=native vectorise the wrong loop and run 5x slower. */
-#define LANES 16
+/* Row r as float32 values into out[cols]: each code read as (float)code * scale + offset,
+ * exactly crystalc.ir.tensor.dequantize. */
+static void row_values(const crystal_tensor *t, int r, float *out) {
+    size_t base = (size_t)r * (size_t)t->cols;
+    if (t->dtype == CRYSTAL_F32) {
+        memcpy(out, (const float *)t->data + base, (size_t)t->cols * sizeof *out);
+        return;
+    }
+    int width = segment_width(t);
+    int n_segments = (t->cols + width - 1) / width;
+    for (int g = 0; g < n_segments; g++) {
+        int c0 = g * width, c1 = c0 + width < t->cols ? c0 + width : t->cols;
+        float s, o;
+        quant_params(t, r, g, n_segments, &s, &o);
+        if (t->dtype == CRYSTAL_I8) {
+            const int8_t *code = (const int8_t *)t->data + base;
+            for (int c = c0; c < c1; c++) out[c] = (float)code[c] * s + o;
+        } else {
+            const int16_t *code = (const int16_t *)t->data + base;
+            for (int c = c0; c < c1; c++) out[c] = (float)code[c] * s + o;
+        }
+    }
+}
+
+/* --- the state: packed weights and activations, carved from one allocation ----------------- */
+
+/* A weight matrix W [cols][K] of the model stored as its transpose [K][ld]: row k holds
+ * W[0..cols)[k], then zeros up to ld = cols rounded up to NR. */
+typedef struct {
+    float *w;
+    int k, cols, ld;
+} packed;
+
+typedef struct {
+    float *ln1_w, *ln1_b, *ln2_w, *ln2_b, *ln3_w, *ln3_b;
+    packed qkv;                 /* q, k and v projections side by side: [D][3D] */
+    float *qkv_b;               /* [3D] */
+    packed out;                 /* [D][D] */
+    float *out_b;
+    packed positions;           /* field neuron positions, transposed: [D][N] */
+    float *denominator;         /* [N] |tau_j| + 0.1 */
+    packed values;              /* field values as they are: [N][D] (K = N) */
+    packed fc1, fc2;            /* [D][F], [F][D] */
+    float *fc1_b, *fc2_b;
+} block_weights;
+
+struct crystal_work {
+    char *arena;                /* every pointer below points into it */
+    block_weights *blocks;
+    float *lnf_w, *lnf_b, *head_b;
+    int d, t, t_pad, kv_ld;
+    float *x, *h, *y, *f;       /* [T][D] residual, sublayer input, attention output, sublayer output */
+    float *qkv;                 /* [T][3D] */
+    float *hid;                 /* [T][F] */
+    float *fw;                  /* [T][max N] field weights */
+    float *att;                 /* [T][T_pad] attention scores, then weights */
+    float *row;                 /* [max(V, D, F, N, T)] one dequantised row */
+    float *key_t;               /* [L][D][T_pad] keys, transposed: one head's scores are a matmul */
+    float *value;               /* [L][T][kv_ld] values */
+};
+
+/* Bump allocation from the arena; with arena == NULL it only counts. */
+static void *take(char *arena, size_t *used, size_t bytes) {
+    void *p = arena ? arena + *used : NULL;
+    *used += (bytes + ALIGN - 1) / ALIGN * ALIGN;
+    return p;
+}
+
+#define TAKE(n) take(arena, used, (size_t)(n) * sizeof(float))
+
+/* W [cols][k] -> packed [k][round_up(cols, NR)] (dequantised, zero padded); tensors side by
+ * side when several share one product (q, k, v). */
+static packed pack_transposed(char *arena, size_t *used, const crystal_tensor *const *ws, int n_ws, float *row) {
+    packed p = {NULL, ws[0]->cols, 0, 0};
+    for (int i = 0; i < n_ws; i++) p.cols += ws[i]->rows;
+    p.ld = round_up(p.cols, NR);
+    p.w = TAKE((size_t)p.k * p.ld);
+    if (!arena) return p;
+    memset(p.w, 0, (size_t)p.k * p.ld * sizeof(float));
+    int c0 = 0;
+    for (int i = 0; i < n_ws; i++) {
+        for (int r = 0; r < ws[i]->rows; r++) {
+            row_values(ws[i], r, row);
+            for (int k = 0; k < p.k; k++) p.w[(size_t)k * p.ld + c0 + r] = row[k];
+        }
+        c0 += ws[i]->rows;
+    }
+    return p;
+}
+
+/* W [k][cols] as it is -> packed [k][round_up(cols, NR)] */
+static packed pack_rows(char *arena, size_t *used, const crystal_tensor *w) {
+    packed p = {NULL, w->rows, w->cols, round_up(w->cols, NR)};
+    p.w = TAKE((size_t)p.k * p.ld);
+    if (!arena) return p;
+    memset(p.w, 0, (size_t)p.k * p.ld * sizeof(float));
+    for (int r = 0; r < w->rows; r++) row_values(w, r, p.w + (size_t)r * p.ld);
+    return p;
+}
+
+static float *vector(char *arena, size_t *used, const crystal_tensor *t) {
+    float *v = TAKE(t->cols);
+    if (arena) row_values(t, 0, v);
+    return v;
+}
+
+/* Lay out (arena == NULL: only measure) the packed weights and the buffers. */
+static void layout(const crystal_model *m, struct crystal_work *w, char *arena, size_t *used) {
+    int d = m->d_model, t = m->n_ctx, f = m->ffn_hidden, n_max = 1, big = m->vocab_size;
+    for (int b = 0; b < m->n_blocks; b++)
+        if (m->blocks[b].field.n_neurons > n_max) n_max = m->blocks[b].field.n_neurons;
+    if (f > big) big = f;
+    if (d > big) big = d;
+    if (t > big) big = t;
+    if (n_max > big) big = n_max;
+    w->d = d;
+    w->t = t;
+    w->t_pad = round_up(t, NR);
+    w->kv_ld = d + NR; /* a head's last tile may read NR columns past its start */
+    w->row = TAKE(big);
+    w->blocks = take(arena, used, (size_t)m->n_blocks * sizeof *w->blocks);
+    for (int b = 0; b < m->n_blocks; b++) {
+        const crystal_block *blk = &m->blocks[b];
+        block_weights bw;
+        bw.ln1_w = vector(arena, used, &blk->ln1.weight);
+        bw.ln1_b = vector(arena, used, &blk->ln1.bias);
+        bw.ln2_w = vector(arena, used, &blk->ln2.weight);
+        bw.ln2_b = vector(arena, used, &blk->ln2.bias);
+        bw.ln3_w = vector(arena, used, &blk->ln3.weight);
+        bw.ln3_b = vector(arena, used, &blk->ln3.bias);
+        const crystal_tensor *qkv[3] = {&blk->attn.q_weight, &blk->attn.k_weight, &blk->attn.v_weight};
+        bw.qkv = pack_transposed(arena, used, qkv, 3, w->row);
+        bw.qkv_b = TAKE(3 * d);
+        if (arena) {
+            row_values(&blk->attn.q_bias, 0, bw.qkv_b);
+            row_values(&blk->attn.k_bias, 0, bw.qkv_b + d);
+            row_values(&blk->attn.v_bias, 0, bw.qkv_b + 2 * d);
+        }
+        const crystal_tensor *out = &blk->attn.out_weight;
+        bw.out = pack_transposed(arena, used, &out, 1, w->row);
+        bw.out_b = vector(arena, used, &blk->attn.out_bias);
+        const crystal_neuron_field *nf = &blk->field;
+        packed none = {NULL, 0, 0, 0};
+        bw.positions = bw.values = none;
+        bw.denominator = NULL;
+        if (nf->n_neurons > 0) {
+            const crystal_tensor *pos = &nf->positions;
+            bw.positions = pack_transposed(arena, used, &pos, 1, w->row);
+            bw.values = pack_rows(arena, used, &nf->values);
+            bw.denominator = vector(arena, used, &nf->temperature);
+            if (arena)
+                for (int j = 0; j < nf->n_neurons; j++) bw.denominator[j] = fabsf(bw.denominator[j]) + 0.1f;
+        }
+        const crystal_tensor *fc1 = &blk->ffn.fc1_weight, *fc2 = &blk->ffn.fc2_weight;
+        bw.fc1 = pack_transposed(arena, used, &fc1, 1, w->row);
+        bw.fc1_b = vector(arena, used, &blk->ffn.fc1_bias);
+        bw.fc2 = pack_transposed(arena, used, &fc2, 1, w->row);
+        bw.fc2_b = vector(arena, used, &blk->ffn.fc2_bias);
+        if (arena) w->blocks[b] = bw;
+    }
+    w->lnf_w = w->lnf_b = NULL;
+    if (m->final_norm) {
+        w->lnf_w = vector(arena, used, &m->ln_f.weight);
+        w->lnf_b = vector(arena, used, &m->ln_f.bias);
+    }
+    w->head_b = vector(arena, used, &m->head_bias);
+    w->x = TAKE((size_t)t * d);
+    w->h = TAKE((size_t)t * d);
+    w->y = TAKE((size_t)t * d);
+    w->f = TAKE((size_t)t * d);
+    w->qkv = TAKE((size_t)t * 3 * d);
+    w->hid = TAKE((size_t)t * f);
+    w->fw = TAKE((size_t)t * round_up(n_max, NR));
+    w->att = TAKE((size_t)t * w->t_pad);
+    w->key_t = TAKE((size_t)m->n_blocks * d * w->t_pad);
+    w->value = TAKE((size_t)m->n_blocks * t * w->kv_ld);
+    /* the cache's padding is read (and multiplied by zero attention weights): it must be numbers */
+    if (arena) {
+        memset(w->key_t, 0, (size_t)m->n_blocks * d * w->t_pad * sizeof(float));
+        memset(w->value, 0, (size_t)m->n_blocks * t * w->kv_ld * sizeof(float));
+    }
+}
+
+int crystal_state_init(crystal_state *s, const crystal_model *m) {
+    memset(s, 0, sizeof *s);
+    struct crystal_work probe, *w = calloc(1, sizeof *w);
+    size_t used = 0;
+    layout(m, &probe, NULL, &used);
+    float *logits = calloc((size_t)m->vocab_size, sizeof(float));
+    char *raw = w && logits ? malloc(used + ALIGN) : NULL;
+    if (!raw) {
+        free(w);
+        free(logits);
+        return -1;
+    }
+    w->arena = raw;
+    char *arena = raw + (ALIGN - (uintptr_t)raw % ALIGN) % ALIGN;
+    used = 0;
+    layout(m, w, arena, &used);
+    s->work = w;
+    s->logits = logits;
+    return 0;
+}
+
+void crystal_state_free(crystal_state *s) {
+    if (s->work) free(s->work->arena);
+    free(s->work);
+    free(s->logits);
+    memset(s, 0, sizeof *s);
+}
+
+/* --- matmul: the one kernel behind every product over positions ----------------------------- */
+
+/* c[i][j] = sum_k a[i][k] * b[k][j] (+ bias[j]) for i < rows, j < b->cols: a row-major with
+ * lda, c with ldc. Tiles of MR rows x NR columns are summed in registers over the whole of K;
+ * the packed b's zero padding lets every tile read NR columns. */
+#define TILE_LOOP(R)                                                                           \
+    for (int k = 0; k < kk; k++) {                                                            \
+        const float *restrict bk = b + (size_t)k * ldb;                                       \
+        for (int r = 0; r < (R); r++) {                                                       \
+            float ar = a[(size_t)r * lda + k];                                                \
+            for (int j = 0; j < NR; j++) acc[r][j] = MADD(ar, bk[j], acc[r][j]);              \
+        }                                                                                     \
+    }
+
+static void tile(const float *restrict a, int lda, const float *restrict b, int ldb, int kk, int rows, int cols,
+                 const float *bias, float *restrict c, int ldc) {
+    float acc[MR][NR] = {{0}};
+    if (rows == MR) {
+        TILE_LOOP(MR)
+    } else {
+        for (int r = 0; r < rows; r++) {
+            float a1[NR] = {0};
+            const float *ar = a + (size_t)r * lda;
+            for (int k = 0; k < kk; k++) {
+                const float *restrict bk = b + (size_t)k * ldb;
+                for (int j = 0; j < NR; j++) a1[j] = MADD(ar[k], bk[j], a1[j]);
+            }
+            memcpy(acc[r], a1, sizeof a1);
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        float *cr = c + (size_t)r * ldc;
+        if (bias)
+            for (int j = 0; j < cols; j++) cr[j] = acc[r][j] + bias[j];
+        else
+            for (int j = 0; j < cols; j++) cr[j] = acc[r][j];
+    }
+}
+
+/* b: K rows of at least round_up(cols, NR) readable floats, ldb apart */
+static void matmul_raw(const float *a, int lda, int rows, const float *b, int ldb, int kk, int cols, const float *bias,
+                       float *c, int ldc) {
+    for (int j = 0; j < cols; j += NR) {
+        int w = cols - j < NR ? cols - j : NR;
+        for (int i = 0; i < rows; i += MR) {
+            int h = rows - i < MR ? rows - i : MR;
+            tile(a + (size_t)i * lda, lda, b + j, ldb, kk, h, w, bias ? bias + j : NULL, c + (size_t)i * ldc + j,
+                 ldc);
+        }
+    }
+}
+
+static void matmul(const float *a, int lda, int rows, const packed *b, const float *bias, float *c, int ldc) {
+    matmul_raw(a, lda, rows, b->w, b->ld, b->k, b->cols, bias, c, ldc);
+}
+
+/* --- the ops ------------------------------------------------------------------------------- */
+
+/* token_embedding + position_embedding: x[i] = E[ids[i]] + P[start + i] */
+static void token_embedding(const crystal_model *m, struct crystal_work *w, const int32_t *ids, int start, int n) {
+    int d = w->d;
+    for (int i = 0; i < n; i++) {
+        float *x = w->x + (size_t)i * d;
+        row_values(&m->token_embed, ids[i], x);
+        row_values(&m->pos_embed, start + i, w->row);
+        for (int k = 0; k < d; k++) x[k] += w->row[k];
+    }
+}
+
+/* layer_norm of n rows: (x - mean) / sqrt(var + eps) * weight + bias, biased variance over D,
+ * the statistics summed in double */
+static void layer_norm(const crystal_model *m, const float *wt, const float *bs, const float *x, float *out, int n) {
+    int d = m->d_model;
+    for (int i = 0; i < n; i++) {
+        const float *xi = x + (size_t)i * d;
+        float *oi = out + (size_t)i * d;
+        double sum = 0.0;
+        for (int k = 0; k < d; k++) sum += xi[k];
+        float mean = (float)(sum / d);
+        double sq = 0.0;
+        for (int k = 0; k < d; k++) {
+            float c = xi[k] - mean;
+            sq += (double)(c * c);
+        }
+        float sd = sqrtf((float)(sq / d) + m->ln_eps);
+        for (int k = 0; k < d; k++) oi[k] = (xi[k] - mean) / sd * wt[k] + bs[k];
+    }
+}
+
+/* causal_attention of positions start..start+n-1 (rows of w->h) in block `layer`, writing
+ * their keys and values into the cache first: w->f = Attn(w->h) */
+static void causal_attention(const crystal_model *m, struct crystal_work *w, const block_weights *bw, int layer,
+                             int start, int n) {
+    int d = w->d, n_heads = m->n_heads, hd = d / n_heads, ctx = start + n, tp = w->t_pad;
+    float *key_t = w->key_t + (size_t)layer * d * tp;
+    float *value = w->value + (size_t)layer * w->t * w->kv_ld;
+    matmul(w->h, d, n, &bw->qkv, bw->qkv_b, w->qkv, 3 * d);
+    for (int i = 0; i < n; i++) {
+        const float *k = w->qkv + (size_t)i * 3 * d + d, *v = k + d;
+        for (int c = 0; c < d; c++) key_t[(size_t)c * tp + start + i] = k[c];
+        memcpy(value + (size_t)(start + i) * w->kv_ld, v, (size_t)d * sizeof(float));
+    }
+    float scale = (float)sqrt((double)hd);
+    for (int head = 0; head < n_heads; head++) {
+        /* scores of every query against every cached key (the causal mask is applied below) */
+        matmul_raw(w->qkv + head * hd, 3 * d, n, key_t + (size_t)head * hd * tp, tp, hd, ctx, NULL, w->att, tp);
+        for (int i = 0; i < n; i++) {
+            float *att = w->att + (size_t)i * tp;
+            int keys = start + i + 1; /* position start+i sees positions 0..start+i */
+            float max = -INFINITY;
+            for (int t = 0; t < keys; t++) {
+                att[t] = att[t] / scale;
+                max = att[t] > max ? att[t] : max;
+            }
+            float sum = 0.0f;
+            for (int t = 0; t < keys; t++) {
+                att[t] = fast_exp(att[t] - max);
+                sum += att[t];
+            }
+            for (int t = 0; t < keys; t++) att[t] = att[t] / sum;
+            for (int t = keys; t < ctx; t++) att[t] = 0.0f;
+        }
+        matmul_raw(w->att, tp, n, value + head * hd, w->kv_ld, ctx, hd, NULL, w->y + head * hd, d);
+    }
+    matmul(w->y, d, n, &bw->out, bw->out_b, w->f, d);
+}
+
+/* Squared distances of one tile of rows of h to NR neurons (columns of the transposed
+ * positions), in the spec's direct form sum_k (h_k - p_k)^2. */
+static void sqdist_tile(const float *restrict h, int d, int rows, const float *restrict pt, int ldp,
+                        float acc[MR][NR]) {
+    memset(acc, 0, sizeof(float) * MR * NR);
+    if (rows == MR) {
+        for (int k = 0; k < d; k++) {
+            const float *restrict pk = pt + (size_t)k * ldp;
+            for (int r = 0; r < MR; r++) {
+                float hr = h[(size_t)r * d + k];
+                for (int j = 0; j < NR; j++) {
+                    float e = hr - pk[j];
+                    acc[r][j] = MADD(e, e, acc[r][j]);
+                }
+            }
+        }
+    } else {
+        for (int r = 0; r < rows; r++) {
+            float a1[NR] = {0};
+            for (int k = 0; k < d; k++) {
+                const float *restrict pk = pt + (size_t)k * ldp;
+                float hr = h[(size_t)r * d + k];
+                for (int j = 0; j < NR; j++) {
+                    float e = hr - pk[j];
+                    a1[j] = MADD(e, e, a1[j]);
+                }
+            }
+            memcpy(acc[r], a1, sizeof a1);
+        }
+    }
+}
+
+/* neuron_field of n rows of w->h: w->f = sum_j w_j val_j, w_j = exp(-|h - pos_j| / (|tau_j| + 0.1)),
+ * normalised to sum 1 (plus eps) when field_norm. Distance, sqrt and exp are one pass over
+ * register tiles; the weighted sum of the values is a matmul. */
+static void neuron_field(const crystal_model *m, struct crystal_work *w, const block_weights *bw,
+                         const crystal_neuron_field *nf, int n) {
+    int d = w->d, nn = nf->n_neurons;
+    if (nn == 0) {
+        memset(w->f, 0, (size_t)n * d * sizeof(float));
+        return;
+    }
+    int ldw = round_up(nn, NR);
+    float acc[MR][NR];
+    for (int j = 0; j < nn; j += NR) {
+        int cols = nn - j < NR ? nn - j : NR;
+        const float *den = bw->denominator + j;
+        for (int i = 0; i < n; i += MR) {
+            int rows = n - i < MR ? n - i : MR;
+            sqdist_tile(w->h + (size_t)i * d, d, rows, bw->positions.w + j, bw->positions.ld, acc);
+            for (int r = 0; r < rows; r++) {
+                float *out = w->fw + (size_t)(i + r) * ldw + j;
+                for (int c = 0; c < cols; c++) out[c] = fast_exp(-sqrtf(acc[r][c]) / den[c]);
+            }
+        }
+    }
+    if (m->field_norm)
+        for (int i = 0; i < n; i++) {
+            float *fw = w->fw + (size_t)i * ldw, total = 0.0f;
+            for (int j = 0; j < nn; j++) total += fw[j];
+            float denom = total + m->field_eps;
+            for (int j = 0; j < nn; j++) fw[j] = fw[j] / denom;
+        }
+    matmul(w->fw, ldw, n, &bw->values, NULL, w->f, d);
+}
+
+/* ffn of n rows: w->f = fc2(GELU(fc1(h))) */
+static void ffn(const crystal_model *m, struct crystal_work *w, const block_weights *bw, int n) {
+    int f = m->ffn_hidden;
+    matmul(w->h, w->d, n, &bw->fc1, bw->fc1_b, w->hid, f);
+    for (size_t i = 0; i < (size_t)n * f; i++) w->hid[i] = gelu(w->hid[i]);
+    matmul(w->hid, f, n, &bw->fc2, bw->fc2_b, w->f, w->d);
+}
+
+static void residual_add(float *restrict x, const float *restrict f, size_t n) {
+    for (size_t i = 0; i < n; i++) x[i] += f[i];
+}
+
+/* --- head: logits = h W^T + b, W [V][D] read in place (the token embedding when tied) -------- */
+
+#define LANES 16 /* partial sums per row: one AVX-512 register, two AVX ones */
 
 /* the partial sums added pairwise, in a fixed order */
 static float sum_lanes(const float *a) {
@@ -44,37 +525,26 @@ static float sum_lanes(const float *a) {
     return ((b[0] + b[4]) + (b[2] + b[6])) + ((b[1] + b[5]) + (b[3] + b[7]));
 }
 
-static float dot_f32(const float *w, const float *x, int n) {
-    float a[LANES] = {0};
-    int i = 0;
-    for (; i + LANES <= n; i += LANES)
-        for (int k = 0; k < LANES; k++) a[k] += w[i + k] * x[i + k];
-    float acc = sum_lanes(a);
-    for (; i < n; i++) acc += w[i] * x[i];
-    return acc;
-}
-
-/* Four rows (`stride` floats apart) dotted with x at once: x is read once for the four, and
- * four independent chains of additions keep the adders busy. Each row's sum is formed in the
- * same order as dot_f32, so the results are the same bits. */
-static void dot4_f32(const float *w, size_t stride, const float *x, int n, float *out) {
+/* Four float32 rows (`stride` apart) dotted with x[n]: x is read once for the four, and four
+ * independent chains keep the adders busy. */
+static void dot4_f32(const float *restrict w, size_t stride, const float *restrict x, int n, float *out) {
     const float *w0 = w, *w1 = w + stride, *w2 = w + 2 * stride, *w3 = w + 3 * stride;
     float a0[LANES] = {0}, a1[LANES] = {0}, a2[LANES] = {0}, a3[LANES] = {0};
     int i = 0;
     for (; i + LANES <= n; i += LANES)
         for (int k = 0; k < LANES; k++) {
             float xi = x[i + k];
-            a0[k] += w0[i + k] * xi;
-            a1[k] += w1[i + k] * xi;
-            a2[k] += w2[i + k] * xi;
-            a3[k] += w3[i + k] * xi;
+            a0[k] = MADD(w0[i + k], xi, a0[k]);
+            a1[k] = MADD(w1[i + k], xi, a1[k]);
+            a2[k] = MADD(w2[i + k], xi, a2[k]);
+            a3[k] = MADD(w3[i + k], xi, a3[k]);
         }
     float s0 = sum_lanes(a0), s1 = sum_lanes(a1), s2 = sum_lanes(a2), s3 = sum_lanes(a3);
     for (; i < n; i++) {
-        s0 += w0[i] * x[i];
-        s1 += w1[i] * x[i];
-        s2 += w2[i] * x[i];
-        s3 += w3[i] * x[i];
+        s0 = MADD(w0[i], x[i], s0);
+        s1 = MADD(w1[i], x[i], s1);
+        s2 = MADD(w2[i], x[i], s2);
+        s3 = MADD(w3[i], x[i], s3);
     }
     out[0] = s0;
     out[1] = s1;
@@ -82,314 +552,125 @@ static void dot4_f32(const float *w, size_t stride, const float *x, int n, float
     out[3] = s3;
 }
 
-/* The same dot product over integer codes, each dequantised exactly as the IR does. */
-#define DEFINE_DOT_INT(NAME, CODE)                                              \
-    static float NAME(const CODE *c, float s, float o, const float *x, int n) { \
-        float a[LANES] = {0};                                                   \
-        int i = 0;                                                              \
-        for (; i + LANES <= n; i += LANES)                                      \
-            for (int k = 0; k < LANES; k++) a[k] += ((float)c[i + k] * s + o) * x[i + k]; \
-        float acc = sum_lanes(a);                                               \
-        for (; i < n; i++) acc += ((float)c[i] * s + o) * x[i];                 \
-        return acc;                                                             \
+/* The same for integer codes: sum_k code_k x_k, the codes converted to float exactly. The
+ * scale and offset are applied once per row segment by the caller:
+ * sum_k (code_k s + o) x_k = s sum_k code_k x_k + o sum_k x_k, the same sum rounded differently
+ * (a few ulp), and a quarter of the arithmetic. */
+#define DEFINE_DOT4_INT(NAME, CODE)                                                            \
+    static void NAME(const CODE *restrict c, size_t stride, const float *restrict x, int n, float *out) { \
+        const CODE *c0 = c, *c1 = c + stride, *c2 = c + 2 * stride, *c3 = c + 3 * stride;    \
+        float a0[LANES] = {0}, a1[LANES] = {0}, a2[LANES] = {0}, a3[LANES] = {0};             \
+        int i = 0;                                                                            \
+        for (; i + LANES <= n; i += LANES)                                                    \
+            for (int k = 0; k < LANES; k++) {                                                 \
+                float xi = x[i + k];                                                          \
+                a0[k] = MADD((float)c0[i + k], xi, a0[k]);                                    \
+                a1[k] = MADD((float)c1[i + k], xi, a1[k]);                                    \
+                a2[k] = MADD((float)c2[i + k], xi, a2[k]);                                    \
+                a3[k] = MADD((float)c3[i + k], xi, a3[k]);                                    \
+            }                                                                                 \
+        float s0 = sum_lanes(a0), s1 = sum_lanes(a1), s2 = sum_lanes(a2), s3 = sum_lanes(a3); \
+        for (; i < n; i++) {                                                                  \
+            s0 = MADD((float)c0[i], x[i], s0);                                                \
+            s1 = MADD((float)c1[i], x[i], s1);                                                \
+            s2 = MADD((float)c2[i], x[i], s2);                                                \
+            s3 = MADD((float)c3[i], x[i], s3);                                                \
+        }                                                                                     \
+        out[0] = s0;                                                                          \
+        out[1] = s1;                                                                          \
+        out[2] = s2;                                                                          \
+        out[3] = s3;                                                                          \
     }
-DEFINE_DOT_INT(dot_i8, int8_t)
-DEFINE_DOT_INT(dot_i16, int16_t)
+DEFINE_DOT4_INT(dot4_i8, int8_t)
+DEFINE_DOT4_INT(dot4_i16, int16_t)
 
-/* Row r of a weight matrix, dotted with x[cols]. */
-static float row_dot(const crystal_tensor *t, int r, const float *x) {
-    size_t base = (size_t)r * (size_t)t->cols;
-    if (t->dtype == CRYSTAL_F32) return dot_f32((const float *)t->data + base, x, t->cols);
-    int width = segment_width(t);
-    int n_segments = (t->cols + width - 1) / width;
-    float acc = 0.0f;
-    for (int g = 0; g < n_segments; g++) {
-        int c0 = g * width;
-        int n = t->cols - c0 < width ? t->cols - c0 : width;
-        float s, o;
-        quant_params(t, r, g, n_segments, &s, &o);
-        if (t->dtype == CRYSTAL_I8) acc += dot_i8((const int8_t *)t->data + base + c0, s, o, x + c0, n);
-        else acc += dot_i16((const int16_t *)t->data + base + c0, s, o, x + c0, n);
-    }
-    return acc;
+/* rows r..r+3 of w (columns c0..c0+n-1) dotted with x[c0..c0+n) */
+static void dot4(const crystal_tensor *t, int r, int c0, int n, const float *x, float *out) {
+    size_t base = (size_t)r * (size_t)t->cols + (size_t)c0, stride = (size_t)t->cols;
+    if (t->dtype == CRYSTAL_F32) dot4_f32((const float *)t->data + base, stride, x + c0, n, out);
+    else if (t->dtype == CRYSTAL_I8) dot4_i8((const int8_t *)t->data + base, stride, x + c0, n, out);
+    else dot4_i16((const int16_t *)t->data + base, stride, x + c0, n, out);
 }
 
-/* Columns c0 .. c0+n-1 of row r as float32 values; returns a pointer to them (into the
- * weights themselves when float32, else into `out`, which receives n values). */
-static const float *row_range(const crystal_tensor *t, int r, int c0, int n, float *out) {
-    size_t base = (size_t)r * (size_t)t->cols;
-    if (t->dtype == CRYSTAL_F32) return (const float *)t->data + base + c0;
-    int width = segment_width(t);
-    int n_segments = (t->cols + width - 1) / width;
-    for (int c = c0; c < c0 + n;) {
-        int g = c / width;
-        int end = (g + 1) * width < c0 + n ? (g + 1) * width : c0 + n;
-        float s, o;
-        quant_params(t, r, g, n_segments, &s, &o);
-        if (t->dtype == CRYSTAL_I8) {
-            const int8_t *code = (const int8_t *)t->data + base;
-            for (; c < end; c++) out[c - c0] = (float)code[c] * s + o;
-        } else {
-            const int16_t *code = (const int16_t *)t->data + base;
-            for (; c < end; c++) out[c - c0] = (float)code[c] * s + o;
+/* logits[V] = W h + b for one row h[D] */
+static void head(const crystal_model *m, struct crystal_work *w, const float *h, float *logits) {
+    const crystal_tensor *t = m->tie_head ? &m->token_embed : &m->head_weight;
+    int rows = t->rows, cols = t->cols;
+    int width = t->dtype == CRYSTAL_F32 ? cols : segment_width(t);
+    int n_segments = (cols + width - 1) / width;
+    float part[4];
+    for (int r = 0; r < rows; r += 4) {
+        int r0 = r + 4 <= rows ? r : rows - 4; /* the last four rows overlap when V % 4 != 0 */
+        if (r0 < 0) {                           /* fewer than four rows: one at a time */
+            for (int i = 0; i < rows; i++) {
+                row_values(t, i, w->row);
+                float acc = 0.0f;
+                for (int k = 0; k < cols; k++) acc = MADD(w->row[k], h[k], acc);
+                logits[i] = acc + w->head_b[i];
+            }
+            return;
         }
-    }
-    return out;
-}
-
-/* Row r as float32 values. */
-static const float *row_values(const crystal_tensor *t, int r, float *out) { return row_range(t, r, 0, t->cols, out); }
-
-/* out[rows] = W x + b; `scratch` holds the dequantised bias. */
-static void linear(const crystal_tensor *w, const crystal_tensor *b, const float *x, float *out, float *scratch) {
-    int r = 0;
-    if (w->dtype == CRYSTAL_F32)
-        for (; r + 4 <= w->rows; r += 4)
-            dot4_f32((const float *)w->data + (size_t)r * (size_t)w->cols, (size_t)w->cols, x, w->cols, out + r);
-    for (; r < w->rows; r++) out[r] = row_dot(w, r, x);
-    const float *bias = row_values(b, 0, scratch);
-    for (r = 0; r < w->rows; r++) out[r] += bias[r];
-}
-
-/* --- the ops ---------------------------------------------------------------------------- */
-
-/* token_embedding + position_embedding: x = E[token] + P[pos] */
-static void token_embedding(const crystal_model *m, crystal_state *s, int token, int pos) {
-    const float *e = row_values(&m->token_embed, token, s->row);
-    const float *p = row_values(&m->pos_embed, pos, s->row2);
-    for (int i = 0; i < m->d_model; i++) s->x[i] = e[i] + p[i];
-}
-
-/* layer_norm: (x - mean) / sqrt(var + eps) * weight + bias, biased variance over D */
-static void layer_norm(const crystal_model *m, crystal_state *s, const crystal_layer_norm *ln, const float *x,
-                       float *out) {
-    int d = m->d_model;
-    double sum = 0.0;
-    for (int i = 0; i < d; i++) sum += x[i];
-    float mean = (float)(sum / d);
-    double sq = 0.0;
-    for (int i = 0; i < d; i++) {
-        float c = x[i] - mean;
-        sq += (double)(c * c);
-    }
-    float sd = sqrtf((float)(sq / d) + m->ln_eps);
-    const float *w = row_values(&ln->weight, 0, s->row);
-    const float *b = row_values(&ln->bias, 0, s->row2);
-    for (int i = 0; i < d; i++) out[i] = (x[i] - mean) / sd * w[i] + b[i];
-}
-
-/* causal_attention of position pos over positions 0..pos of block `layer`: s->f = Attn(s->h) */
-static void causal_attention(const crystal_model *m, crystal_state *s, const crystal_causal_attention *a, int layer,
-                             int pos) {
-    int d = m->d_model, n_heads = m->n_heads, hd = d / n_heads;
-    size_t layer_off = (size_t)layer * (size_t)m->n_ctx * (size_t)d;
-    float *key = s->key_cache + layer_off + (size_t)pos * d;
-    float *value = s->value_cache + layer_off + (size_t)pos * d;
-    linear(&a->q_weight, &a->q_bias, s->h, s->q, s->row);
-    linear(&a->k_weight, &a->k_bias, s->h, key, s->row);
-    linear(&a->v_weight, &a->v_bias, s->h, value, s->row);
-    float scale = (float)sqrt((double)hd);
-    for (int head = 0; head < n_heads; head++) {
-        const float *q = s->q + head * hd;
-        float max = -INFINITY;
-        const float *keys = s->key_cache + layer_off + head * hd;
-        int t = 0;
-        for (; t + 4 <= pos + 1; t += 4) dot4_f32(keys + (size_t)t * d, (size_t)d, q, hd, s->att + t);
-        for (; t <= pos; t++) s->att[t] = dot_f32(q, keys + (size_t)t * d, hd);
-        for (t = 0; t <= pos; t++) {
-            float score = s->att[t] / scale;
-            s->att[t] = score;
-            if (score > max) max = score;
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int g = 0; g < n_segments; g++) {
+            int c0 = g * width, n = cols - c0 < width ? cols - c0 : width;
+            dot4(t, r0, c0, n, h, part);
+            if (t->dtype == CRYSTAL_F32) {
+                for (int i = 0; i < 4; i++) acc[i] += part[i];
+                continue;
+            }
+            float sum_x = 0.0f;
+            for (int k = c0; k < c0 + n; k++) sum_x += h[k];
+            for (int i = 0; i < 4; i++) {
+                float s, o;
+                quant_params(t, r0 + i, g, n_segments, &s, &o);
+                acc[i] += s * part[i] + o * sum_x;
+            }
         }
-        float sum = 0.0f;
-        for (int t = 0; t <= pos; t++) {
-            s->att[t] = expf(s->att[t] - max);
-            sum += s->att[t];
-        }
-        float *y = s->y + head * hd;
-        for (int i = 0; i < hd; i++) y[i] = 0.0f;
-        for (int t = 0; t <= pos; t++) {
-            float p = s->att[t] / sum;
-            const float *v = s->value_cache + layer_off + (size_t)t * d + head * hd;
-            for (int i = 0; i < hd; i++) y[i] += p * v[i];
-        }
-    }
-    linear(&a->out_weight, &a->out_bias, s->y, s->f, s->row);
-}
-
-/* Squared distances from h[d] to four neuron positions at once (rows `stride` floats apart),
- * each summed in the same order as one at a time. */
-static void sqdist4(const float *h, const float *p, size_t stride, int d, float *out) {
-    const float *p0 = p, *p1 = p + stride, *p2 = p + 2 * stride, *p3 = p + 3 * stride;
-    float a0[LANES] = {0}, a1[LANES] = {0}, a2[LANES] = {0}, a3[LANES] = {0};
-    int i = 0;
-    for (; i + LANES <= d; i += LANES)
-        for (int k = 0; k < LANES; k++) {
-            float e0 = h[i + k] - p0[i + k], e1 = h[i + k] - p1[i + k];
-            float e2 = h[i + k] - p2[i + k], e3 = h[i + k] - p3[i + k];
-            a0[k] += e0 * e0;
-            a1[k] += e1 * e1;
-            a2[k] += e2 * e2;
-            a3[k] += e3 * e3;
-        }
-    float s0 = sum_lanes(a0), s1 = sum_lanes(a1), s2 = sum_lanes(a2), s3 = sum_lanes(a3);
-    for (; i < d; i++) {
-        float e0 = h[i] - p0[i], e1 = h[i] - p1[i], e2 = h[i] - p2[i], e3 = h[i] - p3[i];
-        s0 += e0 * e0;
-        s1 += e1 * e1;
-        s2 += e2 * e2;
-        s3 += e3 * e3;
-    }
-    out[0] = s0;
-    out[1] = s1;
-    out[2] = s2;
-    out[3] = s3;
-}
-
-static float sqdist(const float *h, const float *p, int d) {
-    float a[LANES] = {0};
-    int i = 0;
-    for (; i + LANES <= d; i += LANES)
-        for (int k = 0; k < LANES; k++) {
-            float e = h[i + k] - p[i + k];
-            a[k] += e * e;
-        }
-    float acc = sum_lanes(a);
-    for (; i < d; i++) acc += (h[i] - p[i]) * (h[i] - p[i]);
-    return acc;
-}
-
-#define FIELD_COLUMNS 32 /* output columns kept in registers while the neurons stream past */
-
-/* neuron_field: s->f = sum_j w_j val_j, w_j = exp(-|h - pos_j| / (|tau_j| + 0.1)), normalised
- * to sum 1 (plus eps) when field_norm */
-static void neuron_field(const crystal_model *m, crystal_state *s, const crystal_neuron_field *nf) {
-    int d = m->d_model, n = nf->n_neurons;
-    for (int i = 0; i < d; i++) s->f[i] = 0.0f;
-    if (n == 0) return;
-    /* distances: the squared norm of h - pos_j, four float32 neurons at a time */
-    int j = 0;
-    if (nf->positions.dtype == CRYSTAL_F32)
-        for (; j + 4 <= n; j += 4)
-            sqdist4(s->h, (const float *)nf->positions.data + (size_t)j * (size_t)d, (size_t)d, d, s->fw + j);
-    for (; j < n; j++) s->fw[j] = sqdist(s->h, row_values(&nf->positions, j, s->row), d);
-    const float *tau = row_values(&nf->temperature, 0, s->row2);
-    float total = 0.0f;
-    for (j = 0; j < n; j++) {
-        s->fw[j] = expf(-sqrtf(s->fw[j]) / (fabsf(tau[j]) + 0.1f));
-        total += s->fw[j];
-    }
-    if (m->field_norm)
-        for (j = 0; j < n; j++) s->fw[j] = s->fw[j] / (total + m->field_eps);
-    /* weighted sum of the values, a slice of output columns at a time */
-    const float *f32_values = nf->values.dtype == CRYSTAL_F32 ? (const float *)nf->values.data : NULL;
-    for (int c0 = 0; c0 < d; c0 += FIELD_COLUMNS) {
-        int width = d - c0 < FIELD_COLUMNS ? d - c0 : FIELD_COLUMNS;
-        float acc[FIELD_COLUMNS] = {0};
-        for (j = 0; j < n; j++) {
-            const float *v = f32_values ? f32_values + (size_t)j * (size_t)d + c0
-                                        : row_range(&nf->values, j, c0, width, s->row);
-            float w = s->fw[j];
-            if (width == FIELD_COLUMNS)
-                for (int i = 0; i < FIELD_COLUMNS; i++) acc[i] += w * v[i];
-            else
-                for (int i = 0; i < width; i++) acc[i] += w * v[i];
-        }
-        for (int i = 0; i < width; i++) s->f[c0 + i] = acc[i];
+        for (int i = 0; i < 4; i++) logits[r0 + i] = acc[i] + w->head_b[r0 + i];
     }
 }
 
-/* GELU in its exact erf form, in double like the reference interpreter */
-static float gelu(float x) { return (float)(0.5 * (double)x * (1.0 + erf((double)x / sqrt(2.0)))); }
+/* --- forward ------------------------------------------------------------------------------- */
 
-/* ffn: s->f = fc2(GELU(fc1(h))) */
-static void ffn(const crystal_model *m, crystal_state *s, const crystal_ffn *f) {
-    linear(&f->fc1_weight, &f->fc1_bias, s->h, s->hid, s->row);
-    for (int i = 0; i < m->ffn_hidden; i++) s->hid[i] = gelu(s->hid[i]);
-    linear(&f->fc2_weight, &f->fc2_bias, s->hid, s->f, s->row);
-}
-
-/* head: logits = h W^T + b, W the token embedding when tied */
-static void head(const crystal_model *m, crystal_state *s) {
-    const crystal_tensor *w = m->tie_head ? &m->token_embed : &m->head_weight;
-    linear(w, &m->head_bias, s->h, s->logits, s->row);
-}
-
-static void residual_add(float *x, const float *f, int d) {
-    for (int i = 0; i < d; i++) x[i] += f[i];
-}
-
-/* --- forward ---------------------------------------------------------------------------- */
-
-const float *crystal_forward(const crystal_model *m, crystal_state *s, int token, int pos, int want_logits) {
-    int d = m->d_model;
-    token_embedding(m, s, token, pos);
+/* The blocks over positions start..start+n-1: leaves the residual stream in w->x. */
+static void blocks(const crystal_model *m, struct crystal_work *w, const int32_t *ids, int start, int n) {
+    size_t nd = (size_t)n * w->d;
+    token_embedding(m, w, ids, start, n);
     for (int b = 0; b < m->n_blocks; b++) {
-        const crystal_block *blk = &m->blocks[b];
-        layer_norm(m, s, &blk->ln1, s->x, s->h);
-        causal_attention(m, s, &blk->attn, b, pos);
-        residual_add(s->x, s->f, d);
-        layer_norm(m, s, &blk->ln2, s->x, s->h);
-        neuron_field(m, s, &blk->field);
-        residual_add(s->x, s->f, d);
-        layer_norm(m, s, &blk->ln3, s->x, s->h);
-        ffn(m, s, &blk->ffn);
-        residual_add(s->x, s->f, d);
+        const block_weights *bw = &w->blocks[b];
+        layer_norm(m, bw->ln1_w, bw->ln1_b, w->x, w->h, n);
+        causal_attention(m, w, bw, b, start, n);
+        residual_add(w->x, w->f, nd);
+        layer_norm(m, bw->ln2_w, bw->ln2_b, w->x, w->h, n);
+        neuron_field(m, w, bw, &m->blocks[b].field, n);
+        residual_add(w->x, w->f, nd);
+        layer_norm(m, bw->ln3_w, bw->ln3_b, w->x, w->h, n);
+        ffn(m, w, bw, n);
+        residual_add(w->x, w->f, nd);
     }
+}
+
+/* logits of row i of the residual stream */
+static void logits_of(const crystal_model *m, struct crystal_work *w, int i, float *out) {
+    const float *x = w->x + (size_t)i * w->d;
+    if (m->final_norm) {
+        layer_norm(m, w->lnf_w, w->lnf_b, x, w->h, 1);
+        x = w->h;
+    }
+    head(m, w, x, out);
+}
+
+const float *crystal_forward_window(const crystal_model *m, crystal_state *s, const int32_t *ids, int start, int n,
+                                    int want_logits) {
+    blocks(m, s->work, ids, start, n);
     if (!want_logits) return NULL;
-    if (m->final_norm) layer_norm(m, s, &m->ln_f, s->x, s->h);
-    else memcpy(s->h, s->x, (size_t)d * sizeof *s->h);
-    head(m, s);
+    logits_of(m, s->work, n - 1, s->logits);
     return s->logits;
 }
 
-int crystal_state_init(crystal_state *s, const crystal_model *m) {
-    memset(s, 0, sizeof *s);
-    size_t d = (size_t)m->d_model, t = (size_t)m->n_ctx;
-    size_t n_max = 1, big = (size_t)m->vocab_size;
-    for (int b = 0; b < m->n_blocks; b++)
-        if ((size_t)m->blocks[b].field.n_neurons > n_max) n_max = (size_t)m->blocks[b].field.n_neurons;
-    if ((size_t)m->ffn_hidden > big) big = (size_t)m->ffn_hidden;
-    if (d > big) big = d;
-    if (t > big) big = t;
-    if (n_max > big) big = n_max;
-    size_t cache = (size_t)m->n_blocks * t * d;
-    s->x = calloc(d, sizeof(float));
-    s->h = calloc(d, sizeof(float));
-    s->q = calloc(d, sizeof(float));
-    s->y = calloc(d, sizeof(float));
-    s->f = calloc(d, sizeof(float));
-    s->hid = calloc((size_t)m->ffn_hidden + 1, sizeof(float));
-    s->att = calloc(t, sizeof(float));
-    s->fw = calloc(n_max, sizeof(float));
-    s->row = calloc(big, sizeof(float));
-    s->row2 = calloc(big, sizeof(float));
-    s->key_cache = calloc(cache ? cache : 1, sizeof(float));
-    s->value_cache = calloc(cache ? cache : 1, sizeof(float));
-    s->logits = calloc((size_t)m->vocab_size, sizeof(float));
-    if (!s->x || !s->h || !s->q || !s->y || !s->f || !s->hid || !s->att || !s->fw || !s->row || !s->row2 ||
-        !s->key_cache || !s->value_cache || !s->logits) {
-        crystal_state_free(s);
-        return -1;
-    }
-    return 0;
-}
-
-void crystal_state_free(crystal_state *s) {
-    free(s->x);
-    free(s->h);
-    free(s->q);
-    free(s->y);
-    free(s->f);
-    free(s->hid);
-    free(s->att);
-    free(s->fw);
-    free(s->row);
-    free(s->row2);
-    free(s->key_cache);
-    free(s->value_cache);
-    free(s->logits);
-    memset(s, 0, sizeof *s);
+const float *crystal_forward(const crystal_model *m, crystal_state *s, int token, int pos, int want_logits) {
+    int32_t id = token;
+    return crystal_forward_window(m, s, &id, pos, 1, want_logits);
 }
 
 int crystal_forward_sequence(const crystal_model *m, const int32_t *ids, int n, float *out) {
@@ -398,10 +679,8 @@ int crystal_forward_sequence(const crystal_model *m, const int32_t *ids, int n, 
         if (ids[i] < 0 || ids[i] >= m->vocab_size) return -1;
     crystal_state s;
     if (crystal_state_init(&s, m)) return -1;
-    for (int i = 0; i < n; i++) {
-        const float *logits = crystal_forward(m, &s, ids[i], i, 1);
-        memcpy(out + (size_t)i * (size_t)m->vocab_size, logits, (size_t)m->vocab_size * sizeof(float));
-    }
+    blocks(m, s.work, ids, 0, n);
+    for (int i = 0; i < n; i++) logits_of(m, s.work, i, out + (size_t)i * (size_t)m->vocab_size);
     crystal_state_free(&s);
     return 0;
 }
