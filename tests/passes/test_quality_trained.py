@@ -168,3 +168,31 @@ def test_bpe_model_pruned_against_one_play(tmp_path: Path, monkeypatch: pytest.M
     np.testing.assert_allclose(pruned, full[:, p.vocab_map], rtol=1e-6, atol=1e-6)
     monkeypatch.setattr(interpret, "head", lambda op, weight, h: h)
     np.testing.assert_array_equal(forward(p, p.to_current_ids(ids)), forward(g, ids))
+
+
+EXAMPLE_MODEL = REPO / "examples" / "shakespeare" / "model.pt"
+
+
+@pytest.fixture(scope="module")
+def example_report() -> dict[tuple[str, str], EvalRow]:
+    """The bundled model on the tail its training held out (the README's table, 8,192 tokens)."""
+    if not EXAMPLE_MODEL.is_file():
+        pytest.skip("examples/shakespeare/model.pt is not here")
+    text = _corpus()
+    held_out = text[len(text) - int(len(text) * 0.1):]
+    rep = evaluate(load_model(EXAMPLE_MODEL), held_out, modes=("int8", "mixed8"),
+                   granularities=("tensor", "row", "group:16"), max_tokens=8192)
+    return {(r.mode, r.granularity): r for r in rep.rows}
+
+
+def test_example_model_quantization(example_report) -> None:
+    rows = example_report
+    for gran in ("tensor", "row", "group:16"):
+        assert abs(_ppl_change(rows, ("mixed8", gran))) < 0.01
+    assert abs(_ppl_change(rows, ("int8", "row"))) < 0.02
+    assert rows[("int8", "row")].nbytes / rows[("float32", "-")].nbytes < 0.30  # measured 0.280
+    # Measured, and short of the issue's 99%: per-row int8 of everything agrees with float32
+    # on 98.7% of next-token argmaxes (perplexity +0.01%: the flips are near-ties). The
+    # finer group:16 reaches 99.1%. The README's "Quantization quality" says so.
+    assert rows[("int8", "row")].top1_agreement >= 0.985
+    assert rows[("int8", "group:16")].top1_agreement >= 0.99
