@@ -52,3 +52,17 @@ def test_inspect_plot_cli(tmp_path: Path) -> None:
     r = _crystalc("inspect", str(model), "--plot", str(out))
     assert r.returncode == 0, r.stderr
     assert out.read_bytes().startswith(PNG) and f"wrote {out}" in r.stdout
+
+
+def test_plot_of_a_crystal_file_does_not_import_torch(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from crystalc.format.crystal import write_crystal
+
+    path = tmp_path / "m.crystal"
+    write_crystal(random_graph("tied_unnormalised", seed=3), str(path))
+    code = ("import sys; from crystalc.frontend import load_model; from crystalc.plot import plot_model; "
+            f"plot_model(load_model({str(path)!r}), {str(tmp_path / 'm.png')!r}); "
+            "sys.exit(3 if 'torch' in sys.modules else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "m.png").read_bytes().startswith(PNG)
