@@ -229,12 +229,14 @@ def prune_vocab(model: str, corpus: str | None, keep: str | None, out_path: str,
               help="overlap: windows with stride T/2; random: random starts; auto picks by corpus size.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(0), default=0, show_default=True, help="torch threads; 0: default.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cuda: train on the GPU (under torchrun, one GPU per rank with NCCL).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(data: str, out_path: str, tokenizer: str, d_model: int, n_ctx: int, n_heads: int, n_blocks: int,
           ffn_hidden: int | None, neurons: int, max_neurons: int, growth: str, grow_every: int, grow_count: int,
           freeze: str, freeze_min_age: int, soft_halflife: float, steps: int, rounds: int, batch_size: int,
           lr: float, eval_every: int, patience: int, val_frac: float, sampling: str, seed: int, threads: int,
-          quiet: bool) -> None:
+          device: str, quiet: bool) -> None:
     """Train a crystal model on a text corpus (runs under torchrun too) and write a .pt checkpoint."""
     from crystalc.train.data import parse_tokenizer_spec, read_corpus
     from crystalc.train.loop import TrainConfig
@@ -246,7 +248,7 @@ def train(data: str, out_path: str, tokenizer: str, d_model: int, n_ctx: int, n_
         max_neurons=max_neurons, growth=growth, grow_every=grow_every, grow_count=grow_count, freeze=freeze,
         freeze_every=grow_every, freeze_min_age=freeze_min_age, soft_halflife=soft_halflife, steps=steps,
         rounds=rounds, batch_size=batch_size, lr=lr, eval_every=eval_every, patience=patience, val_frac=val_frac,
-        sampling=sampling, tokenizer=tokenizer, seed=seed, threads=threads, progress=not quiet)
+        sampling=sampling, tokenizer=tokenizer, seed=seed, threads=threads, device=device, progress=not quiet)
     _, _, meta = run_training(read_corpus(data), cfg, out=out_path, log=lambda s: click.echo(s, err=True))
     last = meta["curve"][-1] if meta["curve"] else None
     summary = (f": val loss {last['val_loss']:.4f}, {sum(last['neurons'])} neurons, {last['frozen_pct']:.1f}% frozen"

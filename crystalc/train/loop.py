@@ -75,6 +75,7 @@ class TrainConfig:
     tokenizer: str = "char"
     seed: int = 0
     threads: int = 0               # 0: torch's default
+    device: str = "cpu"            # cpu | cuda (under torchrun: cuda:LOCAL_RANK, NCCL)
     progress: bool = True
 
     def validate(self) -> None:
@@ -91,6 +92,10 @@ class TrainConfig:
         if not 0 <= self.val_frac < 1:
             raise CrystalError(f"validation fraction {self.val_frac} must be in [0, 1)")
         D.parse_tokenizer_spec(self.tokenizer)
+        if self.device not in ("cpu", "cuda"):
+            raise CrystalError(f"device {self.device!r}: expected cpu or cuda")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise CrystalError("device cuda: torch sees no CUDA device")
 
 
 @dataclass
@@ -98,16 +103,23 @@ class _Dist:
     rank: int = 0
     world: int = 1
     on: bool = False
+    device: torch.device = torch.device("cpu")
 
 
-def _init_distributed() -> _Dist:
+def _init_distributed(device: str) -> _Dist:
+    """gloo on CPU, NCCL with one GPU per rank (cuda:LOCAL_RANK)."""
+    if device == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return _Dist()
+        return _Dist(device=dev)
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size(), True)
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return _Dist(dist.get_rank(), dist.get_world_size(), True, dev)
 
 
 def _wrap(model: CrystalLM, dd: _Dist) -> torch.nn.Module:
@@ -116,7 +128,8 @@ def _wrap(model: CrystalLM, dd: _Dist) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     # Construction broadcasts rank 0's parameters and buffers (the frozen bits too).
-    return DistributedDataParallel(model, broadcast_buffers=False)
+    ids = [dd.device.index] if dd.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
 @dataclass
@@ -197,7 +210,7 @@ def train(text: str, cfg: TrainConfig, out: str | None = None,
         cfg = replace(cfg, rounds=cfg.steps)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    dd = _init_distributed()
+    dd = _init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
     tok = D.build_tokenizer(text, cfg.tokenizer)
     ids = D.encode(text, tok)
@@ -207,11 +220,11 @@ def train(text: str, cfg: TrainConfig, out: str | None = None,
         vocab_size=vocab, d_model=cfg.d_model, n_ctx=cfg.n_ctx, n_heads=cfg.n_heads, n_blocks=cfg.n_blocks,
         n_neurons=cfg.neurons, ffn_hidden=cfg.ffn_hidden or 2 * cfg.d_model, final_norm=cfg.final_norm,
         tie_head=cfg.tie_head))
-    model = CrystalLM(mcfg)
+    model = CrystalLM(mcfg).to(dd.device)
     _fast_fields(model, True)
     batches = D.Batches(train_ids, cfg.n_ctx, cfg.batch_size, cfg.sampling, cfg.seed, dd.rank, dd.world)
-    val_windows = D.eval_windows(val_ids, cfg.n_ctx, cfg.eval_windows)
-    probe = D.eval_windows(train_ids, cfg.n_ctx, 16)[:, :-1]
+    val_windows = D.eval_windows(val_ids, cfg.n_ctx, cfg.eval_windows).to(dd.device)
+    probe = D.eval_windows(train_ids, cfg.n_ctx, 16)[:, :-1].to(dd.device)
     grow_gen = torch.Generator().manual_seed(cfg.seed + 1)
     stats = [FieldStats.new(b.field.n_neurons) for b in model.blocks]
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -228,6 +241,7 @@ def train(text: str, cfg: TrainConfig, out: str | None = None,
         for g in opt.param_groups:
             g["lr"] = _lr_at(cfg, step)
         x, y = batches.next()
+        x, y = x.to(dd.device), y.to(dd.device)
         logits = net(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -268,9 +282,9 @@ def train(text: str, cfg: TrainConfig, out: str | None = None,
             if dd.on:  # the curve records the loss of the global batch, the same on every rank
                 import torch.distributed as dist
 
-                t = torch.tensor([last_loss], dtype=torch.float64)
+                t = torch.tensor([last_loss], dtype=torch.float64, device=dd.device)
                 dist.all_reduce(t)
-                last_loss = float(t) / dd.world
+                last_loss = float(t.cpu()) / dd.world
             val = evaluate(model, val_windows)
             point = _curve_point(step + 1, done, last_loss, val, model)
             run.curve.append(point)
@@ -289,7 +303,7 @@ def train(text: str, cfg: TrainConfig, out: str | None = None,
                     break
     bar.close()
     if run.best_state is not None and cfg.patience:
-        model = _model_from_state(model.config, run.best_state)
+        model = _model_from_state(model.config, run.best_state).to(dd.device)
     _fast_fields(model, False)
     meta = _meta(text, tok, cfg, run, model, step + 1, dd)
     if out is not None and dd.rank == 0:
@@ -361,6 +375,7 @@ def _meta(text: str, tok: dict[str, Any], cfg: TrainConfig, run: _Run, model: Cr
     c = asdict(cfg)
     c.pop("progress")
     c.pop("threads")
+    c.pop("device")
     return {
         "trained_by": "crystalc train",
         "corpus_sha256": D.corpus_digest(text),

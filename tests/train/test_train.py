@@ -183,6 +183,8 @@ def _crystalc(*args: str) -> subprocess.CompletedProcess:
     (["--tokenizer", "bpe:many"], "bpe:N"),
     (["--tokenizer", "words"], "expected 'char' or 'bpe:N'"),
     (["--neurons", "10", "--max-neurons", "5"], "max neurons"),
+    pytest.param(["--device", "cuda"], "no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
 ])
 def test_cli_bad_input(tmp_path: Path, args: list[str], needle: str) -> None:
     data = tmp_path / "c.txt"
