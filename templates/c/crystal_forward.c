@@ -12,9 +12,12 @@
  *   transposed to [K][columns], dequantised to float32, zero-padded to whole register tiles,
  *   so a tile of MR rows x NR columns stays in registers while K streams past and no dot
  *   product needs a horizontal sum. n = 1 runs the same kernel with one row.
- * - The head (V x D, the biggest matrix by far) is read in place, row by row, and only for
- *   the positions whose logits are wanted (the last one, when generating): its rows are
- *   dotted with h four at a time, float32 or integer codes, so it streams at memory speed.
+ * - The head (V x D, the biggest matrix by far) runs only for the positions whose logits are
+ *   wanted (the last one, when generating). It is packed once too, in tiles of HEAD_TILE rows
+ *   stored transposed, float32 or integer codes as they are: a tile's HEAD_TILE sums stay in
+ *   registers while D columns stream past, so it runs at memory speed without the horizontal
+ *   additions a row-by-row dot product needs. Integer codes are converted to float exactly and
+ *   their scale applied once per row: s sum_k code_k h_k + o sum_k h_k.
  * - exp (field weights, softmax) and erf (GELU) are small vectorisable polynomials instead of
  *   libm calls, which no compiler vectorises without -ffast-math: fast_exp is within 2 ulp of
  *   expf, fast_erf within 2e-7 of erf (absolute); both are far below the 1e-4 logit tolerance.
@@ -81,6 +84,53 @@ static inline float fast_erf(float x) {
 
 /* GELU in its exact erf form: 0.5 x (1 + erf(x / sqrt 2)) */
 static inline float gelu(float x) { return 0.5f * x * (1.0f + fast_erf(x * 0.707106781f)); }
+
+#define LANES 16 /* partial sums per row: one AVX-512 register, two AVX ones */
+
+/* the partial sums added pairwise, in a fixed order */
+static float sum_lanes(const float *a) {
+    float b[LANES / 2];
+    for (int k = 0; k < LANES / 2; k++) b[k] = a[k] + a[k + LANES / 2];
+    return ((b[0] + b[4]) + (b[2] + b[6])) + ((b[1] + b[5]) + (b[3] + b[7]));
+}
+
+/* Sums over a row: LANES partial sums (a chain of dependent additions does not vectorise),
+ * then sum_lanes. */
+static float sum_f32(const float *restrict x, int n) {
+    float a[LANES] = {0};
+    int i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int k = 0; k < LANES; k++) a[k] += x[i + k];
+    float acc = sum_lanes(a);
+    for (; i < n; i++) acc += x[i];
+    return acc;
+}
+
+/* sum_k (x_k - mean)^2 */
+static float sum_sq_dev(const float *restrict x, float mean, int n) {
+    float a[LANES] = {0};
+    int i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int k = 0; k < LANES; k++) {
+            float c = x[i + k] - mean;
+            a[k] = MADD(c, c, a[k]);
+        }
+    float acc = sum_lanes(a);
+    for (; i < n; i++) acc = MADD(x[i] - mean, x[i] - mean, acc);
+    return acc;
+}
+
+static float max_f32(const float *restrict x, int n) {
+    float a[LANES];
+    for (int k = 0; k < LANES; k++) a[k] = -INFINITY;
+    int i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int k = 0; k < LANES; k++) a[k] = x[i + k] > a[k] ? x[i + k] : a[k];
+    float best = -INFINITY;
+    for (int k = 0; k < LANES; k++) best = a[k] > best ? a[k] : best;
+    for (; i < n; i++) best = x[i] > best ? x[i] : best;
+    return best;
+}
 
 /* --- reading weights ----------------------------------------------------------------------- */
 
@@ -155,6 +205,10 @@ struct crystal_work {
     float *fw;                  /* [T][max N] field weights */
     float *att;                 /* [T][T_pad] attention scores, then weights */
     float *row;                 /* [max(V, D, F, N, T)] one dequantised row */
+    float *codes;               /* [4 D] four rows of the head's integer codes as floats */
+    void *head_tiles;           /* the head packed in tiles (see pack_head), or NULL */
+    int head_dtype;             /* of head_tiles: float32, int8 or int16 codes */
+    float *head_scale, *head_offset; /* [V rounded up to HEAD_TILE] per row, for codes */
     float *key_t;               /* [L][D][T_pad] keys, transposed: one head's scores are a matmul */
     float *value;               /* [L][T][kv_ld] values */
 };
@@ -204,6 +258,43 @@ static float *vector(char *arena, size_t *used, const crystal_tensor *t) {
     return v;
 }
 
+#define HEAD_TILE 128 /* head rows summed together: eight AVX-512 registers of partial sums */
+
+/* The head W [V][D] as tiles of HEAD_TILE rows, each stored transposed [D][HEAD_TILE] (rows
+ * past V are zeros), codes kept as codes: one tile's logits are HEAD_TILE independent sums
+ * that stay in registers while its columns stream past, with no horizontal additions.
+ * Integer codes under the group scheme are left in place (head_codes reads them). */
+static void pack_head(const crystal_model *m, struct crystal_work *w, char *arena, size_t *used) {
+    const crystal_tensor *t = m->tie_head ? &m->token_embed : &m->head_weight;
+    w->head_tiles = NULL;
+    w->head_scale = w->head_offset = NULL;
+    w->head_dtype = t->dtype;
+    if (t->dtype != CRYSTAL_F32 && t->scheme == CRYSTAL_Q_GROUP) return;
+    int v_pad = round_up(t->rows, HEAD_TILE), d = t->cols;
+    size_t size = t->dtype == CRYSTAL_F32 ? sizeof(float) : t->dtype == CRYSTAL_I8 ? 1 : 2;
+    char *tiles = take(arena, used, (size_t)v_pad * d * size);
+    if (t->dtype != CRYSTAL_F32) {
+        w->head_scale = TAKE(v_pad);
+        w->head_offset = TAKE(v_pad);
+    }
+    if (!arena) return;
+    memset(tiles, 0, (size_t)v_pad * d * size);
+    for (int r = 0; r < t->rows; r++) {
+        size_t tile = (size_t)(r / HEAD_TILE) * d * HEAD_TILE, j = (size_t)(r % HEAD_TILE);
+        const char *src = (const char *)t->data + (size_t)r * d * size;
+        for (int k = 0; k < d; k++)
+            memcpy(tiles + (tile + (size_t)k * HEAD_TILE + j) * size, src + (size_t)k * size, size);
+    }
+    if (t->dtype != CRYSTAL_F32)
+        for (int r = 0; r < v_pad; r++) {
+            float s = 0.0f, o = 0.0f;
+            if (r < t->rows) quant_params(t, r, 0, 1, &s, &o);
+            w->head_scale[r] = s;
+            w->head_offset[r] = o;
+        }
+    w->head_tiles = tiles;
+}
+
 /* Lay out (arena == NULL: only measure) the packed weights and the buffers. */
 static void layout(const crystal_model *m, struct crystal_work *w, char *arena, size_t *used) {
     int d = m->d_model, t = m->n_ctx, f = m->ffn_hidden, n_max = 1, big = m->vocab_size;
@@ -218,6 +309,7 @@ static void layout(const crystal_model *m, struct crystal_work *w, char *arena, 
     w->t_pad = round_up(t, NR);
     w->kv_ld = d + NR; /* a head's last tile may read NR columns past its start */
     w->row = TAKE(big);
+    w->codes = TAKE(4 * d);
     w->blocks = take(arena, used, (size_t)m->n_blocks * sizeof *w->blocks);
     for (int b = 0; b < m->n_blocks; b++) {
         const crystal_block *blk = &m->blocks[b];
@@ -264,6 +356,7 @@ static void layout(const crystal_model *m, struct crystal_work *w, char *arena, 
         w->lnf_b = vector(arena, used, &m->ln_f.bias);
     }
     w->head_b = vector(arena, used, &m->head_bias);
+    pack_head(m, w, arena, used);
     w->x = TAKE((size_t)t * d);
     w->h = TAKE((size_t)t * d);
     w->y = TAKE((size_t)t * d);
@@ -378,22 +471,14 @@ static void token_embedding(const crystal_model *m, struct crystal_work *w, cons
     }
 }
 
-/* layer_norm of n rows: (x - mean) / sqrt(var + eps) * weight + bias, biased variance over D,
- * the statistics summed in double */
+/* layer_norm of n rows: (x - mean) / sqrt(var + eps) * weight + bias, biased variance over D */
 static void layer_norm(const crystal_model *m, const float *wt, const float *bs, const float *x, float *out, int n) {
     int d = m->d_model;
     for (int i = 0; i < n; i++) {
         const float *xi = x + (size_t)i * d;
         float *oi = out + (size_t)i * d;
-        double sum = 0.0;
-        for (int k = 0; k < d; k++) sum += xi[k];
-        float mean = (float)(sum / d);
-        double sq = 0.0;
-        for (int k = 0; k < d; k++) {
-            float c = xi[k] - mean;
-            sq += (double)(c * c);
-        }
-        float sd = sqrtf((float)(sq / d) + m->ln_eps);
+        float mean = sum_f32(xi, d) / (float)d;
+        float sd = sqrtf(sum_sq_dev(xi, mean, d) / (float)d + m->ln_eps);
         for (int k = 0; k < d; k++) oi[k] = (xi[k] - mean) / sd * wt[k] + bs[k];
     }
 }
@@ -418,16 +503,10 @@ static void causal_attention(const crystal_model *m, struct crystal_work *w, con
         for (int i = 0; i < n; i++) {
             float *att = w->att + (size_t)i * tp;
             int keys = start + i + 1; /* position start+i sees positions 0..start+i */
-            float max = -INFINITY;
-            for (int t = 0; t < keys; t++) {
-                att[t] = att[t] / scale;
-                max = att[t] > max ? att[t] : max;
-            }
-            float sum = 0.0f;
-            for (int t = 0; t < keys; t++) {
-                att[t] = fast_exp(att[t] - max);
-                sum += att[t];
-            }
+            for (int t = 0; t < keys; t++) att[t] = att[t] / scale;
+            float max = max_f32(att, keys);
+            for (int t = 0; t < keys; t++) att[t] = fast_exp(att[t] - max);
+            float sum = sum_f32(att, keys);
             for (int t = 0; t < keys; t++) att[t] = att[t] / sum;
             for (int t = keys; t < ctx; t++) att[t] = 0.0f;
         }
@@ -494,9 +573,8 @@ static void neuron_field(const crystal_model *m, struct crystal_work *w, const b
     }
     if (m->field_norm)
         for (int i = 0; i < n; i++) {
-            float *fw = w->fw + (size_t)i * ldw, total = 0.0f;
-            for (int j = 0; j < nn; j++) total += fw[j];
-            float denom = total + m->field_eps;
+            float *fw = w->fw + (size_t)i * ldw;
+            float denom = sum_f32(fw, nn) + m->field_eps;
             for (int j = 0; j < nn; j++) fw[j] = fw[j] / denom;
         }
     matmul(w->fw, ldw, n, &bw->values, NULL, w->f, d);
@@ -515,15 +593,6 @@ static void residual_add(float *restrict x, const float *restrict f, size_t n) {
 }
 
 /* --- head: logits = h W^T + b, W [V][D] read in place (the token embedding when tied) -------- */
-
-#define LANES 16 /* partial sums per row: one AVX-512 register, two AVX ones */
-
-/* the partial sums added pairwise, in a fixed order */
-static float sum_lanes(const float *a) {
-    float b[LANES / 2];
-    for (int k = 0; k < LANES / 2; k++) b[k] = a[k] + a[k + LANES / 2];
-    return ((b[0] + b[4]) + (b[2] + b[6])) + ((b[1] + b[5]) + (b[3] + b[7]));
-}
 
 /* Four float32 rows (`stride` apart) dotted with x[n]: x is read once for the four, and four
  * independent chains keep the adders busy. */
@@ -552,82 +621,93 @@ static void dot4_f32(const float *restrict w, size_t stride, const float *restri
     out[3] = s3;
 }
 
-/* The same for integer codes: sum_k code_k x_k, the codes converted to float exactly. The
- * scale and offset are applied once per row segment by the caller:
- * sum_k (code_k s + o) x_k = s sum_k code_k x_k + o sum_k x_k, the same sum rounded differently
- * (a few ulp), and a quarter of the arithmetic. */
-#define DEFINE_DOT4_INT(NAME, CODE)                                                            \
-    static void NAME(const CODE *restrict c, size_t stride, const float *restrict x, int n, float *out) { \
-        const CODE *c0 = c, *c1 = c + stride, *c2 = c + 2 * stride, *c3 = c + 3 * stride;    \
-        float a0[LANES] = {0}, a1[LANES] = {0}, a2[LANES] = {0}, a3[LANES] = {0};             \
-        int i = 0;                                                                            \
-        for (; i + LANES <= n; i += LANES)                                                    \
-            for (int k = 0; k < LANES; k++) {                                                 \
-                float xi = x[i + k];                                                          \
-                a0[k] = MADD((float)c0[i + k], xi, a0[k]);                                    \
-                a1[k] = MADD((float)c1[i + k], xi, a1[k]);                                    \
-                a2[k] = MADD((float)c2[i + k], xi, a2[k]);                                    \
-                a3[k] = MADD((float)c3[i + k], xi, a3[k]);                                    \
-            }                                                                                 \
-        float s0 = sum_lanes(a0), s1 = sum_lanes(a1), s2 = sum_lanes(a2), s3 = sum_lanes(a3); \
-        for (; i < n; i++) {                                                                  \
-            s0 = MADD((float)c0[i], x[i], s0);                                                \
-            s1 = MADD((float)c1[i], x[i], s1);                                                \
-            s2 = MADD((float)c2[i], x[i], s2);                                                \
-            s3 = MADD((float)c3[i], x[i], s3);                                                \
-        }                                                                                     \
-        out[0] = s0;                                                                          \
-        out[1] = s1;                                                                          \
-        out[2] = s2;                                                                          \
-        out[3] = s3;                                                                          \
+/* Rows of integer codes dotted with h: sum_k (code_k s + o) h_k = s sum_k code_k h_k + o sum_k h_k
+ * per row segment (the same sum rounded differently, a few ulp, with a quarter of the
+ * arithmetic). Four rows at a time are converted to float (exactly) in one simple loop that
+ * vectorises, then dotted as float32. */
+static void head_codes(const crystal_tensor *t, struct crystal_work *w, const float *h, float *logits) {
+    int rows = t->rows, cols = t->cols, width = segment_width(t);
+    int n_segments = (cols + width - 1) / width;
+    float part[4], *sum_x = w->row;   /* h summed over each segment, for the offsets */
+    float *restrict codes = w->codes; /* four rows of codes as floats */
+    for (int g = 0; g < n_segments; g++) {
+        int c0 = g * width;
+        sum_x[g] = sum_f32(h + c0, cols - c0 < width ? cols - c0 : width);
     }
-DEFINE_DOT4_INT(dot4_i8, int8_t)
-DEFINE_DOT4_INT(dot4_i16, int16_t)
+    size_t n4 = (size_t)4 * cols;
+    for (int r = 0; r < rows; r += 4) {
+        int r0 = r + 4 <= rows ? r : rows - 4; /* the last four rows overlap when V % 4 != 0 */
+        if (t->dtype == CRYSTAL_I8) {
+            const int8_t *restrict c = (const int8_t *)t->data + (size_t)r0 * cols;
+            for (size_t k = 0; k < n4; k++) codes[k] = (float)c[k];
+        } else {
+            const int16_t *restrict c = (const int16_t *)t->data + (size_t)r0 * cols;
+            for (size_t k = 0; k < n4; k++) codes[k] = (float)c[k];
+        }
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int g = 0; g < n_segments; g++) {
+            int c0 = g * width, n = cols - c0 < width ? cols - c0 : width;
+            dot4_f32(codes + c0, (size_t)cols, h + c0, n, part);
+            for (int i = 0; i < 4; i++) {
+                float s, o;
+                quant_params(t, r0 + i, g, n_segments, &s, &o);
+                acc[i] += s * part[i] + o * sum_x[g];
+            }
+        }
+        for (int i = 0; i < 4; i++) logits[r0 + i] = acc[i];
+    }
+}
 
-/* rows r..r+3 of w (columns c0..c0+n-1) dotted with x[c0..c0+n) */
-static void dot4(const crystal_tensor *t, int r, int c0, int n, const float *x, float *out) {
-    size_t base = (size_t)r * (size_t)t->cols + (size_t)c0, stride = (size_t)t->cols;
-    if (t->dtype == CRYSTAL_F32) dot4_f32((const float *)t->data + base, stride, x + c0, n, out);
-    else if (t->dtype == CRYSTAL_I8) dot4_i8((const int8_t *)t->data + base, stride, x + c0, n, out);
-    else dot4_i16((const int16_t *)t->data + base, stride, x + c0, n, out);
+/* One tile of the packed head: out[j] = sum_k tile[k][j] h[k], codes converted exactly. */
+#define DEFINE_HEAD_TILE(NAME, TYPE)                                                           \
+    static void NAME(const TYPE *restrict tile, int d, const float *restrict h, float *restrict out) { \
+        float acc[HEAD_TILE] = {0};                                                           \
+        for (int k = 0; k < d; k++) {                                                         \
+            const TYPE *restrict tk = tile + (size_t)k * HEAD_TILE;                          \
+            float hk = h[k];                                                                  \
+            for (int j = 0; j < HEAD_TILE; j++) acc[j] = MADD(hk, (float)tk[j], acc[j]);      \
+        }                                                                                     \
+        memcpy(out, acc, sizeof acc);                                                         \
+    }
+DEFINE_HEAD_TILE(head_tile_f32, float)
+DEFINE_HEAD_TILE(head_tile_i8, int8_t)
+DEFINE_HEAD_TILE(head_tile_i16, int16_t)
+
+/* The packed head: logits[v] = sum_k W[v][k] h[k], and for codes (tensor or row scheme)
+ * s_v sum_k code_vk h_k + o_v sum_k h_k: the dequantised sum rounded differently (a few ulp)
+ * with a quarter of the arithmetic. */
+static void head_tiles(struct crystal_work *w, int rows, int d, const float *h, float *logits) {
+    float out[HEAD_TILE], sum_h = sum_f32(h, d);
+    for (int v0 = 0; v0 < rows; v0 += HEAD_TILE) {
+        size_t at = (size_t)v0 * d;
+        if (w->head_dtype == CRYSTAL_F32) head_tile_f32((const float *)w->head_tiles + at, d, h, out);
+        else if (w->head_dtype == CRYSTAL_I8) head_tile_i8((const int8_t *)w->head_tiles + at, d, h, out);
+        else head_tile_i16((const int16_t *)w->head_tiles + at, d, h, out);
+        int n = rows - v0 < HEAD_TILE ? rows - v0 : HEAD_TILE;
+        if (w->head_dtype == CRYSTAL_F32)
+            memcpy(logits + v0, out, (size_t)n * sizeof(float));
+        else
+            for (int j = 0; j < n; j++) logits[v0 + j] = w->head_scale[v0 + j] * out[j] + w->head_offset[v0 + j] * sum_h;
+    }
 }
 
 /* logits[V] = W h + b for one row h[D] */
 static void head(const crystal_model *m, struct crystal_work *w, const float *h, float *logits) {
     const crystal_tensor *t = m->tie_head ? &m->token_embed : &m->head_weight;
     int rows = t->rows, cols = t->cols;
-    int width = t->dtype == CRYSTAL_F32 ? cols : segment_width(t);
-    int n_segments = (cols + width - 1) / width;
-    float part[4];
-    for (int r = 0; r < rows; r += 4) {
-        int r0 = r + 4 <= rows ? r : rows - 4; /* the last four rows overlap when V % 4 != 0 */
-        if (r0 < 0) {                           /* fewer than four rows: one at a time */
-            for (int i = 0; i < rows; i++) {
-                row_values(t, i, w->row);
-                float acc = 0.0f;
-                for (int k = 0; k < cols; k++) acc = MADD(w->row[k], h[k], acc);
-                logits[i] = acc + w->head_b[i];
-            }
-            return;
+    if (w->head_tiles) {
+        head_tiles(w, rows, cols, h, logits);
+    } else if (rows >= 4) {
+        head_codes(t, w, h, logits);
+    } else { /* codes under the group scheme, too few rows for four at a time */
+        for (int i = 0; i < rows; i++) {
+            row_values(t, i, w->row);
+            float acc = 0.0f;
+            for (int k = 0; k < cols; k++) acc = MADD(w->row[k], h[k], acc);
+            logits[i] = acc;
         }
-        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int g = 0; g < n_segments; g++) {
-            int c0 = g * width, n = cols - c0 < width ? cols - c0 : width;
-            dot4(t, r0, c0, n, h, part);
-            if (t->dtype == CRYSTAL_F32) {
-                for (int i = 0; i < 4; i++) acc[i] += part[i];
-                continue;
-            }
-            float sum_x = 0.0f;
-            for (int k = c0; k < c0 + n; k++) sum_x += h[k];
-            for (int i = 0; i < 4; i++) {
-                float s, o;
-                quant_params(t, r0 + i, g, n_segments, &s, &o);
-                acc[i] += s * part[i] + o * sum_x;
-            }
-        }
-        for (int i = 0; i < 4; i++) logits[r0 + i] = acc[i] + w->head_b[r0 + i];
     }
+    for (int i = 0; i < rows; i++) logits[i] += w->head_b[i];
 }
 
 /* --- forward ------------------------------------------------------------------------------- */
