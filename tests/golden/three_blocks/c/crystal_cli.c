@@ -173,11 +173,19 @@ static int by_probability(const void *a, const void *b) {
     return x->i - y->i;  /* ties in id order, so the choice never depends on qsort */
 }
 
+/* The first index of the largest value. Two passes: the maximum over 16 running maxima (a
+ * loop a compiler vectorises, unlike one scan carrying its index), then where it first is. */
 static int argmax(const float *v, int n) {
-    int best = 0;
-    for (int i = 1; i < n; i++)
-        if (v[i] > v[best]) best = i;
-    return best;
+    float lane[16], max = v[0];
+    int i = 0;
+    for (int k = 0; k < 16; k++) lane[k] = v[0];
+    for (; i + 16 <= n; i += 16)
+        for (int k = 0; k < 16; k++) lane[k] = v[i + k] > lane[k] ? v[i + k] : lane[k];
+    for (int k = 0; k < 16; k++) max = lane[k] > max ? lane[k] : max;
+    for (; i < n; i++) max = v[i] > max ? v[i] : max;
+    for (i = 0; i < n; i++)
+        if (v[i] == max) return i;
+    return 0; /* only when every logit is NaN */
 }
 
 /* A current-vocabulary row from logits: greedy at temperature 0, else softmax(logits / t)

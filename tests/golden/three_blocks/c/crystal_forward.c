@@ -303,12 +303,18 @@ static void pack_head(const crystal_model *m, struct crystal_work *w, char *aren
     }
     if (!arena) return;
     memset(tiles, 0, (size_t)v_pad * d * size);
-    for (int r = 0; r < t->rows; r++) {
-        size_t tile = (size_t)(r / HEAD_TILE) * d * HEAD_TILE, j = (size_t)(r % HEAD_TILE);
-        const char *src = (const char *)t->data + (size_t)r * d * size;
-        for (int k = 0; k < d; k++)
-            memcpy(tiles + (tile + (size_t)k * HEAD_TILE + j) * size, src + (size_t)k * size, size);
+#define TRANSPOSE_TILES(TYPE)                                                      \
+    for (int r0 = 0; r0 < t->rows; r0 += HEAD_TILE) {                             \
+        TYPE *dst = (TYPE *)tiles + (size_t)r0 * d;                               \
+        const TYPE *src = (const TYPE *)t->data + (size_t)r0 * d;                 \
+        int n = t->rows - r0 < HEAD_TILE ? t->rows - r0 : HEAD_TILE;              \
+        for (int k = 0; k < d; k++)                                               \
+            for (int j = 0; j < n; j++) dst[(size_t)k * HEAD_TILE + j] = src[(size_t)j * d + k]; \
     }
+    if (t->dtype == CRYSTAL_F32) TRANSPOSE_TILES(float)
+    else if (t->dtype == CRYSTAL_I8) TRANSPOSE_TILES(int8_t)
+    else TRANSPOSE_TILES(int16_t)
+#undef TRANSPOSE_TILES
     if (t->dtype != CRYSTAL_F32)
         for (int r = 0; r < v_pad; r++) {
             float s = 0.0f, o = 0.0f;
