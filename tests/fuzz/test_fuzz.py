@@ -33,7 +33,7 @@ def test_loader_survives_a_bounded_fuzz_run(tmp_path):
     (corpus / "seeds_v2.crystal").write_bytes(seeds_v2_bytes(state(), n_heads=3))
     (corpus / "seeds_v2_mixed8.crystal").write_bytes(seeds_v2_bytes(state(), n_heads=3, mixed8=True))
     seconds = int(os.environ.get("CRYSTALC_FUZZ_SECONDS", "30"))
-    run = subprocess.run([str(exe), f"-max_total_time={seconds}", "-rss_limit_mb=2048", "-timeout=20",
+    run = subprocess.run([str(exe), "-seed=1", f"-max_total_time={seconds}", "-rss_limit_mb=2048", "-timeout=20",
                           f"-artifact_prefix={tmp_path}/", str(corpus)],
                          capture_output=True, text=True, timeout=seconds + 120)
     assert run.returncode == 0, run.stderr[-4000:]

@@ -63,7 +63,9 @@ static int round_up(int n, int m) { return (n + m - 1) / m * m; }
  * it returns 0: the field's far neurons and masked scores, whose weight is nothing anyway. */
 static inline float fast_exp(float x) {
     const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
-    float xc = x < -87.3f ? -87.3f : x > 88.0f ? 88.0f : x;
+    /* Written so that NaN clamps to 0 (NaN fails every comparison): converting a NaN k to an
+     * integer is undefined behaviour, and a NaN input still returns NaN below. */
+    float xc = x >= -87.3f ? (x <= 88.0f ? x : 88.0f) : (x < -87.3f ? -87.3f : 0.0f);
     float k = (xc * 1.44269504f + shifter) - shifter;
     float r = (xc - k * 0.693145752f) - k * 1.42860677e-6f; /* ln 2 in two parts: exact k * hi */
     float p = 1.0f / 5040.0f;
@@ -77,7 +79,7 @@ static inline float fast_exp(float x) {
     int32_t bits = ((int32_t)k + 127) * (1 << 23);
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    return x < -87.3f ? 0.0f : p * scale;
+    return x < -87.3f ? 0.0f : x == x ? p * scale : x;
 }
 
 /* erf(x), odd in x. |x| < 0.75: its Maclaurin series to x^15 (truncation below 2e-8 relative);
@@ -230,6 +232,9 @@ struct crystal_work {
     float *att;                 /* [T][T_pad] attention scores, then weights */
     float *row;                 /* [max(V, D, F, N, T)] one dequantised row */
     float *codes;               /* [4 D] four rows of the head's integer codes as floats */
+    int16_t *h_high, *h_low;    /* [D] h as an integer in two halves, for an int8 head */
+    int32_t *head_high, *head_low; /* [V] an int8 head's integer sums */
+    double *head_dot;           /* [V] */
     void *head_tiles;           /* the head packed in tiles (see pack_head), or NULL */
     int head_dtype;             /* of head_tiles: float32, int8 or int16 codes */
     float *head_scale, *head_offset; /* [V rounded up to HEAD_TILE] per row, for codes */
@@ -287,13 +292,14 @@ static float *vector(char *arena, size_t *used, const crystal_tensor *t) {
 /* The head W [V][D] as tiles of HEAD_TILE rows, each stored transposed [D][HEAD_TILE] (rows
  * past V are zeros), codes kept as codes: one tile's logits are HEAD_TILE independent sums
  * that stay in registers while its columns stream past, with no horizontal additions.
- * Integer codes under the group scheme are left in place (head_codes reads them). */
+ * int8 codes, and integer codes under the group scheme, are left in place (head_i8 and
+ * head_codes read them). */
 static void pack_head(const crystal_model *m, struct crystal_work *w, char *arena, size_t *used) {
     const crystal_tensor *t = m->tie_head ? &m->token_embed : &m->head_weight;
     w->head_tiles = NULL;
     w->head_scale = w->head_offset = NULL;
     w->head_dtype = t->dtype;
-    if (t->dtype != CRYSTAL_F32 && t->scheme == CRYSTAL_Q_GROUP) return;
+    if (t->dtype == CRYSTAL_I8 || (t->dtype != CRYSTAL_F32 && t->scheme == CRYSTAL_Q_GROUP)) return;
     int v_pad = round_up(t->rows, HEAD_TILE), d = t->cols;
     size_t size = t->dtype == CRYSTAL_F32 ? sizeof(float) : t->dtype == CRYSTAL_I8 ? 1 : 2;
     char *tiles = take(arena, used, (size_t)v_pad * d * size);
@@ -340,6 +346,11 @@ static void layout(const crystal_model *m, struct crystal_work *w, char *arena, 
     w->kv_ld = d + NR; /* a head's last tile may read NR columns past its start */
     w->row = TAKE(big);
     w->codes = TAKE(4 * d);
+    w->h_high = take(arena, used, (size_t)d * sizeof(int16_t));
+    w->h_low = take(arena, used, (size_t)d * sizeof(int16_t));
+    w->head_high = take(arena, used, (size_t)m->vocab_size * sizeof(int32_t));
+    w->head_low = take(arena, used, (size_t)m->vocab_size * sizeof(int32_t));
+    w->head_dot = take(arena, used, (size_t)m->vocab_size * sizeof(double));
     w->blocks = take(arena, used, (size_t)m->n_blocks * sizeof *w->blocks);
     for (int b = 0; b < m->n_blocks; b++) {
         const crystal_block *blk = &m->blocks[b];
@@ -705,7 +716,6 @@ static void head_codes(const crystal_tensor *t, struct crystal_work *w, const fl
         memcpy(out, acc, sizeof acc);                                                         \
     }
 DEFINE_HEAD_TILE(head_tile_f32, float)
-DEFINE_HEAD_TILE(head_tile_i8, int8_t)
 DEFINE_HEAD_TILE(head_tile_i16, int16_t)
 
 /* The packed head: logits[v] = sum_k W[v][k] h[k], and for codes (tensor or row scheme)
@@ -716,7 +726,6 @@ static void head_tiles(struct crystal_work *w, int rows, int d, const float *h, 
     for (int v0 = 0; v0 < rows; v0 += HEAD_TILE) {
         size_t at = (size_t)v0 * d;
         if (w->head_dtype == CRYSTAL_F32) head_tile_f32((const float *)w->head_tiles + at, d, h, out);
-        else if (w->head_dtype == CRYSTAL_I8) head_tile_i8((const int8_t *)w->head_tiles + at, d, h, out);
         else head_tile_i16((const int16_t *)w->head_tiles + at, d, h, out);
         int n = rows - v0 < HEAD_TILE ? rows - v0 : HEAD_TILE;
         if (w->head_dtype == CRYSTAL_F32)
@@ -726,15 +735,74 @@ static void head_tiles(struct crystal_work *w, int rows, int d, const float *h, 
     }
 }
 
+/* int8 codes dotted with an integer vector held in two int16 halves: both sums exact in int32
+ * for n <= 256 (|code| <= 128, |half| <= 2^15). Integer sums may be taken in any order, so a
+ * compiler vectorises this with widening multiply-adds (vpmaddwd, or vpdpwssd with AVX-512
+ * VNNI) and no float conversion. */
+static void dot_i8_split(const int8_t *restrict c, const int16_t *restrict high, const int16_t *restrict low, int n,
+                         int32_t *sum_high, int32_t *sum_low) {
+    int32_t a = 0, b = 0;
+    for (int k = 0; k < n; k++) {
+        a += (int32_t)c[k] * high[k];
+        b += (int32_t)c[k] * low[k];
+    }
+    *sum_high = a;
+    *sum_low = b;
+}
+
+/* An int8 head: h is written as unit * H_k with integers |H_k| < 2^30 (the rounding moves h_k
+ * by at most unit / 2 = max|h| 2^-31, far below float32's own precision), H_k = 2^15 high_k +
+ * low_k; then sum_k code_k h_k = unit (2^15 sum code high + sum code low) with exact integer
+ * sums, and each row segment's scale and offset are applied once:
+ * s sum_k code_k h_k + o sum_k h_k. Converting every code to float instead was twice as slow. */
+static void head_i8(const crystal_tensor *t, struct crystal_work *w, const float *h, float *logits) {
+    int rows = t->rows, cols = t->cols, width = segment_width(t);
+    int n_segments = (cols + width - 1) / width;
+    float top = 0.0f;
+    for (int k = 0; k < cols; k++) top = fabsf(h[k]) > top ? fabsf(h[k]) : top;
+    double unit = top > 0.0f ? (double)top / (1073741824.0 - 65536.0) : 1.0;
+    for (int k = 0; k < cols; k++) {
+        int32_t whole = (int32_t)floor((double)h[k] / unit + 0.5);
+        int32_t low = ((whole % 32768) + 32768) % 32768;
+        w->h_low[k] = (int16_t)low;
+        w->h_high[k] = (int16_t)((whole - low) / 32768);
+    }
+    /* scale and offset of row r, segment g: at scale[base + r * step] */
+    size_t step = t->scheme == CRYSTAL_Q_ROW ? 1 : t->scheme == CRYSTAL_Q_GROUP ? (size_t)n_segments : 0;
+    int32_t *high = w->head_high, *low = w->head_low;
+    double *dot = w->head_dot;
+    for (int r = 0; r < rows; r++) logits[r] = 0.0f;
+    for (int g = 0; g < n_segments; g++) {
+        int c0 = g * width, c1 = c0 + width < cols ? c0 + width : cols;
+        for (int r = 0; r < rows; r++) dot[r] = 0.0;
+        for (int k = c0; k < c1; k += 256) { /* int32 stays exact over 256 columns */
+            int n = c1 - k < 256 ? c1 - k : 256;
+            for (int r = 0; r < rows; r++)
+                dot_i8_split((const int8_t *)t->data + (size_t)r * cols + k, w->h_high + k, w->h_low + k, n, high + r,
+                             low + r);
+            for (int r = 0; r < rows; r++) dot[r] += 32768.0 * high[r] + low[r];
+        }
+        float sum_x = sum_f32(h + c0, c1 - c0);
+        size_t base = t->scheme == CRYSTAL_Q_GROUP ? (size_t)g : 0;
+        const float *scale = t->scale + base, *offset = t->offset ? t->offset + base : NULL;
+        for (int r = 0; r < rows; r++) {
+            float o = offset ? offset[r * step] : 0.0f;
+            logits[r] += scale[r * step] * (float)(dot[r] * unit) + o * sum_x;
+        }
+    }
+}
+
 /* logits[V] = W h + b for one row h[D] */
 static void head(const crystal_model *m, struct crystal_work *w, const float *h, float *logits) {
     const crystal_tensor *t = m->tie_head ? &m->token_embed : &m->head_weight;
     int rows = t->rows, cols = t->cols;
     if (w->head_tiles) {
         head_tiles(w, rows, cols, h, logits);
+    } else if (t->dtype == CRYSTAL_I8) {
+        head_i8(t, w, h, logits);
     } else if (rows >= 4) {
         head_codes(t, w, h, logits);
-    } else { /* codes under the group scheme, too few rows for four at a time */
+    } else { /* int16 codes under the group scheme, too few rows for four at a time */
         for (int i = 0; i < rows; i++) {
             row_values(t, i, w->row);
             float acc = 0.0f;
