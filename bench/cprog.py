@@ -1,11 +1,7 @@
 """The generated C program, driven as a black box through crystalc's CLI and its own command line.
 
-Tokens/s of a program that must be launched for every measurement: time a run that
-generates the stretch of interest and a run that stops just before it (same prompt,
-same flags), take the median of several launches of each (interleaved, so drift in the
-machine's load hits both alike), and divide the tokens in between by the difference.
-Process start, loading the model and the prompt's own forward cancel out. Done twice:
-with CPU time (the headline figure) and with wall time.
+Building it, timing the build, and its command line; bench/sampling.py times its
+generation (the difference method) and `cold` its start.
 """
 
 from __future__ import annotations
@@ -71,45 +67,6 @@ def compile_and_build(ckpt: Path, work: Path, quantize: str | None, reps: int = 
 def argv(binary: Path, prompt: list[int], n: int, shift: int) -> list[str]:
     return [str(binary), "--prompt-ids", ",".join(map(str, prompt)), "-n", str(n), "-t", "0",
             "--shift", str(shift)]
-
-
-@dataclass(frozen=True)
-class Rate:
-    tokens_per_s: float       # from CPU time
-    tokens_per_s_wall: float  # from wall time
-    long_s: float      # median CPU time of the longer run
-    short_s: float     # median CPU time of the shorter run
-    long_wall_s: float
-    short_wall_s: float
-    tokens: int        # tokens between them
-    range: tuple[float, float]  # min and max by CPU time over the interleaved (long, short) pairs
-    reps: int
-    generated: list[int]  # the ids the longer run printed
-
-
-def rate(binary: Path, prompt: list[int], n_short: int, n_long: int, shift: int, min_reps: int, max_reps: int,
-         budget_s: float) -> Rate:
-    """The difference method. One untimed launch of the long run (warms the page cache and
-    gives the tokens), then as many interleaved pairs as fit in budget_s, within the bounds."""
-    first = proc.check(proc.run(argv(binary, prompt, n_long, shift)), f"{binary.name} -n {n_long}")
-    reps = max(min_reps, min(max_reps, int(budget_s / max(first.wall_s, 1e-3))))
-    runs: dict[int, list[proc.Run]] = {n_long: [], n_short: []}
-    for _ in range(reps):
-        for n in (n_long, n_short):
-            runs[n].append(proc.check(proc.run(argv(binary, prompt, n, shift)), f"{binary.name} -n {n}"))
-    tokens = n_long - n_short
-
-    def per_s(key: str) -> tuple[float, float, float]:
-        lo = proc.median([getattr(r, key) for r in runs[n_long]])
-        sh = proc.median([getattr(r, key) for r in runs[n_short]])
-        return (tokens / (lo - sh) if lo > sh else float("nan")), lo, sh
-
-    cpu, lo, sh = per_s("cpu_s")
-    wall, lo_w, sh_w = per_s("wall_s")
-    pairs = [tokens / (a.cpu_s - b.cpu_s)
-             for a, b in zip(runs[n_long], runs[n_short], strict=True) if a.cpu_s > b.cpu_s]
-    spread = (min(pairs), max(pairs)) if pairs else (float("nan"), float("nan"))
-    return Rate(cpu, wall, lo, sh, lo_w, sh_w, tokens, spread, reps, first.ints()[-n_long:])
 
 
 def cold(argv_: list[str], reps: int, env: dict[str, str] | None = None) -> dict:

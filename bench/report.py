@@ -178,10 +178,10 @@ def markdown(res: dict) -> str:
         f"- Model: random weights (seed {res['seed']}), V = {c['vocab_size']:,}, D = {c['d_model']}, "
         f"T = {c['n_ctx']}, H = {c['n_heads']}, {c['n_blocks']} block of {c['n_neurons'][0]} neurons, "
         f"FFN {c['ffn_hidden']}. Greedy (`-t 0`), one thread everywhere.",
-        f"- Repetitions: C programs {res['reps']['c'][0]}-{res['reps']['c'][1]} launches of each run length "
-        f"(as many as fit in about {res['reps']['c'][2]:g} s; medians), in-process baselines "
-        f"{res['reps']['python']} timed runs after a warm-up (median), cold start {res['reps']['cold']} launches "
-        f"of each program (medians).",
+        f"- Repetitions: {res['reps']['rounds']} rounds per regime after a warm-up, each round one sample of "
+        "every implementation in turn (a C sample: one launch of the long and one of the short run; a baseline "
+        f"sample: one generation), medians over the rounds; cold start {res['reps']['cold']} launches of each "
+        "program (medians).",
         "",
         "## Targets of issue 5 (for the later optimisation task)",
         "",

@@ -22,12 +22,12 @@ import platform  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import cprog  # noqa: E402
 import numpy as np  # noqa: E402
 import report  # noqa: E402
+import sampling  # noqa: E402
 import torch  # noqa: E402
 import torch_gen  # noqa: E402
 import workload  # noqa: E402
@@ -37,32 +37,6 @@ from crystalc.model import CrystalLM, model_from_graph  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MODES = (None, "mixed8")
-
-
-def timed(gen: Iterator[int], skip: int) -> tuple[list[int], float, float]:
-    """All tokens of `gen`, and the (CPU, wall) seconds spent producing those after the first `skip`.
-
-    CPU time is this process's (every thread's); the baselines compute on one thread."""
-    toks: list[int] = []
-    c0, w0 = time.process_time(), time.perf_counter()
-    for tok in gen:
-        toks.append(tok)
-        if len(toks) == skip:
-            c0, w0 = time.process_time(), time.perf_counter()
-    return toks, time.process_time() - c0, time.perf_counter() - w0
-
-
-def in_process(make: callable, skip: int, reps: int) -> dict:
-    """Median tokens/s (by CPU and by wall time) of an in-process generator over `reps` runs,
-    after one untimed warm-up run."""
-    timed(make(), skip)
-    cpu, wall = [], []
-    for _ in range(reps):
-        toks, c, w = timed(make(), skip)
-        cpu.append((len(toks) - skip) / c)
-        wall.append((len(toks) - skip) / w)
-    return {"tokens_per_s": proc.median(cpu), "tokens_per_s_wall": proc.median(wall), "range": [min(cpu), max(cpu)],
-            "tokens": toks}
 
 
 def load_torch(path: Path) -> CrystalLM:
@@ -138,14 +112,15 @@ def build_c(ckpt: Path, work: Path, reps: int) -> dict:
     return out
 
 
-def c_rates(builds: dict, prompt: list[int], n_short: int, n_long: int, shift: int, reps: tuple) -> dict:
-    """For each C build: tokens/s by the difference method, and the tokens its long run printed."""
-    out = {}
-    for tag, b in builds.items():
-        r = cprog.rate(Path(b["binary"]), prompt, n_short, n_long, shift, *reps)
-        out[tag] = {"tokens_per_s": r.tokens_per_s, "tokens_per_s_wall": r.tokens_per_s_wall, "range": r.range,
-                    "long_cpu_s": r.long_s, "short_cpu_s": r.short_s, "long_wall_s": r.long_wall_s,
-                    "short_wall_s": r.short_wall_s, "timed_tokens": r.tokens, "reps": r.reps, "tokens": r.generated}
+def regime(builds: dict, prompt: list[int], n_short: int, n_long: int, shift: int, baselines: dict,
+           rounds: int) -> dict:
+    """Every C build and every baseline, sampled in the same rounds."""
+    samplers: dict = {f"c/{tag}": sampling.CProgram(Path(b["binary"]), prompt, n_short, n_long, shift)
+                      for tag, b in builds.items()}
+    samplers.update({name: sampling.InProcess(make, n_short) for name, make in baselines.items()})
+    got = sampling.measure(samplers, rounds)
+    out: dict = {"c": {tag: got[f"c/{tag}"] for tag in builds}}
+    out.update({name: got[name] for name in baselines})
     return out
 
 
@@ -170,10 +145,10 @@ def main() -> None:
     args.plot = args.plot or out_dir / "results.png"
     torch.set_num_threads(1)
     t_start = time.perf_counter()
-    # C: (min, max launches of each run length, seconds to aim for); in-process runs; cold-start launches.
-    reps_c, reps_py, reps_cold = ((2, 3, 2.0), 2, 1) if args.quick else ((5, 15, 10.0), 5, 7)
+    # Rounds of samples per regime (each round: one sample of every implementation); cold-start launches.
+    rounds, reps_cold = (2, 1) if args.quick else (11, 7)
     res: dict = {"machine": machine(), "git": git_state(), "load_before": os.getloadavg(), "quick": args.quick,
-                 "reps": {"c": list(reps_c), "python": reps_py, "cold": reps_cold},
+                 "reps": {"rounds": rounds, "cold": reps_cold},
                  "config": workload.CONFIG.to_dict(), "seed": workload.SEED}
     work = args.work
     ckpt = workload.make_checkpoint(work / "model.pt")
@@ -194,23 +169,20 @@ def main() -> None:
     regimes: dict = {}
     print("[bench] within the window", flush=True)
     # The first token comes from the prompt's own forward on every side: time the 63 after it.
-    r = {"c": c_rates(builds, p1, 1, w, 1, reps_c),
-         "torch": in_process(lambda: torch_gen.generate_recompute(model, p1, w), 1, reps_py),
-         "torch_full": in_process(lambda: torch_gen.generate_full_logits(model, p1, w), 1, max(1, reps_py // 2))}
-    regimes["window"] = r
+    regimes["window"] = regime(builds, p1, 1, w, 1, {
+        "torch": lambda: torch_gen.generate_recompute(model, p1, w),
+        "torch_full": lambda: torch_gen.generate_full_logits(model, p1, w)}, rounds)
 
     print("[bench] past the window, --shift 1", flush=True)
     onnx_path = torch_gen.export_onnx(model, work / "model.onnx")
     sess = torch_gen.ort_session(onnx_path)
-    r = {"c": c_rates(builds, p64, warm, warm + m, 1, reps_c),
-         "torch": in_process(lambda: torch_gen.generate_recompute(model, p64, warm + m, 1), warm, reps_py),
-         "ort": in_process(lambda: torch_gen.generate_ort_window(sess, t, p64, warm + m), warm, reps_py)}
-    regimes["shift1"] = r
+    regimes["shift1"] = regime(builds, p64, warm, warm + m, 1, {
+        "torch": lambda: torch_gen.generate_recompute(model, p64, warm + m, 1),
+        "ort": lambda: torch_gen.generate_ort_window(sess, t, p64, warm + m)}, rounds)
 
     print("[bench] past the window, --shift 32", flush=True)
-    r = {"c": c_rates(builds, p64, warm, warm + m, 32, reps_c),
-         "torch": in_process(lambda: torch_gen.generate_kv(model, p64, warm + m, 32), warm, reps_py)}
-    regimes["shift32"] = r
+    regimes["shift32"] = regime(builds, p64, warm, warm + m, 32, {
+        "torch": lambda: torch_gen.generate_kv(model, p64, warm + m, 32)}, rounds)
     res["regimes"] = regimes
     for b in builds.values():
         b["maxrss_kb"] = proc.peak_rss_kb(cprog.argv(Path(b["binary"]), p64, warm + m, 1))
