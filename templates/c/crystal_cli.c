@@ -167,10 +167,26 @@ static double uniform(unsigned long long *state) { return (double)(next_random(s
 
 typedef struct { float p; int i; } candidate;
 
-static int by_probability(const void *a, const void *b) {
-    const candidate *x = a, *y = b;
-    if (x->p != y->p) return x->p > y->p ? -1 : 1;
-    return x->i - y->i;  /* ties in id order, so the choice never depends on qsort */
+/* Sort candidates by probability, largest first, ties in id order (the order they come in):
+ * a stable radix sort on the bits of p, 8 at a time. A probability is >= 0, and the bits of
+ * non-negative floats order like the floats; flipped, they order largest first. Over ~10^4
+ * candidates it is tens of microseconds where qsort took most of a millisecond. */
+static void sort_by_probability(candidate *c, candidate *tmp, int n) {
+    for (int shift = 0; shift < 32; shift += 8) {
+        size_t count[257] = {0};
+        for (int i = 0; i < n; i++) {
+            uint32_t key;
+            memcpy(&key, &c[i].p, sizeof key);
+            count[((~key >> shift) & 0xff) + 1]++;
+        }
+        for (int b = 0; b < 256; b++) count[b + 1] += count[b];
+        for (int i = 0; i < n; i++) {
+            uint32_t key;
+            memcpy(&key, &c[i].p, sizeof key);
+            tmp[count[(~key >> shift) & 0xff]++] = c[i];
+        }
+        memcpy(c, tmp, (size_t)n * sizeof *c);
+    }
 }
 
 /* The first index of the largest value. Two passes: the maximum over 16 running maxima (a
@@ -190,6 +206,7 @@ static int argmax(const float *v, int n) {
 
 /* A current-vocabulary row from logits: greedy at temperature 0, else softmax(logits / t)
  * restricted to the smallest set of most likely tokens holding top_p of the mass. */
+/* cand holds 2v candidates: the second half is the sort's scratch */
 static int sample(const float *logits, int v, const options *o, unsigned long long *rng, candidate *cand) {
     int best = argmax(logits, v);
     if (o->temperature == 0.0) return best;
@@ -208,7 +225,7 @@ static int sample(const float *logits, int v, const options *o, unsigned long lo
         n = 0;
         for (int i = 0; i < v; i++)
             if (cand[i].p >= cutoff || i == best) cand[n++] = cand[i];
-        qsort(cand, (size_t)n, sizeof *cand, by_probability);
+        sort_by_probability(cand, cand + v, n);
         double mass = 0.0;
         int keep = n;
         for (int i = 0; i < n; i++) {
@@ -325,7 +342,7 @@ int crystal_main(const crystal_model *m, int argc, char **argv) {
     size_t cap = strlen(o.prompt ? o.prompt : o.prompt_ids) + 1;
     int32_t *prompt = malloc(cap * sizeof *prompt);
     int32_t *ctx = malloc((size_t)t * sizeof *ctx);
-    candidate *cand = malloc((size_t)v * sizeof *cand);
+    candidate *cand = malloc((size_t)2 * v * sizeof *cand);
     crystal_state s;
     if (!prompt || !ctx || !cand || crystal_state_init(&s, m)) {
         free(prompt);
