@@ -759,7 +759,16 @@ static void head_i8(const crystal_tensor *t, struct crystal_work *w, const float
     int rows = t->rows, cols = t->cols, width = segment_width(t);
     int n_segments = (cols + width - 1) / width;
     float top = 0.0f;
-    for (int k = 0; k < cols; k++) top = fabsf(h[k]) > top ? fabsf(h[k]) : top;
+    int finite = 1;
+    for (int k = 0; k < cols; k++) {
+        top = fabsf(h[k]) > top ? fabsf(h[k]) : top;
+        finite &= h[k] - h[k] == 0.0f; /* false for inf and NaN */
+    }
+    if (!finite) { /* no integer form (and converting one would be undefined): the float sums
+                    * would be inf or NaN, say NaN */
+        for (int r = 0; r < rows; r++) logits[r] = NAN;
+        return;
+    }
     double unit = top > 0.0f ? (double)top / (1073741824.0 - 65536.0) : 1.0;
     for (int k = 0; k < cols; k++) {
         int32_t whole = (int32_t)floor((double)h[k] / unit + 0.5);
