@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -30,10 +29,6 @@ def _crystalc(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "crystalc.cli", *args], capture_output=True, text=True, timeout=120)
 
 
-def _has_crystal_writer() -> bool:
-    return importlib.util.find_spec("crystalc.format.crystal") is not None
-
-
 @pytest.mark.parametrize("shape", sorted(FIXTURE_SHAPES))
 def test_prune_then_quantize_equals_quantize_then_prune(shape: str) -> None:
     g = char_graph(shape, seed=8)
@@ -55,7 +50,6 @@ def test_prune_then_quantize_equals_quantize_then_prune(shape: str) -> None:
     assert a.meta["quantize"]["mode"] == "mixed8" and a.meta["prune_vocab"]["kept"] == a.config.vocab_size
 
 
-@pytest.mark.skipif(not _has_crystal_writer(), reason="the .crystal writer has not landed")
 def test_quantize_and_prune_commands_write_what_the_passes_compute(tmp_path: Path) -> None:
     g = char_graph("three_blocks_n0_n1", seed=9)  # a block with no neurons: empty quantized tensors
     model = save_pt(g, tmp_path / "m.pt")
@@ -96,7 +90,6 @@ def test_bad_options_exit_2_with_one_line(tmp_path: Path, args: tuple[str, ...])
     assert not list(tmp_path.glob("x.crystal*")) and not (tmp_path / "out").exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("crystalc.backends.c") is None, reason="the C backend has not landed")
 def test_compile_composes_prune_and_quantize(tmp_path: Path) -> None:
     g = char_graph("d40_h5", seed=10)
     model = save_pt(g, tmp_path / "m.pt")
