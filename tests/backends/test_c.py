@@ -218,6 +218,27 @@ def test_wide_int8_head_and_ragged_tiles(scheme, tmp_path):
     assert np.abs(library(g, tmp_path).forward(ids) - forward(g, ids)).max() <= TOL
 
 
+def test_threads_give_the_same_bits(tmp_path):
+    """Built with OpenMP, --threads splits the products' output tiles between threads; each tile
+    is still summed by one thread in one order, so logits and continuations are the same bits
+    for any thread count. The model is big enough for every product to run in parallel."""
+    require_tool("gcc")
+    shape = dict(vocab_size=2000, d_model=128, n_ctx=32, n_heads=4, n_blocks=1, n_neurons=100, ffn_hidden=256)
+    g = random_graph(shape, seed=5)
+    from crystalc.backends.c import BACKEND
+
+    exe = BACKEND.build(emit(g, tmp_path / "omp"), cflags=STRICT + " -fopenmp")
+    ids = some_prompt(g, g.config.n_ctx)
+    outs = [run(exe, "--prompt-ids", ",".join(map(str, ids)), "--logits", "--threads", n) for n in (1, 3)]
+    assert all(o.returncode == 0 for o in outs), outs[1].stderr
+    assert outs[0].stdout == outs[1].stdout
+    _, logits = binary_logits(exe, ids)
+    assert np.abs(logits - forward(g, ids)[-1]).max() <= TOL
+    gens = [run(exe, "--prompt-ids", ",".join(map(str, ids)), "-n", 40, "-t", 0, "--threads", n).stdout
+            for n in (1, 2)]
+    assert gens[0] == gens[1] and gens[0].strip()
+
+
 def test_quantize_pass_output_matches_the_interpreter(tmp_path):
     from crystalc.passes.quantize import quantize
 
@@ -288,6 +309,7 @@ def test_sampling_is_seeded_and_top_p_narrows_to_greedy(char_model):
     ["--prompt-ids", "1", "--shift", "10"], ["--prompt-ids", "1", "-t", "-1"], ["--prompt-ids", "1", "--top-p", "0"],
     ["--prompt-ids", "1", "-n", "many"], ["--prompt-ids", "1", "--bogus"], ["--prompt-ids"], [],
     ["--prompt", "A", "--prompt-ids", "1"], ["extra.crystal", "--prompt-ids", "1"],
+    ["--prompt-ids", "1", "--threads", "0"], ["--prompt-ids", "1", "--threads", "2"],  # built without OpenMP
 ])
 def test_bad_arguments_exit_2_with_one_line(char_model, args):
     _, exe = char_model

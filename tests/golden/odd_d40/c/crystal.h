@@ -89,6 +89,9 @@ const float *crystal_forward(const crystal_model *m, crystal_state *s, int token
  * logits [V] of the last of them, or NULL when want_logits is 0. */
 const float *crystal_forward_window(const crystal_model *m, crystal_state *s, const int32_t *ids, int start, int n,
                                     int want_logits);
+/* Threads for the products (a program built with OpenMP); 0, or -1 when n > 1 and it was
+ * built without. Results are the same bits whatever the count. */
+int crystal_set_threads(int n);
 /* Logits [n, V] of every position of `ids` (1 <= n <= n_ctx) into `out`; 0, or -1 on bad input. */
 int crystal_forward_sequence(const crystal_model *m, const int32_t *ids, int n, float *out);
 

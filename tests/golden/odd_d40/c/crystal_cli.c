@@ -1,7 +1,7 @@
 /* crystal_cli.c: the command line every crystalc program shares (shared/spec/model.md,
  * "Generated programs"), over any filled crystal_model:
  *
- *   PROG --prompt "ROMEO:" [-n 100] [-t 0.8] [--top-p 0.9] [--seed 42] [--shift K]
+ *   PROG --prompt "ROMEO:" [-n 100] [-t 0.8] [--top-p 0.9] [--seed 42] [--shift K] [--threads N]
  *   PROG --prompt-ids 5,17,3 --logits
  *
  * --prompt needs the model's char tokenizer; it prints the prompt and its continuation as
@@ -30,6 +30,7 @@ typedef struct {
     double temperature, top_p;
     unsigned long long seed;
     long shift;
+    long threads;
 } options;
 
 static int bad(const char *prog, const char *fmt, ...) {
@@ -46,7 +47,7 @@ static int bad(const char *prog, const char *fmt, ...) {
 
 static void usage(const char *prog) {
     printf("usage: %s --prompt TEXT | --prompt-ids ID,ID,... [--logits] [-n N] [-t TEMP] [--top-p P]\n"
-           "       [--seed S] [--shift K]\n"
+           "       [--seed S] [--shift K] [--threads N]\n"
            "  --prompt TEXT       text prompt (needs the model's char tokenizer); prints text\n"
            "  --prompt-ids IDS    comma-separated ids of the original tokenizer; prints ids\n"
            "  --logits            print `<original-id> <logit>` of the last prompt position and stop\n"
@@ -54,7 +55,8 @@ static void usage(const char *prog) {
            "  -t TEMP             sampling temperature, 0 = greedy (default 0.8)\n"
            "  --top-p P           nucleus sampling mass in (0, 1] (default 0.9)\n"
            "  --seed S            random seed (default 42)\n"
-           "  --shift K           tokens dropped when the window is full, 1..n_ctx (default 1)\n",
+           "  --shift K           tokens dropped when the window is full, 1..n_ctx (default 1)\n"
+           "  --threads N         threads for the matrix products, when built with OpenMP (default 1)\n",
            prog);
 }
 
@@ -270,6 +272,7 @@ static int parse_options(const char *prog, int argc, char **argv, options *o, in
     o->top_p = 0.9;
     o->seed = 42;
     o->shift = 1;
+    o->threads = 1;
     for (int i = 1; i < argc; i++) {
         const char *arg = argv[i], *val = NULL;
         char name[32];
@@ -289,7 +292,7 @@ static int parse_options(const char *prog, int argc, char **argv, options *o, in
         }
         int known = !strcmp(name, "--prompt") || !strcmp(name, "--prompt-ids") || !strcmp(name, "-n") ||
                     !strcmp(name, "-t") || !strcmp(name, "--top-p") || !strcmp(name, "--seed") ||
-                    !strcmp(name, "--shift");
+                    !strcmp(name, "--shift") || !strcmp(name, "--threads");
         if (!known) return bad(prog, arg[0] == '-' ? "unknown option '%s' (see --help)" : "unexpected argument '%s'",
                                arg);
         if (eq) val = eq + 1;
@@ -315,6 +318,10 @@ static int parse_options(const char *prog, int argc, char **argv, options *o, in
             long long s = strtoll(val, &end, 10);
             if (end == val || *end != '\0' || errno) return bad(prog, "--seed: expected an integer, got '%s'", val);
             o->seed = (unsigned long long)s;
+        } else if (!strcmp(name, "--threads")) {
+            if (parse_long(val, &l) || l < 1 || l > 1024)
+                return bad(prog, "--threads: expected a count of threads in 1..1024, got '%s'", val);
+            o->threads = l;
         } else {
             if (parse_long(val, &l)) return bad(prog, "--shift: expected an integer, got '%s'", val);
             o->shift = l;
@@ -335,6 +342,8 @@ int crystal_main(const crystal_model *m, int argc, char **argv) {
     }
     int t = m->n_ctx, v = m->vocab_size;
     if (o.shift < 1 || o.shift > t) return bad(prog, "--shift %ld is outside 1..%d", o.shift, t);
+    if (crystal_set_threads((int)o.threads))
+        return bad(prog, "--threads %ld: this program was built without OpenMP (add -fopenmp to CFLAGS)", o.threads);
     if (o.prompt && m->tokenizer != CRYSTAL_TOK_CHAR)
         return bad(prog, "--prompt needs a char tokenizer, which this model lacks; use --prompt-ids");
 

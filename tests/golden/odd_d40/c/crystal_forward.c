@@ -39,6 +39,27 @@
 #define MADD(a, b, c) ((a) * (b) + (c))
 #endif
 
+/* --threads: independent output tiles in parallel when built with OpenMP (-fopenmp in
+ * CFLAGS). Each tile is computed by one thread in the same order whatever the thread count,
+ * so the results are the same bits. A loop runs in parallel only when its local `parallel`
+ * says it is big enough (PARALLEL_WORK multiply-adds) to pay for a fork and join. */
+#ifdef _OPENMP
+#include <omp.h>
+#define PARALLEL_FOR _Pragma("omp parallel for schedule(static) if (parallel)")
+#else
+#define PARALLEL_FOR
+#endif
+#define PARALLEL_WORK 200000.0
+
+int crystal_set_threads(int n) {
+#ifdef _OPENMP
+    omp_set_num_threads(n);
+    return 0;
+#else
+    return n == 1 ? 0 : -1;
+#endif
+}
+
 /* A matmul register tile: MR rows x NR columns of partial sums, sized to the register file
  * (measured on an AMD EPYC with gcc 12 -O3: AVX-512 8 x 32, 16 of its 32 registers, 25%
  * faster than 4 x 32; compiled for AVX2, 4 x 24, twelve of 16, was the best, 8 x 32 spills). */
@@ -485,8 +506,11 @@ static void tile(const float *restrict a, int lda, const float *restrict b, int 
 /* b: K rows of at least round_up(cols, NR) readable floats, ldb apart */
 static void matmul_raw(const float *a, int lda, int rows, const float *b, int ldb, int kk, int cols, const float *bias,
                        float *c, int ldc) {
-    for (int j = 0; j < cols; j += NR) {
-        int w = cols - j < NR ? cols - j : NR;
+    int parallel = (double)rows * cols * kk >= PARALLEL_WORK, blocks = (cols + NR - 1) / NR;
+    (void)parallel;
+    PARALLEL_FOR
+    for (int jb = 0; jb < blocks; jb++) {
+        int j = jb * NR, w = cols - j < NR ? cols - j : NR;
         for (int i = 0; i < rows; i += MR) {
             int h = rows - i < MR ? rows - i : MR;
             tile(a + (size_t)i * lda, lda, b + j, ldb, kk, h, w, bias ? bias + j : NULL, c + (size_t)i * ldc + j,
@@ -604,10 +628,13 @@ static void neuron_field(const crystal_model *m, struct crystal_work *w, const b
         return;
     }
     int ldw = round_up(nn, NR);
-    float acc[MR][NR];
-    for (int j = 0; j < nn; j += NR) {
-        int cols = nn - j < NR ? nn - j : NR;
+    int parallel = (double)n * nn * d >= PARALLEL_WORK, blocks = (nn + NR - 1) / NR;
+    (void)parallel;
+    PARALLEL_FOR
+    for (int jb = 0; jb < blocks; jb++) {
+        int j = jb * NR, cols = nn - j < NR ? nn - j : NR;
         const float *den = bw->denominator + j;
+        float acc[MR][NR];
         for (int i = 0; i < n; i += MR) {
             int rows = n - i < MR ? n - i : MR;
             sqdist_tile(w->h + (size_t)i * d, d, rows, bw->positions.w + j, bw->positions.ld, acc);
@@ -722,9 +749,14 @@ DEFINE_HEAD_TILE(head_tile_i16, int16_t)
  * s_v sum_k code_vk h_k + o_v sum_k h_k: the dequantised sum rounded differently (a few ulp)
  * with a quarter of the arithmetic. */
 static void head_tiles(struct crystal_work *w, int rows, int d, const float *h, float *logits) {
-    float out[HEAD_TILE], sum_h = sum_f32(h, d);
-    for (int v0 = 0; v0 < rows; v0 += HEAD_TILE) {
+    float sum_h = sum_f32(h, d);
+    int parallel = (double)rows * d >= PARALLEL_WORK, tiles = (rows + HEAD_TILE - 1) / HEAD_TILE;
+    (void)parallel;
+    PARALLEL_FOR
+    for (int tb = 0; tb < tiles; tb++) {
+        int v0 = tb * HEAD_TILE;
         size_t at = (size_t)v0 * d;
+        float out[HEAD_TILE];
         if (w->head_dtype == CRYSTAL_F32) head_tile_f32((const float *)w->head_tiles + at, d, h, out);
         else head_tile_i16((const int16_t *)w->head_tiles + at, d, h, out);
         int n = rows - v0 < HEAD_TILE ? rows - v0 : HEAD_TILE;
@@ -785,7 +817,9 @@ static void head_i8(const crystal_tensor *t, struct crystal_work *w, const float
         int c0 = g * width, c1 = c0 + width < cols ? c0 + width : cols;
         for (int r = 0; r < rows; r++) dot[r] = 0.0;
         for (int k = c0; k < c1; k += 256) { /* int32 stays exact over 256 columns */
-            int n = c1 - k < 256 ? c1 - k : 256;
+            int n = c1 - k < 256 ? c1 - k : 256, parallel = (double)rows * n >= PARALLEL_WORK;
+            (void)parallel;
+            PARALLEL_FOR
             for (int r = 0; r < rows; r++)
                 dot_i8_split((const int8_t *)t->data + (size_t)r * cols + k, w->h_high + k, w->h_low + k, n, high + r,
                              low + r);
