@@ -2,8 +2,8 @@
 
 The parity tests use it to get logits for whole sequences as numpy arrays
 without going through text. It calls `model_forward` of the generated model.c,
-which runs crystal_forward.c one position at a time with the KV cache, exactly
-as the program does.
+which runs crystal_forward.c over all positions in one batch (as the program
+does with a prompt) and then the head on every position.
 """
 
 from __future__ import annotations
