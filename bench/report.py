@@ -255,7 +255,8 @@ def markdown(res: dict) -> str:
         "",
         "## Roofline",
         "",
-        "Yardstick (numpy's OpenBLAS, one thread, medians):",
+        "Yardstick (numpy's OpenBLAS, one thread, best of several repetitions by CPU time: a peak is what the "
+        "machine can reach):",
         "",
         f"- compute peak: SGEMM 1024 x 1024 x 1024 at **{peak_f / 1e9:.1f} GFLOP/s**; on the model's own "
         f"window products: [64 x 128] x [128 x 128] {y['sgemm_qkv_out']['gflops']:.1f}, "
