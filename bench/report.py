@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 from pathlib import Path
 
 import roofline
@@ -166,7 +165,7 @@ def markdown(res: dict) -> str:
         "# crystalc benchmark results",
         "",
         f"Written by `python bench/run.py`{' --quick (few repetitions: not for quoting)' if res['quick'] else ''} "
-        f"on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC in {res['elapsed_s']:.0f} s. "
+        f"on {res['date']} UTC in {res['elapsed_s']:.0f} s. "
         "See bench/README.md for what each number means and how it is measured.",
         "",
         f"- Machine: {m['cpu']}, {m['cores']} cores (shared: load average {res['load_before'][0]:.1f} before, "
@@ -273,7 +272,9 @@ def markdown(res: dict) -> str:
         "Roofline tokens/s = 1 / max(FLOPs per token / compute peak, bytes per token / bandwidth); the bound is "
         "whichever term is larger. The yardstick is OpenBLAS's reach on this machine, not the hardware's "
         "theoretical peak, so a well-tuned program can exceed 100%. The compute peak is float32's even for mixed8 "
-        "(its int8 weights are multiplied in float32 or int32; an int8 dot-product peak would be higher).",
+        "(its int8 weights are multiplied in float32 or int32; an int8 dot-product peak would be higher), and "
+        "mixed8's bytes count its int8 storage: a program that widens some weights to float32 at start-up "
+        "streams more than that, so its memory floor is higher than the one shown.",
         "",
         "Per-token work of each schedule:",
         "",
