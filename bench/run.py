@@ -148,7 +148,8 @@ def main() -> None:
     t_start = time.perf_counter()
     # Rounds of samples per regime (each round: one sample of every implementation); cold-start launches.
     rounds, reps_cold = (2, 1) if args.quick else (11, 7)
-    res: dict = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"), "machine": machine(), "git": git_state(), "load_before": os.getloadavg(), "quick": args.quick,
+    res: dict = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+                 "machine": machine(), "git": git_state(), "load_before": os.getloadavg(), "quick": args.quick,
                  "reps": {"rounds": rounds, "cold": reps_cold},
                  "config": workload.CONFIG.to_dict(), "seed": workload.SEED}
     work = args.work
@@ -220,7 +221,7 @@ def main() -> None:
     res["load_after"] = os.getloadavg()
     res["elapsed_s"] = time.perf_counter() - t_start
     report.derive(res)
-    (work / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    (work / ("results-quick.json" if args.quick else "results.json")).write_text(json.dumps(res, indent=1, default=str))
     args.results.write_text(report.markdown(res))
     report.plot(res, args.plot)
     print(f"[bench] wrote {args.results} and {args.plot} in {res['elapsed_s']:.0f} s", flush=True)
