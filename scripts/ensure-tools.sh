@@ -3,10 +3,10 @@
 # or sudo). Otherwise say what to install; the tests then skip (or fail, in CI).
 set -u
 need_cmds=(cc make clang)
-need_pkgs=(gcc make clang)  # clang: libFuzzer for fuzz/ (tests/fuzz)
+need_pkgs=(gcc make "clang libclang-rt-dev")  # clang + its runtimes: libFuzzer for fuzz/ (tests/fuzz)
 missing=()
 for i in "${!need_cmds[@]}"; do
-  command -v "${need_cmds[$i]}" >/dev/null 2>&1 || missing+=("${need_pkgs[$i]}")
+  command -v "${need_cmds[$i]}" >/dev/null 2>&1 || missing+=(${need_pkgs[$i]})  # unquoted: one tool may need several packages
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo -n"; else
