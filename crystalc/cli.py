@@ -71,7 +71,8 @@ n_heads_option = click.option("--n-heads", type=click.IntRange(1), default=None,
                               help="Attention heads, for checkpoints whose config does not say.")
 prune_option = click.option("--prune-vocab", "prune_corpus", type=click.Path(dir_okay=False), default=None,
                             help="Keep only the tokens that occur in this corpus.")
-keep_option = click.option("--keep", default=None, help="With --prune-vocab: ids to keep anyway, e.g. 0,1,2.")
+keep_option = click.option("--keep", default=None,
+                           help="Original token ids to keep whatever the corpus holds, e.g. 0,1,2.")
 quant_option = click.option("--quantize", type=click.Choice(QUANT_MODES), default=None,
                             help="Quantize weights: int8, int16, mixed (f32 embeddings + int16), "
                                  "mixed8 (f32 embeddings + int8).")
@@ -210,7 +211,7 @@ def prune_vocab(model: str, corpus: str | None, keep: str | None, out_path: str,
               help="split: split the hottest non-frozen neurons; none: fixed size.")
 @click.option("--grow-every", type=click.IntRange(1), default=10, show_default=True, help="Rounds between growths.")
 @click.option("--grow-count", type=click.IntRange(0), default=0, show_default=True,
-              help="Splits per growth; 0: reach --max-neurons by 80%% of training.")
+              help="Splits per growth; 0: reach --max-neurons by 80% of training.")
 @click.option("--freeze", type=click.Choice(["graceful", "none"]), default="graceful", show_default=True)
 @click.option("--freeze-min-age", type=click.IntRange(0), default=50, show_default=True,
               help="Rounds a neuron lives before it may freeze.")
