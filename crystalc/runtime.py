@@ -22,7 +22,10 @@ from pathlib import Path
 from crystalc import __version__
 from crystalc.errors import CrystalError
 
-CFLAGS = ("-std=c11", "-O2")
+# Portable flags (no -march: the cache may outlive the CPU it was built on). As in the generated
+# Makefile: no fused multiply-add, so dequantisation rounds as the interpreter does, and no errno
+# from sqrtf, so it vectorises.
+CFLAGS = ("-std=c11", "-O3", "-ffp-contract=off", "-fno-math-errno")
 SANITIZE_CFLAGS = ("-std=c11", "-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
                    "-fno-sanitize-recover=all")
 # The files of templates/c/ that the runtime links: the shared forward pass and command line.
