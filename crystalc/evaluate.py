@@ -15,7 +15,6 @@ tests/test_evaluate.py checks forward_windows against interpret.forward.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import tempfile
 import time
@@ -28,7 +27,6 @@ import numpy as np
 from crystalc.errors import CrystalError
 from crystalc.ir import interpret
 from crystalc.ir.graph import Graph
-from crystalc.ir.ops import Op
 from crystalc.ir.tensor import Tensor
 from crystalc.passes.quantize import MODES, check_mode, parse_granularity, quantize
 from crystalc.tokenizer import Tokenizer
@@ -59,18 +57,7 @@ class EvalReport:
 
 def _dequantized(graph: Graph) -> Graph:
     """The same graph with every quantized tensor replaced by its float32 values."""
-
-    def op_f32(op: Op) -> Op:
-        changes = {f.name: Tensor(v.name, v.values()) for f in dataclasses.fields(op)
-                   if isinstance(v := getattr(op, f.name), Tensor) and v.quant is not None}
-        return dataclasses.replace(op, **changes) if changes else op
-
-    blocks = tuple(dataclasses.replace(b, **{f.name: op_f32(getattr(b, f.name)) for f in dataclasses.fields(b)})
-                   for b in graph.blocks)
-    return graph.replace(
-        token_embed=op_f32(graph.token_embed), pos_embed=op_f32(graph.pos_embed), blocks=blocks,
-        final_norm=None if graph.final_norm is None else op_f32(graph.final_norm), head=op_f32(graph.head),
-    )
+    return graph.map_tensors(lambda t: t if t.quant is None else Tensor(t.name, t.values()))
 
 
 def _forward_batch(g: Graph, ids: np.ndarray) -> np.ndarray:

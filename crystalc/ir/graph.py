@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +71,20 @@ class Graph:
     def tensors(self) -> Iterator[Tensor]:
         for _, op in self.ops():
             yield from op.tensors()
+
+    def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> Graph:
+        """A copy with every tensor of every op replaced by fn(tensor); the caller verifies it."""
+
+        def op(o: Op) -> Op:
+            changes = {f.name: fn(v) for f in dataclasses.fields(o) if isinstance(v := getattr(o, f.name), Tensor)}
+            return dataclasses.replace(o, **changes) if changes else o
+
+        blocks = tuple(dataclasses.replace(b, **{f.name: op(getattr(b, f.name)) for f in dataclasses.fields(b)})
+                       for b in self.blocks)
+        return self.replace(
+            token_embed=op(self.token_embed), pos_embed=op(self.pos_embed), blocks=blocks,
+            final_norm=None if self.final_norm is None else op(self.final_norm), head=op(self.head),
+        )
 
     @property
     def head_weight(self) -> Tensor:

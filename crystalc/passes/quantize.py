@@ -30,14 +30,12 @@ Dequantization is not defined here: crystalc.ir.tensor.dequantize is the one def
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
 from crystalc.errors import CrystalError
 from crystalc.ir.graph import Graph
-from crystalc.ir.ops import Op
 from crystalc.ir.tensor import Quant, Tensor
 
 MODES = ("int8", "int16", "mixed", "mixed8")
@@ -126,17 +124,12 @@ def quantize_array(name: str, x: np.ndarray, bits: int, gran: Granularity) -> Te
     return Tensor(name, np.ascontiguousarray(codes), q)
 
 
-def _quantize_op(op: Op, bits: int, gran: Granularity, keep_float: tuple[str, ...]) -> Op:
-    changes = {}
-    for f in dataclasses.fields(op):
-        t = getattr(op, f.name)
-        if not isinstance(t, Tensor) or t.dtype == "bool":
-            continue
-        if t.name in keep_float:
-            changes[f.name] = t if t.quant is None else Tensor(t.name, t.values())
-        else:
-            changes[f.name] = quantize_array(t.name, t.values(), bits, gran)
-    return dataclasses.replace(op, **changes)
+def _quantize_tensor(t: Tensor, bits: int, gran: Granularity, keep_float: tuple[str, ...]) -> Tensor:
+    if t.dtype == "bool":
+        return t
+    if t.name in keep_float:
+        return t if t.quant is None else Tensor(t.name, t.values())
+    return quantize_array(t.name, t.values(), bits, gran)
 
 
 def quantize(graph: Graph, mode: str, granularity: str | Granularity = "tensor") -> Graph:
@@ -145,21 +138,6 @@ def quantize(graph: Graph, mode: str, granularity: str | Granularity = "tensor")
     gran = granularity if isinstance(granularity, Granularity) else parse_granularity(granularity)
     bits = _BITS[mode]
     keep = _FLOAT_KEPT_IN_MIXED if mode.startswith("mixed") else ()
-
-    def q(op: Op) -> Op:
-        return _quantize_op(op, bits, gran, keep)
-
-    blocks = tuple(
-        dataclasses.replace(blk, **{f.name: q(getattr(blk, f.name)) for f in dataclasses.fields(blk)})
-        for blk in graph.blocks
-    )
     meta = dict(graph.meta)
     meta["quantize"] = {"mode": mode, "granularity": str(gran)}
-    return graph.replace(
-        token_embed=q(graph.token_embed),
-        pos_embed=q(graph.pos_embed),
-        blocks=blocks,
-        final_norm=None if graph.final_norm is None else q(graph.final_norm),
-        head=q(graph.head),
-        meta=meta,
-    ).verify()
+    return graph.map_tensors(lambda t: _quantize_tensor(t, bits, gran, keep)).replace(meta=meta).verify()

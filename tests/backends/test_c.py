@@ -97,7 +97,6 @@ def quantized(graph: Graph, dtype: str, scheme: str, group: int = 3) -> Graph:
     tensor: the seeds' asymmetric min/max mapping; row and group: symmetric. A 1-D
     tensor is one row, and takes the row scheme where group is asked for.
     """
-    import dataclasses
 
     qmax = 127 if dtype == "i8" else 32767
     itype = np.int8 if dtype == "i8" else np.int16
@@ -132,15 +131,7 @@ def quantized(graph: Graph, dtype: str, scheme: str, group: int = 3) -> Graph:
         codes = np.clip(codes, -qmax - 1, qmax).astype(itype)
         return Tensor(t.name, codes, Quant(sch, scale, offset, group if sch == "group" else 0))
 
-    def op_q(op):
-        return dataclasses.replace(op, **{f.name: q(getattr(op, f.name)) for f in dataclasses.fields(op)
-                                          if isinstance(getattr(op, f.name), Tensor)})
-
-    blocks = tuple(dataclasses.replace(b, **{f.name: op_q(getattr(b, f.name)) for f in dataclasses.fields(b)})
-                   for b in graph.blocks)
-    return graph.replace(token_embed=op_q(graph.token_embed), pos_embed=op_q(graph.pos_embed), blocks=blocks,
-                         final_norm=None if graph.final_norm is None else op_q(graph.final_norm),
-                         head=op_q(graph.head)).verify()
+    return graph.map_tensors(q).verify()
 
 
 # --- float32 parity on every fixture shape ----------------------------------------------------

@@ -36,17 +36,7 @@ def quantize_by_hand(graph: Graph, dtype: str, scheme: str, group: int = 3, keep
         offset = (rng.standard_normal(n) * 0.01).astype(np.float32) if sch == "tensor" else np.zeros(n, np.float32)
         return Tensor(t.name, codes, Quant(sch, scale, offset, group if sch == "group" else 0))
 
-    import dataclasses
-
-    def op_q(op):
-        return dataclasses.replace(op, **{f.name: q(getattr(op, f.name)) for f in dataclasses.fields(op)
-                                          if isinstance(getattr(op, f.name), Tensor)})
-
-    blocks = tuple(dataclasses.replace(b, **{f.name: op_q(getattr(b, f.name)) for f in dataclasses.fields(b)})
-                   for b in graph.blocks)
-    return graph.replace(token_embed=op_q(graph.token_embed), pos_embed=op_q(graph.pos_embed), blocks=blocks,
-                         final_norm=None if graph.final_norm is None else op_q(graph.final_norm),
-                         head=op_q(graph.head)).verify()
+    return graph.map_tensors(q).verify()
 
 
 def assert_graphs_identical(a: Graph, b: Graph) -> None:
