@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -86,31 +86,28 @@ def forward_all(model: CrystalLM, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
+def _generate_by_recompute(last_logits: Callable[[CrystalLM, torch.Tensor], torch.Tensor], model: CrystalLM,
+                           prompt: list[int], n: int, shift: int) -> Iterator[int]:
+    """Greedy tokens, recomputing the whole context for each with `last_logits` (the spec's window)."""
+    t, ctx = _check(model, prompt, shift)
+    for i in range(n):
+        tok = int(torch.argmax(last_logits(model, torch.tensor([ctx]))))
+        yield tok
+        if i + 1 == n:
+            return
+        if len(ctx) == t:
+            ctx = ctx[shift:]
+        ctx.append(tok)
+
+
 def generate_recompute(model: CrystalLM, prompt: list[int], n: int, shift: int = 1) -> Iterator[int]:
     """Recompute the whole context for every token (the seeds' generate, head on the last row)."""
-    t, ctx = _check(model, prompt, shift)
-    for i in range(n):
-        tok = int(torch.argmax(forward_last(model, torch.tensor([ctx]))))
-        yield tok
-        if i + 1 == n:
-            return
-        if len(ctx) == t:
-            ctx = ctx[shift:]
-        ctx.append(tok)
+    return _generate_by_recompute(forward_last, model, prompt, n, shift)
 
 
-@torch.inference_mode()
 def generate_full_logits(model: CrystalLM, prompt: list[int], n: int, shift: int = 1) -> Iterator[int]:
     """The seeds' form exactly: logits for every position, then the last row."""
-    t, ctx = _check(model, prompt, shift)
-    for i in range(n):
-        tok = int(torch.argmax(forward_all(model, torch.tensor([ctx]))[-1]))
-        yield tok
-        if i + 1 == n:
-            return
-        if len(ctx) == t:
-            ctx = ctx[shift:]
-        ctx.append(tok)
+    return _generate_by_recompute(lambda m, ids: forward_all(m, ids)[-1], model, prompt, n, shift)
 
 
 class KVCache:
