@@ -24,7 +24,7 @@ static void walk(const crystal_tensor *t) {
     else if (t->scheme == CRYSTAL_Q_ROW) ns = (size_t)t->rows;
     else if (t->scheme == CRYSTAL_Q_GROUP) ns = (size_t)t->rows * (((size_t)t->cols + t->group - 1) / t->group);
     const uint8_t *s = (const uint8_t *)t->scale, *o = (const uint8_t *)t->offset;
-    for (size_t i = 0; i < 4 * ns; i++) sink ^= s[i] ^ o[i];
+    for (size_t i = 0; i < 4 * ns; i++) sink ^= s[i] ^ (o ? o[i] : 0); /* no offsets under row and group */
 }
 
 static void walk_ln(const crystal_layer_norm *ln) {

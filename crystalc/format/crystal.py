@@ -99,6 +99,13 @@ def summary_flags(dtypes: dict[str, str]) -> int:
     return 0
 
 
+def param_bytes(scheme: int, shape: tuple[int, ...], group: int) -> int:
+    """Bytes of a section's quantization parameters: scales and offsets under `tensor`; only
+    scales under the symmetric `row` and `group`, whose offsets are zero by definition."""
+    per_scale = 8 if scheme == SCHEMES["tensor"] else 4
+    return per_scale * n_scales(scheme, shape, group)
+
+
 def n_scales(scheme: int, shape: tuple[int, ...], group: int) -> int:
     rows = shape[0] if len(shape) == 2 else 1
     if scheme == SCHEMES["tensor"]:
@@ -141,8 +148,12 @@ def _sections(graph: Graph) -> list[_Section]:
         if t.quant is not None:
             q = t.quant
             sec.scheme, sec.group = SCHEMES[q.scheme], (q.group if q.scheme == "group" else 0)
-            sec.qdata = (np.ascontiguousarray(q.scale, dtype="<f4").tobytes()
-                         + np.ascontiguousarray(q.offset, dtype="<f4").tobytes())
+            sec.qdata = np.ascontiguousarray(q.scale, dtype="<f4").tobytes()
+            if q.scheme == "tensor":
+                sec.qdata += np.ascontiguousarray(q.offset, dtype="<f4").tobytes()
+            elif np.any(q.offset):  # the symmetric schemes store no offsets: a nonzero one would be lost
+                raise CrystalError(f"cannot write .crystal: {name} has nonzero offsets under the symmetric "
+                                   f"{q.scheme} scheme")
         out.append(sec)
     if graph.vocab_map is not None:
         if graph.orig_vocab_size is None or graph.orig_vocab_size >= 2**31:
@@ -380,7 +391,7 @@ def _read_table(data: bytes, table_offset: int, n_sections: int) -> dict[str, En
                 raise CrystalError(f"{where}: quantization scheme code {scheme} on a {DTYPE_NAME[dtype]} tensor")
             if (scheme == SCHEMES["group"]) != (group > 0) or (scheme == SCHEMES["group"] and ndim != 2):
                 raise CrystalError(f"{where}: group size {group} does not fit the scheme {SCHEME_NAME[scheme]}")
-            want = 8 * n_scales(scheme, shape, group)
+            want = param_bytes(scheme, shape, group)
             if qlen != want:
                 raise CrystalError(f"{where}: {qlen} bytes of quantization parameters, expected {want}")
             _check_range(f"{where} (quantization parameters)", qoff, qlen, table_offset)
@@ -432,13 +443,15 @@ def _tensor(data: bytes, e: Entry) -> Tensor:
     arr = np.array(a, dtype={DT_F32: np.float32, DT_I8: np.int8, DT_I16: np.int16}[e.dtype])
     if e.scheme == 0:
         return Tensor(e.name, arr)
-    n = e.qlength // 8
-    q = np.frombuffer(data, dtype="<f4", count=2 * n, offset=e.qoffset).astype(np.float32)
+    n = n_scales(e.scheme, e.shape, e.group)
+    symmetric = e.scheme != SCHEMES["tensor"]
+    q = np.frombuffer(data, dtype="<f4", count=n if symmetric else 2 * n, offset=e.qoffset).astype(np.float32)
     qshape = (1,) if e.scheme == SCHEMES["tensor"] else (n,)
     if e.scheme == SCHEMES["group"]:
         qshape = (e.shape[0], n // e.shape[0]) if e.shape[0] else (0, -(-e.shape[1] // e.group))
-    quant = Quant(SCHEME_NAME[e.scheme], q[:n].reshape(qshape).copy(), q[n:].reshape(qshape).copy(),
-                  e.group if e.scheme == SCHEMES["group"] else 0)
+    scale = q[:n].reshape(qshape).copy()
+    offset = np.zeros_like(scale) if symmetric else q[n:].reshape(qshape).copy()
+    quant = Quant(SCHEME_NAME[e.scheme], scale, offset, e.group if e.scheme == SCHEMES["group"] else 0)
     return Tensor(e.name, arr, quant)
 
 

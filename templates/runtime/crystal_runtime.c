@@ -185,10 +185,12 @@ static int weight(ctx *c, const char *name, unsigned ndim, uint32_t rows, uint32
     if (e->dtype == DT_F32 && !all_finite((const float *)t->data, e->len / 4))
         return fail(c->err, c->errlen, "%s: NaN or Inf values", name);
     if (e->scheme != CRYSTAL_Q_NONE) {
-        uint64_t ns = e->qlen / 8;
+        /* tensor: scales then offsets; row and group: scales only, offset 0 (NULL to the forward pass) */
+        int sym = e->scheme != CRYSTAL_Q_TENSOR;
+        uint64_t ns = n_scales(e);
         t->scale = (const float *)(c->buf + e->qoff);
-        t->offset = t->scale + ns;
-        if (!all_finite(t->scale, 2 * ns))
+        t->offset = sym ? NULL : t->scale + ns;
+        if (!all_finite(t->scale, sym ? ns : 2 * ns))
             return fail(c->err, c->errlen, "%s: quantization scale or offset holds NaN or Inf", name);
     }
     return 0;
@@ -314,7 +316,7 @@ static int load_v3(crystal_file *f, crystal_model *m, const uint8_t *buf, size_t
             if (grp != (e->group > 0) || (grp && e->ndim != 2))
                 return fail(err, errlen, "section %s: group size %u does not fit the scheme", e->name, e->group);
             /* n_scales <= dim0 * dim1 <= the file size (checked above), so this cannot wrap */
-            uint64_t want = 8 * n_scales(e);
+            uint64_t want = (e->scheme == CRYSTAL_Q_TENSOR ? 8 : 4) * n_scales(e);
             if (e->qlen != want)
                 return fail(err, errlen, "section %s: %llu bytes of quantization parameters, expected %llu", e->name,
                             (unsigned long long)e->qlen, (unsigned long long)want);

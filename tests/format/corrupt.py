@@ -136,6 +136,11 @@ def entry_cases(data: bytes, picks: int = 8) -> Iterator[Case]:
         yield f"{tag} dim0=2^32-1", reseal(b), True
         if e.scheme:
             yield f"{tag} qlength+8", patched(data, f["qlength"], "<Q", e.qlength + 8), True
+            # the other scheme family's length: scale + offset (8 bytes a scale) where only scales
+            # belong (row, group), or scales only (4 bytes) where offsets belong too (tensor)
+            other = e.qlength // 2 if e.scheme == fmt.SCHEMES["tensor"] else 2 * e.qlength
+            if other != e.qlength:
+                yield f"{tag} qlength={other}", patched(data, f["qlength"], "<Q", other), True
             yield f"{tag} qoffset past the end", patched(data, f["qoffset"], "<Q", U64 - 64), True
             if e.length:
                 yield f"{tag} parameters overlap its data", patched(data, f["qoffset"], "<Q", e.offset), True

@@ -16,6 +16,7 @@ import pytest
 
 from crystalc.errors import CrystalError
 from crystalc.format.crystal import decode_crystal, encode_crystal
+from crystalc.ir.tensor import Quant, Tensor
 from tests.conftest import random_graph, require_tool
 from tests.format.corrupt import all_cases
 from tests.format.test_crystal import CHARS, pruned, quantize_by_hand
@@ -24,8 +25,17 @@ from tests.format.test_crystal import CHARS, pruned, quantize_by_hand
 def base_files() -> dict[str, bytes]:
     g = random_graph("three_blocks_n0_n1", seed=2, tokenizer={"kind": "char", "chars": CHARS[:19]})
     q = pruned(quantize_by_hand(g, "i8", "group"), [0, 1, 4, 5, 9, 18]).replace(meta={"note": "corruption base"})
+    q = q.map_tensors(_per_tensor)  # all three schemes among the entries corrupt.py picks
     f = random_graph("tied_unnormalised", seed=3, tokenizer={"kind": "hf-tokenizers", "json": "{}"})
     return {"quantized_pruned": encode_crystal(q), "float_tied": encode_crystal(f)}
+
+
+def _per_tensor(t: Tensor) -> Tensor:
+    """pos_embed.weight and blocks.0.attn.q_proj.bias under the tensor scheme (scale and offset stored)."""
+    if t.name not in ("pos_embed.weight", "blocks.0.attn.q_proj.bias"):
+        return t
+    q = Quant("tensor", np.array([0.01], np.float32), np.array([-0.25], np.float32))
+    return Tensor(t.name, t.data, q)
 
 
 BASES = base_files()

@@ -7,7 +7,7 @@ import pytest
 
 from crystalc.errors import CrystalError
 from crystalc.format import crystal as fmt
-from crystalc.format.crystal import encode_crystal, read_crystal, write_crystal
+from crystalc.format.crystal import decode_crystal, encode_crystal, read_crystal, write_crystal
 from crystalc.frontend import load_model
 from crystalc.ir.graph import Graph
 from crystalc.ir.interpret import forward
@@ -194,3 +194,53 @@ def test_crystal_path_never_imports_torch(tmp_path):
             f"load_model({str(path)!r}); assert 'torch' not in sys.modules, 'torch imported'")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+def _param_lengths(data: bytes) -> dict[str, tuple[int, int, int]]:
+    """Section name -> (scheme code, number of scales, bytes of quantization parameters)."""
+    n, off = int.from_bytes(data[36:40], "little"), int.from_bytes(data[40:48], "little")
+    out = {}
+    for i in range(n):
+        raw = fmt.ENTRY.unpack_from(data, off + i * fmt.ENTRY.size)
+        shape = (raw[6],) if raw[3] == 1 else (raw[6], raw[7])
+        if raw[2]:
+            out[raw[0].rstrip(b"\0").decode()] = (raw[2], fmt.n_scales(raw[2], shape, raw[5]), raw[11])
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["tensor", "row", "group"])
+def test_symmetric_schemes_store_scales_only(scheme):
+    # row and group offsets are zero by definition: 4 bytes a scale; tensor keeps scale and offset
+    g = quantize_by_hand(random_graph("d40_h5", seed=5), "i8", scheme)
+    lengths = _param_lengths(encode_crystal(g))
+    assert lengths
+    for name, (code, n, qlen) in lengths.items():
+        assert qlen == (8 if code == fmt.SCHEMES["tensor"] else 4) * n, name
+        assert (code == fmt.SCHEMES["tensor"]) == (scheme == "tensor"), name
+    back = decode_crystal(encode_crystal(g))
+    for t in back.tensors():
+        if t.quant is not None and t.quant.scheme != "tensor":
+            assert t.quant.offset.dtype == np.float32 and t.quant.offset.shape == t.quant.scale.shape
+            assert not np.any(t.quant.offset) and not np.signbit(t.quant.offset).any()
+
+
+def test_group8_int8_is_about_three_eighths_of_float32():
+    # int8 codes (1/4) plus one float32 scale per 8 values (1/8): 0.375 of float32, plus headers and
+    # the 1-D tensors; scale and offset per group (v3 before scales-only) made it 0.5
+    from crystalc.passes.quantize import quantize
+
+    g = random_graph(dict(vocab_size=64, d_model=64, n_ctx=32, n_heads=4, n_neurons=64, ffn_hidden=128), seed=1)
+    ratio = len(encode_crystal(quantize(g, "int8", "group:8"))) / len(encode_crystal(g))
+    assert 0.375 <= ratio < 0.40, ratio
+
+
+def test_nonzero_offset_under_a_symmetric_scheme_is_not_written():
+    g = quantize_by_hand(random_graph("d40_h5", seed=5), "i8", "row")
+
+    def shifted(t: Tensor) -> Tensor:
+        if t.name != "head.bias":
+            return t
+        return Tensor(t.name, t.data, Quant("row", t.quant.scale, t.quant.offset + np.float32(0.5)))
+
+    with pytest.raises(CrystalError, match="head.bias has nonzero offsets under the symmetric row scheme"):
+        encode_crystal(g.map_tensors(shifted))
