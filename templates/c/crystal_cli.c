@@ -191,19 +191,34 @@ static void sort_by_probability(candidate *c, candidate *tmp, int n) {
     }
 }
 
-/* The first index of the largest value. Two passes: the maximum over 16 running maxima (a
- * loop a compiler vectorises, unlike one scan carrying its index), then where it first is. */
+/* The first index of the largest value, ignoring NaNs (0 when all are NaN). Two passes that
+ * vectorise, unlike one scan carrying its index: the largest value through an integer key that
+ * orders like the float (an integer maximum is a reduction compilers vectorise, a float one is
+ * not without -ffast-math), then the smallest index holding it. A positive NaN would outrank
+ * every key; then the plain scan decides. */
 static int argmax(const float *v, int n) {
-    float lane[16], max = v[0];
-    int i = 0;
-    for (int k = 0; k < 16; k++) lane[k] = v[0];
-    for (; i + 16 <= n; i += 16)
-        for (int k = 0; k < 16; k++) lane[k] = v[i + k] > lane[k] ? v[i + k] : lane[k];
-    for (int k = 0; k < 16; k++) max = lane[k] > max ? lane[k] : max;
-    for (; i < n; i++) max = v[i] > max ? v[i] : max;
-    for (i = 0; i < n; i++)
-        if (v[i] == max) return i;
-    return 0; /* only when every logit is NaN */
+    int32_t best = INT32_MIN;
+    for (int i = 0; i < n; i++) {
+        int32_t bits;
+        memcpy(&bits, v + i, sizeof bits);
+        int32_t key = bits ^ ((bits >> 31) & 0x7fffffff);
+        best = key > best ? key : best;
+    }
+    int32_t bits = best ^ ((best >> 31) & 0x7fffffff);
+    float max;
+    memcpy(&max, &bits, sizeof max);
+    if (max != max) {
+        int at = -1;
+        for (int i = 0; i < n; i++)
+            if (v[i] == v[i] && (at < 0 || v[i] > v[at])) at = i;
+        return at < 0 ? 0 : at;
+    }
+    int first = n;
+    for (int i = 0; i < n; i++) {
+        int here = v[i] == max ? i : n;
+        first = here < first ? here : first;
+    }
+    return first < n ? first : 0;
 }
 
 /* A current-vocabulary row from logits: greedy at temperature 0, else softmax(logits / t)

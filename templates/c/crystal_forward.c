@@ -225,6 +225,23 @@ static void row_values(const crystal_tensor *t, int r, float *out) {
 
 /* --- the state: packed weights and activations, carved from one allocation ----------------- */
 
+#define I8_TILE 64 /* rows of an int8 tile: four AVX-512 registers of int32 sums per digit */
+#define I8_MAX_COLS 65536 /* keeps every integer sum of gemv_i8 exact (see there) */
+
+/* An int8 matrix W [rows][cols] (tensor or row scheme: one scale and offset per row) as tiles
+ * of I8_TILE rows; within a tile, four consecutive columns of each row lie side by side,
+ * [cols4/4][I8_TILE][4] (columns past cols and rows past rows are zero codes): the layout of a
+ * 4-way byte dot product instruction (AVX-512 VNNI's vpdpbusd), whose 32-bit lane j sums row
+ * j's four products, so a tile's sums need no horizontal additions and a step of four columns
+ * reads I8_TILE * 4 consecutive bytes. rows == 0: there is none. */
+typedef struct {
+    int8_t *codes;
+    int32_t *code_sum;          /* [rows rounded up to I8_TILE] each row's codes summed */
+    float *scale, *offset;      /* [rows rounded up to I8_TILE] */
+    uint8_t *digits;            /* [3][cols4] scratch: the bytes of the input's integer form */
+    int rows, cols, cols4;
+} packed_i8;
+
 /* A weight matrix W [cols][K] of the model stored as its transpose [K][ld]: row k holds
  * W[0..cols)[k], then zeros up to ld = cols rounded up to NR. */
 typedef struct {
@@ -263,10 +280,7 @@ struct crystal_work {
     void *head_tiles;           /* the head packed in tiles (see pack_head), or NULL */
     int head_dtype;             /* of head_tiles: float32, int8 or int16 codes */
     float *head_scale, *head_offset; /* [V rounded up to HEAD_TILE] per row, for codes */
-    int8_t *head_i8;            /* an int8 head (tensor or row scheme) in I8_TILE-row tiles, or NULL */
-    int32_t *head_code_sum;     /* [V rounded up to I8_TILE] each row's codes summed */
-    uint8_t *head_digits;       /* [4][D rounded up to 4] the bytes of h's integer form */
-    int head_d4;                /* D rounded up to 4 */
+    packed_i8 head_i8;          /* an int8 head (tensor or row scheme), or rows 0 */
     float *key_t;               /* [L][D][T_pad] keys, transposed: one head's scores are a matmul */
     float *value;               /* [L][T][kv_ld] values */
 };
@@ -300,6 +314,7 @@ static packed pack_transposed(char *arena, size_t *used, const crystal_tensor *c
     return p;
 }
 
+
 /* W [k][cols] as it is -> packed [k][round_up(cols, NR)] */
 static packed pack_rows(char *arena, size_t *used, const crystal_tensor *w) {
     packed p = {NULL, w->rows, w->cols, round_up(w->cols, NR)};
@@ -318,58 +333,62 @@ static float *vector(char *arena, size_t *used, const crystal_tensor *t) {
 
 #define HEAD_TILE 128 /* head rows summed together: eight AVX-512 registers of partial sums */
 
-#define I8_TILE 64 /* rows of an int8 head tile: four AVX-512 registers of int32 sums per digit */
-#define I8_MAX_COLS 65536 /* keeps every integer sum of head_i8_tiles exact (see there) */
+static int i8_packable(const crystal_tensor *t) {
+    return t->dtype == CRYSTAL_I8 && t->scheme != CRYSTAL_Q_GROUP && t->cols <= I8_MAX_COLS;
+}
 
-/* An int8 head W [V][D] (tensor or row scheme) as tiles of I8_TILE rows; within a tile, four
- * consecutive columns of each row lie side by side, [D/4][I8_TILE][4] (columns past D and rows
- * past V are zero codes): the layout of a 4-way byte dot product instruction (AVX-512 VNNI's
- * vpdpbusd), whose 32-bit lane j sums row j's four products, so a tile's sums need no
- * horizontal additions and a step of four columns reads I8_TILE * 4 consecutive bytes. Each
- * row's codes are summed once here for the integer form's bias (head_i8_tiles). */
-static void pack_head_i8(const crystal_tensor *t, struct crystal_work *w, char *arena, size_t *used) {
-    int v_pad = round_up(t->rows, I8_TILE), d = t->cols, d4 = round_up(d, 4);
-    w->head_d4 = d4;
-    w->head_i8 = take(arena, used, (size_t)v_pad * d4);
-    w->head_code_sum = take(arena, used, (size_t)v_pad * sizeof(int32_t));
-    w->head_digits = take(arena, used, (size_t)4 * d4);
-    w->head_scale = TAKE(v_pad);
-    w->head_offset = TAKE(v_pad);
-    if (!arena) return;
-    memset(w->head_i8, 0, (size_t)v_pad * d4);
-    memset(w->head_digits, 0, (size_t)4 * d4);
-    const int8_t *src = (const int8_t *)t->data;
-    for (int r = 0; r < v_pad; r++) {
-        int32_t sum = 0;
-        float s = 0.0f, o = 0.0f;
-        if (r < t->rows) {
-            int8_t *tile = w->head_i8 + (size_t)(r / I8_TILE) * I8_TILE * d4;
-            for (int k = 0; k < d; k++) {
-                int8_t c = src[(size_t)r * d + k];
-                tile[(size_t)(k / 4) * 4 * I8_TILE + (r % I8_TILE) * 4 + k % 4] = c;
+/* Tensors of the same column count, their rows one after another, packed as one int8 matrix
+ * (see packed_i8); rows 0 unless every one is int8 under the tensor or row scheme. Each row's
+ * codes are summed once here for the integer form's bias (gemv_i8). */
+static packed_i8 pack_i8(char *arena, size_t *used, const crystal_tensor *const *ts, int n_ts) {
+    packed_i8 p = {NULL, NULL, NULL, NULL, NULL, 0, ts[0]->cols, round_up(ts[0]->cols, 4)};
+    for (int i = 0; i < n_ts; i++)
+        if (!i8_packable(ts[i]) || ts[i]->cols != p.cols) return (packed_i8){0};
+    for (int i = 0; i < n_ts; i++) p.rows += ts[i]->rows;
+    int pad = round_up(p.rows, I8_TILE);
+    p.codes = take(arena, used, (size_t)pad * p.cols4);
+    p.code_sum = take(arena, used, (size_t)pad * sizeof(int32_t));
+    p.digits = take(arena, used, (size_t)3 * p.cols4);
+    p.scale = TAKE(pad);
+    p.offset = TAKE(pad);
+    if (!arena) return p;
+    memset(p.codes, 0, (size_t)pad * p.cols4);
+    memset(p.digits, 0, (size_t)3 * p.cols4);
+    memset(p.code_sum, 0, (size_t)pad * sizeof(int32_t));
+    memset(p.scale, 0, (size_t)pad * sizeof(float));
+    memset(p.offset, 0, (size_t)pad * sizeof(float));
+    for (int i = 0, r0 = 0; i < n_ts; r0 += ts[i]->rows, i++) {
+        const int8_t *src = (const int8_t *)ts[i]->data;
+        for (int r = 0; r < ts[i]->rows; r++) {
+            int row = r0 + r;
+            int8_t *tile = p.codes + (size_t)(row / I8_TILE) * I8_TILE * p.cols4;
+            int32_t sum = 0;
+            for (int k = 0; k < p.cols; k++) {
+                int8_t c = src[(size_t)r * p.cols + k];
+                tile[(size_t)(k / 4) * 4 * I8_TILE + (row % I8_TILE) * 4 + k % 4] = c;
                 sum += c;
             }
-            quant_params(t, r, 0, 1, &s, &o);
+            p.code_sum[row] = sum;
+            quant_params(ts[i], r, 0, 1, p.scale + row, p.offset + row);
         }
-        w->head_code_sum[r] = sum;
-        w->head_scale[r] = s;
-        w->head_offset[r] = o;
     }
+    return p;
 }
 
 /* The head W [V][D] as tiles of HEAD_TILE rows, each stored transposed [D][HEAD_TILE] (rows
  * past V are zeros), codes kept as codes: one tile's logits are HEAD_TILE independent sums
  * that stay in registers while its columns stream past, with no horizontal additions.
- * int8 codes, and integer codes under the group scheme, are left in place (head_i8 and
- * head_codes read them). */
+ * An int8 head under the tensor or row scheme is packed for gemv_i8 instead; int8 codes
+ * under the group scheme, and int16 ones, are left in place (head_i8 and head_codes read
+ * them). */
 static void pack_head(const crystal_model *m, struct crystal_work *w, char *arena, size_t *used) {
     const crystal_tensor *t = m->tie_head ? &m->token_embed : &m->head_weight;
     w->head_tiles = NULL;
     w->head_scale = w->head_offset = NULL;
-    w->head_i8 = NULL;
+    w->head_i8 = (packed_i8){0};
     w->head_dtype = t->dtype;
-    if (t->dtype == CRYSTAL_I8 && t->scheme != CRYSTAL_Q_GROUP && t->cols <= I8_MAX_COLS) {
-        pack_head_i8(t, w, arena, used);
+    if (i8_packable(t)) {
+        w->head_i8 = pack_i8(arena, used, &t, 1);
         return;
     }
     if (t->dtype == CRYSTAL_I8 || (t->dtype != CRYSTAL_F32 && t->scheme == CRYSTAL_Q_GROUP)) return;
@@ -515,6 +534,98 @@ void crystal_state_free(crystal_state *s) {
     free(s->work);
     free(s->logits);
     memset(s, 0, sizeof *s);
+}
+
+/* --- int8 products of one row ------------------------------------------------------------- */
+
+/* The unit of h's integer form, h_k ~ unit * H_k with |H_k| <= limit; 0 when some h_k is inf or
+ * NaN: there is no integer form then (converting one would be undefined), and the float sums
+ * would be inf or NaN, so the caller says NaN. */
+static double integer_unit(const float *h, int cols, double limit) {
+    float top = 0.0f;
+    int finite = 1;
+    for (int k = 0; k < cols; k++) {
+        top = fabsf(h[k]) > top ? fabsf(h[k]) : top;
+        finite &= h[k] - h[k] == 0.0f; /* false for inf and NaN */
+    }
+    if (!finite) return 0.0;
+    return top > 0.0f ? (double)top / limit : 1.0;
+}
+
+static int32_t integer_of(float h, double unit) { return (int32_t)floor((double)h / unit + 0.5); }
+
+/* One tile of a packed int8 matrix (pack_i8): sum[q][j] = sum_k digit_qk code_jk for
+ * the tile's I8_TILE rows j and the three byte digits q of h's integer form. Each product is
+ * at most 255 * 128 in magnitude, so a sum over I8_MAX_COLS columns stays inside int32. With
+ * AVX-512 VNNI a step of four columns is four 64-byte loads and twelve byte dot products into
+ * twelve independent sums (one chain per register would wait on the instruction's latency). */
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+static void i8_tile(const int8_t *tile, const uint8_t *digits, int d4, int32_t sum[3][I8_TILE]) {
+    __m512i s[3][4];
+    for (int q = 0; q < 3; q++)
+        for (int p = 0; p < 4; p++) s[q][p] = _mm512_setzero_si512();
+    for (int k = 0; k < d4; k += 4) {
+        const int8_t *step = tile + (size_t)k * I8_TILE;
+        __m512i c0 = _mm512_loadu_si512(step), c1 = _mm512_loadu_si512(step + 64);
+        __m512i c2 = _mm512_loadu_si512(step + 128), c3 = _mm512_loadu_si512(step + 192);
+        for (int q = 0; q < 3; q++) {
+            int32_t four; /* digit q of columns k..k+3, the same for every row */
+            memcpy(&four, digits + (size_t)q * d4 + k, 4);
+            __m512i g = _mm512_set1_epi32(four);
+            s[q][0] = _mm512_dpbusd_epi32(s[q][0], g, c0);
+            s[q][1] = _mm512_dpbusd_epi32(s[q][1], g, c1);
+            s[q][2] = _mm512_dpbusd_epi32(s[q][2], g, c2);
+            s[q][3] = _mm512_dpbusd_epi32(s[q][3], g, c3);
+        }
+    }
+    for (int q = 0; q < 3; q++)
+        for (int p = 0; p < 4; p++) _mm512_storeu_si512(sum[q] + 16 * p, s[q][p]);
+}
+#else
+static void i8_tile(const int8_t *tile, const uint8_t *digits, int d4, int32_t sum[3][I8_TILE]) {
+    memset(sum, 0, 3 * I8_TILE * sizeof(int32_t));
+    for (int k = 0; k < d4; k += 4)
+        for (int q = 0; q < 3; q++)
+            for (int j = 0; j < I8_TILE; j++)
+                for (int i = 0; i < 4; i++)
+                    sum[q][j] += (int32_t)digits[(size_t)q * d4 + k + i] * tile[(size_t)k * I8_TILE + 4 * j + i];
+}
+#endif
+
+/* y[r] = sum_k W[r][k] x[k] for a packed int8 matrix, in integer arithmetic: x_k = unit * X_k
+ * with integers |X_k| < 2^23 (the rounding moves x_k by at most max|x| 2^-24, float32's own
+ * relative precision), and X_k + 2^23, which is positive and below 2^24, written as three bytes
+ * (digits), so that sum_k code_k X_k = sum_q 2^(8q) sum_k code_k digit_qk - 2^23 sum_k code_k:
+ * byte dot products, which the hardware does 64 at a time, and each row's code sum from
+ * start-up. The total is exact in int64 and in double (below 2^53 for cols <= I8_MAX_COLS);
+ * each row's scale and offset are applied once, s * unit * sum + o * sum_k x_k: the sum of the
+ * dequantised weights in another order, a few ulp apart. */
+static void gemv_i8(const packed_i8 *p, const float *x, float *y) {
+    int cols = p->cols, d4 = p->cols4, rows = p->rows;
+    double unit = integer_unit(x, cols, 8388608.0 - 16.0);
+    if (unit == 0.0) {
+        for (int r = 0; r < rows; r++) y[r] = NAN;
+        return;
+    }
+    int tiles = (rows + I8_TILE - 1) / I8_TILE, parallel = (double)rows * cols >= PARALLEL_WORK;
+    (void)parallel;
+    for (int k = 0; k < cols; k++) {
+        uint32_t biased = (uint32_t)(integer_of(x[k], unit) + (1 << 23));
+        for (int q = 0; q < 3; q++) p->digits[(size_t)q * d4 + k] = (uint8_t)(biased >> (8 * q));
+    }
+    float sum_x = sum_f32(x, cols);
+    PARALLEL_FOR
+    for (int tb = 0; tb < tiles; tb++) {
+        int32_t sum[3][I8_TILE];
+        i8_tile(p->codes + (size_t)tb * I8_TILE * d4, p->digits, d4, sum);
+        int r0 = tb * I8_TILE, n = rows - r0 < I8_TILE ? rows - r0 : I8_TILE;
+        for (int j = 0; j < n; j++) {
+            /* products, not shifts: a negative number shifted left is undefined in C */
+            int64_t dot = (int64_t)sum[0][j] + (int64_t)sum[1][j] * 256 + (int64_t)sum[2][j] * 65536 -
+                          (int64_t)p->code_sum[r0 + j] * 8388608;
+            y[r0 + j] = p->scale[r0 + j] * (float)((double)dot * unit) + p->offset[r0 + j] * sum_x;
+        }
+    }
 }
 
 /* --- matmul: the one kernel behind every product over positions ----------------------------- */
@@ -870,22 +981,6 @@ static void dot_i8_split(const int8_t *restrict c, const int16_t *restrict high,
  * low_k; then sum_k code_k h_k = unit (2^15 sum code high + sum code low) with exact integer
  * sums, and each row segment's scale and offset are applied once:
  * s sum_k code_k h_k + o sum_k h_k. Converting every code to float instead was twice as slow. */
-/* The unit of h's integer form, h_k ~ unit * H_k with |H_k| <= limit; 0 when some h_k is inf or
- * NaN: there is no integer form then (converting one would be undefined), and the float sums
- * would be inf or NaN, so the caller says NaN. */
-static double integer_unit(const float *h, int cols, double limit) {
-    float top = 0.0f;
-    int finite = 1;
-    for (int k = 0; k < cols; k++) {
-        top = fabsf(h[k]) > top ? fabsf(h[k]) : top;
-        finite &= h[k] - h[k] == 0.0f; /* false for inf and NaN */
-    }
-    if (!finite) return 0.0;
-    return top > 0.0f ? (double)top / limit : 1.0;
-}
-
-static int32_t integer_of(float h, double unit) { return (int32_t)floor((double)h / unit + 0.5); }
-
 static void head_i8(const crystal_tensor *t, struct crystal_work *w, const float *h, float *logits) {
     int rows = t->rows, cols = t->cols, width = segment_width(t);
     int n_segments = (cols + width - 1) / width;
@@ -929,85 +1024,14 @@ static void head_i8(const crystal_tensor *t, struct crystal_work *w, const float
     }
 }
 
-/* One tile of the quad-packed int8 head (pack_head_i8): sum[q][j] = sum_k digit_qk code_jk for
- * the tile's I8_TILE rows j and the three byte digits q of h's integer form. Each product is
- * at most 255 * 128 in magnitude, so a sum over I8_MAX_COLS columns stays inside int32. With
- * AVX-512 VNNI a step of four columns is four 64-byte loads and twelve byte dot products into
- * twelve independent sums (one chain per register would wait on the instruction's latency). */
-#if defined(__AVX512F__) && defined(__AVX512VNNI__)
-static void head_i8_tile(const int8_t *tile, const uint8_t *digits, int d4, int32_t sum[3][I8_TILE]) {
-    __m512i s[3][4];
-    for (int q = 0; q < 3; q++)
-        for (int p = 0; p < 4; p++) s[q][p] = _mm512_setzero_si512();
-    for (int k = 0; k < d4; k += 4) {
-        const int8_t *step = tile + (size_t)k * I8_TILE;
-        __m512i c0 = _mm512_loadu_si512(step), c1 = _mm512_loadu_si512(step + 64);
-        __m512i c2 = _mm512_loadu_si512(step + 128), c3 = _mm512_loadu_si512(step + 192);
-        for (int q = 0; q < 3; q++) {
-            int32_t four; /* digit q of columns k..k+3, the same for every row */
-            memcpy(&four, digits + (size_t)q * d4 + k, 4);
-            __m512i g = _mm512_set1_epi32(four);
-            s[q][0] = _mm512_dpbusd_epi32(s[q][0], g, c0);
-            s[q][1] = _mm512_dpbusd_epi32(s[q][1], g, c1);
-            s[q][2] = _mm512_dpbusd_epi32(s[q][2], g, c2);
-            s[q][3] = _mm512_dpbusd_epi32(s[q][3], g, c3);
-        }
-    }
-    for (int q = 0; q < 3; q++)
-        for (int p = 0; p < 4; p++) _mm512_storeu_si512(sum[q] + 16 * p, s[q][p]);
-}
-#else
-static void head_i8_tile(const int8_t *tile, const uint8_t *digits, int d4, int32_t sum[3][I8_TILE]) {
-    memset(sum, 0, 3 * I8_TILE * sizeof(int32_t));
-    for (int k = 0; k < d4; k += 4)
-        for (int q = 0; q < 3; q++)
-            for (int j = 0; j < I8_TILE; j++)
-                for (int i = 0; i < 4; i++)
-                    sum[q][j] += (int32_t)digits[(size_t)q * d4 + k + i] * tile[(size_t)k * I8_TILE + 4 * j + i];
-}
-#endif
-
-/* The int8 head (tensor or row scheme) in integer arithmetic: h_k = unit * H_k with integers
- * |H_k| < 2^23 (the rounding moves h_k by at most max|h| 2^-24, float32's own relative
- * precision), and H_k + 2^23, which is positive and below 2^24, written as three bytes
- * (digits), so that sum_k code_k H_k = sum_q 2^(8q) sum_k code_k digit_qk - 2^23 sum_k code_k:
- * byte dot products, which the hardware does 64 at a time, and each row's code sum from
- * start-up. The total is exact in int64 and in double (below 2^53 for D <= I8_MAX_COLS); the
- * scale and offset are applied once per row as in head_i8. */
-static void head_i8_tiles(struct crystal_work *w, int rows, int d, const float *h, float *logits) {
-    double unit = integer_unit(h, d, 8388608.0 - 16.0);
-    if (unit == 0.0) {
-        for (int r = 0; r < rows; r++) logits[r] = NAN;
-        return;
-    }
-    int d4 = w->head_d4, tiles = (rows + I8_TILE - 1) / I8_TILE, parallel = (double)rows * d >= PARALLEL_WORK;
-    (void)parallel;
-    for (int k = 0; k < d; k++) {
-        uint32_t biased = (uint32_t)(integer_of(h[k], unit) + (1 << 23));
-        for (int q = 0; q < 3; q++) w->head_digits[(size_t)q * d4 + k] = (uint8_t)(biased >> (8 * q));
-    }
-    float sum_h = sum_f32(h, d);
-    PARALLEL_FOR
-    for (int tb = 0; tb < tiles; tb++) {
-        int32_t sum[3][I8_TILE];
-        head_i8_tile(w->head_i8 + (size_t)tb * I8_TILE * d4, w->head_digits, d4, sum);
-        int v0 = tb * I8_TILE, n = rows - v0 < I8_TILE ? rows - v0 : I8_TILE;
-        for (int j = 0; j < n; j++) {
-            int64_t dot = (int64_t)sum[0][j] + ((int64_t)sum[1][j] << 8) + ((int64_t)sum[2][j] << 16) -
-                          ((int64_t)w->head_code_sum[v0 + j] << 23);
-            logits[v0 + j] = w->head_scale[v0 + j] * (float)((double)dot * unit) + w->head_offset[v0 + j] * sum_h;
-        }
-    }
-}
-
 /* logits[V] = W h + b for one row h[D] */
 static void head(const crystal_model *m, struct crystal_work *w, const float *h, float *logits) {
     const crystal_tensor *t = m->tie_head ? &m->token_embed : &m->head_weight;
     int rows = t->rows, cols = t->cols;
     if (w->head_tiles) {
         head_tiles(w, rows, cols, h, logits);
-    } else if (w->head_i8) {
-        head_i8_tiles(w, rows, cols, h, logits);
+    } else if (w->head_i8.rows) {
+        gemv_i8(&w->head_i8, h, logits);
     } else if (t->dtype == CRYSTAL_I8) {
         head_i8(t, w, h, logits);
     } else if (rows >= 4) {

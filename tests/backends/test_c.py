@@ -443,3 +443,25 @@ def test_top_p_on_uniform_logits_keeps_the_first_token(tmp_path):
     exe = program(g.replace(head=zero).verify(), tmp_path)
     res = run(exe, "--prompt-ids", "1,2", "-n", 10, "-t", 1, "--top-p", 0.01)
     assert res.returncode == 0 and res.stdout == ",".join(["0"] * 10) + "\n", res.stderr
+
+
+@pytest.mark.parametrize("case", ["tie", "negative", "signed_zeros"])
+def test_greedy_picks_the_first_maximum(case, tmp_path):
+    """Greedy is the first index of the largest logit (the C finds it through integer keys that
+    order like the floats): a tie, all-negative logits, and -0.0 beside 0.0 (equal as floats)."""
+    import dataclasses
+
+    g = random_graph("d40_h5", seed=23)
+    v = g.config.vocab_size
+    bias = {"tie": np.where(np.arange(v) % 7 == 3, 5.0, -1.0),     # ids 3, 10, 17 tie: 3
+            "negative": -1.0 - np.abs(np.arange(v) - 12.0),        # -1 at 12, the rest below
+            "signed_zeros": np.where(np.arange(v) < 5, -0.0, -1.0)}[case]
+    if case == "signed_zeros":
+        bias[6] = 0.0  # equal to the -0.0 at ids 0..4: id 0 wins
+    want = {"tie": 3, "negative": 12, "signed_zeros": 0}[case]
+    h = g.head
+    zero = dataclasses.replace(h, weight=Tensor(h.weight.name, np.zeros_like(h.weight.data)),
+                               bias=Tensor(h.bias.name, bias.astype(np.float32)))
+    exe = program(g.replace(head=zero).verify(), tmp_path)
+    res = run(exe, "--prompt-ids", "1,2", "-n", 3, "-t", 0)
+    assert res.returncode == 0 and res.stdout == f"{want},{want},{want}\n", res.stderr
