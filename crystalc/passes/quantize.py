@@ -25,6 +25,9 @@ Decisions this module makes (and why):
 - A constant (or empty) tensor, row or group gets scale 0: every code is 0 and
   dequantization returns the constant exactly, with no division by zero.
 
+Rounding is to the nearest code unless calibration text is given: then the linear layers'
+codes are chosen to keep their outputs close (crystalc.passes.calibrate), same scales.
+
 Dequantization is not defined here: crystalc.ir.tensor.dequantize is the one definition.
 """
 
@@ -37,6 +40,7 @@ import numpy as np
 from crystalc.errors import CrystalError
 from crystalc.ir.graph import Graph
 from crystalc.ir.tensor import Quant, Tensor
+from crystalc.passes.calibrate import calibrated_tensor, input_grams
 
 MODES = ("int8", "int16", "mixed", "mixed8")
 _BITS = {"int8": 8, "int16": 16, "mixed": 16, "mixed8": 8}
@@ -124,20 +128,35 @@ def quantize_array(name: str, x: np.ndarray, bits: int, gran: Granularity) -> Te
     return Tensor(name, np.ascontiguousarray(codes), q)
 
 
-def _quantize_tensor(t: Tensor, bits: int, gran: Granularity, keep_float: tuple[str, ...]) -> Tensor:
+def _quantize_tensor(t: Tensor, bits: int, gran: Granularity, keep_float: tuple[str, ...],
+                     grams: dict[str, np.ndarray]) -> Tensor:
     if t.dtype == "bool":
         return t
     if t.name in keep_float:
         return t if t.quant is None else Tensor(t.name, t.values())
-    return quantize_array(t.name, t.values(), bits, gran)
+    x = t.values()
+    q = quantize_array(t.name, x, bits, gran)
+    if t.name in grams:
+        q = calibrated_tensor(q, x, grams[t.name], _int_type(bits)[1])
+    return q
 
 
-def quantize(graph: Graph, mode: str, granularity: str | Granularity = "tensor") -> Graph:
-    """A verified copy of `graph` with its weights quantized by `mode` at `granularity`."""
+def quantize(graph: Graph, mode: str, granularity: str | Granularity = "tensor",
+             calibration: np.ndarray | None = None) -> Graph:
+    """A verified copy of `graph` with its weights quantized by `mode` at `granularity`.
+
+    `calibration` (current ids [B, S], e.g. from calibrate.calibration_windows on training
+    text): the linear layers' codes are chosen by calibrated rounding (crystalc.passes.calibrate)
+    instead of nearest rounding; the scales and offsets are the same either way.
+    """
     check_mode(mode)
     gran = granularity if isinstance(granularity, Granularity) else parse_granularity(granularity)
     bits = _BITS[mode]
     keep = _FLOAT_KEPT_IN_MIXED if mode.startswith("mixed") else ()
     meta = dict(graph.meta)
     meta["quantize"] = {"mode": mode, "granularity": str(gran)}
-    return graph.map_tensors(lambda t: _quantize_tensor(t, bits, gran, keep)).replace(meta=meta).verify()
+    grams: dict[str, np.ndarray] = {}
+    if calibration is not None:
+        grams = input_grams(graph, calibration)
+        meta["quantize"]["rounding"] = f"calibrated on {int(np.asarray(calibration).size)} tokens"
+    return graph.map_tensors(lambda t: _quantize_tensor(t, bits, gran, keep, grams)).replace(meta=meta).verify()

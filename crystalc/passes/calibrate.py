@@ -1,0 +1,116 @@
+"""Calibrated rounding for the quantize pass: codes that keep each linear layer's output close.
+
+Rounding every weight to its nearest code minimises each weight's own error, but a
+layer's output error is what the model feels. Given the Gram matrix G = X^T X of the
+layer's inputs on some calibration text, the rounding of a weight matrix W [out, in]
+can trade errors between columns: quantize column j, then spread its error over the
+columns not yet quantized, weighted by the inverse of G (the GPTQ method: Frantar et
+al., 2022). The scales and offsets stay exactly those of the chosen scheme (per-row
+symmetric, per-group, or per-tensor min/max); only which integer each weight gets
+changes, so the file format, the dequantization and every backend are untouched.
+The cost: a code may now lie more than half a step from its weight (it is still
+clipped to +-qmax), and the result depends on the calibration text.
+
+Linear layers here: the q/k/v/out projections, fc1, fc2 and an untied head. The
+embeddings are lookups, the field measures distances, and 1-D tensors have no
+input dimension to trade along: those keep nearest rounding. The Gram matrices are
+taken from the float32 model (not layer by layer from the partly quantized one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from crystalc.errors import CrystalError
+from crystalc.ir import interpret
+from crystalc.ir.graph import Graph
+from crystalc.ir.tensor import Quant, Tensor
+from crystalc.tokenizer import Tokenizer
+
+DAMP = 0.01  # added to G's diagonal, as a share of its mean: keeps G invertible (GPTQ's default)
+
+
+def calibration_windows(graph: Graph, text: str, max_tokens: int = 16384) -> np.ndarray:
+    """Current ids [B, n_ctx] of `text` (tokens a pruned vocabulary lacks are skipped)."""
+    if graph.tokenizer is None:
+        raise CrystalError("calibration needs a model with a tokenizer")
+    orig = Tokenizer(graph.tokenizer).encode(text, strict=False)[:max_tokens]
+    known = set(int(i) for i in graph.original_ids())
+    ids = np.asarray(graph.to_current_ids([t for t in orig if t in known]), dtype=np.int64)
+    t = graph.config.n_ctx
+    if ids.size < t:
+        raise CrystalError(f"calibration text holds {ids.size} known tokens, fewer than one window of {t}")
+    return ids[: ids.size // t * t].reshape(-1, t)
+
+
+def input_grams(graph: Graph, windows: np.ndarray) -> dict[str, np.ndarray]:
+    """Name of each linear layer's weight -> X^T X (float64) of its inputs over every window."""
+    c = graph.config
+    grams: dict[str, np.ndarray] = {}
+
+    def add(name: str, x: np.ndarray) -> None:
+        x64 = x.reshape(-1, x.shape[-1]).astype(np.float64)
+        grams[name] = grams.get(name, 0) + x64.T @ x64
+
+    windows = np.asarray(windows, dtype=np.int64)
+    b, s = windows.shape
+    # every op but attention works per position: run a batch of windows flattened together,
+    # as many as keep the field's [positions, neurons, d_model] intermediate near 2^24 floats
+    per_batch = max(1, (1 << 24) // (s * c.d_model * max(1, *c.n_neurons)))
+    for first in range(0, b, per_batch):
+        ids = windows[first:first + per_batch]
+        n = ids.shape[0]
+        x = (interpret.token_embedding(graph.token_embed.weight, ids.reshape(-1))
+             + np.tile(interpret.position_embedding(graph.pos_embed.weight, s), (n, 1))).astype(np.float32)
+        for blk in graph.blocks:
+            a = blk.attn
+            h = interpret.layer_norm(blk.ln1, x, c.ln_eps)
+            for w in (a.q_weight, a.k_weight, a.v_weight):
+                add(w.name, h)
+            # the out projection's input: attention with an identity out projection
+            eye = dataclasses.replace(a, out_weight=Tensor("eye", np.eye(c.d_model, dtype=np.float32)),
+                                      out_bias=Tensor("zero", np.zeros(c.d_model, dtype=np.float32)))
+            hw = h.reshape(n, s, -1)
+            add(a.out_weight.name, np.concatenate([interpret.causal_attention(eye, hw[i]) for i in range(n)]))
+            x = x + np.concatenate([interpret.causal_attention(a, hw[i]) for i in range(n)])
+            x = x + interpret.neuron_field(blk.field, interpret.layer_norm(blk.ln2, x, c.ln_eps))
+            h3 = interpret.layer_norm(blk.ln3, x, c.ln_eps)
+            add(blk.ffn.fc1_weight.name, h3)
+            hidden = interpret.gelu(interpret.linear(h3, blk.ffn.fc1_weight, blk.ffn.fc1_bias))
+            add(blk.ffn.fc2_weight.name, hidden)
+            x = x + interpret.linear(hidden, blk.ffn.fc2_weight, blk.ffn.fc2_bias)
+        if graph.final_norm is not None:
+            x = interpret.layer_norm(graph.final_norm, x, c.ln_eps)
+        if graph.head.weight is not None:  # a tied head is the embedding table: nearest rounding
+            add(graph.head.weight.name, x)
+    return grams
+
+
+def round_calibrated(w: np.ndarray, quant: Quant, gram: np.ndarray, qmax: int) -> np.ndarray:
+    """Codes for W [out, in] under `quant`'s scales and offsets, column by column with error feedback."""
+    rows, cols = w.shape
+    scale, offset = (a.astype(np.float64) for a in quant.expanded(w.shape))
+    g = np.array(gram, dtype=np.float64)
+    dead = np.diag(g) == 0  # an input that is always 0: its weights do not matter
+    g[dead, dead] = 1.0
+    g[np.diag_indices(cols)] += DAMP * float(np.mean(np.diag(g)))
+    # the upper Cholesky factor of G^-1: row j holds how column j's error moves the later columns
+    u = np.linalg.cholesky(np.linalg.inv(g)).T
+    work = w.astype(np.float64).copy()
+    codes = np.zeros((rows, cols), dtype=np.float64)
+    for j in range(cols):
+        s, o = scale[:, j], offset[:, j]
+        safe = np.where(s > 0, s, 1.0)
+        cj = np.where(s > 0, np.clip(np.round((work[:, j] - o) / safe), -qmax, qmax), 0.0)
+        codes[:, j] = cj
+        err = (work[:, j] - (cj * s + o)) / u[j, j]
+        work[:, j + 1:] -= np.outer(err, u[j, j + 1:])
+    return codes
+
+
+def calibrated_tensor(t: Tensor, x: np.ndarray, gram: np.ndarray, qmax: int) -> Tensor:
+    """`t` (quantized with nearest rounding from the float32 values x) with its codes re-chosen."""
+    codes = round_calibrated(x, t.quant, gram, qmax)
+    return Tensor(t.name, codes.astype(t.data.dtype), t.quant)
