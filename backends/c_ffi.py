@@ -2,8 +2,10 @@
 
 The parity tests use it to get logits for whole sequences as numpy arrays
 without going through text. It calls `model_forward` of the generated model.c,
-which runs crystal_forward.c over all positions in one batch (as the program
-does with a prompt) and then the head on every position.
+which runs crystal_forward.c over all positions in one batch and then the head
+on every position, and `model_decode`, which computes the last position's
+logits the way the program generates (a window, then one token at a time
+through the KV cache).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from crystalc.ir.graph import Graph
 CDEF = """
 int model_check(void);
 int model_forward(const int32_t *ids, int n, float *out);
+int model_decode(const int32_t *ids, int n, int split, float *out);
 """
 
 
@@ -37,16 +40,34 @@ class CModel:
         self.vocab_size = vocab_size
         self.n_ctx = n_ctx
 
-    def forward(self, ids: list[int] | np.ndarray) -> np.ndarray:
-        """Logits [S, V] (float32) for current-vocabulary ids, 1 <= S <= n_ctx, like interpret.forward."""
+    def _ids(self, ids: list[int] | np.ndarray) -> np.ndarray:
         arr = np.ascontiguousarray(ids, dtype=np.int32)
         s = len(arr)
         if arr.ndim != 1 or not 1 <= s <= self.n_ctx:
             raise CrystalError(f"sequence of {s} tokens; the model takes 1..{self.n_ctx}")
         if arr.min() < 0 or arr.max() >= self.vocab_size:
             raise CrystalError(f"token id outside 0..{self.vocab_size - 1}")
+        return arr
+
+    def forward(self, ids: list[int] | np.ndarray) -> np.ndarray:
+        """Logits [S, V] (float32) for current-vocabulary ids, 1 <= S <= n_ctx, like interpret.forward."""
+        arr = self._ids(ids)
+        s = len(arr)
         out = np.empty((s, self.vocab_size), dtype=np.float32)
         rc = self.lib.model_forward(self.ffi.from_buffer("int32_t[]", arr), s, self.ffi.from_buffer("float[]", out))
+        if rc != 0:
+            raise CrystalError("the compiled model refused the sequence (or ran out of memory)")
+        return out
+
+    def decode(self, ids: list[int] | np.ndarray, split: int) -> np.ndarray:
+        """Logits [V] of the last id, computed as generation does: ids[:split] as one window (no
+        logits), then one token at a time through the KV cache."""
+        arr = self._ids(ids)
+        if not 1 <= split <= len(arr):
+            raise CrystalError(f"split {split} outside 1..{len(arr)}")
+        out = np.empty(self.vocab_size, dtype=np.float32)
+        rc = self.lib.model_decode(self.ffi.from_buffer("int32_t[]", arr), len(arr), split,
+                                   self.ffi.from_buffer("float[]", out))
         if rc != 0:
             raise CrystalError("the compiled model refused the sequence (or ran out of memory)")
         return out

@@ -12,12 +12,14 @@
  *   transposed to [K][columns], dequantised to float32, zero-padded to whole register tiles,
  *   so a tile of MR rows x NR columns stays in registers while K streams past and no dot
  *   product needs a horizontal sum. n = 1 runs the same kernel with one row.
- * - The head (V x D, the biggest matrix by far) runs only for the positions whose logits are
- *   wanted (the last one, when generating). It is packed once too, in tiles of HEAD_TILE rows
- *   stored transposed, float32 or integer codes as they are: a tile's HEAD_TILE sums stay in
- *   registers while D columns stream past, so it runs at memory speed without the horizontal
- *   additions a row-by-row dot product needs. Integer codes are converted to float exactly and
- *   their scale applied once per row: s sum_k code_k h_k + o sum_k h_k.
+ * - Only what the wanted logits read is computed: when generating, the last position's. The
+ *   last block computes its keys and values for every position but the rest of itself only
+ *   for that one (see blocks), and the head (V x D, the biggest matrix by far) runs once. It
+ *   is packed once too, in tiles of HEAD_TILE rows stored transposed, float32 or int16 codes
+ *   as they are: a tile's HEAD_TILE sums stay in registers while D columns stream past, so it
+ *   runs at memory speed without the horizontal additions a row-by-row dot product needs;
+ *   codes are converted to float exactly and their scale applied once per row:
+ *   s sum_k code_k h_k + o sum_k h_k. int8 codes take byte dot products instead (gemv_i8).
  * - exp (field weights, softmax) and erf (GELU) are small vectorisable polynomials instead of
  *   libm calls, which no compiler vectorises without -ffast-math. Measured: fast_exp within
  *   1 ulp of glibc's expf on [-87.3, 0] (20 million points), fast_erf within 2.5e-7 of erf
@@ -251,8 +253,9 @@ typedef struct {
 
 typedef struct {
     float *ln1_w, *ln1_b, *ln2_w, *ln2_b, *ln3_w, *ln3_b;
-    packed qkv;                 /* q, k and v projections side by side: [D][3D] */
-    float *qkv_b;               /* [3D] */
+    packed q;                   /* [D][D] */
+    packed kv;                  /* k and v projections side by side: [D][2D] */
+    float *qkv_b;               /* [3D]: q's, k's and v's biases */
     packed out;                 /* [D][D] */
     float *out_b;
     packed positions;           /* field neuron positions, transposed: [D][N] */
@@ -361,13 +364,12 @@ static packed_i8 pack_i8(char *arena, size_t *used, const crystal_tensor *const 
         const int8_t *src = (const int8_t *)ts[i]->data;
         for (int r = 0; r < ts[i]->rows; r++) {
             int row = r0 + r;
-            int8_t *tile = p.codes + (size_t)(row / I8_TILE) * I8_TILE * p.cols4;
+            int8_t *at = p.codes + (size_t)(row / I8_TILE) * I8_TILE * p.cols4 + (row % I8_TILE) * 4;
+            const int8_t *code = src + (size_t)r * p.cols;
             int32_t sum = 0;
-            for (int k = 0; k < p.cols; k++) {
-                int8_t c = src[(size_t)r * p.cols + k];
-                tile[(size_t)(k / 4) * 4 * I8_TILE + (row % I8_TILE) * 4 + k % 4] = c;
-                sum += c;
-            }
+            for (int k = 0; k < p.cols; k++) sum += code[k];
+            for (int k = 0; k < p.cols; k += 4) /* four columns at a time, the last ones zero padded */
+                memcpy(at + (size_t)k * I8_TILE, code + k, (size_t)(p.cols - k < 4 ? p.cols - k : 4));
             p.code_sum[row] = sum;
             quant_params(ts[i], r, 0, 1, p.scale + row, p.offset + row);
         }
@@ -454,8 +456,9 @@ static void layout(const crystal_model *m, struct crystal_work *w, char *arena, 
         bw.ln2_b = vector(arena, used, &blk->ln2.bias);
         bw.ln3_w = vector(arena, used, &blk->ln3.weight);
         bw.ln3_b = vector(arena, used, &blk->ln3.bias);
-        const crystal_tensor *qkv[3] = {&blk->attn.q_weight, &blk->attn.k_weight, &blk->attn.v_weight};
-        bw.qkv = pack_transposed(arena, used, qkv, 3, w->row);
+        const crystal_tensor *q = &blk->attn.q_weight, *kv[2] = {&blk->attn.k_weight, &blk->attn.v_weight};
+        bw.q = pack_transposed(arena, used, &q, 1, w->row);
+        bw.kv = pack_transposed(arena, used, kv, 2, w->row);
         bw.qkv_b = TAKE(3 * d);
         if (arena) {
             row_values(&blk->attn.q_bias, 0, bw.qkv_b);
@@ -742,26 +745,29 @@ static void layer_norm(const crystal_model *m, const float *wt, const float *bs,
     }
 }
 
-/* causal_attention of positions start..start+n-1 (rows of w->h) in block `layer`, writing
- * their keys and values into the cache first: w->f = Attn(w->h) */
+/* causal_attention of positions start..start+n-1 (rows of w->h) in block `layer`: their keys
+ * and values into the cache, then the queries of rows from..n-1 only (the others' outputs are
+ * not wanted, see blocks): w->f rows 0..n-from-1 = Attn(w->h rows from..n-1) */
 static void causal_attention(const crystal_model *m, struct crystal_work *w, const block_weights *bw, int layer,
-                             int start, int n) {
+                             int start, int n, int from) {
     int d = w->d, n_heads = m->n_heads, hd = d / n_heads, tp = w->t_pad;
     float *key_t = w->key_t + (size_t)layer * d * tp;
     float *value = w->value + (size_t)layer * w->t * w->kv_ld;
-    matmul(w->h, d, n, &bw->qkv, bw->qkv_b, w->qkv, 3 * d);
+    matmul(w->h, d, n, &bw->kv, bw->qkv_b + d, w->qkv + d, 3 * d);
+    if (from < n) matmul(w->h + (size_t)from * d, d, n - from, &bw->q, bw->qkv_b, w->qkv + (size_t)from * 3 * d, 3 * d);
     for (int i = 0; i < n; i++) {
         const float *k = w->qkv + (size_t)i * 3 * d + d, *v = k + d;
         for (int c = 0; c < d; c++) key_t[(size_t)c * tp + start + i] = k[c];
         memcpy(value + (size_t)(start + i) * w->kv_ld, v, (size_t)d * sizeof(float));
     }
     float scale = (float)sqrt((double)hd);
+    if (from == n) return;
     for (int head = 0; head < n_heads; head++)
-        for (int i0 = 0; i0 < n; i0 += MR) {
+        for (int i0 = from; i0 < n; i0 += MR) {
             /* MR queries at a time, against the keys the last of them sees (the causal mask:
              * no product with a later position is computed, beyond this one tile's corner) */
             int rows = n - i0 < MR ? n - i0 : MR, seen = start + i0 + rows;
-            float *att = w->att + (size_t)i0 * tp;
+            float *att = w->att + (size_t)(i0 - from) * tp;
             matmul_raw(w->qkv + (size_t)i0 * 3 * d + head * hd, 3 * d, rows, key_t + (size_t)head * hd * tp, tp, hd,
                        seen, NULL, att, tp);
             for (int i = 0; i < rows; i++, att += tp) {
@@ -773,10 +779,10 @@ static void causal_attention(const crystal_model *m, struct crystal_work *w, con
                 for (int t = 0; t < keys; t++) att[t] = att[t] / sum;
                 for (int t = keys; t < seen; t++) att[t] = 0.0f;
             }
-            matmul_raw(w->att + (size_t)i0 * tp, tp, rows, value + head * hd, w->kv_ld, seen, hd, NULL,
-                       w->y + (size_t)i0 * d + head * hd, d);
+            matmul_raw(w->att + (size_t)(i0 - from) * tp, tp, rows, value + head * hd, w->kv_ld, seen, hd, NULL,
+                       w->y + (size_t)(i0 - from) * d + head * hd, d);
         }
-    matmul(w->y, d, n, &bw->out, bw->out_b, w->f, d);
+    matmul(w->y, d, n - from, &bw->out, bw->out_b, w->f, d);
 }
 
 /* Squared distances of one tile of rows of h to NR neurons (columns of the transposed
@@ -1049,14 +1055,27 @@ static void head(const crystal_model *m, struct crystal_work *w, const float *h,
 
 /* --- forward ------------------------------------------------------------------------------- */
 
-/* The blocks over positions start..start+n-1: leaves the residual stream in w->x. */
-static void blocks(const crystal_model *m, struct crystal_work *w, const int32_t *ids, int start, int n) {
-    size_t nd = (size_t)n * w->d;
+/* The blocks over positions start..start+n-1, of which only the last `live` rows' outputs are
+ * wanted: n for every position's logits, 1 for the last position's, 0 to fill the cache.
+ * Every block but the last needs all n rows (the next block's keys and values come from
+ * them); the last one needs all n only up to its keys and values, and past them only the live
+ * rows, each of whose sublayers (the attention's query and output, the field, the FFN) reads
+ * no other row: computing the rest would be dead code. A one-block window recompute for the
+ * last logits is then n rows of k and v and one row of everything else, with the same bits.
+ * Leaves the live rows of the residual stream in w->x rows 0..live-1. */
+static void blocks(const crystal_model *m, struct crystal_work *w, const int32_t *ids, int start, int n, int live) {
     token_embedding(m, w, ids, start, n);
     for (int b = 0; b < m->n_blocks; b++) {
         const block_weights *bw = &w->blocks[b];
+        int from = b == m->n_blocks - 1 ? n - live : 0;
         layer_norm(m, bw->ln1_w, bw->ln1_b, w->x, w->h, n);
-        causal_attention(m, w, bw, b, start, n);
+        causal_attention(m, w, bw, b, start, n, from);
+        if (from > 0) { /* the live rows of the residual stream to the front, beside their attention */
+            memmove(w->x, w->x + (size_t)from * w->d, (size_t)(n - from) * w->d * sizeof(float));
+            n -= from;
+        }
+        if (n == 0) return;
+        size_t nd = (size_t)n * w->d;
         residual_add(w->x, w->f, nd);
         layer_norm(m, bw->ln2_w, bw->ln2_b, w->x, w->h, n);
         neuron_field(m, w, bw, &m->blocks[b].field, n);
@@ -1079,9 +1098,9 @@ static void logits_of(const crystal_model *m, struct crystal_work *w, int i, flo
 
 const float *crystal_forward_window(const crystal_model *m, crystal_state *s, const int32_t *ids, int start, int n,
                                     int want_logits) {
-    blocks(m, s->work, ids, start, n);
+    blocks(m, s->work, ids, start, n, want_logits ? 1 : 0);
     if (!want_logits) return NULL;
-    logits_of(m, s->work, n - 1, s->logits);
+    logits_of(m, s->work, 0, s->logits);
     return s->logits;
 }
 
@@ -1096,7 +1115,7 @@ int crystal_forward_sequence(const crystal_model *m, const int32_t *ids, int n, 
         if (ids[i] < 0 || ids[i] >= m->vocab_size) return -1;
     crystal_state s;
     if (crystal_state_init(&s, m)) return -1;
-    blocks(m, s.work, ids, 0, n);
+    blocks(m, s.work, ids, 0, n, n);
     for (int i = 0; i < n; i++) logits_of(m, s.work, i, out + (size_t)i * (size_t)m->vocab_size);
     crystal_state_free(&s);
     return 0;

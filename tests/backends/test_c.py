@@ -146,6 +146,10 @@ def test_logits_match_the_interpreter(shape, tmp_path):
     # S = T: every position at once (position i is the logits of the prefix of i + 1 tokens)
     assert np.abs(lib.forward(ids) - forward(g, ids)).max() <= TOL
     assert np.abs(lib.forward(ids[:1]) - forward(g, ids[:1])).max() <= TOL  # S = 1
+    # the last logits as generation computes them: a window whose blocks stop at the last one's
+    # keys and values (no logits wanted), then tokens one by one with only the last row live
+    for split in (1, t // 2, t):
+        assert np.abs(lib.decode(ids, split) - forward(g, ids)[-1]).max() <= TOL, split
     exe = program(g, tmp_path / "prog")
     for prompt in (ids, ids[:1], ids * 3):  # ids * 3: longer than the window keeps the last T
         got_ids, got = binary_logits(exe, prompt)

@@ -109,3 +109,19 @@ int model_check(void) {
 int model_forward(const int32_t *ids, int n, float *out) {
     return crystal_forward_sequence(&crystal_builtin_model, ids, n, out);
 }
+
+/* The last logits of ids[0..n) the way the program generates: ids[0..split) in one window
+ * without logits, then one token at a time through the KV cache. */
+int model_decode(const int32_t *ids, int n, int split, float *out) {
+    const crystal_model *m = &crystal_builtin_model;
+    if (split < 1 || split > n || n > m->n_ctx) return -1;
+    for (int i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= m->vocab_size) return -1;
+    crystal_state s;
+    if (crystal_state_init(&s, m)) return -1;
+    const float *logits = crystal_forward_window(m, &s, ids, 0, split, split == n);
+    for (int i = split; i < n; i++) logits = crystal_forward(m, &s, ids[i], i, i == n - 1);
+    memcpy(out, logits, (size_t)m->vocab_size * sizeof *out);
+    crystal_state_free(&s);
+    return 0;
+}

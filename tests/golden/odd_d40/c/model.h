@@ -22,4 +22,8 @@ int model_check(void);
  * into out; 0, or -1 on bad input. The entry point of the cffi binding. */
 int model_forward(const int32_t *ids, int n, float *out);
 
+/* Logits [MODEL_VOCAB_SIZE] of the last of ids[0..n) computed as generation does: ids[0..split)
+ * as one window, the rest one token at a time through the KV cache; 0, or -1 on bad input. */
+int model_decode(const int32_t *ids, int n, int split, float *out);
+
 #endif
