@@ -17,6 +17,9 @@ Per position (one block; D model width, H heads, N neurons, F FFN width):
   residual adds            3D
 and once per forward, for its last position only:
   head                     2VD + V, argmax V
+With the last block's dead rows skipped (the generated C, and the `_pruned` baselines), the
+last block computes for every position of a forward but the last only what the last one
+reads from it: its LayerNorm and its k and v projections, 7D + 2 * (2D^2 + D).
 
 Bytes per forward (a minimal-traffic model: every parameter is read once per forward,
 activations stay in L1/L2): the storage of every parameter except the two embedding
@@ -43,6 +46,12 @@ def position_flops(cfg: ModelConfig, c: int, n_neurons: int) -> tuple[int, int]:
              + 5 * n * d + 5 * n + 4 * d * f + f + d + 5 * f + 3 * d)
     trans = c * h + 2 * n + f  # exp in the softmax; sqrt and exp in the field; erf in GELU
     return flops, trans
+
+
+def kv_flops(cfg: ModelConfig) -> int:
+    """FLOPs of one position of one block up to its keys and values: LayerNorm, k and v."""
+    d = cfg.d_model
+    return 7 * d + 2 * (2 * d * d + d)
 
 
 def head_flops(cfg: ModelConfig) -> int:
@@ -85,10 +94,13 @@ class Work:
     bytes: float          # per token
 
 
-def work(cfg: ModelConfig, tensor_bytes: dict[str, int], kind: str, shift: int = 1, all_logits: bool = False) -> Work:
+def work(cfg: ModelConfig, tensor_bytes: dict[str, int], kind: str, shift: int = 1, all_logits: bool = False,
+         pruned: bool = False) -> Work:
     """Per-token FLOPs, transcendentals and bytes of a regime, for a model whose tensors
     take `tensor_bytes` (name -> storage bytes, quantization parameters included).
-    `all_logits`: the head runs on every position of a forward (the seeds' form)."""
+    `all_logits`: the head runs on every position of a forward (the seeds' form).
+    `pruned`: the last block's dead rows are skipped (every position of a forward but the
+    last stops at the last block's keys and values)."""
     forwards, tokens = schedule(kind, cfg, shift)
     body = sum(b for name, b in tensor_bytes.items() if name not in EMBEDDINGS)
     row = (tensor_bytes["token_embed.weight"] // cfg.vocab_size
@@ -96,7 +108,10 @@ def work(cfg: ModelConfig, tensor_bytes: dict[str, int], kind: str, shift: int =
     fl = tr = by = 0.0
     for start, s in forwards:
         for p in range(start, start + s):
-            for n in cfg.n_neurons:
+            for b, n in enumerate(cfg.n_neurons):
+                if pruned and not all_logits and b == cfg.n_blocks - 1 and p < start + s - 1:
+                    fl += kv_flops(cfg)
+                    continue
                 f, t = position_flops(cfg, p + 1, n)
                 fl += f
                 tr += t

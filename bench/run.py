@@ -176,11 +176,13 @@ def main() -> None:
         "torch_full": lambda: torch_gen.generate_full_logits(model, p1, w)}, rounds)
 
     print("[bench] past the window, --shift 1", flush=True)
-    onnx_path = torch_gen.export_onnx(model, work / "model.onnx")
-    sess = torch_gen.ort_session(onnx_path)
+    sess = torch_gen.ort_session(torch_gen.export_onnx(model, work / "model.onnx"))
+    sess_pruned = torch_gen.ort_session(torch_gen.export_onnx(model, work / "model-pruned.onnx", pruned=True))
     regimes["shift1"] = regime(builds, p64, warm, warm + m, 1, {
         "torch": lambda: torch_gen.generate_recompute(model, p64, warm + m, 1),
-        "ort": lambda: torch_gen.generate_ort_window(sess, t, p64, warm + m)}, rounds)
+        "ort": lambda: torch_gen.generate_ort_window(sess, t, p64, warm + m),
+        "torch_pruned": lambda: torch_gen.generate_recompute_pruned(model, p64, warm + m, 1),
+        "ort_pruned": lambda: torch_gen.generate_ort_window(sess_pruned, t, p64, warm + m)}, rounds)
 
     print("[bench] past the window, --shift 32", flush=True)
     regimes["shift32"] = regime(builds, p64, warm, warm + m, 32, {
@@ -199,7 +201,8 @@ def main() -> None:
         for tag, c in regimes[name]["c"].items():
             ref = regimes[name]["torch"]["tokens"] if tag == "f32" else list(fn(ref_models[tag], prompt, n, shift))
             checks[f"{name}/{tag}"] = agreement(c["tokens"], ref)
-    checks["shift1/ort"] = agreement(regimes["shift1"]["ort"]["tokens"], regimes["shift1"]["torch"]["tokens"])
+    for name in ("ort", "torch_pruned", "ort_pruned"):
+        checks[f"shift1/{name}"] = agreement(regimes["shift1"][name]["tokens"], regimes["shift1"]["torch"]["tokens"])
     checks["shift32/torch-kv vs recompute"] = agreement(
         regimes["shift32"]["torch"]["tokens"],
         list(torch_gen.generate_recompute(model, p64, warm + m, 32)))

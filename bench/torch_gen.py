@@ -10,7 +10,10 @@ any stretch of the generation (e.g. only the tokens past the prompt's own forwar
 All baselines compute the head for the last position only, as the C program does: the
 seeds' `model(ctx)[:, -1]` spends 64x the head's work on logits nobody reads, and a
 ratio against that would measure the waste, not the compiler. `generate_full_logits`
-keeps the seeds' form as a reference row.
+keeps the seeds' form as a reference row. The `_pruned` forms go one step further, as the
+generated C does: the last block computes every position only up to its keys and values,
+and its query, attention output, field and FFN for the last position alone (the others'
+outputs feed nothing), so a ratio against them compares the same work.
 """
 
 from __future__ import annotations
@@ -73,6 +76,28 @@ def forward_last(model: CrystalLM, ids: torch.Tensor) -> torch.Tensor:
     return _head(model, x[0, -1])
 
 
+def forward_last_pruned(model: CrystalLM, ids: torch.Tensor) -> torch.Tensor:
+    """forward_last, with the last block past its keys and values on the last position only."""
+    pos = torch.arange(ids.shape[-1])
+    x = model.token_embed(ids) + model.pos_embed(pos)
+    for blk in model.blocks[:-1]:
+        x = block(blk, x)
+    blk = model.blocks[-1]
+    attn = blk.attn
+    h = blk.ln1(x[0])  # [S, D]
+    s, d = h.shape
+    nh = attn.n_heads
+    hd = d // nh
+    q = attn.q_proj(h[-1:]).view(1, nh, hd).transpose(0, 1)    # [H, 1, hd]: the last query sees every key
+    k = attn.k_proj(h).view(s, nh, hd).transpose(0, 1)
+    v = attn.v_proj(h).view(s, nh, hd).transpose(0, 1)
+    y = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(hd), dim=-1) @ v
+    x = x[0, -1:] + attn.out_proj(y.transpose(0, 1).reshape(1, d))
+    x = x + neuron_field(blk.field, blk.ln2(x))
+    x = x + blk.ffn(blk.ln3(x))
+    return _head(model, x[-1])
+
+
 def forward_all(model: CrystalLM, ids: torch.Tensor) -> torch.Tensor:
     """ids [1, S] -> logits [S, V]: the seeds' forward, logits for every position."""
     pos = torch.arange(ids.shape[-1])
@@ -103,6 +128,11 @@ def _generate_by_recompute(last_logits: Callable[[CrystalLM, torch.Tensor], torc
 def generate_recompute(model: CrystalLM, prompt: list[int], n: int, shift: int = 1) -> Iterator[int]:
     """Recompute the whole context for every token (the seeds' generate, head on the last row)."""
     return _generate_by_recompute(forward_last, model, prompt, n, shift)
+
+
+def generate_recompute_pruned(model: CrystalLM, prompt: list[int], n: int, shift: int = 1) -> Iterator[int]:
+    """generate_recompute with the last block's dead rows skipped (forward_last_pruned)."""
+    return _generate_by_recompute(forward_last_pruned, model, prompt, n, shift)
 
 
 def generate_full_logits(model: CrystalLM, prompt: list[int], n: int, shift: int = 1) -> Iterator[int]:
@@ -170,24 +200,26 @@ def generate_kv(model: CrystalLM, prompt: list[int], n: int, shift: int = 1) -> 
 
 
 class LastLogits(nn.Module):
-    """The exported graph: ids [1, T] -> logits [1, V] of the last position (the C program's work)."""
+    """The exported graph: ids [1, T] -> logits [1, V] of the last position (pruned: the last
+    block's dead rows skipped, the C program's work)."""
 
-    def __init__(self, model: CrystalLM) -> None:
+    def __init__(self, model: CrystalLM, pruned: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.last = forward_last_pruned if pruned else forward_last
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return forward_last(self.model, ids).unsqueeze(0)
+        return self.last(self.model, ids).unsqueeze(0)
 
 
-def export_onnx(model: CrystalLM, path: Path) -> Path:
+def export_onnx(model: CrystalLM, path: Path, pruned: bool = False) -> Path:
     """torch.onnx.export (TorchScript exporter, opset 17) with a fixed [1, T] int64 input."""
     ids = torch.zeros(1, model.config.n_ctx, dtype=torch.int64)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The tracer warns that Python-level shapes become constants: intended, the input is fixed.
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(LastLogits(model).eval(), (ids,), str(path), dynamo=False, opset_version=17,
+        torch.onnx.export(LastLogits(model, pruned).eval(), (ids,), str(path), dynamo=False, opset_version=17,
                           input_names=["ids"], output_names=["logits"])
     return path
 

@@ -36,9 +36,11 @@ def test_last_position_logits_match_the_interpreter(shape):
     want = interpret.forward(g, ids)
     with torch.inference_mode():
         got = torch_gen.forward_last(model, torch.tensor([ids])).numpy()
+        pruned = torch_gen.forward_last_pruned(model, torch.tensor([ids])).numpy()
         every = torch_gen.forward_all(model, torch.tensor([ids])).numpy()
     # cdist's matrix-product distance rounds differently from the direct sum: float32 noise only.
     np.testing.assert_allclose(got, want[-1], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(pruned, want[-1], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(every, want, rtol=1e-4, atol=1e-4)
 
 
@@ -67,6 +69,7 @@ def test_generation_loops_follow_the_spec_window_semantics(shape):
         for shift in sorted({1, 2, t}):
             want = interpret.generate(g, prompt, n, shift)
             assert list(torch_gen.generate_recompute(model, prompt, n, shift)) == want
+            assert list(torch_gen.generate_recompute_pruned(model, prompt, n, shift)) == want
             assert list(torch_gen.generate_kv(model, prompt, n, shift)) == want
             assert list(torch_gen.generate_full_logits(model, prompt, n, shift)) == want
 
@@ -78,8 +81,10 @@ def test_onnx_export_generates_the_sliding_window(tmp_path):
     model = model_from_graph(g).eval()
     t = g.config.n_ctx
     prompt = [(3 * i) % g.config.vocab_size for i in range(t)]
-    sess = torch_gen.ort_session(torch_gen.export_onnx(model, tmp_path / "m.onnx"))
-    assert list(torch_gen.generate_ort_window(sess, t, prompt, 2 * t)) == interpret.generate(g, prompt, 2 * t, 1)
+    want = interpret.generate(g, prompt, 2 * t, 1)
+    for pruned in (False, True):
+        sess = torch_gen.ort_session(torch_gen.export_onnx(model, tmp_path / f"m{pruned}.onnx", pruned=pruned))
+        assert list(torch_gen.generate_ort_window(sess, t, prompt, 2 * t)) == want, pruned
 
 
 def test_schedules_cost_what_the_spec_says():
@@ -113,5 +118,12 @@ def test_work_per_token():
     all_logits = roofline.work(cfg, f32, "window-recompute", all_logits=True)
     # Forwards of S = 2..64 positions run S - 1 extra heads each: 32 a token on average.
     assert all_logits.flops - w_rec.flops == pytest.approx(roofline.head_flops(cfg) * 32, rel=1e-9)
+    # Dead rows skipped: the window's other 63 positions stop at the (one) block's keys and values.
+    pruned = roofline.work(cfg, f32, "past-recompute", pruned=True)
+    no_keys, _ = roofline.position_flops(cfg, 0, cfg.n_neurons[0])  # a position's work but the attention's
+    skipped = (cfg.n_ctx - 1) * (no_keys - roofline.kv_flops(cfg))
+    attention = sum(4 * c * cfg.d_model + 5 * c * cfg.n_heads for c in range(1, cfg.n_ctx))  # c keys seen
+    assert w_past.flops - pruned.flops == pytest.approx(skipped + attention, rel=1e-9)
+    assert pruned.bytes == w_past.bytes and roofline.work(cfg, f32, "window-kv", pruned=True) == w_kv
     rate, bound = roofline.roofline(w_kv, peak_flops=100e9, peak_bw=50e9)
     assert bound == "memory" and rate == pytest.approx(50e9 / w_kv.bytes)
