@@ -239,16 +239,23 @@ static void row_values(const crystal_tensor *t, int r, float *out) {
 typedef struct {
     int8_t *codes;
     int32_t *code_sum;          /* [rows rounded up to I8_TILE] each row's codes summed */
+    int64_t *code_sq;           /* [rows rounded up to I8_TILE] their squares summed, or NULL */
     float *scale, *offset;      /* [rows rounded up to I8_TILE] */
+    float *in_scale;            /* [cols] or NULL: the product's input is x_k * in_scale_k */
+    float *scaled;              /* [cols] scratch for that input */
     uint8_t *digits;            /* [3][cols4] scratch: the bytes of the input's integer form */
     int rows, cols, cols4;
 } packed_i8;
 
 /* A weight matrix W [cols][K] of the model stored as its transpose [K][ld]: row k holds
- * W[0..cols)[k], then zeros up to ld = cols rounded up to NR. */
+ * W[0..cols)[k], then zeros up to ld = cols rounded up to NR. An int8 matrix (tensor or row
+ * scheme) also keeps its codes in i8 for single rows, i.e. decoding one token, where every
+ * product streams its weights once and reads each only once: there gemv_i8 multiplies the
+ * codes themselves, a quarter of the bytes. i8.rows == 0: float32 only. */
 typedef struct {
     float *w;
     int k, cols, ld;
+    packed_i8 i8;
 } packed;
 
 typedef struct {
@@ -300,7 +307,7 @@ static void *take(char *arena, size_t *used, size_t bytes) {
 /* W [cols][k] -> packed [k][round_up(cols, NR)] (dequantised, zero padded); tensors side by
  * side when several share one product (q, k, v). */
 static packed pack_transposed(char *arena, size_t *used, const crystal_tensor *const *ws, int n_ws, float *row) {
-    packed p = {NULL, ws[0]->cols, 0, 0};
+    packed p = {.w = NULL, .k = ws[0]->cols, .cols = 0, .ld = 0};
     for (int i = 0; i < n_ws; i++) p.cols += ws[i]->rows;
     p.ld = round_up(p.cols, NR);
     p.w = TAKE((size_t)p.k * p.ld);
@@ -320,7 +327,7 @@ static packed pack_transposed(char *arena, size_t *used, const crystal_tensor *c
 
 /* W [k][cols] as it is -> packed [k][round_up(cols, NR)] */
 static packed pack_rows(char *arena, size_t *used, const crystal_tensor *w) {
-    packed p = {NULL, w->rows, w->cols, round_up(w->cols, NR)};
+    packed p = {.w = NULL, .k = w->rows, .cols = w->cols, .ld = round_up(w->cols, NR)};
     p.w = TAKE((size_t)p.k * p.ld);
     if (!arena) return p;
     memset(p.w, 0, (size_t)p.k * p.ld * sizeof(float));
@@ -340,40 +347,97 @@ static int i8_packable(const crystal_tensor *t) {
     return t->dtype == CRYSTAL_I8 && t->scheme != CRYSTAL_Q_GROUP && t->cols <= I8_MAX_COLS;
 }
 
-/* Tensors of the same column count, their rows one after another, packed as one int8 matrix
- * (see packed_i8); rows 0 unless every one is int8 under the tensor or row scheme. Each row's
- * codes are summed once here for the integer form's bias (gemv_i8). */
-static packed_i8 pack_i8(char *arena, size_t *used, const crystal_tensor *const *ts, int n_ts) {
-    packed_i8 p = {NULL, NULL, NULL, NULL, NULL, 0, ts[0]->cols, round_up(ts[0]->cols, 4)};
-    for (int i = 0; i < n_ts; i++)
-        if (!i8_packable(ts[i]) || ts[i]->cols != p.cols) return (packed_i8){0};
-    for (int i = 0; i < n_ts; i++) p.rows += ts[i]->rows;
-    int pad = round_up(p.rows, I8_TILE);
+/* Room for an int8 matrix of `rows` x `cols` (see packed_i8), zeroed; in_scale and code_sq
+ * only when asked for. */
+static packed_i8 take_i8(char *arena, size_t *used, int rows, int cols, int in_scale, int squares) {
+    packed_i8 p = {0};
+    p.rows = rows;
+    p.cols = cols;
+    p.cols4 = round_up(cols, 4);
+    int pad = round_up(rows, I8_TILE);
     p.codes = take(arena, used, (size_t)pad * p.cols4);
     p.code_sum = take(arena, used, (size_t)pad * sizeof(int32_t));
+    p.code_sq = squares ? take(arena, used, (size_t)pad * sizeof(int64_t)) : NULL;
     p.digits = take(arena, used, (size_t)3 * p.cols4);
     p.scale = TAKE(pad);
     p.offset = TAKE(pad);
+    p.in_scale = in_scale ? TAKE(cols) : NULL;
+    p.scaled = in_scale ? TAKE(cols) : NULL;
     if (!arena) return p;
     memset(p.codes, 0, (size_t)pad * p.cols4);
-    memset(p.digits, 0, (size_t)3 * p.cols4);
     memset(p.code_sum, 0, (size_t)pad * sizeof(int32_t));
+    if (squares) memset(p.code_sq, 0, (size_t)pad * sizeof(int64_t));
+    memset(p.digits, 0, (size_t)3 * p.cols4);
     memset(p.scale, 0, (size_t)pad * sizeof(float));
     memset(p.offset, 0, (size_t)pad * sizeof(float));
+    return p;
+}
+
+/* code into row `row`, column k of a packed int8 matrix */
+static void put_i8(packed_i8 *p, int row, int k, int8_t code) {
+    p->codes[(size_t)(row / I8_TILE) * I8_TILE * p->cols4 + (size_t)(k / 4) * 4 * I8_TILE + (row % I8_TILE) * 4 +
+             k % 4] = code;
+    p->code_sum[row] += code;
+    if (p->code_sq) p->code_sq[row] += (int64_t)code * code;
+}
+
+/* Tensors of the same column count, their rows one after another, packed as one int8 matrix
+ * (see packed_i8); rows 0 unless every one is int8 under the tensor or row scheme. Each row's
+ * codes are summed once here for the integer form's bias (gemv_i8), and with `squares` their
+ * squares too (field_sqdist_i8). */
+static packed_i8 pack_i8(char *arena, size_t *used, const crystal_tensor *const *ts, int n_ts, int squares) {
+    int rows = 0;
+    for (int i = 0; i < n_ts; i++) {
+        if (!i8_packable(ts[i]) || ts[i]->cols != ts[0]->cols) return (packed_i8){0};
+        rows += ts[i]->rows;
+    }
+    packed_i8 p = take_i8(arena, used, rows, ts[0]->cols, 0, squares);
+    if (!arena) return p;
     for (int i = 0, r0 = 0; i < n_ts; r0 += ts[i]->rows, i++) {
         const int8_t *src = (const int8_t *)ts[i]->data;
         for (int r = 0; r < ts[i]->rows; r++) {
-            int row = r0 + r;
-            int8_t *at = p.codes + (size_t)(row / I8_TILE) * I8_TILE * p.cols4 + (row % I8_TILE) * 4;
-            const int8_t *code = src + (size_t)r * p.cols;
-            int32_t sum = 0;
-            for (int k = 0; k < p.cols; k++) sum += code[k];
-            for (int k = 0; k < p.cols; k += 4) /* four columns at a time, the last ones zero padded */
-                memcpy(at + (size_t)k * I8_TILE, code + k, (size_t)(p.cols - k < 4 ? p.cols - k : 4));
-            p.code_sum[row] = sum;
-            quant_params(ts[i], r, 0, 1, p.scale + row, p.offset + row);
+            for (int k = 0; k < p.cols; k++) put_i8(&p, r0 + r, k, src[(size_t)r * p.cols + k]);
+            quant_params(ts[i], r, 0, 1, p.scale + r0 + r, p.offset + r0 + r);
         }
     }
+    return p;
+}
+
+/* An int8 W [K][cols] whose scales belong to its K rows (the field's values, one row a
+ * neuron), for products x W summing over K: packed transposed, rows = cols of W. Under the
+ * tensor scheme every output row takes W's one scale and offset; under the row scheme the
+ * scales move to the input, x_k * s_k (in_scale), and the offsets must be 0. Rows 0 when
+ * neither holds. */
+static packed_i8 pack_i8_columns(char *arena, size_t *used, const crystal_tensor *t) {
+    if (!i8_packable(t) || t->rows > I8_MAX_COLS) return (packed_i8){0};
+    int by_row = t->scheme == CRYSTAL_Q_ROW;
+    for (int r = 0; by_row && r < t->rows; r++)
+        if (t->offset && t->offset[r] != 0.0f) return (packed_i8){0};
+    packed_i8 p = take_i8(arena, used, t->cols, t->rows, by_row, 0);
+    if (!arena) return p;
+    const int8_t *src = (const int8_t *)t->data;
+    for (int r = 0; r < t->rows; r++) {
+        for (int c = 0; c < t->cols; c++) put_i8(&p, c, r, src[(size_t)r * t->cols + c]);
+        if (by_row) {
+            float offset;
+            quant_params(t, r, 0, 1, p.in_scale + r, &offset);
+        }
+    }
+    for (int c = 0; c < t->cols; c++) {
+        if (by_row) {
+            p.scale[c] = 1.0f;
+        } else {
+            quant_params(t, 0, 0, 1, p.scale + c, p.offset + c);
+        }
+    }
+    return p;
+}
+
+/* pack_transposed, plus the int8 codes for single rows when there are any */
+static packed pack_product(char *arena, size_t *used, const crystal_tensor *const *ws, int n_ws, float *row,
+                           int squares) {
+    packed p = pack_transposed(arena, used, ws, n_ws, row);
+    p.i8 = pack_i8(arena, used, ws, n_ws, squares);
     return p;
 }
 
@@ -390,7 +454,7 @@ static void pack_head(const crystal_model *m, struct crystal_work *w, char *aren
     w->head_i8 = (packed_i8){0};
     w->head_dtype = t->dtype;
     if (i8_packable(t)) {
-        w->head_i8 = pack_i8(arena, used, &t, 1);
+        w->head_i8 = pack_i8(arena, used, &t, 1, 0);
         return;
     }
     if (t->dtype == CRYSTAL_I8 || (t->dtype != CRYSTAL_F32 && t->scheme == CRYSTAL_Q_GROUP)) return;
@@ -457,8 +521,8 @@ static void layout(const crystal_model *m, struct crystal_work *w, char *arena, 
         bw.ln3_w = vector(arena, used, &blk->ln3.weight);
         bw.ln3_b = vector(arena, used, &blk->ln3.bias);
         const crystal_tensor *q = &blk->attn.q_weight, *kv[2] = {&blk->attn.k_weight, &blk->attn.v_weight};
-        bw.q = pack_transposed(arena, used, &q, 1, w->row);
-        bw.kv = pack_transposed(arena, used, kv, 2, w->row);
+        bw.q = pack_product(arena, used, &q, 1, w->row, 0);
+        bw.kv = pack_product(arena, used, kv, 2, w->row, 0);
         bw.qkv_b = TAKE(3 * d);
         if (arena) {
             row_values(&blk->attn.q_bias, 0, bw.qkv_b);
@@ -466,24 +530,28 @@ static void layout(const crystal_model *m, struct crystal_work *w, char *arena, 
             row_values(&blk->attn.v_bias, 0, bw.qkv_b + 2 * d);
         }
         const crystal_tensor *out = &blk->attn.out_weight;
-        bw.out = pack_transposed(arena, used, &out, 1, w->row);
+        bw.out = pack_product(arena, used, &out, 1, w->row, 0);
         bw.out_b = vector(arena, used, &blk->attn.out_bias);
         const crystal_neuron_field *nf = &blk->field;
-        packed none = {NULL, 0, 0, 0};
+        packed none = {0};
         bw.positions = bw.values = none;
         bw.denominator = NULL;
         if (nf->n_neurons > 0) {
             const crystal_tensor *pos = &nf->positions;
-            bw.positions = pack_transposed(arena, used, &pos, 1, w->row);
+            bw.positions = pack_product(arena, used, &pos, 1, w->row, 1);
+            /* the distance form needs one offset for every neuron: tensor scheme, or row with 0 */
+            for (int j = 1; j < bw.positions.i8.rows && arena; j++)
+                if (bw.positions.i8.offset[j] != bw.positions.i8.offset[0]) bw.positions.i8.rows = 0;
             bw.values = pack_rows(arena, used, &nf->values);
+            bw.values.i8 = pack_i8_columns(arena, used, &nf->values);
             bw.denominator = vector(arena, used, &nf->temperature);
             if (arena)
                 for (int j = 0; j < nf->n_neurons; j++) bw.denominator[j] = fabsf(bw.denominator[j]) + 0.1f;
         }
         const crystal_tensor *fc1 = &blk->ffn.fc1_weight, *fc2 = &blk->ffn.fc2_weight;
-        bw.fc1 = pack_transposed(arena, used, &fc1, 1, w->row);
+        bw.fc1 = pack_product(arena, used, &fc1, 1, w->row, 0);
         bw.fc1_b = vector(arena, used, &blk->ffn.fc1_bias);
-        bw.fc2 = pack_transposed(arena, used, &fc2, 1, w->row);
+        bw.fc2 = pack_product(arena, used, &fc2, 1, w->row, 0);
         bw.fc2_b = vector(arena, used, &blk->ffn.fc2_bias);
         if (arena) w->blocks[b] = bw;
     }
@@ -545,14 +613,20 @@ void crystal_state_free(crystal_state *s) {
  * NaN: there is no integer form then (converting one would be undefined), and the float sums
  * would be inf or NaN, so the caller says NaN. */
 static double integer_unit(const float *h, int cols, double limit) {
-    float top = 0.0f;
-    int finite = 1;
+    /* on the bits: magnitudes of floats order as unsigned integers, and an integer maximum is a
+     * reduction that vectorises (a float one is not without -ffast-math) */
+    uint32_t top = 0, bad = 0;
     for (int k = 0; k < cols; k++) {
-        top = fabsf(h[k]) > top ? fabsf(h[k]) : top;
-        finite &= h[k] - h[k] == 0.0f; /* false for inf and NaN */
+        uint32_t bits;
+        memcpy(&bits, h + k, sizeof bits);
+        uint32_t magnitude = bits & 0x7fffffffu;
+        top = magnitude > top ? magnitude : top;
+        bad |= magnitude >= 0x7f800000u; /* inf or NaN */
     }
-    if (!finite) return 0.0;
-    return top > 0.0f ? (double)top / limit : 1.0;
+    if (bad) return 0.0;
+    float largest;
+    memcpy(&largest, &top, sizeof largest);
+    return top ? (double)largest / limit : 1.0;
 }
 
 static int32_t integer_of(float h, double unit) { return (int32_t)floor((double)h / unit + 0.5); }
@@ -595,6 +669,37 @@ static void i8_tile(const int8_t *tile, const uint8_t *digits, int d4, int32_t s
 }
 #endif
 
+/* x as the integer form of the comment below, its three bytes per column into p->digits;
+ * returns the unit, or 0 when x has an inf or NaN. */
+static double i8_digits(const packed_i8 *p, const float *x) {
+    double unit = integer_unit(x, p->cols, 8388608.0 - 16.0);
+    if (unit == 0.0) return 0.0;
+    /* a multiply by the inverse (it vectorises; a division does not): X_k may then be the
+     * integer next to the nearest one, still within unit of x_k / unit, and the form stays exact */
+    double inverse = 1.0 / unit;
+    const float *restrict in = x;
+    uint8_t *restrict d0 = p->digits, *restrict d1 = d0 + p->cols4, *restrict d2 = d1 + p->cols4;
+    for (int k = 0; k < p->cols; k++) {
+        uint32_t biased = (uint32_t)((int32_t)floor((double)in[k] * inverse + 0.5) + (1 << 23));
+        d0[k] = (uint8_t)biased;
+        d1[k] = (uint8_t)(biased >> 8);
+        d2[k] = (uint8_t)(biased >> 16);
+    }
+    return unit;
+}
+
+/* dot[j] = sum_k code_jk X_k, exactly, for the rows of tile tb (X: the digits' integers).
+ * Every term and partial sum is an integer below 2^53 (cols <= I8_MAX_COLS), so double
+ * arithmetic is exact here, and it vectorises. */
+static void i8_dots(const packed_i8 *p, int tb, double dot[I8_TILE]) {
+    int32_t sum[3][I8_TILE];
+    i8_tile(p->codes + (size_t)tb * I8_TILE * p->cols4, p->digits, p->cols4, sum);
+    const int32_t *restrict code_sum = p->code_sum + (size_t)tb * I8_TILE;
+    double *restrict out = dot;
+    for (int j = 0; j < I8_TILE; j++)
+        out[j] = (double)sum[0][j] + 256.0 * sum[1][j] + 65536.0 * sum[2][j] - 8388608.0 * code_sum[j];
+}
+
 /* y[r] = sum_k W[r][k] x[k] for a packed int8 matrix, in integer arithmetic: x_k = unit * X_k
  * with integers |X_k| < 2^23 (the rounding moves x_k by at most max|x| 2^-24, float32's own
  * relative precision), and X_k + 2^23, which is positive and below 2^24, written as three bytes
@@ -603,30 +708,62 @@ static void i8_tile(const int8_t *tile, const uint8_t *digits, int d4, int32_t s
  * start-up. The total is exact in int64 and in double (below 2^53 for cols <= I8_MAX_COLS);
  * each row's scale and offset are applied once, s * unit * sum + o * sum_k x_k: the sum of the
  * dequantised weights in another order, a few ulp apart. */
-static void gemv_i8(const packed_i8 *p, const float *x, float *y) {
-    int cols = p->cols, d4 = p->cols4, rows = p->rows;
-    double unit = integer_unit(x, cols, 8388608.0 - 16.0);
+static void gemv_i8(const packed_i8 *p, const float *x, const float *bias, float *y) {
+    int rows = p->rows, tiles = (rows + I8_TILE - 1) / I8_TILE, parallel = (double)rows * p->cols >= PARALLEL_WORK;
+    (void)parallel;
+    if (p->in_scale) {
+        for (int k = 0; k < p->cols; k++) p->scaled[k] = x[k] * p->in_scale[k];
+        x = p->scaled;
+    }
+    double unit = i8_digits(p, x);
     if (unit == 0.0) {
         for (int r = 0; r < rows; r++) y[r] = NAN;
         return;
     }
-    int tiles = (rows + I8_TILE - 1) / I8_TILE, parallel = (double)rows * cols >= PARALLEL_WORK;
-    (void)parallel;
-    for (int k = 0; k < cols; k++) {
-        uint32_t biased = (uint32_t)(integer_of(x[k], unit) + (1 << 23));
-        for (int q = 0; q < 3; q++) p->digits[(size_t)q * d4 + k] = (uint8_t)(biased >> (8 * q));
-    }
-    float sum_x = sum_f32(x, cols);
+    float sum_x = sum_f32(x, p->cols);
     PARALLEL_FOR
     for (int tb = 0; tb < tiles; tb++) {
-        int32_t sum[3][I8_TILE];
-        i8_tile(p->codes + (size_t)tb * I8_TILE * d4, p->digits, d4, sum);
+        double dot[I8_TILE];
+        i8_dots(p, tb, dot);
+        int r0 = tb * I8_TILE, n = rows - r0 < I8_TILE ? rows - r0 : I8_TILE;
+        const float *restrict scale = p->scale + r0, *restrict offset = p->offset + r0;
+        float *restrict out = y + r0;
+        for (int j = 0; j < n; j++) out[j] = scale[j] * (float)(dot[j] * unit) + offset[j] * sum_x;
+        if (bias)
+            for (int j = 0; j < n; j++) out[j] += bias[r0 + j];
+    }
+}
+
+/* Squared distances d2[n] = sum_k (h_k - p_nk)^2 from one row h to every neuron, with int8
+ * positions p_nk = s_n c_nk + o (one offset o for all). With e = h - o as integers E_k (unit
+ * as in gemv_i8), d2 = unit^2 sum_k E_k^2 - 2 s_n unit sum_k c_nk E_k + s_n^2 sum_k c_nk^2: three
+ * exact integer sums, combined in double. That is the exact distance from e rounded to 24 bits,
+ * so there is no cancellation to fear when h is near a neuron: the error is at most about
+ * unit sqrt(D d2), against float32 rounding of the direct form's D terms. */
+static void field_sqdist_i8(const packed_i8 *p, const float *h, float *e, float *d2) {
+    int rows = p->rows, tiles = (rows + I8_TILE - 1) / I8_TILE, parallel = (double)rows * p->cols >= PARALLEL_WORK;
+    (void)parallel;
+    double o = p->offset[0], e2 = 0.0;
+    for (int k = 0; k < p->cols; k++) e[k] = (float)((double)h[k] - o);
+    double unit = i8_digits(p, e);
+    if (unit == 0.0) {
+        for (int r = 0; r < rows; r++) d2[r] = NAN;
+        return;
+    }
+    const uint8_t *d0 = p->digits, *d1 = d0 + p->cols4, *d2b = d1 + p->cols4;
+    for (int k = 0; k < p->cols; k++) { /* E_k back from its digits: the very integers the dots use */
+        double whole = (double)(d0[k] + 256 * d1[k] + 65536 * d2b[k]) - 8388608.0;
+        e2 += whole * whole; /* each below 2^46: exact in double */
+    }
+    PARALLEL_FOR
+    for (int tb = 0; tb < tiles; tb++) {
+        double dot[I8_TILE];
+        i8_dots(p, tb, dot);
         int r0 = tb * I8_TILE, n = rows - r0 < I8_TILE ? rows - r0 : I8_TILE;
         for (int j = 0; j < n; j++) {
-            /* products, not shifts: a negative number shifted left is undefined in C */
-            int64_t dot = (int64_t)sum[0][j] + (int64_t)sum[1][j] * 256 + (int64_t)sum[2][j] * 65536 -
-                          (int64_t)p->code_sum[r0 + j] * 8388608;
-            y[r0 + j] = p->scale[r0 + j] * (float)((double)dot * unit) + p->offset[r0 + j] * sum_x;
+            double s = p->scale[r0 + j];
+            double d = unit * unit * e2 - 2.0 * s * unit * dot[j] + s * s * (double)p->code_sq[r0 + j];
+            d2[r0 + j] = d > 0.0 ? (float)d : 0.0f;
         }
     }
 }
@@ -717,6 +854,10 @@ static void matmul_raw(const float *a, int lda, int rows, const float *b, int ld
 }
 
 static void matmul(const float *a, int lda, int rows, const packed *b, const float *bias, float *c, int ldc) {
+    if (rows == 1 && b->i8.rows) {
+        gemv_i8(&b->i8, a, bias, c);
+        return;
+    }
     matmul_raw(a, lda, rows, b->w, b->ld, b->k, b->cols, bias, c, ldc);
 }
 
@@ -830,6 +971,11 @@ static void neuron_field(const crystal_model *m, struct crystal_work *w, const b
     int ldw = round_up(nn, NR);
     int parallel = (double)n * nn * d >= PARALLEL_WORK, blocks = (nn + NR - 1) / NR;
     (void)parallel;
+    if (n == 1 && bw->positions.i8.rows) { /* one row, int8 positions: the distances in integers */
+        field_sqdist_i8(&bw->positions.i8, w->h, w->row, w->fw);
+        for (int j = 0; j < nn; j++) w->fw[j] = fast_exp(-sqrtf(w->fw[j]) / bw->denominator[j]);
+        blocks = 0;
+    }
     PARALLEL_FOR
     for (int jb = 0; jb < blocks; jb++) {
         int j = jb * NR, cols = nn - j < NR ? nn - j : NR;
@@ -1034,10 +1180,12 @@ static void head_i8(const crystal_tensor *t, struct crystal_work *w, const float
 static void head(const crystal_model *m, struct crystal_work *w, const float *h, float *logits) {
     const crystal_tensor *t = m->tie_head ? &m->token_embed : &m->head_weight;
     int rows = t->rows, cols = t->cols;
+    if (w->head_i8.rows) { /* it adds the bias itself */
+        gemv_i8(&w->head_i8, h, w->head_b, logits);
+        return;
+    }
     if (w->head_tiles) {
         head_tiles(w, rows, cols, h, logits);
-    } else if (w->head_i8.rows) {
-        gemv_i8(&w->head_i8, h, logits);
     } else if (t->dtype == CRYSTAL_I8) {
         head_i8(t, w, h, logits);
     } else if (rows >= 4) {

@@ -199,7 +199,12 @@ def test_quantized_logits_match_the_interpreter(dtype, scheme, tmp_path):
         g = quantized(random_graph(shape, seed=13), dtype, scheme)
         ids = some_prompt(g, g.config.n_ctx)
         lib = library(g, tmp_path / shape)
-        assert np.abs(lib.forward(ids) - forward(g, ids)).max() <= TOL, shape
+        want = forward(g, ids)
+        assert np.abs(lib.forward(ids) - want).max() <= TOL, shape
+        # decoding: single rows, which int8 tensor/row weights multiply as codes (gemv_i8, the
+        # field's integer distances)
+        for split in (1, len(ids) // 2):
+            assert np.abs(lib.decode(ids, split) - want[-1]).max() <= TOL, (shape, split)
 
 
 @pytest.mark.parametrize("native", [False, True], ids=["portable", "native"])
@@ -220,7 +225,9 @@ def test_wide_int8_head_and_ragged_tiles(scheme, native, tmp_path):
     from crystalc.backends.c import BACKEND
     from crystalc.backends.c_ffi import load
 
-    assert np.abs(load(g, tmp_path / "lib", cflags=cflags).forward(ids) - forward(g, ids)).max() <= TOL
+    lib, want = load(g, tmp_path / "lib", cflags=cflags), forward(g, ids)
+    assert np.abs(lib.forward(ids) - want).max() <= TOL
+    assert np.abs(lib.decode(ids, 2) - want[-1]).max() <= TOL
     exe = BACKEND.build(emit(g, tmp_path / "exe"), cflags=cflags)
     prompt = ids[:2]
     for shift in (1, 5):  # 30 tokens decoded one by one, and windows recomputed past T = 11
