@@ -23,8 +23,17 @@ def _load(path: str, n_heads: int | None = None):
     return load_model(path, n_heads=n_heads)
 
 
+def _calibration(graph, path: str | None, max_tokens: int):
+    """Windows of `path`'s tokens for calibrated rounding, or None."""
+    if path is None:
+        return None
+    from crystalc.passes.calibrate import calibration_windows
+
+    return calibration_windows(graph, _read_text(path), max_tokens)
+
+
 def _apply_passes(graph, prune_corpus: str | None, keep: str | None, quantize: str | None,
-                  granularity: str):
+                  granularity: str, calibrate: str | None = None, calibrate_tokens: int = 16384):
     """The pass order is fixed: prune_vocab, then quantize (pruning first quantizes fewer rows)."""
     from crystalc.passes.pipeline import Pass, run_pipeline
 
@@ -38,7 +47,10 @@ def _apply_passes(graph, prune_corpus: str | None, keep: str | None, quantize: s
     if quantize is not None:
         from crystalc.passes.quantize import quantize as quantize_pass
 
-        passes.append(Pass("quantize", lambda g: quantize_pass(g, quantize, granularity)))
+        passes.append(Pass("quantize", lambda g: quantize_pass(
+            g, quantize, granularity, calibration=_calibration(g, calibrate, calibrate_tokens))))
+    elif calibrate is not None:
+        raise CrystalError("--calibrate chooses how weights are rounded: it needs a quantization mode")
     return run_pipeline(graph, passes)
 
 
@@ -78,6 +90,13 @@ quant_option = click.option("--quantize", type=click.Choice(QUANT_MODES), defaul
                                  "mixed8 (f32 embeddings + int8).")
 gran_option = click.option("--granularity", default="tensor", show_default=True,
                            help="Scale granularity: tensor (the seeds' min/max), row, or group:N.")
+calibrate_option = click.option(
+    "--calibrate", type=click.Path(dir_okay=False), default=None,
+    help="Text (e.g. training data) for calibrated rounding: the linear layers' codes are chosen to keep "
+         "their outputs on this text close to float32 (GPTQ-style), instead of rounding each weight to "
+         "the nearest code. Same scales, same file size; see docs/quantization.md.")
+calibrate_tokens_option = click.option("--calibrate-tokens", type=click.IntRange(1), default=16384,
+                                       show_default=True, help="Tokens of the --calibrate text used.")
 
 
 @cli.command()
@@ -92,13 +111,17 @@ gran_option = click.option("--granularity", default="tensor", show_default=True,
 @keep_option
 @quant_option
 @gran_option
+@calibrate_option
+@calibrate_tokens_option
 def compile(model: str, target: str, out_dir: str, build: bool, cflags: str | None, n_heads: int | None,
-            prune_corpus: str | None, keep: str | None, quantize: str | None, granularity: str) -> None:
+            prune_corpus: str | None, keep: str | None, quantize: str | None, granularity: str,
+            calibrate: str | None, calibrate_tokens: int) -> None:
     """Compile MODEL for a target into the folder OUT."""
     from crystalc.backends import get_backend
     from crystalc.fsutil import atomic_dir
 
-    graph = _apply_passes(_load(model, n_heads), prune_corpus, keep, quantize, granularity)
+    graph = _apply_passes(_load(model, n_heads), prune_corpus, keep, quantize, granularity, calibrate,
+                          calibrate_tokens)
     backend = get_backend(target)
     with atomic_dir(out_dir) as tmp:
         backend.emit(graph, tmp)
@@ -162,15 +185,18 @@ def run(model: str, prompt: str | None, prompt_ids: str | None, n_tokens: int, t
 @click.option("--mixed", "mode", flag_value="mixed", help="float32 embeddings, int16 everything else.")
 @click.option("--mixed8", "mode", flag_value="mixed8", help="float32 embeddings, int8 everything else.")
 @gran_option
+@calibrate_option
+@calibrate_tokens_option
 @click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), required=True, help="Output .crystal file.")
 @n_heads_option
-def quantize(model: str, mode: str | None, granularity: str, out_path: str, n_heads: int | None) -> None:
+def quantize(model: str, mode: str | None, granularity: str, calibrate: str | None, calibrate_tokens: int,
+             out_path: str, n_heads: int | None) -> None:
     """Quantize MODEL and write a .crystal file."""
     from crystalc.format.crystal import write_crystal
 
     if mode is None:
         raise CrystalError("choose a mode: --int8, --int16, --mixed or --mixed8")
-    graph = _apply_passes(_load(model, n_heads), None, None, mode, granularity)
+    graph = _apply_passes(_load(model, n_heads), None, None, mode, granularity, calibrate, calibrate_tokens)
     write_crystal(graph, out_path)
     click.echo(f"wrote {out_path} ({Path(out_path).stat().st_size:,} bytes)")
 
@@ -266,13 +292,17 @@ def train(data: str, out_path: str, tokenizer: str, d_model: int, n_ctx: int, n_
               help="Comma-separated granularities: tensor, row, group:N.")
 @click.option("--max-tokens", type=click.IntRange(1), default=8192, show_default=True,
               help="Score at most this many tokens of the corpus.")
+@calibrate_option
+@calibrate_tokens_option
 @n_heads_option
-def eval_(model: str, corpus: str, modes: str, granularities: str, max_tokens: int, n_heads: int | None) -> None:
+def eval_(model: str, corpus: str, modes: str, granularities: str, max_tokens: int, calibrate: str | None,
+          calibrate_tokens: int, n_heads: int | None) -> None:
     """Quality report: size, perplexity and agreement with float32 for every mode x granularity."""
     from crystalc.evaluate import evaluate, markdown, timed_progress
 
+    graph = _load(model, n_heads)
     report = evaluate(
-        _load(model, n_heads), _read_text(corpus),
+        graph, _read_text(corpus), calibration=_calibration(graph, calibrate, calibrate_tokens),
         modes=[m for m in modes.replace(" ", "").split(",") if m],
         granularities=[g for g in granularities.replace(" ", "").split(",") if g],
         max_tokens=max_tokens, progress=timed_progress(lambda s: click.echo(s, err=True)),

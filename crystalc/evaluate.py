@@ -53,6 +53,7 @@ class EvalReport:
     n_tokens: int  # predicted positions
     size_is_file: bool  # True: sizes of written .crystal files; False: estimated from tensor bytes
     dropped_tokens: int  # corpus tokens absent from a pruned vocabulary, left out of the sequence
+    calibration_tokens: int = 0  # tokens of calibration text the quantized rows' rounding used; 0: nearest
 
 
 def _dequantized(graph: Graph) -> Graph:
@@ -162,8 +163,10 @@ def evaluate(
     granularities: Sequence[str] = DEFAULT_GRANULARITIES,
     max_tokens: int | None = 8192,
     progress: Callable[[int, int, str], None] | None = None,
+    calibration: np.ndarray | None = None,
 ) -> EvalReport:
-    """The quality report of `graph` (taken as the float32 reference) on a held-out corpus."""
+    """The quality report of `graph` (taken as the float32 reference) on a held-out corpus.
+    `calibration`: windows of current ids for calibrated rounding (quantize's `calibration`)."""
     for m in modes:
         check_mode(m)
     grans = [str(parse_granularity(gr)) for gr in granularities]
@@ -178,7 +181,7 @@ def evaluate(
     for i, (mode, gran) in enumerate(jobs):
         if progress is not None:
             progress(i, len(jobs), f"{mode} {gran}")
-        g = base if mode == "float32" else quantize(base, mode, gran)
+        g = base if mode == "float32" else quantize(base, mode, gran, calibration=calibration)
         nbytes, is_file = crystal_size(g)
         size_is_file = size_is_file and is_file
         logits = _logits(g, groups)
@@ -193,7 +196,8 @@ def evaluate(
         ))
     if progress is not None:
         progress(len(jobs), len(jobs), "done")
-    return EvalReport(tuple(rows), int(targets.size), size_is_file, dropped)
+    n_cal = 0 if calibration is None else int(np.asarray(calibration).size)
+    return EvalReport(tuple(rows), int(targets.size), size_is_file, dropped, n_cal)
 
 
 def markdown(report: EvalReport) -> str:
@@ -212,6 +216,8 @@ def markdown(report: EvalReport) -> str:
             f"{100 * r.top1_agreement:.2f}% | {r.max_logit_error:.4g} |"
         )
     notes = [f"{report.n_tokens:,} predicted tokens"]
+    if report.calibration_tokens:
+        notes.append(f"codes by calibrated rounding on {report.calibration_tokens:,} tokens of calibration text")
     if not report.size_is_file:
         notes.append("sizes estimated from tensor bytes (no .crystal writer installed)")
     if report.dropped_tokens:

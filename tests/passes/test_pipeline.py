@@ -11,6 +11,7 @@ import pytest
 
 from crystalc.frontend import load_model
 from crystalc.ir.interpret import forward
+from crystalc.passes.calibrate import calibration_windows
 from crystalc.passes.pipeline import Pass, run_pipeline
 from crystalc.passes.prune_vocab import prune_vocab
 from crystalc.passes.quantize import quantize
@@ -70,6 +71,16 @@ def test_quantize_and_prune_commands_write_what_the_passes_compute(tmp_path: Pat
     p = load_model(tmp_path / "p.crystal")
     assert p.vocab_map.tolist() == kept
     np.testing.assert_array_equal(p.token_embed.weight.values(), q.token_embed.weight.values()[kept])
+    # --calibrate: the pass with calibration windows of that text
+    r = _crystalc("quantize", str(model), "--int8", "--granularity", "row", "--calibrate", str(corpus),
+                  "--calibrate-tokens", "500", "-o", str(tmp_path / "c.crystal"))
+    assert r.returncode == 0, r.stderr
+    c = load_model(tmp_path / "c.crystal")
+    base = load_model(model)
+    want = quantize(base, "int8", "row", calibration=calibration_windows(base, CORPUS, 500))
+    for ta, tb in zip(c.tensors(), want.tensors(), strict=True):
+        np.testing.assert_array_equal(ta.values(), tb.values())
+    assert c.meta["quantize"]["rounding"].startswith("calibrated on")
 
 
 @pytest.mark.parametrize("args", (
@@ -81,9 +92,13 @@ def test_quantize_and_prune_commands_write_what_the_passes_compute(tmp_path: Pat
     ("prune-vocab", "{m}", "-o", "{d}/x.crystal"),
     ("prune-vocab", "{m}", "--keep", "1,x", "-o", "{d}/x.crystal"),
     ("prune-vocab", "{m}", "--keep", "999", "-o", "{d}/x.crystal"),
+    ("quantize", "{m}", "--int8", "--calibrate", "{d}/missing.txt", "-o", "{d}/x.crystal"),
+    ("quantize", "{m}", "--int8", "--calibrate", "{d}/short.txt", "-o", "{d}/x.crystal"),
+    ("compile", "{m}", "--target", "c", "-o", "{d}/out", "--calibrate", "{d}/short.txt"),
 ))
 def test_bad_options_exit_2_with_one_line(tmp_path: Path, args: tuple[str, ...]) -> None:
     model = save_pt(char_graph("all_on"), tmp_path / "m.pt")
+    (tmp_path / "short.txt").write_text("ab")  # fewer tokens than one window
     r = _crystalc(*(a.format(m=model, d=tmp_path) for a in args))
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("crystalc: error:"), r.stderr
