@@ -84,6 +84,24 @@ def _tensor(blob: Blob, t: Tensor) -> dict[str, Any]:
     return desc
 
 
+HEAD_TILE = 128  # CRYSTAL_HEAD_TILE of crystal.h
+
+
+def _head_tiles(blob: Blob, t: Tensor) -> tuple[dict[str, Any], int]:
+    """An untied float32 head stored only as the forward pass packs it (tiles of HEAD_TILE rows,
+    each transposed): the program then starts without copying 6 MB (the seeds' size) into
+    a second layout. Returns the tensor's fields (no data) and the tiles' offset."""
+    w = np.asarray(t.data, dtype=np.float32)
+    v, d = w.shape
+    padded = np.zeros((-(-v // HEAD_TILE) * HEAD_TILE, d), dtype=np.float32)
+    padded[:v] = w
+    tiles = padded.reshape(-1, HEAD_TILE, d).transpose(0, 2, 1)
+    desc = {"name": t.name, "dtype": DTYPE_ENUM["f32"], "scheme": SCHEME_ENUM[None], "rows": v, "cols": d,
+            "group": 0, "data": None, "scale": None, "offset": None, "shape": f"{v}x{d}",
+            "kind": "f32, stored as the head tiles below"}
+    return desc, blob.add(t.name + " (tiles)", np.ascontiguousarray(tiles, dtype="<f4").tobytes())
+
+
 def _layer_norm(blob: Blob, ln: LayerNorm) -> dict[str, Any]:
     return {"weight": _tensor(blob, ln.weight), "bias": _tensor(blob, ln.bias)}
 
@@ -125,7 +143,13 @@ def lower(graph: Graph) -> tuple[dict[str, Any], bytes]:
                 "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")},
         })
     ctx["ln_f"] = _layer_norm(blob, graph.final_norm) if graph.final_norm is not None else None
-    ctx["head_weight"] = ctx["token_embed"] if graph.head.weight is None else _tensor(blob, graph.head.weight)
+    ctx["head_tiles"] = None
+    if graph.head.weight is None:
+        ctx["head_weight"] = ctx["token_embed"]
+    elif graph.head.weight.dtype == "f32":
+        ctx["head_weight"], ctx["head_tiles"] = _head_tiles(blob, graph.head.weight)
+    else:
+        ctx["head_weight"] = _tensor(blob, graph.head.weight)
     ctx["head_bias"] = _tensor(blob, graph.head.bias)
 
     orig = graph.orig_vocab_size or c.vocab_size

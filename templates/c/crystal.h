@@ -65,7 +65,13 @@ typedef struct {
     int tokenizer;                    /* enum crystal_tokenizer */
     const char *chars;                /* CRYSTAL_TOK_CHAR: UTF-8 text of each original id, */
     const uint32_t *char_offsets;     /* id i is chars[char_offsets[i] .. char_offsets[i+1]) */
+    /* NULL, or an untied float32 head already laid out as crystal_forward.c packs it: tiles of
+     * CRYSTAL_HEAD_TILE rows (V rounded up, zero rows past V), each stored transposed [D][tile]
+     * (the C backend writes it so; head_weight.data is then NULL) */
+    const float *head_tiles;
 } crystal_model;
+
+#define CRYSTAL_HEAD_TILE 128
 
 /* --- crystal_forward.c: the forward pass over any filled crystal_model ------------------- */
 

@@ -347,7 +347,7 @@ static float *vector(char *arena, size_t *used, const crystal_tensor *t) {
     return v;
 }
 
-#define HEAD_TILE 128 /* head rows summed together: eight AVX-512 registers of partial sums */
+#define HEAD_TILE CRYSTAL_HEAD_TILE /* head rows summed together: eight AVX-512 registers of partial sums */
 
 static int i8_packable(const crystal_tensor *t) {
     return t->dtype == CRYSTAL_I8 && t->scheme != CRYSTAL_Q_GROUP && t->cols <= I8_MAX_COLS;
@@ -459,6 +459,10 @@ static void pack_head(const crystal_model *m, struct crystal_work *w, char *aren
     w->head_scale = w->head_offset = NULL;
     w->head_i8 = (packed_i8){0};
     w->head_dtype = t->dtype;
+    if (m->head_tiles && !m->tie_head && t->dtype == CRYSTAL_F32) { /* laid out by the compiler */
+        w->head_tiles = (void *)m->head_tiles; /* only ever read */
+        return;
+    }
     if (i8_packable(t)) {
         w->head_i8 = pack_i8(arena, used, &t, 1, 0);
         return;

@@ -3,8 +3,8 @@
  * tokenizer: char; original vocabulary 62 ids
  *
  * The crystal_model of crystal.h for this model. Every array lives in weights.bin (linked by
- * weights.S as crystal_weights); TENSOR(offset, dtype, scheme, rows, cols, group, scale, offset)
- * describes one tensor at a byte offset of it. Values of integer tensors are
+ * weights.S as crystal_weights); TENSOR(data, dtype, scheme, rows, cols, group, scale, offset)
+ * describes one tensor, W(offset) and F(offset) being arrays at byte offsets of it. Values of integer tensors are
  * (float)code * scale + offset. The forward pass is crystal_forward.c.
  */
 #include <stddef.h>
@@ -16,8 +16,8 @@ extern const unsigned char crystal_weights[];
 
 #define W(off) ((const void *)(crystal_weights + (off)))
 #define F(off) ((const float *)(crystal_weights + (off)))
-#define TENSOR(off, dtype_, scheme_, rows_, cols_, group_, scale_, offset_)                                   \
-    { .data = W(off), .dtype = dtype_, .scheme = scheme_, .rows = rows_, .cols = cols_, .group = group_,      \
+#define TENSOR(data_, dtype_, scheme_, rows_, cols_, group_, scale_, offset_)                                 \
+    { .data = data_, .dtype = dtype_, .scheme = scheme_, .rows = rows_, .cols = cols_, .group = group_,      \
       .scale = scale_, .offset = offset_ }
 
 /* neuron_field blocks.0: 2 of 7 neurons frozen (crystallised, 1), 5 active (0) */
@@ -29,44 +29,44 @@ static const crystal_block blocks[1] = {
     { /* blocks.0 */
         /* layer_norm */
         .ln1 = {
-            .weight = TENSOR(11456, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.ln1.weight f32 [40] */
-            .bias = TENSOR(11648, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.ln1.bias f32 [40] */
+            .weight = TENSOR(W(11456), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.ln1.weight f32 [40] */
+            .bias = TENSOR(W(11648), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.ln1.bias f32 [40] */
         },
         /* causal_attention, 5 heads */
         .attn = {
-            .q_weight = TENSOR(11840, CRYSTAL_F32, CRYSTAL_Q_NONE, 40, 40, 0, NULL, NULL), /* blocks.0.attn.q_proj.weight f32 [40x40] */
-            .q_bias = TENSOR(18240, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.attn.q_proj.bias f32 [40] */
-            .k_weight = TENSOR(18432, CRYSTAL_F32, CRYSTAL_Q_NONE, 40, 40, 0, NULL, NULL), /* blocks.0.attn.k_proj.weight f32 [40x40] */
-            .k_bias = TENSOR(24832, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.attn.k_proj.bias f32 [40] */
-            .v_weight = TENSOR(25024, CRYSTAL_F32, CRYSTAL_Q_NONE, 40, 40, 0, NULL, NULL), /* blocks.0.attn.v_proj.weight f32 [40x40] */
-            .v_bias = TENSOR(31424, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.attn.v_proj.bias f32 [40] */
-            .out_weight = TENSOR(31616, CRYSTAL_F32, CRYSTAL_Q_NONE, 40, 40, 0, NULL, NULL), /* blocks.0.attn.out_proj.weight f32 [40x40] */
-            .out_bias = TENSOR(38016, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.attn.out_proj.bias f32 [40] */
+            .q_weight = TENSOR(W(11840), CRYSTAL_F32, CRYSTAL_Q_NONE, 40, 40, 0, NULL, NULL), /* blocks.0.attn.q_proj.weight f32 [40x40] */
+            .q_bias = TENSOR(W(18240), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.attn.q_proj.bias f32 [40] */
+            .k_weight = TENSOR(W(18432), CRYSTAL_F32, CRYSTAL_Q_NONE, 40, 40, 0, NULL, NULL), /* blocks.0.attn.k_proj.weight f32 [40x40] */
+            .k_bias = TENSOR(W(24832), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.attn.k_proj.bias f32 [40] */
+            .v_weight = TENSOR(W(25024), CRYSTAL_F32, CRYSTAL_Q_NONE, 40, 40, 0, NULL, NULL), /* blocks.0.attn.v_proj.weight f32 [40x40] */
+            .v_bias = TENSOR(W(31424), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.attn.v_proj.bias f32 [40] */
+            .out_weight = TENSOR(W(31616), CRYSTAL_F32, CRYSTAL_Q_NONE, 40, 40, 0, NULL, NULL), /* blocks.0.attn.out_proj.weight f32 [40x40] */
+            .out_bias = TENSOR(W(38016), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.attn.out_proj.bias f32 [40] */
         },
         /* layer_norm */
         .ln2 = {
-            .weight = TENSOR(38208, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.ln2.weight f32 [40] */
-            .bias = TENSOR(38400, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.ln2.bias f32 [40] */
+            .weight = TENSOR(W(38208), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.ln2.weight f32 [40] */
+            .bias = TENSOR(W(38400), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.ln2.bias f32 [40] */
         },
         /* neuron_field, 7 neurons */
         .field = {
             .n_neurons = 7,
-            .positions = TENSOR(38592, CRYSTAL_F32, CRYSTAL_Q_NONE, 7, 40, 0, NULL, NULL), /* blocks.0.field.positions f32 [7x40] */
-            .values = TENSOR(39744, CRYSTAL_F32, CRYSTAL_Q_NONE, 7, 40, 0, NULL, NULL), /* blocks.0.field.values f32 [7x40] */
-            .temperature = TENSOR(40896, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 7, 0, NULL, NULL), /* blocks.0.field.temperature f32 [7] */
+            .positions = TENSOR(W(38592), CRYSTAL_F32, CRYSTAL_Q_NONE, 7, 40, 0, NULL, NULL), /* blocks.0.field.positions f32 [7x40] */
+            .values = TENSOR(W(39744), CRYSTAL_F32, CRYSTAL_Q_NONE, 7, 40, 0, NULL, NULL), /* blocks.0.field.values f32 [7x40] */
+            .temperature = TENSOR(W(40896), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 7, 0, NULL, NULL), /* blocks.0.field.temperature f32 [7] */
             .frozen = blocks_0_field_frozen,
         },
         /* layer_norm */
         .ln3 = {
-            .weight = TENSOR(40960, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.ln3.weight f32 [40] */
-            .bias = TENSOR(41152, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.ln3.bias f32 [40] */
+            .weight = TENSOR(W(40960), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.ln3.weight f32 [40] */
+            .bias = TENSOR(W(41152), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.ln3.bias f32 [40] */
         },
         /* ffn */
         .ffn = {
-            .fc1_weight = TENSOR(41344, CRYSTAL_F32, CRYSTAL_Q_NONE, 80, 40, 0, NULL, NULL), /* blocks.0.ffn.fc1.weight f32 [80x40] */
-            .fc1_bias = TENSOR(54144, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 80, 0, NULL, NULL), /* blocks.0.ffn.fc1.bias f32 [80] */
-            .fc2_weight = TENSOR(54464, CRYSTAL_F32, CRYSTAL_Q_NONE, 40, 80, 0, NULL, NULL), /* blocks.0.ffn.fc2.weight f32 [40x80] */
-            .fc2_bias = TENSOR(67264, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.ffn.fc2.bias f32 [40] */
+            .fc1_weight = TENSOR(W(41344), CRYSTAL_F32, CRYSTAL_Q_NONE, 80, 40, 0, NULL, NULL), /* blocks.0.ffn.fc1.weight f32 [80x40] */
+            .fc1_bias = TENSOR(W(54144), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 80, 0, NULL, NULL), /* blocks.0.ffn.fc1.bias f32 [80] */
+            .fc2_weight = TENSOR(W(54464), CRYSTAL_F32, CRYSTAL_Q_NONE, 40, 80, 0, NULL, NULL), /* blocks.0.ffn.fc2.weight f32 [40x80] */
+            .fc2_bias = TENSOR(W(67264), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 40, 0, NULL, NULL), /* blocks.0.ffn.fc2.bias f32 [40] */
         },
     },
 };
@@ -84,18 +84,19 @@ const crystal_model crystal_builtin_model = {
     .field_eps = 1e-08f,
     .ln_eps = 1e-05f,
     /* token_embedding */
-    .token_embed = TENSOR(64, CRYSTAL_F32, CRYSTAL_Q_NONE, 62, 40, 0, NULL, NULL), /* token_embed.weight f32 [62x40] */
+    .token_embed = TENSOR(W(64), CRYSTAL_F32, CRYSTAL_Q_NONE, 62, 40, 0, NULL, NULL), /* token_embed.weight f32 [62x40] */
     /* position_embedding */
-    .pos_embed = TENSOR(9984, CRYSTAL_F32, CRYSTAL_Q_NONE, 9, 40, 0, NULL, NULL), /* pos_embed.weight f32 [9x40] */
+    .pos_embed = TENSOR(W(9984), CRYSTAL_F32, CRYSTAL_Q_NONE, 9, 40, 0, NULL, NULL), /* pos_embed.weight f32 [9x40] */
     .blocks = blocks,
     /* head */
-    .head_weight = TENSOR(67456, CRYSTAL_F32, CRYSTAL_Q_NONE, 62, 40, 0, NULL, NULL), /* head.weight f32 [62x40] */
-    .head_bias = TENSOR(77376, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 62, 0, NULL, NULL), /* head.bias f32 [62] */
+    .head_weight = TENSOR(NULL, CRYSTAL_F32, CRYSTAL_Q_NONE, 62, 40, 0, NULL, NULL), /* head.weight f32, stored as the head tiles below [62x40] */
+    .head_bias = TENSOR(W(87936), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 62, 0, NULL, NULL), /* head.bias f32 [62] */
+    .head_tiles = F(67456), /* head.weight in the forward's tiles of CRYSTAL_HEAD_TILE rows */
     .orig_vocab_size = 62,
     .vocab_map = NULL,
     .tokenizer = CRYSTAL_TOK_CHAR,
-    .chars = (const char *)W(77632),
-    .char_offsets = (const uint32_t *)W(77696),
+    .chars = (const char *)W(88192),
+    .char_offsets = (const uint32_t *)W(88256),
 };
 
 int model_check(void) {

@@ -3,8 +3,8 @@
  * tokenizer: char; original vocabulary 62 ids
  *
  * The crystal_model of crystal.h for this model. Every array lives in weights.bin (linked by
- * weights.S as crystal_weights); TENSOR(offset, dtype, scheme, rows, cols, group, scale, offset)
- * describes one tensor at a byte offset of it. Values of integer tensors are
+ * weights.S as crystal_weights); TENSOR(data, dtype, scheme, rows, cols, group, scale, offset)
+ * describes one tensor, W(offset) and F(offset) being arrays at byte offsets of it. Values of integer tensors are
  * (float)code * scale + offset. The forward pass is crystal_forward.c.
  */
 #include <stddef.h>
@@ -16,8 +16,8 @@ extern const unsigned char crystal_weights[];
 
 #define W(off) ((const void *)(crystal_weights + (off)))
 #define F(off) ((const float *)(crystal_weights + (off)))
-#define TENSOR(off, dtype_, scheme_, rows_, cols_, group_, scale_, offset_)                                   \
-    { .data = W(off), .dtype = dtype_, .scheme = scheme_, .rows = rows_, .cols = cols_, .group = group_,      \
+#define TENSOR(data_, dtype_, scheme_, rows_, cols_, group_, scale_, offset_)                                 \
+    { .data = data_, .dtype = dtype_, .scheme = scheme_, .rows = rows_, .cols = cols_, .group = group_,      \
       .scale = scale_, .offset = offset_ }
 
 /* neuron_field blocks.1: 1 of 1 neurons frozen (crystallised, 1), 0 active (0) */
@@ -34,130 +34,130 @@ static const crystal_block blocks[3] = {
     { /* blocks.0 */
         /* layer_norm */
         .ln1 = {
-            .weight = TENSOR(3456, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.0.ln1.weight f32 [12] */
-            .bias = TENSOR(3520, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.0.ln1.bias f32 [12] */
+            .weight = TENSOR(W(3456), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.0.ln1.weight f32 [12] */
+            .bias = TENSOR(W(3520), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.0.ln1.bias f32 [12] */
         },
         /* causal_attention, 3 heads */
         .attn = {
-            .q_weight = TENSOR(3584, CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 12, 0, NULL, NULL), /* blocks.0.attn.q_proj.weight f32 [12x12] */
-            .q_bias = TENSOR(4160, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.0.attn.q_proj.bias f32 [12] */
-            .k_weight = TENSOR(4224, CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 12, 0, NULL, NULL), /* blocks.0.attn.k_proj.weight f32 [12x12] */
-            .k_bias = TENSOR(4800, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.0.attn.k_proj.bias f32 [12] */
-            .v_weight = TENSOR(4864, CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 12, 0, NULL, NULL), /* blocks.0.attn.v_proj.weight f32 [12x12] */
-            .v_bias = TENSOR(5440, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.0.attn.v_proj.bias f32 [12] */
-            .out_weight = TENSOR(5504, CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 12, 0, NULL, NULL), /* blocks.0.attn.out_proj.weight f32 [12x12] */
-            .out_bias = TENSOR(6080, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.0.attn.out_proj.bias f32 [12] */
+            .q_weight = TENSOR(W(3584), CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 12, 0, NULL, NULL), /* blocks.0.attn.q_proj.weight f32 [12x12] */
+            .q_bias = TENSOR(W(4160), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.0.attn.q_proj.bias f32 [12] */
+            .k_weight = TENSOR(W(4224), CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 12, 0, NULL, NULL), /* blocks.0.attn.k_proj.weight f32 [12x12] */
+            .k_bias = TENSOR(W(4800), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.0.attn.k_proj.bias f32 [12] */
+            .v_weight = TENSOR(W(4864), CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 12, 0, NULL, NULL), /* blocks.0.attn.v_proj.weight f32 [12x12] */
+            .v_bias = TENSOR(W(5440), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.0.attn.v_proj.bias f32 [12] */
+            .out_weight = TENSOR(W(5504), CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 12, 0, NULL, NULL), /* blocks.0.attn.out_proj.weight f32 [12x12] */
+            .out_bias = TENSOR(W(6080), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.0.attn.out_proj.bias f32 [12] */
         },
         /* layer_norm */
         .ln2 = {
-            .weight = TENSOR(6144, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.0.ln2.weight f32 [12] */
-            .bias = TENSOR(6208, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.0.ln2.bias f32 [12] */
+            .weight = TENSOR(W(6144), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.0.ln2.weight f32 [12] */
+            .bias = TENSOR(W(6208), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.0.ln2.bias f32 [12] */
         },
         /* neuron_field, 0 neurons */
         .field = {
             .n_neurons = 0,
-            .positions = TENSOR(6272, CRYSTAL_F32, CRYSTAL_Q_NONE, 0, 12, 0, NULL, NULL), /* blocks.0.field.positions f32 [0x12] */
-            .values = TENSOR(6272, CRYSTAL_F32, CRYSTAL_Q_NONE, 0, 12, 0, NULL, NULL), /* blocks.0.field.values f32 [0x12] */
-            .temperature = TENSOR(6272, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 0, 0, NULL, NULL), /* blocks.0.field.temperature f32 [0] */
+            .positions = TENSOR(W(6272), CRYSTAL_F32, CRYSTAL_Q_NONE, 0, 12, 0, NULL, NULL), /* blocks.0.field.positions f32 [0x12] */
+            .values = TENSOR(W(6272), CRYSTAL_F32, CRYSTAL_Q_NONE, 0, 12, 0, NULL, NULL), /* blocks.0.field.values f32 [0x12] */
+            .temperature = TENSOR(W(6272), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 0, 0, NULL, NULL), /* blocks.0.field.temperature f32 [0] */
             .frozen = NULL,
         },
         /* layer_norm */
         .ln3 = {
-            .weight = TENSOR(6272, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.0.ln3.weight f32 [12] */
-            .bias = TENSOR(6336, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.0.ln3.bias f32 [12] */
+            .weight = TENSOR(W(6272), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.0.ln3.weight f32 [12] */
+            .bias = TENSOR(W(6336), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.0.ln3.bias f32 [12] */
         },
         /* ffn */
         .ffn = {
-            .fc1_weight = TENSOR(6400, CRYSTAL_F32, CRYSTAL_Q_NONE, 20, 12, 0, NULL, NULL), /* blocks.0.ffn.fc1.weight f32 [20x12] */
-            .fc1_bias = TENSOR(7360, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 20, 0, NULL, NULL), /* blocks.0.ffn.fc1.bias f32 [20] */
-            .fc2_weight = TENSOR(7488, CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 20, 0, NULL, NULL), /* blocks.0.ffn.fc2.weight f32 [12x20] */
-            .fc2_bias = TENSOR(8448, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.0.ffn.fc2.bias f32 [12] */
+            .fc1_weight = TENSOR(W(6400), CRYSTAL_F32, CRYSTAL_Q_NONE, 20, 12, 0, NULL, NULL), /* blocks.0.ffn.fc1.weight f32 [20x12] */
+            .fc1_bias = TENSOR(W(7360), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 20, 0, NULL, NULL), /* blocks.0.ffn.fc1.bias f32 [20] */
+            .fc2_weight = TENSOR(W(7488), CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 20, 0, NULL, NULL), /* blocks.0.ffn.fc2.weight f32 [12x20] */
+            .fc2_bias = TENSOR(W(8448), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.0.ffn.fc2.bias f32 [12] */
         },
     },
     { /* blocks.1 */
         /* layer_norm */
         .ln1 = {
-            .weight = TENSOR(8512, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.1.ln1.weight f32 [12] */
-            .bias = TENSOR(8576, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.1.ln1.bias f32 [12] */
+            .weight = TENSOR(W(8512), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.1.ln1.weight f32 [12] */
+            .bias = TENSOR(W(8576), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.1.ln1.bias f32 [12] */
         },
         /* causal_attention, 3 heads */
         .attn = {
-            .q_weight = TENSOR(8640, CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 12, 0, NULL, NULL), /* blocks.1.attn.q_proj.weight f32 [12x12] */
-            .q_bias = TENSOR(9216, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.1.attn.q_proj.bias f32 [12] */
-            .k_weight = TENSOR(9280, CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 12, 0, NULL, NULL), /* blocks.1.attn.k_proj.weight f32 [12x12] */
-            .k_bias = TENSOR(9856, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.1.attn.k_proj.bias f32 [12] */
-            .v_weight = TENSOR(9920, CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 12, 0, NULL, NULL), /* blocks.1.attn.v_proj.weight f32 [12x12] */
-            .v_bias = TENSOR(10496, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.1.attn.v_proj.bias f32 [12] */
-            .out_weight = TENSOR(10560, CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 12, 0, NULL, NULL), /* blocks.1.attn.out_proj.weight f32 [12x12] */
-            .out_bias = TENSOR(11136, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.1.attn.out_proj.bias f32 [12] */
+            .q_weight = TENSOR(W(8640), CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 12, 0, NULL, NULL), /* blocks.1.attn.q_proj.weight f32 [12x12] */
+            .q_bias = TENSOR(W(9216), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.1.attn.q_proj.bias f32 [12] */
+            .k_weight = TENSOR(W(9280), CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 12, 0, NULL, NULL), /* blocks.1.attn.k_proj.weight f32 [12x12] */
+            .k_bias = TENSOR(W(9856), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.1.attn.k_proj.bias f32 [12] */
+            .v_weight = TENSOR(W(9920), CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 12, 0, NULL, NULL), /* blocks.1.attn.v_proj.weight f32 [12x12] */
+            .v_bias = TENSOR(W(10496), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.1.attn.v_proj.bias f32 [12] */
+            .out_weight = TENSOR(W(10560), CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 12, 0, NULL, NULL), /* blocks.1.attn.out_proj.weight f32 [12x12] */
+            .out_bias = TENSOR(W(11136), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.1.attn.out_proj.bias f32 [12] */
         },
         /* layer_norm */
         .ln2 = {
-            .weight = TENSOR(11200, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.1.ln2.weight f32 [12] */
-            .bias = TENSOR(11264, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.1.ln2.bias f32 [12] */
+            .weight = TENSOR(W(11200), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.1.ln2.weight f32 [12] */
+            .bias = TENSOR(W(11264), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.1.ln2.bias f32 [12] */
         },
         /* neuron_field, 1 neurons */
         .field = {
             .n_neurons = 1,
-            .positions = TENSOR(11328, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.1.field.positions f32 [1x12] */
-            .values = TENSOR(11392, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.1.field.values f32 [1x12] */
-            .temperature = TENSOR(11456, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 1, 0, NULL, NULL), /* blocks.1.field.temperature f32 [1] */
+            .positions = TENSOR(W(11328), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.1.field.positions f32 [1x12] */
+            .values = TENSOR(W(11392), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.1.field.values f32 [1x12] */
+            .temperature = TENSOR(W(11456), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 1, 0, NULL, NULL), /* blocks.1.field.temperature f32 [1] */
             .frozen = blocks_1_field_frozen,
         },
         /* layer_norm */
         .ln3 = {
-            .weight = TENSOR(11520, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.1.ln3.weight f32 [12] */
-            .bias = TENSOR(11584, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.1.ln3.bias f32 [12] */
+            .weight = TENSOR(W(11520), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.1.ln3.weight f32 [12] */
+            .bias = TENSOR(W(11584), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.1.ln3.bias f32 [12] */
         },
         /* ffn */
         .ffn = {
-            .fc1_weight = TENSOR(11648, CRYSTAL_F32, CRYSTAL_Q_NONE, 20, 12, 0, NULL, NULL), /* blocks.1.ffn.fc1.weight f32 [20x12] */
-            .fc1_bias = TENSOR(12608, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 20, 0, NULL, NULL), /* blocks.1.ffn.fc1.bias f32 [20] */
-            .fc2_weight = TENSOR(12736, CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 20, 0, NULL, NULL), /* blocks.1.ffn.fc2.weight f32 [12x20] */
-            .fc2_bias = TENSOR(13696, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.1.ffn.fc2.bias f32 [12] */
+            .fc1_weight = TENSOR(W(11648), CRYSTAL_F32, CRYSTAL_Q_NONE, 20, 12, 0, NULL, NULL), /* blocks.1.ffn.fc1.weight f32 [20x12] */
+            .fc1_bias = TENSOR(W(12608), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 20, 0, NULL, NULL), /* blocks.1.ffn.fc1.bias f32 [20] */
+            .fc2_weight = TENSOR(W(12736), CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 20, 0, NULL, NULL), /* blocks.1.ffn.fc2.weight f32 [12x20] */
+            .fc2_bias = TENSOR(W(13696), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.1.ffn.fc2.bias f32 [12] */
         },
     },
     { /* blocks.2 */
         /* layer_norm */
         .ln1 = {
-            .weight = TENSOR(13760, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.2.ln1.weight f32 [12] */
-            .bias = TENSOR(13824, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.2.ln1.bias f32 [12] */
+            .weight = TENSOR(W(13760), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.2.ln1.weight f32 [12] */
+            .bias = TENSOR(W(13824), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.2.ln1.bias f32 [12] */
         },
         /* causal_attention, 3 heads */
         .attn = {
-            .q_weight = TENSOR(13888, CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 12, 0, NULL, NULL), /* blocks.2.attn.q_proj.weight f32 [12x12] */
-            .q_bias = TENSOR(14464, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.2.attn.q_proj.bias f32 [12] */
-            .k_weight = TENSOR(14528, CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 12, 0, NULL, NULL), /* blocks.2.attn.k_proj.weight f32 [12x12] */
-            .k_bias = TENSOR(15104, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.2.attn.k_proj.bias f32 [12] */
-            .v_weight = TENSOR(15168, CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 12, 0, NULL, NULL), /* blocks.2.attn.v_proj.weight f32 [12x12] */
-            .v_bias = TENSOR(15744, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.2.attn.v_proj.bias f32 [12] */
-            .out_weight = TENSOR(15808, CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 12, 0, NULL, NULL), /* blocks.2.attn.out_proj.weight f32 [12x12] */
-            .out_bias = TENSOR(16384, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.2.attn.out_proj.bias f32 [12] */
+            .q_weight = TENSOR(W(13888), CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 12, 0, NULL, NULL), /* blocks.2.attn.q_proj.weight f32 [12x12] */
+            .q_bias = TENSOR(W(14464), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.2.attn.q_proj.bias f32 [12] */
+            .k_weight = TENSOR(W(14528), CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 12, 0, NULL, NULL), /* blocks.2.attn.k_proj.weight f32 [12x12] */
+            .k_bias = TENSOR(W(15104), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.2.attn.k_proj.bias f32 [12] */
+            .v_weight = TENSOR(W(15168), CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 12, 0, NULL, NULL), /* blocks.2.attn.v_proj.weight f32 [12x12] */
+            .v_bias = TENSOR(W(15744), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.2.attn.v_proj.bias f32 [12] */
+            .out_weight = TENSOR(W(15808), CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 12, 0, NULL, NULL), /* blocks.2.attn.out_proj.weight f32 [12x12] */
+            .out_bias = TENSOR(W(16384), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.2.attn.out_proj.bias f32 [12] */
         },
         /* layer_norm */
         .ln2 = {
-            .weight = TENSOR(16448, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.2.ln2.weight f32 [12] */
-            .bias = TENSOR(16512, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.2.ln2.bias f32 [12] */
+            .weight = TENSOR(W(16448), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.2.ln2.weight f32 [12] */
+            .bias = TENSOR(W(16512), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.2.ln2.bias f32 [12] */
         },
         /* neuron_field, 5 neurons */
         .field = {
             .n_neurons = 5,
-            .positions = TENSOR(16576, CRYSTAL_F32, CRYSTAL_Q_NONE, 5, 12, 0, NULL, NULL), /* blocks.2.field.positions f32 [5x12] */
-            .values = TENSOR(16832, CRYSTAL_F32, CRYSTAL_Q_NONE, 5, 12, 0, NULL, NULL), /* blocks.2.field.values f32 [5x12] */
-            .temperature = TENSOR(17088, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 5, 0, NULL, NULL), /* blocks.2.field.temperature f32 [5] */
+            .positions = TENSOR(W(16576), CRYSTAL_F32, CRYSTAL_Q_NONE, 5, 12, 0, NULL, NULL), /* blocks.2.field.positions f32 [5x12] */
+            .values = TENSOR(W(16832), CRYSTAL_F32, CRYSTAL_Q_NONE, 5, 12, 0, NULL, NULL), /* blocks.2.field.values f32 [5x12] */
+            .temperature = TENSOR(W(17088), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 5, 0, NULL, NULL), /* blocks.2.field.temperature f32 [5] */
             .frozen = blocks_2_field_frozen,
         },
         /* layer_norm */
         .ln3 = {
-            .weight = TENSOR(17152, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.2.ln3.weight f32 [12] */
-            .bias = TENSOR(17216, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.2.ln3.bias f32 [12] */
+            .weight = TENSOR(W(17152), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.2.ln3.weight f32 [12] */
+            .bias = TENSOR(W(17216), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.2.ln3.bias f32 [12] */
         },
         /* ffn */
         .ffn = {
-            .fc1_weight = TENSOR(17280, CRYSTAL_F32, CRYSTAL_Q_NONE, 20, 12, 0, NULL, NULL), /* blocks.2.ffn.fc1.weight f32 [20x12] */
-            .fc1_bias = TENSOR(18240, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 20, 0, NULL, NULL), /* blocks.2.ffn.fc1.bias f32 [20] */
-            .fc2_weight = TENSOR(18368, CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 20, 0, NULL, NULL), /* blocks.2.ffn.fc2.weight f32 [12x20] */
-            .fc2_bias = TENSOR(19328, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.2.ffn.fc2.bias f32 [12] */
+            .fc1_weight = TENSOR(W(17280), CRYSTAL_F32, CRYSTAL_Q_NONE, 20, 12, 0, NULL, NULL), /* blocks.2.ffn.fc1.weight f32 [20x12] */
+            .fc1_bias = TENSOR(W(18240), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 20, 0, NULL, NULL), /* blocks.2.ffn.fc1.bias f32 [20] */
+            .fc2_weight = TENSOR(W(18368), CRYSTAL_F32, CRYSTAL_Q_NONE, 12, 20, 0, NULL, NULL), /* blocks.2.ffn.fc2.weight f32 [12x20] */
+            .fc2_bias = TENSOR(W(19328), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* blocks.2.ffn.fc2.bias f32 [12] */
         },
     },
 };
@@ -175,18 +175,18 @@ const crystal_model crystal_builtin_model = {
     .field_eps = 1e-08f,
     .ln_eps = 1e-05f,
     /* token_embedding */
-    .token_embed = TENSOR(64, CRYSTAL_F32, CRYSTAL_Q_NONE, 62, 12, 0, NULL, NULL), /* token_embed.weight f32 [62x12] */
+    .token_embed = TENSOR(W(64), CRYSTAL_F32, CRYSTAL_Q_NONE, 62, 12, 0, NULL, NULL), /* token_embed.weight f32 [62x12] */
     /* position_embedding */
-    .pos_embed = TENSOR(3072, CRYSTAL_F32, CRYSTAL_Q_NONE, 7, 12, 0, NULL, NULL), /* pos_embed.weight f32 [7x12] */
+    .pos_embed = TENSOR(W(3072), CRYSTAL_F32, CRYSTAL_Q_NONE, 7, 12, 0, NULL, NULL), /* pos_embed.weight f32 [7x12] */
     .blocks = blocks,
     /* layer_norm (final) */
     .ln_f = {
-        .weight = TENSOR(19392, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* ln_f.weight f32 [12] */
-        .bias = TENSOR(19456, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* ln_f.bias f32 [12] */
+        .weight = TENSOR(W(19392), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* ln_f.weight f32 [12] */
+        .bias = TENSOR(W(19456), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 12, 0, NULL, NULL), /* ln_f.bias f32 [12] */
     },
     /* head, tied to the token embedding */
-    .head_weight = TENSOR(64, CRYSTAL_F32, CRYSTAL_Q_NONE, 62, 12, 0, NULL, NULL), /* token_embed.weight f32 [62x12] */
-    .head_bias = TENSOR(19520, CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 62, 0, NULL, NULL), /* head.bias f32 [62] */
+    .head_weight = TENSOR(W(64), CRYSTAL_F32, CRYSTAL_Q_NONE, 62, 12, 0, NULL, NULL), /* token_embed.weight f32 [62x12] */
+    .head_bias = TENSOR(W(19520), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 62, 0, NULL, NULL), /* head.bias f32 [62] */
     .orig_vocab_size = 62,
     .vocab_map = NULL,
     .tokenizer = CRYSTAL_TOK_CHAR,
