@@ -187,7 +187,7 @@ def markdown(res: dict) -> str:
         f"sample: one generation), medians over the rounds; cold start {res['reps']['cold']} launches of each "
         "program (medians).",
         "",
-        "## Targets of issue 5 (for the later optimisation task)",
+        "## Targets of issue 5",
         "",
         "| target | needed | measured | met |",
         "|---|---|---|---|",
