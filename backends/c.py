@@ -80,7 +80,9 @@ def _tensor(blob: Blob, t: Tensor) -> dict[str, Any]:
     }
     if q is not None:
         desc["scale"] = blob.add(t.name + " scale", np.ascontiguousarray(q.scale, dtype="<f4").tobytes())
-        desc["offset"] = blob.add(t.name + " offset", np.ascontiguousarray(q.offset, dtype="<f4").tobytes())
+        # the symmetric schemes' offsets are 0 by definition: NULL in crystal.h, no bytes here
+        if q.scheme == "tensor" or np.any(np.asarray(q.offset) != 0):
+            desc["offset"] = blob.add(t.name + " offset", np.ascontiguousarray(q.offset, dtype="<f4").tobytes())
     return desc
 
 

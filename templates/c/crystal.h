@@ -22,7 +22,7 @@ typedef struct {
     int rows, cols;
     int group;            /* columns sharing one scale under CRYSTAL_Q_GROUP */
     const float *scale;   /* 1 (tensor), rows (row), rows * ceil(cols / group) (group) */
-    const float *offset;  /* as many as scale; zeros for the symmetric schemes */
+    const float *offset;  /* as many as scale, or NULL for 0 (the symmetric row and group schemes) */
 } crystal_tensor;
 
 typedef struct { crystal_tensor weight, bias; } crystal_layer_norm;
