@@ -330,7 +330,6 @@ static packed pack_transposed(char *arena, size_t *used, const crystal_tensor *c
     return p;
 }
 
-
 /* W [k][cols] as it is -> packed [k][round_up(cols, NR)] */
 static packed pack_rows(char *arena, size_t *used, const crystal_tensor *w) {
     packed p = {.w = NULL, .k = w->rows, .cols = w->cols, .ld = round_up(w->cols, NR)};
@@ -701,8 +700,9 @@ static void i8_tile(const int8_t *tile, const uint8_t *digits, int d4, int32_t s
 static double i8_digits(const packed_i8 *p, const float *x) {
     double unit = integer_unit(x, p->cols, 8388608.0 - 16.0);
     if (unit == 0.0) return 0.0;
-    /* a multiply by the inverse (it vectorises; a division does not): X_k may then be the
-     * integer next to the nearest one, still within unit of x_k / unit, and the form stays exact */
+    /* a multiply by the inverse (it vectorises; a division does not): X_k may then miss the
+     * integer nearest to x_k / unit by one, x_k stays within one unit of unit * X_k, and every
+     * sum below is exact for the X_k chosen */
     double inverse = 1.0 / unit;
     const float *restrict in = x;
     uint8_t *restrict d0 = p->digits, *restrict d1 = d0 + p->cols4, *restrict d2 = d1 + p->cols4;
