@@ -45,6 +45,19 @@
 #include <immintrin.h> /* the byte dot products of i8_tile */
 #endif
 
+/* The int8 byte-dot-product paths (packed_i8, gemv_i8) pay only with an instruction that does
+ * them, AVX-512 VNNI's vpdpbusd: measured on an AVX2 build, their plain-C loop ran the bench
+ * model 2.4x slower than the paths it replaces. Elsewhere int8 weights keep those paths (block
+ * products in float32, the head in head_i8), which compilers vectorise from plain C.
+ * -DCRYSTAL_BYTE_DOT=1 forces the byte paths (the tests check the plain loop that way). */
+#ifndef CRYSTAL_BYTE_DOT
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+#define CRYSTAL_BYTE_DOT 1
+#else
+#define CRYSTAL_BYTE_DOT 0
+#endif
+#endif
+
 #ifdef FP_FAST_FMAF
 #define MADD(a, b, c) fmaf((a), (b), (c))
 #else
@@ -349,7 +362,7 @@ static float *vector(char *arena, size_t *used, const crystal_tensor *t) {
 #define HEAD_TILE CRYSTAL_HEAD_TILE /* head rows summed together: eight AVX-512 registers of partial sums */
 
 static int i8_packable(const crystal_tensor *t) {
-    return t->dtype == CRYSTAL_I8 && t->scheme != CRYSTAL_Q_GROUP && t->cols <= I8_MAX_COLS;
+    return CRYSTAL_BYTE_DOT && t->dtype == CRYSTAL_I8 && t->scheme != CRYSTAL_Q_GROUP && t->cols <= I8_MAX_COLS;
 }
 
 /* Room for an int8 matrix of `rows` x `cols` (see packed_i8), zeroed; in_scale and code_sq

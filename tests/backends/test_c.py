@@ -201,27 +201,29 @@ def test_quantized_logits_match_the_interpreter(dtype, scheme, tmp_path):
         lib = library(g, tmp_path / shape)
         want = forward(g, ids)
         assert np.abs(lib.forward(ids) - want).max() <= TOL, shape
-        # decoding: single rows, which int8 tensor/row weights multiply as codes (gemv_i8, the
-        # field's integer distances)
+        # decoding: single rows (int8 tensor/row weights multiply as codes where the byte dot
+        # products are built in: test_wide_int8_head_and_ragged_tiles)
         for split in (1, len(ids) // 2):
             assert np.abs(lib.decode(ids, split) - want[-1]).max() <= TOL, (shape, split)
 
 
-@pytest.mark.parametrize("native", [False, True], ids=["portable", "native"])
+@pytest.mark.parametrize("build", ["portable", "portable-byte-dot", "native"])
 @pytest.mark.parametrize("scheme", ["tensor", "row", "group"])
-def test_wide_int8_head_and_ragged_tiles(scheme, native, tmp_path):
+def test_wide_int8_head_and_ragged_tiles(scheme, build, tmp_path):
     """D = 270: an int8 head's integer sums under the group scheme run in chunks of 256 columns
     (int32 bound) and group scales straddle the chunks; under tensor and row schemes the head is
     packed in tiles of four columns (D is not a multiple of four) and 64 rows (V is not either).
     No size is a multiple of a register tile (positions, neurons, columns), so every padded and
     partial tile of the batched forward pass is used, and so are the wide single-row tiles of a
-    decoding step. Built portable (-O2) and for this machine (-O3 -march=native: the byte dot
-    product instructions where the CPU has AVX-512 VNNI), the logits and the tokens decoded one
-    at a time match the interpreter."""
+    decoding step. Built portable (-O2: int8 in float32 products and the row-by-row head), with
+    the byte-dot-product paths forced onto their plain C loop, and for this machine (-O3
+    -march=native: vpdpbusd where the CPU has AVX-512 VNNI), the logits of a window, the logits
+    decoded one token at a time and the greedy tokens match the interpreter."""
     shape = dict(vocab_size=101, d_model=270, n_ctx=11, n_heads=5, n_blocks=1, n_neurons=35, ffn_hidden=300)
     g = quantized(random_graph(shape, seed=21), "i8", scheme, group=100)
     ids = some_prompt(g, g.config.n_ctx)
-    cflags = STRICT + (" -O3 -march=native" if native else "")
+    cflags = STRICT + {"portable": "", "portable-byte-dot": " -DCRYSTAL_BYTE_DOT=1",
+                       "native": " -O3 -march=native"}[build]
     from crystalc.backends.c import BACKEND
     from crystalc.backends.c_ffi import load
 
