@@ -292,22 +292,37 @@ def train(data: str, out_path: str, tokenizer: str, d_model: int, n_ctx: int, n_
               help="Comma-separated granularities: tensor, row, group:N.")
 @click.option("--max-tokens", type=click.IntRange(1), default=8192, show_default=True,
               help="Score at most this many tokens of the corpus.")
+@click.option("--per-tensor", is_flag=True,
+              help="Instead of whole models, quantize one tensor at a time (the rest float32) and report what "
+                   "each costs, most costly first; one table per mode x granularity.")
 @calibrate_option
 @calibrate_tokens_option
 @n_heads_option
-def eval_(model: str, corpus: str, modes: str, granularities: str, max_tokens: int, calibrate: str | None,
-          calibrate_tokens: int, n_heads: int | None) -> None:
+def eval_(model: str, corpus: str, modes: str, granularities: str, max_tokens: int, per_tensor: bool,
+          calibrate: str | None, calibrate_tokens: int, n_heads: int | None) -> None:
     """Quality report: size, perplexity and agreement with float32 for every mode x granularity."""
-    from crystalc.evaluate import evaluate, markdown, timed_progress
+    from crystalc.evaluate import evaluate, markdown, sensitivity, sensitivity_markdown, timed_progress
+    from crystalc.passes.quantize import check_mode, parse_granularity
 
     graph = _load(model, n_heads)
-    report = evaluate(
-        graph, _read_text(corpus), calibration=_calibration(graph, calibrate, calibrate_tokens),
-        modes=[m for m in modes.replace(" ", "").split(",") if m],
-        granularities=[g for g in granularities.replace(" ", "").split(",") if g],
-        max_tokens=max_tokens, progress=timed_progress(lambda s: click.echo(s, err=True)),
-    )
-    click.echo(markdown(report), nl=False)
+    text = _read_text(corpus)
+    calibration = _calibration(graph, calibrate, calibrate_tokens)
+    mode_list = [m for m in modes.replace(" ", "").split(",") if m]
+    gran_list = [g for g in granularities.replace(" ", "").split(",") if g]
+    progress = timed_progress(lambda s: click.echo(s, err=True))
+    if not per_tensor:
+        report = evaluate(graph, text, calibration=calibration, modes=mode_list, granularities=gran_list,
+                          max_tokens=max_tokens, progress=progress)
+        click.echo(markdown(report), nl=False)
+        return
+    for m in mode_list:  # every option is checked before the first (slow) table
+        check_mode(m)
+    for g in gran_list:
+        parse_granularity(g)
+    tables = [sensitivity_markdown(sensitivity(graph, text, m, g, max_tokens=max_tokens, progress=progress,
+                                               calibration=calibration))
+              for m in mode_list for g in gran_list]
+    click.echo("\n".join(tables), nl=False)
 
 
 def main() -> None:

@@ -11,6 +11,9 @@ per position, so those run on all positions of the batch flattened together;
 attention runs window by window with interpret.causal_attention. The quantized
 weights are dequantized once up front with Tensor.values() (the one definition).
 tests/test_evaluate.py checks forward_windows against interpret.forward.
+
+sensitivity() is the same scoring one tensor at a time: each tensor a mode quantizes
+is swapped alone into the float32 graph, so the report says which tensor a scheme hurts.
 """
 
 from __future__ import annotations
@@ -121,6 +124,14 @@ def _split(ids: np.ndarray, t: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return groups
 
 
+def _scored_positions(graph: Graph, corpus_text: str, max_tokens: int | None
+                      ) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray, int]:
+    """The corpus as (inputs, targets) window groups, all targets in order, and the dropped-token count."""
+    ids, dropped = corpus_to_ids(graph, corpus_text, max_tokens)
+    groups = _split(ids, graph.config.n_ctx)
+    return groups, np.concatenate([y.reshape(-1) for _, y in groups]), dropped
+
+
 def _logits(graph: Graph, groups: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     """Logits of every predicted position, [n_pred, V], in corpus order."""
     v = graph.config.vocab_size
@@ -138,9 +149,31 @@ def _nll(logits: np.ndarray, targets: np.ndarray, rows: int = 1024) -> np.ndarra
     return out
 
 
+def _kl(logits: np.ndarray, ref_logits: np.ndarray, rows: int = 1024) -> float:
+    """Mean over positions of KL(softmax(ref) || softmax(logits)) in nats: how far the predicted
+    distributions moved, never negative (unlike a perplexity change, which noise can make so)."""
+    total = 0.0
+    for i in range(0, logits.shape[0], rows):
+        lp, lq = (_log_softmax(z[i:i + rows].astype(np.float64)) for z in (ref_logits, logits))
+        total += float(np.sum(np.exp(lp) * (lp - lq)))
+    return total / max(1, logits.shape[0])
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
 def _max_abs_diff(a: np.ndarray, b: np.ndarray, rows: int = 1024) -> float:
     return max((float(np.abs(a[i:i + rows] - b[i:i + rows]).max()) for i in range(0, a.shape[0], rows)),
                default=0.0)
+
+
+def _scores(logits: np.ndarray, targets: np.ndarray, ref_logits: np.ndarray) -> tuple[float, float, float]:
+    """(cross-entropy, top-1 agreement with ref_logits, max |logit - ref|)."""
+    return (float(np.mean(_nll(logits, targets))),
+            float(np.mean(logits.argmax(axis=1) == ref_logits.argmax(axis=1))),
+            _max_abs_diff(logits, ref_logits))
 
 
 def crystal_size(graph: Graph) -> tuple[int, bool]:
@@ -170,9 +203,7 @@ def evaluate(
     for m in modes:
         check_mode(m)
     grans = [str(parse_granularity(gr)) for gr in granularities]
-    ids, dropped = corpus_to_ids(graph, corpus_text, max_tokens)
-    groups = _split(ids, graph.config.n_ctx)
-    targets = np.concatenate([y.reshape(-1) for _, y in groups])
+    groups, targets, dropped = _scored_positions(graph, corpus_text, max_tokens)
     jobs: list[tuple[str, str]] = [("float32", "-")] + [(m, gr) for m in modes for gr in grans]
     base = _dequantized(graph)
     ref_logits: np.ndarray | None = None
@@ -187,13 +218,9 @@ def evaluate(
         logits = _logits(g, groups)
         if ref_logits is None:
             ref_logits = logits
-        ce = float(np.mean(_nll(logits, targets)))
-        rows.append(EvalRow(
-            mode=mode, granularity=gran, nbytes=nbytes, cross_entropy=ce,
-            perplexity=math.exp(ce),
-            top1_agreement=float(np.mean(logits.argmax(axis=1) == ref_logits.argmax(axis=1))),
-            max_logit_error=_max_abs_diff(logits, ref_logits),
-        ))
+        ce, top1, err = _scores(logits, targets, ref_logits)
+        rows.append(EvalRow(mode=mode, granularity=gran, nbytes=nbytes, cross_entropy=ce,
+                            perplexity=math.exp(ce), top1_agreement=top1, max_logit_error=err))
     if progress is not None:
         progress(len(jobs), len(jobs), "done")
     n_cal = 0 if calibration is None else int(np.asarray(calibration).size)
@@ -223,6 +250,89 @@ def markdown(report: EvalReport) -> str:
     if report.dropped_tokens:
         notes.append(f"{report.dropped_tokens:,} corpus tokens outside the pruned vocabulary left out")
     return "\n".join(lines) + "\n\n" + "; ".join(notes) + ".\n"
+
+
+@dataclass(frozen=True)
+class TensorRow:
+    """What quantizing one tensor alone (all others float32) costs."""
+
+    name: str  # "(all)" for every tensor the mode quantizes at once
+    shape: tuple[int, ...]
+    # max |x - mean(x)| / std(x) of the float32 tensor: the span one min/max scale must cover; nan for "(all)"
+    peak_over_std: float
+    kl_divergence: float  # mean KL(float32 || this) over positions, nats: the ranking key
+    cross_entropy: float
+    top1_agreement: float
+    max_logit_error: float
+
+
+@dataclass(frozen=True)
+class SensitivityReport:
+    mode: str
+    granularity: str
+    base_cross_entropy: float  # float32
+    rows: tuple[TensorRow, ...]  # largest KL divergence first (then name); the "(all)" row last
+    n_tokens: int
+
+
+def sensitivity(
+    graph: Graph,
+    corpus_text: str,
+    mode: str,
+    granularity: str,
+    max_tokens: int | None = 8192,
+    progress: Callable[[int, int, str], None] | None = None,
+    calibration: np.ndarray | None = None,
+) -> SensitivityReport:
+    """Per-tensor cost of `mode` at `granularity`: each tensor the mode quantizes is swapped
+    alone into the float32 graph and scored like evaluate() scores whole models, so the
+    report names the tensors a scheme hurts (e.g. one whose outliers stretch a per-tensor
+    scale) instead of leaving it to guesswork."""
+    check_mode(mode)
+    gran = str(parse_granularity(granularity))
+    base = _dequantized(graph)
+    quantized = quantize(base, mode, gran, calibration=calibration)
+    swapped = {t.name: t for t in quantized.tensors() if t.quant is not None}
+    groups, targets, _ = _scored_positions(graph, corpus_text, max_tokens)
+    ref = _logits(base, groups)
+    base_ce = float(np.mean(_nll(ref, targets)))
+    originals = [t for t in base.tensors() if t.name in swapped]
+    rows = []
+    for i, t in enumerate(originals):
+        if progress is not None:
+            progress(i, len(originals) + 1, t.name)
+        alone = base.map_tensors(lambda u, t=t: swapped[u.name] if u.name == t.name else u)
+        x = t.values().astype(np.float64)
+        sd = float(x.std())
+        peak = float(np.abs(x - x.mean()).max()) / sd if sd > 0 else 0.0
+        logits = _logits(alone, groups)
+        rows.append(TensorRow(t.name, tuple(t.shape), peak, _kl(logits, ref), *_scores(logits, targets, ref)))
+    rows.sort(key=lambda r: (-r.kl_divergence, r.name))
+    if progress is not None:
+        progress(len(originals), len(originals) + 1, "(all)")
+    logits = _logits(quantized, groups)
+    rows.append(TensorRow("(all)", (), math.nan, _kl(logits, ref), *_scores(logits, targets, ref)))
+    if progress is not None:
+        progress(len(originals) + 1, len(originals) + 1, "done")
+    return SensitivityReport(mode, gran, base_ce, tuple(rows), int(targets.size))
+
+
+def sensitivity_markdown(report: SensitivityReport) -> str:
+    """The per-tensor report as a Markdown table, the tensor that moves the predictions most first."""
+    base_ppl = math.exp(report.base_cross_entropy)
+    lines = [
+        f"{report.mode} {report.granularity}, one tensor at a time (the rest float32):",
+        "",
+        "| tensor | shape | peak/std | KL from f32 (nats) | ppl vs f32 | top-1 agree | max logit err |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in report.rows:
+        shape = "x".join(map(str, r.shape)) if r.shape else "-"
+        peak = "-" if math.isnan(r.peak_over_std) else f"{r.peak_over_std:.1f}"
+        lines.append(f"| {r.name} | {shape} | {peak} | {r.kl_divergence:.3g} | "
+                     f"{100 * (math.exp(r.cross_entropy) / base_ppl - 1):+.3f}% | "
+                     f"{100 * r.top1_agreement:.2f}% | {r.max_logit_error:.4g} |")
+    return "\n".join(lines) + f"\n\n{report.n_tokens:,} predicted tokens; float32 perplexity {base_ppl:.4f}.\n"
 
 
 def timed_progress(echo: Callable[[str], None]) -> Callable[[int, int, str], None]:

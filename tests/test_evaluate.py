@@ -11,8 +11,17 @@ import numpy as np
 import pytest
 
 from crystalc.errors import CrystalError
-from crystalc.evaluate import _split, corpus_to_ids, evaluate, forward_windows, markdown
+from crystalc.evaluate import (
+    _split,
+    corpus_to_ids,
+    evaluate,
+    forward_windows,
+    markdown,
+    sensitivity,
+    sensitivity_markdown,
+)
 from crystalc.ir.interpret import forward
+from crystalc.ir.tensor import Tensor
 from crystalc.passes.prune_vocab import prune_vocab
 from crystalc.passes.quantize import quantize
 from tests.conftest import FIXTURE_SHAPES, random_graph, save_pt
@@ -76,6 +85,48 @@ def test_report_metrics() -> None:
     assert "| int8 | tensor |" in table and "100 predicted tokens" in table
 
 
+def test_sensitivity_swaps_each_quantized_tensor_alone() -> None:
+    g = char_graph()
+    rep = sensitivity(g, TEXT, "int8", "tensor", max_tokens=100)
+    names = [r.name for r in rep.rows]
+    assert names[-1] == "(all)"
+    assert sorted(names[:-1]) == sorted(t.name for t in g.tensors() if t.dtype != "bool")
+    kls = [r.kl_divergence for r in rep.rows[:-1]]
+    assert kls == sorted(kls, reverse=True) and min(kls) >= 0
+    whole = evaluate(g, TEXT, modes=("int8",), granularities=("tensor",), max_tokens=100)
+    assert math.isclose(rep.base_cross_entropy, whole.rows[0].cross_entropy, rel_tol=1e-6)
+    assert math.isclose(rep.rows[-1].cross_entropy, whole.rows[1].cross_entropy, rel_tol=1e-6)
+    assert rep.rows[-1].top1_agreement == whole.rows[1].top1_agreement
+    mixed = {r.name for r in sensitivity(g, TEXT, "mixed8", "row", max_tokens=100).rows}
+    assert "token_embed.weight" not in mixed and "pos_embed.weight" not in mixed and "head.weight" in mixed
+    table = sensitivity_markdown(rep)
+    assert table.startswith("int8 tensor, one tensor at a time") and "| (all) | - | - |" in table
+
+
+def test_sensitivity_names_the_tensor_an_outlier_stretches() -> None:
+    """One weight 40 standard deviations out makes a per-tensor int8 step about 10x
+    coarser for its whole tensor: the report must put that tensor first under `tensor`,
+    and per-row scales confine the damage to the outlier's row (KL falls 10x and more:
+    the error variance of the other rows falls about 100x)."""
+    g = char_graph()
+    name = "blocks.0.ffn.fc1.weight"
+
+    def with_outlier(t: Tensor) -> Tensor:
+        if t.name != name:
+            return t
+        x = t.values().copy()
+        x[3, 5] = x.mean() + 40 * x.std()
+        return Tensor(name, x)
+
+    g = g.map_tensors(with_outlier).verify()
+    per_tensor = sensitivity(g, TEXT, "int8", "tensor", max_tokens=200)
+    first = per_tensor.rows[0]
+    assert first.name == name and first.peak_over_std > 30
+    assert max(r.peak_over_std for r in per_tensor.rows[1:-1]) < 10
+    per_row = {r.name: r for r in sensitivity(g, TEXT, "int8", "row", max_tokens=200).rows}
+    assert per_row[name].kl_divergence < first.kl_divergence / 10
+
+
 def test_pruned_model_drops_unknown_tokens() -> None:
     p = prune_vocab(char_graph(), "First Citizen", [])
     rep = evaluate(p, TEXT, modes=(), granularities=("row",), max_tokens=None)
@@ -105,6 +156,10 @@ def test_eval_command(tmp_path: Path) -> None:
     rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| ")]
     assert len(rows) == 1 + 1 + 4  # header, float32, 2 modes x 2 granularities
     assert "eval [4/5] int8 group:8" in r.stderr and "eval [5/5] done" in r.stderr
-    for bad in (("--modes", "int4"), ("--granularities", "group:0")):
+    r = _crystalc("eval", str(model), "--corpus", str(corpus), "--modes", "int8", "--granularities",
+                  "tensor,row", "--max-tokens", "100", "--per-tensor")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("one tensor at a time") == 2 and r.stdout.count("| (all) |") == 2
+    for bad in (("--modes", "int4"), ("--granularities", "group:0"), ("--per-tensor", "--modes", "int8,int4")):
         r = _crystalc("eval", str(model), "--corpus", str(corpus), *bad)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
