@@ -296,7 +296,8 @@ def sensitivity(
     groups, targets, _ = _scored_positions(graph, corpus_text, max_tokens)
     ref = _logits(base, groups)
     base_ce = float(np.mean(_nll(ref, targets)))
-    originals = [t for t in base.tensors() if t.name in swapped]
+    # an empty tensor (a block of 0 neurons) quantizes to nothing: no row to report
+    originals = [t for t in base.tensors() if t.name in swapped and t.data.size]
     rows = []
     for i, t in enumerate(originals):
         if progress is not None:

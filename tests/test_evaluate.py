@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,12 @@ def test_sensitivity_swaps_each_quantized_tensor_alone() -> None:
     assert "token_embed.weight" not in mixed and "pos_embed.weight" not in mixed and "head.weight" in mixed
     table = sensitivity_markdown(rep)
     assert table.startswith("int8 tensor, one tensor at a time") and "| (all) | - | - |" in table
+    g0 = random_graph(dict(FIXTURE_SHAPES["three_blocks_n0_n1"], vocab_size=len(CHARS)), seed=0,
+                      tokenizer={"kind": "char", "chars": CHARS})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no statistics of an empty tensor
+        names0 = [r.name for r in sensitivity(g0, TEXT, "int8", "row", max_tokens=30).rows]
+    assert "blocks.0.field.positions" not in names0 and "blocks.1.field.positions" in names0
 
 
 def test_sensitivity_names_the_tensor_an_outlier_stretches() -> None:
