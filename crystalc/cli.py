@@ -293,8 +293,9 @@ def train(data: str, out_path: str, tokenizer: str, d_model: int, n_ctx: int, n_
 @click.option("--max-tokens", type=click.IntRange(1), default=8192, show_default=True,
               help="Score at most this many tokens of the corpus.")
 @click.option("--per-tensor", is_flag=True,
-              help="Instead of whole models, quantize one tensor at a time (the rest float32) and report what "
-                   "each costs, most costly first; one table per mode x granularity.")
+              help="Instead of whole models, quantize one tensor at a time (the rest float32) and rank the "
+                   "tensors by how far each moves the predictions (KL divergence from float32); one table per "
+                   "mode x granularity.")
 @calibrate_option
 @calibrate_tokens_option
 @n_heads_option

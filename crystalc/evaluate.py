@@ -301,7 +301,7 @@ def sensitivity(
     rows = []
     for i, t in enumerate(originals):
         if progress is not None:
-            progress(i, len(originals) + 1, t.name)
+            progress(i, len(originals) + 1, f"{mode} {gran} {t.name}")
         alone = base.map_tensors(lambda u, t=t: swapped[u.name] if u.name == t.name else u)
         x = t.values().astype(np.float64)
         sd = float(x.std())
@@ -310,7 +310,7 @@ def sensitivity(
         rows.append(TensorRow(t.name, tuple(t.shape), peak, _kl(logits, ref), *_scores(logits, targets, ref)))
     rows.sort(key=lambda r: (-r.kl_divergence, r.name))
     if progress is not None:
-        progress(len(originals), len(originals) + 1, "(all)")
+        progress(len(originals), len(originals) + 1, f"{mode} {gran} (all)")
     logits = _logits(quantized, groups)
     rows.append(TensorRow("(all)", (), math.nan, _kl(logits, ref), *_scores(logits, targets, ref)))
     if progress is not None:
