@@ -138,14 +138,18 @@ def _logits(graph: Graph, groups: list[tuple[np.ndarray, np.ndarray]]) -> np.nda
     return np.concatenate([forward_windows(graph, x).reshape(-1, v) for x, _ in groups])
 
 
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    """log softmax over each row, shifted by the row's max so exp never overflows."""
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
 def _nll(logits: np.ndarray, targets: np.ndarray, rows: int = 1024) -> np.ndarray:
     """-log softmax(logits)[target] per position, in float64, a slice of rows at a time (bounded memory)."""
     out = np.empty(logits.shape[0], dtype=np.float64)
     for i in range(0, logits.shape[0], rows):
-        z = logits[i:i + rows].astype(np.float64)
-        zmax = z.max(axis=1, keepdims=True)
-        lse = np.log(np.exp(z - zmax).sum(axis=1)) + zmax[:, 0]
-        out[i:i + rows] = lse - z[np.arange(z.shape[0]), targets[i:i + rows]]
+        lp = _log_softmax(logits[i:i + rows].astype(np.float64))
+        out[i:i + rows] = -lp[np.arange(lp.shape[0]), targets[i:i + rows]]
     return out
 
 
@@ -157,11 +161,6 @@ def _kl(logits: np.ndarray, ref_logits: np.ndarray, rows: int = 1024) -> float:
         lp, lq = (_log_softmax(z[i:i + rows].astype(np.float64)) for z in (ref_logits, logits))
         total += float(np.sum(np.exp(lp) * (lp - lq)))
     return total / max(1, logits.shape[0])
-
-
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
 def _max_abs_diff(a: np.ndarray, b: np.ndarray, rows: int = 1024) -> float:
