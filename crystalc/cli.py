@@ -71,7 +71,7 @@ def _parse_ids(text: str) -> list[int]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="crystalc")
 def cli() -> None:
-    """crystalc: compile crystal language models to C, CUDA, Verilog and SPICE.
+    """crystalc: compile crystal language models to portable C (CUDA, Verilog and SPICE are planned).
 
     MODEL arguments accept a crystalc .pt checkpoint, a checkpoint saved by the
     original causal_crystal.py, a bare state_dict, a .safetensors file with a JSON
