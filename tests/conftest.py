@@ -15,7 +15,12 @@ from crystalc.ir.graph import Graph
 from crystalc.ir.tensor import Tensor
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC_VECTORS = REPO.parent / "shared" / "spec" / "vectors"
+# Copies of ../shared/spec/vectors and ../shared/data/tinyshakespeare.txt, so that a clone tests on
+# its own; tests/test_data_copies.py keeps them equal to the originals where ../shared is present.
+TEST_DATA = REPO / "tests" / "data"
+SHARED = REPO.parent / "shared"
+SPEC_VECTORS = TEST_DATA / "spec_vectors"
+CORPUS = TEST_DATA / "tinyshakespeare.txt"
 
 # Shapes every backend's parity tests run on. Odd on purpose: D not a power of
 # two, a block with no neurons and one with a single neuron, several blocks,

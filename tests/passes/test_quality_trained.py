@@ -25,16 +25,13 @@ from crystalc.ir.interpret import forward
 from crystalc.passes.prune_vocab import prune_vocab
 from crystalc.passes.quantize import quantize
 from crystalc.tokenizer import Tokenizer, char_tokenizer
-from tests.conftest import REPO, random_graph
+from tests.conftest import CORPUS, REPO, random_graph
 
-CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 TRAIN_CHARS = 300_000
 HELD_OUT_CHARS = 20_000
 
 
 def _corpus() -> str:
-    if not CORPUS.is_file():
-        pytest.skip(f"{CORPUS} is not here")
     return CORPUS.read_text(encoding="utf-8")
 
 
