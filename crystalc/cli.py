@@ -180,22 +180,26 @@ def run(model: str, prompt: str | None, prompt_ids: str | None, n_tokens: int, t
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--int8", "mode", flag_value="int8", help="Everything int8.")
-@click.option("--int16", "mode", flag_value="int16", help="Everything int16.")
-@click.option("--mixed", "mode", flag_value="mixed", help="float32 embeddings, int16 everything else.")
-@click.option("--mixed8", "mode", flag_value="mixed8", help="float32 embeddings, int8 everything else.")
+@click.option("--int8", is_flag=True, help="Everything int8.")
+@click.option("--int16", is_flag=True, help="Everything int16.")
+@click.option("--mixed", is_flag=True, help="float32 embeddings, int16 everything else.")
+@click.option("--mixed8", is_flag=True, help="float32 embeddings, int8 everything else.")
 @gran_option
 @calibrate_option
 @calibrate_tokens_option
 @click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), required=True, help="Output .crystal file.")
 @n_heads_option
-def quantize(model: str, mode: str | None, granularity: str, calibrate: str | None, calibrate_tokens: int,
-             out_path: str, n_heads: int | None) -> None:
+def quantize(model: str, int8: bool, int16: bool, mixed: bool, mixed8: bool, granularity: str,
+             calibrate: str | None, calibrate_tokens: int, out_path: str, n_heads: int | None) -> None:
     """Quantize MODEL and write a .crystal file."""
     from crystalc.format.crystal import write_crystal
 
-    if mode is None:
-        raise CrystalError("choose a mode: --int8, --int16, --mixed or --mixed8")
+    # separate flags, not one shared destination, so that two modes are an error rather than "last wins"
+    chosen = [m for m, on in (("int8", int8), ("int16", int16), ("mixed", mixed), ("mixed8", mixed8)) if on]
+    if len(chosen) != 1:
+        got = f" (got {', '.join(f'--{m}' for m in chosen)})" if chosen else ""
+        raise CrystalError(f"choose one mode: --int8, --int16, --mixed or --mixed8{got}")
+    mode = chosen[0]
     graph = _apply_passes(_load(model, n_heads), None, None, mode, granularity, calibrate, calibrate_tokens)
     write_crystal(graph, out_path)
     click.echo(f"wrote {out_path} ({Path(out_path).stat().st_size:,} bytes)")

@@ -8,6 +8,7 @@ from crystalc.errors import CrystalError
 from crystalc.ir.graph import Graph
 
 CRYSTAL_MAGIC = b"CRYS"
+TORCH_MAGICS = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; the legacy format's pickle (protocol >= 2)
 
 
 def load_model(path: str | Path, n_heads: int | None = None) -> Graph:
@@ -29,6 +30,11 @@ def load_model(path: str | Path, n_heads: int | None = None) -> Graph:
         from crystalc.frontend.safetensors_ckpt import read_safetensors
 
         raw = read_safetensors(path)
+    elif not head.startswith(TORCH_MAGICS):
+        # say what the file is not, instead of passing torch.load's parse error through
+        what = "an empty file" if not head else "not a model file"
+        raise CrystalError(f"{path}: {what}: expected a .crystal file (magic CRYS), a PyTorch checkpoint "
+                           "(zip or pickle) or a .safetensors file")
     else:
         from crystalc.frontend.torch_ckpt import read_torch_checkpoint
 

@@ -30,6 +30,15 @@ def test_wrapper_roundtrip(tmp_path: Path) -> None:
     _same(g, load_model(save_pt(g, tmp_path / "m.pt")))
 
 
+def test_legacy_pickle_format_loads(tmp_path: Path) -> None:
+    """torch.save's pre-1.6 format is a pickle stream, not a zip archive: the front end still takes it."""
+    g = random_graph("d40_h5", seed=2)
+    p = tmp_path / "legacy.pt"
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in g.state_dict().items()}, p,
+               _use_new_zipfile_serialization=False)
+    _same(g, load_model(p, n_heads=5))
+
+
 def test_bare_state_dict_needs_heads(tmp_path: Path) -> None:
     g = random_graph("d40_h5", seed=2)
     p = tmp_path / "bare.pt"
@@ -135,6 +144,8 @@ def test_cli_not_a_checkpoint(tmp_path: Path, content: bytes) -> None:
     assert r.stdout == ""
     assert len(r.stderr.strip().splitlines()) == 1 and "not-a-checkpoint.pt" in r.stderr
     assert "Traceback" not in r.stderr
+    if not content.startswith(b"PK"):  # not even the start of a checkpoint: say what was expected
+        assert "expected a .crystal file" in r.stderr, r.stderr
 
 
 def test_cli_nan_checkpoint_one_line(tmp_path: Path) -> None:

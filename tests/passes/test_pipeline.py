@@ -87,6 +87,7 @@ def test_quantize_and_prune_commands_write_what_the_passes_compute(tmp_path: Pat
     ("quantize", "{m}", "--int8", "--granularity", "group:0", "-o", "{d}/x.crystal"),
     ("quantize", "{m}", "--int8", "--granularity", "columns", "-o", "{d}/x.crystal"),
     ("quantize", "{m}", "-o", "{d}/x.crystal"),
+    ("quantize", "{m}", "--int8", "--mixed8", "-o", "{d}/x.crystal"),  # two modes: not "last one wins"
     ("compile", "{m}", "--target", "c", "-o", "{d}/out", "--quantize", "int4"),
     ("compile", "{m}", "--target", "c", "-o", "{d}/out", "--quantize", "int8", "--granularity", "group:x"),
     ("prune-vocab", "{m}", "-o", "{d}/x.crystal"),
