@@ -306,8 +306,7 @@ def train(data: str, out_path: str, tokenizer: str, d_model: int, n_ctx: int, n_
 def eval_(model: str, corpus: str, modes: str, granularities: str, max_tokens: int, per_tensor: bool,
           calibrate: str | None, calibrate_tokens: int, n_heads: int | None) -> None:
     """Quality report: size, perplexity and agreement with float32 for every mode x granularity."""
-    from crystalc.evaluate import evaluate, markdown, sensitivity, sensitivity_markdown, timed_progress
-    from crystalc.passes.quantize import check_mode, parse_granularity
+    from crystalc.evaluate import checked_options, evaluate, markdown, sensitivity, sensitivity_markdown, timed_progress
 
     graph = _load(model, n_heads)
     text = _read_text(corpus)
@@ -320,10 +319,7 @@ def eval_(model: str, corpus: str, modes: str, granularities: str, max_tokens: i
                           max_tokens=max_tokens, progress=progress)
         click.echo(markdown(report), nl=False)
         return
-    for m in mode_list:  # every option is checked before the first (slow) table
-        check_mode(m)
-    for g in gran_list:
-        parse_granularity(g)
+    checked_options(mode_list, gran_list)  # every option is checked before the first (slow) table
     tables = [sensitivity_markdown(sensitivity(graph, text, m, g, max_tokens=max_tokens, progress=progress,
                                                calibration=calibration))
               for m in mode_list for g in gran_list]

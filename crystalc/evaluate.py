@@ -188,6 +188,13 @@ def crystal_size(graph: Graph) -> tuple[int, bool]:
         return p.stat().st_size, True
 
 
+def checked_options(modes: Sequence[str], granularities: Sequence[str]) -> list[str]:
+    """Raise CrystalError on an unknown mode or granularity; the granularities in canonical form."""
+    for m in modes:
+        check_mode(m)
+    return [str(parse_granularity(gr)) for gr in granularities]
+
+
 def evaluate(
     graph: Graph,
     corpus_text: str,
@@ -199,9 +206,7 @@ def evaluate(
 ) -> EvalReport:
     """The quality report of `graph` (taken as the float32 reference) on a held-out corpus.
     `calibration`: windows of current ids for calibrated rounding (quantize's `calibration`)."""
-    for m in modes:
-        check_mode(m)
-    grans = [str(parse_granularity(gr)) for gr in granularities]
+    grans = checked_options(modes, granularities)
     groups, targets, dropped = _scored_positions(graph, corpus_text, max_tokens)
     jobs: list[tuple[str, str]] = [("float32", "-")] + [(m, gr) for m in modes for gr in grans]
     base = _dequantized(graph)
