@@ -1,0 +1,75 @@
+"""Outputs are all-or-nothing, and an output that cannot be written is one line of error."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crystalc.errors import CrystalError
+from crystalc.fsutil import atomic_dir, atomic_file
+from tests.conftest import REPO
+
+
+def test_atomic_file_replaces_only_on_success(tmp_path: Path) -> None:
+    out = tmp_path / "a.bin"
+    out.write_bytes(b"old")
+    with pytest.raises(ValueError), atomic_file(out) as f:
+        f.write(b"half")
+        raise ValueError("crash mid-write")
+    assert out.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+    with atomic_file(out) as f:
+        f.write(b"new")
+    assert out.read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+
+
+def test_atomic_dir_replaces_only_on_success(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("old")
+    with pytest.raises(ValueError), atomic_dir(out) as d:
+        (d / "new").write_text("half")
+        raise ValueError("crash mid-write")
+    assert [p.name for p in out.iterdir()] == ["keep"]
+    with atomic_dir(out) as d:
+        (d / "new").write_text("whole")
+    assert [p.name for p in out.iterdir()] == ["new"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("opener", [atomic_file, atomic_dir])
+def test_unwritable_output_is_a_crystal_error(tmp_path: Path, opener) -> None:
+    # A regular file where a folder should be: no permission bits involved, so it holds as root too.
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(CrystalError, match=r"cannot write .*file/out"), opener(blocker / "out"):
+        pass
+
+
+def test_full_disk_mid_write_is_a_crystal_error_and_leaves_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "a.bin"
+    with pytest.raises(CrystalError, match="cannot write .*a.bin: No space left"), atomic_file(out) as f:
+        f.write(b"part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [
+    ["quantize", "{model}", "--int8", "-o", "{blocker}/x.crystal"],
+    ["compile", "{model}", "--target", "c", "-o", "{blocker}/out"],
+])
+def test_cli_unwritable_output_one_line(tmp_path: Path, args: list[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    model = REPO / "examples" / "shakespeare" / "model.pt"
+    r = subprocess.run([sys.executable, "-m", "crystalc.cli",
+                        *(a.format(model=model, blocker=blocker) for a in args)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("crystalc: error: cannot write "), r.stderr
+    assert "Traceback" not in r.stderr
