@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from crystalc.errors import CrystalError
+from crystalc.errors import CrystalError, one_line
 
 TARGETS = ("c",)
 QUANT_MODES = ("int8", "int16", "mixed", "mixed8")
@@ -333,7 +333,7 @@ def main() -> None:
         click.echo("crystalc: aborted", err=True)
         sys.exit(130)
     except click.ClickException as e:
-        click.echo(f"crystalc: error: {e.format_message()}", err=True)
+        click.echo(f"crystalc: error: {one_line(e.format_message())}", err=True)
         sys.exit(2)
     except CrystalError as e:
         click.echo(f"crystalc: error: {e}", err=True)

@@ -16,6 +16,15 @@ MAX_DIM = 1 << 20
 MAX_ELEMENTS = 1 << 31
 
 
+def as_int(name: str, v: Any) -> int:
+    """A config integer: an int, or a float holding one (JSON writers differ); nothing else."""
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise CrystalError(f"config: {name} must be an integer, got {v!r}")
+    return v
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
@@ -45,14 +54,15 @@ class ModelConfig:
         if "vocab_size" not in d:
             raise CrystalError("config: missing field vocab_size")
         kw = dict(d)
-        d_model = int(kw.get("d_model", 128))
-        kw.setdefault("ffn_hidden", 2 * d_model)
-        n_blocks = int(kw.get("n_blocks", 1))
+        for name in ("vocab_size", "d_model", "n_ctx", "n_heads", "n_blocks", "ffn_hidden"):
+            if name in kw:
+                kw[name] = as_int(name, kw[name])
+        kw.setdefault("ffn_hidden", 2 * kw.get("d_model", 128))
         neurons = kw.get("n_neurons", 64)
         if isinstance(neurons, (list, tuple)):
-            neurons = tuple(int(n) for n in neurons)
+            neurons = tuple(as_int("n_neurons entry", n) for n in neurons)
         else:
-            neurons = (int(neurons),) * n_blocks
+            neurons = (as_int("n_neurons", neurons),) * min(kw.get("n_blocks", 1), MAX_DIM)
         kw["n_neurons"] = neurons
         try:
             cfg = cls(**kw)
@@ -74,6 +84,9 @@ class ModelConfig:
                 raise CrystalError(f"config: {name} must be an integer, got {v!r}")
             if not 1 <= v <= MAX_DIM:
                 raise CrystalError(f"config: {name} = {v} is outside 1..{MAX_DIM}")
+        for name in ("field_norm", "final_norm", "tie_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise CrystalError(f"config: {name} must be true or false, got {getattr(self, name)!r}")
         if len(self.n_neurons) != self.n_blocks:
             raise CrystalError(
                 f"config: n_neurons has {len(self.n_neurons)} entries for {self.n_blocks} blocks"

@@ -11,21 +11,44 @@ from typing import Any
 from crystalc.errors import CrystalError
 
 
+def check_spec(spec: Any, n_ids: int | None = None) -> None:
+    """Check a tokenizer record's structure (and, for characters, its size against `n_ids`).
+
+    Cheap enough for Graph.verify: a Hugging Face JSON is parsed only when used.
+    """
+    if not isinstance(spec, dict):
+        raise CrystalError(f"tokenizer: expected a record with a 'kind', got type {type(spec).__name__}")
+    kind = spec.get("kind")
+    if kind == "char":
+        chars = spec.get("chars")
+        if not isinstance(chars, str) or not chars:
+            raise CrystalError("tokenizer: a char tokenizer needs a non-empty 'chars' string")
+        if len(set(chars)) != len(chars):
+            raise CrystalError("tokenizer: 'chars' repeats a character")
+        try:
+            chars.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CrystalError("tokenizer: 'chars' holds a character UTF-8 cannot encode") from None
+        if n_ids is not None and len(chars) != n_ids:
+            raise CrystalError(f"tokenizer: {len(chars)} characters for a vocabulary of {n_ids} ids")
+    elif kind == "hf-tokenizers":
+        if not isinstance(spec.get("json"), str):
+            raise CrystalError("tokenizer: a Hugging Face tokenizer needs its 'json' as a string")
+    else:
+        raise CrystalError(f"tokenizer: unknown kind {kind!r} (expected 'char' or 'hf-tokenizers')")
+
+
 class Tokenizer:
     def __init__(self, spec: dict[str, Any]) -> None:
+        check_spec(spec)
         self.spec = spec
-        kind = spec.get("kind")
+        kind = spec["kind"]
         if kind == "char":
-            chars = spec.get("chars")
-            if not isinstance(chars, str) or not chars:
-                raise CrystalError("tokenizer: a char tokenizer needs a non-empty 'chars' string")
-            if len(set(chars)) != len(chars):
-                raise CrystalError("tokenizer: 'chars' repeats a character")
-            self.chars = chars
-            self.index = {ch: i for i, ch in enumerate(chars)}
-            self.vocab_size = len(chars)
+            self.chars = spec["chars"]
+            self.index = {ch: i for i, ch in enumerate(self.chars)}
+            self.vocab_size = len(self.chars)
             self._hf = None
-        elif kind == "hf-tokenizers":
+        else:
             try:
                 from tokenizers import Tokenizer as HFTokenizer
             except ImportError:
@@ -36,8 +59,6 @@ class Tokenizer:
             except Exception as e:
                 raise CrystalError(f"tokenizer: bad tokenizer.json: {e}") from None
             self.vocab_size = self._hf.get_vocab_size()
-        else:
-            raise CrystalError(f"tokenizer: unknown kind {kind!r} (expected 'char' or 'hf-tokenizers')")
         self.kind: str = kind
 
     def encode(self, text: str, strict: bool = True) -> list[int]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from crystalc.config import ModelConfig
+from crystalc.config import ModelConfig, as_int
 from crystalc.errors import CrystalError
 from crystalc.frontend import aliases
 from crystalc.frontend.raw import RawCheckpoint
@@ -49,7 +49,7 @@ def infer_config(state: dict[str, np.ndarray], given: dict[str, Any], n_heads: i
     if heads is None:
         raise CrystalError("n_heads cannot be inferred from a bare state_dict: pass --n-heads")
     cfg: dict[str, Any] = {
-        "vocab_size": v, "d_model": d, "n_ctx": t, "n_heads": int(heads), "n_blocks": len(blocks),
+        "vocab_size": v, "d_model": d, "n_ctx": t, "n_heads": as_int("n_heads", heads), "n_blocks": len(blocks),
         "n_neurons": list(neurons), "ffn_hidden": f,
         "final_norm": "ln_f.weight" in state, "tie_head": "head.weight" not in state,
     }

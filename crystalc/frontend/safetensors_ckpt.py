@@ -40,6 +40,8 @@ def read_safetensors(path: Path) -> RawCheckpoint:
         # Either the config itself, or {"config": ..., "tokenizer": ..., "meta": ...}.
         if isinstance(doc.get("config"), dict):
             config, tokenizer, meta = doc["config"], doc.get("tokenizer"), doc.get("meta") or {}
+            if not isinstance(meta, dict):
+                raise CrystalError(f"{cfg_path}: 'meta' is a {type(meta).__name__}, expected an object")
         else:
             config = doc
     return RawCheckpoint(str(path), dict(state), config, tokenizer, meta)

@@ -22,6 +22,7 @@ from crystalc.ir.ops import (
     PositionEmbedding,
 )
 from crystalc.ir.tensor import Tensor
+from crystalc.tokenizer import check_spec
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,8 @@ class Graph:
                 raise CrystalError(f"vocab_map: original vocabulary {n_orig} smaller than the current {v}")
             if v and (m.min() < 0 or m.max() >= n_orig or np.any(np.diff(m) <= 0)):
                 raise CrystalError("vocab_map: ids must be strictly increasing within the original vocabulary")
+        if self.tokenizer is not None:
+            check_spec(self.tokenizer, self.orig_vocab_size or v)
         return self
 
     # --- text form -----------------------------------------------------------------------

@@ -455,7 +455,7 @@ static int load_v3(crystal_file *f, crystal_model *m, const uint8_t *buf, size_t
     }
     m->tokenizer = tj ? CRYSTAL_TOK_OTHER : CRYSTAL_TOK_NONE;
     if (tc) {
-        /* id i is the i-th UTF-8 character; ids past the text decode to nothing */
+        /* id i is the i-th UTF-8 character, one for every original id */
         const uint8_t *s = buf + tc->off;
         uint32_t *offs = calloc((size_t)orig + 1, sizeof *offs);
         f->char_offsets = offs;
@@ -468,7 +468,10 @@ static int load_v3(crystal_file *f, crystal_model *m, const uint8_t *buf, size_t
             id++;
             i += len;
         }
-        for (uint64_t k = id; k <= orig; k++) offs[k] = (uint32_t)tc->len;
+        if (id != orig)
+            return fail(err, errlen, "tokenizer: %llu characters for a vocabulary of %u ids", (unsigned long long)id,
+                        (unsigned)orig);
+        offs[orig] = (uint32_t)tc->len;
         m->tokenizer = CRYSTAL_TOK_CHAR;
         m->chars = (const char *)s;
         m->char_offsets = offs;

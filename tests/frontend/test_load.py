@@ -109,6 +109,10 @@ def _inf(key: str):
     return f
 
 
+def _config(key: str, value):
+    return lambda c: c["config"].__setitem__(key, value)
+
+
 BAD = {
     "missing key": (_drop("blocks.0.ffn.fc1.bias"), "missing parameter blocks.0.ffn.fc1.bias"),
     "wrong shape": (_reshape("blocks.0.field.positions"), r"blocks.0.field.positions: shape \[3, 3\]"),
@@ -121,6 +125,21 @@ BAD = {
                        "unexpected parameter blocks.0.extra.weight"),
     "wrong version": (lambda c: c.__setitem__("version", 9), "version 9"),
     "not a tensor": (lambda c: c["model"].__setitem__("head.bias", [1.0]), "head.bias is a list"),
+    # Found by mutating checkpoints' configs: each was a TypeError, ValueError or OverflowError traceback.
+    "config integer is a list": (_config("n_heads", [5]), r"n_heads must be an integer, got \[5\]"),
+    "config integer is NaN": (_config("d_model", float("nan")), "d_model must be an integer, got nan"),
+    "config integer is infinite": (_config("n_ctx", float("inf")), "n_ctx must be an integer, got inf"),
+    "config integer is text": (_config("vocab_size", "23"), "vocab_size must be an integer, got '23'"),
+    "config integer is a bool": (_config("n_blocks", True), "n_blocks must be an integer, got True"),
+    "neuron count is text": (_config("n_neurons", ["7"]), "n_neurons entry must be an integer"),
+    "flag is not a bool": (_config("field_norm", "yes"), "field_norm must be true or false"),
+    "meta is not a dict": (lambda c: c.__setitem__("meta", 5), "'meta' is a int"),
+    "tokenizer is not a record": (lambda c: c.__setitem__("tokenizer", 5), "tokenizer: expected a record"),
+    "tokenizer of another size": (lambda c: c.__setitem__("tokenizer", {"kind": "char", "chars": "ab"}),
+                                  "2 characters for a vocabulary of 23 ids"),
+    "tokenizer repeats a character": (lambda c: c.__setitem__("tokenizer", {"kind": "char", "chars": "a" * 23}),
+                                      "repeats a character"),
+    "tokenizer of unknown kind": (lambda c: c.__setitem__("tokenizer", {"kind": "sentencepiece"}), "unknown kind"),
 }
 
 
@@ -129,6 +148,38 @@ def test_bad_checkpoint_raises(tmp_path: Path, case: str) -> None:
     mutate, pattern = BAD[case]
     with pytest.raises(CrystalError, match=pattern):
         load_model(_ckpt(tmp_path, mutate))
+
+
+def test_integral_floats_are_config_integers(tmp_path: Path) -> None:
+    """JSON writers may spell 40 as 40.0; that is still 40."""
+    g = load_model(_ckpt(tmp_path, _config("d_model", 40.0)))
+    assert g.config.d_model == 40 and type(g.config.d_model) is int
+
+
+def test_names_from_the_file_cannot_break_the_line(tmp_path: Path) -> None:
+    with pytest.raises(CrystalError) as e:
+        load_model(_ckpt(tmp_path, lambda c: c["model"].__setitem__("blocks.0.field\nvalues", torch.zeros(2))))
+    assert "\n" not in str(e.value) and "blocks.0.field\\nvalues" in str(e.value)
+
+
+def test_damaged_pickle_inside_a_zip_is_a_crystal_error(tmp_path: Path) -> None:
+    """torch.load asserts (AssertionError) on a persistent id that is not a tuple; that is still bad input."""
+    import io
+    import pickle
+    import zipfile
+
+    class IntIds(pickle.Pickler):
+        def persistent_id(self, obj):
+            return 5 if isinstance(obj, bytes) else None
+
+    buf = io.BytesIO()
+    IntIds(buf, protocol=2).dump({"model": b"x"})
+    p = tmp_path / "damaged.pt"
+    with zipfile.ZipFile(p, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", buf.getvalue())
+        z.writestr("archive/version", "3\n")
+    with pytest.raises(CrystalError, match="not a readable PyTorch checkpoint"):
+        load_model(p)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
