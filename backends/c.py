@@ -166,10 +166,7 @@ def lower(graph: Graph) -> tuple[dict[str, Any], bytes]:
     ctx["tokenizer_kind"] = kind or "none"
     ctx["chars"] = ctx["char_offsets"] = None
     if kind == "char":
-        chars = tok["chars"]
-        if len(chars) != orig:
-            raise CrystalError(f"tokenizer: {len(chars)} characters for a vocabulary of {orig} ids")
-        pieces = [ch.encode("utf-8") for ch in chars]
+        pieces = [ch.encode("utf-8") for ch in tok["chars"]]  # one per original id: Graph.verify checked
         offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype("<u4")
         ctx["chars"] = blob.add("tokenizer chars", b"".join(pieces))
         ctx["char_offsets"] = blob.add("tokenizer char offsets", offsets.tobytes())
