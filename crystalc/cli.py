@@ -6,6 +6,7 @@ error) and ends as one line on stderr with exit status 2.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -15,6 +16,16 @@ from crystalc.errors import CrystalError, one_line
 
 TARGETS = ("c",)
 QUANT_MODES = ("int8", "int16", "mixed", "mixed8")
+
+
+class FiniteRange(click.FloatRange):
+    """A FloatRange that also refuses nan and inf, which click's range checks let through."""
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return v
 
 
 def _load(path: str, n_heads: int | None = None):
@@ -154,9 +165,9 @@ def inspect(model: str, n_heads: int | None, plot_path: str | None) -> None:
 @click.option("--prompt", default=None, help="Text prompt (needs the model's tokenizer).")
 @click.option("--prompt-ids", default=None, help="Comma-separated token ids of the original tokenizer.")
 @click.option("-n", "n_tokens", type=click.IntRange(0), default=100, show_default=True, help="Tokens to generate.")
-@click.option("-t", "temperature", type=click.FloatRange(0), default=0.8, show_default=True,
+@click.option("-t", "temperature", type=FiniteRange(0), default=0.8, show_default=True,
               help="Sampling temperature; 0 is greedy.")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True)
+@click.option("--top-p", type=FiniteRange(0, 1, min_open=True), default=0.9, show_default=True)
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--shift", type=click.IntRange(1), default=1, show_default=True,
               help="Tokens dropped when the context window is full.")
@@ -245,17 +256,17 @@ def prune_vocab(model: str, corpus: str | None, keep: str | None, out_path: str,
 @click.option("--freeze", type=click.Choice(["graceful", "none"]), default="graceful", show_default=True)
 @click.option("--freeze-min-age", type=click.IntRange(0), default=50, show_default=True,
               help="Rounds a neuron lives before it may freeze.")
-@click.option("--soft-halflife", type=click.FloatRange(0), default=0.0, show_default=True,
+@click.option("--soft-halflife", type=FiniteRange(0), default=0.0, show_default=True,
               help="Soft freezing: LR x max(0.01, 0.5^(age/halflife)) in rounds; 0 is off.")
 @click.option("--steps", type=click.IntRange(1), default=6000, show_default=True, help="Optimizer steps.")
 @click.option("--rounds", type=click.IntRange(1), default=600, show_default=True,
               help="Rounds the run is divided into (the seeds' epochs); schedules count in rounds.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-3, show_default=True)
+@click.option("--lr", type=FiniteRange(0, min_open=True), default=3e-3, show_default=True)
 @click.option("--eval-every", type=click.IntRange(1), default=20, show_default=True, help="Rounds between evals.")
 @click.option("--patience", type=click.IntRange(0), default=0, show_default=True,
               help="Stop after this many evaluations without a better validation loss and keep the best; 0: never.")
-@click.option("--val-frac", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
+@click.option("--val-frac", type=FiniteRange(0, 1, max_open=True), default=0.1, show_default=True)
 @click.option("--sampling", type=click.Choice(["auto", "overlap", "random"]), default="auto", show_default=True,
               help="overlap: windows with stride T/2; random: random starts; auto picks by corpus size.")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -183,6 +183,8 @@ def _crystalc(*args: str) -> subprocess.CompletedProcess:
     (["--tokenizer", "bpe:many"], "bpe:N"),
     (["--tokenizer", "words"], "expected 'char' or 'bpe:N'"),
     (["--neurons", "10", "--max-neurons", "5"], "max neurons"),
+    (["--lr", "nan"], "'nan' is not a finite number"),
+    (["--soft-halflife", "inf"], "'inf' is not a finite number"),
     pytest.param(["--device", "cuda"], "no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
 ])
