@@ -8,6 +8,7 @@
  * A malformed file gives one line in `err` and a nonzero return, never a crash:
  * the fuzz target in fuzz/ drives crystal_load_bytes() under ASan and UBSan.
  */
+#include <errno.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -634,8 +635,15 @@ int crystal_load_bytes(crystal_file *f, crystal_model *m, const uint8_t *buf, si
 
 int crystal_load_file(crystal_file *f, crystal_model *m, const char *path, char *err, size_t errlen) {
     memset(f, 0, sizeof *f);
+    errno = 0;
     FILE *fp = fopen(path, "rb");
-    if (!fp) return fail(err, errlen, "%s: cannot open", path);
+    if (!fp) return fail(err, errlen, "%s: cannot open (%s)", path, errno ? strerror(errno) : "unknown reason");
+    /* a folder opens on some systems and then reports an absurd size: read one byte before trusting it */
+    errno = 0;
+    if (fgetc(fp) == EOF && ferror(fp)) {
+        fclose(fp);
+        return fail(err, errlen, "%s: cannot read (%s)", path, errno ? strerror(errno) : "unknown reason");
+    }
     long size = -1;
     if (fseek(fp, 0, SEEK_END) == 0) size = ftell(fp);
     if (size < 0 || fseek(fp, 0, SEEK_SET) != 0) {
@@ -713,7 +721,13 @@ int main(int argc, char **argv) {
     }
     int n = 0;
     args[n++] = (char *)prog;
-    if (argc >= 3 && argc <= 5 && argv[2][0] != '-') {
+    if (argc >= 3 && argv[2][0] != '-') {
+        if (argc > 5) {
+            fprintf(stderr, "%s: error: unexpected argument '%s' (the positional form is MODEL.crystal PROMPT "
+                            "[N [TEMP]])\n", prog, argv[5]);
+            free(args);
+            return 2;
+        }
         args[n++] = "--prompt";
         args[n++] = argv[2];
         if (argc >= 4) { args[n++] = "-n"; args[n++] = argv[3]; }

@@ -161,9 +161,19 @@ def test_seeds_positional_form(runtime, tmp_path):
 
 def test_bad_arguments_exit_2_with_one_line(runtime, tmp_path):
     _, path, _ = char_model(tmp_path)
-    for args in ([], [tmp_path / "missing.crystal", "--prompt", "a"], [path, "--prompt-ids", "999", "--logits"]):
+    cases = {
+        "no model": ([], "first argument must be a .crystal"),
+        "missing file": ([tmp_path / "missing.crystal", "--prompt", "a"], "cannot open (No such file"),
+        # a folder opens on Linux and used to be reported as "out of memory for a 9223372036854775807-byte file"
+        "a folder": ([tmp_path, "--prompt", "a"], "cannot read"),
+        "id outside": ([path, "--prompt-ids", "999", "--logits"], "outside the vocabulary"),
+        # the fifth positional argument used to be blamed on the prompt
+        "positional extra": ([path, "to be", 3, 0.8, "extra"], "unexpected argument 'extra'"),
+    }
+    for label, (args, needle) in cases.items():
         res = run(runtime, *args)
-        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, (args, res.stderr)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, (label, res.stderr)
+        assert needle in res.stderr, (label, res.stderr)
 
 
 def test_sanitized_runtime_rejects_corrupt_files(sanitized, tmp_path):
