@@ -44,7 +44,7 @@ def _calibration(graph, path: str | None, max_tokens: int):
 
 
 def _apply_passes(graph, prune_corpus: str | None, keep: str | None, quantize: str | None,
-                  granularity: str, calibrate: str | None = None, calibrate_tokens: int = 16384):
+                  granularity: str | None, calibrate: str | None = None, calibrate_tokens: int = 16384):
     """The pass order is fixed: prune_vocab, then quantize (pruning first quantizes fewer rows)."""
     from crystalc.passes.pipeline import Pass, run_pipeline
 
@@ -59,9 +59,11 @@ def _apply_passes(graph, prune_corpus: str | None, keep: str | None, quantize: s
         from crystalc.passes.quantize import quantize as quantize_pass
 
         passes.append(Pass("quantize", lambda g: quantize_pass(
-            g, quantize, granularity, calibration=_calibration(g, calibrate, calibrate_tokens))))
+            g, quantize, granularity or "tensor", calibration=_calibration(g, calibrate, calibrate_tokens))))
     elif calibrate is not None:
         raise CrystalError("--calibrate chooses how weights are rounded: it needs a quantization mode")
+    elif granularity is not None:
+        raise CrystalError("--granularity chooses the quantization scales: it needs a quantization mode")
     return run_pipeline(graph, passes)
 
 
@@ -99,8 +101,8 @@ keep_option = click.option("--keep", default=None,
 quant_option = click.option("--quantize", type=click.Choice(QUANT_MODES), default=None,
                             help="Quantize weights: int8, int16, mixed (f32 embeddings + int16), "
                                  "mixed8 (f32 embeddings + int8).")
-gran_option = click.option("--granularity", default="tensor", show_default=True,
-                           help="Scale granularity: tensor (the seeds' min/max), row, or group:N.")
+gran_option = click.option("--granularity", default=None,
+                           help="Scale granularity: tensor (the seeds' min/max; the default), row, or group:N.")
 calibrate_option = click.option(
     "--calibrate", type=click.Path(dir_okay=False), default=None,
     help="Text (e.g. training data) for calibrated rounding: the linear layers' codes are chosen to keep "
@@ -125,7 +127,7 @@ calibrate_tokens_option = click.option("--calibrate-tokens", type=click.IntRange
 @calibrate_option
 @calibrate_tokens_option
 def compile(model: str, target: str, out_dir: str, build: bool, cflags: str | None, n_heads: int | None,
-            prune_corpus: str | None, keep: str | None, quantize: str | None, granularity: str,
+            prune_corpus: str | None, keep: str | None, quantize: str | None, granularity: str | None,
             calibrate: str | None, calibrate_tokens: int) -> None:
     """Compile MODEL for a target into the folder OUT."""
     from crystalc.backends import get_backend
@@ -200,7 +202,7 @@ def run(model: str, prompt: str | None, prompt_ids: str | None, n_tokens: int, t
 @calibrate_tokens_option
 @click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), required=True, help="Output .crystal file.")
 @n_heads_option
-def quantize(model: str, int8: bool, int16: bool, mixed: bool, mixed8: bool, granularity: str,
+def quantize(model: str, int8: bool, int16: bool, mixed: bool, mixed8: bool, granularity: str | None,
              calibrate: str | None, calibrate_tokens: int, out_path: str, n_heads: int | None) -> None:
     """Quantize MODEL and write a .crystal file."""
     from crystalc.format.crystal import write_crystal
@@ -229,7 +231,7 @@ def prune_vocab(model: str, corpus: str | None, keep: str | None, out_path: str,
 
     if corpus is None and not keep:
         raise CrystalError("give --corpus FILE, --keep IDS, or both")
-    graph = _apply_passes(_load(model, n_heads), corpus, keep, None, "tensor")
+    graph = _apply_passes(_load(model, n_heads), corpus, keep, None, None)
     write_crystal(graph, out_path)
     skipped = graph.meta.get("prune_vocab", {}).get("skipped_chars", 0)
     plural = "" if skipped == 1 else "s"

@@ -25,7 +25,10 @@ def load_model(path: str | Path, n_heads: int | None = None) -> Graph:
     if head[:4] == CRYSTAL_MAGIC:
         from crystalc.format.crystal import read_crystal
 
-        return read_crystal(path)
+        graph = read_crystal(path)
+        if n_heads is not None and n_heads != graph.config.n_heads:
+            raise CrystalError(f"{path}: --n-heads {n_heads} disagrees with the file's n_heads {graph.config.n_heads}")
+        return graph
     if path.suffix == ".safetensors":
         from crystalc.frontend.safetensors_ckpt import read_safetensors
 

@@ -150,6 +150,16 @@ def test_bad_checkpoint_raises(tmp_path: Path, case: str) -> None:
         load_model(_ckpt(tmp_path, mutate))
 
 
+def test_n_heads_must_agree_with_a_crystal_file(tmp_path: Path) -> None:
+    from crystalc.format.crystal import write_crystal
+
+    p = tmp_path / "m.crystal"
+    write_crystal(random_graph("d40_h5", seed=7), p)
+    assert load_model(p, n_heads=5).config.n_heads == 5
+    with pytest.raises(CrystalError, match="--n-heads 4 disagrees with the file's n_heads 5"):
+        load_model(p, n_heads=4)
+
+
 def test_integral_floats_are_config_integers(tmp_path: Path) -> None:
     """JSON writers may spell 40 as 40.0; that is still 40."""
     g = load_model(_ckpt(tmp_path, _config("d_model", 40.0)))
