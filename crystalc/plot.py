@@ -51,7 +51,7 @@ def plot_model(graph: Graph, out: str | Path, title: str | None = None) -> None:
     from crystalc.fsutil import atomic_file
 
     blocks = list(graph.blocks)
-    curve: list[dict[str, Any]] = list(graph.meta.get("curve") or [])
+    curve = _checked_curve(graph.meta.get("curve") or [])
     ncols = max(len(blocks), 2 if curve else 1)
     nrows = 2 if curve else 1
     fig = plt.figure(figsize=(4.6 * ncols, 4.2 * nrows), dpi=110)
@@ -70,6 +70,23 @@ def plot_model(graph: Graph, out: str | Path, title: str | None = None) -> None:
     with atomic_file(str(out)) as f:
         fig.savefig(f, format="png", metadata={"Software": None})
     plt.close(fig)
+
+
+def _checked_curve(curve: Any) -> list[dict[str, Any]]:
+    """The training curve from the model's metadata, checked: it comes from the file, not from crystalc."""
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    def counts(x: Any) -> bool:
+        return isinstance(x, list) and all(number(n) for n in x)
+
+    ok = isinstance(curve, list) and all(
+        isinstance(p, dict) and all(number(p.get(k)) for k in ("step", "loss", "val_loss", "frozen_pct"))
+        and counts(p.get("neurons")) and counts(p.get("frozen", [])) for p in curve)
+    if not ok:
+        raise CrystalError("meta: 'curve' is not a list of training records (step, loss, val_loss, neurons, "
+                           "frozen, frozen_pct): cannot plot it")
+    return curve
 
 
 def _title(graph: Graph) -> str:

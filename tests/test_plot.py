@@ -45,6 +45,20 @@ def test_inspect_plot(tmp_path: Path, shape: str) -> None:
     assert (tmp_path / "b.png").read_bytes() == png.read_bytes()  # deterministic
 
 
+@pytest.mark.parametrize("curve", [5, "abc", [1, 2], [{"step": "x"}], [{"step": 1, "loss": 2.0, "val_loss": 2.0,
+                                                                        "neurons": 4, "frozen_pct": 0.0}]])
+def test_a_malformed_curve_is_a_crystal_error(tmp_path: Path, curve) -> None:
+    """The curve comes from the checkpoint's metadata, so a damaged one is bad input, not a crash."""
+    pytest.importorskip("matplotlib")
+    from crystalc.errors import CrystalError
+    from crystalc.plot import plot_model
+
+    g = random_graph("d40_h5", seed=1).replace(meta={"curve": curve})
+    with pytest.raises(CrystalError, match="'curve' is not a list of training records"):
+        plot_model(g, tmp_path / "a.png")
+    assert not list(tmp_path.iterdir())
+
+
 def test_inspect_plot_cli(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     model = save_pt(random_graph("d40_h5", seed=2), tmp_path / "m.pt")
