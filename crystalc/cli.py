@@ -164,7 +164,8 @@ def inspect(model: str, n_heads: int | None, plot_path: str | None) -> None:
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--prompt", default=None, help="Text prompt (needs the model's tokenizer).")
+@click.option("--prompt", default=None,
+              help="Text prompt (needs the model's tokenizer; a BPE prompt is encoded and the output decoded here).")
 @click.option("--prompt-ids", default=None, help="Comma-separated token ids of the original tokenizer.")
 @click.option("-n", "n_tokens", type=click.IntRange(0), default=100, show_default=True, help="Tokens to generate.")
 @click.option("-t", "temperature", type=FiniteRange(0), default=0.8, show_default=True,
@@ -179,16 +180,16 @@ def run(model: str, prompt: str | None, prompt_ids: str | None, n_tokens: int, t
     """Run MODEL with the portable C runtime (built once and cached)."""
     from crystalc.runtime import run_model
 
+    if (prompt is None) == (prompt_ids is None):
+        raise CrystalError("give exactly one of --prompt and --prompt-ids")
     args = []
-    if prompt is not None:
-        args += ["--prompt", prompt]
     if prompt_ids is not None:
         args += ["--prompt-ids", prompt_ids]
     args += ["-n", str(n_tokens), "-t", repr(temperature), "--top-p", repr(top_p), "--seed", str(seed),
              "--shift", str(shift)]
     if logits:
         args.append("--logits")
-    sys.exit(run_model(model, args))
+    sys.exit(run_model(model, args, prompt=prompt))
 
 
 @cli.command()

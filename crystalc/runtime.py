@@ -104,28 +104,49 @@ def _compile(cc: str, flags: list[str], srcs: list[Path], include: Path, out: Pa
     return out
 
 
-def run_model(model_path: str | os.PathLike[str], args: list[str]) -> int:
+def run_model(model_path: str | os.PathLike[str], args: list[str], prompt: str | None = None) -> int:
     """Run the portable runtime on a model with the spec's command line; returns its exit status.
 
     A .crystal file runs as it is; any other model (.pt, .safetensors) is written
-    to a temporary .crystal first.
+    to a temporary .crystal first. A text `prompt` goes to the runtime as it is
+    when the model's tokenizer is characters, which the C runtime speaks; any other
+    tokenizer (BPE) is run here: the prompt is encoded, the runtime takes its ids,
+    and the ids it generates are decoded back into text.
     """
-    from crystalc.frontend import CRYSTAL_MAGIC
+    from crystalc.frontend import CRYSTAL_MAGIC, load_model
 
     path = Path(model_path)
     if not path.is_file():
         raise CrystalError(f"{path}: no such file")
-    exe = build_runtime()
     with open(path, "rb") as f:
         is_crystal = f.read(4) == CRYSTAL_MAGIC
-    sys.stdout.flush()
-    if is_crystal:
-        return subprocess.run([str(exe), str(path), *args]).returncode
-    from crystalc.format.crystal import write_crystal
-    from crystalc.frontend import load_model
+    graph = load_model(path) if not is_crystal or prompt is not None else None
+    tokenizer = None
+    if prompt is not None:
+        tok = graph.tokenizer or {}
+        if tok.get("kind") == "char" or not tok:  # no tokenizer: the runtime says what to use instead
+            args = ["--prompt", prompt, *args]
+        else:
+            from crystalc.tokenizer import Tokenizer
 
-    graph = load_model(path)
+            tokenizer = Tokenizer(tok)
+            prompt_ids = tokenizer.encode(prompt)
+            if not prompt_ids:
+                raise CrystalError("the prompt encodes to no tokens")
+            args = ["--prompt-ids", ",".join(map(str, prompt_ids)), *args]
+    exe = build_runtime()
+    sys.stdout.flush()
     with tempfile.TemporaryDirectory(prefix="crystalc-run-") as tmp:
-        tmp_model = Path(tmp) / "model.crystal"
-        write_crystal(graph, tmp_model)
-        return subprocess.run([str(exe), str(tmp_model), *args]).returncode
+        model = path
+        if not is_crystal:
+            from crystalc.format.crystal import write_crystal
+
+            model = Path(tmp) / "model.crystal"
+            write_crystal(graph, model)
+        if tokenizer is None or "--logits" in args:
+            return subprocess.run([str(exe), str(model), *args]).returncode
+        res = subprocess.run([str(exe), str(model), *args], stdout=subprocess.PIPE, text=True)
+        if res.returncode == 0:
+            generated = [int(x) for x in res.stdout.strip().split(",") if x]
+            print(tokenizer.decode(prompt_ids + generated))
+        return res.returncode

@@ -211,6 +211,30 @@ def test_crystalc_run_on_crystal_and_pt(cache, tmp_path):
     assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr
 
 
+def test_crystalc_run_speaks_text_for_a_bpe_model(cache, tmp_path):
+    """The C runtime knows only characters: `crystalc run` encodes a BPE prompt and decodes what it generates."""
+    from crystalc.tokenizer import Tokenizer
+    from crystalc.train.data import build_tokenizer
+
+    spec = build_tokenizer("to be or not to be, that is the question\n" * 20, "bpe:270")
+    tok = Tokenizer(spec)
+    g = random_graph(dict(vocab_size=tok.vocab_size, d_model=16, n_ctx=6, n_heads=2, n_neurons=5, ffn_hidden=32),
+                     seed=27, tokenizer=spec)
+    ids = tok.encode("to be")
+    want = tok.decode(ids + generate(g, ids, 12)) + "\n"  # 12 greedy tokens past a 6-token window
+    crystal = tmp_path / "bpe.crystal"
+    write_crystal(g, crystal)
+    exe = os.path.join(os.path.dirname(sys.executable), "crystalc")
+    for model in (save_pt(g, tmp_path / "bpe.pt"), crystal):
+        res = subprocess.run([exe, "run", str(model), "--prompt", "to be", "-n", "12", "-t", "0"],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout == want
+    res = subprocess.run([exe, "run", str(crystal), "--prompt", "to be", "--prompt-ids", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "exactly one of --prompt and --prompt-ids" in res.stderr
+
+
 @pytest.mark.parametrize("name", ["two_blocks", "plain", "seeds_layout"])
 def test_spec_vectors_through_crystal_file(runtime, name, tmp_path):
     """The spec's independent float64 logits, through .pt -> .crystal -> the runtime."""
