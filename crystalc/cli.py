@@ -34,19 +34,30 @@ def _load(path: str, n_heads: int | None = None):
     return load_model(path, n_heads=n_heads)
 
 
-def _calibration(graph, path: str | None, max_tokens: int):
+DEFAULT_CALIBRATE_TOKENS = 16384
+
+
+def _check_calibration(path: str | None, max_tokens: int | None) -> None:
+    if path is None and max_tokens is not None:
+        raise CrystalError("--calibrate-tokens sizes the --calibrate text: give --calibrate too")
+
+
+def _calibration(graph, path: str | None, max_tokens: int | None):
     """Windows of `path`'s tokens for calibrated rounding, or None."""
+    _check_calibration(path, max_tokens)
     if path is None:
         return None
     from crystalc.passes.calibrate import calibration_windows
 
-    return calibration_windows(graph, _read_text(path), max_tokens)
+    return calibration_windows(graph, _read_text(path), max_tokens or DEFAULT_CALIBRATE_TOKENS)
 
 
 def _apply_passes(graph, prune_corpus: str | None, keep: str | None, quantize: str | None,
-                  granularity: str | None, calibrate: str | None = None, calibrate_tokens: int = 16384):
+                  granularity: str | None, calibrate: str | None = None, calibrate_tokens: int | None = None):
     """The pass order is fixed: prune_vocab, then quantize (pruning first quantizes fewer rows)."""
     from crystalc.passes.pipeline import Pass, run_pipeline
+
+    _check_calibration(calibrate, calibrate_tokens)  # before the (slower) passes
 
     passes = []
     if prune_corpus is not None or keep:
@@ -108,8 +119,9 @@ calibrate_option = click.option(
     help="Text (e.g. training data) for calibrated rounding: the linear layers' codes are chosen to keep "
          "their outputs on this text close to float32 (GPTQ-style), instead of rounding each weight to "
          "the nearest code. Same scales, same file size; see docs/quantization.md.")
-calibrate_tokens_option = click.option("--calibrate-tokens", type=click.IntRange(1), default=16384,
-                                       show_default=True, help="Tokens of the --calibrate text used.")
+calibrate_tokens_option = click.option("--calibrate-tokens", type=click.IntRange(1), default=None,
+                                       help=f"Tokens of the --calibrate text used (default: "
+                                            f"{DEFAULT_CALIBRATE_TOKENS}).")
 
 
 @cli.command()
@@ -128,10 +140,13 @@ calibrate_tokens_option = click.option("--calibrate-tokens", type=click.IntRange
 @calibrate_tokens_option
 def compile(model: str, target: str, out_dir: str, build: bool, cflags: str | None, n_heads: int | None,
             prune_corpus: str | None, keep: str | None, quantize: str | None, granularity: str | None,
-            calibrate: str | None, calibrate_tokens: int) -> None:
+            calibrate: str | None, calibrate_tokens: int | None) -> None:
     """Compile MODEL for a target into the folder OUT."""
     from crystalc.backends import get_backend
     from crystalc.fsutil import atomic_dir
+
+    if cflags is not None and not build:
+        raise CrystalError("--cflags are the flags of --build: add --build (or run make CFLAGS=... in OUT)")
 
     graph = _apply_passes(_load(model, n_heads), prune_corpus, keep, quantize, granularity, calibrate,
                           calibrate_tokens)
@@ -204,7 +219,7 @@ def run(model: str, prompt: str | None, prompt_ids: str | None, n_tokens: int, t
 @click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), required=True, help="Output .crystal file.")
 @n_heads_option
 def quantize(model: str, int8: bool, int16: bool, mixed: bool, mixed8: bool, granularity: str | None,
-             calibrate: str | None, calibrate_tokens: int, out_path: str, n_heads: int | None) -> None:
+             calibrate: str | None, calibrate_tokens: int | None, out_path: str, n_heads: int | None) -> None:
     """Quantize MODEL and write a .crystal file."""
     from crystalc.format.crystal import write_crystal
 
@@ -318,7 +333,7 @@ def train(data: str, out_path: str, tokenizer: str, d_model: int, n_ctx: int, n_
 @calibrate_tokens_option
 @n_heads_option
 def eval_(model: str, corpus: str, modes: str, granularities: str, max_tokens: int, per_tensor: bool,
-          calibrate: str | None, calibrate_tokens: int, n_heads: int | None) -> None:
+          calibrate: str | None, calibrate_tokens: int | None, n_heads: int | None) -> None:
     """Quality report: size, perplexity and agreement with float32 for every mode x granularity."""
     from crystalc.evaluate import checked_options, evaluate, markdown, sensitivity, sensitivity_markdown, timed_progress
 

@@ -97,6 +97,8 @@ def test_quantize_and_prune_commands_write_what_the_passes_compute(tmp_path: Pat
     ("quantize", "{m}", "--int8", "--calibrate", "{d}/short.txt", "-o", "{d}/x.crystal"),
     ("compile", "{m}", "--target", "c", "-o", "{d}/out", "--calibrate", "{d}/short.txt"),
     ("compile", "{m}", "--target", "c", "-o", "{d}/out", "--granularity", "row"),  # was silently ignored
+    ("compile", "{m}", "--target", "c", "-o", "{d}/out", "--cflags", "-O0"),  # flags of --build, which is absent
+    ("quantize", "{m}", "--int8", "--calibrate-tokens", "64", "-o", "{d}/x.crystal"),  # nothing to calibrate on
 ))
 def test_bad_options_exit_2_with_one_line(tmp_path: Path, args: tuple[str, ...]) -> None:
     model = save_pt(char_graph("all_on"), tmp_path / "m.pt")
