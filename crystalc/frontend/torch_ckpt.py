@@ -15,10 +15,15 @@ from crystalc.frontend.raw import RawCheckpoint
 
 
 def read_torch_checkpoint(path: Path) -> RawCheckpoint:
+    import warnings
+
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # a damaged pickle can make torch warn on stderr before it fails; our one line says what went wrong
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         # torch.load only parses here (weights_only), and a damaged file reaches it with any of a dozen
         # exception types, assertions included (found by mutating checkpoints): all of them mean "unreadable".
