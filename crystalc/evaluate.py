@@ -135,7 +135,19 @@ def _scored_positions(graph: Graph, corpus_text: str, max_tokens: int | None
 def _logits(graph: Graph, groups: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     """Logits of every predicted position, [n_pred, V], in corpus order."""
     v = graph.config.vocab_size
-    return np.concatenate([forward_windows(graph, x).reshape(-1, v) for x, _ in groups])
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow shows as inf/nan, which the scores report
+        return np.concatenate([forward_windows(graph, x).reshape(-1, v) for x, _ in groups])
+
+
+def _reference_logits(graph: Graph, groups: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """float32's logits, which every score is measured against: they must be finite to measure anything."""
+    logits = _logits(graph, groups)
+    bad = ~np.isfinite(logits)
+    if bad.any():
+        row = int(np.argmax(bad.any(axis=-1)))
+        raise CrystalError(f"the model's float32 logits are not finite (first at scored position {row}): "
+                           "its weights overflow float32 arithmetic, so there is no reference to compare with")
+    return logits
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -219,7 +231,7 @@ def evaluate(
         g = base if mode == "float32" else quantize(base, mode, gran, calibration=calibration)
         nbytes, is_file = crystal_size(g)
         size_is_file = size_is_file and is_file
-        logits = _logits(g, groups)
+        logits = _logits(g, groups) if ref_logits is not None else _reference_logits(g, groups)
         if ref_logits is None:
             ref_logits = logits
         ce, top1, err = _scores(logits, targets, ref_logits)
@@ -298,7 +310,7 @@ def sensitivity(
     quantized = quantize(base, mode, gran, calibration=calibration)
     swapped = {t.name: t for t in quantized.tensors() if t.quant is not None}
     groups, targets, _ = _scored_positions(graph, corpus_text, max_tokens)
-    ref = _logits(base, groups)
+    ref = _reference_logits(base, groups)
     base_ce = float(np.mean(_nll(ref, targets)))
     # an empty tensor (a block of 0 neurons) quantizes to nothing: no row to report
     originals = [t for t in base.tensors() if t.name in swapped and t.data.size]

@@ -170,3 +170,19 @@ def test_eval_command(tmp_path: Path) -> None:
     for bad in (("--modes", "int4"), ("--granularities", "group:0"), ("--per-tensor", "--modes", "int8,int4")):
         r = _crystalc("eval", str(model), "--corpus", str(corpus), *bad)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_model_whose_float32_logits_overflow_is_a_crystal_error() -> None:
+    """A finite weight near float32's limit makes every logit inf/nan: no reference, so no table of nans."""
+    from crystalc.evaluate import sensitivity
+
+    g = char_graph()
+    w = g.head.weight.data.copy()
+    w[0, 0] = 3e38
+    g = g.map_tensors(lambda t: Tensor(t.name, w) if t.name == "head.weight" else t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing on stderr but our one line
+        with pytest.raises(CrystalError, match="float32 logits are not finite"):
+            evaluate(g, TEXT, modes=["int8"], granularities=["tensor"])
+        with pytest.raises(CrystalError, match="float32 logits are not finite"):
+            sensitivity(g, TEXT, "int8", "tensor")
