@@ -185,8 +185,9 @@ def inspect(model: str, n_heads: int | None, plot_path: str | None) -> None:
 @click.option("-n", "n_tokens", type=click.IntRange(0), default=100, show_default=True, help="Tokens to generate.")
 @click.option("-t", "temperature", type=FiniteRange(0), default=0.8, show_default=True,
               help="Sampling temperature; 0 is greedy.")
-@click.option("--top-p", type=FiniteRange(0, 1, min_open=True), default=0.9, show_default=True)
-@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--top-p", type=FiniteRange(0, 1, min_open=True), default=0.9, show_default=True,
+              help="Nucleus sampling: draw from the fewest most likely tokens whose probabilities reach P.")
+@click.option("--seed", type=int, default=42, show_default=True, help="Sampler seed: same seed, same text.")
 @click.option("--shift", type=click.IntRange(1), default=1, show_default=True,
               help="Tokens dropped when the context window is full.")
 @click.option("--logits", is_flag=True, help="Print the last prompt position's logits instead of generating.")
