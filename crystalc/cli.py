@@ -260,10 +260,12 @@ def prune_vocab(model: str, corpus: str | None, keep: str | None, out_path: str,
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="UTF-8 training corpus.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Checkpoint (.pt) to write.")
 @click.option("--tokenizer", default="char", show_default=True, help="char, or bpe:N (byte-level BPE, N tokens).")
-@click.option("--d-model", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--d-model", type=click.IntRange(1), default=128, show_default=True,
+              help="Embedding width D (a multiple of --n-heads).")
 @click.option("--n-ctx", type=click.IntRange(1), default=64, show_default=True, help="Context length T.")
-@click.option("--n-heads", type=click.IntRange(1), default=4, show_default=True)
-@click.option("--n-blocks", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--n-heads", type=click.IntRange(1), default=4, show_default=True, help="Attention heads.")
+@click.option("--n-blocks", type=click.IntRange(1), default=1, show_default=True,
+              help="Blocks, each attention + neuron field + FFN.")
 @click.option("--ffn-hidden", type=click.IntRange(1), default=None, help="FFN width (default 2 x d-model).")
 @click.option("--neurons", type=click.IntRange(0), default=64, show_default=True, help="Initial neurons per block.")
 @click.option("--max-neurons", type=click.IntRange(0), default=1024, show_default=True, help="Cap per block.")
@@ -272,7 +274,8 @@ def prune_vocab(model: str, corpus: str | None, keep: str | None, out_path: str,
 @click.option("--grow-every", type=click.IntRange(1), default=10, show_default=True, help="Rounds between growths.")
 @click.option("--grow-count", type=click.IntRange(0), default=0, show_default=True,
               help="Splits per growth; 0: reach --max-neurons by 80% of training.")
-@click.option("--freeze", type=click.Choice(["graceful", "none"]), default="graceful", show_default=True)
+@click.option("--freeze", type=click.Choice(["graceful", "none"]), default="graceful", show_default=True,
+              help="graceful: from 20% of training on, freeze cold, quiet, old neurons; none: never.")
 @click.option("--freeze-min-age", type=click.IntRange(0), default=50, show_default=True,
               help="Rounds a neuron lives before it may freeze.")
 @click.option("--soft-halflife", type=FiniteRange(0), default=0.0, show_default=True,
@@ -280,15 +283,17 @@ def prune_vocab(model: str, corpus: str | None, keep: str | None, out_path: str,
 @click.option("--steps", type=click.IntRange(1), default=6000, show_default=True, help="Optimizer steps.")
 @click.option("--rounds", type=click.IntRange(1), default=600, show_default=True,
               help="Rounds the run is divided into (the seeds' epochs); schedules count in rounds.")
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--lr", type=FiniteRange(0, min_open=True), default=3e-3, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Windows per step.")
+@click.option("--lr", type=FiniteRange(0, min_open=True), default=3e-3, show_default=True,
+              help="Adam learning rate.")
 @click.option("--eval-every", type=click.IntRange(1), default=20, show_default=True, help="Rounds between evals.")
 @click.option("--patience", type=click.IntRange(0), default=0, show_default=True,
               help="Stop after this many evaluations without a better validation loss and keep the best; 0: never.")
-@click.option("--val-frac", type=FiniteRange(0, 1, max_open=True), default=0.1, show_default=True)
+@click.option("--val-frac", type=FiniteRange(0, 1, max_open=True), default=0.1, show_default=True,
+              help="Tail of the corpus held out for validation; 0: none.")
 @click.option("--sampling", type=click.Choice(["auto", "overlap", "random"]), default="auto", show_default=True,
               help="overlap: windows with stride T/2; random: random starts; auto picks by corpus size.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initialisation and the batch order.")
 @click.option("--threads", type=click.IntRange(0), default=0, show_default=True, help="torch threads; 0: default.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="cuda: train on the GPU (under torchrun, one GPU per rank with NCCL).")
