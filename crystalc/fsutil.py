@@ -20,6 +20,20 @@ def _cannot_write(path: Path, e: OSError) -> CrystalError:
     return CrystalError(f"cannot write {path}: {e.strerror or e}")
 
 
+def _output_path(path: str | os.PathLike[str]) -> Path:
+    out = Path(path)
+    if out.name in ("", ".", ".."):  # "", ".", "/", "..": a folder we must not replace, not an output's name
+        raise CrystalError(f"output path {str(path)!r} names no file or folder of its own")
+    return out
+
+
+def _replace(tmp: str | Path, path: Path) -> None:
+    try:
+        os.replace(tmp, path)
+    except OSError as e:  # whatever the reason, it is about the output
+        raise _cannot_write(path, e) from None
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -29,7 +43,7 @@ def _umask() -> int:
 @contextmanager
 def atomic_file(path: str | os.PathLike[str], mode: str = "wb") -> Iterator:
     """Open a temporary sibling of `path`; rename it over `path` only on success."""
-    path = Path(path)
+    path = _output_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -40,7 +54,7 @@ def atomic_file(path: str | os.PathLike[str], mode: str = "wb") -> Iterator:
     try:
         with os.fdopen(fd, mode) as f:
             yield f
-        os.replace(tmp, path)
+        _replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
         if e.errno in _FULL:
@@ -54,7 +68,7 @@ def atomic_file(path: str | os.PathLike[str], mode: str = "wb") -> Iterator:
 @contextmanager
 def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling folder; it replaces `path` only on success."""
-    path = Path(path)
+    path = _output_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -64,12 +78,21 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "x")
-            os.replace(tmp, path)
+            # a folder cannot be renamed over a non-empty one: move the old aside, put it back on failure
+            try:
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            except OSError as e:
+                raise _cannot_write(path, e) from None
+            _replace(path, old / "x")
+            try:
+                _replace(tmp, path)
+            except CrystalError:
+                os.replace(old / "x", path)  # should this fail too, the previous output stays in `old`
+                shutil.rmtree(old, ignore_errors=True)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, path)
+            _replace(tmp, path)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in _FULL:

@@ -73,3 +73,36 @@ def test_cli_unwritable_output_one_line(tmp_path: Path, args: list[str]) -> None
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("crystalc: error: cannot write "), r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("opener", [atomic_file, atomic_dir])
+@pytest.mark.parametrize("name", ["", ".", "..", "/"])
+def test_a_path_that_names_no_output_is_refused(tmp_path: Path, monkeypatch, opener, name: str) -> None:
+    """`-o ""` is the current folder: replacing it would move the user's working folder away (found by fuzzing)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep").write_text("mine")
+    with pytest.raises(CrystalError, match="names no file or folder of its own"), opener(name):
+        pass
+    assert [p.name for p in tmp_path.iterdir()] == ["keep"]
+
+
+def test_a_failed_swap_puts_the_previous_folder_back(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("old")
+    import crystalc.fsutil as fsutil
+
+    real = fsutil.os.replace
+
+    def flaky(src, dst):
+        if Path(dst) == out and Path(src).name.endswith(".tmp"):  # the new folder's rename into place fails
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real(src, dst)
+
+    with pytest.raises(CrystalError, match="cannot write"):
+        with atomic_dir(out) as d:
+            (d / "new").write_text("new")
+            monkeypatch.setattr(fsutil.os, "replace", flaky)
+    monkeypatch.undo()
+    assert [p.name for p in out.iterdir()] == ["keep"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
