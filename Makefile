@@ -20,6 +20,7 @@ tools:
 	@bash scripts/ensure-tools.sh
 
 demo: venv tools
+	rm -rf demo-out  # ours; an older crystalc's output lacks the mark compile replaces
 	$(BIN)/crystalc compile $(DEMO_MODEL) --target c -o demo-out --build
 	./demo-out/model --prompt "ROMEO:" -n 300 -t 0.8 --seed 42
 

@@ -46,8 +46,10 @@ def compile_and_build(ckpt: Path, work: Path, quantize: str | None, reps: int = 
     between `--build` and the plain command."""
     tag = quantize or "f32"
     src_dir, bin_dir = work / f"c-{tag}-src", work / f"c-{tag}"
+    shutil.rmtree(src_dir, ignore_errors=True)
     emit = [crystalc_compile(ckpt, src_dir, quantize, build=False) for _ in range(reps)]
     shutil.rmtree(src_dir, ignore_errors=True)
+    shutil.rmtree(bin_dir, ignore_errors=True)  # ours: a fresh folder, however an older crystalc left it
     full = crystalc_compile(ckpt, bin_dir, quantize, build=True)
     binary = bin_dir / "model"
     if not binary.is_file():
@@ -58,7 +60,8 @@ def compile_and_build(ckpt: Path, work: Path, quantize: str | None, reps: int = 
         build_s = proc.median([proc.check(proc.run(cmd), "make").wall_s for _ in range(reps)])
     else:
         build_s = max(full - proc.median(emit), 0.0)
-    files = {p.name: p.stat().st_size for p in sorted(bin_dir.iterdir()) if p.is_file() and p.suffix != ".o"}
+    files = {p.name: p.stat().st_size for p in sorted(bin_dir.iterdir())
+             if p.is_file() and p.suffix != ".o" and not p.name.startswith(".")}  # not crystalc's output mark
     src = sum(size for name, size in files.items() if name.endswith(SOURCE_SUFFIXES))
     data = sum(size for name, size in files.items() if name.endswith(DATA_SUFFIXES))
     return Build(binary, proc.median(emit), build_s, src, data, binary.stat().st_size, files)

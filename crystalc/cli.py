@@ -128,7 +128,8 @@ calibrate_tokens_option = click.option("--calibrate-tokens", type=click.IntRange
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--target", "-t", type=click.Choice(TARGETS), required=True, help="Backend to compile for.")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True,
-              help="Output folder; replaced as a whole only once everything is written.")
+              help="Output folder; replaced as a whole only once everything is written (an existing one only "
+                   "if it is empty or crystalc wrote it).")
 @click.option("--build", is_flag=True, help="Also build the artifact with the target's tool and print its path.")
 @click.option("--cflags", default=None, help="C compiler flags for --build (default: -O3 -march=native).")
 @n_heads_option

@@ -16,6 +16,11 @@ from crystalc.errors import CrystalError
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 
 
+# Left in every folder atomic_dir writes: the only kind of non-empty folder it will replace, so that
+# `-o` pointed at a folder of the user's own (a home, a project, /tmp) is an error, not a deletion.
+OUTPUT_MARK = ".crystalc-output"
+
+
 def _cannot_write(path: Path, e: OSError) -> CrystalError:
     return CrystalError(f"cannot write {path}: {e.strerror or e}")
 
@@ -67,8 +72,18 @@ def atomic_file(path: str | os.PathLike[str], mode: str = "wb") -> Iterator:
 
 @contextmanager
 def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary sibling folder; it replaces `path` only on success."""
+    """Yield a temporary sibling folder; it replaces `path` only on success.
+
+    An existing `path` is replaced only when it is empty or was written here before
+    (it holds OUTPUT_MARK).
+    """
     path = _output_path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise CrystalError(f"{path} is a file, not an output folder")
+        if any(path.iterdir()) and not (path / OUTPUT_MARK).is_file():
+            raise CrystalError(f"{path} already holds files crystalc did not write: remove them, or choose "
+                               "another output folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -77,6 +92,8 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        (tmp / OUTPUT_MARK).write_text("Written by crystalc. The next crystalc compile to this folder "
+                                       "replaces it whole.\n", encoding="utf-8")
         if path.exists():
             # a folder cannot be renamed over a non-empty one: move the old aside, put it back on failure
             try:

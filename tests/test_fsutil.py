@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from crystalc.errors import CrystalError
-from crystalc.fsutil import atomic_dir, atomic_file
+from crystalc.fsutil import OUTPUT_MARK, atomic_dir, atomic_file
 from tests.conftest import REPO
 
 
@@ -30,16 +30,34 @@ def test_atomic_file_replaces_only_on_success(tmp_path: Path) -> None:
 
 def test_atomic_dir_replaces_only_on_success(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep").write_text("old")
+    with atomic_dir(out) as d:
+        (d / "keep").write_text("old")
     with pytest.raises(ValueError), atomic_dir(out) as d:
         (d / "new").write_text("half")
         raise ValueError("crash mid-write")
-    assert [p.name for p in out.iterdir()] == ["keep"]
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARK, "keep"]
     with atomic_dir(out) as d:
         (d / "new").write_text("whole")
-    assert [p.name for p in out.iterdir()] == ["new"]
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARK, "new"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_atomic_dir_never_replaces_a_folder_it_did_not_write(tmp_path: Path) -> None:
+    """`compile -o ~/project` must not delete the project: only empty folders and earlier outputs are replaced."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    with pytest.raises(CrystalError, match="already holds files crystalc did not write"), atomic_dir(mine):
+        pass
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with atomic_dir(empty) as d:
+        (d / "new").write_text("x")
+    assert sorted(p.name for p in empty.iterdir()) == [OUTPUT_MARK, "new"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CrystalError, match="is a file"), atomic_dir(tmp_path / "file"):
+        pass
 
 
 @pytest.mark.parametrize("opener", [atomic_file, atomic_dir])
@@ -88,8 +106,8 @@ def test_a_path_that_names_no_output_is_refused(tmp_path: Path, monkeypatch, ope
 
 def test_a_failed_swap_puts_the_previous_folder_back(tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep").write_text("old")
+    with atomic_dir(out) as d:
+        (d / "keep").write_text("old")
     import crystalc.fsutil as fsutil
 
     real = fsutil.os.replace
@@ -104,5 +122,5 @@ def test_a_failed_swap_puts_the_previous_folder_back(tmp_path: Path, monkeypatch
             (d / "new").write_text("new")
             monkeypatch.setattr(fsutil.os, "replace", flaky)
     monkeypatch.undo()
-    assert [p.name for p in out.iterdir()] == ["keep"]
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARK, "keep"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -384,6 +384,21 @@ def test_compile_build_runs_and_matches(tmp_path):
     assert np.abs(got - forward(g, [1, 2, 3])[-1]).max() <= TOL
 
 
+def test_compile_never_replaces_a_folder_crystalc_did_not_write(tmp_path):
+    ckpt = save_pt(random_graph("d40_h5", seed=3), tmp_path / "m.pt")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    res = cli("compile", str(ckpt), "--target", "c", "-o", str(mine))
+    assert res.returncode == 2 and "already holds files crystalc did not write" in res.stderr, res.stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]
+    out = tmp_path / "out"
+    for _ in range(2):  # its own earlier output it replaces whole
+        res = cli("compile", str(ckpt), "--target", "c", "-o", str(out))
+        assert res.returncode == 0, res.stderr
+    assert (out / "model.c").is_file()
+
+
 def test_compile_not_a_checkpoint_leaves_no_output(tmp_path):
     bad = tmp_path / "not-a-checkpoint.pt"
     bad.write_bytes(b"this is not a checkpoint\n")
