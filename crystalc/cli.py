@@ -28,6 +28,18 @@ class FiniteRange(click.FloatRange):
         return v
 
 
+def _check_output(out: str, **inputs: str | None) -> None:
+    """An output must not replace what it is made from (`quantize m.pt -o m.pt`, `compile out/m.pt -o out`)."""
+    o = Path(out).resolve()
+    for what, path in inputs.items():
+        if path is None:
+            continue
+        p = Path(path).resolve()
+        if p == o or o in p.parents:
+            raise CrystalError(f"the output {out} would replace the {what.replace('_', ' ')} {path}: "
+                               "choose another output path")
+
+
 def _load(path: str, n_heads: int | None = None):
     from crystalc.frontend import load_model
 
@@ -148,6 +160,7 @@ def compile(model: str, target: str, out_dir: str, build: bool, cflags: str | No
 
     if cflags is not None and not build:
         raise CrystalError("--cflags are the flags of --build: add --build (or run make CFLAGS=... in OUT)")
+    _check_output(out_dir, model=model, corpus=prune_corpus, calibration_text=calibrate)
 
     graph = _apply_passes(_load(model, n_heads), prune_corpus, keep, quantize, granularity, calibrate,
                           calibrate_tokens)
@@ -169,6 +182,8 @@ def compile(model: str, target: str, out_dir: str, build: bool, cflags: str | No
               help="Also draw the neuron field (PCA, frozen vs active) and the training curve to this PNG.")
 def inspect(model: str, n_heads: int | None, plot_path: str | None) -> None:
     """Print MODEL's ops, shapes, dtypes, parameter counts, bytes and frozen/active neurons."""
+    if plot_path is not None:
+        _check_output(plot_path, model=model)
     graph = _load(model, n_heads)
     click.echo(graph.text(), nl=False)
     if plot_path is not None:
@@ -231,6 +246,7 @@ def quantize(model: str, int8: bool, int16: bool, mixed: bool, mixed8: bool, gra
         got = f" (got {', '.join(f'--{m}' for m in chosen)})" if chosen else ""
         raise CrystalError(f"choose one mode: --int8, --int16, --mixed or --mixed8{got}")
     mode = chosen[0]
+    _check_output(out_path, model=model, calibration_text=calibrate)
     graph = _apply_passes(_load(model, n_heads), None, None, mode, granularity, calibrate, calibrate_tokens)
     write_crystal(graph, out_path)
     click.echo(f"wrote {out_path} ({Path(out_path).stat().st_size:,} bytes)")
@@ -249,6 +265,7 @@ def prune_vocab(model: str, corpus: str | None, keep: str | None, out_path: str,
 
     if corpus is None and not keep:
         raise CrystalError("give --corpus FILE, --keep IDS, or both")
+    _check_output(out_path, model=model, corpus=corpus)
     graph = _apply_passes(_load(model, n_heads), corpus, keep, None, None)
     write_crystal(graph, out_path)
     skipped = graph.meta.get("prune_vocab", {}).get("skipped_chars", 0)
@@ -310,6 +327,7 @@ def train(data: str, out_path: str, tokenizer: str, d_model: int, n_ctx: int, n_
     from crystalc.train.loop import train as run_training
 
     parse_tokenizer_spec(tokenizer)  # a bad spec fails before the corpus is read
+    _check_output(out_path, corpus=data)
     cfg = TrainConfig(
         d_model=d_model, n_ctx=n_ctx, n_heads=n_heads, n_blocks=n_blocks, ffn_hidden=ffn_hidden, neurons=neurons,
         max_neurons=max_neurons, growth=growth, grow_every=grow_every, grow_count=grow_count, freeze=freeze,

@@ -99,6 +99,9 @@ def test_quantize_and_prune_commands_write_what_the_passes_compute(tmp_path: Pat
     ("compile", "{m}", "--target", "c", "-o", "{d}/out", "--granularity", "row"),  # was silently ignored
     ("compile", "{m}", "--target", "c", "-o", "{d}/out", "--cflags", "-O0"),  # flags of --build, which is absent
     ("quantize", "{m}", "--int8", "--calibrate-tokens", "64", "-o", "{d}/x.crystal"),  # nothing to calibrate on
+    ("quantize", "{m}", "--int8", "-o", "{m}"),  # would replace the checkpoint it reads
+    ("compile", "{m}", "--target", "c", "-o", "{d}"),  # would replace the folder the checkpoint is in
+    ("prune-vocab", "{m}", "--corpus", "{d}/short.txt", "-o", "{d}/short.txt"),
 ))
 def test_bad_options_exit_2_with_one_line(tmp_path: Path, args: tuple[str, ...]) -> None:
     model = save_pt(char_graph("all_on"), tmp_path / "m.pt")
@@ -107,6 +110,7 @@ def test_bad_options_exit_2_with_one_line(tmp_path: Path, args: tuple[str, ...])
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("crystalc: error:"), r.stderr
     assert not list(tmp_path.glob("x.crystal*")) and not (tmp_path / "out").exists()
+    assert model.read_bytes()[:2] == b"PK" and (tmp_path / "short.txt").read_text() == "ab"  # inputs intact
 
 
 def test_compile_composes_prune_and_quantize(tmp_path: Path) -> None:
