@@ -41,7 +41,7 @@ def read_safetensors(path: Path) -> RawCheckpoint:
         if isinstance(doc.get("config"), dict):
             config, tokenizer, meta = doc["config"], doc.get("tokenizer"), doc.get("meta") or {}
             if not isinstance(meta, dict):
-                raise CrystalError(f"{cfg_path}: 'meta' is a {type(meta).__name__}, expected an object")
+                raise CrystalError(f"{cfg_path}: 'meta' should be an object, not {type(meta).__name__}")
         else:
             config = doc
     return RawCheckpoint(str(path), dict(state), config, tokenizer, meta)

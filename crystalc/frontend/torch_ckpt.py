@@ -46,7 +46,7 @@ def read_torch_checkpoint(path: Path) -> RawCheckpoint:
         tokenizer = obj.get("tokenizer")
         meta = obj.get("meta") or {}
         if not isinstance(meta, dict):
-            raise CrystalError(f"{path}: 'meta' is a {type(meta).__name__}, expected a dict")
+            raise CrystalError(f"{path}: 'meta' should be a dict, not {type(meta).__name__}")
         if "format" not in obj:
             meta = {}  # the seeds' {"model", "config"}: their extras are not ours to carry
     else:

@@ -133,7 +133,7 @@ BAD = {
     "config integer is a bool": (_config("n_blocks", True), "n_blocks must be an integer, got True"),
     "neuron count is text": (_config("n_neurons", ["7"]), "n_neurons entry must be an integer"),
     "flag is not a bool": (_config("field_norm", "yes"), "field_norm must be true or false"),
-    "meta is not a dict": (lambda c: c.__setitem__("meta", 5), "'meta' is a int"),
+    "meta is not a dict": (lambda c: c.__setitem__("meta", 5), "'meta' should be a dict, not int"),
     "tokenizer is not a record": (lambda c: c.__setitem__("tokenizer", 5), "tokenizer: expected a record"),
     "tokenizer of another size": (lambda c: c.__setitem__("tokenizer", {"kind": "char", "chars": "ab"}),
                                   "2 characters for a vocabulary of 23 ids"),
