@@ -231,9 +231,10 @@ def evaluate(
         g = base if mode == "float32" else quantize(base, mode, gran, calibration=calibration)
         nbytes, is_file = crystal_size(g)
         size_is_file = size_is_file and is_file
-        logits = _logits(g, groups) if ref_logits is not None else _reference_logits(g, groups)
-        if ref_logits is None:
-            ref_logits = logits
+        if ref_logits is None:  # the first job, float32
+            ref_logits = logits = _reference_logits(g, groups)
+        else:
+            logits = _logits(g, groups)
         ce, top1, err = _scores(logits, targets, ref_logits)
         rows.append(EvalRow(mode=mode, granularity=gran, nbytes=nbytes, cross_entropy=ce,
                             perplexity=math.exp(ce), top1_agreement=top1, max_logit_error=err))
