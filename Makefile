@@ -26,6 +26,7 @@ demo: venv tools
 
 lint: venv
 	$(BIN)/ruff check crystalc backends tests bench examples
+	$(BIN)/mypy
 
 test: venv tools lint
 	$(BIN)/python -m pytest -q

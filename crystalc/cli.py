@@ -9,10 +9,16 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from crystalc.errors import CrystalError, one_line
+
+if TYPE_CHECKING:  # the library is imported lazily, so that `--help` starts fast
+    import numpy as np
+
+    from crystalc.ir.graph import Graph
 
 TARGETS = ("c",)
 QUANT_MODES = ("int8", "int16", "mixed", "mixed8")
@@ -21,7 +27,7 @@ QUANT_MODES = ("int8", "int16", "mixed", "mixed8")
 class FiniteRange(click.FloatRange):
     """A FloatRange that also refuses nan and inf, which click's range checks let through."""
 
-    def convert(self, value, param, ctx):
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
         v = super().convert(value, param, ctx)
         if not math.isfinite(v):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
@@ -40,7 +46,7 @@ def _check_output(out: str, **inputs: str | None) -> None:
                                "choose another output path")
 
 
-def _load(path: str, n_heads: int | None = None):
+def _load(path: str, n_heads: int | None = None) -> Graph:
     from crystalc.frontend import load_model
 
     return load_model(path, n_heads=n_heads)
@@ -54,7 +60,7 @@ def _check_calibration(path: str | None, max_tokens: int | None) -> None:
         raise CrystalError("--calibrate-tokens sizes the --calibrate text: give --calibrate too")
 
 
-def _calibration(graph, path: str | None, max_tokens: int | None):
+def _calibration(graph: Graph, path: str | None, max_tokens: int | None) -> np.ndarray | None:
     """Windows of `path`'s tokens for calibrated rounding, or None."""
     _check_calibration(path, max_tokens)
     if path is None:
@@ -64,8 +70,9 @@ def _calibration(graph, path: str | None, max_tokens: int | None):
     return calibration_windows(graph, _read_text(path), max_tokens or DEFAULT_CALIBRATE_TOKENS)
 
 
-def _apply_passes(graph, prune_corpus: str | None, keep: str | None, quantize: str | None,
-                  granularity: str | None, calibrate: str | None = None, calibrate_tokens: int | None = None):
+def _apply_passes(graph: Graph, prune_corpus: str | None, keep: str | None, quantize: str | None,
+                  granularity: str | None, calibrate: str | None = None,
+                  calibrate_tokens: int | None = None) -> Graph:
     """The pass order is fixed: prune_vocab, then quantize (pruning first quantizes fewer rows)."""
     from crystalc.passes.pipeline import Pass, run_pipeline
 

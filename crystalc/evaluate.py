@@ -315,15 +315,18 @@ def sensitivity(
     base_ce = float(np.mean(_nll(ref, targets)))
     # an empty tensor (a block of 0 neurons) quantizes to nothing: no row to report
     originals = [t for t in base.tensors() if t.name in swapped and t.data.size]
+
+    def alone(name: str) -> Graph:
+        return base.map_tensors(lambda u: swapped[u.name] if u.name == name else u)
+
     rows = []
     for i, t in enumerate(originals):
         if progress is not None:
             progress(i, len(originals) + 1, f"{mode} {gran} {t.name}")
-        alone = base.map_tensors(lambda u, t=t: swapped[u.name] if u.name == t.name else u)
         x = t.values().astype(np.float64)
         sd = float(x.std())
         peak = float(np.abs(x - x.mean()).max()) / sd if sd > 0 else 0.0
-        logits = _logits(alone, groups)
+        logits = _logits(alone(t.name), groups)
         rows.append(TensorRow(t.name, tuple(t.shape), peak, _kl(logits, ref), *_scores(logits, targets, ref)))
     rows.sort(key=lambda r: (-r.kl_divergence, r.name))
     if progress is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -143,6 +143,7 @@ class NeuronField(nn.Module):
     """
 
     fast_distance: bool = False
+    frozen: torch.Tensor  # a buffer: saved with the checkpoint, never trained
 
     def __init__(self, n: int, d: int, normalize: bool = True, eps: float = 1e-8) -> None:
         super().__init__()
@@ -212,6 +213,11 @@ class CrystalLM(nn.Module):
         if cfg.final_norm:
             self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
         self.head = Head(cfg.vocab_size, cfg.d_model, cfg.tie_head)
+
+    @property
+    def fields(self) -> list[NeuronField]:
+        """Each block's neuron field, in block order (the trainer's growth and freezing work on these)."""
+        return [cast(Block, b).field for b in self.blocks]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, S] -> logits [B, S, V]."""

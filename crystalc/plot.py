@@ -120,7 +120,7 @@ def _field(ax: Any, field: Any, b: int) -> None:
 
 def _scales(ax: Any, blocks: list[Any]) -> None:
     """Histogram of each neuron's length scale |tau| + 0.1 (the distance at which its weight falls by e)."""
-    groups = {"frozen": [], "active": []}
+    groups: dict[str, list[np.ndarray]] = {"frozen": [], "active": []}
     for blk in blocks:
         t = blk.field.temperature
         tau = np.abs(np.asarray(t.dequantize() if hasattr(t, "dequantize") else t.data, dtype=np.float64)) + 0.1

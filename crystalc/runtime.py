@@ -123,6 +123,7 @@ def run_model(model_path: str | os.PathLike[str], args: list[str], prompt: str |
     graph = load_model(path) if not is_crystal or prompt is not None else None
     tokenizer = None
     if prompt is not None:
+        assert graph is not None
         tok = graph.tokenizer or {}
         if tok.get("kind") == "char" or not tok:  # no tokenizer: the runtime says what to use instead
             args = ["--prompt", prompt, *args]
@@ -142,6 +143,7 @@ def run_model(model_path: str | os.PathLike[str], args: list[str], prompt: str |
             from crystalc.format.crystal import write_crystal
 
             model = Path(tmp) / "model.crystal"
+            assert graph is not None
             write_crystal(graph, model)
         if tokenizer is None or "--logits" in args:
             return subprocess.run([str(exe), str(model), *args]).returncode

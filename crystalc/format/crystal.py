@@ -321,8 +321,8 @@ def decode_crystal(data: bytes) -> Graph:
                              n_neurons=tuple(n_neurons), ffn_hidden=ffn, field_norm=bool(flags & FIELD_NORM),
                              field_eps=field_eps, final_norm=bool(flags & FINAL_NORM),
                              tie_head=bool(flags & TIE_HEAD), ln_eps=ln_eps)
-    except (TypeError, ValueError) as e:
-        raise CrystalError(f"header: {e}") from None
+    except (TypeError, ValueError) as err:
+        raise CrystalError(f"header: {err}") from None
     config.validate()
     names = tensor_names(config)
     for n in names:
@@ -446,7 +446,7 @@ def _tensor(data: bytes, e: Entry) -> Tensor:
     n = n_scales(e.scheme, e.shape, e.group)
     symmetric = e.scheme != SCHEMES["tensor"]
     q = np.frombuffer(data, dtype="<f4", count=n if symmetric else 2 * n, offset=e.qoffset).astype(np.float32)
-    qshape = (1,) if e.scheme == SCHEMES["tensor"] else (n,)
+    qshape: tuple[int, ...] = (1,) if e.scheme == SCHEMES["tensor"] else (n,)
     if e.scheme == SCHEMES["group"]:
         qshape = (e.shape[0], n // e.shape[0]) if e.shape[0] else (0, -(-e.shape[1] // e.group))
     scale = q[:n].reshape(qshape).copy()

@@ -80,8 +80,11 @@ class Graph:
             changes = {f.name: fn(v) for f in dataclasses.fields(o) if isinstance(v := getattr(o, f.name), Tensor)}
             return dataclasses.replace(o, **changes) if changes else o
 
-        blocks = tuple(dataclasses.replace(b, **{f.name: op(getattr(b, f.name)) for f in dataclasses.fields(b)})
-                       for b in self.blocks)
+        def block(b: Block) -> Block:
+            ops: dict[str, Any] = {f.name: op(getattr(b, f.name)) for f in dataclasses.fields(b)}
+            return dataclasses.replace(b, **ops)
+
+        blocks = tuple(block(b) for b in self.blocks)
         return self.replace(
             token_embed=op(self.token_embed), pos_embed=op(self.pos_embed), blocks=blocks,
             final_norm=None if self.final_norm is None else op(self.final_norm), head=op(self.head),

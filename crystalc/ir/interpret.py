@@ -73,7 +73,8 @@ def neuron_field(op: NeuronField, h: np.ndarray) -> np.ndarray:
 
 def gelu(x: np.ndarray) -> np.ndarray:
     x64 = x.astype(np.float64)
-    return (0.5 * x64 * (1.0 + _erf(x64 / math.sqrt(2.0)).astype(np.float64))).astype(np.float32)
+    erf = np.asarray(_erf(x64 / math.sqrt(2.0)), dtype=np.float64)
+    return (0.5 * x64 * (1.0 + erf)).astype(np.float32)
 
 
 def ffn(op: FFN, h: np.ndarray) -> np.ndarray:

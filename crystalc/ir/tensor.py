@@ -98,7 +98,7 @@ class Tensor:
                 raise CrystalError(f"{self.name}: integer tensor without quantization parameters")
             if q.scheme not in QUANT_SCHEMES:
                 raise CrystalError(f"{self.name}: unknown quantization scheme {q.scheme!r}")
-            want = {"tensor": (1,), "row": (shape[0],) if len(shape) == 2 else (1,)}.get(q.scheme)
+            want: tuple[int, ...] = (shape[0],) if q.scheme == "row" and len(shape) == 2 else (1,)
             if q.scheme == "group":
                 if len(shape) != 2 or q.group < 1:
                     raise CrystalError(f"{self.name}: group quantization needs a 2-D tensor and group >= 1")

@@ -112,5 +112,7 @@ def round_calibrated(w: np.ndarray, quant: Quant, gram: np.ndarray, qmax: int) -
 
 def calibrated_tensor(t: Tensor, x: np.ndarray, gram: np.ndarray, qmax: int) -> Tensor:
     """`t` (quantized with nearest rounding from the float32 values x) with its codes re-chosen."""
+    if t.quant is None:
+        raise ValueError(f"{t.name}: calibrated rounding re-chooses the codes of a quantized tensor")
     codes = round_calibrated(x, t.quant, gram, qmax)
     return Tensor(t.name, codes.astype(t.data.dtype), t.quant)

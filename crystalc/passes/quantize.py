@@ -108,8 +108,8 @@ def quantize_array(name: str, x: np.ndarray, bits: int, gran: Granularity) -> Te
     itype, qmax = _int_type(bits)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if gran.scheme == "tensor":
-        codes, scale, offset = quantize_tensor_minmax(x, bits)
-        q = Quant("tensor", np.array([scale], dtype=np.float32), np.array([offset], dtype=np.float32))
+        codes, t_scale, t_offset = quantize_tensor_minmax(x, bits)
+        q = Quant("tensor", np.array([t_scale], dtype=np.float32), np.array([t_offset], dtype=np.float32))
         return Tensor(name, codes, q)
     if x.ndim == 1 or gran.scheme == "row":
         x2 = x.reshape(1, -1) if x.ndim == 1 else x

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,7 @@ def build_tokenizer(text: str, spec: str) -> dict[str, Any]:
     return {"kind": "hf-tokenizers", "json": tok.to_str()}
 
 
-def _chunks(text: str, size: int = 1 << 16):
+def _chunks(text: str, size: int = 1 << 16) -> Iterator[str]:
     for i in range(0, len(text), size):
         yield text[i:i + size]
 

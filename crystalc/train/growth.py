@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from crystalc.model import NeuronField
 from crystalc.train.stats import FieldStats
 
 
@@ -31,7 +32,7 @@ def hottest(stats: FieldStats, frozen: torch.Tensor, k: int) -> torch.Tensor:
     return order[:k]
 
 
-def split(field: nn.Module, parents: torch.Tensor, gen: torch.Generator, noise: float = 0.1,
+def split(field: NeuronField, parents: torch.Tensor, gen: torch.Generator, noise: float = 0.1,
           halve_parent: bool = True) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
     """Append one child per parent to a NeuronField; returns {name: (old param, new param)}."""
     with torch.no_grad():

@@ -20,14 +20,14 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 
 from crystalc.config import ModelConfig
 from crystalc.errors import CrystalError
-from crystalc.model import CrystalLM, save_checkpoint
+from crystalc.model import Block, CrystalLM, save_checkpoint
 from crystalc.tokenizer import Tokenizer
 from crystalc.train import data as D
 from crystalc.train.freezing import choose_frozen, soft_multiplier
@@ -176,7 +176,7 @@ def activity(model: CrystalLM, probe: torch.Tensor) -> list[torch.Tensor]:
     from crystalc.model import _field_forward
 
     hs: list[torch.Tensor] = []
-    hooks = [blk.ln2.register_forward_hook(lambda _m, _i, out: hs.append(out)) for blk in model.blocks]
+    hooks = [cast(Block, blk).ln2.register_forward_hook(lambda _m, _i, out: hs.append(out)) for blk in model.blocks]
     was = model.training
     model.eval()
     model(probe)
@@ -184,8 +184,7 @@ def activity(model: CrystalLM, probe: torch.Tensor) -> list[torch.Tensor]:
     for hk in hooks:
         hk.remove()
     out = []
-    for blk, h in zip(model.blocks, hs, strict=True):
-        f = blk.field
+    for f, h in zip(model.fields, hs, strict=True):
         if f.n_neurons == 0:
             out.append(torch.zeros(0))
             continue
@@ -226,7 +225,7 @@ def train(text: str, cfg: TrainConfig, out: str | None = None,
     val_windows = D.eval_windows(val_ids, cfg.n_ctx, cfg.eval_windows).to(dd.device)
     probe = D.eval_windows(train_ids, cfg.n_ctx, 16)[:, :-1].to(dd.device)
     grow_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    stats = [FieldStats.new(b.field.n_neurons) for b in model.blocks]
+    stats = [FieldStats.new(f.n_neurons) for f in model.fields]
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     net = _wrap(model, dd)
     run = _Run(cfg)
@@ -246,8 +245,8 @@ def train(text: str, cfg: TrainConfig, out: str | None = None,
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        for blk, st in zip(model.blocks, stats, strict=True):
-            st.observe(blk.field.positions.grad)
+        for f, st in zip(model.fields, stats, strict=True):
+            st.observe(f.positions.grad)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         _step_with_freezing(opt, model, stats, r, cfg.soft_halflife)
@@ -262,16 +261,16 @@ def train(text: str, cfg: TrainConfig, out: str | None = None,
         changed = False
         if cfg.freeze == "graceful" and done % cfg.freeze_every == 0:
             acts = activity(model, probe)
-            for blk, st, act in zip(model.blocks, stats, acts, strict=True):
-                idx = choose_frozen(st, blk.field.frozen, act, done / cfg.rounds, done, cfg.freeze_min_age)
+            for f, st, act in zip(model.fields, stats, acts, strict=True):
+                idx = choose_frozen(st, f.frozen, act, done / cfg.rounds, done, cfg.freeze_min_age)
                 if len(idx):
-                    blk.field.frozen[idx.to(blk.field.frozen.device)] = True
+                    f.frozen[idx.to(f.frozen.device)] = True
         if cfg.growth == "split" and done % cfg.grow_every == 0 and done < cfg.rounds * cfg.grow_until + 1e-9:
-            for blk, st in zip(model.blocks, stats, strict=True):
-                k = min(per_event, cfg.max_neurons - blk.field.n_neurons)
-                parents = hottest(st, blk.field.frozen, k)
+            for f, st in zip(model.fields, stats, strict=True):
+                k = min(per_event, cfg.max_neurons - f.n_neurons)
+                parents = hottest(st, f.frozen, k)
                 if len(parents):
-                    swaps = split(blk.field, parents, grow_gen, cfg.grow_noise, cfg.halve_parent)
+                    swaps = split(f, parents, grow_gen, cfg.grow_noise, cfg.halve_parent)
                     remap_optimizer(opt, swaps, parents)
                     st.append_children(parents, done)
                     changed = True
@@ -323,8 +322,8 @@ def _step_with_freezing(opt: torch.optim.Optimizer, model: CrystalLM, stats: lis
     restored from its copy; soft freezing multiplies the update itself (scaling an
     Adam gradient would change nothing).
     """
-    work = [(b.field, st) for b, st in zip(model.blocks, stats, strict=True)
-            if b.field.n_neurons and (halflife > 0 or bool(b.field.frozen.any()))]
+    work = [(f, st) for f, st in zip(model.fields, stats, strict=True)
+            if f.n_neurons and (halflife > 0 or bool(f.frozen.any()))]
     olds = [[p.detach().clone() for p in (f.positions, f.values, f.temperature)] for f, _ in work]
     opt.step()
     with torch.no_grad():
@@ -340,13 +339,13 @@ def _step_with_freezing(opt: torch.optim.Optimizer, model: CrystalLM, stats: lis
 
 
 def _fast_fields(model: CrystalLM, on: bool) -> None:
-    for b in model.blocks:
-        b.field.fast_distance = on
+    for f in model.fields:
+        f.fast_distance = on
 
 
 def _with_neurons(cfg: ModelConfig, model: CrystalLM) -> ModelConfig:
     d = cfg.to_dict()
-    d["n_neurons"] = [b.field.n_neurons for b in model.blocks]
+    d["n_neurons"] = [f.n_neurons for f in model.fields]
     return ModelConfig.from_dict(d)
 
 
@@ -359,8 +358,8 @@ def _model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Cryst
 
 
 def _curve_point(step: int, round_: int, loss: float, val: float, model: CrystalLM) -> dict[str, Any]:
-    n = [b.field.n_neurons for b in model.blocks]
-    fz = [int(b.field.frozen.sum()) for b in model.blocks]
+    n = [f.n_neurons for f in model.fields]
+    fz = [int(f.frozen.sum()) for f in model.fields]
     return {"step": step, "round": round_, "loss": round(loss, 5), "val_loss": round(val, 5), "neurons": n,
             "frozen": fz, "frozen_pct": round(100.0 * sum(fz) / max(1, sum(n)), 2)}
 
@@ -386,8 +385,8 @@ def _meta(text: str, tok: dict[str, Any], cfg: TrainConfig, run: _Run, model: Cr
         "stopped_early": run.stopped_early,
         "best_val_loss": None if math.isinf(run.best_val) else round(run.best_val, 5),
         "best_step": run.best_step,
-        "neurons": [b.field.n_neurons for b in model.blocks],
-        "frozen": [int(b.field.frozen.sum()) for b in model.blocks],
+        "neurons": [f.n_neurons for f in model.fields],
+        "frozen": [int(f.frozen.sum()) for f in model.fields],
         "curve": run.curve,
     }
 
