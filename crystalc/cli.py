@@ -292,6 +292,8 @@ def prune_vocab(model: str, corpus: str | None, keep: str | None, out_path: str,
 @click.option("--n-blocks", type=click.IntRange(1), default=1, show_default=True,
               help="Blocks, each attention + neuron field + FFN.")
 @click.option("--ffn-hidden", type=click.IntRange(1), default=None, help="FFN width (default 2 x d-model).")
+@click.option("--tie-head", is_flag=True, help="The head reads the token embedding (no head.weight of its own).")
+@click.option("--final-norm", is_flag=True, help="A LayerNorm (ln_f) between the last block and the head.")
 @click.option("--neurons", type=click.IntRange(0), default=64, show_default=True, help="Initial neurons per block.")
 @click.option("--max-neurons", type=click.IntRange(0), default=1024, show_default=True, help="Cap per block.")
 @click.option("--growth", type=click.Choice(["split", "none"]), default="split", show_default=True,
@@ -324,10 +326,10 @@ def prune_vocab(model: str, corpus: str | None, keep: str | None, out_path: str,
               help="cuda: train on the GPU (under torchrun, one GPU per rank with NCCL).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(data: str, out_path: str, tokenizer: str, d_model: int, n_ctx: int, n_heads: int, n_blocks: int,
-          ffn_hidden: int | None, neurons: int, max_neurons: int, growth: str, grow_every: int, grow_count: int,
-          freeze: str, freeze_min_age: int, soft_halflife: float, steps: int, rounds: int, batch_size: int,
-          lr: float, eval_every: int, patience: int, val_frac: float, sampling: str, seed: int, threads: int,
-          device: str, quiet: bool) -> None:
+          ffn_hidden: int | None, tie_head: bool, final_norm: bool, neurons: int, max_neurons: int, growth: str,
+          grow_every: int, grow_count: int, freeze: str, freeze_min_age: int, soft_halflife: float, steps: int,
+          rounds: int, batch_size: int, lr: float, eval_every: int, patience: int, val_frac: float, sampling: str,
+          seed: int, threads: int, device: str, quiet: bool) -> None:
     """Train a crystal model on a text corpus (runs under torchrun too) and write a .pt checkpoint."""
     from crystalc.train.data import parse_tokenizer_spec, read_corpus
     from crystalc.train.loop import TrainConfig
@@ -336,11 +338,12 @@ def train(data: str, out_path: str, tokenizer: str, d_model: int, n_ctx: int, n_
     parse_tokenizer_spec(tokenizer)  # a bad spec fails before the corpus is read
     _check_output(out_path, corpus=data)
     cfg = TrainConfig(
-        d_model=d_model, n_ctx=n_ctx, n_heads=n_heads, n_blocks=n_blocks, ffn_hidden=ffn_hidden, neurons=neurons,
-        max_neurons=max_neurons, growth=growth, grow_every=grow_every, grow_count=grow_count, freeze=freeze,
-        freeze_every=grow_every, freeze_min_age=freeze_min_age, soft_halflife=soft_halflife, steps=steps,
-        rounds=rounds, batch_size=batch_size, lr=lr, eval_every=eval_every, patience=patience, val_frac=val_frac,
-        sampling=sampling, tokenizer=tokenizer, seed=seed, threads=threads, device=device, progress=not quiet)
+        d_model=d_model, n_ctx=n_ctx, n_heads=n_heads, n_blocks=n_blocks, ffn_hidden=ffn_hidden, tie_head=tie_head,
+        final_norm=final_norm, neurons=neurons, max_neurons=max_neurons, growth=growth, grow_every=grow_every,
+        grow_count=grow_count, freeze=freeze, freeze_every=grow_every, freeze_min_age=freeze_min_age,
+        soft_halflife=soft_halflife, steps=steps, rounds=rounds, batch_size=batch_size, lr=lr, eval_every=eval_every,
+        patience=patience, val_frac=val_frac, sampling=sampling, tokenizer=tokenizer, seed=seed, threads=threads,
+        device=device, progress=not quiet)
     _, _, meta = run_training(read_corpus(data), cfg, out=out_path, log=lambda s: click.echo(s, err=True))
     last = meta["curve"][-1] if meta["curve"] else None
     summary = (f": val loss {last['val_loss']:.4f}, {sum(last['neurons'])} neurons, {last['frozen_pct']:.1f}% frozen"

@@ -211,6 +211,20 @@ def test_cli_trains(tmp_path: Path) -> None:
     ck = torch.load(io.BytesIO(out.read_bytes()), weights_only=True)
     assert ck["format"] == "crystalc-checkpoint" and ck["tokenizer"]["kind"] == "char"
     assert ck["config"]["n_neurons"][0] > 4 and ck["meta"]["curve"]
+    assert not ck["config"]["tie_head"] and not ck["config"]["final_norm"]
+
+
+def test_cli_trains_tied_head_and_final_norm(tmp_path: Path) -> None:
+    data = tmp_path / "c.txt"
+    data.write_text(corpus(60))
+    out = tmp_path / "m.pt"
+    r = _crystalc("train", "--data", str(data), "--out", str(out), "--d-model", "16", "--n-ctx", "16", "--n-heads",
+                  "2", "--neurons", "4", "--steps", "4", "--batch-size", "4", "--tie-head", "--final-norm",
+                  "--quiet", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    ck = torch.load(io.BytesIO(out.read_bytes()), weights_only=True)
+    assert ck["config"]["tie_head"] and ck["config"]["final_norm"]
+    assert "head.weight" not in ck["model"] and "ln_f.weight" in ck["model"]
 
 
 def test_early_stopping_keeps_the_best() -> None:
