@@ -186,7 +186,8 @@ class Graph:
             extra = ""
             if isinstance(op, NeuronField):
                 n_frozen = int(op.frozen.data.sum())
-                extra = f"  # {op.n_neurons} neurons: {n_frozen} frozen, {op.n_neurons - n_frozen} active"
+                noun = "neuron" if op.n_neurons == 1 else "neurons"
+                extra = f"  # {op.n_neurons} {noun}: {n_frozen} frozen, {op.n_neurons - n_frozen} active"
             lines.append(f"%{path} = {op.kind}({', '.join(parts)}){extra}")
         lines.append(f"parameters: {self.n_params:,}  bytes: {self.nbytes:,}")
         return "\n".join(lines) + "\n"

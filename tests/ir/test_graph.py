@@ -1,0 +1,77 @@
+"""Graph.verify catches every inconsistency a pass could leave behind; the text form names every op."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from crystalc.errors import CrystalError
+from crystalc.ir.graph import Graph
+from crystalc.ir.ops import LayerNorm
+from crystalc.ir.tensor import Tensor
+from crystalc.passes.quantize import quantize
+from tests.conftest import random_graph
+
+
+def _block0(g: Graph, **changes: object) -> Graph:
+    return g.replace(blocks=(dataclasses.replace(g.blocks[0], **changes), *g.blocks[1:]))
+
+
+def _ln(d: int) -> LayerNorm:
+    return LayerNorm(Tensor("ln_f.weight", np.ones(d, np.float32)), Tensor("ln_f.bias", np.zeros(d, np.float32)))
+
+
+BREAKS: dict[str, tuple[Callable[[Graph], Graph], str]] = {
+    "a block too few": (lambda g: g.replace(blocks=g.blocks[:-1]), "config says 3"),
+    "heads disagree": (lambda g: _block0(g, attn=dataclasses.replace(g.blocks[0].attn, n_heads=1)), "heads"),
+    "field normalisation disagrees": (
+        lambda g: _block0(g, field=dataclasses.replace(g.blocks[0].field, normalize=False)), "normalisation"),
+    "final norm missing": (lambda g: g.replace(final_norm=None), "ln_f"),
+    "head tying disagrees": (lambda g: g.replace(head=dataclasses.replace(g.head, tied=True)), "tie_head"),
+    "vocab_map of the wrong length": (
+        lambda g: g.replace(vocab_map=np.arange(3, dtype=np.int64), orig_vocab_size=40), "vocab_map: shape"),
+    "vocab_map not increasing": (
+        lambda g: g.replace(vocab_map=np.arange(19, dtype=np.int64)[::-1].copy(), orig_vocab_size=40),
+        "strictly increasing"),
+    "vocab_map past the original vocabulary": (
+        lambda g: g.replace(vocab_map=np.arange(19, dtype=np.int64) + 5, orig_vocab_size=20), "strictly increasing"),
+    "original vocabulary smaller than the current": (
+        lambda g: g.replace(vocab_map=np.arange(19, dtype=np.int64), orig_vocab_size=10), "smaller"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BREAKS))
+def test_verify_rejects(name: str) -> None:
+    g = random_graph("three_blocks_n0_n1")
+    g.verify()
+    breaker, needle = BREAKS[name]
+    with pytest.raises(CrystalError, match=needle):
+        breaker(g).verify()
+
+
+def test_verify_rejects_a_final_norm_the_config_lacks() -> None:
+    g = random_graph("d40_h5")
+    with pytest.raises(CrystalError, match="ln_f"):
+        g.replace(final_norm=_ln(40)).verify()
+
+
+def test_text_names_every_op_with_its_quantization_and_neurons() -> None:
+    g = quantize(random_graph("three_blocks_n0_n1"), "int8", "group:4")
+    text = g.text()
+    paths = [p for p, _ in g.ops()]
+    assert [line.split(" = ")[0][1:] for line in text.splitlines() if line.startswith("%")] == paths
+    assert "weight=i8/group:4[19, 12]" in text
+    assert "# 0 neurons: 0 frozen, 0 active" in text and "# 1 neuron: 0 frozen, 1 active" in text
+    assert "# 5 neurons: 3 frozen, 2 active" in text
+    assert text.endswith(f"parameters: {g.n_params:,}  bytes: {g.nbytes:,}\n")
+
+
+def test_map_tensors_keeps_the_structure() -> None:
+    g = random_graph("tied_unnormalised")
+    doubled = g.map_tensors(lambda t: Tensor(t.name, t.data * 2) if t.dtype == "f32" else t).verify()
+    assert [t.name for t in doubled.tensors()] == [t.name for t in g.tensors()]
+    for a, b in zip(g.tensors(), doubled.tensors(), strict=True):
+        np.testing.assert_array_equal(b.data, a.data * 2 if a.dtype == "f32" else a.data)
