@@ -77,6 +77,48 @@ def test_safetensors_with_json_config(tmp_path: Path) -> None:
     _same(g, load_model(tmp_path / "m.safetensors"))
 
 
+def _safetensors(tmp_path: Path, doc: object | None) -> Path:
+    """A d40_h5 model as m.safetensors, with `doc` (if any) as m.json beside it."""
+    from safetensors.numpy import save_file
+
+    g = random_graph("d40_h5", seed=5)
+    sd = {k: np.ascontiguousarray(v.astype(np.uint8) if v.dtype == bool else v) for k, v in g.state_dict().items()}
+    save_file(sd, str(tmp_path / "m.safetensors"))
+    if doc is not None:
+        (tmp_path / "m.json").write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    return tmp_path / "m.safetensors"
+
+
+def test_safetensors_with_a_wrapped_config_tokenizer_and_meta(tmp_path: Path) -> None:
+    from crystalc.tokenizer import char_tokenizer
+
+    g = random_graph("d40_h5", seed=5)
+    tok = char_tokenizer("abcdefghijklmnopqrstuvw")
+    p = _safetensors(tmp_path, {"config": g.config.to_dict(), "tokenizer": tok, "meta": {"note": "x"}})
+    loaded = load_model(p)
+    _same(g, loaded)
+    assert loaded.tokenizer == tok and loaded.meta["note"] == "x"
+
+
+@pytest.mark.parametrize(("doc", "needle"), [
+    (None, "n_heads cannot be inferred"),  # no config: inferred from the shapes but the heads
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ({"config": {}, "meta": [1]}, "'meta' should be an object, not list"),
+])
+def test_safetensors_config_errors(tmp_path: Path, doc: object | None, needle: str) -> None:
+    with pytest.raises(CrystalError, match=needle):
+        load_model(_safetensors(tmp_path, doc))
+
+
+def test_truncated_safetensors(tmp_path: Path) -> None:
+    g = random_graph("d40_h5", seed=5)
+    p = _safetensors(tmp_path, g.config.to_dict())
+    p.write_bytes(p.read_bytes()[:200])
+    with pytest.raises(CrystalError, match="not a readable safetensors file"):
+        load_model(p)
+
+
 # --- bad input: one line, exit status 2, nothing written ------------------------------------
 
 def _ckpt(tmp_path: Path, mutate) -> Path:
