@@ -12,6 +12,8 @@ import pytest
 
 from crystalc.config import ModelConfig
 from crystalc.ir.graph import Graph
+from crystalc.ir.interpret import generate
+from crystalc.ir.sampling import Sampler, SplitMix64, first_argmax, nucleus, probabilities
 from crystalc.ir.tensor import Tensor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,3 +117,42 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.fixture
 def update_golden(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--update-golden"))
+
+
+# Sampled continuations are only comparable where no decision of the reference sampler is a
+# near-tie. Relative to the total mass: the C's logit error of ~1e-6 moves a probability
+# exp(logit / t) by ~1e-6 / t of itself, and the running sums no more.
+MIN_SAMPLE_MARGIN = 1e-5
+
+
+def sampled_with_margin(graph: Graph, prompt: list[int], n: int, shift: int, temperature: float, top_p: float,
+                        seed: int) -> tuple[list[int], float]:
+    """The reference sampler's continuation, and how close its decisions came to a tie.
+
+    The decisions are threshold tests: where the running mass of the most likely
+    tokens passes top_p of the total (the nucleus' last member; its members are
+    far above the pre-sort cutoff, which only drops tokens the nucleus never
+    reaches), and where the running sums pass the uniform draw. The margin is the
+    smallest gap at those crossings, relative to the total mass; the C's logits
+    differ by ~1e-6, so a margin far above that means the C decides the same way.
+    """
+    sampler = Sampler(temperature, top_p, seed)
+    gaps: list[float] = []
+
+    def crossing(sums: np.ndarray, level: float) -> list[float]:
+        """|sum - level| for the first running sum past the level and the one before it."""
+        k = int(np.searchsorted(sums, level, side="right"))
+        return [abs(sums[j] - level) for j in (k - 1, k) if 0 <= j < len(sums)]
+
+    def pick(logits: np.ndarray) -> int:
+        p = probabilities(logits, temperature)
+        ids, total = nucleus(p, top_p, first_argmax(logits))
+        full = sum(p)
+        if top_p < 1:
+            ranked = sorted(range(len(p)), key=lambda i: -p[i])
+            gaps.extend(g / full for g in crossing(np.cumsum([p[i] for i in ranked]), top_p * full))
+        r = SplitMix64(sampler.rng.state).uniform() * total
+        gaps.extend(g / total for g in crossing(np.cumsum([p[i] for i in ids]), r))
+        return sampler(logits)
+
+    return generate(graph, prompt, n, shift, pick), min(gaps)

@@ -24,7 +24,15 @@ import pytest
 from crystalc.ir.graph import Graph
 from crystalc.ir.interpret import forward, generate
 from crystalc.ir.tensor import Quant, Tensor
-from tests.conftest import FIXTURE_SHAPES, SPEC_VECTORS, random_graph, require_tool, save_pt
+from tests.conftest import (
+    FIXTURE_SHAPES,
+    MIN_SAMPLE_MARGIN,
+    SPEC_VECTORS,
+    random_graph,
+    require_tool,
+    sampled_with_margin,
+    save_pt,
+)
 
 TOL = 1e-4
 STRICT = "-std=c99 -O2 -Wall -Wextra -Werror"
@@ -321,6 +329,36 @@ def test_sampling_is_seeded_and_top_p_narrows_to_greedy(char_model):
     # a vanishing top-p keeps only the most likely token: sampling becomes greedy
     greedy = run(exe, "--prompt", "To be", "-n", 50, "-t", 0).stdout
     assert run(exe, "--prompt", "To be", "-n", 50, "-t", 0.7, "--top-p", 1e-9, "--seed", 3).stdout == greedy
+
+
+# (temperature, top-p, seed): the programs' defaults, plain softmax, a narrow nucleus, a hot one, a negative seed
+SAMPLING_CASES = [(0.8, 0.9, 42), (1.0, 1.0, 7), (0.7, 0.5, 3), (1.6, 0.95, -5)]
+
+
+@pytest.mark.parametrize("temperature,top_p,seed", SAMPLING_CASES)
+def test_sampled_continuations_match_the_reference_sampler(char_model, temperature, top_p, seed):
+    g, exe = char_model
+    prompt = [CHARS.index(ch) for ch in "ROMEO: Good"]
+    want, margin = sampled_with_margin(g, prompt, 40, 3, temperature, top_p, seed)
+    assert margin > MIN_SAMPLE_MARGIN, f"a near-tie ({margin:.2g}) in the reference's decisions; pick another seed"
+    res = run(exe, "--prompt-ids", ",".join(map(str, prompt)), "-n", 40, "-t", temperature, "--top-p", top_p,
+              "--seed", seed, "--shift", 3)
+    assert res.returncode == 0, res.stderr
+    assert [int(x) for x in res.stdout.strip().split(",")] == want
+
+
+def test_pruned_sampling_draws_current_rows_and_prints_original_ids(tmp_path):
+    from crystalc.passes.prune_vocab import prune_vocab
+
+    keep = [0, 2, 3, 5, 8, 13, 21]
+    g = prune_vocab(random_graph("tied_unnormalised", seed=19), None, keep)
+    exe = program(g, tmp_path)
+    prompt = [21, 3, 5, 0]
+    want, margin = sampled_with_margin(g, g.to_current_ids(prompt), 30, 1, 1.2, 0.9, 11)
+    assert margin > MIN_SAMPLE_MARGIN
+    res = run(exe, "--prompt-ids", ",".join(map(str, prompt)), "-n", 30, "-t", 1.2, "--top-p", 0.9, "--seed", 11)
+    assert res.returncode == 0, res.stderr
+    assert [int(x) for x in res.stdout.strip().split(",")] == [keep[i] for i in want]
 
 
 @pytest.mark.parametrize("args", [

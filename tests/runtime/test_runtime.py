@@ -19,7 +19,7 @@ import pytest
 
 from crystalc.format.crystal import encode_crystal, write_crystal
 from crystalc.ir.interpret import forward, generate
-from tests.conftest import random_graph, require_tool, save_pt
+from tests.conftest import MIN_SAMPLE_MARGIN, random_graph, require_tool, sampled_with_margin, save_pt
 from tests.format.test_crystal import pruned, quantize_by_hand
 
 TOL = 1e-4
@@ -149,6 +149,22 @@ def test_greedy_generation_matches_the_interpreter_past_the_window(runtime, tmp_
     res = run(runtime, path, "--prompt", "to be", "-n", 20, "-t", 0)
     assert res.returncode == 0, res.stderr
     assert want in res.stdout
+
+
+def test_sampled_generation_matches_the_reference_sampler(runtime, tmp_path):
+    """Sampling past the window from a quantized file: the same draws as the interpreter with the reference sampler."""
+    from crystalc.passes.quantize import quantize
+
+    g, _, chars = char_model(tmp_path)
+    g = quantize(g, "mixed8", "row")
+    path = tmp_path / "mixed8.crystal"
+    write_crystal(g, path)
+    ids = [chars.index(c) for c in "to be"]
+    want, margin = sampled_with_margin(g, ids, 30, 2, 0.9, 0.8, 5)
+    assert margin > MIN_SAMPLE_MARGIN
+    res = run(runtime, path, "--prompt", "to be", "-n", 30, "-t", 0.9, "--top-p", 0.8, "--seed", 5, "--shift", 2)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "to be" + "".join(chars[i] for i in want) + "\n"
 
 
 def test_seeds_positional_form(runtime, tmp_path):
