@@ -165,6 +165,15 @@ def entry_cases(data: bytes, picks: int = 8) -> Iterator[Case]:
                 continue
             yield (f"section {ea.name} overlaps {eb.name}",
                    patched(data, table_off + a * fmt.ENTRY.size + 64, "<Q", off), True)
+    # the boundary itself: a section of 64k + 1 bytes moved up by 64, so that its last byte is
+    # the first of whatever follows (its own padding is all it crosses on the way)
+    spans = sorted([(e.offset, e.offset + e.length) for e in entries if e.length]
+                   + [(e.qoffset, e.qoffset + e.qlength) for e in entries if e.qlength])
+    for i, e in enumerate(entries):
+        follows = [start for start, _ in spans if start > e.offset]
+        if e.length > 1 and e.length % fmt.ALIGN == 1 and follows and min(follows) == e.offset + e.length + 63:
+            yield (f"section {e.name} ends one byte into the next",
+                   patched(data, table_off + i * fmt.ENTRY.size + 64, "<Q", e.offset + fmt.ALIGN), True)
 
 
 def all_cases(data: bytes) -> list[Case]:

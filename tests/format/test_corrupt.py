@@ -17,13 +17,16 @@ import pytest
 from crystalc.errors import CrystalError
 from crystalc.format.crystal import decode_crystal, encode_crystal
 from crystalc.ir.tensor import Quant, Tensor
-from tests.conftest import random_graph, require_tool
+from tests.conftest import FIXTURE_SHAPES, random_graph, require_tool
 from tests.format.corrupt import all_cases
 from tests.format.test_crystal import CHARS, pruned, quantize_by_hand
 
 
 def base_files() -> dict[str, bytes]:
-    g = random_graph("three_blocks_n0_n1", seed=2, tokenizer={"kind": "char", "chars": CHARS[:19]})
+    # 65 neurons in the last block: sections of 65 bytes (the frozen mask, int8 temperatures), one past
+    # a multiple of 64, which can end exactly one byte into the next section
+    shape = dict(FIXTURE_SHAPES["three_blocks_n0_n1"], n_neurons=[0, 1, 65])
+    g = random_graph(shape, seed=2, tokenizer={"kind": "char", "chars": CHARS[:19]})
     q = pruned(quantize_by_hand(g, "i8", "group"), [0, 1, 4, 5, 9, 18]).replace(meta={"note": "corruption base"})
     q = q.map_tensors(_per_tensor)  # all three schemes among the entries corrupt.py picks
     f = random_graph("tied_unnormalised", seed=3, tokenizer={"kind": "hf-tokenizers", "json": "{}"})
