@@ -166,13 +166,14 @@ def entry_cases(data: bytes, picks: int = 8) -> Iterator[Case]:
             yield (f"section {ea.name} overlaps {eb.name}",
                    patched(data, table_off + a * fmt.ENTRY.size + 64, "<Q", off), True)
     # the boundary itself: a section of 64k + 1 bytes moved up by 64, so that its last byte is
-    # the first of whatever follows (its own padding is all it crosses on the way)
-    spans = sorted([(e.offset, e.offset + e.length) for e in entries if e.length]
-                   + [(e.qoffset, e.qoffset + e.qlength) for e in entries if e.qlength])
+    # the first of whatever follows, another section or the section table (its own padding is
+    # all it crosses on the way)
+    starts = [e.offset for e in entries if e.length] + [e.qoffset for e in entries if e.qlength] + [table_off]
     for i, e in enumerate(entries):
-        follows = [start for start, _ in spans if start > e.offset]
-        if e.length > 1 and e.length % fmt.ALIGN == 1 and follows and min(follows) == e.offset + e.length + 63:
-            yield (f"section {e.name} ends one byte into the next",
+        nxt = min((s for s in starts if s > e.offset), default=None)
+        if e.length > 1 and e.length % fmt.ALIGN == 1 and nxt == e.offset + e.length + 63:
+            what = "the section table" if nxt == table_off else "the next section"
+            yield (f"section {e.name} ends one byte into {what}",
                    patched(data, table_off + i * fmt.ENTRY.size + 64, "<Q", e.offset + fmt.ALIGN), True)
 
 

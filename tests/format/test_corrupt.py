@@ -22,12 +22,16 @@ from tests.format.corrupt import all_cases
 from tests.format.test_crystal import CHARS, pruned, quantize_by_hand
 
 
+# meta.json, the file's last section, is then {"note":"..."} of 65 bytes: it can end one byte into the table
+NOTE = "corruption base".ljust(65 - len('{"note":""}'), ".")
+
+
 def base_files() -> dict[str, bytes]:
     # 65 neurons in the last block: sections of 65 bytes (the frozen mask, int8 temperatures), one past
     # a multiple of 64, which can end exactly one byte into the next section
     shape = dict(FIXTURE_SHAPES["three_blocks_n0_n1"], n_neurons=[0, 1, 65])
     g = random_graph(shape, seed=2, tokenizer={"kind": "char", "chars": CHARS[:19]})
-    q = pruned(quantize_by_hand(g, "i8", "group"), [0, 1, 4, 5, 9, 18]).replace(meta={"note": "corruption base"})
+    q = pruned(quantize_by_hand(g, "i8", "group"), [0, 1, 4, 5, 9, 18]).replace(meta={"note": NOTE})
     q = q.map_tensors(_per_tensor)  # all three schemes among the entries corrupt.py picks
     f = random_graph("tied_unnormalised", seed=3, tokenizer={"kind": "hf-tokenizers", "json": "{}"})
     return {"quantized_pruned": encode_crystal(q), "float_tied": encode_crystal(f)}
@@ -66,6 +70,16 @@ def test_python_reader_rejects_every_corruption_with_one_line(base):
             assert msg is not None, f"{label}: accepted"
         if msg is not None:
             assert "\n" not in msg and msg, label
+
+
+def test_a_section_one_byte_too_long_is_named_as_such():
+    """At the boundary the bounds and overlap checks must be what refuses the file (not, say, a JSON
+    parse of a section that swallowed a byte of the table): an off-by-one there would go unseen."""
+    cases = [(label, data) for label, data, _ in all_cases(BASES["quantized_pruned"]) if "one byte into" in label]
+    assert len(cases) == 3
+    for label, data in cases:
+        msg = python_verdict(data) or ""
+        assert "overlap" in msg if "next section" in label else "the section table" in msg, (label, msg)
 
 
 @pytest.fixture(scope="module")
