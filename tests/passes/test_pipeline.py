@@ -113,6 +113,17 @@ def test_bad_options_exit_2_with_one_line(tmp_path: Path, args: tuple[str, ...])
     assert model.read_bytes()[:2] == b"PK" and (tmp_path / "short.txt").read_text() == "ab"  # inputs intact
 
 
+def test_compile_never_replaces_the_output_folder_holding_its_model(tmp_path: Path) -> None:
+    """An earlier output folder (marked, so compile may replace it) that the model was since saved into."""
+    out = tmp_path / "out"
+    r = _crystalc("compile", str(save_pt(char_graph("all_on"), tmp_path / "m.pt")), "--target", "c", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    model = save_pt(char_graph("all_on"), out / "m.pt")
+    r = _crystalc("compile", str(model), "--target", "c", "-o", str(out))
+    assert r.returncode == 2 and "would replace" in r.stderr, r.stderr
+    assert model.is_file()
+
+
 def test_compile_composes_prune_and_quantize(tmp_path: Path) -> None:
     g = char_graph("d40_h5", seed=10)
     model = save_pt(g, tmp_path / "m.pt")
