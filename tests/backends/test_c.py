@@ -347,6 +347,16 @@ def test_sampled_continuations_match_the_reference_sampler(char_model, temperatu
     assert [int(x) for x in res.stdout.strip().split(",")] == want
 
 
+def test_default_sampling_is_t_0_8_top_p_0_9_seed_42(char_model):
+    g, exe = char_model
+    prompt = [CHARS.index(ch) for ch in "ROMEO: Good"]
+    want, margin = sampled_with_margin(g, prompt, 40, 1, 0.8, 0.9, 42)
+    assert margin > MIN_SAMPLE_MARGIN
+    res = run(exe, "--prompt-ids", ",".join(map(str, prompt)), "-n", 40)
+    assert res.returncode == 0, res.stderr
+    assert [int(x) for x in res.stdout.strip().split(",")] == want
+
+
 def test_pruned_sampling_draws_current_rows_and_prints_original_ids(tmp_path):
     from crystalc.passes.prune_vocab import prune_vocab
 

@@ -45,6 +45,9 @@ def test_split_and_eval_windows() -> None:
     assert w.shape == (4, 17)
     with pytest.raises(CrystalError, match="too few"):
         split(torch.arange(20), 0.1, 16)
+    # a held-out share under one window still holds one whole window: T inputs and the next token
+    tr, va = split(torch.arange(100), 0.05, 16)
+    assert len(va) == 17 and eval_windows(va, 16, 4).shape == (1, 17)
 
 
 @pytest.mark.parametrize("spec", ["", "bpe", "bpe:10", "bpe:-5", "char:3", "BPE:300"])
