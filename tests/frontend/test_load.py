@@ -54,6 +54,22 @@ def test_seeds_layout_matches_vectors() -> None:
     assert g.tokenizer is None and g.meta == {}
 
 
+@pytest.mark.parametrize("ctx_key", ["context_len", "context_length"])
+def test_config_in_the_seeds_spelling(tmp_path: Path, ctx_key: str) -> None:
+    """A config spelled as the seeds spelled it (num_heads, embed_dim, context_len, num_neurons, hidden_dim)
+    configures a checkpoint of canonical names; a seeds-layout file takes its shapes from the weights
+    (the spec), and only num_heads from its config."""
+    g = random_graph("d40_h5", seed=4)
+    config = {"vocab_size": 23, "num_heads": 5, "embed_dim": 40, ctx_key: 9, "num_neurons": [7], "hidden_dim": 80}
+    p = tmp_path / "m.pt"
+    torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in g.state_dict().items()}, "config": config}, p)
+    _same(g, load_model(p))
+    config["hidden_dim"] = 81  # the config is what the weights are checked against
+    torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in g.state_dict().items()}, "config": config}, p)
+    with pytest.raises(CrystalError, match="fc1"):
+        load_model(p)
+
+
 def test_seeds_layout_older_names_and_no_frozen(tmp_path: Path) -> None:
     """Older seeds' files call the field `attention.*` and predate the frozen buffer."""
     sd = torch.load(SPEC_VECTORS / "seeds_layout.pt", weights_only=True)["model"]
