@@ -129,12 +129,13 @@ def sampled_with_margin(graph: Graph, prompt: list[int], n: int, shift: int, tem
                         seed: int) -> tuple[list[int], float]:
     """The reference sampler's continuation, and how close its decisions came to a tie.
 
-    The decisions are threshold tests: where the running mass of the most likely
-    tokens passes top_p of the total (the nucleus' last member; its members are
-    far above the pre-sort cutoff, which only drops tokens the nucleus never
-    reaches), and where the running sums pass the uniform draw. The margin is the
-    smallest gap at those crossings, relative to the total mass; the C's logits
-    differ by ~1e-6, so a margin far above that means the C decides the same way.
+    The decisions are threshold tests: whether each nucleus member clears the
+    pre-sort cutoff (the tokens below it the nucleus never reaches), where the
+    running mass of the most likely tokens passes top_p of the total (the
+    nucleus' last member), and where the running sums pass the uniform draw.
+    The margin is the smallest gap at those thresholds, relative to the total
+    mass; the C's logits differ by ~1e-6, so a margin far above that means the C
+    decides the same way.
     """
     sampler = Sampler(temperature, top_p, seed)
     gaps: list[float] = []
@@ -149,6 +150,8 @@ def sampled_with_margin(graph: Graph, prompt: list[int], n: int, shift: int, tem
         ids, total = nucleus(p, top_p, first_argmax(logits))
         full = sum(p)
         if top_p < 1:
+            cutoff = (1 - top_p) / (len(p) - 1) * full if len(p) > 1 else 0.0
+            gaps.extend(abs(p[i] - cutoff) / full for i in ids)
             ranked = sorted(range(len(p)), key=lambda i: -p[i])
             gaps.extend(g / full for g in crossing(np.cumsum([p[i] for i in ranked]), top_p * full))
         r = SplitMix64(sampler.rng.state).uniform() * total
