@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO_MODEL ?= examples/shakespeare/model.pt
 
-.PHONY: venv tools demo test lint clean
+.PHONY: venv tools demo test lint mutants clean
 
 venv: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ lint: venv
 
 test: venv tools lint
 	$(BIN)/python -m pytest -q
+
+# Slow (about 13 minutes here) and not part of test: can the tests fail? See scripts/mutants.txt.
+mutants: venv tools
+	$(BIN)/python scripts/mutants.py
 
 clean:
 	rm -rf demo-out build .pytest_cache
