@@ -30,6 +30,7 @@ class Backend(Protocol):
 # target name -> module under crystalc.backends defining BACKEND
 BACKENDS: dict[str, str] = {
     "c": "c",
+    "verilog": "verilog",
 }
 
 

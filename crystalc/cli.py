@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # the library is imported lazily, so that `--help` starts fas
 
     from crystalc.ir.graph import Graph
 
-TARGETS = ("c",)
+TARGETS = ("c", "verilog")
 QUANT_MODES = ("int8", "int16", "mixed", "mixed8")
 
 
@@ -114,7 +114,7 @@ def _parse_ids(text: str) -> list[int]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="crystalc")
 def cli() -> None:
-    """crystalc: compile crystal language models to portable C (CUDA, Verilog and SPICE are planned).
+    """crystalc: compile crystal language models to portable C or a Verilog core (CUDA, SPICE planned).
 
     MODEL arguments accept a crystalc .pt checkpoint, a checkpoint saved by the
     original causal_crystal.py, a bare state_dict, a .safetensors file with a JSON
@@ -145,7 +145,9 @@ calibrate_tokens_option = click.option("--calibrate-tokens", type=click.IntRange
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--target", "-t", type=click.Choice(TARGETS), required=True, help="Backend to compile for.")
+@click.option("--target", "-t", type=click.Choice(TARGETS), required=True,
+              help="Backend to compile for: c (a C99 program; --build runs make and cc) or verilog (a "
+                   "Q16.16 fixed-point core; --build compiles its simulation with Icarus; docs/backends.md).")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Output folder; replaced as a whole only once everything is written (an existing one only "
                    "if it is empty or crystalc wrote it).")
@@ -165,6 +167,8 @@ def compile(model: str, target: str, out_dir: str, build: bool, cflags: str | No
     from crystalc.backends import get_backend
     from crystalc.fsutil import atomic_dir
 
+    if cflags is not None and target != "c":
+        raise CrystalError(f"--cflags are C compiler flags; --target {target} compiles no C")
     if cflags is not None and not build:
         raise CrystalError("--cflags are the flags of --build: add --build (or run make CFLAGS=... in OUT)")
     _check_output(out_dir, model=model, corpus=prune_corpus, calibration_text=calibrate)
@@ -172,12 +176,13 @@ def compile(model: str, target: str, out_dir: str, build: bool, cflags: str | No
     graph = _apply_passes(_load(model, n_heads), prune_corpus, keep, quantize, granularity, calibrate,
                           calibrate_tokens)
     backend = get_backend(target)
+    product = None
     with atomic_dir(out_dir) as tmp:
         backend.emit(graph, tmp)
         if build:
-            backend.build(tmp, cflags=cflags)
-    if build:
-        click.echo(str(Path(out_dir) / "model"))
+            product = backend.build(tmp, cflags=cflags)
+    if product is not None:
+        click.echo(str(Path(out_dir) / product.name))
     else:
         click.echo(f"wrote {out_dir}")
 

@@ -1,0 +1,366 @@
+"""Fixed-point lowering for hardware targets, and its bit-exact emulator.
+
+A graph becomes a *program*: a short list of instructions named after the IR
+ops (`token_embedding`, `layer_norm`, `linear`, `causal_attention`,
+`neuron_field`, `gelu`), a ROM of Q16.16 words (every weight, plus the two
+lookup tables the nonlinearities use) and a RAM layout. The Verilog core
+(templates/verilog/crystal_core.v) executes that program one token at a time;
+`emulate` below executes it in numpy with the same integer arithmetic, so the
+simulated hardware must equal the emulator word for word, and the emulator is
+held to the reference interpreter within a stated tolerance (docs/backends.md).
+
+The arithmetic, defined once here and mirrored by the Verilog:
+
+- Values are Q16.16 in 32 bits; products and sums are exact in 64 bits.
+- `rshift_round(a, s)` = (a + 2^(s-1)) >> s, the shift arithmetic (floor), so
+  halves round up. `tdiv` truncates toward zero, as Verilog's signed `/` does.
+  Every word written to RAM saturates to 32 bits (`sat32`).
+- exp(x) = 2^(x log2 e): the exponent y (Q16) splits into an integer n and a
+  fraction f; 2^f comes from a 257-entry table with linear interpolation
+  (relative error < 1e-5), then shifts by n (right for negative n, truncating;
+  left up to EXP_CAP).
+- GELU from a table on [-8, 8) at steps of 1/64 with linear interpolation;
+  x beyond the table is x (right) or 0 (left): |GELU(x) - x| < 1e-14 there.
+- sqrt is the exact floor integer square root.
+
+Rewritings that keep the math but suit integers (the lowering's decisions):
+
+- The neuron field's 1 / (|tau| + 0.1) is folded into one constant per neuron.
+- The normalised field subtracts the smallest exponent a_min before exp, like
+  softmax does: w_j = e^(-(a_j - a_min)) / (sum_k e^(-(a_k - a_min)) + eps e^(a_min)),
+  the spec's w_j exactly; without it every weight underflows Q16.16 once the
+  nearest neuron is ~11 temperatures away. eps e^(a_min) = exp(a_min - ln(1/eps)).
+- The attention scale 1/sqrt(D/H) is one Q16 constant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from crystalc.errors import CrystalError
+from crystalc.ir.graph import Graph
+from crystalc.ir.ops import LayerNorm
+from crystalc.ir.tensor import Tensor
+
+FRAC = 16  # fractional bits of every stored value
+ONE = 1 << FRAC
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
+LOG2E_Q30 = round(math.log2(math.e) * (1 << 30))
+EXP_LUT_BITS = 8  # 2^f table: 2^8 + 1 entries
+EXP_LUT_FRAC = 29  # the table's entries (1..2) are Q29
+EXP_Y_FRAC = 24  # the base-2 exponent is Q24: 8 bits index the table, 16 interpolate
+EXP_FRAC = 30  # exp's results (softmax and field weights, at most 1 but for the eps term) are Q30
+EXP_CAP = 1 << 60  # exp saturates here (only the field's eps term can get near)
+GELU_LO = -8 * ONE  # table range [-8, 8)
+GELU_STEP_BITS = 10  # 2^10 Q16 units = 1/64 between table entries
+GELU_ENTRIES = (16 * ONE >> GELU_STEP_BITS) + 1
+
+# An instruction is one program ROM word of 32 bits per field, `op` the lowest.
+FIELDS = ("op", "dst", "src", "a", "b", "c", "n", "m", "s", "k", "flags")
+OPCODES = {"halt": 0, "token_embedding": 1, "layer_norm": 2, "linear": 3, "causal_attention": 4,
+           "neuron_field": 5, "gelu": 6}
+# linear flags
+ACCUMULATE = 1  # dst += W src + b (a residual connection) instead of dst = ...
+PER_POSITION = 2  # dst is a [T, rows] table; the row of the current position is written (the KV caches)
+# neuron_field flags
+NORMALIZE = 1
+HAS_EPS = 2
+
+
+# --- the integer arithmetic -------------------------------------------------------------
+
+def rshift_round(a: np.ndarray | int, s: np.ndarray | int) -> np.ndarray | int:
+    return (a + (1 << (s - 1))) >> s
+
+
+def tdiv(a: np.ndarray | int, b: np.ndarray | int) -> np.ndarray | int:
+    """Integer division truncating toward zero (Verilog's signed `/`)."""
+    q = np.abs(a) // np.abs(b)
+    return np.where((np.asarray(a) < 0) != (np.asarray(b) < 0), -q, q)
+
+
+def sat32(a: np.ndarray | int) -> np.ndarray:
+    return np.clip(np.asarray(a, dtype=np.int64), INT32_MIN, INT32_MAX)
+
+
+def isqrt(a: np.ndarray) -> np.ndarray:
+    return np.array([math.isqrt(int(v)) for v in np.asarray(a).ravel()], dtype=np.int64).reshape(np.shape(a))
+
+
+def exp_lut() -> np.ndarray:
+    """2^(i / 256) in Q29, i = 0..256."""
+    i = np.arange((1 << EXP_LUT_BITS) + 1, dtype=np.float64)
+    return np.round(np.exp2(i / (1 << EXP_LUT_BITS)) * (1 << EXP_LUT_FRAC)).astype(np.int64)
+
+
+def gelu_lut() -> np.ndarray:
+    """GELU(-8 + i / 64) in Q16 (exact erf form), i = 0..1024."""
+    x = GELU_LO / ONE + np.arange(GELU_ENTRIES, dtype=np.float64) / (ONE >> GELU_STEP_BITS)
+    g = np.array([0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))) for v in x])
+    return np.round(g * ONE).astype(np.int64)
+
+
+EXP_TABLE = exp_lut()
+GELU_TABLE = gelu_lut()
+
+
+def exp_q30(x: np.ndarray) -> np.ndarray:
+    """exp of Q16 values (int64) in Q30, as the hardware computes it."""
+    x = np.asarray(x, dtype=np.int64)
+    y = rshift_round(x * LOG2E_Q30, FRAC + 30 - EXP_Y_FRAC)  # the exponent in base 2, Q24
+    n = y >> EXP_Y_FRAC
+    f = y & ((1 << EXP_Y_FRAC) - 1)
+    t_bits = EXP_Y_FRAC - EXP_LUT_BITS
+    i = f >> t_bits
+    t = f & ((1 << t_bits) - 1)
+    lo, hi = EXP_TABLE[i], EXP_TABLE[i + 1]
+    base = lo + rshift_round((hi - lo) * t, t_bits)  # 2^f, Q29
+    sh = n + (EXP_FRAC - EXP_LUT_FRAC)  # 2^n 2^f in Q30
+    left = np.where(sh > 31, EXP_CAP, np.minimum(base << np.clip(sh, 0, 31), EXP_CAP))
+    right = np.where(-sh >= 63, 0, rshift_round(base, np.clip(-sh, 1, 62)))
+    return np.where(sh >= 0, left, right)
+
+
+def gelu_q16(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.int64)
+    u = np.clip(x - GELU_LO, 0, 16 * ONE - 1)
+    i = u >> GELU_STEP_BITS
+    t = u & ((1 << GELU_STEP_BITS) - 1)
+    lo, hi = GELU_TABLE[i], GELU_TABLE[i + 1]
+    inside = lo + rshift_round((hi - lo) * t, GELU_STEP_BITS)
+    return np.where(x >= -GELU_LO, x, np.where(x < GELU_LO, 0, inside))
+
+
+def to_q16(name: str, values: np.ndarray) -> np.ndarray:
+    """float32 -> Q16.16 words, nearest; refuses what does not fit (|x| >= 32768)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size and float(np.max(np.abs(v))) >= (1 << (31 - FRAC)):
+        raise CrystalError(f"{name}: a value of {float(np.max(np.abs(v))):g} does not fit Q16.16 (|x| < 32768)")
+    return np.round(v * ONE).astype(np.int64)
+
+
+# --- the program ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Instr:
+    op: str
+    dst: int = 0
+    src: int = 0
+    a: int = 0
+    b: int = 0
+    c: int = 0
+    n: int = 0
+    m: int = 0
+    s: int = 0
+    k: int = 0
+    flags: int = 0
+    note: str = ""  # where it came from, for the generated listing
+
+    def word(self) -> int:
+        """The instruction as one unsigned integer of 32 * len(FIELDS) bits."""
+        value = 0
+        for i, f in enumerate(FIELDS):
+            v = OPCODES[self.op] if f == "op" else getattr(self, f)
+            if not INT32_MIN <= v <= INT32_MAX:
+                raise CrystalError(f"{self.note}: field {f} = {v} does not fit 32 bits")
+            value |= (v & 0xFFFFFFFF) << (32 * i)
+        return value
+
+
+@dataclass
+class Program:
+    """A lowered graph: what the core runs for each token, and the memories it runs on."""
+
+    instrs: list[Instr]
+    rom: np.ndarray  # int64 Q16 words (each fits 32 bits)
+    rom_table: list[tuple[str, int, int]]  # (what, base, words), for the listing
+    ram_words: int
+    ram_table: list[tuple[str, int, int]]
+    logits: int  # RAM base of the V logits
+    vocab_size: int
+    n_ctx: int
+    exp_lut: int  # ROM bases of the tables
+    gelu_lut: int
+    summary: str = ""
+    vocab_map: np.ndarray | None = None
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class _Memory:
+    def __init__(self) -> None:
+        self.parts: list[np.ndarray] = []
+        self.size = 0
+        self.table: list[tuple[str, int, int]] = []
+
+    def add(self, what: str, words: np.ndarray | int) -> int:
+        arr = np.zeros(words, dtype=np.int64) if isinstance(words, int) else np.asarray(words, dtype=np.int64).ravel()
+        base = self.size
+        self.parts.append(arr)
+        self.size += arr.size
+        self.table.append((what, base, int(arr.size)))
+        return base
+
+    def words(self) -> np.ndarray:
+        return np.concatenate(self.parts) if self.parts else np.zeros(0, dtype=np.int64)
+
+
+def lower(graph: Graph) -> Program:
+    """The fixed-point program of a verified graph."""
+    graph.verify()
+    c = graph.config
+    d, t, v = c.d_model, c.n_ctx, c.vocab_size
+    rom, ram = _Memory(), _Memory()
+    code: list[Instr] = []
+
+    def w(t_: Tensor) -> int:
+        return rom.add(t_.name, to_q16(t_.name, t_.values()))
+
+    eps_q32 = round(c.ln_eps * (1 << (2 * FRAC)))
+    if not 1 <= eps_q32 <= INT32_MAX:
+        raise CrystalError(f"ln_eps = {c.ln_eps:g} is outside what Q32 can hold in the hardware (2.4e-10 .. 0.5)")
+
+    exp_base = rom.add("exp2 table (2^(i/256), Q29)", EXP_TABLE)
+    gelu_base = rom.add("gelu table (GELU(-8 + i/64), Q16)", GELU_TABLE)
+    embed = w(graph.token_embed.weight)
+    pos = w(graph.pos_embed.weight)
+
+    x = ram.add("x: residual stream [D]", d)
+    h = ram.add("h: normalised input of an op [D]", d)
+    q = ram.add("q [D]", d)
+    y = ram.add("y: attention output before out_proj [D]", d)
+    u = ram.add("u: FFN hidden [F]", c.ffn_hidden)
+    scratch = ram.add("scores / field exponents [max(T, N)]", max([t, *c.n_neurons]))
+
+    def layer_norm(ln: LayerNorm, src: int, note: str) -> None:
+        code.append(Instr("layer_norm", dst=h, src=src, a=w(ln.weight), b=w(ln.bias), n=d, k=eps_q32, note=note))
+
+    def linear(weight: Tensor | int, bias: Tensor, dst: int, src: int, rows: int, cols: int, flags: int,
+               note: str) -> None:
+        wa = weight if isinstance(weight, int) else w(weight)
+        code.append(Instr("linear", dst=dst, src=src, a=wa, b=w(bias), n=rows, m=cols, flags=flags, note=note))
+
+    code.append(Instr("token_embedding", dst=x, a=embed, b=pos, n=d, note="x = token_embed[tok] + pos_embed[pos]"))
+    hd = d // c.n_heads
+    for i, blk in enumerate(graph.blocks):
+        p = f"blocks.{i}"
+        kc = ram.add(f"{p} key cache [T, D]", t * d)
+        vc = ram.add(f"{p} value cache [T, D]", t * d)
+        a = blk.attn
+        layer_norm(blk.ln1, x, f"{p}.ln1")
+        linear(a.q_weight, a.q_bias, q, h, d, d, 0, f"{p}.attn.q_proj")
+        linear(a.k_weight, a.k_bias, kc, h, d, d, PER_POSITION, f"{p}.attn.k_proj -> key cache")
+        linear(a.v_weight, a.v_bias, vc, h, d, d, PER_POSITION, f"{p}.attn.v_proj -> value cache")
+        code.append(Instr("causal_attention", dst=y, src=q, a=kc, b=vc, c=hd, n=d, m=c.n_heads, s=scratch,
+                          k=round(ONE / math.sqrt(hd)), note=f"{p}.attn: softmax(q k^T / sqrt({hd})) v"))
+        linear(a.out_weight, a.out_bias, x, y, d, d, ACCUMULATE, f"{p}.attn.out_proj, x +=")
+        f = blk.field
+        if f.n_neurons:
+            layer_norm(blk.ln2, x, f"{p}.ln2")
+            temp = np.abs(f.temperature.values().astype(np.float32)) + np.float32(0.1)
+            coef = rom.add(f"{p}.field 1/(|temperature| + 0.1)", to_q16(f"{p}.field.temperature", 1.0 / temp))
+            flags = (NORMALIZE if f.normalize else 0) | (HAS_EPS if f.normalize and f.eps > 0 else 0)
+            ln_inv_eps = round(-math.log(f.eps) * ONE) if flags & HAS_EPS else 0
+            code.append(Instr("neuron_field", dst=x, src=h, a=w(f.positions), b=w(f.values), c=coef, n=d,
+                              m=f.n_neurons, s=scratch, k=ln_inv_eps, flags=flags,
+                              note=f"{p}.field: {f.n_neurons} neurons, x +="))
+        layer_norm(blk.ln3, x, f"{p}.ln3")
+        linear(blk.ffn.fc1_weight, blk.ffn.fc1_bias, u, h, c.ffn_hidden, d, 0, f"{p}.ffn.fc1")
+        code.append(Instr("gelu", dst=u, src=u, n=c.ffn_hidden, note=f"{p}.ffn GELU"))
+        linear(blk.ffn.fc2_weight, blk.ffn.fc2_bias, x, u, d, c.ffn_hidden, ACCUMULATE, f"{p}.ffn.fc2, x +=")
+    src = x
+    if graph.final_norm is not None:
+        layer_norm(graph.final_norm, x, "ln_f")
+        src = h
+    logits = ram.add("logits [V]", v)
+    head_w = embed if graph.head.weight is None else graph.head.weight
+    linear(head_w, graph.head.bias, logits, src, v, d, 0, "head" + (" (tied to token_embed)" if
+                                                                    graph.head.weight is None else ""))
+    code.append(Instr("halt", note="logits ready"))
+
+    words = rom.words()
+    if words.size and (words.min() < INT32_MIN or words.max() > INT32_MAX):
+        raise CrystalError("a ROM word does not fit 32 bits")
+    summary = (f"V={v} D={d} T={t} H={c.n_heads} L={c.n_blocks} F={c.ffn_hidden} neurons={list(c.n_neurons)} "
+               f"field_norm={int(c.field_norm)} final_norm={int(c.final_norm)} tie_head={int(c.tie_head)}")
+    return Program(code, words, rom.table, ram.size, ram.table, logits, v, t, exp_base, gelu_base, summary,
+                   None if graph.vocab_map is None else np.asarray(graph.vocab_map))
+
+
+# --- the emulator ------------------------------------------------------------------------
+
+def _exec(ins: Instr, rom: np.ndarray, ram: np.ndarray, tok: int, pos: int) -> None:
+    op = ins.op
+    if op == "token_embedding":
+        d = ins.n
+        ram[ins.dst:ins.dst + d] = sat32(rom[ins.a + tok * d:ins.a + (tok + 1) * d] + rom[ins.b + pos * d:
+                                                                                        ins.b + (pos + 1) * d])
+    elif op == "layer_norm":
+        d = ins.n
+        xs = ram[ins.src:ins.src + d]
+        mean = tdiv(np.sum(xs), d)
+        dx = xs - mean
+        var = tdiv(np.sum(dx * dx), d)
+        r = max(int(isqrt(np.array(var + ins.k))), 1)
+        yv = sat32(tdiv(dx << FRAC, r))  # |y| <= sqrt(D): the saturation never acts, but bounds the multiplier
+        ram[ins.dst:ins.dst + d] = sat32(rshift_round(yv * rom[ins.a:ins.a + d], FRAC) + rom[ins.b:ins.b + d])
+    elif op == "linear":
+        rows, cols = ins.n, ins.m
+        wmat = rom[ins.a:ins.a + rows * cols].reshape(rows, cols)
+        val = rshift_round(wmat @ ram[ins.src:ins.src + cols], FRAC) + rom[ins.b:ins.b + rows]
+        dst = ins.dst + (pos * rows if ins.flags & PER_POSITION else 0)
+        if ins.flags & ACCUMULATE:
+            val = ram[dst:dst + rows] + val
+        ram[dst:dst + rows] = sat32(val)
+    elif op == "causal_attention":
+        d, nh, hd = ins.n, ins.m, ins.c
+        keys = ram[ins.a:ins.a + (pos + 1) * d].reshape(pos + 1, d)
+        vals = ram[ins.b:ins.b + (pos + 1) * d].reshape(pos + 1, d)
+        for hh in range(nh):
+            part = slice(hh * hd, (hh + 1) * hd)
+            dots = keys[:, part] @ ram[ins.src + hh * hd:ins.src + (hh + 1) * hd]
+            scores = sat32(rshift_round(sat32(rshift_round(dots, FRAC)) * ins.k, FRAC))
+            e = exp_q30(scores - scores.max())
+            ram[ins.dst + hh * hd:ins.dst + (hh + 1) * hd] = sat32(tdiv(e @ vals[:, part], np.sum(e)))
+    elif op == "neuron_field":
+        d, n = ins.n, ins.m
+        hv = ram[ins.src:ins.src + d]
+        pts = rom[ins.a:ins.a + n * d].reshape(n, d)
+        diff = hv[None, :] - pts
+        dist = isqrt(np.sum(diff * diff, axis=1))
+        a = sat32(rshift_round(dist * rom[ins.c:ins.c + n], FRAC))
+        if ins.flags & NORMALIZE:
+            amin = a.min()
+            e = exp_q30(amin - a)
+            den = np.sum(e) + (int(exp_q30(np.array(amin - ins.k))) if ins.flags & HAS_EPS else 0)
+            out = tdiv(e @ rom[ins.b:ins.b + n * d].reshape(n, d), den)
+        else:
+            e = exp_q30(-a)
+            out = rshift_round(e @ rom[ins.b:ins.b + n * d].reshape(n, d), EXP_FRAC)
+        ram[ins.dst:ins.dst + d] = sat32(ram[ins.dst:ins.dst + d] + out)
+    elif op == "gelu":
+        ram[ins.dst:ins.dst + ins.n] = sat32(gelu_q16(ram[ins.src:ins.src + ins.n]))
+    else:
+        raise CrystalError(f"fixed-point program: unknown op {op!r}")
+
+
+def emulate(program: Program, ids: Sequence[int]) -> np.ndarray:
+    """The last position's logits (Q16 integers) for current-vocabulary ids, as the hardware computes them."""
+    if not 1 <= len(ids) <= program.n_ctx:
+        raise CrystalError(f"sequence of {len(ids)} tokens; the model takes 1..{program.n_ctx}")
+    if min(ids) < 0 or max(ids) >= program.vocab_size:
+        raise CrystalError(f"token id outside 0..{program.vocab_size - 1}")
+    ram = np.zeros(program.ram_words, dtype=np.int64)
+    for pos, tok in enumerate(ids):
+        for ins in program.instrs:
+            if ins.op == "halt":
+                break
+            _exec(ins, program.rom, ram, int(tok), pos)
+    return ram[program.logits:program.logits + program.vocab_size].copy()
+
+
+def to_float(q: np.ndarray) -> np.ndarray:
+    return (np.asarray(q, dtype=np.float64) / ONE).astype(np.float32)

@@ -1,0 +1,154 @@
+"""The Verilog backend: a graph becomes a fixed-point core, simulated by Icarus and synthesised by Yosys.
+
+Decisions taken here and in backends/fixedpoint.py (the templates in
+templates/verilog/ only render text):
+
+- The hardware is one small sequential core (crystal_core.v, the same for every
+  model) that runs the model's *program*: one instruction per IR op and linear
+  layer, named after the op, one multiply-accumulate a clock. The model is data:
+  rom.hex (weights and the exp/GELU tables, Q16.16) and program.hex. One core
+  for every shape keeps the Verilog readable and small; a model changes only the
+  memories and model.vh's sizes.
+- Arithmetic is Q16.16 with exact 64-bit products and sums; `fixedpoint.emulate`
+  is the same arithmetic in numpy, and the simulation must equal it word for
+  word. Quantized graphs are lowered from their dequantized values.
+- The testbench runs a prompt through the core one position at a time (the
+  key/value caches live in RAM) and prints the last position's logits.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crystalc.backends.fixedpoint import FIELDS, Program, lower
+from crystalc.errors import CrystalError
+from crystalc.ir.graph import Graph
+from crystalc.templating import render
+
+STATIC_FILES = ("crystal_core.v", "crystal_tb.v")
+SIM = "sim.vvp"
+
+
+def _hex_words(words: np.ndarray) -> list[str]:
+    return [f"{int(w) & 0xFFFFFFFF:08x}" for w in words]
+
+
+def rom_hex(program: Program) -> str:
+    lines = []
+    for what, base, n in program.rom_table:
+        lines.append(f"// {base}: {what} ({n} words)")
+        lines.extend(_hex_words(program.rom[base:base + n]))
+    return "\n".join(lines) + "\n"
+
+
+def program_hex(program: Program) -> str:
+    lines = []
+    for pc, ins in enumerate(program.instrs):
+        fields = " ".join(f"{f}={getattr(ins, f) if f != 'op' else ins.op}" for f in FIELDS)
+        lines.append(f"// {pc}: {ins.note}  [{fields}]")
+        lines.append(f"{ins.word():0{8 * len(FIELDS)}x}")
+    return "\n".join(lines) + "\n"
+
+
+class VerilogBackend:
+    name = "verilog"
+
+    def emit(self, graph: Graph, out_dir: Path, **options: Any) -> list[Path]:
+        """Write crystal_core.v, crystal_tb.v, model.vh, rom.hex, program.hex and a Makefile into out_dir."""
+        out_dir = Path(out_dir)
+        program = lower(graph)
+        ctx = {
+            "summary": program.summary, "instrs": program.instrs, "rom_table": program.rom_table,
+            "ram_table": program.ram_table, "rom_words": int(program.rom.size),
+            "program_words": len(program.instrs), "instr_bits": 32 * len(FIELDS), "ram_words": program.ram_words,
+            "exp_lut": program.exp_lut, "gelu_lut": program.gelu_lut, "logits": program.logits,
+            "vocab_size": program.vocab_size, "n_ctx": program.n_ctx,
+        }
+        written = []
+        for template, name in (("model.vh.j2", "model.vh"), ("Makefile.j2", "Makefile")):
+            path = out_dir / name
+            path.write_text(render("verilog", template, **ctx), encoding="utf-8")
+            written.append(path)
+        for name, text in (("rom.hex", rom_hex(program)), ("program.hex", program_hex(program))):
+            (out_dir / name).write_text(text, encoding="ascii")
+            written.append(out_dir / name)
+        if program.vocab_map is not None:
+            # row -> original id, for whoever reads the logits (the testbench prints rows)
+            (out_dir / "vocab_map.txt").write_text("".join(f"{int(i)}\n" for i in program.vocab_map))
+            written.append(out_dir / "vocab_map.txt")
+        shared = files("crystalc.templates") / "verilog"
+        for name in STATIC_FILES:
+            (out_dir / name).write_bytes((shared / name).read_bytes())
+            written.append(out_dir / name)
+        return written
+
+    def build(self, out_dir: Path, **options: Any) -> Path:
+        """Compile the simulation with Icarus Verilog (`make sim.vvp`)."""
+        _run(["make", "-s", "-C", str(out_dir), SIM], ("make", "iverilog"), "compiling the Verilog with Icarus")
+        return Path(out_dir) / SIM
+
+
+def _run(cmd: list[str], tools: tuple[str, ...], what: str, cwd: Path | None = None,
+         timeout: float | None = None) -> str:
+    for tool in tools:
+        if shutil.which(tool) is None:
+            raise CrystalError(f"{what} needs '{tool}', which is not on PATH")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise CrystalError(f"{what} did not finish within {timeout:g} s") from e
+    if proc.returncode != 0:
+        detail = " ".join((proc.stderr or proc.stdout).split())[:2000]
+        raise CrystalError(f"{what} failed ({' '.join(cmd)}): {detail}")
+    return proc.stdout
+
+
+def _defines(out_dir: Path) -> dict[str, int]:
+    text = (out_dir / "model.vh").read_text(encoding="utf-8")
+    return {name: int(value) for name, value in re.findall(r"^`define (\w+) (\d+)$", text, re.MULTILINE)}
+
+
+def simulate(out_dir: Path, ids: list[int], timeout: float | None = None) -> tuple[np.ndarray, int]:
+    """Run the built simulation on current-vocabulary ids: (last position's Q16 logits, clock cycles)."""
+    out_dir = Path(out_dir)
+    if not (out_dir / SIM).is_file():
+        raise CrystalError(f"{out_dir / SIM} does not exist: build first (crystalc compile --build, or make)")
+    sizes = _defines(out_dir)
+    if not 1 <= len(ids) <= sizes["N_CTX"]:
+        raise CrystalError(f"sequence of {len(ids)} tokens; the model takes 1..{sizes['N_CTX']}")
+    if min(ids) < 0 or max(ids) >= sizes["VOCAB_SIZE"]:
+        raise CrystalError(f"token id outside 0..{sizes['VOCAB_SIZE'] - 1}")
+    with tempfile.TemporaryDirectory() as tmp:
+        prompt = Path(tmp) / "ids.hex"
+        prompt.write_text("".join(f"{i:08x}\n" for i in ids))
+        out = _run(["vvp", "-n", SIM, f"+prompt={prompt}", f"+tokens={len(ids)}"], ("vvp",),
+                   "simulating the Verilog", cwd=out_dir, timeout=timeout)
+    logits: dict[int, int] = {}
+    cycles = -1
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "logit":
+            logits[int(parts[1])] = int(parts[2])
+        elif len(parts) == 2 and parts[0] == "cycles":
+            cycles = int(parts[1])
+    if not logits or cycles < 0 or sorted(logits) != list(range(len(logits))):
+        raise CrystalError(f"the simulation printed no logits: {' '.join(out.split())[:500]}")
+    return np.array([logits[i] for i in range(len(logits))], dtype=np.int64), cycles
+
+
+def synthesize(out_dir: Path, timeout: float | None = None) -> str:
+    """Synthesise the core with its ROM with Yosys (`make synth`); returns Yosys's statistics."""
+    _run(["make", "-s", "-C", str(out_dir), "synth"], ("make", "yosys"), "synthesising the Verilog with Yosys",
+         timeout=timeout)
+    return (Path(out_dir) / "synth.txt").read_text()
+
+
+BACKEND = VerilogBackend()

@@ -1,0 +1,333 @@
+// crystal_core: executes a crystalc fixed-point program for one token at a time.
+//
+// Copied by crystalc, unchanged, for every model; the model is its ROM
+// (rom.hex: weights and tables, Q16.16) and program (program.hex), and the
+// sizes in model.vh. The arithmetic is backends/fixedpoint.py's, word for word:
+// Q16.16 values, exact 64-bit products and sums, round-half-up shifts,
+// truncating division, saturation to 32 bits on every RAM write.
+//
+// The datapath is what one clock needs at most: two read ports on each memory
+// (W, M) and one write port on M, one multiply-accumulate multiplier and one
+// for scaling (34 x 34 bits: every operand is a stored word or a difference of
+// two), one divider, one integer square root, one exp unit, one GELU unit. The
+// always @* block below says which address each port reads in each state.
+//
+// Protocol: set `token` (a row of the current vocabulary) and `pos`, pulse
+// `start` for one cycle; `done` rises when the program has halted. Positions
+// go 0, 1, 2, ... (the key/value caches hold the earlier ones). The logits of
+// the last token are then read through rd_addr/rd_data at LOGITS + i.
+`include "model.vh"
+
+module crystal_core (
+    input  wire        clk,
+    input  wire        start,
+    input  wire [31:0] token,
+    input  wire [31:0] pos,
+    output reg         done,
+    /* verilator lint_off UNUSEDSIGNAL */  // addresses are 32 bits, as in the program; a memory uses what it needs
+    input  wire [31:0] rd_addr,
+    /* verilator lint_on UNUSEDSIGNAL */
+    output wire [31:0] rd_data
+);
+    localparam integer FRAC = 16;
+    localparam signed [63:0] LOG2E_Q30 = 64'sd1549082005;
+    localparam signed [63:0] EXP_CAP = 64'sd1 <<< 60;
+    localparam signed [63:0] GELU_LO = -64'sd524288;  // -8.0
+    localparam signed [63:0] GELU_HI = 64'sd524288;   // 8.0
+    // opcodes: fixedpoint.OPCODES; flag bits: ACCUMULATE, PER_POSITION (linear), NORMALIZE, HAS_EPS (neuron_field)
+    localparam [31:0] OP_HALT = 0, OP_TOKEN_EMBEDDING = 1, OP_LAYER_NORM = 2, OP_LINEAR = 3,
+                      OP_CAUSAL_ATTENTION = 4, OP_NEURON_FIELD = 5, OP_GELU = 6;
+    localparam integer ACCUMULATE = 0, PER_POSITION = 1, NORMALIZE = 0, HAS_EPS = 1;
+
+    reg [31:0] W [0:`ROM_WORDS-1];     // weights and tables, read only
+    reg [`INSTR_BITS-1:0] P [0:`PROGRAM_WORDS-1]; // the program, one word an instruction
+    reg [31:0] M [0:`RAM_WORDS-1];     // activations, key/value caches, logits
+    initial begin
+        $readmemh("rom.hex", W);
+        $readmemh("program.hex", P);
+    end
+
+    // --- the arithmetic -------------------------------------------------------------------
+    function signed [63:0] sx(input [31:0] v);  // a stored word as a signed value
+        sx = {{32{v[31]}}, v};
+    endfunction
+
+    function [31:0] sat32(input signed [63:0] a);
+        if (a > 64'sd2147483647) sat32 = 32'h7fffffff;
+        else if (a < -64'sd2147483648) sat32 = 32'h80000000;
+        else sat32 = a[31:0];
+    endfunction
+
+    function signed [33:0] s34(input [31:0] v);  // a stored word as a multiplier operand
+        s34 = {{2{v[31]}}, v};
+    endfunction
+
+    function signed [63:0] rshift_round(input signed [63:0] a, input integer s);
+        rshift_round = (a + (64'sd1 <<< (s - 1))) >>> s;
+    endfunction
+
+    function [63:0] isqrt(input [63:0] v);  // floor(sqrt(v)), one result bit per step
+        reg [63:0] rem, root, b;
+        integer i;
+        begin
+            rem = v; root = 0; b = 64'h4000000000000000;
+            for (i = 0; i < 32; i = i + 1) begin
+                if (rem >= root + b) begin
+                    rem = rem - (root + b);
+                    root = (root >> 1) + b;
+                end else begin
+                    root = root >> 1;
+                end
+                b = b >> 2;
+            end
+            isqrt = root;
+        end
+    endfunction
+
+    // 2^y in Q30 for y in Q24 = 2^n * 2^f: 2^f (Q29) interpolated between the table entries lo, hi
+    function signed [63:0] exp2_finish(input signed [63:0] y, input signed [63:0] lo, input signed [63:0] hi);
+        reg signed [63:0] sh, rsh, t, base, shifted;
+        begin
+            sh = (y >>> 24) + 1;
+            t = {48'd0, y[15:0]};
+            base = lo + rshift_round((hi - lo) * t, 16);
+            if (sh >= 0) begin
+                shifted = base <<< (sh > 31 ? 31 : sh);
+                exp2_finish = (sh > 31 || shifted > EXP_CAP) ? EXP_CAP : shifted;
+            end else begin
+                rsh = -sh;
+                exp2_finish = (rsh >= 63) ? 64'sd0 : rshift_round(base, rsh[31:0]);
+            end
+        end
+    endfunction
+
+    // --- state ----------------------------------------------------------------------------
+    localparam [4:0] S_IDLE = 0, S_FETCH = 1, S_NEXT = 2,
+                     S_TOKEN_EMBEDDING = 3,
+                     S_LN_SUM = 4, S_LN_VAR = 5, S_LN_OUT = 6,
+                     S_LINEAR = 7,
+                     S_ATT_SCORE = 8, S_ATT_EXP = 9, S_ATT_OUT = 10,
+                     S_NF_DIST = 11, S_NF_EXP = 12, S_NF_EPS = 13, S_NF_OUT = 14,
+                     S_GELU = 15;
+    reg [4:0] state = S_IDLE;
+    reg [31:0] pc, tok, cur;
+    reg [31:0] dst, src, a, b, c, n, m, s, k, flags;  // the fields of the instruction being run (op dispatched)
+    reg [31:0] i, j, h, wp;                              // loop counters, weight pointer
+    reg signed [63:0] acc, sum, den, mean, rr, mx, mn;
+    wire [`INSTR_BITS-1:0] instr = P[pc];
+
+    // --- memory ports: the address each read port takes in each state -----------------------
+    /* verilator lint_off UNUSEDSIGNAL */
+    reg [31:0] wa0, wa1, ma0, ma1;
+    /* verilator lint_on UNUSEDSIGNAL */
+    wire signed [63:0] w0 = sx(W[wa0]), w1 = sx(W[wa1]), m0 = sx(M[ma0]), m1 = sx(M[ma1]);
+    assign rd_data = M[rd_addr];
+
+    // --- the exp unit (causal_attention, neuron_field): exp_out = exp(exp_x) in Q30 -----------
+    reg signed [63:0] exp_x;
+    wire signed [63:0] exp_y = rshift_round(exp_x * LOG2E_Q30, 22);  // x log2(e), Q24
+    wire [31:0] exp_i = `EXP_LUT + {24'd0, exp_y[23:16]};
+    wire signed [63:0] exp_out = exp2_finish(exp_y, w0, w1);
+
+    // --- the GELU unit: the table between -8 and 8, x beyond it on the right, 0 on the left ------
+    wire signed [63:0] gelu_u0 = m0 - GELU_LO;
+    /* verilator lint_off UNUSEDSIGNAL */  // clamped to 20 bits
+    wire signed [63:0] gelu_u = gelu_u0 < 0 ? 64'sd0 : (gelu_u0 > 64'sd1048575 ? 64'sd1048575 : gelu_u0);
+    /* verilator lint_on UNUSEDSIGNAL */
+    wire signed [63:0] gelu_out = m0 >= GELU_HI ? m0 : (m0 < GELU_LO ? 64'sd0 :
+                                  w0 + rshift_round((w1 - w0) * $signed({54'd0, gelu_u[9:0]}), 10));
+
+    // --- the arithmetic units and their operands ----------------------------------------------
+    reg signed [33:0] mac_x, mac_y, scl_x, scl_y;
+    wire signed [63:0] mac = acc + mac_x * mac_y;  // the running sum of products, this cycle's included
+    wire signed [63:0] scaled = scl_x * scl_y;
+    wire signed [63:0] scaled_word = sx(sat32(rshift_round(scaled, FRAC)));  // a score or a field exponent
+    reg signed [63:0] div_n, div_d, sqrt_in;
+    wire signed [63:0] quot = div_d == 0 ? 64'sd0 : div_n / div_d;  // truncates toward zero
+    wire signed [63:0] root = $signed(isqrt(sqrt_in));
+    reg [31:0] wr_addr;  // the row a linear layer writes
+    /* verilator lint_off UNUSEDSIGNAL */  // bits 63:34 only repeat the sign of these in-range values
+    reg signed [63:0] dx, distance;
+    /* verilator lint_on UNUSEDSIGNAL */
+
+    always @* begin
+        wa0 = 0; wa1 = 0; ma0 = 0; ma1 = 0; exp_x = 0;
+        mac_x = 0; mac_y = 0; scl_x = 0; scl_y = 0; div_n = 0; div_d = 1; sqrt_in = 0;
+        wr_addr = dst + (flags[PER_POSITION] ? cur * n : 0) + i;
+        dx = 0; distance = 0;
+        case (state)
+        S_TOKEN_EMBEDDING: begin wa0 = a + tok * n + i; wa1 = b + cur * n + i; end
+        S_LN_SUM: begin ma0 = src + i; div_n = acc + m0; div_d = {32'd0, n}; end
+        S_LN_VAR: begin
+            ma0 = src + i; dx = m0 - mean; mac_x = dx[33:0]; mac_y = dx[33:0];
+            div_n = mac; div_d = {32'd0, n}; sqrt_in = quot + sx(k);
+        end
+        S_LN_OUT: begin
+            ma0 = src + i; wa0 = a + i; wa1 = b + i;
+            div_n = (m0 - mean) <<< FRAC; div_d = rr;
+            scl_x = s34(sat32(quot)); scl_y = w0[33:0];
+        end
+        S_LINEAR: begin wa0 = wp; wa1 = b + i; ma0 = src + j; ma1 = wr_addr; mac_x = w0[33:0]; mac_y = m0[33:0]; end
+        S_ATT_SCORE: begin
+            ma0 = src + h * c + i; ma1 = a + j * n + h * c + i;
+            mac_x = m0[33:0]; mac_y = m1[33:0];
+            scl_x = s34(sat32(rshift_round(mac, FRAC))); scl_y = s34(k);
+        end
+        S_ATT_EXP: begin ma0 = s + j; exp_x = m0 - mx; wa0 = exp_i; wa1 = exp_i + 1; end
+        S_ATT_OUT: begin
+            ma0 = s + j; ma1 = b + j * n + h * c + i; mac_x = m0[33:0]; mac_y = m1[33:0];
+            div_n = mac; div_d = sum;
+        end
+        S_NF_DIST: begin
+            ma0 = src + i; wa0 = wp; wa1 = c + j;
+            dx = m0 - w0; mac_x = dx[33:0]; mac_y = dx[33:0];
+            sqrt_in = mac; distance = root; scl_x = distance[33:0]; scl_y = w1[33:0];
+        end
+        S_NF_EXP: begin
+            ma0 = s + j; exp_x = flags[NORMALIZE] ? mn - m0 : -m0; wa0 = exp_i; wa1 = exp_i + 1;
+        end
+        S_NF_EPS: begin exp_x = mn - sx(k); wa0 = exp_i; wa1 = exp_i + 1; end
+        S_NF_OUT: begin
+            ma0 = s + j; wa0 = b + j * n + i; ma1 = dst + i; mac_x = m0[33:0]; mac_y = w0[33:0];
+            div_n = mac; div_d = den;
+        end
+        S_GELU: begin ma0 = src + i; wa0 = `GELU_LUT + {10'd0, gelu_u[31:10]}; wa1 = wa0 + 1; end
+        default: ;
+        endcase
+    end
+
+    // --- the sequencer: one instruction at a time, its loops one step a clock --------------------
+    always @(posedge clk) begin
+        done <= 1'b0;
+        case (state)
+        S_IDLE: if (start) begin
+            tok <= token; cur <= pos; pc <= 0; state <= S_FETCH;
+        end
+        S_FETCH: begin
+            {flags, k, s, m, n, c, b, a, src, dst} <= instr[`INSTR_BITS-1:32];
+            wp <= instr[127:96];  // field a
+            i <= 0; j <= 0; h <= 0; acc <= 0; sum <= 0;
+            case (instr[31:0])
+                OP_HALT:             begin done <= 1'b1; state <= S_IDLE; end
+                OP_TOKEN_EMBEDDING:  state <= S_TOKEN_EMBEDDING;
+                OP_LAYER_NORM:       state <= S_LN_SUM;
+                OP_LINEAR:           state <= S_LINEAR;
+                OP_CAUSAL_ATTENTION: state <= S_ATT_SCORE;
+                OP_NEURON_FIELD:     state <= S_NF_DIST;
+                OP_GELU:             state <= S_GELU;
+                default:             begin done <= 1'b1; state <= S_IDLE; end
+            endcase
+        end
+        S_NEXT: begin pc <= pc + 1; state <= S_FETCH; end
+
+        // token_embedding: x = token_embed[tok] + pos_embed[pos]
+        S_TOKEN_EMBEDDING: begin
+            M[dst + i] <= sat32(w0 + w1);
+            i <= i + 1;
+            if (i == n - 1) state <= S_NEXT;
+        end
+
+        // layer_norm: mean, then variance, then (x - mean) / sqrt(var + eps) * weight + bias
+        S_LN_SUM: begin
+            acc <= acc + m0; i <= i + 1;
+            if (i == n - 1) begin mean <= quot; acc <= 0; i <= 0; state <= S_LN_VAR; end
+        end
+        S_LN_VAR: begin
+            acc <= mac; i <= i + 1;
+            if (i == n - 1) begin rr <= root < 1 ? 64'sd1 : root; i <= 0; state <= S_LN_OUT; end
+        end
+        S_LN_OUT: begin
+            M[dst + i] <= sat32(rshift_round(scaled, FRAC) + w1);
+            i <= i + 1;
+            if (i == n - 1) state <= S_NEXT;
+        end
+
+        // linear: dst[i] (+)= sum_j W[i][j] src[j] + bias[i]; W walked in order by wp
+        S_LINEAR: begin
+            wp <= wp + 1;
+            if (j == m - 1) begin
+                M[wr_addr] <= sat32(flags[ACCUMULATE] ? m1 + rshift_round(mac, FRAC) + w1
+                                                         : rshift_round(mac, FRAC) + w1);
+                acc <= 0; j <= 0; i <= i + 1;
+                if (i == n - 1) state <= S_NEXT;
+            end else begin
+                acc <= mac; j <= j + 1;
+            end
+        end
+
+        // causal_attention, head h (width c): scores q.k / sqrt(c) over positions 0..pos into the
+        // scratch, then their exp (less the largest) and its sum, then sum_j e_j v_j / sum
+        S_ATT_SCORE: begin  // i: component, j: position
+            if (i == c - 1) begin
+                M[s + j] <= scaled_word[31:0];
+                if (j == 0 || scaled_word > mx) mx <= scaled_word;
+                acc <= 0; i <= 0; j <= j + 1;
+                if (j == cur) begin j <= 0; sum <= 0; state <= S_ATT_EXP; end
+            end else begin
+                acc <= mac; i <= i + 1;
+            end
+        end
+        S_ATT_EXP: begin
+            M[s + j] <= exp_out[31:0];
+            sum <= sum + exp_out;
+            j <= j + 1;
+            if (j == cur) begin j <= 0; i <= 0; acc <= 0; state <= S_ATT_OUT; end
+        end
+        S_ATT_OUT: begin  // i: component, j: position
+            if (j == cur) begin
+                M[dst + h * c + i] <= sat32(quot);
+                acc <= 0; j <= 0; i <= i + 1;
+                if (i == c - 1) begin
+                    i <= 0; h <= h + 1;
+                    state <= (h == m - 1) ? S_NEXT : S_ATT_SCORE;
+                end
+            end else begin
+                acc <= mac; j <= j + 1;
+            end
+        end
+
+        // neuron_field: a_j = |h - pos_j| / (|tau_j| + 0.1) into the scratch, w_j = exp(-a_j)
+        // (normalised: exp(a_min - a_j)), then x += sum_j w_j val_j (normalised: divided by
+        // sum_j w_j + eps e^(a_min))
+        S_NF_DIST: begin  // i: component, j: neuron; wp walks the positions in order
+            wp <= wp + 1;
+            if (i == n - 1) begin
+                M[s + j] <= scaled_word[31:0];
+                if (j == 0 || scaled_word < mn) mn <= scaled_word;
+                acc <= 0; i <= 0; j <= j + 1;
+                if (j == m - 1) begin j <= 0; sum <= 0; state <= S_NF_EXP; end
+            end else begin
+                acc <= mac; i <= i + 1;
+            end
+        end
+        S_NF_EXP: begin
+            M[s + j] <= exp_out[31:0];
+            sum <= sum + exp_out;
+            den <= sum + exp_out;
+            j <= j + 1;
+            if (j == m - 1) begin
+                j <= 0; i <= 0; acc <= 0;
+                state <= (flags[NORMALIZE] && flags[HAS_EPS]) ? S_NF_EPS : S_NF_OUT;
+            end
+        end
+        S_NF_EPS: begin den <= den + exp_out; state <= S_NF_OUT; end
+        S_NF_OUT: begin  // i: component, j: neuron
+            if (j == m - 1) begin
+                M[dst + i] <= sat32(m1 + (flags[NORMALIZE] ? quot : rshift_round(mac, 30)));
+                acc <= 0; j <= 0; i <= i + 1;
+                if (i == n - 1) state <= S_NEXT;
+            end else begin
+                acc <= mac; j <= j + 1;
+            end
+        end
+
+        // gelu, in place
+        S_GELU: begin
+            M[dst + i] <= sat32(gelu_out);
+            i <= i + 1;
+            if (i == n - 1) state <= S_NEXT;
+        end
+        default: state <= S_IDLE;
+        endcase
+    end
+endmodule

@@ -1,0 +1,159 @@
+"""The fixed-point lowering of hardware targets: its arithmetic, and its emulator against the reference.
+
+Tolerance: max abs logit error <= 5e-4 * max(1, max |logit|). Every weight is
+rounded to Q16.16 (half a step is 7.6e-6), every op's output is rounded to it
+again, and exp, sqrt and GELU come from tables and integer algorithms (relative
+errors of 1e-6 and 4e-5 absolute); over the test shapes and the spec vectors the error
+measured at most 1.2e-4 of the largest logit (9e-4 on the bundled model, whose
+logits reach 20: 5e-5). A real mistake, a missing term or a wrong scale, moves a
+logit by 1e-2 or more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+from crystalc.backends import fixedpoint as fp
+from crystalc.errors import CrystalError
+from crystalc.ir.graph import Graph
+from crystalc.ir.interpret import forward
+from crystalc.passes.prune_vocab import prune_vocab
+from crystalc.passes.quantize import quantize
+from tests.conftest import FIXTURE_SHAPES, REPO, SPEC_VECTORS, random_graph
+
+TOL = 5e-4
+
+
+def assert_close(graph: Graph, ids: list[int]) -> np.ndarray:
+    ref = forward(graph, ids)[-1]
+    got = fp.to_float(fp.emulate(fp.lower(graph), ids))
+    err = float(np.abs(got - ref).max())
+    assert err <= TOL * max(1.0, float(np.abs(ref).max())), err
+    return got
+
+
+# --- the arithmetic -----------------------------------------------------------------------------
+
+def test_exp_is_within_2e_6_relative_and_saturates():
+    x = np.round(np.linspace(-40, 20, 100_001) * fp.ONE).astype(np.int64)
+    got = fp.exp_q30(x) / 2.0 ** fp.EXP_FRAC
+    want = np.exp(x / fp.ONE)
+    big = want > 1e-3
+    assert np.max(np.abs(got[big] - want[big]) / want[big]) < 2e-6
+    assert np.max(np.abs(got[~big] - want[~big])) < 2e-9  # a step of Q30 is 9.3e-10
+    assert fp.exp_q30(np.array([0]))[0] == 1 << fp.EXP_FRAC
+    assert fp.exp_q30(np.array([30 * fp.ONE, 10_000 * fp.ONE]))[:].tolist() == [fp.EXP_CAP] * 2
+    assert fp.exp_q30(np.array([-10_000 * fp.ONE]))[0] == 0
+
+
+def test_gelu_is_within_4e_5_of_the_erf_form():
+    x = np.round(np.linspace(-12, 12, 48_001) * fp.ONE).astype(np.int64)
+    got = fp.gelu_q16(x) / fp.ONE
+    want = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x / fp.ONE])
+    assert np.max(np.abs(got - want)) < 4e-5  # interpolation (1/64)^2 / 8 * max|GELU''| = 2.4e-5, plus rounding
+
+
+def test_rounding_division_and_saturation():
+    assert [int(fp.rshift_round(v, 2)) for v in (5, 6, -5, -6, -7)] == [1, 2, -1, -1, -2]  # halves go up
+    assert fp.tdiv(np.array([7, -7, 7, -7]), np.array([2, 2, -2, -2])).tolist() == [3, -3, -3, 3]
+    assert fp.sat32(np.array([2**40, -(2**40), 5])).tolist() == [2**31 - 1, -(2**31), 5]
+    assert fp.isqrt(np.array([0, 1, 15, 16, 2**62])).tolist() == [0, 1, 3, 4, 2**31]
+
+
+def test_weights_must_fit_q16():
+    g = random_graph("all_on", seed=3)
+    big = g.map_tensors(lambda t: t if t.name != "head.bias" else
+                        type(t)(t.name, np.full_like(t.data, 40_000.0)))
+    with pytest.raises(CrystalError, match="head.bias: a value of 40000 does not fit Q16.16"):
+        fp.lower(big)
+
+
+def test_instruction_word_packs_fields_low_to_high():
+    ins = fp.Instr("linear", dst=1, src=2, a=3, n=-1)
+    word = ins.word()
+    assert word & 0xFFFFFFFF == fp.OPCODES["linear"]
+    assert (word >> 32) & 0xFFFFFFFF == 1 and (word >> 96) & 0xFFFFFFFF == 3
+    assert (word >> (32 * fp.FIELDS.index("n"))) & 0xFFFFFFFF == 0xFFFFFFFF
+
+
+def test_a_block_without_neurons_has_no_field_instruction():
+    prog = fp.lower(random_graph("three_blocks_n0_n1", seed=1))
+    notes = [i.note for i in prog.instrs if i.op == "neuron_field"]
+    assert notes == ["blocks.1.field: 1 neurons, x +=", "blocks.2.field: 5 neurons, x +="]
+
+
+# --- the emulator against the reference interpreter ------------------------------------------------
+
+@pytest.mark.parametrize("shape", sorted(FIXTURE_SHAPES))
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_emulator_matches_the_interpreter(shape, seed):
+    g = random_graph(shape, seed=seed)
+    rng = np.random.default_rng(seed)
+    for s in (1, 2, g.config.n_ctx):
+        assert_close(g, rng.integers(0, g.config.vocab_size, s).tolist())
+
+
+@pytest.mark.parametrize("mode,granularity", [("int8", "tensor"), ("mixed8", "row"), ("int16", "group:5")])
+def test_quantized_and_pruned_graphs(mode, granularity):
+    g = quantize(random_graph("tied_unnormalised", seed=4), mode, granularity)
+    assert_close(g, [3, 1, 4, 1, 5, 9, 2, 6])
+    pruned = prune_vocab(random_graph("d40_h5", seed=5), None, [0, 2, 3, 7, 11, 19, 22])
+    assert_close(pruned, [1, 2, 3, 4, 5, 6])
+
+
+def test_a_far_field_and_its_eps_term():
+    # Temperatures set so that the nearest neuron is a_min = ln(1/eps) temperatures away: each
+    # e^(-a_j) underflows Q16.16 (and nearly Q30) unless the lowering shifts the exponents by a_min,
+    # and eps is as large as the sum it is added to, so leaving it out moves the logits too.
+    from crystalc.ir.interpret import causal_attention, layer_norm, neuron_field
+
+    g = random_graph("d40_h5", seed=6)
+    ids = [1, 2, 3]
+    blk, c = g.blocks[0], g.config
+    x = g.token_embed.weight.values()[ids] + g.pos_embed.weight.values()[:3]
+    x = x + causal_attention(blk.attn, layer_norm(blk.ln1, x, c.ln_eps))
+    h = layer_norm(blk.ln2, x, c.ln_eps)[-1]
+    nearest = float(np.sqrt(((blk.field.positions.values() - h) ** 2).sum(axis=1)).min())
+    tau = nearest / -math.log(c.field_eps) - 0.1
+    assert tau > 0
+    temp = blk.field.temperature
+    far = g.map_tensors(lambda t: type(t)(t.name, np.full_like(t.data, tau)) if t is temp else t)
+    assert_close(far, ids)
+    field = far.blocks[0].field
+    without_eps = neuron_field(dataclasses.replace(field, eps=0.0), h[None])
+    assert np.abs(neuron_field(field, h[None]) - without_eps).max() > 0.1
+
+
+def test_spec_vectors():
+    from crystalc.frontend import load_model
+
+    expected = json.loads((SPEC_VECTORS / "expected.json").read_text())
+    for name, entry in expected.items():
+        prog = fp.lower(load_model(SPEC_VECTORS / f"{name}.pt"))
+        for case in entry["cases"]:
+            want = np.array(case["logits"])
+            got = fp.to_float(fp.emulate(prog, case["prompt_ids"]))
+            assert np.abs(got - want).max() <= TOL * max(1.0, np.abs(want).max()), name
+
+
+def test_bundled_model_keeps_its_predictions():
+    from crystalc.frontend import load_model
+
+    g = load_model(REPO / "examples" / "shakespeare" / "model.pt")
+    chars = g.tokenizer["chars"]
+    ids = [chars.index(ch) for ch in "ROMEO:\nWhat light through yonder window breaks? It is the east" if ch in chars]
+    for end in (1, 17, len(ids)):
+        got = assert_close(g, ids[:end])
+        assert int(np.argmax(got)) == int(np.argmax(forward(g, ids[:end])[-1]))
+
+
+def test_emulator_refuses_bad_prompts():
+    prog = fp.lower(random_graph("all_on", seed=1))
+    for ids in ([], [0] * 6, [17], [-1]):
+        with pytest.raises(CrystalError):
+            fp.emulate(prog, ids)

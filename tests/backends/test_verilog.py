@@ -1,0 +1,156 @@
+"""The Verilog backend: Icarus simulates the core, which must equal the fixed-point emulator word for word.
+
+The emulator (backends/fixedpoint.py) is held to the reference interpreter in
+test_fixedpoint.py (tolerance and why there); here the simulated hardware is
+held to the emulator exactly, and through it, to the interpreter within the same
+tolerance. Yosys synthesises the smallest model's core.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crystalc.backends import fixedpoint as fp
+from crystalc.backends.verilog import BACKEND, simulate, synthesize
+from crystalc.ir.graph import Graph
+from crystalc.ir.interpret import forward
+from crystalc.passes.prune_vocab import prune_vocab
+from crystalc.passes.quantize import quantize
+from tests.backends.test_fixedpoint import TOL
+from tests.conftest import FIXTURE_SHAPES, random_graph, require_tool, save_pt
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tools():
+    require_tool("make", "iverilog", "vvp")
+
+
+def built(graph: Graph, out: Path) -> Path:
+    out.mkdir(parents=True)
+    BACKEND.emit(graph, out)
+    BACKEND.build(out)
+    return out
+
+
+def check(graph: Graph, out: Path, ids: list[int]) -> None:
+    got, cycles = simulate(out, ids)
+    assert got.tolist() == fp.emulate(fp.lower(graph), ids).tolist()
+    ref = forward(graph, ids)[-1]
+    assert np.abs(fp.to_float(got) - ref).max() <= TOL * max(1.0, float(np.abs(ref).max()))
+    assert cycles > 0
+
+
+@pytest.mark.tool
+@pytest.mark.parametrize("shape", sorted(FIXTURE_SHAPES))
+def test_simulation_equals_the_emulator(shape, tmp_path):
+    g = random_graph(shape, seed=2)
+    out = built(g, tmp_path / shape)
+    rng = np.random.default_rng(7)
+    check(g, out, rng.integers(0, g.config.vocab_size, g.config.n_ctx).tolist())  # the whole window
+    check(g, out, [int(rng.integers(0, g.config.vocab_size))])
+
+
+@pytest.mark.tool
+def test_quantized_pruned_graph(tmp_path):
+    full = random_graph("tied_unnormalised", seed=8)
+    keep = [0, 1, 4, 5, 9, 10, 17, 30]
+    g = quantize(prune_vocab(full, None, keep), "mixed8", "row")
+    out = built(g, tmp_path / "out")
+    assert (out / "vocab_map.txt").read_text().split() == [str(i) for i in keep]
+    check(g, out, [0, 3, 7, 2, 5])
+
+
+@pytest.mark.tool
+def test_a_changed_rom_word_changes_the_logits(tmp_path):
+    # the comparison above is not vacuous: the simulation reads its weights from rom.hex
+    g = random_graph("all_on", seed=3)
+    out = built(g, tmp_path / "out")
+    prog = fp.lower(g)
+    base = next(b for what, b, _ in prog.rom_table if what == "head.bias")
+    lines = (out / "rom.hex").read_text().splitlines()
+    words = [i for i, line in enumerate(lines) if not line.startswith("//")]
+    lines[words[base + 4]] = f"{(int(prog.rom[base + 4]) + fp.ONE) & 0xFFFFFFFF:08x}"
+    (out / "rom.hex").write_text("\n".join(lines) + "\n")
+    got, _ = simulate(out, [1, 2])
+    want = fp.emulate(prog, [1, 2])
+    assert (got - want).tolist() == [fp.ONE if i == 4 else 0 for i in range(len(want))]
+
+
+def test_emit_is_deterministic_and_the_rom_is_the_program(tmp_path):
+    g = random_graph("three_blocks_n0_n1", seed=4)
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        out.mkdir()
+        BACKEND.emit(g, out)
+    names = sorted(p.name for p in a.iterdir())
+    assert names == ["Makefile", "crystal_core.v", "crystal_tb.v", "model.vh", "program.hex", "rom.hex"]
+    assert all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
+    prog = fp.lower(g)
+    words = [int(w, 16) for w in (a / "rom.hex").read_text().split() if not w.startswith("//")
+             and re.fullmatch(r"[0-9a-f]{8}", w)]
+    assert words == [int(w) & 0xFFFFFFFF for w in prog.rom]
+    vh = (a / "model.vh").read_text()
+    assert f"`define ROM_WORDS {prog.rom.size}" in vh and f"`define LOGITS {prog.logits}" in vh
+    assert "blocks.2.field: 5 neurons" in vh  # the listing names each instruction's op
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "crystalc.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.tool
+def test_compile_target_verilog_build(tmp_path):
+    g = random_graph("d40_h5", seed=9)
+    ckpt = save_pt(g, tmp_path / "m.pt")
+    out = tmp_path / "out"
+    res = cli("compile", str(ckpt), "--target", "verilog", "-o", str(out), "--build")
+    assert res.returncode == 0, res.stderr
+    assert Path(res.stdout.strip()) == out / "sim.vvp"
+    check(g, out, [4, 5, 6])
+    res = cli("compile", str(ckpt), "--target", "verilog", "-o", str(tmp_path / "o2"), "--build", "--cflags", "-O2")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--cflags" in res.stderr
+    assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.tool
+def test_yosys_synthesises_the_core(tmp_path):
+    require_tool("yosys")
+    out = tmp_path / "out"
+    out.mkdir()
+    BACKEND.emit(random_graph("all_on", seed=1), out)
+    stat = synthesize(out, timeout=900)
+    cells = int(re.search(r"Number of cells:\s+(\d+)", stat).group(1))
+    flops = sum(int(n) for n in re.findall(r"\$_S?DFFE?_\w+\s+(\d+)", stat))
+    assert cells > 10_000 and flops > 32 * 142  # at least the RAM's 142 words survived as registers
+    assert "Number of processes:              0" in stat  # every always block became logic
+
+
+@pytest.mark.tool
+def test_verilator_lint_is_clean(tmp_path):
+    require_tool("verilator")
+    out = tmp_path / "out"
+    out.mkdir()
+    BACKEND.emit(random_graph("three_blocks_n0_n1", seed=1), out)
+    res = subprocess.run(["verilator", "--lint-only", "-Wall", "crystal_core.v"], cwd=out, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and "%Warning" not in res.stderr, res.stderr
+
+
+@pytest.mark.tool
+def test_simulate_refuses_bad_prompts(tmp_path):
+    from crystalc.errors import CrystalError
+
+    out = built(random_graph("all_on", seed=1), tmp_path / "out")
+    for ids in ([], [0] * 6, [17], [-1]):  # n_ctx 5, vocabulary 17
+        with pytest.raises(CrystalError):
+            simulate(out, ids)
+    (out / "sim.vvp").unlink()
+    with pytest.raises(CrystalError, match="build first"):
+        simulate(out, [1])
