@@ -220,8 +220,8 @@ def lower(graph: Graph) -> Program:
         return rom.add(t_.name, to_q16(t_.name, t_.values()))
 
     eps_q32 = round(c.ln_eps * (1 << (2 * FRAC)))
-    if not 1 <= eps_q32 <= INT32_MAX:
-        raise CrystalError(f"ln_eps = {c.ln_eps:g} is outside what Q32 can hold in the hardware (2.4e-10 .. 0.5)")
+    if eps_q32 > INT32_MAX:  # a smaller eps than Q32 holds (2.3e-10) rounds to 0: the root is clamped to >= 1
+        raise CrystalError(f"ln_eps = {c.ln_eps:g} is too large for the hardware's Q32 (at most 0.5)")
 
     exp_base = rom.add("exp2 table (2^(i/256), Q29)", EXP_TABLE)
     gelu_base = rom.add("gelu table (GELU(-8 + i/64), Q16)", GELU_TABLE)

@@ -35,6 +35,11 @@ from crystalc.templating import render
 
 STATIC_FILES = ("crystal_core.v", "crystal_tb.v")
 SIM = "sim.vvp"
+# simulator -> (the make target that builds it, the command that runs it, tools to build, tools to run)
+SIMULATORS: dict[str, tuple[str, list[str], tuple[str, ...], tuple[str, ...]]] = {
+    "icarus": (SIM, ["vvp", "-n", SIM], ("make", "iverilog"), ("vvp",)),
+    "verilator": ("obj_dir/crystal_sim", ["obj_dir/crystal_sim"], ("make", "verilator"), ()),
+}
 
 
 def _hex_words(words: np.ndarray) -> list[str]:
@@ -90,10 +95,11 @@ class VerilogBackend:
             written.append(out_dir / name)
         return written
 
-    def build(self, out_dir: Path, **options: Any) -> Path:
-        """Compile the simulation with Icarus Verilog (`make sim.vvp`)."""
-        _run(["make", "-s", "-C", str(out_dir), SIM], ("make", "iverilog"), "compiling the Verilog with Icarus")
-        return Path(out_dir) / SIM
+    def build(self, out_dir: Path, simulator: str = "icarus", **options: Any) -> Path:
+        """Build the simulation: Icarus Verilog's sim.vvp (`make sim.vvp`), or Verilator's obj_dir/crystal_sim."""
+        target, _, tools, _ = _simulator(simulator)
+        _run(["make", "-s", "-C", str(out_dir), target], tools, f"building the {simulator} simulation")
+        return Path(out_dir) / target
 
 
 def _run(cmd: list[str], tools: tuple[str, ...], what: str, cwd: Path | None = None,
@@ -116,11 +122,19 @@ def _defines(out_dir: Path) -> dict[str, int]:
     return {name: int(value) for name, value in re.findall(r"^`define (\w+) (\d+)$", text, re.MULTILINE)}
 
 
-def simulate(out_dir: Path, ids: list[int], timeout: float | None = None) -> tuple[np.ndarray, int]:
+def _simulator(name: str) -> tuple[str, list[str], tuple[str, ...], tuple[str, ...]]:
+    if name not in SIMULATORS:
+        raise CrystalError(f"unknown simulator {name!r}; known: {', '.join(SIMULATORS)}")
+    return SIMULATORS[name]
+
+
+def simulate(out_dir: Path, ids: list[int], simulator: str = "icarus",
+             timeout: float | None = None) -> tuple[np.ndarray, int]:
     """Run the built simulation on current-vocabulary ids: (last position's Q16 logits, clock cycles)."""
     out_dir = Path(out_dir)
-    if not (out_dir / SIM).is_file():
-        raise CrystalError(f"{out_dir / SIM} does not exist: build first (crystalc compile --build, or make)")
+    target, command, _, tools = _simulator(simulator)
+    if not (out_dir / target).is_file():
+        raise CrystalError(f"{out_dir / target} does not exist: build first (crystalc compile --build, or make)")
     sizes = _defines(out_dir)
     if not 1 <= len(ids) <= sizes["N_CTX"]:
         raise CrystalError(f"sequence of {len(ids)} tokens; the model takes 1..{sizes['N_CTX']}")
@@ -129,8 +143,8 @@ def simulate(out_dir: Path, ids: list[int], timeout: float | None = None) -> tup
     with tempfile.TemporaryDirectory() as tmp:
         prompt = Path(tmp) / "ids.hex"
         prompt.write_text("".join(f"{i:08x}\n" for i in ids))
-        out = _run(["vvp", "-n", SIM, f"+prompt={prompt}", f"+tokens={len(ids)}"], ("vvp",),
-                   "simulating the Verilog", cwd=out_dir, timeout=timeout)
+        out = _run([*command, f"+prompt={prompt}", f"+tokens={len(ids)}"], tools,
+                   f"simulating the Verilog with {simulator}", cwd=out_dir, timeout=timeout)
     logits: dict[int, int] = {}
     cycles = -1
     for line in out.splitlines():

@@ -123,19 +123,23 @@ module crystal_core (
     wire signed [63:0] w0 = sx(W[wa0]), w1 = sx(W[wa1]), m0 = sx(M[ma0]), m1 = sx(M[ma1]);
     assign rd_data = M[rd_addr];
 
+    // Every unit's operands are held at 0 outside the states that use it (operand isolation): a
+    // unit then only switches when it works, which saves power in silicon and time in a simulator.
+
     // --- the exp unit (causal_attention, neuron_field): exp_out = exp(exp_x) in Q30 -----------
-    reg signed [63:0] exp_x;
+    reg signed [63:0] exp_x, exp_lo, exp_hi;  // exp_lo, exp_hi: the table entries around exp_y
     wire signed [63:0] exp_y = rshift_round(exp_x * LOG2E_Q30, 22);  // x log2(e), Q24
     wire [31:0] exp_i = `EXP_LUT + {24'd0, exp_y[23:16]};
-    wire signed [63:0] exp_out = exp2_finish(exp_y, w0, w1);
+    wire signed [63:0] exp_out = exp2_finish(exp_y, exp_lo, exp_hi);
 
     // --- the GELU unit: the table between -8 and 8, x beyond it on the right, 0 on the left ------
-    wire signed [63:0] gelu_u0 = m0 - GELU_LO;
+    reg signed [63:0] gelu_x, gelu_lo, gelu_hi;
+    wire signed [63:0] gelu_u0 = gelu_x - GELU_LO;
     /* verilator lint_off UNUSEDSIGNAL */  // clamped to 20 bits
     wire signed [63:0] gelu_u = gelu_u0 < 0 ? 64'sd0 : (gelu_u0 > 64'sd1048575 ? 64'sd1048575 : gelu_u0);
     /* verilator lint_on UNUSEDSIGNAL */
-    wire signed [63:0] gelu_out = m0 >= GELU_HI ? m0 : (m0 < GELU_LO ? 64'sd0 :
-                                  w0 + rshift_round((w1 - w0) * $signed({54'd0, gelu_u[9:0]}), 10));
+    wire signed [63:0] gelu_out = gelu_x >= GELU_HI ? gelu_x : (gelu_x < GELU_LO ? 64'sd0 :
+                                  gelu_lo + rshift_round((gelu_hi - gelu_lo) * $signed({54'd0, gelu_u[9:0]}), 10));
 
     // --- the arithmetic units and their operands ----------------------------------------------
     reg signed [33:0] mac_x, mac_y, scl_x, scl_y;
@@ -151,16 +155,20 @@ module crystal_core (
     /* verilator lint_on UNUSEDSIGNAL */
 
     always @* begin
-        wa0 = 0; wa1 = 0; ma0 = 0; ma1 = 0; exp_x = 0;
+        wa0 = 0; wa1 = 0; ma0 = 0; ma1 = 0;
+        exp_x = 0; exp_lo = 0; exp_hi = 0; gelu_x = 0; gelu_lo = 0; gelu_hi = 0;
         mac_x = 0; mac_y = 0; scl_x = 0; scl_y = 0; div_n = 0; div_d = 1; sqrt_in = 0;
         wr_addr = dst + (flags[PER_POSITION] ? cur * n : 0) + i;
         dx = 0; distance = 0;
         case (state)
         S_TOKEN_EMBEDDING: begin wa0 = a + tok * n + i; wa1 = b + cur * n + i; end
-        S_LN_SUM: begin ma0 = src + i; div_n = acc + m0; div_d = {32'd0, n}; end
+        S_LN_SUM: begin
+            ma0 = src + i;
+            if (i == n - 1) begin div_n = acc + m0; div_d = {32'd0, n}; end
+        end
         S_LN_VAR: begin
             ma0 = src + i; dx = m0 - mean; mac_x = dx[33:0]; mac_y = dx[33:0];
-            div_n = mac; div_d = {32'd0, n}; sqrt_in = quot + sx(k);
+            if (i == n - 1) begin div_n = mac; div_d = {32'd0, n}; sqrt_in = quot + sx(k); end
         end
         S_LN_OUT: begin
             ma0 = src + i; wa0 = a + i; wa1 = b + i;
@@ -171,27 +179,33 @@ module crystal_core (
         S_ATT_SCORE: begin
             ma0 = src + h * c + i; ma1 = a + j * n + h * c + i;
             mac_x = m0[33:0]; mac_y = m1[33:0];
-            scl_x = s34(sat32(rshift_round(mac, FRAC))); scl_y = s34(k);
+            if (i == c - 1) begin scl_x = s34(sat32(rshift_round(mac, FRAC))); scl_y = s34(k); end
         end
-        S_ATT_EXP: begin ma0 = s + j; exp_x = m0 - mx; wa0 = exp_i; wa1 = exp_i + 1; end
+        S_ATT_EXP: begin
+            ma0 = s + j; exp_x = m0 - mx; wa0 = exp_i; wa1 = exp_i + 1; exp_lo = w0; exp_hi = w1;
+        end
         S_ATT_OUT: begin
             ma0 = s + j; ma1 = b + j * n + h * c + i; mac_x = m0[33:0]; mac_y = m1[33:0];
-            div_n = mac; div_d = sum;
+            if (j == cur) begin div_n = mac; div_d = sum; end
         end
         S_NF_DIST: begin
             ma0 = src + i; wa0 = wp; wa1 = c + j;
             dx = m0 - w0; mac_x = dx[33:0]; mac_y = dx[33:0];
-            sqrt_in = mac; distance = root; scl_x = distance[33:0]; scl_y = w1[33:0];
+            if (i == n - 1) begin sqrt_in = mac; distance = root; scl_x = distance[33:0]; scl_y = w1[33:0]; end
         end
         S_NF_EXP: begin
-            ma0 = s + j; exp_x = flags[NORMALIZE] ? mn - m0 : -m0; wa0 = exp_i; wa1 = exp_i + 1;
+            ma0 = s + j; exp_x = flags[NORMALIZE] ? mn - m0 : -m0;
+            wa0 = exp_i; wa1 = exp_i + 1; exp_lo = w0; exp_hi = w1;
         end
-        S_NF_EPS: begin exp_x = mn - sx(k); wa0 = exp_i; wa1 = exp_i + 1; end
+        S_NF_EPS: begin exp_x = mn - sx(k); wa0 = exp_i; wa1 = exp_i + 1; exp_lo = w0; exp_hi = w1; end
         S_NF_OUT: begin
             ma0 = s + j; wa0 = b + j * n + i; ma1 = dst + i; mac_x = m0[33:0]; mac_y = w0[33:0];
-            div_n = mac; div_d = den;
+            if (j == m - 1) begin div_n = mac; div_d = den; end
         end
-        S_GELU: begin ma0 = src + i; wa0 = `GELU_LUT + {10'd0, gelu_u[31:10]}; wa1 = wa0 + 1; end
+        S_GELU: begin
+            ma0 = src + i; gelu_x = m0;
+            wa0 = `GELU_LUT + {10'd0, gelu_u[31:10]}; wa1 = wa0 + 1; gelu_lo = w0; gelu_hi = w1;
+        end
         default: ;
         endcase
     end

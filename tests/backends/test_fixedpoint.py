@@ -157,3 +157,11 @@ def test_emulator_refuses_bad_prompts():
     for ids in ([], [0] * 6, [17], [-1]):
         with pytest.raises(CrystalError):
             fp.emulate(prog, ids)
+
+
+def test_ln_eps_limits():
+    g = random_graph("all_on", seed=2)
+    tiny = g.replace(config=dataclasses.replace(g.config, ln_eps=0.0))
+    assert fp.lower(tiny).instrs[1].k == 0  # layer_norm with no eps: the hardware clamps its root to >= 1
+    with pytest.raises(CrystalError, match="ln_eps = 0.6 is too large"):
+        fp.lower(g.replace(config=dataclasses.replace(g.config, ln_eps=0.6)))

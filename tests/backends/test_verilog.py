@@ -151,6 +151,33 @@ def test_simulate_refuses_bad_prompts(tmp_path):
     for ids in ([], [0] * 6, [17], [-1]):  # n_ctx 5, vocabulary 17
         with pytest.raises(CrystalError):
             simulate(out, ids)
+    with pytest.raises(CrystalError, match="unknown simulator 'modelsim'; known: icarus, verilator"):
+        simulate(out, [1], simulator="modelsim")
     (out / "sim.vvp").unlink()
     with pytest.raises(CrystalError, match="build first"):
         simulate(out, [1])
+
+
+@pytest.mark.tool
+@pytest.mark.parametrize("shape", ["three_blocks_n0_n1", "tied_unnormalised"])
+def test_verilator_simulation_equals_icarus_and_the_emulator(shape, tmp_path):
+    # a second, independent simulator (Verilog compiled to C++) of the same core and testbench
+    require_tool("verilator")
+    g = random_graph(shape, seed=5)
+    out = built(g, tmp_path / "out")
+    BACKEND.build(out, simulator="verilator")
+    ids = np.random.default_rng(3).integers(0, g.config.vocab_size, g.config.n_ctx).tolist()
+    icarus, icarus_cycles = simulate(out, ids)
+    verilator, verilator_cycles = simulate(out, ids, simulator="verilator")
+    assert verilator.tolist() == icarus.tolist() == fp.emulate(fp.lower(g), ids).tolist()
+    assert verilator_cycles == icarus_cycles
+
+
+def test_compile_refuses_what_q16_cannot_hold(tmp_path):
+    g = random_graph("all_on", seed=3)
+    big = g.map_tensors(lambda t: type(t)(t.name, t.data * 1e5) if t.name == "pos_embed.weight" else t)
+    ckpt = save_pt(big, tmp_path / "m.pt")
+    res = cli("compile", str(ckpt), "--target", "verilog", "-o", str(tmp_path / "out"))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "pos_embed.weight: a value of" in res.stderr and "does not fit Q16.16" in res.stderr
+    assert not (tmp_path / "out").exists()
