@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from crystalc.errors import CrystalError
-from crystalc.ir.graph import Graph
+
+if TYPE_CHECKING:  # the CLI reads BACKENDS for --help: importing this package stays light
+    from crystalc.ir.graph import Graph
 
 
 class Backend(Protocol):
@@ -31,6 +33,7 @@ class Backend(Protocol):
 BACKENDS: dict[str, str] = {
     "c": "c",
     "verilog": "verilog",
+    "spice": "spice",
 }
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from crystalc.backends import BACKENDS
 from crystalc.errors import CrystalError, one_line
 
 if TYPE_CHECKING:  # the library is imported lazily, so that `--help` starts fast
@@ -20,7 +21,7 @@ if TYPE_CHECKING:  # the library is imported lazily, so that `--help` starts fas
 
     from crystalc.ir.graph import Graph
 
-TARGETS = ("c", "verilog")
+TARGETS = tuple(BACKENDS)
 QUANT_MODES = ("int8", "int16", "mixed", "mixed8")
 
 
@@ -114,7 +115,7 @@ def _parse_ids(text: str) -> list[int]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="crystalc")
 def cli() -> None:
-    """crystalc: compile crystal language models to portable C or a Verilog core (CUDA, SPICE planned).
+    """crystalc: compile crystal language models to C, a Verilog core, or SPICE circuits (CUDA planned).
 
     MODEL arguments accept a crystalc .pt checkpoint, a checkpoint saved by the
     original causal_crystal.py, a bare state_dict, a .safetensors file with a JSON
@@ -146,8 +147,9 @@ calibrate_tokens_option = click.option("--calibrate-tokens", type=click.IntRange
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--target", "-t", type=click.Choice(TARGETS), required=True,
-              help="Backend to compile for: c (a C99 program; --build runs make and cc) or verilog (a "
-                   "Q16.16 fixed-point core; --build compiles its simulation with Icarus; docs/backends.md).")
+              help="Backend to compile for: c (a C99 program; --build runs make and cc), verilog (a Q16.16 "
+                   "fixed-point core; --build compiles its simulation with Icarus) or spice (each block's neuron "
+                   "field as an ngspice circuit; --build solves it once). docs/backends.md.")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Output folder; replaced as a whole only once everything is written (an existing one only "
                    "if it is empty or crystalc wrote it).")

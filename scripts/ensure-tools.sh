@@ -2,8 +2,8 @@
 # Install the external tools the tests drive, when missing and when we can (root
 # or sudo). Otherwise say what to install; the tests then skip (or fail, in CI).
 set -u
-need_cmds=(cc make clang iverilog yosys verilator)
-need_pkgs=(gcc make "clang libclang-rt-dev" iverilog yosys verilator)  # clang + its runtimes: libFuzzer for fuzz/ (tests/fuzz); the rest: the Verilog backend
+need_cmds=(cc make clang iverilog yosys verilator ngspice)
+need_pkgs=(gcc make "clang libclang-rt-dev" iverilog yosys verilator ngspice)  # clang + its runtimes: libFuzzer for fuzz/ (tests/fuzz); then the Verilog and SPICE backends
 missing=()
 for i in "${!need_cmds[@]}"; do
   command -v "${need_cmds[$i]}" >/dev/null 2>&1 || missing+=(${need_pkgs[$i]})  # unquoted: one tool may need several packages

@@ -85,8 +85,15 @@ def head(op: Head, weight: Tensor, h: np.ndarray) -> np.ndarray:
     return linear(h, weight, op.bias)
 
 
-def forward(graph: Graph, ids: Sequence[int]) -> np.ndarray:
-    """Logits [S, V] for current-vocabulary ids, 1 <= S <= n_ctx."""
+FieldFn = Callable[[int, NeuronField, np.ndarray], np.ndarray]
+
+
+def forward(graph: Graph, ids: Sequence[int], field_fn: FieldFn | None = None) -> np.ndarray:
+    """Logits [S, V] for current-vocabulary ids, 1 <= S <= n_ctx.
+
+    `field_fn(block, op, h)`, when given, computes the neuron_field ops in place of
+    `neuron_field` (a backend that implements only that op, e.g. as a circuit).
+    """
     c = graph.config
     ids_arr = np.asarray(ids, dtype=np.int64)
     s = len(ids_arr)
@@ -96,9 +103,10 @@ def forward(graph: Graph, ids: Sequence[int]) -> np.ndarray:
         raise CrystalError(f"token id outside 0..{c.vocab_size - 1}")
     x = token_embedding(graph.token_embed.weight, ids_arr) + position_embedding(graph.pos_embed.weight, s)
     x = x.astype(np.float32)
-    for blk in graph.blocks:
+    field = field_fn or (lambda _b, op, h: neuron_field(op, h))
+    for b, blk in enumerate(graph.blocks):
         x = x + causal_attention(blk.attn, layer_norm(blk.ln1, x, c.ln_eps))
-        x = x + neuron_field(blk.field, layer_norm(blk.ln2, x, c.ln_eps))
+        x = x + field(b, blk.field, layer_norm(blk.ln2, x, c.ln_eps))
         x = x + ffn(blk.ffn, layer_norm(blk.ln3, x, c.ln_eps))
     if graph.final_norm is not None:
         x = layer_norm(graph.final_norm, x, c.ln_eps)

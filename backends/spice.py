@@ -1,0 +1,159 @@
+"""The SPICE backend: each block's neuron field as an analog circuit, simulated by ngspice.
+
+The seeds' hybrid design puts the crystallised neurons in analog hardware and the
+rest in digital; this target compiles the op that is made of neurons, the
+`neuron_field`, one subcircuit per block (`neuron_field_b<b>`), and leaves the
+other ops to a digital target (here, the reference interpreter: `forward`).
+
+Decisions taken here (templates/spice/ only renders text):
+
+- The exponential is physical: a diode's current IS * (exp(V / Vt) - 1), driven at
+  V = (A - a_j) Vt with a_j = |h - pos_j| / (|tau_j| + 0.1), carries
+  IS * exp(A) * exp(-a_j). A = 42 and IS = 1e-21 A put the nearest possible
+  neuron (a_j = 0) at 1.09 V and 1.7 mA; neurons beyond A temperatures carry
+  -IS, which next to the eps current (normalised field) or IS * exp(A) is
+  below 1e-10 of a weight.
+- Vt is what ngspice computes at its default 27 C, from its own constants
+  (Boltzmann 1.38064852e-23 J/K, charge 1.6021766208e-19 C), so the diode's
+  exponent is the intended one to 1e-16.
+- ngspice puts GMIN (default 1e-12 S) beside every junction; the eps current is
+  1.7e-11 A, so GMIN would leak 4% of it. The testbench sets GMIN to 1e-30 and
+  solves to a relative tolerance of 1e-12.
+- Squares, square roots and the final division are ideal behavioural sources (B
+  elements: analog multipliers and dividers at block level); sums are currents
+  into a node (Kirchhoff), the val_jk weighting current mirrors (F elements).
+- Every neuron is in the circuit; the frozen ones are marked in comments. Values
+  are the graph's float32 weights (dequantized when quantized), printed with 9
+  significant digits, which read back exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crystalc.errors import CrystalError
+from crystalc.ir.graph import Graph
+from crystalc.ir.interpret import forward as interpret_forward
+from crystalc.ir.ops import NeuronField
+from crystalc.templating import render
+
+DRIVE_A = 42.0  # the diode's drive for a neuron at distance 0, in thermal voltages
+DIODE_IS = 1e-21  # A
+THERMAL_VOLTAGE = 1.38064852e-23 * 300.15 / 1.6021766208e-19  # ngspice's kT/q at 27 C
+OPTIONS = "reltol=1e-12 abstol=1e-24 vntol=1e-15 gmin=1e-30"
+
+
+def _num(x: float) -> str:
+    return f"{float(x):.9g}"
+
+
+def netlist_name(block: int) -> str:
+    return f"neuron_field_b{block}.sp"
+
+
+def lower_field(graph: Graph, block: int) -> dict[str, Any]:
+    """The template context of block `block`'s neuron field."""
+    f = graph.blocks[block].field
+    pos, val = f.positions.values(), f.values.values()
+    t = np.abs(f.temperature.values().astype(np.float32)) + np.float32(0.1)
+    frozen = np.asarray(f.frozen.data, dtype=bool)
+    scale = DIODE_IS * math.exp(DRIVE_A)
+    neurons = [{
+        "j": j, "frozen": bool(frozen[j]), "t": _num(t[j]), "vt_over_t": _num(THERMAL_VOLTAGE / float(t[j])),
+        "pos": [_num(v) for v in pos[j]], "val": [_num(v) for v in val[j]],
+    } for j in range(f.n_neurons)]
+    return {
+        "block": block, "d": graph.config.d_model, "neurons": neurons, "n_frozen": int(frozen.sum()),
+        "normalize": f.normalize, "eps_current": _num(f.eps * scale), "inv_scale": _num(1.0 / scale),
+        "a_vt": repr(DRIVE_A * THERMAL_VOLTAGE), "diode_is": _num(DIODE_IS),
+        "summary": f"|tau| + 0.1 from {float(t.min()):.4g} to {float(t.max()):.4g}" if f.n_neurons else "",
+    }
+
+
+class SpiceBackend:
+    name = "spice"
+
+    def emit(self, graph: Graph, out_dir: Path, **options: Any) -> list[Path]:
+        """Write neuron_field_b<b>.sp for every block with neurons into out_dir."""
+        graph.verify()
+        blocks = [b for b, blk in enumerate(graph.blocks) if blk.field.n_neurons]
+        if not blocks:
+            raise CrystalError("the SPICE target compiles the neuron fields, and every block has 0 neurons")
+        written = []
+        for b in blocks:
+            path = Path(out_dir) / netlist_name(b)
+            path.write_text(render("spice", "neuron_field.sp.j2", **lower_field(graph, b)), encoding="ascii")
+            written.append(path)
+        return written
+
+    def build(self, out_dir: Path, **options: Any) -> Path:
+        """Solve every netlist once in ngspice (all inputs 0) and write the results to check.log."""
+        out_dir = Path(out_dir)
+        lines = []
+        for path in sorted(out_dir.glob("neuron_field_b*.sp")):
+            block = int(path.stem.removeprefix("neuron_field_b"))
+            out = simulate_field(out_dir, block, np.zeros((1, _width(path))))
+            lines.append(f"{path.name}: f at h = 0: {' '.join(_num(v) for v in out[0])}")
+        if not lines:
+            raise CrystalError(f"{out_dir} holds no neuron_field_b*.sp netlist")
+        log = out_dir / "check.log"
+        log.write_text("\n".join(lines) + "\n")
+        return log
+
+
+def _width(netlist: Path) -> int:
+    """D, from the subcircuit's ports h0..h<D-1>, f0..f<D-1>."""
+    found = re.search(r"^\.subckt \S+ (.*)$", netlist.read_text(encoding="ascii"), re.MULTILINE)
+    if found is None:
+        raise CrystalError(f"{netlist} holds no .subckt line")
+    return len(found.group(1).split()) // 2
+
+
+def simulate_field(out_dir: Path, block: int, h: np.ndarray, timeout: float | None = 600) -> np.ndarray:
+    """Block `block`'s field at the inputs h [S, D], by ngspice's operating point: [S, D] float64."""
+    if shutil.which("ngspice") is None:
+        raise CrystalError("simulating SPICE needs 'ngspice', which is not on PATH")
+    netlist = (Path(out_dir) / netlist_name(block)).resolve()
+    if not netlist.is_file():
+        raise CrystalError(f"{netlist} does not exist: compile with --target spice first")
+    h = np.asarray(h, dtype=np.float64)
+    with tempfile.TemporaryDirectory() as tmp:
+        bench = Path(tmp) / "bench.cir"
+        shutil.copy(netlist, Path(tmp) / netlist.name)  # .include by a plain name: paths may hold spaces
+        bench.write_text(render("spice", "testbench.cir.j2", block=block, d=h.shape[1], options=OPTIONS,
+                                inputs=[[_num(v) for v in row] for row in h]), encoding="ascii")
+        try:
+            proc = subprocess.run(["ngspice", "-b", bench.name], cwd=tmp, capture_output=True, text=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise CrystalError(f"ngspice did not finish within {timeout:g} s") from e
+    found = {(int(s), int(k)): float(v) for s, k, v in
+             re.findall(r"^v\(f(\d+)_(\d+)\) = (\S+)$", proc.stdout, re.MULTILINE)}
+    if proc.returncode != 0 or len(found) != h.size:
+        detail = " ".join((proc.stderr + proc.stdout).split())[-1500:]
+        raise CrystalError(f"ngspice failed on {netlist.name} (exit {proc.returncode}): {detail}")
+    return np.array([[found[(s, k)] for k in range(h.shape[1])] for s in range(h.shape[0])])
+
+
+def forward(graph: Graph, out_dir: Path, ids: Sequence[int]) -> np.ndarray:
+    """Logits [S, V] with every neuron field computed by ngspice from out_dir's netlists, the rest by the
+    interpreter."""
+
+    def field(block: int, op: NeuronField, h: np.ndarray) -> np.ndarray:
+        if op.n_neurons == 0:
+            return np.zeros_like(h)
+        return simulate_field(out_dir, block, h).astype(np.float32)
+
+    return interpret_forward(graph, ids, field_fn=field)
+
+
+BACKEND = SpiceBackend()

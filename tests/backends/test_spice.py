@@ -1,0 +1,156 @@
+"""The SPICE backend: ngspice solves each block's neuron field as a circuit.
+
+Tolerances: the field's outputs within 1e-5 of the interpreter's float32
+neuron_field, logits (the field by ngspice, every other op by the interpreter)
+within 1e-4 of interpret.forward, as for C. The circuit is solved in double
+precision to a relative tolerance of 1e-12; its exponentials are ngspice's diode
+equation at the thermal voltage ngspice itself uses, so what differs is the
+interpreter's float32 rounding (measured: 1e-6 on fields of order 1) and the
+diode's -IS term and GMIN leak (below 1e-9 of a weight). A wrong value, sign or
+temperature moves the outputs by far more (tested below).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crystalc.backends import spice
+from crystalc.errors import CrystalError
+from crystalc.ir.graph import Graph
+from crystalc.ir.interpret import causal_attention, ffn, forward, layer_norm, neuron_field
+from crystalc.passes.prune_vocab import prune_vocab
+from crystalc.passes.quantize import quantize
+from tests.conftest import FIXTURE_SHAPES, random_graph, require_tool, save_pt
+
+FIELD_TOL = 1e-5
+LOGIT_TOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tools():
+    require_tool("ngspice")
+
+
+def emitted(graph: Graph, out: Path) -> Path:
+    out.mkdir(parents=True)
+    spice.BACKEND.emit(graph, out)
+    return out
+
+
+def field_inputs(graph: Graph, ids: list[int]) -> list[np.ndarray]:
+    """Each block's neuron_field input h [S, D] on the interpreter's way through `ids`."""
+    c = graph.config
+    x = graph.token_embed.weight.values()[ids] + graph.pos_embed.weight.values()[:len(ids)]
+    hs = []
+    for blk in graph.blocks:
+        x = x + causal_attention(blk.attn, layer_norm(blk.ln1, x, c.ln_eps))
+        h = layer_norm(blk.ln2, x, c.ln_eps)
+        hs.append(h)
+        x = x + neuron_field(blk.field, h)
+        x = x + ffn(blk.ffn, layer_norm(blk.ln3, x, c.ln_eps))
+    return hs
+
+
+@pytest.mark.tool
+@pytest.mark.parametrize("shape", sorted(FIXTURE_SHAPES))
+def test_fields_and_logits_match_the_interpreter(shape, tmp_path):
+    g = random_graph(shape, seed=2)
+    out = emitted(g, tmp_path / "out")
+    ids = np.random.default_rng(5).integers(0, g.config.vocab_size, g.config.n_ctx).tolist()
+    for b, h in enumerate(field_inputs(g, ids)):
+        op = g.blocks[b].field
+        if op.n_neurons:
+            got = spice.simulate_field(out, b, h)
+            assert np.abs(got - neuron_field(op, h)).max() <= FIELD_TOL
+        else:
+            assert not (out / spice.netlist_name(b)).exists()
+    assert np.abs(spice.forward(g, out, ids) - forward(g, ids)).max() <= LOGIT_TOL
+
+
+@pytest.mark.tool
+def test_quantized_pruned_graph(tmp_path):
+    g = quantize(prune_vocab(random_graph("d40_h5", seed=3), None, [0, 1, 2, 5, 8, 13, 21]), "int8", "row")
+    out = emitted(g, tmp_path / "out")
+    ids = [0, 3, 6, 2]
+    assert np.abs(spice.forward(g, out, ids) - forward(g, ids)).max() <= LOGIT_TOL
+
+
+@pytest.mark.tool
+def test_a_far_field_where_eps_decides(tmp_path):
+    # temperatures such that the nearest neuron is ln(1/eps) temperatures away: the eps current is
+    # as large as the neurons' together, and the diodes carry about IS * e^(42 - 18.4)
+    g = random_graph("d40_h5", seed=6)
+    ids = [1, 2, 3]
+    h = field_inputs(g, ids)[0]
+    op = g.blocks[0].field
+    nearest = float(np.sqrt(((op.positions.values() - h[-1]) ** 2).sum(axis=1)).min())
+    tau = nearest / -math.log(g.config.field_eps) - 0.1
+    temp = op.temperature
+    far = g.map_tensors(lambda t: type(t)(t.name, np.full_like(t.data, tau)) if t is temp else t)
+    out = emitted(far, tmp_path / "out")
+    field = far.blocks[0].field
+    got = spice.simulate_field(out, 0, h)
+    assert np.abs(got - neuron_field(field, h)).max() <= FIELD_TOL
+    assert np.abs(got - neuron_field(dataclasses.replace(field, eps=0.0), h)).max() > 0.1
+
+
+@pytest.mark.tool
+def test_a_changed_value_changes_the_output(tmp_path):
+    g = random_graph("all_on", seed=4)
+    out = emitted(g, tmp_path / "out")
+    h = np.random.default_rng(1).standard_normal((2, 8))
+    before = spice.simulate_field(out, 0, h)
+    netlist = out / spice.netlist_name(0)
+    text = netlist.read_text()
+    line = next(li for li in text.splitlines() if li.startswith("F1_3 "))
+    gain = float(line.split()[-1])
+    netlist.write_text(text.replace(line, " ".join(line.split()[:-1] + [repr(gain + 1.0)])))
+    after = spice.simulate_field(out, 0, h)
+    op = g.blocks[0].field
+    moved = np.abs(after - before)
+    assert moved[:, 3].min() > 1e-3 and np.delete(moved, 3, axis=1).max() < 1e-12
+    w = neuron_field(dataclasses.replace(op, values=type(op.values)("v", np.eye(2, 8, 3, dtype=np.float32)[::-1])),
+                     h.astype(np.float32))
+    assert np.abs(moved[:, 3] - w[:, 3]).max() < FIELD_TOL  # exactly neuron 1's weight moved in
+
+
+def test_emit_names_and_refusals(tmp_path):
+    g = random_graph("three_blocks_n0_n1", seed=1)
+    out = emitted(g, tmp_path / "out")
+    assert sorted(p.name for p in out.iterdir()) == ["neuron_field_b1.sp", "neuron_field_b2.sp"]
+    text = (out / "neuron_field_b2.sp").read_text()
+    assert ".subckt neuron_field_b2 h0" in text and text.count("D0 d0 0 dexp") == 1
+    frozen = np.asarray(g.blocks[2].field.frozen.data, dtype=bool)
+    assert text.count("(frozen)") == frozen.sum() and text.count("(active)") == (~frozen).sum()
+    again = tmp_path / "again"
+    again.mkdir()
+    spice.BACKEND.emit(g, again)
+    assert all((out / n).read_bytes() == (again / n).read_bytes() for n in ("neuron_field_b1.sp", "neuron_field_b2.sp"))
+    empty = random_graph({**FIXTURE_SHAPES["all_on"], "n_neurons": 0}, seed=1)
+    with pytest.raises(CrystalError, match="every block has 0 neurons"):
+        spice.BACKEND.emit(empty, tmp_path)
+    with pytest.raises(CrystalError, match="does not exist"):
+        spice.simulate_field(out, 0, np.zeros((1, 12)))
+
+
+@pytest.mark.tool
+def test_compile_target_spice_build(tmp_path):
+    g = random_graph("tied_unnormalised", seed=7)
+    ckpt = save_pt(g, tmp_path / "m.pt")
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "crystalc.cli", "compile", str(ckpt), "--target", "spice", "-o",
+                          str(out), "--build"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert Path(res.stdout.strip()) == out / "check.log"
+    log = (out / "check.log").read_text().splitlines()
+    assert [li.split(":")[0] for li in log] == ["neuron_field_b0.sp", "neuron_field_b1.sp"]
+    zero = np.zeros((1, 24), dtype=np.float32)
+    want = neuron_field(g.blocks[1].field, zero)[0]
+    assert np.abs(np.array([float(v) for v in log[1].split(":")[-1].split()]) - want).max() <= FIELD_TOL
