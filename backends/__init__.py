@@ -34,6 +34,7 @@ BACKENDS: dict[str, str] = {
     "c": "c",
     "verilog": "verilog",
     "spice": "spice",
+    "cuda": "cuda",
 }
 
 

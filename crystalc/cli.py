@@ -115,7 +115,7 @@ def _parse_ids(text: str) -> list[int]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="crystalc")
 def cli() -> None:
-    """crystalc: compile crystal language models to C, a Verilog core, or SPICE circuits (CUDA planned).
+    """crystalc: compile crystal language models to C, CUDA, a Verilog core, or SPICE circuits.
 
     MODEL arguments accept a crystalc .pt checkpoint, a checkpoint saved by the
     original causal_crystal.py, a bare state_dict, a .safetensors file with a JSON
@@ -147,9 +147,10 @@ calibrate_tokens_option = click.option("--calibrate-tokens", type=click.IntRange
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--target", "-t", type=click.Choice(TARGETS), required=True,
-              help="Backend to compile for: c (a C99 program; --build runs make and cc), verilog (a Q16.16 "
-                   "fixed-point core; --build compiles its simulation with Icarus) or spice (each block's neuron "
-                   "field as an ngspice circuit; --build solves it once). docs/backends.md.")
+              help="Backend to compile for: c (a C99 program; --build runs make and cc), cuda (the same program "
+                   "with its forward pass on a GPU; --build runs make, nvcc and cc), verilog (a Q16.16 fixed-point "
+                   "core; --build compiles its simulation with Icarus) or spice (each block's neuron field as an "
+                   "ngspice circuit; --build solves it once). docs/backends.md.")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Output folder; replaced as a whole only once everything is written (an existing one only "
                    "if it is empty or crystalc wrote it).")
@@ -170,7 +171,7 @@ def compile(model: str, target: str, out_dir: str, build: bool, cflags: str | No
     from crystalc.fsutil import atomic_dir
 
     if cflags is not None and target != "c":
-        raise CrystalError(f"--cflags are C compiler flags; --target {target} compiles no C")
+        raise CrystalError(f"--cflags applies to --target c only, not {target}")
     if cflags is not None and not build:
         raise CrystalError("--cflags are the flags of --build: add --build (or run make CFLAGS=... in OUT)")
     _check_output(out_dir, model=model, corpus=prune_corpus, calibration_text=calibrate)

@@ -1,0 +1,73 @@
+"""The CUDA backend: the C backend's program with its forward pass on a GPU.
+
+Decisions taken here (templates/cuda/ only renders text):
+
+- Everything but the forward pass is the C backend's: the same lowering
+  (`backends.c.lower`), so the same weights blob linked by `weights.S`, the same
+  `model.c`, and the shared command line (`crystal_cli.c`), which gives every
+  target one command line and one sampler.
+- `crystal_forward.cu` implements crystal.h's forward functions with one kernel
+  per IR op; the weights go to the GPU once, as float32, integer tensors
+  dequantized on the host exactly as the IR defines it.
+- Positions run one at a time (a window is its positions in order): the
+  simplest correct order on a KV cache; batching a window's positions into
+  matrix products is the C backend's speed work, not yet done here.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from crystalc.backends.c import lower
+from crystalc.errors import CrystalError
+from crystalc.ir.graph import Graph
+from crystalc.templating import render
+
+DEFAULT_NVCCFLAGS = "-O3"
+SHARED_C = ("crystal.h", "crystal_cli.c")
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def emit(self, graph: Graph, out_dir: Path, **options: Any) -> list[Path]:
+        """Write model.h, model.c, weights.S, weights.bin (as the C backend), main.c, crystal_forward.cu,
+        the shared crystal.h and crystal_cli.c, and a Makefile into out_dir."""
+        graph.verify()
+        out_dir = Path(out_dir)
+        ctx, blob = lower(graph)
+        written = []
+        for target, template, name in (("c", "model.h.j2", "model.h"), ("c", "model.c.j2", "model.c"),
+                                       ("c", "weights.S.j2", "weights.S"), ("cuda", "main.c.j2", "main.c"),
+                                       ("cuda", "Makefile.j2", "Makefile")):
+            path = out_dir / name
+            path.write_text(render(target, template, **ctx, default_nvccflags=DEFAULT_NVCCFLAGS), encoding="utf-8")
+            written.append(path)
+        (out_dir / "weights.bin").write_bytes(blob)
+        written.append(out_dir / "weights.bin")
+        for folder, name in [("c", n) for n in SHARED_C] + [("cuda", "crystal_forward.cu")]:
+            (out_dir / name).write_bytes((files("crystalc.templates") / folder / name).read_bytes())
+            written.append(out_dir / name)
+        return written
+
+    def build(self, out_dir: Path, nvccflags: str | None = None, **options: Any) -> Path:
+        """Run `make` in out_dir: nvcc compiles the forward pass, cc the rest."""
+        for tool in ("make", "nvcc", "cc"):
+            if shutil.which(tool) is None:
+                raise CrystalError(f"building CUDA needs '{tool}', which is not on PATH")
+        cmd = ["make", "-s", "-C", str(out_dir), "model"]
+        if nvccflags is not None:
+            cmd.append(f"NVCCFLAGS={nvccflags}")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            detail = " ".join((proc.stderr or proc.stdout).split())[:2000]
+            raise CrystalError(f"building the CUDA model failed ({shlex.join(cmd)}): {detail}")
+        return Path(out_dir) / "model"
+
+
+BACKEND = CudaBackend()

@@ -1,0 +1,143 @@
+"""The CUDA backend: nvcc builds every program here; the programs run where a GPU is.
+
+This machine (and CI) has nvcc but no GPU, so the builds are checked everywhere
+(with every warning an error) and the parity tests skip with the reason; on a
+machine with a GPU they run. Tolerance there: max abs logit error <= 1e-4, as for
+C: float32 throughout, reductions in a different order than numpy (warp
+shuffles, block trees), expf/erff/sqrtf within 2 ulp; no multiply-add is fused
+(--fmad=false), and integer weights are dequantized on the host exactly as the IR.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crystalc.backends.cuda import BACKEND
+from crystalc.ir.graph import Graph
+from crystalc.ir.interpret import forward
+from crystalc.passes.prune_vocab import prune_vocab
+from crystalc.passes.quantize import quantize
+from tests.conftest import FIXTURE_SHAPES, random_graph, require_tool
+
+TOL = 1e-4
+STRICT_C = "-std=c99 -O2 -Wall -Wextra -Werror"
+STRICT_NVCC = "-O3 -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror"
+NO_GPU = "no usable CUDA GPU"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tools():
+    require_tool("nvcc", "make", "cc")
+
+
+def program(graph: Graph, out: Path) -> Path:
+    out.mkdir(parents=True)
+    BACKEND.emit(graph, out)
+    res = subprocess.run(["make", "-s", "-C", str(out), "model", f"CFLAGS={STRICT_C}", f"NVCCFLAGS={STRICT_NVCC}"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr + res.stdout
+    return out / "model"
+
+
+def run_logits(exe: Path, ids: list[int]) -> subprocess.CompletedProcess:
+    return subprocess.run([str(exe), "--prompt-ids", ",".join(map(str, ids)), "--logits"], capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def gpu(tmp_path_factory) -> bool:
+    exe = program(random_graph("all_on", seed=1), tmp_path_factory.mktemp("probe") / "out")
+    res = run_logits(exe, [1])
+    return not (res.returncode == 2 and NO_GPU in res.stderr)
+
+
+def parsed(res: subprocess.CompletedProcess) -> tuple[list[int], np.ndarray]:
+    assert res.returncode == 0, res.stderr
+    rows = [line.split() for line in res.stdout.splitlines()]
+    return [int(r[0]) for r in rows], np.array([float(r[1]) for r in rows])
+
+
+@pytest.mark.tool
+@pytest.mark.parametrize("shape", sorted(FIXTURE_SHAPES))
+def test_logits_match_the_interpreter(shape, tmp_path, gpu):
+    g = random_graph(shape, seed=2)
+    exe = program(g, tmp_path / "out")  # built here even without a GPU: nvcc and cc, warnings as errors
+    if not gpu:
+        pytest.skip("no GPU on this machine: built, not run")
+    ids = np.random.default_rng(4).integers(0, g.config.vocab_size, g.config.n_ctx).tolist()
+    for n in (1, 2, len(ids)):
+        _, got = parsed(run_logits(exe, ids[:n]))
+        assert np.abs(got - forward(g, ids[:n])[-1]).max() <= TOL
+
+
+@pytest.mark.tool
+@pytest.mark.parametrize("mode,granularity", [("int8", "row"), ("int16", "group:5"), ("mixed8", "tensor")])
+def test_quantized_pruned_graph(mode, granularity, tmp_path, gpu):
+    keep = [0, 2, 3, 7, 11, 19, 30]
+    g = quantize(prune_vocab(random_graph("tied_unnormalised", seed=3), None, keep), mode, granularity)
+    exe = program(g, tmp_path / "out")
+    if not gpu:
+        pytest.skip("no GPU on this machine: built, not run")
+    ids, got = parsed(run_logits(exe, [0, 2, 7, 30]))
+    assert ids == keep
+    assert np.abs(got - forward(g, g.to_current_ids([0, 2, 7, 30]))[-1]).max() <= TOL
+
+
+@pytest.mark.tool
+def test_greedy_generation_matches_the_interpreter(tmp_path, gpu):
+    from crystalc.ir.interpret import generate
+
+    g = random_graph("d40_h5", seed=5)
+    exe = program(g, tmp_path / "out")
+    if not gpu:
+        pytest.skip("no GPU on this machine: built, not run")
+    res = subprocess.run([str(exe), "--prompt-ids", "1,2,3", "-n", "30", "-t", "0", "--shift", "3"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert [int(t) for t in res.stdout.strip().split(",")] == generate(g, [1, 2, 3], 30, 3)
+
+
+@pytest.mark.tool
+def test_without_a_gpu_one_line_and_exit_2(tmp_path, gpu):
+    if gpu:
+        pytest.skip("this machine has a GPU")
+    exe = program(random_graph("all_on", seed=6), tmp_path / "out")
+    res = run_logits(exe, [1, 2])
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith(f"{exe}: error: {NO_GPU}")
+
+
+def test_emit_is_the_c_model_with_a_cuda_forward_pass(tmp_path):
+    from crystalc.backends.c import BACKEND as C
+
+    g = random_graph("three_blocks_n0_n1", seed=7)
+    cu, c = tmp_path / "cu", tmp_path / "c"
+    for out, backend in ((cu, BACKEND), (c, C)):
+        out.mkdir()
+        backend.emit(g, out)
+    names = sorted(p.name for p in cu.iterdir())
+    assert names == ["Makefile", "crystal.h", "crystal_cli.c", "crystal_forward.cu", "main.c", "model.c", "model.h",
+                     "weights.S", "weights.bin"]
+    for same in ("crystal.h", "crystal_cli.c", "model.c", "model.h", "weights.S", "weights.bin"):
+        assert (cu / same).read_bytes() == (c / same).read_bytes(), same
+    kernels = (cu / "crystal_forward.cu").read_text()
+    for op in ("token_embedding", "layer_norm", "linear", "causal_attention", "neuron_field", "gelu"):
+        assert f"__global__ void {op}(" in kernels
+
+
+@pytest.mark.tool
+def test_compile_target_cuda_build(tmp_path):
+    import sys
+
+    from tests.conftest import save_pt
+
+    ckpt = save_pt(random_graph("d40_h5", seed=8), tmp_path / "m.pt")
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "crystalc.cli", "compile", str(ckpt), "--target", "cuda", "-o",
+                          str(out), "--build"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert Path(res.stdout.strip()) == out / "model" and (out / "model").is_file()
