@@ -172,9 +172,7 @@ def lower(graph: Graph) -> tuple[dict[str, Any], bytes]:
         ctx["char_offsets"] = blob.add("tokenizer char offsets", offsets.tobytes())
     ctx["blob_size"] = blob.size
     ctx["blob_table"] = blob.table
-    ctx["summary"] = (f"V={c.vocab_size} D={c.d_model} T={c.n_ctx} H={c.n_heads} L={c.n_blocks} "
-                      f"F={c.ffn_hidden} neurons={list(c.n_neurons)} field_norm={int(c.field_norm)} "
-                      f"final_norm={int(c.final_norm)} tie_head={int(c.tie_head)}")
+    ctx["summary"] = c.summary()
     return ctx, blob.bytes()
 
 

@@ -15,10 +15,11 @@ The arithmetic, defined once here and mirrored by the Verilog:
 - `rshift_round(a, s)` = (a + 2^(s-1)) >> s, the shift arithmetic (floor), so
   halves round up. `tdiv` truncates toward zero, as Verilog's signed `/` does.
   Every word written to RAM saturates to 32 bits (`sat32`).
-- exp(x) = 2^(x log2 e): the exponent y (Q16) splits into an integer n and a
-  fraction f; 2^f comes from a 257-entry table with linear interpolation
-  (relative error < 1e-5), then shifts by n (right for negative n, truncating;
-  left up to EXP_CAP).
+- exp(x) = 2^(x log2 e): the base-2 exponent y (Q24) splits into an integer n
+  and a fraction f; 2^f (Q29) comes from a 257-entry table with linear
+  interpolation, then shifts by n into a Q30 result (right shifts round; left
+  ones saturate at EXP_CAP): relative error < 2e-6. Softmax and field weights
+  are at most 1, so Q30 keeps 30 bits of them where Q16 would keep 16.
 - GELU from a table on [-8, 8) at steps of 1/64 with linear interpolation;
   x beyond the table is x (right) or 0 (left): |GELU(x) - x| < 1e-14 there.
 - sqrt is the exact floor integer square root.
@@ -28,8 +29,8 @@ Rewritings that keep the math but suit integers (the lowering's decisions):
 - The neuron field's 1 / (|tau| + 0.1) is folded into one constant per neuron.
 - The normalised field subtracts the smallest exponent a_min before exp, like
   softmax does: w_j = e^(-(a_j - a_min)) / (sum_k e^(-(a_k - a_min)) + eps e^(a_min)),
-  the spec's w_j exactly; without it every weight underflows Q16.16 once the
-  nearest neuron is ~11 temperatures away. eps e^(a_min) = exp(a_min - ln(1/eps)).
+  the spec's w_j exactly; without it every weight underflows Q30 once the
+  nearest neuron is ~21 temperatures away. eps e^(a_min) = exp(a_min - ln(1/eps)).
 - The attention scale 1/sqrt(D/H) is one Q16 constant.
 """
 
@@ -37,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -59,7 +60,16 @@ GELU_LO = -8 * ONE  # table range [-8, 8)
 GELU_STEP_BITS = 10  # 2^10 Q16 units = 1/64 between table entries
 GELU_ENTRIES = (16 * ONE >> GELU_STEP_BITS) + 1
 
-# An instruction is one program ROM word of 32 bits per field, `op` the lowest.
+# An instruction is one program ROM word of 32 bits per field, `op` the lowest. What the fields
+# hold (RAM addresses: dst, src, s; ROM addresses: a, b, c unless said):
+#   token_embedding   dst = x; a, b = token_embed, pos_embed; n = D
+#   layer_norm        dst, src; a, b = weight, bias; n = D; k = eps in Q32
+#   linear            dst, src; a, b = weight [n, m], bias; flags ACCUMULATE, PER_POSITION
+#   causal_attention  dst = y, src = q; a, b = key and value caches (RAM); c = head width; n = D;
+#                     m = heads; s = scratch; k = 1/sqrt(head width) in Q16
+#   neuron_field      dst = x (added to), src = h; a, b = positions, values; c = 1/(|tau|+0.1) per
+#                     neuron; n = D; m = N; s = scratch; k = ln(1/eps) in Q16; flags NORMALIZE, HAS_EPS
+#   gelu              dst = src = u; n = F
 FIELDS = ("op", "dst", "src", "a", "b", "c", "n", "m", "s", "k", "flags")
 OPCODES = {"halt": 0, "token_embedding": 1, "layer_norm": 2, "linear": 3, "causal_attention": 4,
            "neuron_field": 5, "gelu": 6}
@@ -176,7 +186,7 @@ class Program:
     """A lowered graph: what the core runs for each token, and the memories it runs on."""
 
     instrs: list[Instr]
-    rom: np.ndarray  # int64 Q16 words (each fits 32 bits)
+    rom: np.ndarray  # int64 words of 32 bits: Q16 values, the exp table Q29
     rom_table: list[tuple[str, int, int]]  # (what, base, words), for the listing
     ram_words: int
     ram_table: list[tuple[str, int, int]]
@@ -187,7 +197,6 @@ class Program:
     gelu_lut: int
     summary: str = ""
     vocab_map: np.ndarray | None = None
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class _Memory:
@@ -281,13 +290,8 @@ def lower(graph: Graph) -> Program:
                                                                     graph.head.weight is None else ""))
     code.append(Instr("halt", note="logits ready"))
 
-    words = rom.words()
-    if words.size and (words.min() < INT32_MIN or words.max() > INT32_MAX):
-        raise CrystalError("a ROM word does not fit 32 bits")
-    summary = (f"V={v} D={d} T={t} H={c.n_heads} L={c.n_blocks} F={c.ffn_hidden} neurons={list(c.n_neurons)} "
-               f"field_norm={int(c.field_norm)} final_norm={int(c.final_norm)} tie_head={int(c.tie_head)}")
-    return Program(code, words, rom.table, ram.size, ram.table, logits, v, t, exp_base, gelu_base, summary,
-                   None if graph.vocab_map is None else np.asarray(graph.vocab_map))
+    return Program(code, rom.words(), rom.table, ram.size, ram.table, logits, v, t, exp_base, gelu_base,
+                   c.summary(), None if graph.vocab_map is None else np.asarray(graph.vocab_map))
 
 
 # --- the emulator ------------------------------------------------------------------------

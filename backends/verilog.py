@@ -24,7 +24,7 @@ import subprocess
 import tempfile
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -35,10 +35,18 @@ from crystalc.templating import render
 
 STATIC_FILES = ("crystal_core.v", "crystal_tb.v")
 SIM = "sim.vvp"
-# simulator -> (the make target that builds it, the command that runs it, tools to build, tools to run)
-SIMULATORS: dict[str, tuple[str, list[str], tuple[str, ...], tuple[str, ...]]] = {
-    "icarus": (SIM, ["vvp", "-n", SIM], ("make", "iverilog"), ("vvp",)),
-    "verilator": ("obj_dir/crystal_sim", ["obj_dir/crystal_sim"], ("make", "verilator"), ()),
+
+
+class Simulator(NamedTuple):
+    target: str  # what `make` builds, relative to the output folder
+    command: list[str]  # runs it, in the output folder
+    build_tools: tuple[str, ...]
+    run_tools: tuple[str, ...]
+
+
+SIMULATORS = {
+    "icarus": Simulator(SIM, ["vvp", "-n", SIM], ("make", "iverilog"), ("vvp",)),
+    "verilator": Simulator("obj_dir/crystal_sim", ["obj_dir/crystal_sim"], ("make", "verilator"), ()),
 }
 
 
@@ -97,9 +105,9 @@ class VerilogBackend:
 
     def build(self, out_dir: Path, simulator: str = "icarus", **options: Any) -> Path:
         """Build the simulation: Icarus Verilog's sim.vvp (`make sim.vvp`), or Verilator's obj_dir/crystal_sim."""
-        target, _, tools, _ = _simulator(simulator)
-        _run(["make", "-s", "-C", str(out_dir), target], tools, f"building the {simulator} simulation")
-        return Path(out_dir) / target
+        sim = _simulator(simulator)
+        _run(["make", "-s", "-C", str(out_dir), sim.target], sim.build_tools, f"building the {simulator} simulation")
+        return Path(out_dir) / sim.target
 
 
 def _run(cmd: list[str], tools: tuple[str, ...], what: str, cwd: Path | None = None,
@@ -122,7 +130,7 @@ def _defines(out_dir: Path) -> dict[str, int]:
     return {name: int(value) for name, value in re.findall(r"^`define (\w+) (\d+)$", text, re.MULTILINE)}
 
 
-def _simulator(name: str) -> tuple[str, list[str], tuple[str, ...], tuple[str, ...]]:
+def _simulator(name: str) -> Simulator:
     if name not in SIMULATORS:
         raise CrystalError(f"unknown simulator {name!r}; known: {', '.join(SIMULATORS)}")
     return SIMULATORS[name]
@@ -132,9 +140,9 @@ def simulate(out_dir: Path, ids: list[int], simulator: str = "icarus",
              timeout: float | None = None) -> tuple[np.ndarray, int]:
     """Run the built simulation on current-vocabulary ids: (last position's Q16 logits, clock cycles)."""
     out_dir = Path(out_dir)
-    target, command, _, tools = _simulator(simulator)
-    if not (out_dir / target).is_file():
-        raise CrystalError(f"{out_dir / target} does not exist: build first (crystalc compile --build, or make)")
+    sim = _simulator(simulator)
+    if not (out_dir / sim.target).is_file():
+        raise CrystalError(f"{out_dir / sim.target} does not exist: build first (crystalc compile --build, or make)")
     sizes = _defines(out_dir)
     if not 1 <= len(ids) <= sizes["N_CTX"]:
         raise CrystalError(f"sequence of {len(ids)} tokens; the model takes 1..{sizes['N_CTX']}")
@@ -143,7 +151,7 @@ def simulate(out_dir: Path, ids: list[int], simulator: str = "icarus",
     with tempfile.TemporaryDirectory() as tmp:
         prompt = Path(tmp) / "ids.hex"
         prompt.write_text("".join(f"{i:08x}\n" for i in ids))
-        out = _run([*command, f"+prompt={prompt}", f"+tokens={len(ids)}"], tools,
+        out = _run([*sim.command, f"+prompt={prompt}", f"+tokens={len(ids)}"], sim.run_tools,
                    f"simulating the Verilog with {simulator}", cwd=out_dir, timeout=timeout)
     logits: dict[int, int] = {}
     cycles = -1

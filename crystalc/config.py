@@ -44,6 +44,12 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    def summary(self) -> str:
+        """One line of the shape, for the headers of generated files."""
+        return (f"V={self.vocab_size} D={self.d_model} T={self.n_ctx} H={self.n_heads} L={self.n_blocks} "
+                f"F={self.ffn_hidden} neurons={list(self.n_neurons)} field_norm={int(self.field_norm)} "
+                f"final_norm={int(self.final_norm)} tie_head={int(self.tie_head)}")
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from a checkpoint's config dict, filling the spec's defaults."""
