@@ -23,7 +23,15 @@ extern "C" {
 #include "crystal.h"
 }
 
-#define THREADS 256  /* every block-wide reduction below assumes this many threads */
+#ifndef THREADS
+#define THREADS 256  /* threads a block: a power of two >= 32; the block-wide reductions assume it */
+#endif
+
+/* kernel<<<grid, block>>>(args), spelled so that a test can run the kernels on a CPU
+ * (tests/backends/cuda_on_cpu.h defines LAUNCH with threads and barriers) */
+#ifndef LAUNCH
+#define LAUNCH(kernel, grid, block, ...) kernel<<<(grid), (block)>>>(__VA_ARGS__)
+#endif
 
 static void cuda_fail(cudaError_t err, const char *what) {
     fprintf(stderr, "crystal: error: CUDA %s: %s\n", what, cudaGetErrorString(err));
@@ -40,10 +48,11 @@ static void cuda_fail(cudaError_t err, const char *what) {
 
 /* The sum of v over the block's THREADS threads, returned to every thread. */
 __device__ static float block_sum(float v, float *shared) {
-    shared[threadIdx.x] = v;
+    int tid = (int)threadIdx.x;
+    shared[tid] = v;
     __syncthreads();
     for (int stride = THREADS / 2; stride > 0; stride /= 2) {
-        if (threadIdx.x < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
+        if (tid < stride) shared[tid] += shared[tid + stride];
         __syncthreads();
     }
     float total = shared[0];
@@ -52,10 +61,11 @@ __device__ static float block_sum(float v, float *shared) {
 }
 
 __device__ static float block_max(float v, float *shared) {
-    shared[threadIdx.x] = v;
+    int tid = (int)threadIdx.x;
+    shared[tid] = v;
     __syncthreads();
     for (int stride = THREADS / 2; stride > 0; stride /= 2) {
-        if (threadIdx.x < stride) shared[threadIdx.x] = fmaxf(shared[threadIdx.x], shared[threadIdx.x + stride]);
+        if (tid < stride) shared[tid] = fmaxf(shared[tid], shared[tid + stride]);
         __syncthreads();
     }
     float m = shared[0];
@@ -65,7 +75,8 @@ __device__ static float block_max(float v, float *shared) {
 
 /* x = token_embed[tok] + pos_embed[pos] */
 __global__ void token_embedding(const float *embed, const float *pos_embed, int tok, int pos, int d, float *x) {
-    for (int i = threadIdx.x; i < d; i += blockDim.x) x[i] = embed[(size_t)tok * d + i] + pos_embed[(size_t)pos * d + i];
+    for (int i = (int)threadIdx.x; i < d; i += (int)blockDim.x)
+        x[i] = embed[(size_t)tok * d + i] + pos_embed[(size_t)pos * d + i];
 }
 
 /* out = (x - mean) / sqrt(var + eps) * w + b, one block */
@@ -169,7 +180,8 @@ static float *host_values(const crystal_tensor *t) {
                                                 : (float)((const int16_t *)t->data)[i];
             size_t q = 0;
             if (t->scheme == CRYSTAL_Q_ROW) q = (size_t)r;
-            if (t->scheme == CRYSTAL_Q_GROUP) q = (size_t)r * ((t->cols + t->group - 1) / t->group) + (size_t)(c / t->group);
+            if (t->scheme == CRYSTAL_Q_GROUP)
+                q = (size_t)r * ((t->cols + t->group - 1) / t->group) + (size_t)(c / t->group);
             float scaled = code * t->scale[q];
             v[i] = scaled + (t->offset ? t->offset[q] : 0.0f);
         }
@@ -246,7 +258,8 @@ static float *untile_head(const crystal_model *m) {
     float *w = (float *)malloc((size_t)v * d * sizeof *w);
     if (!w) return NULL;
     for (int r = 0; r < v; r++)
-        for (int k = 0; k < d; k++) w[(size_t)r * d + k] = m->head_tiles[(size_t)(r / t) * d * t + (size_t)k * t + r % t];
+        for (int k = 0; k < d; k++)
+            w[(size_t)r * d + k] = m->head_tiles[(size_t)(r / t) * d * t + (size_t)k * t + r % t];
     return w;
 }
 
@@ -344,34 +357,36 @@ static int rows_grid(int rows) { return (rows * 32 + THREADS - 1) / THREADS; }
 extern "C" const float *crystal_forward(const crystal_model *m, crystal_state *s, int token, int pos, int want_logits) {
     struct crystal_work *wk = s->work;
     int d = m->d_model, f = m->ffn_hidden, hd = d / m->n_heads;
-    token_embedding<<<1, THREADS>>>(wk->embed, wk->pos_embed, token, pos, d, wk->x);
+    LAUNCH(token_embedding, 1, THREADS, wk->embed, wk->pos_embed, token, pos, d, wk->x);
     for (int b = 0; b < m->n_blocks; b++) {
         dev_block *bl = &wk->blocks[b];
-        layer_norm<<<1, THREADS>>>(wk->x, bl->ln1.w, bl->ln1.b, d, m->ln_eps, wk->h);
-        linear<<<rows_grid(d), THREADS>>>(bl->qw, bl->qb, wk->h, d, d, wk->q, 0);
-        linear<<<rows_grid(d), THREADS>>>(bl->kw, bl->kb, wk->h, d, d, bl->kc + (size_t)pos * d, 0);
-        linear<<<rows_grid(d), THREADS>>>(bl->vw, bl->vb, wk->h, d, d, bl->vc + (size_t)pos * d, 0);
-        causal_attention<<<m->n_heads, THREADS>>>(wk->q, bl->kc, bl->vc, pos, d, hd, m->n_ctx, wk->scores, wk->y);
-        linear<<<rows_grid(d), THREADS>>>(bl->ow, bl->ob, wk->y, d, d, wk->x, 1);
+        LAUNCH(layer_norm, 1, THREADS, wk->x, bl->ln1.w, bl->ln1.b, d, m->ln_eps, wk->h);
+        LAUNCH(linear, rows_grid(d), THREADS, bl->qw, bl->qb, wk->h, d, d, wk->q, 0);
+        LAUNCH(linear, rows_grid(d), THREADS, bl->kw, bl->kb, wk->h, d, d, bl->kc + (size_t)pos * d, 0);
+        LAUNCH(linear, rows_grid(d), THREADS, bl->vw, bl->vb, wk->h, d, d, bl->vc + (size_t)pos * d, 0);
+        LAUNCH(causal_attention, m->n_heads, THREADS, wk->q, bl->kc, bl->vc, pos, d, hd, m->n_ctx, wk->scores,
+               wk->y);
+        LAUNCH(linear, rows_grid(d), THREADS, bl->ow, bl->ob, wk->y, d, d, wk->x, 1);
         int n = m->blocks[b].field.n_neurons;
         if (n) {
-            layer_norm<<<1, THREADS>>>(wk->x, bl->ln2.w, bl->ln2.b, d, m->ln_eps, wk->h);
-            neuron_field<<<1, THREADS>>>(wk->h, bl->positions, bl->values, bl->temperature, n, d, m->field_norm,
-                                         m->field_eps, wk->w, wk->x);
+            LAUNCH(layer_norm, 1, THREADS, wk->x, bl->ln2.w, bl->ln2.b, d, m->ln_eps, wk->h);
+            LAUNCH(neuron_field, 1, THREADS, wk->h, bl->positions, bl->values, bl->temperature, n, d,
+                   m->field_norm, m->field_eps, wk->w, wk->x);
         }
-        layer_norm<<<1, THREADS>>>(wk->x, bl->ln3.w, bl->ln3.b, d, m->ln_eps, wk->h);
-        linear<<<rows_grid(f), THREADS>>>(bl->fc1w, bl->fc1b, wk->h, f, d, wk->u, 0);
-        gelu<<<(f + THREADS - 1) / THREADS, THREADS>>>(wk->u, f);
-        linear<<<rows_grid(d), THREADS>>>(bl->fc2w, bl->fc2b, wk->u, d, f, wk->x, 1);
+        LAUNCH(layer_norm, 1, THREADS, wk->x, bl->ln3.w, bl->ln3.b, d, m->ln_eps, wk->h);
+        LAUNCH(linear, rows_grid(f), THREADS, bl->fc1w, bl->fc1b, wk->h, f, d, wk->u, 0);
+        LAUNCH(gelu, (f + THREADS - 1) / THREADS, THREADS, wk->u, f);
+        LAUNCH(linear, rows_grid(d), THREADS, bl->fc2w, bl->fc2b, wk->u, d, f, wk->x, 1);
     }
     CK(cudaGetLastError(), "kernel launch");
     if (!want_logits) return NULL;
     const float *src = wk->x;
     if (m->final_norm) {
-        layer_norm<<<1, THREADS>>>(wk->x, wk->ln_f.w, wk->ln_f.b, d, m->ln_eps, wk->h);
+        LAUNCH(layer_norm, 1, THREADS, wk->x, wk->ln_f.w, wk->ln_f.b, d, m->ln_eps, wk->h);
         src = wk->h;
     }
-    linear<<<rows_grid(m->vocab_size), THREADS>>>(wk->head_w, wk->head_b, src, m->vocab_size, d, wk->logits, 0);
+    LAUNCH(linear, rows_grid(m->vocab_size), THREADS, wk->head_w, wk->head_b, src, m->vocab_size, d, wk->logits,
+           0);
     CK(cudaGetLastError(), "kernel launch");
     CK(cudaMemcpy(s->logits, wk->logits, (size_t)m->vocab_size * sizeof *s->logits, cudaMemcpyDeviceToHost),
        "cudaMemcpy from the GPU");

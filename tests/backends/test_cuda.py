@@ -1,11 +1,17 @@
 """The CUDA backend: nvcc builds every program here; the programs run where a GPU is.
 
 This machine (and CI) has nvcc but no GPU, so the builds are checked everywhere
-(with every warning an error) and the parity tests skip with the reason; on a
-machine with a GPU they run. Tolerance there: max abs logit error <= 1e-4, as for
-C: float32 throughout, reductions in a different order than numpy (warp
-shuffles, block trees), expf/erff/sqrtf within 2 ulp; no multiply-add is fused
-(--fmad=false), and integer weights are dequantized on the host exactly as the IR.
+(with every warning an error) and the GPU parity tests skip with the reason; on a
+machine with a GPU they run. The kernels themselves also run here: g++ compiles
+crystal_forward.cu against cuda_on_cpu.h, which executes every block as real
+threads with barriers for __syncthreads and warp exchanges for __shfl_down_sync,
+so their indexing, reductions and synchronisation are checked on every shape
+(not the GPU's own expf/erff/sqrtf or memory model: those need the GPU).
+
+Tolerance, both ways: max abs logit error <= 1e-4, as for C: float32 throughout,
+reductions in a different order than numpy (warp shuffles, block trees), expf,
+erff and sqrtf within 2 ulp; no multiply-add is fused (--fmad=false), and integer
+weights are dequantized on the host exactly as the IR.
 """
 
 from __future__ import annotations
@@ -141,3 +147,59 @@ def test_compile_target_cuda_build(tmp_path):
                           str(out), "--build"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     assert Path(res.stdout.strip()) == out / "model" and (out / "model").is_file()
+
+
+# --- the kernels on a CPU (tests/backends/cuda_on_cpu.h) ----------------------------------------
+
+CPU_EMULATION = Path(__file__).with_name("cuda_on_cpu.h")
+
+
+def cpu_program(graph: Graph, out: Path, threads: int = 256) -> Path:
+    """The CUDA program with its kernels compiled by g++ for cuda_on_cpu.h instead of nvcc.
+
+    `threads` a block: the GPU build's 256, or as few as 32, which walks the kernels' strided
+    loops more than once on the test shapes."""
+    require_tool("g++")
+    out.mkdir(parents=True)
+    BACKEND.emit(graph, out)
+    steps = [["g++", "-std=c++20", "-O1", "-Wall", "-Wextra", "-Werror", f"-DTHREADS={threads}",
+              "-include", str(CPU_EMULATION), "-x", "c++", "-c", "crystal_forward.cu", "-o", "crystal_forward.o"]]
+    steps += [["cc", *STRICT_C.split(), "-ffp-contract=off", "-c", f"{n}.c", "-o", f"{n}.o"]
+              for n in ("main", "model", "crystal_cli")]
+    steps += [["cc", "-c", "weights.S", "-o", "weights.o"],
+              ["g++", "-o", "model_cpu", "main.o", "model.o", "crystal_cli.o", "weights.o",
+               "crystal_forward.o", "-lm"]]
+    for cmd in steps:
+        res = subprocess.run(cmd, cwd=out, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr
+    return out / "model_cpu"
+
+
+@pytest.mark.tool
+@pytest.mark.parametrize("threads", [256, 32])
+@pytest.mark.parametrize("shape", sorted(FIXTURE_SHAPES))
+def test_kernels_on_cpu_match_the_interpreter(shape, threads, tmp_path):
+    g = random_graph(shape, seed=2)
+    exe = cpu_program(g, tmp_path / "out", threads)
+    ids = np.random.default_rng(4).integers(0, g.config.vocab_size, g.config.n_ctx).tolist()
+    for n in (1, len(ids)):
+        _, got = parsed(run_logits(exe, ids[:n]))
+        assert np.abs(got - forward(g, ids[:n])[-1]).max() <= TOL
+
+
+@pytest.mark.tool
+def test_kernels_on_cpu_quantized_pruned_and_generating(tmp_path):
+    from crystalc.ir.interpret import generate
+
+    keep = [0, 2, 3, 7, 11, 19, 30]
+    g = quantize(prune_vocab(random_graph("tied_unnormalised", seed=3), None, keep), "int8", "group:5")
+    exe = cpu_program(g, tmp_path / "q")
+    ids, got = parsed(run_logits(exe, [0, 2, 7, 30]))
+    assert ids == keep
+    assert np.abs(got - forward(g, g.to_current_ids([0, 2, 7, 30]))[-1]).max() <= TOL
+    g = random_graph("three_blocks_n0_n1", seed=5)  # n_ctx 7: 12 tokens shift the window
+    exe = cpu_program(g, tmp_path / "gen")
+    res = subprocess.run([str(exe), "--prompt-ids", "1,2,3", "-n", "12", "-t", "0", "--shift", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert [int(t) for t in res.stdout.strip().split(",")] == generate(g, [1, 2, 3], 12, 2)

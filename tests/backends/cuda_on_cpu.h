@@ -1,0 +1,126 @@
+/* cuda_on_cpu.h: enough of CUDA's execution model to run crystal_forward.cu's kernels on a CPU.
+ *
+ *   g++ -std=c++20 -include cuda_on_cpu.h -x c++ -c crystal_forward.cu
+ *
+ * A test harness, not a backend. Each launch runs its blocks one after another; a block's
+ * threads are fibers (ucontext) on one OS thread, run in rounds: each runs until it
+ * finishes or reaches a barrier, and a round ends when every unfinished one has. So
+ * __syncthreads is a real barrier of the block, and __shfl_down_sync an exchange between
+ * two barriers, and the kernels' indexing, reductions and synchronisation execute as
+ * written, deterministically. What it cannot check is the GPU itself (its expf, erff
+ * and sqrtf, memory model, occupancy): that needs a GPU.
+ */
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <vector>
+
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+
+#define __global__
+#define __device__
+#define __shared__ static  /* a block at a time: one copy serves the block that runs */
+
+static dim3 threadIdx, blockIdx, blockDim;  /* set for each fiber as it resumes */
+
+namespace cuda_on_cpu {
+constexpr size_t STACK = 64 * 1024;
+
+struct Fiber {
+    ucontext_t context;
+    std::unique_ptr<char[]> stack{new char[STACK]};
+    bool done = false;
+};
+
+inline ucontext_t scheduler;
+inline Fiber *running;
+inline std::function<void()> kernel;
+inline std::vector<Fiber> fibers;
+inline std::vector<float> offered;  /* what each thread offers __shfl_down_sync */
+
+inline void yield() { swapcontext(&running->context, &scheduler); }
+
+inline void fiber_main() {
+    kernel();
+    running->done = true;
+    yield();  /* never resumed */
+}
+
+template <class Body>
+void launch(int grid, int block, Body body) {
+    kernel = body;
+    if ((int)fibers.size() < block) fibers.resize((size_t)block);
+    offered.assign((size_t)block, 0.0f);
+    for (int b = 0; b < grid; b++) {
+        for (int t = 0; t < block; t++) {
+            Fiber &f = fibers[(size_t)t];
+            getcontext(&f.context);
+            f.context.uc_stack.ss_sp = f.stack.get();
+            f.context.uc_stack.ss_size = STACK;
+            f.context.uc_link = nullptr;
+            makecontext(&f.context, fiber_main, 0);
+            f.done = false;
+        }
+        for (bool unfinished = true; unfinished;) {  /* a round: every thread to its next barrier */
+            unfinished = false;
+            for (int t = 0; t < block; t++) {
+                Fiber &f = fibers[(size_t)t];
+                if (f.done) continue;
+                threadIdx.x = (unsigned)t;
+                blockIdx.x = (unsigned)b;
+                blockDim.x = (unsigned)block;
+                running = &f;
+                swapcontext(&scheduler, &f.context);
+                unfinished = unfinished || !f.done;
+            }
+        }
+    }
+}
+}  // namespace cuda_on_cpu
+
+#define LAUNCH(kernel_, grid, block, ...) cuda_on_cpu::launch((grid), (block), [=] { kernel_(__VA_ARGS__); })
+
+inline void __syncthreads() { cuda_on_cpu::yield(); }
+
+/* every lane of a warp calls it together (the kernels only call it with a full mask) */
+inline float __shfl_down_sync(unsigned, float v, int offset) {
+    unsigned tid = threadIdx.x, lane = tid % 32;
+    cuda_on_cpu::offered[tid] = v;
+    cuda_on_cpu::yield();  /* every lane has offered its value */
+    float out = lane + (unsigned)offset < 32 ? cuda_on_cpu::offered[tid + (unsigned)offset] : v;
+    cuda_on_cpu::yield();  /* every lane has read before any offers again */
+    return out;
+}
+
+/* the runtime: host memory stands for the GPU's */
+typedef int cudaError_t;
+enum { cudaSuccess = 0 };
+enum cudaMemcpyKind { cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost };
+inline const char *cudaGetErrorString(cudaError_t) { return "no error"; }
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline cudaError_t cudaGetDeviceCount(int *n) {
+    *n = 1;
+    return cudaSuccess;
+}
+inline cudaError_t cudaMalloc(void **p, size_t n) {
+    *p = std::malloc(n);
+    return *p ? cudaSuccess : 2;
+}
+inline cudaError_t cudaFree(void *p) {
+    std::free(p);
+    return cudaSuccess;
+}
+inline cudaError_t cudaMemset(void *p, int v, size_t n) {
+    std::memset(p, v, n);
+    return cudaSuccess;
+}
+inline cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, cudaMemcpyKind) {
+    std::memcpy(dst, src, n);
+    return cudaSuccess;
+}
