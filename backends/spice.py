@@ -74,7 +74,8 @@ def lower_field(graph: Graph, block: int) -> dict[str, Any]:
     return {
         "block": block, "d": graph.config.d_model, "neurons": neurons, "n_frozen": int(frozen.sum()),
         "normalize": f.normalize, "eps_current": _num(f.eps * scale), "inv_scale": _num(1.0 / scale),
-        "a_vt": repr(DRIVE_A * THERMAL_VOLTAGE), "diode_is": _num(DIODE_IS),
+        "a_vt": repr(DRIVE_A * THERMAL_VOLTAGE), "diode_is": _num(DIODE_IS), "drive_a": _num(DRIVE_A),
+        "vt": _num(THERMAL_VOLTAGE),
         "summary": f"|tau| + 0.1 from {float(t.min()):.4g} to {float(t.max()):.4g}" if f.n_neurons else "",
     }
 

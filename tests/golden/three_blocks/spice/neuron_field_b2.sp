@@ -3,7 +3,8 @@
 *
 * w_j = exp(-|h - pos_j| / (|tau_j| + 0.1)) / (sum_k w_k + eps), x += sum_j w_j val_j:
 * - the squared distance of neuron j is a current into 1 ohm (node sq<j>);
-* - a diode's exponential makes w_j: driven at (A - a_j) thermal voltages, with
+* - a diode's exponential makes w_j (A = 42, IS = 1e-21 A, Vt = 0.025864917 V, ngspice's kT/q at 27 C):
+*   driven at (A - a_j) thermal voltages, with
 *   a_j = |h - pos_j| / (|tau_j| + 0.1), it carries IS * (exp(A - a_j) - 1), sensed by Vi<j>;
 * - current mirrors (F) copy I_j scaled by val_jk into output k's node num<k>, and once into den;
 * - the output is V(num<k>) / V(den): the common factor IS * exp(A) cancels, and eps enters as
