@@ -31,7 +31,7 @@ lint: venv
 test: venv tools lint
 	$(BIN)/python -m pytest -q
 
-# Slow (about 13 minutes here) and not part of test: can the tests fail? See scripts/mutants.txt.
+# Slow (about 16 minutes here) and not part of test: can the tests fail? See scripts/mutants.txt.
 mutants: venv tools
 	$(BIN)/python scripts/mutants.py
 
