@@ -43,6 +43,7 @@ import numpy as np
 from crystalc.errors import CrystalError
 from crystalc.ir.graph import Graph
 from crystalc.ir.interpret import forward as interpret_forward
+from crystalc.ir.interpret import neuron_field
 from crystalc.ir.ops import NeuronField
 from crystalc.templating import render
 
@@ -60,19 +61,23 @@ def netlist_name(block: int) -> str:
     return f"neuron_field_b{block}.sp"
 
 
-def lower_field(graph: Graph, block: int) -> dict[str, Any]:
-    """The template context of block `block`'s neuron field."""
+def _temperatures(f: NeuronField) -> np.ndarray:
+    return np.abs(f.temperature.values().astype(np.float32)) + np.float32(0.1)
+
+
+def lower_field(graph: Graph, block: int, frozen_only: bool = False) -> dict[str, Any]:
+    """The template context of block `block`'s neuron field (its frozen neurons only, when frozen_only)."""
     f = graph.blocks[block].field
-    pos, val = f.positions.values(), f.values.values()
-    t = np.abs(f.temperature.values().astype(np.float32)) + np.float32(0.1)
+    pos, val, t = f.positions.values(), f.values.values(), _temperatures(f)
     frozen = np.asarray(f.frozen.data, dtype=bool)
     scale = DIODE_IS * math.exp(DRIVE_A)
     neurons = [{
         "j": j, "frozen": bool(frozen[j]), "t": _num(t[j]), "vt_over_t": _num(THERMAL_VOLTAGE / float(t[j])),
         "pos": [_num(v) for v in pos[j]], "val": [_num(v) for v in val[j]],
-    } for j in range(f.n_neurons)]
+    } for j in range(f.n_neurons) if frozen[j] or not frozen_only]
     return {
         "block": block, "d": graph.config.d_model, "neurons": neurons, "n_frozen": int(frozen.sum()),
+        "n_total": f.n_neurons, "partial": frozen_only,
         "normalize": f.normalize, "eps_current": _num(f.eps * scale), "inv_scale": _num(1.0 / scale),
         "a_vt": repr(DRIVE_A * THERMAL_VOLTAGE), "diode_is": _num(DIODE_IS), "drive_a": _num(DRIVE_A),
         "vt": _num(THERMAL_VOLTAGE),
@@ -83,16 +88,22 @@ def lower_field(graph: Graph, block: int) -> dict[str, Any]:
 class SpiceBackend:
     name = "spice"
 
-    def emit(self, graph: Graph, out_dir: Path, **options: Any) -> list[Path]:
-        """Write neuron_field_b<b>.sp for every block with neurons into out_dir."""
+    def emit(self, graph: Graph, out_dir: Path, frozen_only: bool = False, **options: Any) -> list[Path]:
+        """Write neuron_field_b<b>.sp for every block with neurons into out_dir.
+
+        frozen_only: the seeds' hybrid, only the frozen (crystallised) neurons in the circuit, which
+        then outputs its sums (f<k> and fden) for the digital side to add the active neurons to."""
         graph.verify()
-        blocks = [b for b, blk in enumerate(graph.blocks) if blk.field.n_neurons]
+        blocks = [b for b, blk in enumerate(graph.blocks)
+                  if (np.count_nonzero(blk.field.frozen.data) if frozen_only else blk.field.n_neurons)]
         if not blocks:
-            raise CrystalError("the SPICE target compiles the neuron fields, and every block has 0 neurons")
+            what = "frozen neurons" if frozen_only else "neurons"
+            raise CrystalError(f"the SPICE target compiles neuron fields, and no block has {what}")
         written = []
         for b in blocks:
             path = Path(out_dir) / netlist_name(b)
-            path.write_text(render("spice", "neuron_field.sp.j2", **lower_field(graph, b)), encoding="ascii")
+            path.write_text(render("spice", "neuron_field.sp.j2", **lower_field(graph, b, frozen_only)),
+                            encoding="ascii")
             written.append(path)
         return written
 
@@ -102,7 +113,7 @@ class SpiceBackend:
         lines = []
         for path in sorted(out_dir.glob("neuron_field_b*.sp")):
             block = int(path.stem.removeprefix("neuron_field_b"))
-            out = simulate_field(out_dir, block, np.zeros((1, _width(path))))
+            out = simulate_field(out_dir, block, np.zeros((1, _ports(path)[0])))
             lines.append(f"{path.name}: f at h = 0: {' '.join(_num(v) for v in out[0])}")
         if not lines:
             raise CrystalError(f"{out_dir} holds no neuron_field_b*.sp netlist")
@@ -111,48 +122,71 @@ class SpiceBackend:
         return log
 
 
-def _width(netlist: Path) -> int:
-    """D, from the subcircuit's ports h0..h<D-1>, f0..f<D-1>."""
+def _ports(netlist: Path) -> tuple[int, list[str]]:
+    """D and the output names (0..D-1, and "den" for a frozen core), from the .subckt line."""
     found = re.search(r"^\.subckt \S+ (.*)$", netlist.read_text(encoding="ascii"), re.MULTILINE)
     if found is None:
         raise CrystalError(f"{netlist} holds no .subckt line")
-    return len(found.group(1).split()) // 2
+    ports = found.group(1).split()
+    d = sum(p.startswith("h") for p in ports)
+    return d, [p[1:] for p in ports[d:]]
 
 
 def simulate_field(out_dir: Path, block: int, h: np.ndarray, timeout: float | None = 600) -> np.ndarray:
-    """Block `block`'s field at the inputs h [S, D], by ngspice's operating point: [S, D] float64."""
+    """Block `block`'s field at the inputs h [S, D], by ngspice's operating point: [S, D] float64
+    (a frozen core: [S, D + 1], its sums f<k> and then fden)."""
     if shutil.which("ngspice") is None:
         raise CrystalError("simulating SPICE needs 'ngspice', which is not on PATH")
     netlist = (Path(out_dir) / netlist_name(block)).resolve()
     if not netlist.is_file():
         raise CrystalError(f"{netlist} does not exist: compile with --target spice first")
     h = np.asarray(h, dtype=np.float64)
+    d, outputs = _ports(netlist)
+    if h.ndim != 2 or h.shape[1] != d:
+        raise CrystalError(f"{netlist.name} takes inputs of width {d}, got an array of shape {list(h.shape)}")
     with tempfile.TemporaryDirectory() as tmp:
         bench = Path(tmp) / "bench.cir"
         shutil.copy(netlist, Path(tmp) / netlist.name)  # .include by a plain name: paths may hold spaces
-        bench.write_text(render("spice", "testbench.cir.j2", block=block, d=h.shape[1], options=OPTIONS,
+        bench.write_text(render("spice", "testbench.cir.j2", block=block, d=d, outputs=outputs, options=OPTIONS,
                                 inputs=[[_num(v) for v in row] for row in h]), encoding="ascii")
         try:
             proc = subprocess.run(["ngspice", "-b", bench.name], cwd=tmp, capture_output=True, text=True,
                                   timeout=timeout)
         except subprocess.TimeoutExpired as e:
             raise CrystalError(f"ngspice did not finish within {timeout:g} s") from e
-    found = {(int(s), int(k)): float(v) for s, k, v in
-             re.findall(r"^v\(f(\d+)_(\d+)\) = (\S+)$", proc.stdout, re.MULTILINE)}
-    if proc.returncode != 0 or len(found) != h.size:
+    found = {(int(s), o): float(v) for s, o, v in
+             re.findall(r"^v\(f(\d+)_(\w+)\) = (\S+)$", proc.stdout, re.MULTILINE)}
+    if proc.returncode != 0 or len(found) != len(h) * len(outputs):
         detail = " ".join((proc.stderr + proc.stdout).split())[-1500:]
         raise CrystalError(f"ngspice failed on {netlist.name} (exit {proc.returncode}): {detail}")
-    return np.array([[found[(s, k)] for k in range(h.shape[1])] for s in range(h.shape[0])])
+    return np.array([[found[(s, o)] for o in outputs] for s in range(len(h))])
+
+
+def _with_active_neurons(op: NeuronField, h: np.ndarray, core: np.ndarray) -> np.ndarray:
+    """The whole field from a frozen core's sums [S, D + 1] and the active neurons, computed here."""
+    active = ~np.asarray(op.frozen.data, dtype=bool)
+    pos = op.positions.values()[active].astype(np.float64)
+    val = op.values.values()[active].astype(np.float64)
+    dist = np.sqrt(((h[:, None, :].astype(np.float64) - pos[None]) ** 2).sum(axis=-1))
+    w = np.exp(-dist / _temperatures(op)[active].astype(np.float64))
+    num = core[:, :-1] + w @ val
+    if op.normalize:
+        return num / (core[:, -1] + w.sum(axis=1) + op.eps)[:, None]
+    return num
 
 
 def forward(graph: Graph, out_dir: Path, ids: Sequence[int]) -> np.ndarray:
-    """Logits [S, V] with every neuron field computed by ngspice from out_dir's netlists, the rest by the
-    interpreter."""
+    """Logits [S, V] with every neuron field out_dir has a netlist of computed by ngspice (a frozen
+    core's with the active neurons added here), the rest by the interpreter."""
 
     def field(block: int, op: NeuronField, h: np.ndarray) -> np.ndarray:
-        if op.n_neurons == 0:
-            return np.zeros_like(h)
-        return simulate_field(out_dir, block, h).astype(np.float32)
+        netlist = Path(out_dir) / netlist_name(block)
+        if not netlist.is_file():  # no neurons, or (a frozen core) no frozen ones: all digital
+            return neuron_field(op, h)
+        out = simulate_field(out_dir, block, h)
+        if _ports(netlist)[1][-1] == "den":
+            out = _with_active_neurons(op, h, out)
+        return out.astype(np.float32)
 
     return interpret_forward(graph, ids, field_fn=field)
 

@@ -134,7 +134,7 @@ def test_emit_names_and_refusals(tmp_path):
     spice.BACKEND.emit(g, again)
     assert all((out / n).read_bytes() == (again / n).read_bytes() for n in ("neuron_field_b1.sp", "neuron_field_b2.sp"))
     empty = random_graph({**FIXTURE_SHAPES["all_on"], "n_neurons": 0}, seed=1)
-    with pytest.raises(CrystalError, match="every block has 0 neurons"):
+    with pytest.raises(CrystalError, match="no block has neurons"):
         spice.BACKEND.emit(empty, tmp_path)
     with pytest.raises(CrystalError, match="does not exist"):
         spice.simulate_field(out, 0, np.zeros((1, 12)))
@@ -154,3 +154,47 @@ def test_compile_target_spice_build(tmp_path):
     zero = np.zeros((1, 24), dtype=np.float32)
     want = neuron_field(g.blocks[1].field, zero)[0]
     assert np.abs(np.array([float(v) for v in log[1].split(":")[-1].split()]) - want).max() <= FIELD_TOL
+
+
+# --- the frozen core of a hybrid: frozen neurons in the circuit, active ones digital ----------------
+
+@pytest.mark.tool
+@pytest.mark.parametrize("shape", ["d40_h5", "three_blocks_n0_n1", "tied_unnormalised"])
+def test_frozen_core_with_digital_active_neurons(shape, tmp_path):
+    g = random_graph(shape, seed=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    spice.BACKEND.emit(g, out, frozen_only=True)
+    for b, blk in enumerate(g.blocks):
+        frozen = np.asarray(blk.field.frozen.data, dtype=bool)
+        path = out / spice.netlist_name(b)
+        assert path.is_file() == bool(frozen.any())
+        if frozen.any():
+            text = path.read_text()
+            assert text.count("(frozen)") == frozen.sum() and "(active)" not in text and " fden\n" in text
+    ids = np.random.default_rng(5).integers(0, g.config.vocab_size, g.config.n_ctx).tolist()
+    assert np.abs(spice.forward(g, out, ids) - forward(g, ids)).max() <= LOGIT_TOL
+
+
+def test_frozen_core_needs_frozen_neurons(tmp_path):
+    g = random_graph("all_on", seed=1)
+    frozen = g.blocks[0].field.frozen
+    none = g.map_tensors(lambda t: type(t)(t.name, np.zeros_like(t.data)) if t is frozen else t)
+    with pytest.raises(CrystalError, match="no block has frozen neurons"):
+        spice.BACKEND.emit(none, tmp_path, frozen_only=True)
+
+
+@pytest.mark.tool
+def test_compile_frozen_only(tmp_path):
+    g = random_graph("d40_h5", seed=2)
+    ckpt = save_pt(g, tmp_path / "m.pt")
+    cli = [sys.executable, "-m", "crystalc.cli", "compile", str(ckpt)]
+    res = subprocess.run([*cli, "--target", "spice", "--frozen-only", "-o", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert " fden" in (tmp_path / "out" / "neuron_field_b0.sp").read_text()
+    res = subprocess.run([*cli, "--target", "c", "--frozen-only", "-o", str(tmp_path / "c")], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
+    assert "--frozen-only applies to --target spice" in res.stderr
+    assert not (tmp_path / "c").exists()
