@@ -166,6 +166,28 @@ def simulate(out_dir: Path, ids: list[int], simulator: str = "icarus",
     return np.array([logits[i] for i in range(len(logits))], dtype=np.int64), cycles
 
 
+def simulate_logits(out_dir: Path, original_ids: list[int], simulator: str = "icarus") -> list[tuple[int, float]]:
+    """(original id, logit) of every row for a prompt of original-tokenizer ids, as the programs' --logits prints
+    them; builds the simulation first when it is not there."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "model.vh").is_file():
+        raise CrystalError(f"{out_dir} is not a folder compiled with --target verilog (it has no model.vh)")
+    vocab = _defines(out_dir)["VOCAB_SIZE"]
+    map_file = out_dir / "vocab_map.txt"
+    rows_to_orig = [int(v) for v in map_file.read_text().split()] if map_file.is_file() else list(range(vocab))
+    if len(rows_to_orig) != vocab:
+        raise CrystalError(f"{map_file} lists {len(rows_to_orig)} ids for a vocabulary of {vocab}")
+    row_of = {orig: row for row, orig in enumerate(rows_to_orig)}
+    missing = [i for i in original_ids if i not in row_of]
+    if missing:
+        raise CrystalError(f"token id {missing[0]} is not in this model's vocabulary"
+                           + (" (pruned)" if map_file.is_file() else f" (0..{vocab - 1})"))
+    if not (out_dir / _simulator(simulator).target).is_file():
+        BACKEND.build(out_dir, simulator=simulator)
+    q16, _ = simulate(out_dir, [row_of[i] for i in original_ids], simulator)
+    return [(orig, float(v) / (1 << 16)) for orig, v in zip(rows_to_orig, q16, strict=True)]
+
+
 def synthesize(out_dir: Path, timeout: float | None = None) -> str:
     """Synthesise the core with its ROM with Yosys (`make synth`); returns Yosys's statistics."""
     _run(["make", "-s", "-C", str(out_dir), "synth"], ("make", "yosys"), "synthesising the Verilog with Yosys",

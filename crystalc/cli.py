@@ -196,6 +196,23 @@ def compile(model: str, target: str, out_dir: str, build: bool, cflags: str | No
 
 
 @cli.command()
+@click.argument("out_dir", metavar="OUT", type=click.Path(file_okay=False, exists=True))
+@click.option("--prompt-ids", required=True, help="Comma-separated ids of the original tokenizer.")
+@click.option("--simulator", type=click.Choice(["icarus", "verilator"]), default="icarus", show_default=True,
+              help="Icarus Verilog, or Verilator (about 100x faster to run, seconds to build).")
+def simulate(out_dir: str, prompt_ids: str, simulator: str) -> None:
+    """Simulate the Verilog core in OUT (crystalc compile --target verilog) on a prompt.
+
+    Prints the last position's logits as the programs' --logits does: "<original-id> <logit>", one line a row.
+    Builds the simulation first when OUT lacks it.
+    """
+    from crystalc.backends.verilog import simulate_logits
+
+    for orig, logit in simulate_logits(Path(out_dir), _parse_ids(prompt_ids), simulator):
+        click.echo(f"{orig} {logit:.9g}")
+
+
+@cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @n_heads_option
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,

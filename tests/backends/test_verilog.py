@@ -181,3 +181,24 @@ def test_compile_refuses_what_q16_cannot_hold(tmp_path):
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
     assert "pos_embed.weight: a value of" in res.stderr and "does not fit Q16.16" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.tool
+def test_simulate_command_speaks_original_ids(tmp_path):
+    full = random_graph("d40_h5", seed=11)
+    keep = [0, 3, 4, 9, 15, 22]
+    g = prune_vocab(full, None, keep)
+    out = tmp_path / "out"
+    out.mkdir()
+    BACKEND.emit(g, out)  # not built: simulate builds it
+    res = cli("simulate", str(out), "--prompt-ids", "3,22,9")
+    assert res.returncode == 0, res.stderr
+    rows = [line.split() for line in res.stdout.splitlines()]
+    assert [int(r[0]) for r in rows] == keep
+    want = fp.emulate(fp.lower(g), g.to_current_ids([3, 22, 9]))
+    assert [r[1] for r in rows] == [f"{int(w) / fp.ONE:.9g}" for w in want]
+    for bad, why in (("3,5", "token id 5 is not in this model's vocabulary (pruned)"), ("x", "comma-separated")):
+        res = cli("simulate", str(out), "--prompt-ids", bad)
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and why in res.stderr, res.stderr
+    res = cli("simulate", str(tmp_path), "--prompt-ids", "3")
+    assert res.returncode == 2 and "not a folder compiled with --target verilog" in res.stderr
