@@ -1,0 +1,125 @@
+"""The Verilog core's cost per token, against PyTorch and ONNX Runtime on this CPU, in one run.
+
+    .venv/bin/python bench/hardware.py            # the bundled model; writes bench/hardware.md
+    .venv/bin/python bench/hardware.py --quick    # fewer repetitions; writes bench/work/hardware.md
+
+A simulation has no speed of its own, so the core is measured in clock cycles (Verilator
+simulates it, cycle-exactly, and the testbench counts them), and the ratio printed is the
+**break-even clock**: the frequency at which the core, one multiply-accumulate a cycle,
+would generate as fast as the baseline does on one CPU thread here (cycles a token x the
+baseline's tokens a second). No clock is assumed: whether a given FPGA reaches it is
+for its timing report to say. The baselines are bench/torch_gen.py's, one thread, greedy,
+the same generation semantics, and their tokens are checked against the interpreter's.
+"""
+
+from __future__ import annotations
+
+import os
+
+import proc
+
+os.environ.update(proc.SINGLE_THREAD_ENV)  # before numpy, torch or onnxruntime start their pools
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch_gen  # noqa: E402
+
+from crystalc.backends import verilog  # noqa: E402
+from crystalc.frontend import load_model  # noqa: E402
+from crystalc.ir.interpret import generate  # noqa: E402
+from crystalc.model import model_from_graph  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+MODEL = REPO / "examples" / "shakespeare" / "model.pt"
+
+
+def per_token_cpu(gen, skip: int) -> tuple[float, list[int]]:
+    """CPU seconds a token over the tokens after the first `skip`, and every token."""
+    tokens: list[int] = []
+    start = 0.0
+    for i, tok in enumerate(gen):
+        tokens.append(tok)
+        if i + 1 == skip:
+            start = time.process_time()
+    return (time.process_time() - start) / (len(tokens) - skip), tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="1 repetition; writes bench/work/hardware.md")
+    args = ap.parse_args()
+    reps = 1 if args.quick else 5
+    torch.set_num_threads(1)
+    work = HERE / "work"
+    work.mkdir(exist_ok=True)
+
+    graph = load_model(MODEL)
+    t = graph.config.n_ctx
+    hw = work / "hardware"
+    if hw.exists():
+        import shutil
+
+        shutil.rmtree(hw)
+    hw.mkdir()
+    verilog.BACKEND.emit(graph, hw)
+    build_start = time.perf_counter()
+    verilog.BACKEND.build(hw, simulator="verilator")
+    build_s = time.perf_counter() - build_start
+
+    prompt = [graph.tokenizer["chars"].index(c) for c in "ROMEO:\n"]
+    window = (prompt * t)[:t]
+    _, one = verilog.simulate(hw, prompt[:1], simulator="verilator")
+    _, full = verilog.simulate(hw, window, simulator="verilator")
+    kv_cycles = (full - one) / (t - 1)  # a position at a time through the KV cache, positions 1..63
+    window_cycles = full  # --shift 1 past the window: all 64 positions again for every token
+
+    model = model_from_graph(graph).eval()
+    rows = []
+    with torch.no_grad():
+        want = generate(graph, prompt[:1], t)
+        kv = [per_token_cpu(torch_gen.generate_kv(model, prompt[:1], t), 1) for _ in range(reps)]
+        assert all(toks == want for _, toks in kv), "PyTorch's KV-cache tokens differ from the interpreter's"
+        kv_s = proc.median([s for s, _ in kv])
+        rows.append(("within the window (KV cache), positions 1..63", "PyTorch eager, KV cache", kv_s, kv_cycles))
+        n = 64
+        want = generate(graph, window, n)
+        rec = [per_token_cpu(torch_gen.generate_recompute_pruned(model, window, n), 0) for _ in range(reps)]
+        assert all(toks == want for _, toks in rec), "PyTorch's tokens differ from the interpreter's"
+        rows.append(("past the window, --shift 1 (64 positions a token)", "PyTorch eager", proc.median(
+            [s for s, _ in rec]), window_cycles))
+        try:
+            sess = torch_gen.ort_session(torch_gen.export_onnx(model, work / "hardware.onnx", pruned=True))
+            ort = [per_token_cpu(torch_gen.generate_ort_window(sess, t, window, n), 0) for _ in range(reps)]
+            assert all(toks == want for _, toks in ort), "ONNX Runtime's tokens differ from the interpreter's"
+            rows.append(("past the window, --shift 1 (64 positions a token)", "ONNX Runtime", proc.median(
+                [s for s, _ in ort]), window_cycles))
+        except ImportError as e:
+            rows.append(("past the window, --shift 1", f"ONNX Runtime not available ({e})", float("nan"), 0))
+
+    lines = [
+        "# The Verilog core against PyTorch and ONNX Runtime (bench/hardware.py)",
+        "",
+        f"Model: {MODEL.relative_to(REPO)} ({graph.config.summary()}). Core: crystalc's Q16.16 core, one",
+        "multiply-accumulate a clock; cycles counted by its testbench under Verilator "
+        f"(built in {build_s:.1f} s). Baselines: one CPU thread here, CPU time, median of {reps}.",
+        "",
+        "| regime | baseline | baseline ms/token | core cycles/token | break-even clock |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for regime, base, secs, cycles in rows:
+        clock = cycles / secs / 1e6 if secs == secs and secs > 0 else float("nan")
+        lines.append(f"| {regime} | {base} | {secs * 1e3:.3f} | {cycles:,.0f} | {clock:,.0f} MHz |")
+    lines += ["", "Break-even clock: the frequency at which the core generates as fast as the baseline "
+              "(cycles a token x the baseline's tokens a second)."]
+    out = (work if args.quick else HERE) / "hardware.md"
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
