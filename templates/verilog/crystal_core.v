@@ -154,6 +154,7 @@ module crystal_core (
     reg signed [63:0] dx, distance;
     /* verilator lint_on UNUSEDSIGNAL */
 
+    // --- what each state reads and feeds the units: the datapath's control --------------------
     always @* begin
         wa0 = 0; wa1 = 0; ma0 = 0; ma1 = 0;
         exp_x = 0; exp_lo = 0; exp_hi = 0; gelu_x = 0; gelu_lo = 0; gelu_hi = 0;
