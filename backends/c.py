@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
-import subprocess
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -27,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from crystalc.errors import CrystalError
+from crystalc.backends.tools import run_tool
 from crystalc.ir.graph import Graph
 from crystalc.ir.ops import LayerNorm
 from crystalc.ir.tensor import Tensor
@@ -201,16 +199,10 @@ class CBackend:
     def build(self, out_dir: Path, cflags: str | None = None, target: str = "model", **options: Any) -> Path:
         """Run `make` in out_dir; `target` is "model" (the program) or "libmodel.so" (for the cffi binding)."""
         cc = shlex.split(os.environ.get("CC", "cc") or "cc")[0]
-        for tool in ("make", cc):
-            if shutil.which(tool) is None:
-                raise CrystalError(f"building C needs '{tool}', which is not on PATH")
         cmd = ["make", "-s", "-C", str(out_dir), target]
         if cflags is not None:
             cmd.append(f"CFLAGS={cflags}")
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            detail = " ".join((proc.stderr or proc.stdout).split())[:2000]
-            raise CrystalError(f"building the C model failed ({shlex.join(cmd)}): {detail}")
+        run_tool(cmd, ("make", cc), "building the C model")
         return Path(out_dir) / target
 
 

@@ -16,15 +16,12 @@ Decisions taken here (templates/cuda/ only renders text):
 
 from __future__ import annotations
 
-import shlex
-import shutil
-import subprocess
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 from crystalc.backends.c import lower
-from crystalc.errors import CrystalError
+from crystalc.backends.tools import run_tool
 from crystalc.ir.graph import Graph
 from crystalc.templating import render
 
@@ -57,16 +54,10 @@ class CudaBackend:
 
     def build(self, out_dir: Path, nvccflags: str | None = None, **options: Any) -> Path:
         """Run `make` in out_dir: nvcc compiles the forward pass, cc the rest."""
-        for tool in ("make", "nvcc", "cc"):
-            if shutil.which(tool) is None:
-                raise CrystalError(f"building CUDA needs '{tool}', which is not on PATH")
         cmd = ["make", "-s", "-C", str(out_dir), "model"]
         if nvccflags is not None:
             cmd.append(f"NVCCFLAGS={nvccflags}")
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            detail = " ".join((proc.stderr or proc.stdout).split())[:2000]
-            raise CrystalError(f"building the CUDA model failed ({shlex.join(cmd)}): {detail}")
+        run_tool(cmd, ("make", "nvcc", "cc"), "building the CUDA model")
         return Path(out_dir) / "model"
 
 

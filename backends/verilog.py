@@ -19,8 +19,6 @@ templates/verilog/ only render text):
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 import tempfile
 from importlib.resources import files
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from crystalc.backends.fixedpoint import FIELDS, Program, lower
+from crystalc.backends.tools import run_tool
 from crystalc.errors import CrystalError
 from crystalc.ir.graph import Graph
 from crystalc.templating import render
@@ -106,23 +105,9 @@ class VerilogBackend:
     def build(self, out_dir: Path, simulator: str = "icarus", **options: Any) -> Path:
         """Build the simulation: Icarus Verilog's sim.vvp (`make sim.vvp`), or Verilator's obj_dir/crystal_sim."""
         sim = _simulator(simulator)
-        _run(["make", "-s", "-C", str(out_dir), sim.target], sim.build_tools, f"building the {simulator} simulation")
+        run_tool(["make", "-s", "-C", str(out_dir), sim.target], sim.build_tools,
+                 f"building the {simulator} simulation")
         return Path(out_dir) / sim.target
-
-
-def _run(cmd: list[str], tools: tuple[str, ...], what: str, cwd: Path | None = None,
-         timeout: float | None = None) -> str:
-    for tool in tools:
-        if shutil.which(tool) is None:
-            raise CrystalError(f"{what} needs '{tool}', which is not on PATH")
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        raise CrystalError(f"{what} did not finish within {timeout:g} s") from e
-    if proc.returncode != 0:
-        detail = " ".join((proc.stderr or proc.stdout).split())[:2000]
-        raise CrystalError(f"{what} failed ({' '.join(cmd)}): {detail}")
-    return proc.stdout
 
 
 def _defines(out_dir: Path) -> dict[str, int]:
@@ -151,7 +136,7 @@ def simulate(out_dir: Path, ids: list[int], simulator: str = "icarus",
     with tempfile.TemporaryDirectory() as tmp:
         prompt = Path(tmp) / "ids.hex"
         prompt.write_text("".join(f"{i:08x}\n" for i in ids))
-        out = _run([*sim.command, f"+prompt={prompt}", f"+tokens={len(ids)}"], sim.run_tools,
+        out = run_tool([*sim.command, f"+prompt={prompt}", f"+tokens={len(ids)}"], sim.run_tools,
                    f"simulating the Verilog with {simulator}", cwd=out_dir, timeout=timeout)
     logits: dict[int, int] = {}
     cycles = -1
@@ -190,7 +175,7 @@ def simulate_logits(out_dir: Path, original_ids: list[int], simulator: str = "ic
 
 def synthesize(out_dir: Path, timeout: float | None = None) -> str:
     """Synthesise the core with its ROM with Yosys (`make synth`); returns Yosys's statistics."""
-    _run(["make", "-s", "-C", str(out_dir), "synth"], ("make", "yosys"), "synthesising the Verilog with Yosys",
+    run_tool(["make", "-s", "-C", str(out_dir), "synth"], ("make", "yosys"), "synthesising the Verilog with Yosys",
          timeout=timeout)
     return (Path(out_dir) / "synth.txt").read_text()
 
