@@ -6,8 +6,8 @@ within 1e-4 of interpret.forward, as for C. The circuit is solved in double
 precision to a relative tolerance of 1e-12; its exponentials are ngspice's diode
 equation at the thermal voltage ngspice itself uses, so what differs is the
 interpreter's float32 rounding (measured: 1e-6 on fields of order 1) and the
-diode's -IS term and GMIN leak (below 1e-9 of a weight). A wrong value, sign or
-temperature moves the outputs by far more (tested below).
+diode's -IS term and GMIN leak (below 1e-9 of a weight). A changed mirror gain
+(below), resistor or eps current (scripts/mutants.txt) moves them by far more.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import pytest
 from crystalc.backends import spice
 from crystalc.errors import CrystalError
 from crystalc.ir.graph import Graph
-from crystalc.ir.interpret import causal_attention, ffn, forward, layer_norm, neuron_field
+from crystalc.ir.interpret import forward, neuron_field
+from crystalc.ir.ops import NeuronField
 from crystalc.passes.prune_vocab import prune_vocab
 from crystalc.passes.quantize import quantize
 from tests.conftest import FIXTURE_SHAPES, random_graph, require_tool, save_pt
@@ -46,15 +47,13 @@ def emitted(graph: Graph, out: Path) -> Path:
 
 def field_inputs(graph: Graph, ids: list[int]) -> list[np.ndarray]:
     """Each block's neuron_field input h [S, D] on the interpreter's way through `ids`."""
-    c = graph.config
-    x = graph.token_embed.weight.values()[ids] + graph.pos_embed.weight.values()[:len(ids)]
-    hs = []
-    for blk in graph.blocks:
-        x = x + causal_attention(blk.attn, layer_norm(blk.ln1, x, c.ln_eps))
-        h = layer_norm(blk.ln2, x, c.ln_eps)
+    hs: list[np.ndarray] = []
+
+    def capture(_block: int, op: NeuronField, h: np.ndarray) -> np.ndarray:
         hs.append(h)
-        x = x + neuron_field(blk.field, h)
-        x = x + ffn(blk.ffn, layer_norm(blk.ln3, x, c.ln_eps))
+        return neuron_field(op, h)
+
+    forward(graph, ids, field_fn=capture)
     return hs
 
 
