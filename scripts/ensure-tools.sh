@@ -2,12 +2,14 @@
 # Install the external tools the tests drive, when missing and when we can (root
 # or sudo). Otherwise say what to install; the tests then skip (or fail, in CI).
 set -u
-need_cmds=(cc make clang iverilog yosys verilator ngspice)
-need_pkgs=(gcc make "clang libclang-rt-dev" iverilog yosys verilator ngspice)  # clang + its runtimes: libFuzzer for fuzz/ (tests/fuzz); then the Verilog and SPICE backends
+need_cmds=(cc make clang g++ iverilog yosys verilator ngspice)
+need_pkgs=(gcc make "clang libclang-rt-dev" g++ iverilog yosys verilator ngspice)  # clang + its runtimes: libFuzzer for fuzz/ (tests/fuzz); g++: the CUDA kernels on the CPU (tests/backends/cuda_on_cpu.h); then the Verilog and SPICE backends
 missing=()
 for i in "${!need_cmds[@]}"; do
   command -v "${need_cmds[$i]}" >/dev/null 2>&1 || missing+=(${need_pkgs[$i]})  # unquoted: one tool may need several packages
 done
+# nvcc comes with NVIDIA's CUDA toolkit, not with the distribution: say so, install nothing
+command -v nvcc >/dev/null 2>&1 || echo "crystalc: nvcc is missing: the CUDA backend's tests need NVIDIA's CUDA toolkit" >&2
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo -n"; else
   echo "crystalc: missing tools; install them with: apt-get install -y ${missing[*]}" >&2
