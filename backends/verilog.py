@@ -33,6 +33,7 @@ from crystalc.ir.graph import Graph
 from crystalc.templating import render
 
 STATIC_FILES = ("crystal_core.v", "crystal_tb.v")
+MAX_LANES = 64
 SIM = "sim.vvp"
 
 
@@ -73,8 +74,12 @@ def program_hex(program: Program) -> str:
 class VerilogBackend:
     name = "verilog"
 
-    def emit(self, graph: Graph, out_dir: Path, **options: Any) -> list[Path]:
-        """Write crystal_core.v, crystal_tb.v, model.vh, rom.hex, program.hex and a Makefile into out_dir."""
+    def emit(self, graph: Graph, out_dir: Path, lanes: int = 1, **options: Any) -> list[Path]:
+        """Write crystal_core.v, crystal_tb.v, model.vh, rom.hex, program.hex and a Makefile into out_dir.
+
+        lanes: rows of a linear layer the core computes at once (one multiplier each)."""
+        if not 1 <= lanes <= MAX_LANES:
+            raise CrystalError(f"--lanes {lanes} is outside 1..{MAX_LANES}")
         out_dir = Path(out_dir)
         program = lower(graph)
         ctx = {
@@ -82,7 +87,7 @@ class VerilogBackend:
             "ram_table": program.ram_table, "rom_words": int(program.rom.size),
             "program_words": len(program.instrs), "instr_bits": 32 * len(FIELDS), "ram_words": program.ram_words,
             "exp_lut": program.exp_lut, "gelu_lut": program.gelu_lut, "logits": program.logits,
-            "vocab_size": program.vocab_size, "n_ctx": program.n_ctx,
+            "vocab_size": program.vocab_size, "n_ctx": program.n_ctx, "lanes": lanes,
         }
         written = []
         for template, name in (("model.vh.j2", "model.vh"), ("Makefile.j2", "Makefile")):

@@ -21,6 +21,7 @@ import proc
 os.environ.update(proc.SINGLE_THREAD_ENV)  # before numpy, torch or onnxruntime start their pools
 
 import argparse  # noqa: E402
+import shutil  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -35,6 +36,7 @@ from crystalc.model import model_from_graph  # noqa: E402
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 MODEL = REPO / "examples" / "shakespeare" / "model.pt"
+LANES = (1, 4, 16)  # the core's multiply-accumulate lanes for linear layers (crystalc compile --lanes)
 
 
 def per_token_cpu(gen, skip: int) -> tuple[float, list[int]]:
@@ -59,26 +61,27 @@ def main() -> None:
 
     graph = load_model(MODEL)
     t = graph.config.n_ctx
-    hw = work / "hardware"
-    if hw.exists():
-        import shutil
-
-        shutil.rmtree(hw)
-    hw.mkdir()
-    verilog.BACKEND.emit(graph, hw)
-    build_start = time.perf_counter()
-    verilog.BACKEND.build(hw, simulator="verilator")
-    build_s = time.perf_counter() - build_start
-
     prompt = [graph.tokenizer["chars"].index(c) for c in "ROMEO:\n"]
     window = (prompt * t)[:t]
-    _, one = verilog.simulate(hw, prompt[:1], simulator="verilator")
-    _, full = verilog.simulate(hw, window, simulator="verilator")
-    kv_cycles = (full - one) / (t - 1)  # a position at a time through the KV cache, positions 1..63
-    window_cycles = full  # --shift 1 past the window: all 64 positions again for every token
+    kv_cycles: dict[int, float] = {}  # lanes -> cycles a token through the KV cache, positions 1..63
+    window_cycles: dict[int, float] = {}  # lanes -> cycles of all 64 positions (--shift 1 past the window)
+    build_s = 0.0
+    for lanes in LANES:
+        hw = work / f"hardware-{lanes}"
+        if hw.exists():
+            shutil.rmtree(hw)
+        hw.mkdir()
+        verilog.BACKEND.emit(graph, hw, lanes=lanes)
+        build_start = time.perf_counter()
+        verilog.BACKEND.build(hw, simulator="verilator")
+        build_s = max(build_s, time.perf_counter() - build_start)
+        _, one = verilog.simulate(hw, prompt[:1], simulator="verilator")
+        _, full = verilog.simulate(hw, window, simulator="verilator")
+        kv_cycles[lanes] = (full - one) / (t - 1)
+        window_cycles[lanes] = full
 
     model = model_from_graph(graph).eval()
-    rows = []
+    rows: list[tuple[str, str, float, dict[int, float]]] = []
     with torch.no_grad():
         want = generate(graph, prompt[:1], t)
         kv = [per_token_cpu(torch_gen.generate_kv(model, prompt[:1], t), 1) for _ in range(reps)]
@@ -98,21 +101,22 @@ def main() -> None:
             rows.append(("past the window, --shift 1 (64 positions a token)", "ONNX Runtime", proc.median(
                 [s for s, _ in ort]), window_cycles))
         except ImportError as e:
-            rows.append(("past the window, --shift 1", f"ONNX Runtime not available ({e})", float("nan"), 0))
+            rows.append(("past the window, --shift 1", f"ONNX Runtime not available ({e})", float("nan"), {}))
 
     lines = [
         "# The Verilog core against PyTorch and ONNX Runtime (bench/hardware.py)",
         "",
         f"Model: {MODEL.relative_to(REPO)} ({graph.config.summary()}). Core: crystalc's Q16.16 core, one",
-        "multiply-accumulate a clock; cycles counted by its testbench under Verilator "
+        "multiply-accumulate a clock a lane; cycles counted by its testbench under Verilator "
         f"(built in {build_s:.1f} s). Baselines: one CPU thread here, CPU time, median of {reps}.",
         "",
-        "| regime | baseline | baseline ms/token | core cycles/token | break-even clock |",
-        "|---|---|---:|---:|---:|",
+        "| regime | baseline | baseline ms/token | core lanes | core cycles/token | break-even clock |",
+        "|---|---|---:|---:|---:|---:|",
     ]
-    for regime, base, secs, cycles in rows:
-        clock = cycles / secs / 1e6 if secs == secs and secs > 0 else float("nan")
-        lines.append(f"| {regime} | {base} | {secs * 1e3:.3f} | {cycles:,.0f} | {clock:,.0f} MHz |")
+    for regime, base, secs, cycles_by_lanes in rows:
+        for lanes, cycles in cycles_by_lanes.items():
+            clock = cycles / secs / 1e6 if secs == secs and secs > 0 else float("nan")
+            lines.append(f"| {regime} | {base} | {secs * 1e3:.3f} | {lanes} | {cycles:,.0f} | {clock:,.0f} MHz |")
     lines += ["", "Break-even clock: the frequency at which the core generates as fast as the baseline "
               "(cycles a token x the baseline's tokens a second)."]
     out = (work if args.quick else HERE) / "hardware.md"

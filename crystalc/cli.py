@@ -156,6 +156,8 @@ calibrate_tokens_option = click.option("--calibrate-tokens", type=click.IntRange
                    "if it is empty or crystalc wrote it).")
 @click.option("--build", is_flag=True, help="Also build the artifact with the target's tool and print its path.")
 @click.option("--cflags", default=None, help="C compiler flags for --build (default: -O3 -march=native).")
+@click.option("--lanes", type=click.IntRange(1, 64), default=None,
+              help="verilog: rows of a linear layer the core computes at once, one multiplier each (default 1).")
 @click.option("--frozen-only", is_flag=True,
               help="spice: only the frozen (crystallised) neurons go into the circuits, which then output their "
                    "sums; the active neurons stay digital (the seeds' hybrid; docs/backends.md).")
@@ -166,8 +168,8 @@ calibrate_tokens_option = click.option("--calibrate-tokens", type=click.IntRange
 @gran_option
 @calibrate_option
 @calibrate_tokens_option
-def compile(model: str, target: str, out_dir: str, build: bool, cflags: str | None, frozen_only: bool,
-            n_heads: int | None, prune_corpus: str | None, keep: str | None, quantize: str | None,
+def compile(model: str, target: str, out_dir: str, build: bool, cflags: str | None, lanes: int | None,
+            frozen_only: bool, n_heads: int | None, prune_corpus: str | None, keep: str | None, quantize: str | None,
             granularity: str | None, calibrate: str | None, calibrate_tokens: int | None) -> None:
     """Compile MODEL for a target into the folder OUT."""
     from crystalc.backends import get_backend
@@ -177,6 +179,8 @@ def compile(model: str, target: str, out_dir: str, build: bool, cflags: str | No
         raise CrystalError(f"--cflags applies to --target c only, not {target}")
     if frozen_only and target != "spice":
         raise CrystalError(f"--frozen-only applies to --target spice only, not {target}")
+    if lanes is not None and target != "verilog":
+        raise CrystalError(f"--lanes applies to --target verilog only, not {target}")
     if cflags is not None and not build:
         raise CrystalError("--cflags are the flags of --build: add --build (or run make CFLAGS=... in OUT)")
     _check_output(out_dir, model=model, corpus=prune_corpus, calibration_text=calibrate)
@@ -186,7 +190,10 @@ def compile(model: str, target: str, out_dir: str, build: bool, cflags: str | No
     backend = get_backend(target)
     product = None
     with atomic_dir(out_dir) as tmp:
-        backend.emit(graph, tmp, **({"frozen_only": True} if frozen_only else {}))
+        options: dict[str, Any] = {"frozen_only": True} if frozen_only else {}
+        if lanes is not None:
+            options["lanes"] = lanes
+        backend.emit(graph, tmp, **options)
         if build:
             product = backend.build(tmp, cflags=cflags)
     if product is not None:

@@ -108,11 +108,11 @@ module crystal_core (
                      S_LINEAR = 7,
                      S_ATT_SCORE = 8, S_ATT_EXP = 9, S_ATT_OUT = 10,
                      S_NF_DIST = 11, S_NF_EXP = 12, S_NF_EPS = 13, S_NF_OUT = 14,
-                     S_GELU = 15;
+                     S_GELU = 15, S_LINEAR_DRAIN = 16;
     reg [4:0] state = S_IDLE;
     reg [31:0] pc, tok, cur;
     reg [31:0] dst, src, a, b, c, n, m, s, k, flags;  // the fields of the instruction being run (op dispatched)
-    reg [31:0] i, j, h, wp;                              // loop counters, weight pointer
+    reg [31:0] i, j, h, l, wp;                           // loop counters, weight pointer
     reg signed [63:0] acc, sum, den, mean, rr, mx, mn;
     wire [`INSTR_BITS-1:0] instr = P[pc];
 
@@ -149,7 +149,28 @@ module crystal_core (
     reg signed [63:0] div_n, div_d, sqrt_in;
     wire signed [63:0] quot = div_d == 0 ? 64'sd0 : div_n / div_d;  // truncates toward zero
     wire signed [63:0] root = $signed(isqrt(sqrt_in));
-    reg [31:0] wr_addr;  // the row a linear layer writes
+    reg [31:0] wr_addr;  // the row a linear layer writes: i + l
+
+    // --- the linear layers' lanes: LANES rows at once, each lane one product a clock ----------
+    // Lane g sums row i + g (its weights LANES rows apart from wp); S_LINEAR_DRAIN then writes
+    // the rows one a clock through the one write port. Sums are exact, so any LANES gives the
+    // same words.
+    localparam integer LANES = `LANES;
+    wire signed [63:0] lane_sum [0:LANES-1];
+    wire [31:0] lane_x = state == S_LINEAR ? M[ma0] : 32'd0;  // src[j], the lanes' common factor
+    genvar g;
+    generate
+        for (g = 0; g < LANES; g = g + 1) begin : lane
+            /* verilator lint_off UNUSEDSIGNAL */  // a row address past the ROM only feeds an unwritten lane
+            wire [31:0] row_addr = wp + g * m;
+            /* verilator lint_on UNUSEDSIGNAL */
+            wire [31:0] w = state == S_LINEAR ? W[row_addr] : 32'd0;
+            reg signed [63:0] row_sum;
+            always @(posedge clk)
+                if (state == S_LINEAR) row_sum <= (j == 0 ? 64'sd0 : row_sum) + s34(w) * s34(lane_x);
+            assign lane_sum[g] = row_sum;
+        end
+    endgenerate
     /* verilator lint_off UNUSEDSIGNAL */  // bits 63:34 only repeat the sign of these in-range values
     reg signed [63:0] dx, distance;
     /* verilator lint_on UNUSEDSIGNAL */
@@ -159,7 +180,7 @@ module crystal_core (
         wa0 = 0; wa1 = 0; ma0 = 0; ma1 = 0;
         exp_x = 0; exp_lo = 0; exp_hi = 0; gelu_x = 0; gelu_lo = 0; gelu_hi = 0;
         mac_x = 0; mac_y = 0; scl_x = 0; scl_y = 0; div_n = 0; div_d = 1; sqrt_in = 0;
-        wr_addr = dst + (flags[PER_POSITION] ? cur * n : 0) + i;
+        wr_addr = dst + (flags[PER_POSITION] ? cur * n : 0) + i + l;
         dx = 0; distance = 0;
         case (state)
         S_TOKEN_EMBEDDING: begin wa0 = a + tok * n + i; wa1 = b + cur * n + i; end
@@ -176,7 +197,8 @@ module crystal_core (
             div_n = (m0 - mean) <<< FRAC; div_d = rr;
             scl_x = s34(sat32(quot)); scl_y = w0[33:0];
         end
-        S_LINEAR: begin wa0 = wp; wa1 = b + i; ma0 = src + j; ma1 = wr_addr; mac_x = w0[33:0]; mac_y = m0[33:0]; end
+        S_LINEAR: ma0 = src + j;
+        S_LINEAR_DRAIN: begin wa1 = b + i + l; ma1 = wr_addr; end
         S_ATT_SCORE: begin
             ma0 = src + h * c + i; ma1 = a + j * n + h * c + i;
             mac_x = m0[33:0]; mac_y = m1[33:0];
@@ -221,7 +243,7 @@ module crystal_core (
         S_FETCH: begin
             {flags, k, s, m, n, c, b, a, src, dst} <= instr[`INSTR_BITS-1:32];
             wp <= instr[127:96];  // field a
-            i <= 0; j <= 0; h <= 0; acc <= 0; sum <= 0;
+            i <= 0; j <= 0; h <= 0; l <= 0; acc <= 0; sum <= 0;
             case (instr[31:0])
                 OP_HALT:             begin done <= 1'b1; state <= S_IDLE; end
                 OP_TOKEN_EMBEDDING:  state <= S_TOKEN_EMBEDDING;
@@ -257,16 +279,20 @@ module crystal_core (
             if (i == n - 1) state <= S_NEXT;
         end
 
-        // linear: dst[i] (+)= sum_j W[i][j] src[j] + bias[i]; W walked in order by wp
-        S_LINEAR: begin
+        // linear: dst[i] (+)= sum_j W[i][j] src[j] + bias[i], rows i .. i + LANES - 1 at once
+        S_LINEAR: begin  // j: column; the lanes add their products
             wp <= wp + 1;
-            if (j == m - 1) begin
-                M[wr_addr] <= sat32(flags[ACCUMULATE] ? m1 + rshift_round(mac, FRAC) + w1
-                                                         : rshift_round(mac, FRAC) + w1);
-                acc <= 0; j <= 0; i <= i + 1;
-                if (i == n - 1) state <= S_NEXT;
-            end else begin
-                acc <= mac; j <= j + 1;
+            j <= j + 1;
+            if (j == m - 1) begin j <= 0; l <= 0; state <= S_LINEAR_DRAIN; end
+        end
+        S_LINEAR_DRAIN: begin  // l: the lane whose row, i + l, is written
+            M[wr_addr] <= sat32(flags[ACCUMULATE] ? m1 + rshift_round(lane_sum[l], FRAC) + w1
+                                                     : rshift_round(lane_sum[l], FRAC) + w1);
+            l <= l + 1;
+            if (l == LANES - 1 || i + l == n - 1) begin
+                l <= 0; i <= i + LANES;
+                wp <= a + (i + LANES) * m;
+                state <= i + LANES >= n ? S_NEXT : S_LINEAR;
             end
         end
 

@@ -202,3 +202,53 @@ def test_simulate_command_speaks_original_ids(tmp_path):
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and why in res.stderr, res.stderr
     res = cli("simulate", str(tmp_path), "--prompt-ids", "3")
     assert res.returncode == 2 and "not a folder compiled with --target verilog" in res.stderr
+
+
+@pytest.mark.tool
+@pytest.mark.parametrize("shape", ["d40_h5", "three_blocks_n0_n1", "tied_unnormalised"])
+def test_lanes_give_the_same_words_in_fewer_cycles(shape, tmp_path):
+    # 3 lanes divide none of these widths (40, 80, 23; 12, 20, 19; 24, 36, 31): every layer has a short group
+    g = random_graph(shape, seed=12)
+    ids = np.random.default_rng(2).integers(0, g.config.vocab_size, g.config.n_ctx).tolist()
+    want = fp.emulate(fp.lower(g), ids).tolist()
+    cycles = {}
+    for lanes in (1, 3, 8):
+        out = tmp_path / str(lanes)
+        out.mkdir()
+        BACKEND.emit(g, out, lanes=lanes)
+        BACKEND.build(out)
+        got, cycles[lanes] = simulate(out, ids)
+        assert got.tolist() == want, lanes
+    assert cycles[1] > cycles[3] > cycles[8]
+
+
+@pytest.mark.tool
+def test_lanes_under_verilator_and_lint(tmp_path):
+    require_tool("verilator")
+    g = random_graph("d40_h5", seed=13)
+    BACKEND.emit(g, tmp_path, lanes=4)
+    res = subprocess.run(["verilator", "--lint-only", "-Wall", "crystal_core.v"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and "%Warning" not in res.stderr, res.stderr
+    BACKEND.build(tmp_path)
+    BACKEND.build(tmp_path, simulator="verilator")
+    ids = [1, 2, 3, 4, 5]
+    icarus, verilator = simulate(tmp_path, ids), simulate(tmp_path, ids, simulator="verilator")
+    assert icarus[0].tolist() == verilator[0].tolist() == fp.emulate(fp.lower(g), ids).tolist()
+    assert icarus[1] == verilator[1]
+    from crystalc.errors import CrystalError
+
+    with pytest.raises(CrystalError, match="--lanes 0 is outside 1..64"):
+        BACKEND.emit(g, tmp_path / "x", lanes=0)
+
+
+def test_compile_lanes_option(tmp_path):
+    ckpt = save_pt(random_graph("all_on", seed=14), tmp_path / "m.pt")
+    res = cli("compile", str(ckpt), "--target", "verilog", "--lanes", "5", "-o", str(tmp_path / "out"))
+    assert res.returncode == 0, res.stderr
+    assert "`define LANES 5" in (tmp_path / "out" / "model.vh").read_text()
+    for args, why in ((["--target", "c", "--lanes", "2"], "--lanes applies to --target verilog only"),
+                      (["--target", "verilog", "--lanes", "0"], "0 is not in the range 1<=x<=64")):
+        res = cli("compile", str(ckpt), *args, "-o", str(tmp_path / "bad"))
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and why in res.stderr, res.stderr
+        assert not (tmp_path / "bad").exists()

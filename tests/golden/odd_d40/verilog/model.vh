@@ -66,3 +66,4 @@
 `define LOGITS 969
 `define VOCAB_SIZE 62
 `define N_CTX 9
+`define LANES 1

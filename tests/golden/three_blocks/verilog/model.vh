@@ -131,3 +131,4 @@
 `define LOGITS 579
 `define VOCAB_SIZE 62
 `define N_CTX 7
+`define LANES 1
