@@ -111,10 +111,13 @@ class SpiceBackend:
         """Solve every netlist once in ngspice (all inputs 0) and write the results to check.log."""
         out_dir = Path(out_dir)
         lines = []
-        for path in sorted(out_dir.glob("neuron_field_b*.sp")):
-            block = int(path.stem.removeprefix("neuron_field_b"))
-            out = simulate_field(out_dir, block, np.zeros((1, _ports(path)[0])))
-            lines.append(f"{path.name}: f at h = 0: {' '.join(_num(v) for v in out[0])}")
+        netlists = {int(p.stem.removeprefix("neuron_field_b")): p for p in out_dir.glob("neuron_field_b*.sp")
+                    if p.stem.removeprefix("neuron_field_b").isdigit()}
+        for block, path in sorted(netlists.items()):
+            d, outputs = _ports(path)
+            out = simulate_field(out_dir, block, np.zeros((1, d)))
+            what = "f, fden" if outputs[-1] == "den" else "f"
+            lines.append(f"{path.name}: {what} at h = 0: {' '.join(_num(v) for v in out[0])}")
         if not lines:
             raise CrystalError(f"{out_dir} holds no neuron_field_b*.sp netlist")
         log = out_dir / "check.log"
