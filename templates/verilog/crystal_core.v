@@ -9,8 +9,10 @@
 // The datapath is what one clock needs at most: two read ports on each memory
 // (W, M) and one write port on M, one multiply-accumulate multiplier and one
 // for scaling (34 x 34 bits: every operand is a stored word or a difference of
-// two), one divider, one integer square root, one exp unit, one GELU unit. The
-// always @* block below says which address each port reads in each state.
+// two), one divider, one integer square root, one exp unit, one GELU unit; and
+// for the linear layers LANES lanes, a multiplier and a weight read port each
+// (model.vh's LANES, crystalc compile --lanes). The always @* block below says
+// which address each port reads in each state.
 //
 // Protocol: set `token` (a row of the current vocabulary) and `pos`, pulse
 // `start` for one cycle; `done` rises when the program has halted. Positions
