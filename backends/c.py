@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import shlex
 from dataclasses import dataclass, field
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from crystalc.backends.tools import run_tool
 from crystalc.ir.graph import Graph
 from crystalc.ir.ops import LayerNorm
 from crystalc.ir.tensor import Tensor
-from crystalc.templating import render
+from crystalc.templating import copy_template, render
 
 ALIGN = 64
 BLOB_MAGIC = 0x57595243  # "CRYW" read as a little-endian uint32: the start-up byte-order check
@@ -190,10 +189,7 @@ class CBackend:
             written.append(path)
         (out_dir / "weights.bin").write_bytes(blob)
         written.append(out_dir / "weights.bin")
-        shared = files("crystalc.templates") / "c"
-        for name in SHARED_FILES:
-            (out_dir / name).write_bytes((shared / name).read_bytes())
-            written.append(out_dir / name)
+        written += [copy_template("c", name, out_dir) for name in SHARED_FILES]
         return written
 
     def build(self, out_dir: Path, cflags: str | None = None, target: str = "model", **options: Any) -> Path:

@@ -17,6 +17,7 @@ import numpy as np
 
 from crystalc.errors import CrystalError
 from crystalc.ir.graph import Graph
+from crystalc.ir.interpret import check_ids
 
 CDEF = """
 int model_check(void);
@@ -41,13 +42,7 @@ class CModel:
         self.n_ctx = n_ctx
 
     def _ids(self, ids: list[int] | np.ndarray) -> np.ndarray:
-        arr = np.ascontiguousarray(ids, dtype=np.int32)
-        s = len(arr)
-        if arr.ndim != 1 or not 1 <= s <= self.n_ctx:
-            raise CrystalError(f"sequence of {s} tokens; the model takes 1..{self.n_ctx}")
-        if arr.min() < 0 or arr.max() >= self.vocab_size:
-            raise CrystalError(f"token id outside 0..{self.vocab_size - 1}")
-        return arr
+        return np.ascontiguousarray(check_ids(ids, self.n_ctx, self.vocab_size), dtype=np.int32)
 
     def forward(self, ids: list[int] | np.ndarray) -> np.ndarray:
         """Logits [S, V] (float32) for current-vocabulary ids, 1 <= S <= n_ctx, like interpret.forward."""

@@ -16,14 +16,13 @@ Decisions taken here (templates/cuda/ only renders text):
 
 from __future__ import annotations
 
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 from crystalc.backends.c import lower
 from crystalc.backends.tools import run_tool
 from crystalc.ir.graph import Graph
-from crystalc.templating import render
+from crystalc.templating import copy_template, render
 
 DEFAULT_NVCCFLAGS = "-O3"
 SHARED_C = ("crystal.h", "crystal_cli.c")
@@ -47,9 +46,8 @@ class CudaBackend:
             written.append(path)
         (out_dir / "weights.bin").write_bytes(blob)
         written.append(out_dir / "weights.bin")
-        for folder, name in [("c", n) for n in SHARED_C] + [("cuda", "crystal_forward.cu")]:
-            (out_dir / name).write_bytes((files("crystalc.templates") / folder / name).read_bytes())
-            written.append(out_dir / name)
+        written += [copy_template("c", name, out_dir) for name in SHARED_C]
+        written.append(copy_template("cuda", "crystal_forward.cu", out_dir))
         return written
 
     def build(self, out_dir: Path, nvccflags: str | None = None, **options: Any) -> Path:

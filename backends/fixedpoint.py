@@ -44,6 +44,7 @@ import numpy as np
 
 from crystalc.errors import CrystalError
 from crystalc.ir.graph import Graph
+from crystalc.ir.interpret import check_ids, field_temperatures
 from crystalc.ir.ops import LayerNorm
 from crystalc.ir.tensor import Tensor
 
@@ -269,8 +270,8 @@ def lower(graph: Graph) -> Program:
         f = blk.field
         if f.n_neurons:
             layer_norm(blk.ln2, x, f"{p}.ln2")
-            temp = np.abs(f.temperature.values().astype(np.float32)) + np.float32(0.1)
-            coef = rom.add(f"{p}.field 1/(|temperature| + 0.1)", to_q16(f"{p}.field.temperature", 1.0 / temp))
+            coef = rom.add(f"{p}.field 1/(|temperature| + 0.1)",
+                           to_q16(f"{p}.field.temperature", 1.0 / field_temperatures(f)))
             flags = (NORMALIZE if f.normalize else 0) | (HAS_EPS if f.normalize and f.eps > 0 else 0)
             ln_inv_eps = round(-math.log(f.eps) * ONE) if flags & HAS_EPS else 0
             code.append(Instr("neuron_field", dst=x, src=h, a=w(f.positions), b=w(f.values), c=coef, n=d,
@@ -353,10 +354,7 @@ def _exec(ins: Instr, rom: np.ndarray, ram: np.ndarray, tok: int, pos: int) -> N
 
 def emulate(program: Program, ids: Sequence[int]) -> np.ndarray:
     """The last position's logits (Q16 integers) for current-vocabulary ids, as the hardware computes them."""
-    if not 1 <= len(ids) <= program.n_ctx:
-        raise CrystalError(f"sequence of {len(ids)} tokens; the model takes 1..{program.n_ctx}")
-    if min(ids) < 0 or max(ids) >= program.vocab_size:
-        raise CrystalError(f"token id outside 0..{program.vocab_size - 1}")
+    ids = check_ids(ids, program.n_ctx, program.vocab_size).tolist()
     ram = np.zeros(program.ram_words, dtype=np.int64)
     for pos, tok in enumerate(ids):
         for ins in program.instrs:

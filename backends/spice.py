@@ -42,8 +42,8 @@ import numpy as np
 
 from crystalc.errors import CrystalError
 from crystalc.ir.graph import Graph
+from crystalc.ir.interpret import field_temperatures, neuron_field
 from crystalc.ir.interpret import forward as interpret_forward
-from crystalc.ir.interpret import neuron_field
 from crystalc.ir.ops import NeuronField
 from crystalc.templating import render
 
@@ -61,14 +61,10 @@ def netlist_name(block: int) -> str:
     return f"neuron_field_b{block}.sp"
 
 
-def _temperatures(f: NeuronField) -> np.ndarray:
-    return np.abs(f.temperature.values().astype(np.float32)) + np.float32(0.1)
-
-
 def lower_field(graph: Graph, block: int, frozen_only: bool = False) -> dict[str, Any]:
     """The template context of block `block`'s neuron field (its frozen neurons only, when frozen_only)."""
     f = graph.blocks[block].field
-    pos, val, t = f.positions.values(), f.values.values(), _temperatures(f)
+    pos, val, t = f.positions.values(), f.values.values(), field_temperatures(f)
     frozen = np.asarray(f.frozen.data, dtype=bool)
     scale = DIODE_IS * math.exp(DRIVE_A)
     neurons = [{
@@ -171,7 +167,7 @@ def _with_active_neurons(op: NeuronField, h: np.ndarray, core: np.ndarray) -> np
     pos = op.positions.values()[active].astype(np.float64)
     val = op.values.values()[active].astype(np.float64)
     dist = np.sqrt(((h[:, None, :].astype(np.float64) - pos[None]) ** 2).sum(axis=-1))
-    w = np.exp(-dist / _temperatures(op)[active].astype(np.float64))
+    w = np.exp(-dist / field_temperatures(op)[active].astype(np.float64))
     num = core[:, :-1] + w @ val
     if op.normalize:
         return num / (core[:, -1] + w.sum(axis=1) + op.eps)[:, None]
@@ -187,7 +183,7 @@ def forward(graph: Graph, out_dir: Path, ids: Sequence[int]) -> np.ndarray:
         if not netlist.is_file():  # no neurons, or (a frozen core) no frozen ones: all digital
             return neuron_field(op, h)
         out = simulate_field(out_dir, block, h)
-        if _ports(netlist)[1][-1] == "den":
+        if out.shape[1] > h.shape[1]:  # a frozen core's sums, fden last
             out = _with_active_neurons(op, h, out)
         return out.astype(np.float32)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import re
 import tempfile
-from importlib.resources import files
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -30,7 +29,8 @@ from crystalc.backends.fixedpoint import FIELDS, Program, lower
 from crystalc.backends.tools import run_tool
 from crystalc.errors import CrystalError
 from crystalc.ir.graph import Graph
-from crystalc.templating import render
+from crystalc.ir.interpret import check_ids
+from crystalc.templating import copy_template, render
 
 STATIC_FILES = ("crystal_core.v", "crystal_tb.v")
 MAX_LANES = 64
@@ -101,10 +101,7 @@ class VerilogBackend:
             # row -> original id, for whoever reads the logits (the testbench prints rows)
             (out_dir / "vocab_map.txt").write_text("".join(f"{int(i)}\n" for i in program.vocab_map))
             written.append(out_dir / "vocab_map.txt")
-        shared = files("crystalc.templates") / "verilog"
-        for name in STATIC_FILES:
-            (out_dir / name).write_bytes((shared / name).read_bytes())
-            written.append(out_dir / name)
+        written += [copy_template("verilog", name, out_dir) for name in STATIC_FILES]
         return written
 
     def build(self, out_dir: Path, simulator: str = "icarus", **options: Any) -> Path:
@@ -134,10 +131,7 @@ def simulate(out_dir: Path, ids: list[int], simulator: str = "icarus",
     if not (out_dir / sim.target).is_file():
         raise CrystalError(f"{out_dir / sim.target} does not exist: build first (crystalc compile --build, or make)")
     sizes = _defines(out_dir)
-    if not 1 <= len(ids) <= sizes["N_CTX"]:
-        raise CrystalError(f"sequence of {len(ids)} tokens; the model takes 1..{sizes['N_CTX']}")
-    if min(ids) < 0 or max(ids) >= sizes["VOCAB_SIZE"]:
-        raise CrystalError(f"token id outside 0..{sizes['VOCAB_SIZE'] - 1}")
+    ids = check_ids(ids, sizes["N_CTX"], sizes["VOCAB_SIZE"]).tolist()
     with tempfile.TemporaryDirectory() as tmp:
         prompt = Path(tmp) / "ids.hex"
         prompt.write_text("".join(f"{i:08x}\n" for i in ids))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import cache
 from importlib.resources import files
+from pathlib import Path
 
 import jinja2
 
@@ -24,3 +25,10 @@ def environment(target: str) -> jinja2.Environment:
 
 def render(target: str, template: str, **context: object) -> str:
     return environment(target).get_template(template).render(**context)
+
+
+def copy_template(target: str, name: str, out_dir: Path) -> Path:
+    """Copy a file of templates/<target>/ that needs no rendering (shared C, the Verilog core) into out_dir."""
+    path = Path(out_dir) / name
+    path.write_bytes((files("crystalc.templates") / target / name).read_bytes())
+    return path

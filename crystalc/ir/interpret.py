@@ -24,6 +24,21 @@ def _w(t: Tensor) -> np.ndarray:
     return t.values()
 
 
+def check_ids(ids: Sequence[int] | np.ndarray, n_ctx: int, vocab_size: int) -> np.ndarray:
+    """ids as an int64 array, or a CrystalError: a sequence of 1..n_ctx current-vocabulary ids."""
+    arr = np.asarray(ids, dtype=np.int64)
+    if arr.ndim != 1 or not 1 <= len(arr) <= n_ctx:
+        raise CrystalError(f"sequence of {len(arr)} tokens; the model takes 1..{n_ctx}")
+    if arr.min() < 0 or arr.max() >= vocab_size:
+        raise CrystalError(f"token id outside 0..{vocab_size - 1}")
+    return arr
+
+
+def field_temperatures(op: NeuronField) -> np.ndarray:
+    """|tau| + 0.1 of each neuron in float32: the spec's divisor of the distance."""
+    return np.abs(_w(op.temperature)) + np.float32(0.1)
+
+
 def token_embedding(weight: Tensor, ids: np.ndarray) -> np.ndarray:
     return _w(weight)[ids]
 
@@ -65,7 +80,7 @@ def neuron_field(op: NeuronField, h: np.ndarray) -> np.ndarray:
     pos = _w(op.positions)
     diff = h[:, None, :] - pos[None, :, :]
     dist = np.sqrt((diff * diff).sum(axis=-1, dtype=np.float32))
-    w = np.exp(-dist / (np.abs(_w(op.temperature)) + np.float32(0.1))).astype(np.float32)
+    w = np.exp(-dist / field_temperatures(op)).astype(np.float32)
     if op.normalize:
         w = w / (w.sum(axis=-1, keepdims=True) + np.float32(op.eps))
     return (w @ _w(op.values)).astype(np.float32)
@@ -95,12 +110,8 @@ def forward(graph: Graph, ids: Sequence[int], field_fn: FieldFn | None = None) -
     `neuron_field` (a backend that implements only that op, e.g. as a circuit).
     """
     c = graph.config
-    ids_arr = np.asarray(ids, dtype=np.int64)
+    ids_arr = check_ids(ids, c.n_ctx, c.vocab_size)
     s = len(ids_arr)
-    if not 1 <= s <= c.n_ctx:
-        raise CrystalError(f"sequence of {s} tokens; the model takes 1..{c.n_ctx}")
-    if ids_arr.min() < 0 or ids_arr.max() >= c.vocab_size:
-        raise CrystalError(f"token id outside 0..{c.vocab_size - 1}")
     x = token_embedding(graph.token_embed.weight, ids_arr) + position_embedding(graph.pos_embed.weight, s)
     x = x.astype(np.float32)
     field = field_fn or (lambda _b, op, h: neuron_field(op, h))
