@@ -2,8 +2,9 @@
 
 A graph becomes a *program*: a short list of instructions named after the IR
 ops (`token_embedding`, `layer_norm`, `linear`, `causal_attention`,
-`neuron_field`, `gelu`), a ROM of Q16.16 words (every weight, plus the two
-lookup tables the nonlinearities use) and a RAM layout. The Verilog core
+`neuron_field`, `gelu`), a ROM of Q16.16 words (every weight) and a RAM
+layout; the two lookup tables the nonlinearities use are constants of the
+hardware (`EXP_TABLE`, `GELU_TABLE`). The Verilog core
 (templates/verilog/crystal_core.v) executes that program one token at a time;
 `emulate` below executes it in numpy with the same integer arithmetic, so the
 simulated hardware must equal the emulator word for word, and the emulator is
@@ -187,15 +188,13 @@ class Program:
     """A lowered graph: what the core runs for each token, and the memories it runs on."""
 
     instrs: list[Instr]
-    rom: np.ndarray  # int64 words of 32 bits: Q16 values, the exp table Q29
+    rom: np.ndarray  # int64 words of 32 bits: Q16 values
     rom_table: list[tuple[str, int, int]]  # (what, base, words), for the listing
     ram_words: int
     ram_table: list[tuple[str, int, int]]
     logits: int  # RAM base of the V logits
     vocab_size: int
     n_ctx: int
-    exp_lut: int  # ROM bases of the tables
-    gelu_lut: int
     summary: str = ""
     vocab_map: np.ndarray | None = None
 
@@ -233,8 +232,6 @@ def lower(graph: Graph) -> Program:
     if eps_q32 > INT32_MAX:  # a smaller eps than Q32 holds (2.3e-10) rounds to 0: the root is clamped to >= 1
         raise CrystalError(f"ln_eps = {c.ln_eps:g} is too large for the hardware's Q32 (at most 0.5)")
 
-    exp_base = rom.add("exp2 table (2^(i/256), Q29)", EXP_TABLE)
-    gelu_base = rom.add("gelu table (GELU(-8 + i/64), Q16)", GELU_TABLE)
     embed = w(graph.token_embed.weight)
     pos = w(graph.pos_embed.weight)
 
@@ -291,7 +288,7 @@ def lower(graph: Graph) -> Program:
                                                                     graph.head.weight is None else ""))
     code.append(Instr("halt", note="logits ready"))
 
-    return Program(code, rom.words(), rom.table, ram.size, ram.table, logits, v, t, exp_base, gelu_base,
+    return Program(code, rom.words(), rom.table, ram.size, ram.table, logits, v, t,
                    c.summary(), None if graph.vocab_map is None else np.asarray(graph.vocab_map))
 
 

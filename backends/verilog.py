@@ -6,7 +6,7 @@ templates/verilog/ only render text):
 - The hardware is one small sequential core (crystal_core.v, the same for every
   model) that runs the model's *program*: one instruction per IR op and linear
   layer, named after the op, one multiply-accumulate a clock. The model is data:
-  rom.hex (weights and the exp/GELU tables, Q16.16) and program.hex. One core
+  rom.hex (weights, Q16.16) and program.hex. One core
   for every shape keeps the Verilog readable and small; a model changes only the
   memories and model.vh's sizes.
 - Arithmetic is Q16.16 with exact 64-bit products and sums; `fixedpoint.emulate`
@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from crystalc.backends.fixedpoint import FIELDS, Program, lower
+from crystalc.backends.fixedpoint import EXP_TABLE, FIELDS, GELU_TABLE, Program, lower
 from crystalc.backends.tools import run_tool
 from crystalc.errors import CrystalError
 from crystalc.ir.graph import Graph
@@ -62,6 +62,10 @@ def rom_hex(program: Program) -> str:
     return "\n".join(lines) + "\n"
 
 
+def table_hex(what: str, words: np.ndarray) -> str:
+    return f"// {what}\n" + "\n".join(_hex_words(words)) + "\n"
+
+
 def program_hex(program: Program) -> str:
     lines = []
     for pc, ins in enumerate(program.instrs):
@@ -75,7 +79,8 @@ class VerilogBackend:
     name = "verilog"
 
     def emit(self, graph: Graph, out_dir: Path, lanes: int = 1, **options: Any) -> list[Path]:
-        """Write crystal_core.v, crystal_tb.v, model.vh, rom.hex, program.hex and a Makefile into out_dir.
+        """Write crystal_core.v, crystal_tb.v, model.vh, rom.hex, program.hex, the function tables (exp2.hex,
+        gelu.hex) and a Makefile into out_dir.
 
         lanes: rows of a linear layer the core computes at once (one multiplier each)."""
         if not 1 <= lanes <= MAX_LANES:
@@ -86,7 +91,7 @@ class VerilogBackend:
             "summary": program.summary, "instrs": program.instrs, "rom_table": program.rom_table,
             "ram_table": program.ram_table, "rom_words": int(program.rom.size),
             "program_words": len(program.instrs), "instr_bits": 32 * len(FIELDS), "ram_words": program.ram_words,
-            "exp_lut": program.exp_lut, "gelu_lut": program.gelu_lut, "logits": program.logits,
+            "logits": program.logits,
             "vocab_size": program.vocab_size, "n_ctx": program.n_ctx, "lanes": lanes,
         }
         written = []
@@ -94,7 +99,9 @@ class VerilogBackend:
             path = out_dir / name
             path.write_text(render("verilog", template, **ctx), encoding="utf-8")
             written.append(path)
-        for name, text in (("rom.hex", rom_hex(program)), ("program.hex", program_hex(program))):
+        for name, text in (("rom.hex", rom_hex(program)), ("program.hex", program_hex(program)),
+                           ("exp2.hex", table_hex("2^(i/256), Q29, i = 0..256", EXP_TABLE)),
+                           ("gelu.hex", table_hex("GELU(-8 + i/64), Q16.16, i = 0..1024", GELU_TABLE))):
             (out_dir / name).write_text(text, encoding="ascii")
             written.append(out_dir / name)
         if program.vocab_map is not None:

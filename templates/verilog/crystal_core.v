@@ -1,23 +1,36 @@
 // crystal_core: executes a crystalc fixed-point program for one token at a time.
 //
 // Copied by crystalc, unchanged, for every model; the model is its ROM
-// (rom.hex: weights and tables, Q16.16) and program (program.hex), and the
-// sizes in model.vh. The arithmetic is backends/fixedpoint.py's, word for word:
-// Q16.16 values, exact 64-bit products and sums, round-half-up shifts,
-// truncating division, saturation to 32 bits on every RAM write.
+// (rom.hex: weights, Q16.16) and program (program.hex), and the sizes in
+// model.vh; exp2.hex and gelu.hex hold the two function tables. The arithmetic
+// is backends/fixedpoint.py's, word for word: Q16.16 values, exact 64-bit
+// products and sums, round-half-up shifts, truncating division, saturation to
+// 32 bits on every RAM write.
 //
-// The datapath is what one clock needs at most: two read ports on each memory
-// (W, M) and one write port on M, one multiply-accumulate multiplier and one
-// for scaling (34 x 34 bits: every operand is a stored word or a difference of
-// two), one divider, one integer square root, one exp unit, one GELU unit; and
-// for the linear layers LANES lanes, a multiplier and a weight read port each
-// (model.vh's LANES, crystalc compile --lanes). The always @* block below says
-// which address each port reads in each state.
+// Two stages, one step of a loop each a clock. The *issue* stage walks the
+// instruction's loops (i, j, h, l, wp) and sends addresses to the memories; the
+// *execute* stage, one clock behind, gets the words and does the arithmetic,
+// the running sums and the RAM write of the step the issue stage sent. The
+// memories are read synchronously (the word comes a clock after its address),
+// as an FPGA's block RAMs are: W and M each have two read ports (M also one
+// write port), and no address depends on a word just read, except the function
+// tables', which are small (257 and 1,025 words) and read where they are used.
+// A read of the RAM word the execute stage writes in the same clock gets the
+// new word (forwarding): that happens when a loop's last write is read by the
+// next loop's first step (one position, one neuron).
+//
+// The units: a multiply-accumulate multiplier and a scaling one (34 x 34 bits:
+// every operand is a stored word or a difference of two), one divider, one
+// integer square root, an exp unit, a GELU unit; and for the linear layers
+// LANES lanes, a multiplier each (model.vh's LANES, crystalc compile --lanes),
+// lanes 0 and 1 reading their rows through W's two ports, the others through
+// ports of their own.
 //
 // Protocol: set `token` (a row of the current vocabulary) and `pos`, pulse
 // `start` for one cycle; `done` rises when the program has halted. Positions
-// go 0, 1, 2, ... (the key/value caches hold the earlier ones). The logits of
-// the last token are then read through rd_addr/rd_data at LOGITS + i.
+// go 0, 1, 2, ... (the key/value caches hold the earlier ones). While idle, the
+// core reads RAM word rd_addr for the outside: its value is on rd_data a clock
+// later (the logits of the last token are at LOGITS + i).
 `include "model.vh"
 
 module crystal_core (
@@ -26,9 +39,7 @@ module crystal_core (
     input  wire [31:0] token,
     input  wire [31:0] pos,
     output reg         done,
-    /* verilator lint_off UNUSEDSIGNAL */  // addresses are 32 bits, as in the program; a memory uses what it needs
     input  wire [31:0] rd_addr,
-    /* verilator lint_on UNUSEDSIGNAL */
     output wire [31:0] rd_data
 );
     localparam integer FRAC = 16;
@@ -40,13 +51,18 @@ module crystal_core (
     localparam [31:0] OP_HALT = 0, OP_TOKEN_EMBEDDING = 1, OP_LAYER_NORM = 2, OP_LINEAR = 3,
                       OP_CAUSAL_ATTENTION = 4, OP_NEURON_FIELD = 5, OP_GELU = 6;
     localparam integer ACCUMULATE = 0, PER_POSITION = 1, NORMALIZE = 0, HAS_EPS = 1;
+    localparam integer LANES = `LANES;
 
-    reg [31:0] W [0:`ROM_WORDS-1];     // weights and tables, read only
+    reg [31:0] W [0:`ROM_WORDS-1];     // weights, read only
     reg [`INSTR_BITS-1:0] P [0:`PROGRAM_WORDS-1]; // the program, one word an instruction
     reg [31:0] M [0:`RAM_WORDS-1];     // activations, key/value caches, logits
+    reg [31:0] EXP2 [0:256];           // 2^(i/256), Q29
+    reg [31:0] GELU [0:1024];          // GELU(-8 + i/64), Q16
     initial begin
         $readmemh("rom.hex", W);
         $readmemh("program.hex", P);
+        $readmemh("exp2.hex", EXP2);
+        $readmemh("gelu.hex", GELU);
     end
 
     // --- the arithmetic -------------------------------------------------------------------
@@ -103,7 +119,7 @@ module crystal_core (
         end
     endfunction
 
-    // --- state ----------------------------------------------------------------------------
+    // --- the issue stage: one instruction at a time, its loops one step a clock ----------------
     localparam [4:0] S_IDLE = 0, S_FETCH = 1, S_NEXT = 2,
                      S_TOKEN_EMBEDDING = 3,
                      S_LN_SUM = 4, S_LN_VAR = 5, S_LN_OUT = 6,
@@ -115,127 +131,8 @@ module crystal_core (
     reg [31:0] pc, tok, cur;
     reg [31:0] dst, src, a, b, c, n, m, s, k, flags;  // the fields of the instruction being run (op dispatched)
     reg [31:0] i, j, h, l, wp;                           // loop counters, weight pointer
-    reg signed [63:0] acc, sum, den, mean, rr, mx, mn;
     wire [`INSTR_BITS-1:0] instr = P[pc];
 
-    // --- memory ports: the address each read port takes in each state -----------------------
-    /* verilator lint_off UNUSEDSIGNAL */
-    reg [31:0] wa0, wa1, ma0, ma1;
-    /* verilator lint_on UNUSEDSIGNAL */
-    wire signed [63:0] w0 = sx(W[wa0]), w1 = sx(W[wa1]), m0 = sx(M[ma0]), m1 = sx(M[ma1]);
-    assign rd_data = M[rd_addr];
-
-    // Every unit's operands are held at 0 outside the states that use it (operand isolation): a
-    // unit then only switches when it works, which saves power in silicon and time in a simulator.
-
-    // --- the exp unit (causal_attention, neuron_field): exp_out = exp(exp_x) in Q30 -----------
-    reg signed [63:0] exp_x, exp_lo, exp_hi;  // exp_lo, exp_hi: the table entries around exp_y
-    wire signed [63:0] exp_y = rshift_round(exp_x * LOG2E_Q30, 22);  // x log2(e), Q24
-    wire [31:0] exp_i = `EXP_LUT + {24'd0, exp_y[23:16]};
-    wire signed [63:0] exp_out = exp2_finish(exp_y, exp_lo, exp_hi);
-
-    // --- the GELU unit: the table between -8 and 8, x beyond it on the right, 0 on the left ------
-    reg signed [63:0] gelu_x, gelu_lo, gelu_hi;
-    wire signed [63:0] gelu_u0 = gelu_x - GELU_LO;
-    /* verilator lint_off UNUSEDSIGNAL */  // clamped to 20 bits
-    wire signed [63:0] gelu_u = gelu_u0 < 0 ? 64'sd0 : (gelu_u0 > 64'sd1048575 ? 64'sd1048575 : gelu_u0);
-    /* verilator lint_on UNUSEDSIGNAL */
-    wire signed [63:0] gelu_out = gelu_x >= GELU_HI ? gelu_x : (gelu_x < GELU_LO ? 64'sd0 :
-                                  gelu_lo + rshift_round((gelu_hi - gelu_lo) * $signed({54'd0, gelu_u[9:0]}), 10));
-
-    // --- the arithmetic units and their operands ----------------------------------------------
-    reg signed [33:0] mac_x, mac_y, scl_x, scl_y;
-    wire signed [63:0] mac = acc + mac_x * mac_y;  // the running sum of products, this cycle's included
-    wire signed [63:0] scaled = scl_x * scl_y;
-    wire signed [63:0] scaled_word = sx(sat32(rshift_round(scaled, FRAC)));  // a score or a field exponent
-    reg signed [63:0] div_n, div_d, sqrt_in;
-    wire signed [63:0] quot = div_d == 0 ? 64'sd0 : div_n / div_d;  // truncates toward zero
-    wire signed [63:0] root = $signed(isqrt(sqrt_in));
-    reg [31:0] wr_addr;  // the row a linear layer writes: i + l
-
-    // --- the linear layers' lanes: LANES rows at once, each lane one product a clock ----------
-    // Lane g sums row i + g (its weights LANES rows apart from wp); S_LINEAR_DRAIN then writes
-    // the rows one a clock through the one write port. Sums are exact, so any LANES gives the
-    // same words.
-    localparam integer LANES = `LANES;
-    wire signed [63:0] lane_sum [0:LANES-1];
-    wire [31:0] lane_x = state == S_LINEAR ? M[ma0] : 32'd0;  // src[j], the lanes' common factor
-    genvar g;
-    generate
-        for (g = 0; g < LANES; g = g + 1) begin : lane
-            /* verilator lint_off UNUSEDSIGNAL */  // a row address past the ROM only feeds an unwritten lane
-            wire [31:0] row_addr = wp + g * m;
-            /* verilator lint_on UNUSEDSIGNAL */
-            wire [31:0] w = state == S_LINEAR ? W[row_addr] : 32'd0;
-            reg signed [63:0] row_sum;
-            always @(posedge clk)
-                if (state == S_LINEAR) row_sum <= (j == 0 ? 64'sd0 : row_sum) + s34(w) * s34(lane_x);
-            assign lane_sum[g] = row_sum;
-        end
-    endgenerate
-    /* verilator lint_off UNUSEDSIGNAL */  // bits 63:34 only repeat the sign of these in-range values
-    reg signed [63:0] dx, distance;
-    /* verilator lint_on UNUSEDSIGNAL */
-
-    // --- what each state reads and feeds the units: the datapath's control --------------------
-    always @* begin
-        wa0 = 0; wa1 = 0; ma0 = 0; ma1 = 0;
-        exp_x = 0; exp_lo = 0; exp_hi = 0; gelu_x = 0; gelu_lo = 0; gelu_hi = 0;
-        mac_x = 0; mac_y = 0; scl_x = 0; scl_y = 0; div_n = 0; div_d = 1; sqrt_in = 0;
-        wr_addr = dst + (flags[PER_POSITION] ? cur * n : 0) + i + l;
-        dx = 0; distance = 0;
-        case (state)
-        S_TOKEN_EMBEDDING: begin wa0 = a + tok * n + i; wa1 = b + cur * n + i; end
-        S_LN_SUM: begin
-            ma0 = src + i;
-            if (i == n - 1) begin div_n = acc + m0; div_d = {32'd0, n}; end
-        end
-        S_LN_VAR: begin
-            ma0 = src + i; dx = m0 - mean; mac_x = dx[33:0]; mac_y = dx[33:0];
-            if (i == n - 1) begin div_n = mac; div_d = {32'd0, n}; sqrt_in = quot + sx(k); end
-        end
-        S_LN_OUT: begin
-            ma0 = src + i; wa0 = a + i; wa1 = b + i;
-            div_n = (m0 - mean) <<< FRAC; div_d = rr;
-            scl_x = s34(sat32(quot)); scl_y = w0[33:0];
-        end
-        S_LINEAR: ma0 = src + j;
-        S_LINEAR_DRAIN: begin wa1 = b + i + l; ma1 = wr_addr; end
-        S_ATT_SCORE: begin
-            ma0 = src + h * c + i; ma1 = a + j * n + h * c + i;
-            mac_x = m0[33:0]; mac_y = m1[33:0];
-            if (i == c - 1) begin scl_x = s34(sat32(rshift_round(mac, FRAC))); scl_y = s34(k); end
-        end
-        S_ATT_EXP: begin
-            ma0 = s + j; exp_x = m0 - mx; wa0 = exp_i; wa1 = exp_i + 1; exp_lo = w0; exp_hi = w1;
-        end
-        S_ATT_OUT: begin
-            ma0 = s + j; ma1 = b + j * n + h * c + i; mac_x = m0[33:0]; mac_y = m1[33:0];
-            if (j == cur) begin div_n = mac; div_d = sum; end
-        end
-        S_NF_DIST: begin
-            ma0 = src + i; wa0 = wp; wa1 = c + j;
-            dx = m0 - w0; mac_x = dx[33:0]; mac_y = dx[33:0];
-            if (i == n - 1) begin sqrt_in = mac; distance = root; scl_x = distance[33:0]; scl_y = w1[33:0]; end
-        end
-        S_NF_EXP: begin
-            ma0 = s + j; exp_x = flags[NORMALIZE] ? mn - m0 : -m0;
-            wa0 = exp_i; wa1 = exp_i + 1; exp_lo = w0; exp_hi = w1;
-        end
-        S_NF_EPS: begin exp_x = mn - sx(k); wa0 = exp_i; wa1 = exp_i + 1; exp_lo = w0; exp_hi = w1; end
-        S_NF_OUT: begin
-            ma0 = s + j; wa0 = b + j * n + i; ma1 = dst + i; mac_x = m0[33:0]; mac_y = w0[33:0];
-            if (j == m - 1) begin div_n = mac; div_d = den; end
-        end
-        S_GELU: begin
-            ma0 = src + i; gelu_x = m0;
-            wa0 = `GELU_LUT + {10'd0, gelu_u[31:10]}; wa1 = wa0 + 1; gelu_lo = w0; gelu_hi = w1;
-        end
-        default: ;
-        endcase
-    end
-
-    // --- the sequencer: one instruction at a time, its loops one step a clock --------------------
     always @(posedge clk) begin
         done <= 1'b0;
         case (state)
@@ -245,8 +142,9 @@ module crystal_core (
         S_FETCH: begin
             {flags, k, s, m, n, c, b, a, src, dst} <= instr[`INSTR_BITS-1:32];
             wp <= instr[127:96];  // field a
-            i <= 0; j <= 0; h <= 0; l <= 0; acc <= 0; sum <= 0;
+            i <= 0; j <= 0; h <= 0; l <= 0;
             case (instr[31:0])
+                // the execute stage has finished: it works on S_NEXT's empty step now
                 OP_HALT:             begin done <= 1'b1; state <= S_IDLE; end
                 OP_TOKEN_EMBEDDING:  state <= S_TOKEN_EMBEDDING;
                 OP_LAYER_NORM:       state <= S_LN_SUM;
@@ -259,37 +157,23 @@ module crystal_core (
         end
         S_NEXT: begin pc <= pc + 1; state <= S_FETCH; end
 
-        // token_embedding: x = token_embed[tok] + pos_embed[pos]
-        S_TOKEN_EMBEDDING: begin
-            M[dst + i] <= sat32(w0 + w1);
+        // one loop over i: token_embedding, the three passes of layer_norm, gelu
+        S_TOKEN_EMBEDDING, S_LN_OUT, S_GELU: begin
             i <= i + 1;
             if (i == n - 1) state <= S_NEXT;
         end
-
-        // layer_norm: mean, then variance, then (x - mean) / sqrt(var + eps) * weight + bias
-        S_LN_SUM: begin
-            acc <= acc + m0; i <= i + 1;
-            if (i == n - 1) begin mean <= quot; acc <= 0; i <= 0; state <= S_LN_VAR; end
-        end
-        S_LN_VAR: begin
-            acc <= mac; i <= i + 1;
-            if (i == n - 1) begin rr <= root < 1 ? 64'sd1 : root; i <= 0; state <= S_LN_OUT; end
-        end
-        S_LN_OUT: begin
-            M[dst + i] <= sat32(rshift_round(scaled, FRAC) + w1);
+        S_LN_SUM, S_LN_VAR: begin
             i <= i + 1;
-            if (i == n - 1) state <= S_NEXT;
+            if (i == n - 1) begin i <= 0; state <= state == S_LN_SUM ? S_LN_VAR : S_LN_OUT; end
         end
 
-        // linear: dst[i] (+)= sum_j W[i][j] src[j] + bias[i], rows i .. i + LANES - 1 at once
-        S_LINEAR: begin  // j: column; the lanes add their products
+        // linear: j over the columns of rows i .. i + LANES - 1, then l over those rows (the drain)
+        S_LINEAR: begin
             wp <= wp + 1;
             j <= j + 1;
             if (j == m - 1) begin j <= 0; l <= 0; state <= S_LINEAR_DRAIN; end
         end
-        S_LINEAR_DRAIN: begin  // l: the lane whose row, i + l, is written
-            M[wr_addr] <= sat32(flags[ACCUMULATE] ? m1 + rshift_round(lane_sum[l], FRAC) + w1
-                                                     : rshift_round(lane_sum[l], FRAC) + w1);
+        S_LINEAR_DRAIN: begin
             l <= l + 1;
             if (l == LANES - 1 || i + l == n - 1) begin
                 l <= 0; i <= i + LANES;
@@ -298,79 +182,274 @@ module crystal_core (
             end
         end
 
-        // causal_attention, head h (width c): scores q.k / sqrt(c) over positions 0..pos into the
-        // scratch, then their exp (less the largest) and its sum, then sum_j e_j v_j / sum
-        S_ATT_SCORE: begin  // i: component, j: position
+        // causal_attention, head h: scores (i: component, j: position), their exps (j), the
+        // output (j inner, i outer)
+        S_ATT_SCORE: begin
             if (i == c - 1) begin
-                M[s + j] <= scaled_word[31:0];
-                if (j == 0 || scaled_word > mx) mx <= scaled_word;
-                acc <= 0; i <= 0; j <= j + 1;
-                if (j == cur) begin j <= 0; sum <= 0; state <= S_ATT_EXP; end
-            end else begin
-                acc <= mac; i <= i + 1;
-            end
+                i <= 0; j <= j + 1;
+                if (j == cur) begin j <= 0; state <= S_ATT_EXP; end
+            end else i <= i + 1;
         end
         S_ATT_EXP: begin
-            M[s + j] <= exp_out[31:0];
-            sum <= sum + exp_out;
             j <= j + 1;
-            if (j == cur) begin j <= 0; i <= 0; acc <= 0; state <= S_ATT_OUT; end
+            if (j == cur) begin j <= 0; i <= 0; state <= S_ATT_OUT; end
         end
-        S_ATT_OUT: begin  // i: component, j: position
+        S_ATT_OUT: begin
             if (j == cur) begin
-                M[dst + h * c + i] <= sat32(quot);
-                acc <= 0; j <= 0; i <= i + 1;
+                j <= 0; i <= i + 1;
                 if (i == c - 1) begin
                     i <= 0; h <= h + 1;
                     state <= (h == m - 1) ? S_NEXT : S_ATT_SCORE;
                 end
-            end else begin
-                acc <= mac; j <= j + 1;
+            end else j <= j + 1;
+        end
+
+        // neuron_field: distances (i: component, j: neuron; wp walks the positions in order),
+        // exps (j), the eps term, the output (j inner, i outer)
+        S_NF_DIST: begin
+            wp <= wp + 1;
+            if (i == n - 1) begin
+                i <= 0; j <= j + 1;
+                if (j == m - 1) begin j <= 0; state <= S_NF_EXP; end
+            end else i <= i + 1;
+        end
+        S_NF_EXP: begin
+            j <= j + 1;
+            if (j == m - 1) begin
+                j <= 0; i <= 0;
+                state <= (flags[NORMALIZE] && flags[HAS_EPS]) ? S_NF_EPS : S_NF_OUT;
+            end
+        end
+        S_NF_EPS: state <= S_NF_OUT;
+        S_NF_OUT: begin
+            if (j == m - 1) begin
+                j <= 0; i <= i + 1;
+                if (i == n - 1) state <= S_NEXT;
+            end else j <= j + 1;
+        end
+        default: state <= S_IDLE;
+        endcase
+    end
+
+    // the addresses the issue stage sends in each state
+    /* verilator lint_off UNUSEDSIGNAL */  // addresses are 32 bits, as in the program; a memory uses what it needs
+    reg [31:0] wa0, wa1, ma0, ma1;
+    /* verilator lint_on UNUSEDSIGNAL */
+    always @* begin
+        wa0 = 0; wa1 = 0; ma0 = 0; ma1 = 0;
+        case (state)
+        S_IDLE: ma0 = rd_addr;
+        S_TOKEN_EMBEDDING: begin wa0 = a + tok * n + i; wa1 = b + cur * n + i; end
+        S_LN_SUM, S_LN_VAR, S_GELU: ma0 = src + i;
+        S_LN_OUT: begin ma0 = src + i; wa0 = a + i; wa1 = b + i; end
+        S_LINEAR: begin ma0 = src + j; wa0 = wp; wa1 = wp + m; end  // lanes 0 and 1
+        S_LINEAR_DRAIN: begin wa1 = b + i + l; ma1 = dst + (flags[PER_POSITION] ? cur * n : 0) + i + l; end
+        S_ATT_SCORE: begin ma0 = src + h * c + i; ma1 = a + j * n + h * c + i; end
+        S_ATT_EXP: ma0 = s + j;
+        S_ATT_OUT: begin ma0 = s + j; ma1 = b + j * n + h * c + i; end
+        S_NF_DIST: begin ma0 = src + i; wa0 = wp; wa1 = c + j; end
+        S_NF_EXP: ma0 = s + j;
+        S_NF_OUT: begin ma0 = s + j; wa0 = b + j * n + i; ma1 = dst + i; end
+        default: ;
+        endcase
+    end
+
+    // --- the memories' read ports: registered, one clock from address to word --------------------
+    reg [31:0] w0q, w1q, m0q, m1q;
+    reg m_we;                       // the execute stage's one RAM write this clock
+    reg [31:0] m_waddr, m_wdata;
+    always @(posedge clk) begin
+        if (m_we) M[m_waddr] <= m_wdata;
+        w0q <= W[wa0];
+        w1q <= W[wa1];
+        m0q <= (m_we && m_waddr == ma0) ? m_wdata : M[ma0];
+        m1q <= (m_we && m_waddr == ma1) ? m_wdata : M[ma1];
+    end
+    assign rd_data = m0q;
+
+    // --- the execute stage: the step the issue stage sent a clock ago ---------------------------
+    reg [4:0] state_x = S_IDLE;
+    reg [31:0] i_x, j_x, h_x, l_x;
+    always @(posedge clk) begin
+        state_x <= state; i_x <= i; j_x <= j; h_x <= h; l_x <= l;
+    end
+
+    // Every unit's operands are held at 0 outside the states that use it (operand isolation): a
+    // unit then only switches when it works, which saves power in silicon and time in a simulator.
+    wire signed [63:0] w0 = sx(w0q), w1 = sx(w1q), m0 = sx(m0q), m1 = sx(m1q);
+    reg signed [63:0] acc, sum, den, mean, rr, mx, mn;
+
+    // the exp unit (causal_attention, neuron_field): exp_out = exp(exp_x) in Q30
+    reg signed [63:0] exp_x;
+    wire signed [63:0] exp_y = rshift_round(exp_x * LOG2E_Q30, 22);  // x log2(e), Q24
+    wire [7:0] exp_i = exp_y[23:16];
+    wire signed [63:0] exp_out = exp2_finish(exp_y, sx(EXP2[{1'b0, exp_i}]), sx(EXP2[{1'b0, exp_i} + 9'd1]));
+
+    // the GELU unit: the table between -8 and 8, x beyond it on the right, 0 on the left
+    reg signed [63:0] gelu_x;
+    wire signed [63:0] gelu_u0 = gelu_x - GELU_LO;
+    /* verilator lint_off UNUSEDSIGNAL */  // clamped to 20 bits
+    wire signed [63:0] gelu_u = gelu_u0 < 0 ? 64'sd0 : (gelu_u0 > 64'sd1048575 ? 64'sd1048575 : gelu_u0);
+    /* verilator lint_on UNUSEDSIGNAL */
+    wire [10:0] gelu_i = {1'b0, gelu_u[19:10]};
+    wire signed [63:0] gelu_lo = sx(GELU[gelu_i]), gelu_hi = sx(GELU[gelu_i + 11'd1]);
+    wire signed [63:0] gelu_out = gelu_x >= GELU_HI ? gelu_x : (gelu_x < GELU_LO ? 64'sd0 :
+                                  gelu_lo + rshift_round((gelu_hi - gelu_lo) * $signed({54'd0, gelu_u[9:0]}), 10));
+
+    // the arithmetic units and their operands
+    reg signed [33:0] mac_x, mac_y, scl_x, scl_y;
+    wire signed [63:0] mac = acc + mac_x * mac_y;  // the running sum of products, this step's included
+    wire signed [63:0] scaled = scl_x * scl_y;
+    wire signed [63:0] scaled_word = sx(sat32(rshift_round(scaled, FRAC)));  // a score or a field exponent
+    reg signed [63:0] div_n, div_d, sqrt_in;
+    wire signed [63:0] quot = div_d == 0 ? 64'sd0 : div_n / div_d;  // truncates toward zero
+    wire signed [63:0] root = $signed(isqrt(sqrt_in));
+
+    // the linear layers' lanes: lane g sums row i + g (its weights LANES rows apart from wp), src[j]
+    // their common factor; the drain then writes the rows one a clock through the one write port.
+    // Sums are exact, so any LANES gives the same words.
+    wire signed [63:0] lane_sum [0:LANES-1];
+    wire [31:0] lane_x = state_x == S_LINEAR ? m0q : 32'd0;
+    genvar g;
+    generate
+        for (g = 0; g < LANES; g = g + 1) begin : lane
+            wire [31:0] w;
+            if (g < 2) begin : shared_port
+                assign w = state_x == S_LINEAR ? (g == 0 ? w0q : w1q) : 32'd0;
+            end else begin : own_port
+                /* verilator lint_off UNUSEDSIGNAL */  // a row address past the ROM only feeds an unwritten lane
+                wire [31:0] row_addr = wp + g * m;
+                /* verilator lint_on UNUSEDSIGNAL */
+                reg [31:0] wq;
+                always @(posedge clk) wq <= W[row_addr];
+                assign w = state_x == S_LINEAR ? wq : 32'd0;
+            end
+            reg signed [63:0] row_sum;
+            always @(posedge clk)
+                if (state_x == S_LINEAR) row_sum <= (j_x == 0 ? 64'sd0 : row_sum) + s34(w) * s34(lane_x);
+            assign lane_sum[g] = row_sum;
+        end
+    endgenerate
+    /* verilator lint_off UNUSEDSIGNAL */  // bits 63:34 only repeat the sign of these in-range values
+    reg signed [63:0] dx, distance;
+    /* verilator lint_on UNUSEDSIGNAL */
+    wire [31:0] row_x = dst + (flags[PER_POSITION] ? cur * n : 0) + i_x + l_x;  // the row a drain step writes
+
+    always @* begin
+        exp_x = 0; gelu_x = 0;
+        mac_x = 0; mac_y = 0; scl_x = 0; scl_y = 0; div_n = 0; div_d = 1; sqrt_in = 0;
+        dx = 0; distance = 0;
+        m_we = 1'b0; m_waddr = 0; m_wdata = 0;
+        case (state_x)
+        // token_embedding: x = token_embed[tok] + pos_embed[pos]
+        S_TOKEN_EMBEDDING: begin m_we = 1'b1; m_waddr = dst + i_x; m_wdata = sat32(w0 + w1); end
+
+        // layer_norm: mean, then variance, then (x - mean) / sqrt(var + eps) * weight + bias
+        S_LN_SUM: if (i_x == n - 1) begin div_n = acc + m0; div_d = {32'd0, n}; end
+        S_LN_VAR: begin
+            dx = m0 - mean; mac_x = dx[33:0]; mac_y = dx[33:0];
+            if (i_x == n - 1) begin div_n = mac; div_d = {32'd0, n}; sqrt_in = quot + sx(k); end
+        end
+        S_LN_OUT: begin
+            div_n = (m0 - mean) <<< FRAC; div_d = rr;
+            scl_x = s34(sat32(quot)); scl_y = w0[33:0];
+            m_we = 1'b1; m_waddr = dst + i_x; m_wdata = sat32(rshift_round(scaled, FRAC) + w1);
+        end
+
+        // linear: dst[i] (+)= sum_j W[i][j] src[j] + bias[i]
+        S_LINEAR_DRAIN: begin
+            m_we = 1'b1; m_waddr = row_x;
+            m_wdata = sat32(flags[ACCUMULATE] ? m1 + rshift_round(lane_sum[l_x], FRAC) + w1
+                                              : rshift_round(lane_sum[l_x], FRAC) + w1);
+        end
+
+        // causal_attention, head h (width c): scores q.k / sqrt(c) over positions 0..pos into the
+        // scratch, then their exp (less the largest) and its sum, then sum_j e_j v_j / sum
+        S_ATT_SCORE: begin
+            mac_x = m0[33:0]; mac_y = m1[33:0];
+            if (i_x == c - 1) begin
+                scl_x = s34(sat32(rshift_round(mac, FRAC))); scl_y = s34(k);
+                m_we = 1'b1; m_waddr = s + j_x; m_wdata = scaled_word[31:0];
+            end
+        end
+        S_ATT_EXP: begin exp_x = m0 - mx; m_we = 1'b1; m_waddr = s + j_x; m_wdata = exp_out[31:0]; end
+        S_ATT_OUT: begin
+            mac_x = m0[33:0]; mac_y = m1[33:0];
+            if (j_x == cur) begin
+                div_n = mac; div_d = sum;
+                m_we = 1'b1; m_waddr = dst + h_x * c + i_x; m_wdata = sat32(quot);
             end
         end
 
         // neuron_field: a_j = |h - pos_j| / (|tau_j| + 0.1) into the scratch, w_j = exp(-a_j)
         // (normalised: exp(a_min - a_j)), then x += sum_j w_j val_j (normalised: divided by
         // sum_j w_j + eps e^(a_min))
-        S_NF_DIST: begin  // i: component, j: neuron; wp walks the positions in order
-            wp <= wp + 1;
-            if (i == n - 1) begin
-                M[s + j] <= scaled_word[31:0];
-                if (j == 0 || scaled_word < mn) mn <= scaled_word;
-                acc <= 0; i <= 0; j <= j + 1;
-                if (j == m - 1) begin j <= 0; sum <= 0; state <= S_NF_EXP; end
-            end else begin
-                acc <= mac; i <= i + 1;
+        S_NF_DIST: begin
+            dx = m0 - w0; mac_x = dx[33:0]; mac_y = dx[33:0];
+            if (i_x == n - 1) begin
+                sqrt_in = mac; distance = root; scl_x = distance[33:0]; scl_y = w1[33:0];
+                m_we = 1'b1; m_waddr = s + j_x; m_wdata = scaled_word[31:0];
             end
         end
         S_NF_EXP: begin
-            M[s + j] <= exp_out[31:0];
-            sum <= sum + exp_out;
-            den <= sum + exp_out;
-            j <= j + 1;
-            if (j == m - 1) begin
-                j <= 0; i <= 0; acc <= 0;
-                state <= (flags[NORMALIZE] && flags[HAS_EPS]) ? S_NF_EPS : S_NF_OUT;
-            end
+            exp_x = flags[NORMALIZE] ? mn - m0 : -m0;
+            m_we = 1'b1; m_waddr = s + j_x; m_wdata = exp_out[31:0];
         end
-        S_NF_EPS: begin den <= den + exp_out; state <= S_NF_OUT; end
-        S_NF_OUT: begin  // i: component, j: neuron
-            if (j == m - 1) begin
-                M[dst + i] <= sat32(m1 + (flags[NORMALIZE] ? quot : rshift_round(mac, 30)));
-                acc <= 0; j <= 0; i <= i + 1;
-                if (i == n - 1) state <= S_NEXT;
-            end else begin
-                acc <= mac; j <= j + 1;
+        S_NF_EPS: exp_x = mn - sx(k);
+        S_NF_OUT: begin
+            mac_x = m0[33:0]; mac_y = w0[33:0];
+            if (j_x == m - 1) begin
+                div_n = mac; div_d = den;
+                m_we = 1'b1; m_waddr = dst + i_x;
+                m_wdata = sat32(m1 + (flags[NORMALIZE] ? quot : rshift_round(mac, 30)));
             end
         end
 
         // gelu, in place
-        S_GELU: begin
-            M[dst + i] <= sat32(gelu_out);
-            i <= i + 1;
-            if (i == n - 1) state <= S_NEXT;
+        S_GELU: begin gelu_x = m0; m_we = 1'b1; m_waddr = dst + i_x; m_wdata = sat32(gelu_out); end
+        default: ;
+        endcase
+    end
+
+    // the execute stage's registers: running sums, extremes, the statistics of a layer_norm
+    always @(posedge clk) begin
+        case (state_x)
+        S_FETCH: begin acc <= 0; sum <= 0; end  // the issue stage runs the instruction's first step
+        S_LN_SUM: begin
+            acc <= acc + m0;
+            if (i_x == n - 1) begin mean <= quot; acc <= 0; end
         end
-        default: state <= S_IDLE;
+        S_LN_VAR: begin
+            acc <= mac;
+            if (i_x == n - 1) rr <= root < 1 ? 64'sd1 : root;
+        end
+        S_ATT_SCORE: begin
+            if (i_x == c - 1) begin
+                if (j_x == 0 || scaled_word > mx) mx <= scaled_word;
+                acc <= 0;
+                if (j_x == cur) sum <= 0;
+            end else acc <= mac;
+        end
+        S_ATT_EXP: begin
+            sum <= sum + exp_out;
+            if (j_x == cur) acc <= 0;
+        end
+        S_ATT_OUT: acc <= j_x == cur ? 64'sd0 : mac;
+        S_NF_DIST: begin
+            if (i_x == n - 1) begin
+                if (j_x == 0 || scaled_word < mn) mn <= scaled_word;
+                acc <= 0;
+                if (j_x == m - 1) sum <= 0;
+            end else acc <= mac;
+        end
+        S_NF_EXP: begin
+            sum <= sum + exp_out;
+            den <= sum + exp_out;
+            if (j_x == m - 1) acc <= 0;
+        end
+        S_NF_EPS: den <= den + exp_out;
+        S_NF_OUT: acc <= j_x == m - 1 ? 64'sd0 : mac;
+        default: ;
         endcase
     end
 endmodule

@@ -18,7 +18,7 @@ module crystal_tb;
     reg [31:0] ids [0:`N_CTX-1];
     reg [8*4096-1:0] prompt;
     integer count, p, v;
-    reg [63:0] cycles = 0;
+    reg [63:0] cycles = 0, total;
     always @(posedge clk) cycles <= cycles + 1;
 
     initial begin
@@ -33,11 +33,12 @@ module crystal_tb;
             @(negedge clk) start = 1'b0;
             wait (done);
         end
+        total = cycles;  // the prompt's clock cycles; the reading out below is the testbench's
         for (v = 0; v < `VOCAB_SIZE; v = v + 1) begin
-            rd_addr = `LOGITS + v;
-            #1 $display("logit %0d %0d", v, $signed(rd_data));
+            @(negedge clk) rd_addr = `LOGITS + v;
+            @(negedge clk) $display("logit %0d %0d", v, $signed(rd_data));  // a clock after its address
         end
-        $display("cycles %0d", cycles);
+        $display("cycles %0d", total);
         $finish;
     end
 endmodule

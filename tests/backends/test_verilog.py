@@ -3,7 +3,7 @@
 The emulator (backends/fixedpoint.py) is held to the reference interpreter in
 test_fixedpoint.py (tolerance and why there); here the simulated hardware is
 held to the emulator exactly, and through it, to the interpreter within the same
-tolerance. Yosys synthesises the smallest model's core.
+tolerance. Yosys maps the smallest model's core to an FPGA's cells, its memories to RAMs.
 """
 
 from __future__ import annotations
@@ -89,12 +89,18 @@ def test_emit_is_deterministic_and_the_rom_is_the_program(tmp_path):
         out.mkdir()
         BACKEND.emit(g, out)
     names = sorted(p.name for p in a.iterdir())
-    assert names == ["Makefile", "crystal_core.v", "crystal_tb.v", "model.vh", "program.hex", "rom.hex"]
+    assert names == ["Makefile", "crystal_core.v", "crystal_tb.v", "exp2.hex", "gelu.hex", "model.vh",
+                     "program.hex", "rom.hex"]
     assert all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
     prog = fp.lower(g)
-    words = [int(w, 16) for w in (a / "rom.hex").read_text().split() if not w.startswith("//")
-             and re.fullmatch(r"[0-9a-f]{8}", w)]
-    assert words == [int(w) & 0xFFFFFFFF for w in prog.rom]
+
+    def words(name: str) -> list[int]:
+        return [int(w, 16) for line in (a / name).read_text().splitlines() if not line.startswith("//")
+                for w in line.split()]
+
+    assert words("rom.hex") == [int(w) & 0xFFFFFFFF for w in prog.rom]
+    assert words("exp2.hex") == fp.EXP_TABLE.tolist() and len(fp.EXP_TABLE) == 257
+    assert words("gelu.hex") == [int(w) & 0xFFFFFFFF for w in fp.GELU_TABLE] and len(fp.GELU_TABLE) == 1025
     vh = (a / "model.vh").read_text()
     assert f"`define ROM_WORDS {prog.rom.size}" in vh and f"`define LOGITS {prog.logits}" in vh
     assert "blocks.2.field: 5 neurons" in vh  # the listing names each instruction's op
@@ -126,9 +132,12 @@ def test_yosys_synthesises_the_core(tmp_path):
     out.mkdir()
     BACKEND.emit(random_graph("all_on", seed=1), out)
     stat = synthesize(out, timeout=900)
-    cells = int(re.search(r"Number of cells:\s+(\d+)", stat).group(1))
-    flops = sum(int(n) for n in re.findall(r"\$_S?DFFE?_\w+\s+(\d+)", stat))
-    assert cells > 10_000 and flops > 32 * 142  # at least the RAM's 142 words survived as registers
+    cells = {name: int(count) for name, count in re.findall(r"^\s+([A-Z]\w+)\s+(\d+)$", stat, re.MULTILINE)}
+    # the ROM (723 words) in a block RAM, the RAM (142 words) in LUT RAMs, not in flip-flops or logic
+    assert cells.get("RAMB36E1", 0) + cells.get("RAMB18E1", 0) >= 1, stat
+    assert cells.get("RAM32M", 0) + cells.get("RAM64M", 0) >= 1, stat
+    assert cells["FDRE"] + cells.get("FDSE", 0) < 32 * 142, stat
+    assert cells["DSP48E1"] >= 2  # the multiply-accumulate and scaling multipliers, at least
     assert "Number of processes:              0" in stat  # every always block became logic
 
 

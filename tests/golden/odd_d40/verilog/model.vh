@@ -18,34 +18,32 @@
 //    13  linear            head
 //    14  halt              logits ready
 //
-// ROM (20551 words of Q16.16, rom.hex):
-//          0 +257      exp2 table (2^(i/256), Q29)
-//        257 +1025     gelu table (GELU(-8 + i/64), Q16)
-//       1282 +2480     token_embed.weight
-//       3762 +360      pos_embed.weight
-//       4122 +40       blocks.0.ln1.weight
-//       4162 +40       blocks.0.ln1.bias
-//       4202 +1600     blocks.0.attn.q_proj.weight
-//       5802 +40       blocks.0.attn.q_proj.bias
-//       5842 +1600     blocks.0.attn.k_proj.weight
-//       7442 +40       blocks.0.attn.k_proj.bias
-//       7482 +1600     blocks.0.attn.v_proj.weight
-//       9082 +40       blocks.0.attn.v_proj.bias
-//       9122 +1600     blocks.0.attn.out_proj.weight
-//      10722 +40       blocks.0.attn.out_proj.bias
-//      10762 +40       blocks.0.ln2.weight
-//      10802 +40       blocks.0.ln2.bias
-//      10842 +7        blocks.0.field 1/(|temperature| + 0.1)
-//      10849 +280      blocks.0.field.positions
-//      11129 +280      blocks.0.field.values
-//      11409 +40       blocks.0.ln3.weight
-//      11449 +40       blocks.0.ln3.bias
-//      11489 +3200     blocks.0.ffn.fc1.weight
-//      14689 +80       blocks.0.ffn.fc1.bias
-//      14769 +3200     blocks.0.ffn.fc2.weight
-//      17969 +40       blocks.0.ffn.fc2.bias
-//      18009 +2480     head.weight
-//      20489 +62       head.bias
+// ROM (19269 words of Q16.16, rom.hex):
+//          0 +2480     token_embed.weight
+//       2480 +360      pos_embed.weight
+//       2840 +40       blocks.0.ln1.weight
+//       2880 +40       blocks.0.ln1.bias
+//       2920 +1600     blocks.0.attn.q_proj.weight
+//       4520 +40       blocks.0.attn.q_proj.bias
+//       4560 +1600     blocks.0.attn.k_proj.weight
+//       6160 +40       blocks.0.attn.k_proj.bias
+//       6200 +1600     blocks.0.attn.v_proj.weight
+//       7800 +40       blocks.0.attn.v_proj.bias
+//       7840 +1600     blocks.0.attn.out_proj.weight
+//       9440 +40       blocks.0.attn.out_proj.bias
+//       9480 +40       blocks.0.ln2.weight
+//       9520 +40       blocks.0.ln2.bias
+//       9560 +7        blocks.0.field 1/(|temperature| + 0.1)
+//       9567 +280      blocks.0.field.positions
+//       9847 +280      blocks.0.field.values
+//      10127 +40       blocks.0.ln3.weight
+//      10167 +40       blocks.0.ln3.bias
+//      10207 +3200     blocks.0.ffn.fc1.weight
+//      13407 +80       blocks.0.ffn.fc1.bias
+//      13487 +3200     blocks.0.ffn.fc2.weight
+//      16687 +40       blocks.0.ffn.fc2.bias
+//      16727 +2480     head.weight
+//      19207 +62       head.bias
 //
 // RAM (1031 words):
 //          0 +40       x: residual stream [D]
@@ -57,12 +55,10 @@
 //        249 +360      blocks.0 key cache [T, D]
 //        609 +360      blocks.0 value cache [T, D]
 //        969 +62       logits [V]
-`define ROM_WORDS 20551
+`define ROM_WORDS 19269
 `define PROGRAM_WORDS 15
 `define INSTR_BITS 352
 `define RAM_WORDS 1031
-`define EXP_LUT 0
-`define GELU_LUT 257
 `define LOGITS 969
 `define VOCAB_SIZE 62
 `define N_CTX 9

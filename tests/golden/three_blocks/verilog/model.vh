@@ -41,72 +41,70 @@
 //    36  linear            head (tied to token_embed)
 //    37  halt              logits ready
 //
-// ROM (5946 words of Q16.16, rom.hex):
-//          0 +257      exp2 table (2^(i/256), Q29)
-//        257 +1025     gelu table (GELU(-8 + i/64), Q16)
-//       1282 +744      token_embed.weight
-//       2026 +84       pos_embed.weight
-//       2110 +12       blocks.0.ln1.weight
-//       2122 +12       blocks.0.ln1.bias
-//       2134 +144      blocks.0.attn.q_proj.weight
-//       2278 +12       blocks.0.attn.q_proj.bias
-//       2290 +144      blocks.0.attn.k_proj.weight
-//       2434 +12       blocks.0.attn.k_proj.bias
-//       2446 +144      blocks.0.attn.v_proj.weight
-//       2590 +12       blocks.0.attn.v_proj.bias
-//       2602 +144      blocks.0.attn.out_proj.weight
-//       2746 +12       blocks.0.attn.out_proj.bias
-//       2758 +12       blocks.0.ln3.weight
-//       2770 +12       blocks.0.ln3.bias
-//       2782 +240      blocks.0.ffn.fc1.weight
-//       3022 +20       blocks.0.ffn.fc1.bias
-//       3042 +240      blocks.0.ffn.fc2.weight
-//       3282 +12       blocks.0.ffn.fc2.bias
-//       3294 +12       blocks.1.ln1.weight
-//       3306 +12       blocks.1.ln1.bias
-//       3318 +144      blocks.1.attn.q_proj.weight
-//       3462 +12       blocks.1.attn.q_proj.bias
-//       3474 +144      blocks.1.attn.k_proj.weight
-//       3618 +12       blocks.1.attn.k_proj.bias
-//       3630 +144      blocks.1.attn.v_proj.weight
-//       3774 +12       blocks.1.attn.v_proj.bias
-//       3786 +144      blocks.1.attn.out_proj.weight
-//       3930 +12       blocks.1.attn.out_proj.bias
-//       3942 +12       blocks.1.ln2.weight
-//       3954 +12       blocks.1.ln2.bias
-//       3966 +1        blocks.1.field 1/(|temperature| + 0.1)
-//       3967 +12       blocks.1.field.positions
-//       3979 +12       blocks.1.field.values
-//       3991 +12       blocks.1.ln3.weight
-//       4003 +12       blocks.1.ln3.bias
-//       4015 +240      blocks.1.ffn.fc1.weight
-//       4255 +20       blocks.1.ffn.fc1.bias
-//       4275 +240      blocks.1.ffn.fc2.weight
-//       4515 +12       blocks.1.ffn.fc2.bias
-//       4527 +12       blocks.2.ln1.weight
-//       4539 +12       blocks.2.ln1.bias
-//       4551 +144      blocks.2.attn.q_proj.weight
-//       4695 +12       blocks.2.attn.q_proj.bias
-//       4707 +144      blocks.2.attn.k_proj.weight
-//       4851 +12       blocks.2.attn.k_proj.bias
-//       4863 +144      blocks.2.attn.v_proj.weight
-//       5007 +12       blocks.2.attn.v_proj.bias
-//       5019 +144      blocks.2.attn.out_proj.weight
-//       5163 +12       blocks.2.attn.out_proj.bias
-//       5175 +12       blocks.2.ln2.weight
-//       5187 +12       blocks.2.ln2.bias
-//       5199 +5        blocks.2.field 1/(|temperature| + 0.1)
-//       5204 +60       blocks.2.field.positions
-//       5264 +60       blocks.2.field.values
-//       5324 +12       blocks.2.ln3.weight
-//       5336 +12       blocks.2.ln3.bias
-//       5348 +240      blocks.2.ffn.fc1.weight
-//       5588 +20       blocks.2.ffn.fc1.bias
-//       5608 +240      blocks.2.ffn.fc2.weight
-//       5848 +12       blocks.2.ffn.fc2.bias
-//       5860 +12       ln_f.weight
-//       5872 +12       ln_f.bias
-//       5884 +62       head.bias
+// ROM (4664 words of Q16.16, rom.hex):
+//          0 +744      token_embed.weight
+//        744 +84       pos_embed.weight
+//        828 +12       blocks.0.ln1.weight
+//        840 +12       blocks.0.ln1.bias
+//        852 +144      blocks.0.attn.q_proj.weight
+//        996 +12       blocks.0.attn.q_proj.bias
+//       1008 +144      blocks.0.attn.k_proj.weight
+//       1152 +12       blocks.0.attn.k_proj.bias
+//       1164 +144      blocks.0.attn.v_proj.weight
+//       1308 +12       blocks.0.attn.v_proj.bias
+//       1320 +144      blocks.0.attn.out_proj.weight
+//       1464 +12       blocks.0.attn.out_proj.bias
+//       1476 +12       blocks.0.ln3.weight
+//       1488 +12       blocks.0.ln3.bias
+//       1500 +240      blocks.0.ffn.fc1.weight
+//       1740 +20       blocks.0.ffn.fc1.bias
+//       1760 +240      blocks.0.ffn.fc2.weight
+//       2000 +12       blocks.0.ffn.fc2.bias
+//       2012 +12       blocks.1.ln1.weight
+//       2024 +12       blocks.1.ln1.bias
+//       2036 +144      blocks.1.attn.q_proj.weight
+//       2180 +12       blocks.1.attn.q_proj.bias
+//       2192 +144      blocks.1.attn.k_proj.weight
+//       2336 +12       blocks.1.attn.k_proj.bias
+//       2348 +144      blocks.1.attn.v_proj.weight
+//       2492 +12       blocks.1.attn.v_proj.bias
+//       2504 +144      blocks.1.attn.out_proj.weight
+//       2648 +12       blocks.1.attn.out_proj.bias
+//       2660 +12       blocks.1.ln2.weight
+//       2672 +12       blocks.1.ln2.bias
+//       2684 +1        blocks.1.field 1/(|temperature| + 0.1)
+//       2685 +12       blocks.1.field.positions
+//       2697 +12       blocks.1.field.values
+//       2709 +12       blocks.1.ln3.weight
+//       2721 +12       blocks.1.ln3.bias
+//       2733 +240      blocks.1.ffn.fc1.weight
+//       2973 +20       blocks.1.ffn.fc1.bias
+//       2993 +240      blocks.1.ffn.fc2.weight
+//       3233 +12       blocks.1.ffn.fc2.bias
+//       3245 +12       blocks.2.ln1.weight
+//       3257 +12       blocks.2.ln1.bias
+//       3269 +144      blocks.2.attn.q_proj.weight
+//       3413 +12       blocks.2.attn.q_proj.bias
+//       3425 +144      blocks.2.attn.k_proj.weight
+//       3569 +12       blocks.2.attn.k_proj.bias
+//       3581 +144      blocks.2.attn.v_proj.weight
+//       3725 +12       blocks.2.attn.v_proj.bias
+//       3737 +144      blocks.2.attn.out_proj.weight
+//       3881 +12       blocks.2.attn.out_proj.bias
+//       3893 +12       blocks.2.ln2.weight
+//       3905 +12       blocks.2.ln2.bias
+//       3917 +5        blocks.2.field 1/(|temperature| + 0.1)
+//       3922 +60       blocks.2.field.positions
+//       3982 +60       blocks.2.field.values
+//       4042 +12       blocks.2.ln3.weight
+//       4054 +12       blocks.2.ln3.bias
+//       4066 +240      blocks.2.ffn.fc1.weight
+//       4306 +20       blocks.2.ffn.fc1.bias
+//       4326 +240      blocks.2.ffn.fc2.weight
+//       4566 +12       blocks.2.ffn.fc2.bias
+//       4578 +12       ln_f.weight
+//       4590 +12       ln_f.bias
+//       4602 +62       head.bias
 //
 // RAM (641 words):
 //          0 +12       x: residual stream [D]
@@ -122,12 +120,10 @@
 //        411 +84       blocks.2 key cache [T, D]
 //        495 +84       blocks.2 value cache [T, D]
 //        579 +62       logits [V]
-`define ROM_WORDS 5946
+`define ROM_WORDS 4664
 `define PROGRAM_WORDS 38
 `define INSTR_BITS 352
 `define RAM_WORDS 641
-`define EXP_LUT 0
-`define GELU_LUT 257
 `define LOGITS 579
 `define VOCAB_SIZE 62
 `define N_CTX 7
