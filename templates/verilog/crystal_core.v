@@ -55,7 +55,7 @@ module crystal_core (
 
     reg [31:0] W [0:`ROM_WORDS-1];     // weights, read only
     reg [`INSTR_BITS-1:0] P [0:`PROGRAM_WORDS-1]; // the program, one word an instruction
-    reg [31:0] M [0:`RAM_WORDS-1];     // activations, key/value caches, logits
+    (* ram_style = "block" *) reg [31:0] M [0:`RAM_WORDS-1];  // activations, key/value caches, logits
     reg [31:0] EXP2 [0:256];           // 2^(i/256), Q29
     reg [31:0] GELU [0:1024];          // GELU(-8 + i/64), Q16
     initial begin
@@ -255,16 +255,24 @@ module crystal_core (
     end
 
     // --- the memories' read ports: registered, one clock from address to word --------------------
-    reg [31:0] w0q, w1q, m0q, m1q;
+    // A RAM read of the word written in the same clock gets the written word: the block RAM gives
+    // the old one (read first), and a flag taken with the read picks the write's word instead.
+    // (A bypass written into the read itself makes Yosys find no block RAM for M.)
+    reg [31:0] w0q, w1q, m0_ram, m1_ram, m_written;
     reg m_we;                       // the execute stage's one RAM write this clock
     reg [31:0] m_waddr, m_wdata;
+    reg m0_fwd, m1_fwd;
     always @(posedge clk) begin
         if (m_we) M[m_waddr] <= m_wdata;
         w0q <= W[wa0];
         w1q <= W[wa1];
-        m0q <= (m_we && m_waddr == ma0) ? m_wdata : M[ma0];
-        m1q <= (m_we && m_waddr == ma1) ? m_wdata : M[ma1];
+        m0_ram <= M[ma0];
+        m1_ram <= M[ma1];
+        m0_fwd <= m_we && m_waddr == ma0;
+        m1_fwd <= m_we && m_waddr == ma1;
+        m_written <= m_wdata;
     end
+    wire [31:0] m0q = m0_fwd ? m_written : m0_ram, m1q = m1_fwd ? m_written : m1_ram;
     assign rd_data = m0q;
 
     // --- the execute stage: the step the issue stage sent a clock ago ---------------------------
