@@ -21,10 +21,10 @@
 //
 // The units: a multiply-accumulate multiplier and a scaling one (34 x 34 bits:
 // every operand is a stored word or a difference of two), one divider, one
-// integer square root, an exp unit, a GELU unit; and for the linear layers
-// LANES lanes, a multiplier each (model.vh's LANES, crystalc compile --lanes),
-// lanes 0 and 1 reading their rows through W's two ports, the others through
-// ports of their own.
+// integer square root, an exp unit, a GELU unit; and for the linear layers and
+// the neuron field LANES lanes, a multiplier each (model.vh's LANES, crystalc
+// compile --lanes), lanes 0 and 1 reading their words through W's two ports,
+// the others through ports of their own.
 //
 // Protocol: set `token` (a row of the current vocabulary) and `pos`, pulse
 // `start` for one cycle; `done` rises when the program has halted. Positions
@@ -126,7 +126,7 @@ module crystal_core (
                      S_LINEAR = 7,
                      S_ATT_SCORE = 8, S_ATT_EXP = 9, S_ATT_OUT = 10,
                      S_NF_DIST = 11, S_NF_EXP = 12, S_NF_EPS = 13, S_NF_OUT = 14,
-                     S_GELU = 15, S_LINEAR_DRAIN = 16;
+                     S_GELU = 15, S_LINEAR_DRAIN = 16, S_NF_DIST_DRAIN = 17, S_NF_OUT_DRAIN = 18;
     reg [4:0] state = S_IDLE;
     reg [31:0] pc, tok, cur;
     reg [31:0] dst, src, a, b, c, n, m, s, k, flags;  // the fields of the instruction being run (op dispatched)
@@ -204,34 +204,51 @@ module crystal_core (
             end else j <= j + 1;
         end
 
-        // neuron_field: distances (i: component, j: neuron; wp walks the positions in order),
-        // exps (j), the eps term, the output (j inner, i outer)
+        // neuron_field: i over the components of neurons j .. j + LANES - 1's distances (wp walks
+        // neuron j's position), then l over those neurons (the drain); j over the exps, the eps
+        // term; then j over the neurons for components i .. i + LANES - 1 of the output (wp walks
+        // component i's values), then l over those components
         S_NF_DIST: begin
             wp <= wp + 1;
-            if (i == n - 1) begin
-                i <= 0; j <= j + 1;
-                if (j == m - 1) begin j <= 0; state <= S_NF_EXP; end
-            end else i <= i + 1;
+            i <= i + 1;
+            if (i == n - 1) begin i <= 0; l <= 0; state <= S_NF_DIST_DRAIN; end
+        end
+        S_NF_DIST_DRAIN: begin
+            l <= l + 1;
+            if (l == LANES - 1 || j + l == m - 1) begin
+                l <= 0; j <= j + LANES;
+                wp <= a + (j + LANES) * n;
+                if (j + LANES >= m) begin j <= 0; state <= S_NF_EXP; end else state <= S_NF_DIST;
+            end
         end
         S_NF_EXP: begin
             j <= j + 1;
             if (j == m - 1) begin
-                j <= 0; i <= 0;
+                j <= 0; i <= 0; wp <= b;
                 state <= (flags[NORMALIZE] && flags[HAS_EPS]) ? S_NF_EPS : S_NF_OUT;
             end
         end
         S_NF_EPS: state <= S_NF_OUT;
         S_NF_OUT: begin
-            if (j == m - 1) begin
-                j <= 0; i <= i + 1;
-                if (i == n - 1) state <= S_NEXT;
-            end else j <= j + 1;
+            wp <= wp + n;
+            j <= j + 1;
+            if (j == m - 1) begin j <= 0; l <= 0; state <= S_NF_OUT_DRAIN; end
+        end
+        S_NF_OUT_DRAIN: begin
+            l <= l + 1;
+            if (l == LANES - 1 || i + l == n - 1) begin
+                l <= 0; i <= i + LANES;
+                wp <= b + i + LANES;
+                state <= i + LANES >= n ? S_NEXT : S_NF_OUT;
+            end
         end
         default: state <= S_IDLE;
         endcase
     end
 
-    // the addresses the issue stage sends in each state
+    // the addresses the issue stage sends in each state; lane g reads the word lane_stride * g past
+    // lane 0's: the next row of a linear layer, the next neuron's position, the next component's value
+    wire [31:0] lane_stride = state == S_LINEAR ? m : state == S_NF_DIST ? n : 32'd1;
     /* verilator lint_off UNUSEDSIGNAL */  // addresses are 32 bits, as in the program; a memory uses what it needs
     reg [31:0] wa0, wa1, ma0, ma1;
     /* verilator lint_on UNUSEDSIGNAL */
@@ -242,14 +259,17 @@ module crystal_core (
         S_TOKEN_EMBEDDING: begin wa0 = a + tok * n + i; wa1 = b + cur * n + i; end
         S_LN_SUM, S_LN_VAR, S_GELU: ma0 = src + i;
         S_LN_OUT: begin ma0 = src + i; wa0 = a + i; wa1 = b + i; end
-        S_LINEAR: begin ma0 = src + j; wa0 = wp; wa1 = wp + m; end  // lanes 0 and 1
+        S_LINEAR, S_NF_DIST, S_NF_OUT: begin  // the lanes' common word; lanes 0 and 1 read W
+            ma0 = state == S_LINEAR ? src + j : state == S_NF_DIST ? src + i : s + j;
+            wa0 = wp; wa1 = wp + lane_stride;
+        end
         S_LINEAR_DRAIN: begin wa1 = b + i + l; ma1 = dst + (flags[PER_POSITION] ? cur * n : 0) + i + l; end
         S_ATT_SCORE: begin ma0 = src + h * c + i; ma1 = a + j * n + h * c + i; end
         S_ATT_EXP: ma0 = s + j;
         S_ATT_OUT: begin ma0 = s + j; ma1 = b + j * n + h * c + i; end
-        S_NF_DIST: begin ma0 = src + i; wa0 = wp; wa1 = c + j; end
+        S_NF_DIST_DRAIN: wa1 = c + j + l;
         S_NF_EXP: ma0 = s + j;
-        S_NF_OUT: begin ma0 = s + j; wa0 = b + j * n + i; ma1 = dst + i; end
+        S_NF_OUT_DRAIN: ma1 = dst + i + l;
         default: ;
         endcase
     end
@@ -313,28 +333,37 @@ module crystal_core (
     wire signed [63:0] quot = div_d == 0 ? 64'sd0 : div_n / div_d;  // truncates toward zero
     wire signed [63:0] root = $signed(isqrt(sqrt_in));
 
-    // the linear layers' lanes: lane g sums row i + g (its weights LANES rows apart from wp), src[j]
-    // their common factor; the drain then writes the rows one a clock through the one write port.
-    // Sums are exact, so any LANES gives the same words.
+    // The lanes: LANES sums at once, each of a ROM word against a common word x, one term a clock:
+    // w x for a linear layer's rows i + g (x = src[j]) and the field's output components i + g
+    // (x = e_j), (x - w)^2 for the field's neurons j + g (x = h[i]). A drain state then finishes
+    // the sums one a clock through the one write port. Sums are exact, so any LANES gives the same
+    // words.
+    wire lane_on = state_x == S_LINEAR || state_x == S_NF_DIST || state_x == S_NF_OUT;
+    wire lane_first = state_x == S_NF_DIST ? i_x == 0 : j_x == 0;  // the sum's first term
     wire signed [63:0] lane_sum [0:LANES-1];
-    wire [31:0] lane_x = state_x == S_LINEAR ? m0q : 32'd0;
+    wire [31:0] lane_x = lane_on ? m0q : 32'd0;
     genvar g;
     generate
         for (g = 0; g < LANES; g = g + 1) begin : lane
             wire [31:0] w;
             if (g < 2) begin : shared_port
-                assign w = state_x == S_LINEAR ? (g == 0 ? w0q : w1q) : 32'd0;
+                assign w = lane_on ? (g == 0 ? w0q : w1q) : 32'd0;
             end else begin : own_port
-                /* verilator lint_off UNUSEDSIGNAL */  // a row address past the ROM only feeds an unwritten lane
-                wire [31:0] row_addr = wp + g * m;
+                /* verilator lint_off UNUSEDSIGNAL */  // an address past the ROM only feeds an unwritten lane
+                wire [31:0] addr = wp + g * lane_stride;
                 /* verilator lint_on UNUSEDSIGNAL */
                 reg [31:0] wq;
-                always @(posedge clk) wq <= W[row_addr];
-                assign w = state_x == S_LINEAR ? wq : 32'd0;
+                always @(posedge clk) wq <= W[addr];
+                assign w = lane_on ? wq : 32'd0;
             end
+            /* verilator lint_off UNUSEDSIGNAL */  // bits 63:34 only repeat the sign of a difference of two words
+            wire signed [63:0] diff = sx(lane_x) - sx(w);
+            /* verilator lint_on UNUSEDSIGNAL */
+            wire signed [33:0] op_a = state_x == S_NF_DIST ? diff[33:0] : s34(w);
+            wire signed [33:0] op_b = state_x == S_NF_DIST ? diff[33:0] : s34(lane_x);
             reg signed [63:0] row_sum;
             always @(posedge clk)
-                if (state_x == S_LINEAR) row_sum <= (j_x == 0 ? 64'sd0 : row_sum) + s34(w) * s34(lane_x);
+                if (lane_on) row_sum <= (lane_first ? 64'sd0 : row_sum) + op_a * op_b;
             assign lane_sum[g] = row_sum;
         end
     endgenerate
@@ -392,25 +421,19 @@ module crystal_core (
         // neuron_field: a_j = |h - pos_j| / (|tau_j| + 0.1) into the scratch, w_j = exp(-a_j)
         // (normalised: exp(a_min - a_j)), then x += sum_j w_j val_j (normalised: divided by
         // sum_j w_j + eps e^(a_min))
-        S_NF_DIST: begin
-            dx = m0 - w0; mac_x = dx[33:0]; mac_y = dx[33:0];
-            if (i_x == n - 1) begin
-                sqrt_in = mac; distance = root; scl_x = distance[33:0]; scl_y = w1[33:0];
-                m_we = 1'b1; m_waddr = s + j_x; m_wdata = scaled_word[31:0];
-            end
+        S_NF_DIST_DRAIN: begin
+            sqrt_in = lane_sum[l_x]; distance = root; scl_x = distance[33:0]; scl_y = w1[33:0];
+            m_we = 1'b1; m_waddr = s + j_x + l_x; m_wdata = scaled_word[31:0];
         end
         S_NF_EXP: begin
             exp_x = flags[NORMALIZE] ? mn - m0 : -m0;
             m_we = 1'b1; m_waddr = s + j_x; m_wdata = exp_out[31:0];
         end
         S_NF_EPS: exp_x = mn - sx(k);
-        S_NF_OUT: begin
-            mac_x = m0[33:0]; mac_y = w0[33:0];
-            if (j_x == m - 1) begin
-                div_n = mac; div_d = den;
-                m_we = 1'b1; m_waddr = dst + i_x;
-                m_wdata = sat32(m1 + (flags[NORMALIZE] ? quot : rshift_round(mac, 30)));
-            end
+        S_NF_OUT_DRAIN: begin
+            div_n = lane_sum[l_x]; div_d = den;
+            m_we = 1'b1; m_waddr = dst + i_x + l_x;
+            m_wdata = sat32(m1 + (flags[NORMALIZE] ? quot : rshift_round(lane_sum[l_x], 30)));
         end
 
         // gelu, in place
@@ -443,20 +466,12 @@ module crystal_core (
             if (j_x == cur) acc <= 0;
         end
         S_ATT_OUT: acc <= j_x == cur ? 64'sd0 : mac;
-        S_NF_DIST: begin
-            if (i_x == n - 1) begin
-                if (j_x == 0 || scaled_word < mn) mn <= scaled_word;
-                acc <= 0;
-                if (j_x == m - 1) sum <= 0;
-            end else acc <= mac;
-        end
-        S_NF_EXP: begin
+        S_NF_DIST_DRAIN: if (j_x + l_x == 0 || scaled_word < mn) mn <= scaled_word;
+        S_NF_EXP: begin  // sum is 0 from S_FETCH
             sum <= sum + exp_out;
             den <= sum + exp_out;
-            if (j_x == m - 1) acc <= 0;
         end
         S_NF_EPS: den <= den + exp_out;
-        S_NF_OUT: acc <= j_x == m - 1 ? 64'sd0 : mac;
         default: ;
         endcase
     end

@@ -217,7 +217,8 @@ def test_simulate_command_speaks_original_ids(tmp_path):
 @pytest.mark.tool
 @pytest.mark.parametrize("shape", ["d40_h5", "three_blocks_n0_n1", "tied_unnormalised"])
 def test_lanes_give_the_same_words_in_fewer_cycles(shape, tmp_path):
-    # 3 lanes divide none of these widths (40, 80, 23; 12, 20, 19; 24, 36, 31): every layer has a short group
+    # 3 lanes divide none of these widths (40, 80, 23; 12, 20, 19; 24, 36, 31): every layer has a short group;
+    # the fields' neurons (7; 0, 1, 5; 4, 3) leave short groups too, and 8 lanes outnumber every field
     g = random_graph(shape, seed=12)
     ids = np.random.default_rng(2).integers(0, g.config.vocab_size, g.config.n_ctx).tolist()
     want = fp.emulate(fp.lower(g), ids).tolist()
