@@ -36,7 +36,7 @@ from crystalc.model import model_from_graph  # noqa: E402
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 MODEL = REPO / "examples" / "shakespeare" / "model.pt"
-LANES = (1, 4, 16)  # the core's multiply-accumulate lanes for linear layers (crystalc compile --lanes)
+LANES = (1, 4, 16)  # the core's multiply-accumulate lanes for linear layers and the field (crystalc compile --lanes)
 
 
 def per_token_cpu(gen, skip: int) -> tuple[float, list[int]]:
