@@ -6,7 +6,8 @@ templates/verilog/ only render text):
 - The hardware is one small sequential core (crystal_core.v, the same for every
   model) that runs the model's *program*: one instruction per IR op and linear
   layer, named after the op, one multiply-accumulate a clock. The model is data:
-  rom.hex (weights, Q16.16) and program.hex. One core
+  two ROMs of Q16.16 weights (rom.hex, a word at a time; lanes.hex, the words
+  the lanes read together: `core_memories`) and program.hex. One core
   for every shape keeps the Verilog readable and small; a model changes only the
   memories and model.vh's sizes.
 - Arithmetic is Q16.16 with exact 64-bit products and sums; `fixedpoint.emulate`
@@ -18,14 +19,16 @@ templates/verilog/ only render text):
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from crystalc.backends.fixedpoint import EXP_TABLE, FIELDS, GELU_TABLE, Program, lower
+from crystalc.backends.fixedpoint import EXP_TABLE, FIELDS, GELU_TABLE, Instr, Program, lower
 from crystalc.backends.tools import run_tool
 from crystalc.errors import CrystalError
 from crystalc.ir.graph import Graph
@@ -50,15 +53,100 @@ SIMULATORS = {
 }
 
 
+@dataclass
+class CoreMemories:
+    """A program's ROM as the core holds it, in two memories.
+
+    `rom` holds the words read one at a time (embeddings, norms, biases, the field's coefficients);
+    `lane_rom` [words, lanes] the words the lanes read together, one wide word a clock: a linear
+    layer's weights and the field's positions, LANES rows side by side, and the field's values,
+    LANES components side by side, short groups padded with zeros. One wide memory instead of a
+    read port a lane: an FPGA keeps it in block RAMs as wide as the lanes, with no copies."""
+
+    instrs: list[Instr]  # the program, its ROM fields pointing into these memories
+    rom: np.ndarray
+    rom_table: list[tuple[str, int, int]]  # (what, base, words), for the listings
+    lane_rom: np.ndarray
+    lane_table: list[tuple[str, int, int]]
+
+
+def _side_by_side(matrix: np.ndarray, lanes: int) -> np.ndarray:
+    """[rows, cols] -> [ceil(rows / lanes) * cols, lanes]: word (group, col) holds rows group * lanes + g."""
+    rows, cols = matrix.shape
+    groups = -(-rows // lanes)
+    padded = np.zeros((groups * lanes, cols), dtype=np.int64)
+    padded[:rows] = matrix
+    return padded.reshape(groups, lanes, cols).transpose(0, 2, 1).reshape(groups * cols, lanes)
+
+
+def core_memories(program: Program, lanes: int) -> CoreMemories:
+    """Split the program's ROM for a core of `lanes` lanes and point its instructions at the parts."""
+    flat = program.rom
+    names = {base: what for what, base, _ in program.rom_table}
+    single = set()  # flat bases of the tensors read a word at a time
+    for ins in program.instrs:
+        if ins.op in ("token_embedding", "layer_norm"):
+            single |= {ins.a, ins.b}
+        elif ins.op == "linear":
+            single.add(ins.b)
+        elif ins.op == "neuron_field":
+            single.add(ins.c)
+    rom_parts, rom_table, moved = [], [], {}
+    size = 0
+    for what, base, n in program.rom_table:
+        if base in single:
+            moved[base] = size
+            rom_parts.append(flat[base:base + n])
+            rom_table.append((what, size, n))
+            size += n
+    lane_parts: list[np.ndarray] = []
+    lane_table: list[tuple[str, int, int]] = []
+    depth = 0
+
+    def add_lanes(what: str, matrix: np.ndarray) -> int:
+        nonlocal depth
+        words = _side_by_side(matrix, lanes)
+        lane_parts.append(words)
+        lane_table.append((what, depth, len(words)))
+        depth += len(words)
+        return depth - len(words)
+
+    instrs = []
+    for ins in program.instrs:
+        if ins.op in ("token_embedding", "layer_norm"):
+            ins = dataclasses.replace(ins, a=moved[ins.a], b=moved[ins.b])
+        elif ins.op == "linear":
+            weight = flat[ins.a:ins.a + ins.n * ins.m].reshape(ins.n, ins.m)
+            ins = dataclasses.replace(ins, a=add_lanes(names[ins.a], weight), b=moved[ins.b])
+        elif ins.op == "neuron_field":
+            positions = flat[ins.a:ins.a + ins.m * ins.n].reshape(ins.m, ins.n)  # [neurons, D]: a row a neuron
+            values = flat[ins.b:ins.b + ins.m * ins.n].reshape(ins.m, ins.n)
+            ins = dataclasses.replace(ins, a=add_lanes(names[ins.a], positions),
+                                      b=add_lanes(names[ins.b] + " (by component)", values.T), c=moved[ins.c])
+        instrs.append(ins)
+    rom = np.concatenate(rom_parts) if rom_parts else np.zeros(0, dtype=np.int64)
+    lane_rom = np.concatenate(lane_parts) if lane_parts else np.zeros((0, lanes), dtype=np.int64)
+    return CoreMemories(instrs, rom, rom_table, lane_rom, lane_table)
+
+
 def _hex_words(words: np.ndarray) -> list[str]:
     return [f"{int(w) & 0xFFFFFFFF:08x}" for w in words]
 
 
-def rom_hex(program: Program) -> str:
+def rom_hex(mem: CoreMemories) -> str:
     lines = []
-    for what, base, n in program.rom_table:
+    for what, base, n in mem.rom_table:
         lines.append(f"// {base}: {what} ({n} words)")
-        lines.extend(_hex_words(program.rom[base:base + n]))
+        lines.extend(_hex_words(mem.rom[base:base + n]))
+    return "\n".join(lines) + "\n"
+
+
+def lanes_hex(mem: CoreMemories) -> str:
+    """One wide word a line, lane 0 in the lowest 32 bits (the rightmost digits)."""
+    lines = []
+    for what, base, n in mem.lane_table:
+        lines.append(f"// {base}: {what} ({n} words)")
+        lines.extend("".join(reversed(_hex_words(row))) for row in mem.lane_rom[base:base + n])
     return "\n".join(lines) + "\n"
 
 
@@ -66,9 +154,9 @@ def table_hex(what: str, words: np.ndarray) -> str:
     return f"// {what}\n" + "\n".join(_hex_words(words)) + "\n"
 
 
-def program_hex(program: Program) -> str:
+def program_hex(instrs: list[Instr]) -> str:
     lines = []
-    for pc, ins in enumerate(program.instrs):
+    for pc, ins in enumerate(instrs):
         fields = " ".join(f"{f}={getattr(ins, f) if f != 'op' else ins.op}" for f in FIELDS)
         lines.append(f"// {pc}: {ins.note}  [{fields}]")
         lines.append(f"{ins.word():0{8 * len(FIELDS)}x}")
@@ -79,19 +167,21 @@ class VerilogBackend:
     name = "verilog"
 
     def emit(self, graph: Graph, out_dir: Path, lanes: int = 1, **options: Any) -> list[Path]:
-        """Write crystal_core.v, crystal_tb.v, model.vh, rom.hex, program.hex, the function tables (exp2.hex,
-        gelu.hex) and a Makefile into out_dir.
+        """Write crystal_core.v, crystal_tb.v, model.vh, rom.hex, lanes.hex, program.hex, the function tables
+        (exp2.hex, gelu.hex) and a Makefile into out_dir.
 
-        lanes: rows of a linear layer the core computes at once (one multiplier each)."""
+        lanes: sums the core computes at once, one multiplier each (linear rows, the field's neurons and
+        output components)."""
         if not 1 <= lanes <= MAX_LANES:
             raise CrystalError(f"--lanes {lanes} is outside 1..{MAX_LANES}")
         out_dir = Path(out_dir)
         program = lower(graph)
+        mem = core_memories(program, lanes)
         ctx = {
-            "summary": program.summary, "instrs": program.instrs, "rom_table": program.rom_table,
-            "ram_table": program.ram_table, "rom_words": int(program.rom.size),
-            "program_words": len(program.instrs), "instr_bits": 32 * len(FIELDS), "ram_words": program.ram_words,
-            "logits": program.logits,
+            "summary": program.summary, "instrs": mem.instrs, "rom_table": mem.rom_table,
+            "lane_table": mem.lane_table, "ram_table": program.ram_table, "rom_words": int(mem.rom.size),
+            "lane_words": len(mem.lane_rom), "program_words": len(mem.instrs), "instr_bits": 32 * len(FIELDS),
+            "ram_words": program.ram_words, "logits": program.logits,
             "vocab_size": program.vocab_size, "n_ctx": program.n_ctx, "lanes": lanes,
         }
         written = []
@@ -99,7 +189,8 @@ class VerilogBackend:
             path = out_dir / name
             path.write_text(render("verilog", template, **ctx), encoding="utf-8")
             written.append(path)
-        for name, text in (("rom.hex", rom_hex(program)), ("program.hex", program_hex(program)),
+        for name, text in (("rom.hex", rom_hex(mem)), ("lanes.hex", lanes_hex(mem)),
+                           ("program.hex", program_hex(mem.instrs)),
                            ("exp2.hex", table_hex("2^(i/256), Q29, i = 0..256", EXP_TABLE)),
                            ("gelu.hex", table_hex("GELU(-8 + i/64), Q16.16, i = 0..1024", GELU_TABLE))):
             (out_dir / name).write_text(text, encoding="ascii")

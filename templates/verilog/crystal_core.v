@@ -1,11 +1,12 @@
 // crystal_core: executes a crystalc fixed-point program for one token at a time.
 //
-// Copied by crystalc, unchanged, for every model; the model is its ROM
-// (rom.hex: weights, Q16.16) and program (program.hex), and the sizes in
-// model.vh; exp2.hex and gelu.hex hold the two function tables. The arithmetic
-// is backends/fixedpoint.py's, word for word: Q16.16 values, exact 64-bit
-// products and sums, round-half-up shifts, truncating division, saturation to
-// 32 bits on every RAM write.
+// Copied by crystalc, unchanged, for every model; the model is its two ROMs
+// (Q16.16 weights: rom.hex those read a word at a time, lanes.hex those the
+// lanes read together, a wide word a clock), its program (program.hex) and the
+// sizes in model.vh; exp2.hex and gelu.hex hold the two function tables. The
+// arithmetic is backends/fixedpoint.py's, word for word: Q16.16 values, exact
+// 64-bit products and sums, round-half-up shifts, truncating division,
+// saturation to 32 bits on every RAM write.
 //
 // Two stages, one step of a loop each a clock. The *issue* stage walks the
 // instruction's loops (i, j, h, l, wp) and sends addresses to the memories; the
@@ -13,7 +14,7 @@
 // the running sums and the RAM write of the step the issue stage sent. The
 // memories are read synchronously (the word comes a clock after its address),
 // as an FPGA's block RAMs are: W and M each have two read ports (M also one
-// write port), and no address depends on a word just read, except the function
+// write port), L one, and no address depends on a word just read, except the function
 // tables', which are small (257 and 1,025 words) and read where they are used.
 // A read of the RAM word the execute stage writes in the same clock gets the
 // new word (forwarding): that happens when a loop's last write is read by the
@@ -23,8 +24,7 @@
 // every operand is a stored word or a difference of two), one divider, one
 // integer square root, an exp unit, a GELU unit; and for the linear layers and
 // the neuron field LANES lanes, a multiplier each (model.vh's LANES, crystalc
-// compile --lanes), lanes 0 and 1 reading their words through W's two ports,
-// the others through ports of their own.
+// compile --lanes), which read their words together: word wp of the lane ROM L.
 //
 // Protocol: set `token` (a row of the current vocabulary) and `pos`, pulse
 // `start` for one cycle; `done` rises when the program has halted. Positions
@@ -53,13 +53,15 @@ module crystal_core (
     localparam integer ACCUMULATE = 0, PER_POSITION = 1, NORMALIZE = 0, HAS_EPS = 1;
     localparam integer LANES = `LANES;
 
-    reg [31:0] W [0:`ROM_WORDS-1];     // weights, read only
+    reg [31:0] W [0:`ROM_WORDS-1];     // weights read a word at a time
+    reg [32*LANES-1:0] L [0:`LANE_WORDS-1];  // weights the lanes read together, lane g in bits 32g + 31..32g
     reg [`INSTR_BITS-1:0] P [0:`PROGRAM_WORDS-1]; // the program, one word an instruction
     (* ram_style = "block" *) reg [31:0] M [0:`RAM_WORDS-1];  // activations, key/value caches, logits
     reg [31:0] EXP2 [0:256];           // 2^(i/256), Q29
     reg [31:0] GELU [0:1024];          // GELU(-8 + i/64), Q16
     initial begin
         $readmemh("rom.hex", W);
+        $readmemh("lanes.hex", L);
         $readmemh("program.hex", P);
         $readmemh("exp2.hex", EXP2);
         $readmemh("gelu.hex", GELU);
@@ -173,11 +175,10 @@ module crystal_core (
             j <= j + 1;
             if (j == m - 1) begin j <= 0; l <= 0; state <= S_LINEAR_DRAIN; end
         end
-        S_LINEAR_DRAIN: begin
+        S_LINEAR_DRAIN: begin  // wp is at the next group's first word
             l <= l + 1;
             if (l == LANES - 1 || i + l == n - 1) begin
                 l <= 0; i <= i + LANES;
-                wp <= a + (i + LANES) * m;
                 state <= i + LANES >= n ? S_NEXT : S_LINEAR;
             end
         end
@@ -204,10 +205,10 @@ module crystal_core (
             end else j <= j + 1;
         end
 
-        // neuron_field: i over the components of neurons j .. j + LANES - 1's distances (wp walks
-        // neuron j's position), then l over those neurons (the drain); j over the exps, the eps
-        // term; then j over the neurons for components i .. i + LANES - 1 of the output (wp walks
-        // component i's values), then l over those components
+        // neuron_field: i over the components of neurons j .. j + LANES - 1's distances, then l
+        // over those neurons (the drain); j over the exps, the eps term; then j over the neurons
+        // for components i .. i + LANES - 1 of the output, then l over those components. wp walks
+        // the lane ROM: the positions, then (from b) the values
         S_NF_DIST: begin
             wp <= wp + 1;
             i <= i + 1;
@@ -217,7 +218,6 @@ module crystal_core (
             l <= l + 1;
             if (l == LANES - 1 || j + l == m - 1) begin
                 l <= 0; j <= j + LANES;
-                wp <= a + (j + LANES) * n;
                 if (j + LANES >= m) begin j <= 0; state <= S_NF_EXP; end else state <= S_NF_DIST;
             end
         end
@@ -230,7 +230,7 @@ module crystal_core (
         end
         S_NF_EPS: state <= S_NF_OUT;
         S_NF_OUT: begin
-            wp <= wp + n;
+            wp <= wp + 1;
             j <= j + 1;
             if (j == m - 1) begin j <= 0; l <= 0; state <= S_NF_OUT_DRAIN; end
         end
@@ -238,7 +238,6 @@ module crystal_core (
             l <= l + 1;
             if (l == LANES - 1 || i + l == n - 1) begin
                 l <= 0; i <= i + LANES;
-                wp <= b + i + LANES;
                 state <= i + LANES >= n ? S_NEXT : S_NF_OUT;
             end
         end
@@ -246,9 +245,7 @@ module crystal_core (
         endcase
     end
 
-    // the addresses the issue stage sends in each state; lane g reads the word lane_stride * g past
-    // lane 0's: the next row of a linear layer, the next neuron's position, the next component's value
-    wire [31:0] lane_stride = state == S_LINEAR ? m : state == S_NF_DIST ? n : 32'd1;
+    // the addresses the issue stage sends in each state (the lane ROM's is wp)
     /* verilator lint_off UNUSEDSIGNAL */  // addresses are 32 bits, as in the program; a memory uses what it needs
     reg [31:0] wa0, wa1, ma0, ma1;
     /* verilator lint_on UNUSEDSIGNAL */
@@ -259,10 +256,9 @@ module crystal_core (
         S_TOKEN_EMBEDDING: begin wa0 = a + tok * n + i; wa1 = b + cur * n + i; end
         S_LN_SUM, S_LN_VAR, S_GELU: ma0 = src + i;
         S_LN_OUT: begin ma0 = src + i; wa0 = a + i; wa1 = b + i; end
-        S_LINEAR, S_NF_DIST, S_NF_OUT: begin  // the lanes' common word; lanes 0 and 1 read W
-            ma0 = state == S_LINEAR ? src + j : state == S_NF_DIST ? src + i : s + j;
-            wa0 = wp; wa1 = wp + lane_stride;
-        end
+        S_LINEAR: ma0 = src + j;  // the lanes' common word
+        S_NF_DIST: ma0 = src + i;
+        S_NF_OUT: ma0 = s + j;
         S_LINEAR_DRAIN: begin wa1 = b + i + l; ma1 = dst + (flags[PER_POSITION] ? cur * n : 0) + i + l; end
         S_ATT_SCORE: begin ma0 = src + h * c + i; ma1 = a + j * n + h * c + i; end
         S_ATT_EXP: ma0 = s + j;
@@ -279,6 +275,7 @@ module crystal_core (
     // the old one (read first), and a flag taken with the read picks the write's word instead.
     // (A bypass written into the read itself makes Yosys find no block RAM for M.)
     reg [31:0] w0q, w1q, m0_ram, m1_ram, m_written;
+    reg [32*LANES-1:0] lq;
     reg m_we;                       // the execute stage's one RAM write this clock
     reg [31:0] m_waddr, m_wdata;
     reg m0_fwd, m1_fwd;
@@ -286,6 +283,7 @@ module crystal_core (
         if (m_we) M[m_waddr] <= m_wdata;
         w0q <= W[wa0];
         w1q <= W[wa1];
+        lq <= L[wp];
         m0_ram <= M[ma0];
         m1_ram <= M[ma1];
         m0_fwd <= m_we && m_waddr == ma0;
@@ -333,7 +331,7 @@ module crystal_core (
     wire signed [63:0] quot = div_d == 0 ? 64'sd0 : div_n / div_d;  // truncates toward zero
     wire signed [63:0] root = $signed(isqrt(sqrt_in));
 
-    // The lanes: LANES sums at once, each of a ROM word against a common word x, one term a clock:
+    // The lanes: LANES sums at once, each of its lane ROM word against a common word x, a term a clock:
     // w x for a linear layer's rows i + g (x = src[j]) and the field's output components i + g
     // (x = e_j), (x - w)^2 for the field's neurons j + g (x = h[i]). A drain state then finishes
     // the sums one a clock through the one write port. Sums are exact, so any LANES gives the same
@@ -345,17 +343,7 @@ module crystal_core (
     genvar g;
     generate
         for (g = 0; g < LANES; g = g + 1) begin : lane
-            wire [31:0] w;
-            if (g < 2) begin : shared_port
-                assign w = lane_on ? (g == 0 ? w0q : w1q) : 32'd0;
-            end else begin : own_port
-                /* verilator lint_off UNUSEDSIGNAL */  // an address past the ROM only feeds an unwritten lane
-                wire [31:0] addr = wp + g * lane_stride;
-                /* verilator lint_on UNUSEDSIGNAL */
-                reg [31:0] wq;
-                always @(posedge clk) wq <= W[addr];
-                assign w = lane_on ? wq : 32'd0;
-            end
+            wire [31:0] w = lane_on ? lq[32 * g +: 32] : 32'd0;
             /* verilator lint_off UNUSEDSIGNAL */  // bits 63:34 only repeat the sign of a difference of two words
             wire signed [63:0] diff = sx(lane_x) - sx(w);
             /* verilator lint_on UNUSEDSIGNAL */

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from crystalc.backends import fixedpoint as fp
-from crystalc.backends.verilog import BACKEND, simulate, synthesize
+from crystalc.backends.verilog import BACKEND, core_memories, lanes_hex, simulate, synthesize
 from crystalc.ir.graph import Graph
 from crystalc.ir.interpret import forward
 from crystalc.passes.prune_vocab import prune_vocab
@@ -72,14 +72,27 @@ def test_a_changed_rom_word_changes_the_logits(tmp_path):
     g = random_graph("all_on", seed=3)
     out = built(g, tmp_path / "out")
     prog = fp.lower(g)
-    base = next(b for what, b, _ in prog.rom_table if what == "head.bias")
-    lines = (out / "rom.hex").read_text().splitlines()
-    words = [i for i, line in enumerate(lines) if not line.startswith("//")]
-    lines[words[base + 4]] = f"{(int(prog.rom[base + 4]) + fp.ONE) & 0xFFFFFFFF:08x}"
-    (out / "rom.hex").write_text("\n".join(lines) + "\n")
-    got, _ = simulate(out, [1, 2])
+    mem = core_memories(prog, 1)
     want = fp.emulate(prog, [1, 2])
-    assert (got - want).tolist() == [fp.ONE if i == 4 else 0 for i in range(len(want))]
+
+    def changed(name: str, base: int, word: str) -> np.ndarray:
+        original = (out / name).read_text()
+        lines = original.splitlines()
+        words = [i for i, line in enumerate(lines) if not line.startswith("//")]
+        lines[words[base]] = word
+        (out / name).write_text("\n".join(lines) + "\n")
+        got, _ = simulate(out, [1, 2])
+        (out / name).write_text(original)
+        return got - want
+
+    bias = next(b for w, b, _ in mem.rom_table if w == "head.bias")
+    diff = changed("rom.hex", bias + 4, f"{(int(mem.rom[bias + 4]) + fp.ONE) & 0xFFFFFFFF:08x}")
+    assert diff.tolist() == [fp.ONE if i == 4 else 0 for i in range(len(want))]
+    # the head's weight (tied: token_embed's rows in the lane ROM), row 4, column 0 (one lane: word
+    # 4 D past the head's base); the head's input at 0 is not 0, so logit 4 moves, and only it
+    head = [ins for ins in mem.instrs if ins.op == "linear"][-1]
+    diff = changed("lanes.hex", head.a + 4 * g.config.d_model, f"{fp.ONE * 3:08x}")
+    assert diff[4] != 0 and not np.delete(diff, 4).any()
 
 
 def test_emit_is_deterministic_and_the_rom_is_the_program(tmp_path):
@@ -89,7 +102,7 @@ def test_emit_is_deterministic_and_the_rom_is_the_program(tmp_path):
         out.mkdir()
         BACKEND.emit(g, out)
     names = sorted(p.name for p in a.iterdir())
-    assert names == ["Makefile", "crystal_core.v", "crystal_tb.v", "exp2.hex", "gelu.hex", "model.vh",
+    assert names == ["Makefile", "crystal_core.v", "crystal_tb.v", "exp2.hex", "gelu.hex", "lanes.hex", "model.vh",
                      "program.hex", "rom.hex"]
     assert all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
     prog = fp.lower(g)
@@ -98,12 +111,54 @@ def test_emit_is_deterministic_and_the_rom_is_the_program(tmp_path):
         return [int(w, 16) for line in (a / name).read_text().splitlines() if not line.startswith("//")
                 for w in line.split()]
 
-    assert words("rom.hex") == [int(w) & 0xFFFFFFFF for w in prog.rom]
+    mem = core_memories(prog, 1)
+    assert words("rom.hex") == [int(w) & 0xFFFFFFFF for w in mem.rom]
+    assert words("lanes.hex") == [int(w) & 0xFFFFFFFF for w in mem.lane_rom[:, 0]]
     assert words("exp2.hex") == fp.EXP_TABLE.tolist() and len(fp.EXP_TABLE) == 257
     assert words("gelu.hex") == [int(w) & 0xFFFFFFFF for w in fp.GELU_TABLE] and len(fp.GELU_TABLE) == 1025
     vh = (a / "model.vh").read_text()
-    assert f"`define ROM_WORDS {prog.rom.size}" in vh and f"`define LOGITS {prog.logits}" in vh
+    assert f"`define ROM_WORDS {mem.rom.size}" in vh and f"`define LOGITS {prog.logits}" in vh
     assert "blocks.2.field: 5 neurons" in vh  # the listing names each instruction's op
+
+
+@pytest.mark.parametrize("lanes", [1, 3, 8])
+def test_core_memories_put_each_weight_where_its_lane_reads_it(lanes):
+    g = random_graph("tied_unnormalised", seed=5)  # a tied head, an unnormalised field, widths 3 does not divide
+    prog = fp.lower(g)
+    mem = core_memories(prog, lanes)
+    assert mem.lane_rom.shape[1] == lanes
+    by_base = {b: w for w, b, _ in prog.rom_table}
+    for flat, ins in zip(prog.instrs, mem.instrs, strict=True):
+        assert (flat.op, flat.n, flat.m) == (ins.op, ins.n, ins.m)
+
+        def single(base_flat: int, base: int, n: int) -> None:  # the same words in the single-word ROM
+            assert mem.rom[base:base + n].tolist() == prog.rom[base_flat:base_flat + n].tolist()
+
+        def side_by_side(base_flat: int, base: int, rows: int, cols: int, transposed: bool = False) -> None:
+            full = prog.rom[base_flat:base_flat + rows * cols].reshape(rows, cols)
+            full = full.T if transposed else full
+            for r in range(full.shape[0]):  # row r: lane r % lanes of the words of group r // lanes
+                got = mem.lane_rom[base + (r // lanes) * full.shape[1]:][:full.shape[1], r % lanes]
+                assert got.tolist() == full[r].tolist(), (by_base[base_flat], r)
+            pad = -full.shape[0] % lanes  # a short group's missing rows are zeros
+            if pad:
+                last = mem.lane_rom[base + (full.shape[0] // lanes) * full.shape[1]:][:full.shape[1]]
+                assert not last[:, lanes - pad:].any()
+
+        if ins.op in ("token_embedding", "layer_norm"):
+            single(flat.a, ins.a, g.config.d_model if ins.op == "layer_norm" else flat.n)
+            single(flat.b, ins.b, g.config.d_model if ins.op == "layer_norm" else flat.n)
+        elif ins.op == "linear":
+            single(flat.b, ins.b, flat.n)
+            side_by_side(flat.a, ins.a, flat.n, flat.m)
+        elif ins.op == "neuron_field":
+            single(flat.c, ins.c, flat.m)
+            side_by_side(flat.a, ins.a, flat.m, flat.n)
+            side_by_side(flat.b, ins.b, flat.m, flat.n, transposed=True)
+    text = lanes_hex(mem).splitlines()
+    rows = [line for line in text if not line.startswith("//")]
+    assert len(rows) == len(mem.lane_rom) and all(len(r) == 8 * lanes for r in rows)
+    assert int(rows[0][-8:], 16) == int(mem.lane_rom[0, 0]) & 0xFFFFFFFF  # lane 0 in the lowest bits
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -133,8 +188,8 @@ def test_yosys_synthesises_the_core(tmp_path):
     BACKEND.emit(random_graph("all_on", seed=1), out)
     stat = synthesize(out, timeout=900)
     cells = {name: int(count) for name, count in re.findall(r"^\s+([A-Z]\w+)\s+(\d+)$", stat, re.MULTILINE)}
-    # the ROM (723 words) and the RAM (142 words, a copy for each read port) in block RAMs, not in
-    # flip-flops, LUT RAMs or logic
+    # the lane ROM (552 words) and the RAM (142 words, a copy a read port) in block RAMs, not in
+    # flip-flops, LUT RAMs or logic (the 307 words read one at a time are few enough to be logic)
     assert cells.get("RAMB36E1", 0) + cells.get("RAMB18E1", 0) >= 3, stat
     assert not any(name.startswith("RAM") and name[3:5].isdigit() for name in cells), stat  # RAM32M, RAM64X1D
     assert cells["FDRE"] + cells.get("FDSE", 0) < 32 * 142, stat

@@ -18,32 +18,34 @@
 //    13  linear            head
 //    14  halt              logits ready
 //
-// ROM (19269 words of Q16.16, rom.hex):
+// ROM (3429 words of Q16.16, rom.hex), read a word at a time:
 //          0 +2480     token_embed.weight
 //       2480 +360      pos_embed.weight
 //       2840 +40       blocks.0.ln1.weight
 //       2880 +40       blocks.0.ln1.bias
-//       2920 +1600     blocks.0.attn.q_proj.weight
-//       4520 +40       blocks.0.attn.q_proj.bias
-//       4560 +1600     blocks.0.attn.k_proj.weight
-//       6160 +40       blocks.0.attn.k_proj.bias
-//       6200 +1600     blocks.0.attn.v_proj.weight
-//       7800 +40       blocks.0.attn.v_proj.bias
-//       7840 +1600     blocks.0.attn.out_proj.weight
-//       9440 +40       blocks.0.attn.out_proj.bias
-//       9480 +40       blocks.0.ln2.weight
-//       9520 +40       blocks.0.ln2.bias
-//       9560 +7        blocks.0.field 1/(|temperature| + 0.1)
-//       9567 +280      blocks.0.field.positions
-//       9847 +280      blocks.0.field.values
-//      10127 +40       blocks.0.ln3.weight
-//      10167 +40       blocks.0.ln3.bias
-//      10207 +3200     blocks.0.ffn.fc1.weight
-//      13407 +80       blocks.0.ffn.fc1.bias
-//      13487 +3200     blocks.0.ffn.fc2.weight
-//      16687 +40       blocks.0.ffn.fc2.bias
-//      16727 +2480     head.weight
-//      19207 +62       head.bias
+//       2920 +40       blocks.0.attn.q_proj.bias
+//       2960 +40       blocks.0.attn.k_proj.bias
+//       3000 +40       blocks.0.attn.v_proj.bias
+//       3040 +40       blocks.0.attn.out_proj.bias
+//       3080 +40       blocks.0.ln2.weight
+//       3120 +40       blocks.0.ln2.bias
+//       3160 +7        blocks.0.field 1/(|temperature| + 0.1)
+//       3167 +40       blocks.0.ln3.weight
+//       3207 +40       blocks.0.ln3.bias
+//       3247 +80       blocks.0.ffn.fc1.bias
+//       3327 +40       blocks.0.ffn.fc2.bias
+//       3367 +62       head.bias
+//
+// Lane ROM (15840 words of 1 x Q16.16, lanes.hex), a word for all lanes at once:
+//          0 +1600     blocks.0.attn.q_proj.weight
+//       1600 +1600     blocks.0.attn.k_proj.weight
+//       3200 +1600     blocks.0.attn.v_proj.weight
+//       4800 +1600     blocks.0.attn.out_proj.weight
+//       6400 +280      blocks.0.field.positions
+//       6680 +280      blocks.0.field.values (by component)
+//       6960 +3200     blocks.0.ffn.fc1.weight
+//      10160 +3200     blocks.0.ffn.fc2.weight
+//      13360 +2480     head.weight
 //
 // RAM (1031 words):
 //          0 +40       x: residual stream [D]
@@ -55,7 +57,8 @@
 //        249 +360      blocks.0 key cache [T, D]
 //        609 +360      blocks.0 value cache [T, D]
 //        969 +62       logits [V]
-`define ROM_WORDS 19269
+`define ROM_WORDS 3429
+`define LANE_WORDS 15840
 `define PROGRAM_WORDS 15
 `define INSTR_BITS 352
 `define RAM_WORDS 1031

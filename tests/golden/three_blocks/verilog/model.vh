@@ -41,70 +41,73 @@
 //    36  linear            head (tied to token_embed)
 //    37  halt              logits ready
 //
-// ROM (4664 words of Q16.16, rom.hex):
+// ROM (1352 words of Q16.16, rom.hex), read a word at a time:
 //          0 +744      token_embed.weight
 //        744 +84       pos_embed.weight
 //        828 +12       blocks.0.ln1.weight
 //        840 +12       blocks.0.ln1.bias
-//        852 +144      blocks.0.attn.q_proj.weight
-//        996 +12       blocks.0.attn.q_proj.bias
-//       1008 +144      blocks.0.attn.k_proj.weight
-//       1152 +12       blocks.0.attn.k_proj.bias
-//       1164 +144      blocks.0.attn.v_proj.weight
-//       1308 +12       blocks.0.attn.v_proj.bias
-//       1320 +144      blocks.0.attn.out_proj.weight
-//       1464 +12       blocks.0.attn.out_proj.bias
-//       1476 +12       blocks.0.ln3.weight
-//       1488 +12       blocks.0.ln3.bias
-//       1500 +240      blocks.0.ffn.fc1.weight
-//       1740 +20       blocks.0.ffn.fc1.bias
-//       1760 +240      blocks.0.ffn.fc2.weight
-//       2000 +12       blocks.0.ffn.fc2.bias
-//       2012 +12       blocks.1.ln1.weight
-//       2024 +12       blocks.1.ln1.bias
-//       2036 +144      blocks.1.attn.q_proj.weight
-//       2180 +12       blocks.1.attn.q_proj.bias
-//       2192 +144      blocks.1.attn.k_proj.weight
-//       2336 +12       blocks.1.attn.k_proj.bias
-//       2348 +144      blocks.1.attn.v_proj.weight
-//       2492 +12       blocks.1.attn.v_proj.bias
-//       2504 +144      blocks.1.attn.out_proj.weight
-//       2648 +12       blocks.1.attn.out_proj.bias
-//       2660 +12       blocks.1.ln2.weight
-//       2672 +12       blocks.1.ln2.bias
-//       2684 +1        blocks.1.field 1/(|temperature| + 0.1)
-//       2685 +12       blocks.1.field.positions
-//       2697 +12       blocks.1.field.values
-//       2709 +12       blocks.1.ln3.weight
-//       2721 +12       blocks.1.ln3.bias
-//       2733 +240      blocks.1.ffn.fc1.weight
-//       2973 +20       blocks.1.ffn.fc1.bias
-//       2993 +240      blocks.1.ffn.fc2.weight
-//       3233 +12       blocks.1.ffn.fc2.bias
-//       3245 +12       blocks.2.ln1.weight
-//       3257 +12       blocks.2.ln1.bias
-//       3269 +144      blocks.2.attn.q_proj.weight
-//       3413 +12       blocks.2.attn.q_proj.bias
-//       3425 +144      blocks.2.attn.k_proj.weight
-//       3569 +12       blocks.2.attn.k_proj.bias
-//       3581 +144      blocks.2.attn.v_proj.weight
-//       3725 +12       blocks.2.attn.v_proj.bias
-//       3737 +144      blocks.2.attn.out_proj.weight
-//       3881 +12       blocks.2.attn.out_proj.bias
-//       3893 +12       blocks.2.ln2.weight
-//       3905 +12       blocks.2.ln2.bias
-//       3917 +5        blocks.2.field 1/(|temperature| + 0.1)
-//       3922 +60       blocks.2.field.positions
-//       3982 +60       blocks.2.field.values
-//       4042 +12       blocks.2.ln3.weight
-//       4054 +12       blocks.2.ln3.bias
-//       4066 +240      blocks.2.ffn.fc1.weight
-//       4306 +20       blocks.2.ffn.fc1.bias
-//       4326 +240      blocks.2.ffn.fc2.weight
-//       4566 +12       blocks.2.ffn.fc2.bias
-//       4578 +12       ln_f.weight
-//       4590 +12       ln_f.bias
-//       4602 +62       head.bias
+//        852 +12       blocks.0.attn.q_proj.bias
+//        864 +12       blocks.0.attn.k_proj.bias
+//        876 +12       blocks.0.attn.v_proj.bias
+//        888 +12       blocks.0.attn.out_proj.bias
+//        900 +12       blocks.0.ln3.weight
+//        912 +12       blocks.0.ln3.bias
+//        924 +20       blocks.0.ffn.fc1.bias
+//        944 +12       blocks.0.ffn.fc2.bias
+//        956 +12       blocks.1.ln1.weight
+//        968 +12       blocks.1.ln1.bias
+//        980 +12       blocks.1.attn.q_proj.bias
+//        992 +12       blocks.1.attn.k_proj.bias
+//       1004 +12       blocks.1.attn.v_proj.bias
+//       1016 +12       blocks.1.attn.out_proj.bias
+//       1028 +12       blocks.1.ln2.weight
+//       1040 +12       blocks.1.ln2.bias
+//       1052 +1        blocks.1.field 1/(|temperature| + 0.1)
+//       1053 +12       blocks.1.ln3.weight
+//       1065 +12       blocks.1.ln3.bias
+//       1077 +20       blocks.1.ffn.fc1.bias
+//       1097 +12       blocks.1.ffn.fc2.bias
+//       1109 +12       blocks.2.ln1.weight
+//       1121 +12       blocks.2.ln1.bias
+//       1133 +12       blocks.2.attn.q_proj.bias
+//       1145 +12       blocks.2.attn.k_proj.bias
+//       1157 +12       blocks.2.attn.v_proj.bias
+//       1169 +12       blocks.2.attn.out_proj.bias
+//       1181 +12       blocks.2.ln2.weight
+//       1193 +12       blocks.2.ln2.bias
+//       1205 +5        blocks.2.field 1/(|temperature| + 0.1)
+//       1210 +12       blocks.2.ln3.weight
+//       1222 +12       blocks.2.ln3.bias
+//       1234 +20       blocks.2.ffn.fc1.bias
+//       1254 +12       blocks.2.ffn.fc2.bias
+//       1266 +12       ln_f.weight
+//       1278 +12       ln_f.bias
+//       1290 +62       head.bias
+//
+// Lane ROM (4056 words of 1 x Q16.16, lanes.hex), a word for all lanes at once:
+//          0 +144      blocks.0.attn.q_proj.weight
+//        144 +144      blocks.0.attn.k_proj.weight
+//        288 +144      blocks.0.attn.v_proj.weight
+//        432 +144      blocks.0.attn.out_proj.weight
+//        576 +240      blocks.0.ffn.fc1.weight
+//        816 +240      blocks.0.ffn.fc2.weight
+//       1056 +144      blocks.1.attn.q_proj.weight
+//       1200 +144      blocks.1.attn.k_proj.weight
+//       1344 +144      blocks.1.attn.v_proj.weight
+//       1488 +144      blocks.1.attn.out_proj.weight
+//       1632 +12       blocks.1.field.positions
+//       1644 +12       blocks.1.field.values (by component)
+//       1656 +240      blocks.1.ffn.fc1.weight
+//       1896 +240      blocks.1.ffn.fc2.weight
+//       2136 +144      blocks.2.attn.q_proj.weight
+//       2280 +144      blocks.2.attn.k_proj.weight
+//       2424 +144      blocks.2.attn.v_proj.weight
+//       2568 +144      blocks.2.attn.out_proj.weight
+//       2712 +60       blocks.2.field.positions
+//       2772 +60       blocks.2.field.values (by component)
+//       2832 +240      blocks.2.ffn.fc1.weight
+//       3072 +240      blocks.2.ffn.fc2.weight
+//       3312 +744      token_embed.weight
 //
 // RAM (641 words):
 //          0 +12       x: residual stream [D]
@@ -120,7 +123,8 @@
 //        411 +84       blocks.2 key cache [T, D]
 //        495 +84       blocks.2 value cache [T, D]
 //        579 +62       logits [V]
-`define ROM_WORDS 4664
+`define ROM_WORDS 1352
+`define LANE_WORDS 4056
 `define PROGRAM_WORDS 38
 `define INSTR_BITS 352
 `define RAM_WORDS 641
