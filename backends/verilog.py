@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from crystalc.backends.fixedpoint import EXP_TABLE, FIELDS, GELU_TABLE, Instr, Program, lower
+from crystalc.backends.fixedpoint import EXP_TABLE, FIELDS, GELU_TABLE, HAS_EPS, Instr, Program, lower
 from crystalc.backends.tools import run_tool
 from crystalc.errors import CrystalError
 from crystalc.ir.graph import Graph
@@ -268,6 +268,33 @@ def simulate_logits(out_dir: Path, original_ids: list[int], simulator: str = "ic
         BACKEND.build(out_dir, simulator=simulator)
     q16, _ = simulate(out_dir, [row_of[i] for i in original_ids], simulator)
     return [(orig, float(v) / (1 << 16)) for orig, v in zip(rows_to_orig, q16, strict=True)]
+
+
+def core_cycles(program: Program, lanes: int, pos: int) -> dict[str, int]:
+    """Clock cycles crystal_core takes for one token at position `pos`, by op (the core's state machine
+    counted: a fetch and a next state an instruction, one step a clock, a drain step a lane's sum)."""
+    cycles: dict[str, int] = {}
+    positions = pos + 1
+    for ins in program.instrs:
+        if ins.op == "halt":
+            steps = -1  # fetched, then idle
+        elif ins.op in ("token_embedding", "gelu"):
+            steps = ins.n
+        elif ins.op == "layer_norm":
+            steps = 3 * ins.n  # sum, variance, output
+        elif ins.op == "linear":
+            steps = -(-ins.n // lanes) * ins.m + ins.n  # a group of rows a column a clock, then a row a clock
+        elif ins.op == "causal_attention":
+            steps = ins.m * (2 * ins.c + 1) * positions  # scores, exps, outputs; m heads of width c
+        elif ins.op == "neuron_field":
+            neurons, width = ins.m, ins.n
+            steps = (-(-neurons // lanes) * width + neurons  # distances, then each neuron's root
+                     + neurons + (1 if ins.flags & HAS_EPS else 0)  # exps, the eps term
+                     + -(-width // lanes) * neurons + width)  # outputs, then each component's division
+        else:
+            raise CrystalError(f"no cycle count for op {ins.op!r}")
+        cycles[ins.op] = cycles.get(ins.op, 0) + steps + 2
+    return cycles
 
 
 def synthesize(out_dir: Path, timeout: float | None = None) -> str:

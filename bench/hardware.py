@@ -28,7 +28,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import torch_gen  # noqa: E402
 
-from crystalc.backends import verilog  # noqa: E402
+from crystalc.backends import fixedpoint, verilog  # noqa: E402
 from crystalc.frontend import load_model  # noqa: E402
 from crystalc.ir.interpret import generate  # noqa: E402
 from crystalc.model import model_from_graph  # noqa: E402
@@ -36,6 +36,7 @@ from crystalc.model import model_from_graph  # noqa: E402
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 MODEL = REPO / "examples" / "shakespeare" / "model.pt"
+OPS = ("token_embedding", "layer_norm", "linear", "causal_attention", "neuron_field", "gelu")
 LANES = (1, 4, 16)  # the core's multiply-accumulate lanes for linear layers and the field (crystalc compile --lanes)
 
 
@@ -118,7 +119,18 @@ def main() -> None:
             clock = cycles / secs / 1e6 if secs == secs and secs > 0 else float("nan")
             lines.append(f"| {regime} | {base} | {secs * 1e3:.3f} | {lanes} | {cycles:,.0f} | {clock:,.0f} MHz |")
     lines += ["", "Break-even clock: the frequency at which the core generates as fast as the baseline "
-              "(cycles a token x the baseline's tokens a second)."]
+              "(cycles a token x the baseline's tokens a second).", "",
+              "Where the cycles go within the window (positions 1..63; verilog.core_cycles, the core's state "
+              "machine counted, which the tests hold to the simulation):", "",
+              "| lanes | " + " | ".join(OPS) + " |", "|---:|" + "---:|" * len(OPS)]
+    program = fixedpoint.lower(graph)
+    for lanes in LANES:
+        by_op: dict[str, int] = {}
+        for pos in range(1, t):
+            for op, n in verilog.core_cycles(program, lanes, pos).items():
+                by_op[op] = by_op.get(op, 0) + n
+        total = sum(by_op.values())
+        lines.append(f"| {lanes} | " + " | ".join(f"{by_op.get(op, 0) / total:.0%}" for op in OPS) + " |")
     out = (work if args.quick else HERE) / "hardware.md"
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

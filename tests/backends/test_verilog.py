@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from crystalc.backends import fixedpoint as fp
-from crystalc.backends.verilog import BACKEND, core_memories, lanes_hex, simulate, synthesize
+from crystalc.backends.verilog import BACKEND, core_cycles, core_memories, lanes_hex, simulate, synthesize
 from crystalc.ir.graph import Graph
 from crystalc.ir.interpret import forward
 from crystalc.passes.prune_vocab import prune_vocab
@@ -38,12 +38,19 @@ def built(graph: Graph, out: Path) -> Path:
     return out
 
 
+def cycles_counted(graph: Graph, lanes: int, tokens: int) -> int:
+    """The cycles the testbench counts for a prompt: the core's (core_cycles), plus one idle clock
+    a token before its start is seen and one at time 0."""
+    program = fp.lower(graph)
+    return sum(sum(core_cycles(program, lanes, pos).values()) for pos in range(tokens)) + tokens + 1
+
+
 def check(graph: Graph, out: Path, ids: list[int]) -> None:
     got, cycles = simulate(out, ids)
     assert got.tolist() == fp.emulate(fp.lower(graph), ids).tolist()
     ref = forward(graph, ids)[-1]
     assert np.abs(fp.to_float(got) - ref).max() <= TOL * max(1.0, float(np.abs(ref).max()))
-    assert cycles > 0
+    assert cycles == cycles_counted(graph, 1, len(ids))
 
 
 @pytest.mark.tool
@@ -285,6 +292,7 @@ def test_lanes_give_the_same_words_in_fewer_cycles(shape, tmp_path):
         BACKEND.build(out)
         got, cycles[lanes] = simulate(out, ids)
         assert got.tolist() == want, lanes
+        assert cycles[lanes] == cycles_counted(g, lanes, len(ids)), lanes
     assert cycles[1] > cycles[3] > cycles[8]
 
 
