@@ -183,6 +183,7 @@ class VerilogBackend:
             "lane_words": len(mem.lane_rom), "program_words": len(mem.instrs), "instr_bits": 32 * len(FIELDS),
             "ram_words": program.ram_words, "logits": program.logits,
             "vocab_size": program.vocab_size, "n_ctx": program.n_ctx, "lanes": lanes,
+            "cycles": [(pos, core_cycles(program, lanes, pos)) for pos in sorted({0, program.n_ctx - 1})],
         }
         written = []
         for template, name in (("model.vh.j2", "model.vh"), ("Makefile.j2", "Makefile")):

@@ -41,6 +41,10 @@
 //    36  linear            head (tied to token_embed)
 //    37  halt              logits ready
 //
+// Clock cycles a token with 1 lane (crystalc.backends.verilog.core_cycles), by op:
+//   position 0: 4948 = token_embedding 14 + layer_norm 342 + linear 4252 + causal_attention 87 + gelu 66 + neuron_field 186 + halt 1
+//   position 6: 5434 = token_embedding 14 + layer_norm 342 + linear 4252 + causal_attention 573 + gelu 66 + neuron_field 186 + halt 1
+//
 // ROM (1352 words of Q16.16, rom.hex), read a word at a time:
 //          0 +744      token_embed.weight
 //        744 +84       pos_embed.weight
