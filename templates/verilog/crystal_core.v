@@ -133,6 +133,8 @@ module crystal_core (
     reg [31:0] pc, tok, cur;
     reg [31:0] dst, src, a, b, c, n, m, s, k, flags;  // the fields of the instruction being run (op dispatched)
     reg [31:0] i, j, h, l, wp;                           // loop counters, weight pointer
+    wire distances = state == S_NF_DIST || state == S_NF_DIST_DRAIN;
+    wire [31:0] rows = distances ? m : n, steps = distances ? n : m;  // of a lanes' pass
     wire [`INSTR_BITS-1:0] instr = P[pc];
 
     always @(posedge clk) begin
@@ -169,17 +171,28 @@ module crystal_core (
             if (i == n - 1) begin i <= 0; state <= state == S_LN_SUM ? S_LN_VAR : S_LN_OUT; end
         end
 
-        // linear: j over the columns of rows i .. i + LANES - 1, then l over those rows (the drain)
-        S_LINEAR: begin
+        // the lanes' passes: linear (rows: n outputs, steps: m columns), neuron_field's distances
+        // (rows: m neurons, steps: n components) and outputs (rows: n components, steps: m
+        // neurons). j over the steps of rows i .. i + LANES - 1, a term a clock, wp walking the
+        // lane ROM; then l over those rows (the drain); then the next LANES rows
+        S_LINEAR, S_NF_DIST, S_NF_OUT: begin
             wp <= wp + 1;
             j <= j + 1;
-            if (j == m - 1) begin j <= 0; l <= 0; state <= S_LINEAR_DRAIN; end
+            if (j == steps - 1) begin
+                j <= 0; l <= 0;
+                state <= state == S_LINEAR ? S_LINEAR_DRAIN : state == S_NF_DIST ? S_NF_DIST_DRAIN : S_NF_OUT_DRAIN;
+            end
         end
-        S_LINEAR_DRAIN: begin  // wp is at the next group's first word
+        S_LINEAR_DRAIN, S_NF_DIST_DRAIN, S_NF_OUT_DRAIN: begin
             l <= l + 1;
-            if (l == LANES - 1 || i + l == n - 1) begin
+            if (l == LANES - 1 || i + l == rows - 1) begin
                 l <= 0; i <= i + LANES;
-                state <= i + LANES >= n ? S_NEXT : S_LINEAR;
+                if (i + LANES < rows)
+                    state <= state == S_LINEAR_DRAIN ? S_LINEAR : state == S_NF_DIST_DRAIN ? S_NF_DIST : S_NF_OUT;
+                else begin
+                    i <= 0;
+                    state <= state == S_NF_DIST_DRAIN ? S_NF_EXP : S_NEXT;
+                end
             end
         end
 
@@ -205,42 +218,16 @@ module crystal_core (
             end else j <= j + 1;
         end
 
-        // neuron_field: i over the components of neurons j .. j + LANES - 1's distances, then l
-        // over those neurons (the drain); j over the exps, the eps term; then j over the neurons
-        // for components i .. i + LANES - 1 of the output, then l over those components. wp walks
-        // the lane ROM: the positions, then (from b) the values
-        S_NF_DIST: begin
-            wp <= wp + 1;
-            i <= i + 1;
-            if (i == n - 1) begin i <= 0; l <= 0; state <= S_NF_DIST_DRAIN; end
-        end
-        S_NF_DIST_DRAIN: begin
-            l <= l + 1;
-            if (l == LANES - 1 || j + l == m - 1) begin
-                l <= 0; j <= j + LANES;
-                if (j + LANES >= m) begin j <= 0; state <= S_NF_EXP; end else state <= S_NF_DIST;
-            end
-        end
+        // neuron_field: the distances (a lanes' pass, above), j over the exps, the eps term, then
+        // the outputs (a lanes' pass) on the values, from b in the lane ROM
         S_NF_EXP: begin
             j <= j + 1;
             if (j == m - 1) begin
-                j <= 0; i <= 0; wp <= b;
+                j <= 0; wp <= b;
                 state <= (flags[NORMALIZE] && flags[HAS_EPS]) ? S_NF_EPS : S_NF_OUT;
             end
         end
         S_NF_EPS: state <= S_NF_OUT;
-        S_NF_OUT: begin
-            wp <= wp + 1;
-            j <= j + 1;
-            if (j == m - 1) begin j <= 0; l <= 0; state <= S_NF_OUT_DRAIN; end
-        end
-        S_NF_OUT_DRAIN: begin
-            l <= l + 1;
-            if (l == LANES - 1 || i + l == n - 1) begin
-                l <= 0; i <= i + LANES;
-                state <= i + LANES >= n ? S_NEXT : S_NF_OUT;
-            end
-        end
         default: state <= S_IDLE;
         endcase
     end
@@ -257,13 +244,13 @@ module crystal_core (
         S_LN_SUM, S_LN_VAR, S_GELU: ma0 = src + i;
         S_LN_OUT: begin ma0 = src + i; wa0 = a + i; wa1 = b + i; end
         S_LINEAR: ma0 = src + j;  // the lanes' common word
-        S_NF_DIST: ma0 = src + i;
+        S_NF_DIST: ma0 = src + j;
         S_NF_OUT: ma0 = s + j;
         S_LINEAR_DRAIN: begin wa1 = b + i + l; ma1 = dst + (flags[PER_POSITION] ? cur * n : 0) + i + l; end
         S_ATT_SCORE: begin ma0 = src + h * c + i; ma1 = a + j * n + h * c + i; end
         S_ATT_EXP: ma0 = s + j;
         S_ATT_OUT: begin ma0 = s + j; ma1 = b + j * n + h * c + i; end
-        S_NF_DIST_DRAIN: wa1 = c + j + l;
+        S_NF_DIST_DRAIN: wa1 = c + i + l;
         S_NF_EXP: ma0 = s + j;
         S_NF_OUT_DRAIN: ma1 = dst + i + l;
         default: ;
@@ -331,13 +318,12 @@ module crystal_core (
     wire signed [63:0] quot = div_d == 0 ? 64'sd0 : div_n / div_d;  // truncates toward zero
     wire signed [63:0] root = $signed(isqrt(sqrt_in));
 
-    // The lanes: LANES sums at once, each of its lane ROM word against a common word x, a term a clock:
-    // w x for a linear layer's rows i + g (x = src[j]) and the field's output components i + g
-    // (x = e_j), (x - w)^2 for the field's neurons j + g (x = h[i]). A drain state then finishes
-    // the sums one a clock through the one write port. Sums are exact, so any LANES gives the same
-    // words.
+    // The lanes: the sums of rows i + g at once, each of its lane ROM word against a common word
+    // x, a term a clock: w x for a linear layer's rows (x = src[j]) and the field's output
+    // components (x = e_j), (x - w)^2 for the field's neurons (x = h[j]). A drain state then
+    // finishes the sums one a clock through the one write port. Sums are exact, so any LANES gives
+    // the same words.
     wire lane_on = state_x == S_LINEAR || state_x == S_NF_DIST || state_x == S_NF_OUT;
-    wire lane_first = state_x == S_NF_DIST ? i_x == 0 : j_x == 0;  // the sum's first term
     wire signed [63:0] lane_sum [0:LANES-1];
     wire [31:0] lane_x = lane_on ? m0q : 32'd0;
     genvar g;
@@ -351,7 +337,7 @@ module crystal_core (
             wire signed [33:0] op_b = state_x == S_NF_DIST ? diff[33:0] : s34(lane_x);
             reg signed [63:0] row_sum;
             always @(posedge clk)
-                if (lane_on) row_sum <= (lane_first ? 64'sd0 : row_sum) + op_a * op_b;
+                if (lane_on) row_sum <= (j_x == 0 ? 64'sd0 : row_sum) + op_a * op_b;
             assign lane_sum[g] = row_sum;
         end
     endgenerate
@@ -411,7 +397,7 @@ module crystal_core (
         // sum_j w_j + eps e^(a_min))
         S_NF_DIST_DRAIN: begin
             sqrt_in = lane_sum[l_x]; distance = root; scl_x = distance[33:0]; scl_y = w1[33:0];
-            m_we = 1'b1; m_waddr = s + j_x + l_x; m_wdata = scaled_word[31:0];
+            m_we = 1'b1; m_waddr = s + i_x + l_x; m_wdata = scaled_word[31:0];
         end
         S_NF_EXP: begin
             exp_x = flags[NORMALIZE] ? mn - m0 : -m0;
@@ -454,7 +440,7 @@ module crystal_core (
             if (j_x == cur) acc <= 0;
         end
         S_ATT_OUT: acc <= j_x == cur ? 64'sd0 : mac;
-        S_NF_DIST_DRAIN: if (j_x + l_x == 0 || scaled_word < mn) mn <= scaled_word;
+        S_NF_DIST_DRAIN: if (i_x + l_x == 0 || scaled_word < mn) mn <= scaled_word;
         S_NF_EXP: begin  // sum is 0 from S_FETCH
             sum <= sum + exp_out;
             den <= sum + exp_out;
