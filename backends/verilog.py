@@ -249,9 +249,10 @@ def simulate(out_dir: Path, ids: list[int], simulator: str = "icarus",
     return np.array([logits[i] for i in range(len(logits))], dtype=np.int64), cycles
 
 
-def simulate_logits(out_dir: Path, original_ids: list[int], simulator: str = "icarus") -> list[tuple[int, float]]:
+def simulate_logits(out_dir: Path, original_ids: list[int],
+                    simulator: str = "icarus") -> tuple[list[tuple[int, float]], int]:
     """(original id, logit) of every row for a prompt of original-tokenizer ids, as the programs' --logits prints
-    them; builds the simulation first when it is not there."""
+    them, and the clock cycles the testbench counted; builds the simulation first when it is not there."""
     out_dir = Path(out_dir)
     if not (out_dir / "model.vh").is_file():
         raise CrystalError(f"{out_dir} is not a folder compiled with --target verilog (it has no model.vh)")
@@ -267,8 +268,8 @@ def simulate_logits(out_dir: Path, original_ids: list[int], simulator: str = "ic
                            + (" (pruned)" if map_file.is_file() else f" (0..{vocab - 1})"))
     if not (out_dir / _simulator(simulator).target).is_file():
         BACKEND.build(out_dir, simulator=simulator)
-    q16, _ = simulate(out_dir, [row_of[i] for i in original_ids], simulator)
-    return [(orig, float(v) / (1 << 16)) for orig, v in zip(rows_to_orig, q16, strict=True)]
+    q16, cycles = simulate(out_dir, [row_of[i] for i in original_ids], simulator)
+    return [(orig, float(v) / (1 << 16)) for orig, v in zip(rows_to_orig, q16, strict=True)], cycles
 
 
 def core_cycles(program: Program, lanes: int, pos: int) -> dict[str, int]:

@@ -211,13 +211,16 @@ def compile(model: str, target: str, out_dir: str, build: bool, cflags: str | No
 def simulate(out_dir: str, prompt_ids: str, simulator: str) -> None:
     """Simulate the Verilog core in OUT (crystalc compile --target verilog) on a prompt.
 
-    Prints the last position's logits as the programs' --logits does: "<original-id> <logit>", one line a row.
-    Builds the simulation first when OUT lacks it.
+    Prints the last position's logits as the programs' --logits does: "<original-id> <logit>", one line a row,
+    and on stderr the clock cycles the prompt took. Builds the simulation first when OUT lacks it.
     """
     from crystalc.backends.verilog import simulate_logits
 
-    for orig, logit in simulate_logits(Path(out_dir), _parse_ids(prompt_ids), simulator):
+    ids = _parse_ids(prompt_ids)
+    rows, cycles = simulate_logits(Path(out_dir), ids, simulator)
+    for orig, logit in rows:
         click.echo(f"{orig} {logit:.9g}")
+    click.echo(f"{cycles:,} clock cycles for {len(ids)} token{'s' if len(ids) != 1 else ''}", err=True)
 
 
 @cli.command()

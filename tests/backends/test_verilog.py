@@ -269,6 +269,7 @@ def test_simulate_command_speaks_original_ids(tmp_path):
     assert [int(r[0]) for r in rows] == keep
     want = fp.emulate(fp.lower(g), g.to_current_ids([3, 22, 9]))
     assert [r[1] for r in rows] == [f"{int(w) / fp.ONE:.9g}" for w in want]
+    assert res.stderr == f"{cycles_counted(g, 1, 3):,} clock cycles for 3 tokens\n"
     for bad, why in (("3,5", "token id 5 is not in this model's vocabulary (pruned)"), ("x", "comma-separated")):
         res = cli("simulate", str(out), "--prompt-ids", bad)
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and why in res.stderr, res.stderr
