@@ -20,6 +20,7 @@ from crystalc.ir.graph import Graph
 from crystalc.ir.interpret import forward
 from tests.backends.test_cuda import cpu_program, parsed, run_logits
 from tests.backends.test_fixedpoint import TOL as FIXED_TOL
+from tests.backends.test_verilog import cycles_counted
 from tests.conftest import random_graph, require_tool
 
 N_SHAPES = 11  # the smallest model there is, then ten drawn
@@ -64,10 +65,12 @@ def test_fixed_point_emulator(i):
 def test_verilog_simulation(i, tmp_path: Path):
     require_tool("make", "iverilog", "vvp")
     g, ids = graph(i), CASES[i][1]
-    VERILOG.emit(g, tmp_path)
+    lanes = 1 + i % 5  # 1 to 5 lanes: groups of rows, neurons and components short or longer than the layer
+    VERILOG.emit(g, tmp_path, lanes=lanes)
     VERILOG.build(tmp_path)
-    got, _ = simulate(tmp_path, ids)
+    got, cycles = simulate(tmp_path, ids)
     assert got.tolist() == fp.emulate(fp.lower(g), ids).tolist()
+    assert cycles == cycles_counted(g, lanes, len(ids))
 
 
 @pytest.mark.tool
