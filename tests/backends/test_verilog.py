@@ -135,10 +135,12 @@ def test_core_memories_put_each_weight_where_its_lane_reads_it(lanes):
     mem = core_memories(prog, lanes)
     assert mem.lane_rom.shape[1] == lanes
     by_base = {b: w for w, b, _ in prog.rom_table}
+    size = {b: n for _, b, n in prog.rom_table}
     for flat, ins in zip(prog.instrs, mem.instrs, strict=True):
         assert (flat.op, flat.n, flat.m) == (ins.op, ins.n, ins.m)
 
-        def single(base_flat: int, base: int, n: int) -> None:  # the same words in the single-word ROM
+        def single(base_flat: int, base: int) -> None:  # the whole tensor, the same words, in the single-word ROM
+            n = size[base_flat]
             assert mem.rom[base:base + n].tolist() == prog.rom[base_flat:base_flat + n].tolist()
 
         def side_by_side(base_flat: int, base: int, rows: int, cols: int, transposed: bool = False) -> None:
@@ -153,13 +155,13 @@ def test_core_memories_put_each_weight_where_its_lane_reads_it(lanes):
                 assert not last[:, lanes - pad:].any()
 
         if ins.op in ("token_embedding", "layer_norm"):
-            single(flat.a, ins.a, g.config.d_model if ins.op == "layer_norm" else flat.n)
-            single(flat.b, ins.b, g.config.d_model if ins.op == "layer_norm" else flat.n)
+            single(flat.a, ins.a)
+            single(flat.b, ins.b)
         elif ins.op == "linear":
-            single(flat.b, ins.b, flat.n)
+            single(flat.b, ins.b)
             side_by_side(flat.a, ins.a, flat.n, flat.m)
         elif ins.op == "neuron_field":
-            single(flat.c, ins.c, flat.m)
+            single(flat.c, ins.c)
             side_by_side(flat.a, ins.a, flat.m, flat.n)
             side_by_side(flat.b, ins.b, flat.m, flat.n, transposed=True)
     text = lanes_hex(mem).splitlines()
