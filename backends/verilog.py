@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from crystalc.backends.fixedpoint import EXP_TABLE, FIELDS, GELU_TABLE, HAS_EPS, Instr, Program, lower
+from crystalc.backends.fixedpoint import EXP_TABLE, FIELDS, GELU_TABLE, HAS_EPS, PER_POSITION, Instr, Program, lower
 from crystalc.backends.tools import run_tool
 from crystalc.errors import CrystalError
 from crystalc.ir.graph import Graph
@@ -37,6 +37,9 @@ from crystalc.templating import copy_template, render
 
 STATIC_FILES = ("crystal_core.v", "crystal_tb.v")
 MAX_LANES = 64
+# the core's linear flags beyond fixedpoint's: the row goes into the key or the value cache
+TO_KEYS = 4
+TO_VALUES = 8
 SIM = "sim.vvp"
 
 
@@ -63,11 +66,18 @@ class CoreMemories:
     LANES components side by side, short groups padded with zeros. One wide memory instead of a
     read port a lane: an FPGA keeps it in block RAMs as wide as the lanes, with no copies."""
 
-    instrs: list[Instr]  # the program, its ROM fields pointing into these memories
+    instrs: list[Instr]  # the program, its fields pointing into these memories
     rom: np.ndarray
     rom_table: list[tuple[str, int, int]]  # (what, base, words), for the listings
     lane_rom: np.ndarray
     lane_table: list[tuple[str, int, int]]
+    ram_words: int  # the RAM without the key/value caches, which have memories of their own:
+    ram_table: list[tuple[str, int, int]]
+    logits: int
+    key_words: int  # keys: word kb + d * key_groups + p // lanes holds component d of positions side by side
+    key_groups: int
+    value_words: int  # values: word vb + (g * heads + h) * T + p holds components g * lanes.. of head h
+    cache_table: list[tuple[str, int, int]]
 
 
 def _side_by_side(matrix: np.ndarray, lanes: int) -> np.ndarray:
@@ -111,13 +121,52 @@ def core_memories(program: Program, lanes: int) -> CoreMemories:
         depth += len(words)
         return depth - len(words)
 
+    # the RAM: the key and value caches leave it for memories of their own, laid out for the lanes
+    t = program.n_ctx
+    key_groups = -(-t // lanes)
+    attention = [ins for ins in program.instrs if ins.op == "causal_attention"]
+    caches: dict[int, tuple[str, int]] = {}  # RAM base of a cache -> ("keys" | "values", its base there)
+    cache_table: list[tuple[str, int, int]] = []
+    key_words = value_words = 0
+    for att in attention:
+        width = att.n  # D
+        groups = -(-att.c // lanes)  # of a head's components
+        caches[att.a] = ("keys", key_words)
+        cache_table.append((f"keys of {att.note.split(':')[0]}", key_words, width * key_groups))
+        key_words += width * key_groups
+        caches[att.b] = ("values", value_words)
+        cache_table.append((f"values of {att.note.split(':')[0]}", value_words, groups * att.m * t))
+        value_words += groups * att.m * t
+    ram_moved: dict[int, int] = {}
+    ram_table: list[tuple[str, int, int]] = []
+    ram_words = 0
+    for what, base, n in program.ram_table:
+        if base not in caches:
+            ram_moved[base] = ram_words
+            ram_table.append((what, ram_words, n))
+            ram_words += n
+    heads = {att.b: att.m for att in attention}
+    head_width = {att.b: att.c for att in attention}
+
     instrs = []
     for ins in program.instrs:
+        if ins.op != "halt":
+            ins = dataclasses.replace(ins, src=ram_moved.get(ins.src, 0), s=ram_moved.get(ins.s, 0),
+                                      dst=ram_moved.get(ins.dst, 0))
         if ins.op in ("token_embedding", "layer_norm"):
             ins = dataclasses.replace(ins, a=moved[ins.a], b=moved[ins.b])
         elif ins.op == "linear":
+            flat_ins = program.instrs[len(instrs)]
             weight = flat[ins.a:ins.a + ins.n * ins.m].reshape(ins.n, ins.m)
             ins = dataclasses.replace(ins, a=add_lanes(names[ins.a], weight), b=moved[ins.b])
+            if flat_ins.dst in caches:  # k_proj, v_proj: the current position's row into its cache
+                kind, base = caches[flat_ins.dst]
+                flags = (ins.flags & ~PER_POSITION) | (TO_KEYS if kind == "keys" else TO_VALUES)
+                ins = dataclasses.replace(ins, dst=base, flags=flags, c=head_width.get(flat_ins.dst, 0),
+                                          k=heads.get(flat_ins.dst, 0))
+        elif ins.op == "causal_attention":
+            flat_ins = program.instrs[len(instrs)]
+            ins = dataclasses.replace(ins, a=caches[flat_ins.a][1], b=caches[flat_ins.b][1])
         elif ins.op == "neuron_field":
             positions = flat[ins.a:ins.a + ins.m * ins.n].reshape(ins.m, ins.n)  # [neurons, D]: a row a neuron
             values = flat[ins.b:ins.b + ins.m * ins.n].reshape(ins.m, ins.n)
@@ -126,7 +175,8 @@ def core_memories(program: Program, lanes: int) -> CoreMemories:
         instrs.append(ins)
     rom = np.concatenate(rom_parts) if rom_parts else np.zeros(0, dtype=np.int64)
     lane_rom = np.concatenate(lane_parts) if lane_parts else np.zeros((0, lanes), dtype=np.int64)
-    return CoreMemories(instrs, rom, rom_table, lane_rom, lane_table)
+    return CoreMemories(instrs, rom, rom_table, lane_rom, lane_table, ram_words, ram_table,
+                        ram_moved[program.logits], key_words, key_groups, value_words, cache_table)
 
 
 def _hex_words(words: np.ndarray) -> list[str]:
@@ -179,9 +229,10 @@ class VerilogBackend:
         mem = core_memories(program, lanes)
         ctx = {
             "summary": program.summary, "instrs": mem.instrs, "rom_table": mem.rom_table,
-            "lane_table": mem.lane_table, "ram_table": program.ram_table, "rom_words": int(mem.rom.size),
+            "lane_table": mem.lane_table, "ram_table": mem.ram_table, "rom_words": int(mem.rom.size),
             "lane_words": len(mem.lane_rom), "program_words": len(mem.instrs), "instr_bits": 32 * len(FIELDS),
-            "ram_words": program.ram_words, "logits": program.logits,
+            "ram_words": mem.ram_words, "logits": mem.logits, "cache_table": mem.cache_table,
+            "key_words": mem.key_words, "key_groups": mem.key_groups, "value_words": mem.value_words,
             "vocab_size": program.vocab_size, "n_ctx": program.n_ctx, "lanes": lanes,
             "cycles": [(pos, core_cycles(program, lanes, pos)) for pos in sorted({0, program.n_ctx - 1})],
         }
@@ -286,8 +337,9 @@ def core_cycles(program: Program, lanes: int, pos: int) -> dict[str, int]:
             steps = 3 * ins.n  # sum, variance, output
         elif ins.op == "linear":
             steps = -(-ins.n // lanes) * ins.m + ins.n  # a group of rows a column a clock, then a row a clock
-        elif ins.op == "causal_attention":
-            steps = ins.m * (2 * ins.c + 1) * positions  # scores, exps, outputs; m heads of width c
+        elif ins.op == "causal_attention":  # m heads of width c: scores, exps, outputs, each pass drained
+            steps = ins.m * (-(-positions // lanes) * ins.c + positions + positions
+                             + -(-ins.c // lanes) * positions + ins.c)
         elif ins.op == "neuron_field":
             neurons, width = ins.m, ins.n
             steps = (-(-neurons // lanes) * width + neurons  # distances, then each neuron's root

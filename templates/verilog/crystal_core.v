@@ -51,12 +51,15 @@ module crystal_core (
     localparam [31:0] OP_HALT = 0, OP_TOKEN_EMBEDDING = 1, OP_LAYER_NORM = 2, OP_LINEAR = 3,
                       OP_CAUSAL_ATTENTION = 4, OP_NEURON_FIELD = 5, OP_GELU = 6;
     localparam integer ACCUMULATE = 0, PER_POSITION = 1, NORMALIZE = 0, HAS_EPS = 1;
+    localparam integer TO_KEYS = 2, TO_VALUES = 3;  // linear: the row goes into a cache (verilog.TO_KEYS, TO_VALUES)
     localparam integer LANES = `LANES;
 
     reg [31:0] W [0:`ROM_WORDS-1];     // weights read a word at a time
     reg [32*LANES-1:0] L [0:`LANE_WORDS-1];  // weights the lanes read together, lane g in bits 32g + 31..32g
     reg [`INSTR_BITS-1:0] P [0:`PROGRAM_WORDS-1]; // the program, one word an instruction
-    (* ram_style = "block" *) reg [31:0] M [0:`RAM_WORDS-1];  // activations, key/value caches, logits
+    (* ram_style = "block" *) reg [31:0] M [0:`RAM_WORDS-1];  // activations, scores, logits
+    reg [32*LANES-1:0] K [0:`KEY_WORDS-1];    // the key caches, LANES positions side by side
+    reg [32*LANES-1:0] V [0:`VALUE_WORDS-1];  // the value caches, LANES components of a head side by side
     reg [31:0] EXP2 [0:256];           // 2^(i/256), Q29
     reg [31:0] GELU [0:1024];          // GELU(-8 + i/64), Q16
     initial begin
@@ -128,20 +131,26 @@ module crystal_core (
                      S_LINEAR = 7,
                      S_ATT_SCORE = 8, S_ATT_EXP = 9, S_ATT_OUT = 10,
                      S_NF_DIST = 11, S_NF_EXP = 12, S_NF_EPS = 13, S_NF_OUT = 14,
-                     S_GELU = 15, S_LINEAR_DRAIN = 16, S_NF_DIST_DRAIN = 17, S_NF_OUT_DRAIN = 18;
+                     S_GELU = 15, S_LINEAR_DRAIN = 16, S_NF_DIST_DRAIN = 17, S_NF_OUT_DRAIN = 18,
+                     S_ATT_SCORE_DRAIN = 19, S_ATT_OUT_DRAIN = 20;
     reg [4:0] state = S_IDLE;
-    reg [31:0] pc, tok, cur;
+    reg [31:0] pc, tok, cur, cur_group, cur_lane;  // cur's group of LANES positions and lane in it (the keys)
     reg [31:0] dst, src, a, b, c, n, m, s, k, flags;  // the fields of the instruction being run (op dispatched)
     reg [31:0] i, j, h, l, wp;                           // loop counters, weight pointer
+    // a lanes' pass: its rows (summed LANES at once) and steps (the terms of each sum)
+    wire scores = state == S_ATT_SCORE || state == S_ATT_SCORE_DRAIN;
+    wire outputs = state == S_ATT_OUT || state == S_ATT_OUT_DRAIN;
     wire distances = state == S_NF_DIST || state == S_NF_DIST_DRAIN;
-    wire [31:0] rows = distances ? m : n, steps = distances ? n : m;  // of a lanes' pass
+    wire [31:0] rows = scores ? cur + 1 : outputs ? c : distances ? m : n;
+    wire [31:0] steps = scores ? c : outputs ? cur + 1 : distances ? n : m;
     wire [`INSTR_BITS-1:0] instr = P[pc];
 
     always @(posedge clk) begin
         done <= 1'b0;
         case (state)
         S_IDLE: if (start) begin
-            tok <= token; cur <= pos; pc <= 0; state <= S_FETCH;
+            tok <= token; cur <= pos; cur_group <= pos / LANES; cur_lane <= pos % LANES;
+            pc <= 0; state <= S_FETCH;
         end
         S_FETCH: begin
             {flags, k, s, m, n, c, b, a, src, dst} <= instr[`INSTR_BITS-1:32];
@@ -171,51 +180,61 @@ module crystal_core (
             if (i == n - 1) begin i <= 0; state <= state == S_LN_SUM ? S_LN_VAR : S_LN_OUT; end
         end
 
-        // the lanes' passes: linear (rows: n outputs, steps: m columns), neuron_field's distances
+        // the lanes' passes: linear (rows: n outputs, steps: m columns), the field's distances
         // (rows: m neurons, steps: n components) and outputs (rows: n components, steps: m
-        // neurons). j over the steps of rows i .. i + LANES - 1, a term a clock, wp walking the
-        // lane ROM; then l over those rows (the drain); then the next LANES rows
-        S_LINEAR, S_NF_DIST, S_NF_OUT: begin
-            wp <= wp + 1;
+        // neurons), the attention's scores (rows: positions 0..cur, steps: c components of head h)
+        // and outputs (rows: c components, steps: positions). j over the steps of rows i .. i +
+        // LANES - 1, a term a clock, wp walking the lane ROM or a cache; then l over those rows
+        // (the drain); then the next LANES rows
+        S_LINEAR, S_NF_DIST, S_NF_OUT, S_ATT_SCORE, S_ATT_OUT: begin
+            wp <= wp + (scores ? `KEY_GROUPS : 1);
             j <= j + 1;
             if (j == steps - 1) begin
                 j <= 0; l <= 0;
-                state <= state == S_LINEAR ? S_LINEAR_DRAIN : state == S_NF_DIST ? S_NF_DIST_DRAIN : S_NF_OUT_DRAIN;
+                case (state)
+                    S_LINEAR:    state <= S_LINEAR_DRAIN;
+                    S_NF_DIST:   state <= S_NF_DIST_DRAIN;
+                    S_NF_OUT:    state <= S_NF_OUT_DRAIN;
+                    S_ATT_SCORE: state <= S_ATT_SCORE_DRAIN;
+                    default:     state <= S_ATT_OUT_DRAIN;
+                endcase
             end
         end
-        S_LINEAR_DRAIN, S_NF_DIST_DRAIN, S_NF_OUT_DRAIN: begin
+        S_LINEAR_DRAIN, S_NF_DIST_DRAIN, S_NF_OUT_DRAIN, S_ATT_SCORE_DRAIN, S_ATT_OUT_DRAIN: begin
             l <= l + 1;
             if (l == LANES - 1 || i + l == rows - 1) begin
                 l <= 0; i <= i + LANES;
-                if (i + LANES < rows)
-                    state <= state == S_LINEAR_DRAIN ? S_LINEAR : state == S_NF_DIST_DRAIN ? S_NF_DIST : S_NF_OUT;
-                else begin
+                if (i + LANES < rows) begin  // the next group's words: the next key group, value group
+                    if (scores) wp <= wp + 1 - c * `KEY_GROUPS;
+                    if (outputs) wp <= wp + m * `N_CTX - (cur + 1);
+                    case (state)
+                        S_LINEAR_DRAIN:    state <= S_LINEAR;
+                        S_NF_DIST_DRAIN:   state <= S_NF_DIST;
+                        S_NF_OUT_DRAIN:    state <= S_NF_OUT;
+                        S_ATT_SCORE_DRAIN: state <= S_ATT_SCORE;
+                        default:           state <= S_ATT_OUT;
+                    endcase
+                end else begin
                     i <= 0;
-                    state <= state == S_NF_DIST_DRAIN ? S_NF_EXP : S_NEXT;
+                    case (state)
+                        S_NF_DIST_DRAIN:   state <= S_NF_EXP;
+                        S_ATT_SCORE_DRAIN: state <= S_ATT_EXP;
+                        S_ATT_OUT_DRAIN: begin  // the next head, or the end
+                            h <= h + 1; wp <= a + (h + 1) * c * `KEY_GROUPS;
+                            state <= h == m - 1 ? S_NEXT : S_ATT_SCORE;
+                        end
+                        default:           state <= S_NEXT;
+                    endcase
                 end
             end
         end
 
-        // causal_attention, head h: scores (i: component, j: position), their exps (j), the
-        // output (j inner, i outer)
-        S_ATT_SCORE: begin
-            if (i == c - 1) begin
-                i <= 0; j <= j + 1;
-                if (j == cur) begin j <= 0; state <= S_ATT_EXP; end
-            end else i <= i + 1;
-        end
+        // causal_attention, head h: the scores (a lanes' pass on the key cache, from a + h c
+        // KEY_GROUPS), j over their exps, the outputs (a lanes' pass on the value cache, from
+        // b + h N_CTX)
         S_ATT_EXP: begin
             j <= j + 1;
-            if (j == cur) begin j <= 0; i <= 0; state <= S_ATT_OUT; end
-        end
-        S_ATT_OUT: begin
-            if (j == cur) begin
-                j <= 0; i <= i + 1;
-                if (i == c - 1) begin
-                    i <= 0; h <= h + 1;
-                    state <= (h == m - 1) ? S_NEXT : S_ATT_SCORE;
-                end
-            end else j <= j + 1;
+            if (j == cur) begin j <= 0; wp <= b + h * `N_CTX; state <= S_ATT_OUT; end
         end
 
         // neuron_field: the distances (a lanes' pass, above), j over the exps, the eps term, then
@@ -247,9 +266,8 @@ module crystal_core (
         S_NF_DIST: ma0 = src + j;
         S_NF_OUT: ma0 = s + j;
         S_LINEAR_DRAIN: begin wa1 = b + i + l; ma1 = dst + (flags[PER_POSITION] ? cur * n : 0) + i + l; end
-        S_ATT_SCORE: begin ma0 = src + h * c + i; ma1 = a + j * n + h * c + i; end
-        S_ATT_EXP: ma0 = s + j;
-        S_ATT_OUT: begin ma0 = s + j; ma1 = b + j * n + h * c + i; end
+        S_ATT_SCORE: ma0 = src + h * c + j;
+        S_ATT_EXP, S_ATT_OUT: ma0 = s + j;
         S_NF_DIST_DRAIN: wa1 = c + i + l;
         S_NF_EXP: ma0 = s + j;
         S_NF_OUT_DRAIN: ma1 = dst + i + l;
@@ -262,7 +280,7 @@ module crystal_core (
     // the old one (read first), and a flag taken with the read picks the write's word instead.
     // (A bypass written into the read itself makes Yosys find no block RAM for M.)
     reg [31:0] w0q, w1q, m0_ram, m1_ram, m_written;
-    reg [32*LANES-1:0] lq;
+    reg [32*LANES-1:0] lq, kq, vq;
     reg m_we;                       // the execute stage's one RAM write this clock
     reg [31:0] m_waddr, m_wdata;
     reg m0_fwd, m1_fwd;
@@ -271,6 +289,8 @@ module crystal_core (
         w0q <= W[wa0];
         w1q <= W[wa1];
         lq <= L[wp];
+        kq <= K[wp];
+        vq <= V[wp];
         m0_ram <= M[ma0];
         m1_ram <= M[ma1];
         m0_fwd <= m_we && m_waddr == ma0;
@@ -290,7 +310,23 @@ module crystal_core (
     // Every unit's operands are held at 0 outside the states that use it (operand isolation): a
     // unit then only switches when it works, which saves power in silicon and time in a simulator.
     wire signed [63:0] w0 = sx(w0q), w1 = sx(w1q), m0 = sx(m0q), m1 = sx(m1q);
+
+    // the caches' one write port, a lane of a word: a linear layer's row of the current position
+    reg c_we;
+    /* verilator lint_off UNUSEDSIGNAL */  // addresses are 32 bits, as in the program; a memory uses what it needs
+    reg [31:0] c_waddr;
+    /* verilator lint_on UNUSEDSIGNAL */
+    reg [31:0] c_lane;
+    always @(posedge clk) begin : cache_write
+        integer q;
+        for (q = 0; q < LANES; q = q + 1)
+            if (c_we && c_lane == q) begin
+                if (flags[TO_KEYS]) K[c_waddr][32 * q +: 32] <= m_wdata;
+                else V[c_waddr][32 * q +: 32] <= m_wdata;
+            end
+    end
     reg signed [63:0] acc, sum, den, mean, rr, mx, mn;
+    reg [31:0] v_head, v_group, v_lane, v_comp;  // where a value-cache row goes: head, lane group, lane, component
 
     // the exp unit (causal_attention, neuron_field): exp_out = exp(exp_x) in Q30
     reg signed [63:0] exp_x;
@@ -323,13 +359,15 @@ module crystal_core (
     // components (x = e_j), (x - w)^2 for the field's neurons (x = h[j]). A drain state then
     // finishes the sums one a clock through the one write port. Sums are exact, so any LANES gives
     // the same words.
-    wire lane_on = state_x == S_LINEAR || state_x == S_NF_DIST || state_x == S_NF_OUT;
+    wire lane_on = state_x == S_LINEAR || state_x == S_NF_DIST || state_x == S_NF_OUT
+                   || state_x == S_ATT_SCORE || state_x == S_ATT_OUT;
+    wire [32*LANES-1:0] lane_words = state_x == S_ATT_SCORE ? kq : state_x == S_ATT_OUT ? vq : lq;
     wire signed [63:0] lane_sum [0:LANES-1];
     wire [31:0] lane_x = lane_on ? m0q : 32'd0;
     genvar g;
     generate
         for (g = 0; g < LANES; g = g + 1) begin : lane
-            wire [31:0] w = lane_on ? lq[32 * g +: 32] : 32'd0;
+            wire [31:0] w = lane_on ? lane_words[32 * g +: 32] : 32'd0;
             /* verilator lint_off UNUSEDSIGNAL */  // bits 63:34 only repeat the sign of a difference of two words
             wire signed [63:0] diff = sx(lane_x) - sx(w);
             /* verilator lint_on UNUSEDSIGNAL */
@@ -350,7 +388,7 @@ module crystal_core (
         exp_x = 0; gelu_x = 0;
         mac_x = 0; mac_y = 0; scl_x = 0; scl_y = 0; div_n = 0; div_d = 1; sqrt_in = 0;
         dx = 0; distance = 0;
-        m_we = 1'b0; m_waddr = 0; m_wdata = 0;
+        m_we = 1'b0; m_waddr = 0; m_wdata = 0; c_we = 1'b0; c_waddr = 0; c_lane = 0;
         case (state_x)
         // token_embedding: x = token_embed[tok] + pos_embed[pos]
         S_TOKEN_EMBEDDING: begin m_we = 1'b1; m_waddr = dst + i_x; m_wdata = sat32(w0 + w1); end
@@ -369,27 +407,27 @@ module crystal_core (
 
         // linear: dst[i] (+)= sum_j W[i][j] src[j] + bias[i]
         S_LINEAR_DRAIN: begin
-            m_we = 1'b1; m_waddr = row_x;
             m_wdata = sat32(flags[ACCUMULATE] ? m1 + rshift_round(lane_sum[l_x], FRAC) + w1
                                               : rshift_round(lane_sum[l_x], FRAC) + w1);
+            if (flags[TO_KEYS]) begin  // key d of position cur: word d KEY_GROUPS + cur / LANES
+                c_we = 1'b1; c_waddr = dst + (i_x + l_x) * `KEY_GROUPS + cur_group; c_lane = cur_lane;
+            end else if (flags[TO_VALUES]) begin  // k heads of width c: the counters follow the rows
+                c_we = 1'b1; c_waddr = dst + (v_group * k + v_head) * `N_CTX + cur; c_lane = v_lane;
+            end else begin
+                m_we = 1'b1; m_waddr = row_x;
+            end
         end
 
         // causal_attention, head h (width c): scores q.k / sqrt(c) over positions 0..pos into the
         // scratch, then their exp (less the largest) and its sum, then sum_j e_j v_j / sum
-        S_ATT_SCORE: begin
-            mac_x = m0[33:0]; mac_y = m1[33:0];
-            if (i_x == c - 1) begin
-                scl_x = s34(sat32(rshift_round(mac, FRAC))); scl_y = s34(k);
-                m_we = 1'b1; m_waddr = s + j_x; m_wdata = scaled_word[31:0];
-            end
+        S_ATT_SCORE_DRAIN: begin  // position i + l
+            scl_x = s34(sat32(rshift_round(lane_sum[l_x], FRAC))); scl_y = s34(k);
+            m_we = 1'b1; m_waddr = s + i_x + l_x; m_wdata = scaled_word[31:0];
         end
         S_ATT_EXP: begin exp_x = m0 - mx; m_we = 1'b1; m_waddr = s + j_x; m_wdata = exp_out[31:0]; end
-        S_ATT_OUT: begin
-            mac_x = m0[33:0]; mac_y = m1[33:0];
-            if (j_x == cur) begin
-                div_n = mac; div_d = sum;
-                m_we = 1'b1; m_waddr = dst + h_x * c + i_x; m_wdata = sat32(quot);
-            end
+        S_ATT_OUT_DRAIN: begin  // component i + l of head h
+            div_n = lane_sum[l_x]; div_d = sum;
+            m_we = 1'b1; m_waddr = dst + h_x * c + i_x + l_x; m_wdata = sat32(quot);
         end
 
         // neuron_field: a_j = |h - pos_j| / (|tau_j| + 0.1) into the scratch, w_j = exp(-a_j)
@@ -419,7 +457,15 @@ module crystal_core (
     // the execute stage's registers: running sums, extremes, the statistics of a layer_norm
     always @(posedge clk) begin
         case (state_x)
-        S_FETCH: begin acc <= 0; sum <= 0; end  // the issue stage runs the instruction's first step
+        S_FETCH: begin  // the issue stage runs the instruction's first step
+            acc <= 0; sum <= 0;
+            v_head <= 0; v_group <= 0; v_lane <= 0; v_comp <= 0;
+        end
+        S_LINEAR_DRAIN: if (flags[TO_VALUES]) begin  // row i + l is component v_comp of head v_head
+            if (v_comp == c - 1) begin v_comp <= 0; v_lane <= 0; v_group <= 0; v_head <= v_head + 1; end
+            else if (v_lane == LANES - 1) begin v_comp <= v_comp + 1; v_lane <= 0; v_group <= v_group + 1; end
+            else begin v_comp <= v_comp + 1; v_lane <= v_lane + 1; end
+        end
         S_LN_SUM: begin
             acc <= acc + m0;
             if (i_x == n - 1) begin mean <= quot; acc <= 0; end
@@ -428,18 +474,11 @@ module crystal_core (
             acc <= mac;
             if (i_x == n - 1) rr <= root < 1 ? 64'sd1 : root;
         end
-        S_ATT_SCORE: begin
-            if (i_x == c - 1) begin
-                if (j_x == 0 || scaled_word > mx) mx <= scaled_word;
-                acc <= 0;
-                if (j_x == cur) sum <= 0;
-            end else acc <= mac;
+        S_ATT_SCORE_DRAIN: begin
+            if (i_x + l_x == 0 || scaled_word > mx) mx <= scaled_word;
+            sum <= 0;  // for the exps that follow
         end
-        S_ATT_EXP: begin
-            sum <= sum + exp_out;
-            if (j_x == cur) acc <= 0;
-        end
-        S_ATT_OUT: acc <= j_x == cur ? 64'sd0 : mac;
+        S_ATT_EXP: sum <= sum + exp_out;
         S_NF_DIST_DRAIN: if (i_x + l_x == 0 || scaled_word < mn) mn <= scaled_word;
         S_NF_EXP: begin  // sum is 0 from S_FETCH
             sum <= sum + exp_out;

@@ -124,7 +124,7 @@ def test_emit_is_deterministic_and_the_rom_is_the_program(tmp_path):
     assert words("exp2.hex") == fp.EXP_TABLE.tolist() and len(fp.EXP_TABLE) == 257
     assert words("gelu.hex") == [int(w) & 0xFFFFFFFF for w in fp.GELU_TABLE] and len(fp.GELU_TABLE) == 1025
     vh = (a / "model.vh").read_text()
-    assert f"`define ROM_WORDS {mem.rom.size}" in vh and f"`define LOGITS {prog.logits}" in vh
+    assert f"`define ROM_WORDS {mem.rom.size}" in vh and f"`define LOGITS {mem.logits}" in vh
     assert "blocks.2.field: 5 neurons" in vh  # the listing names each instruction's op
 
 
@@ -164,6 +164,13 @@ def test_core_memories_put_each_weight_where_its_lane_reads_it(lanes):
             single(flat.c, ins.c)
             side_by_side(flat.a, ins.a, flat.m, flat.n)
             side_by_side(flat.b, ins.b, flat.m, flat.n, transposed=True)
+    # the key and value caches leave the RAM for memories of their own, positions (keys) or a head's
+    # components (values) side by side; the simulations hold their use to the emulator word for word
+    c = g.config
+    assert mem.ram_words == prog.ram_words - sum(n for what, _, n in prog.ram_table if "cache" in what)
+    assert mem.key_groups == -(-c.n_ctx // lanes)
+    assert mem.key_words == c.n_blocks * c.d_model * mem.key_groups
+    assert mem.value_words == c.n_blocks * c.n_heads * -(-(c.d_model // c.n_heads) // lanes) * c.n_ctx
     text = lanes_hex(mem).splitlines()
     rows = [line for line in text if not line.startswith("//")]
     assert len(rows) == len(mem.lane_rom) and all(len(r) == 8 * lanes for r in rows)

@@ -19,8 +19,8 @@
 //    14  halt              logits ready
 //
 // Clock cycles a token with 1 lane (crystalc.backends.verilog.core_cycles), by op:
-//   position 0: 16831 = token_embedding 42 + layer_norm 366 + linear 15636 + causal_attention 87 + neuron_field 617 + gelu 82 + halt 1
-//   position 8: 17511 = token_embedding 42 + layer_norm 366 + linear 15636 + causal_attention 767 + neuron_field 617 + gelu 82 + halt 1
+//   position 0: 16876 = token_embedding 42 + layer_norm 366 + linear 15636 + causal_attention 132 + neuron_field 617 + gelu 82 + halt 1
+//   position 8: 17596 = token_embedding 42 + layer_norm 366 + linear 15636 + causal_attention 852 + neuron_field 617 + gelu 82 + halt 1
 //
 // ROM (3429 words of Q16.16, rom.hex), read a word at a time:
 //          0 +2480     token_embed.weight
@@ -51,22 +51,28 @@
 //      10160 +3200     blocks.0.ffn.fc2.weight
 //      13360 +2480     head.weight
 //
-// RAM (1031 words):
+// RAM (311 words):
 //          0 +40       x: residual stream [D]
 //         40 +40       h: normalised input of an op [D]
 //         80 +40       q [D]
 //        120 +40       y: attention output before out_proj [D]
 //        160 +80       u: FFN hidden [F]
 //        240 +9        scores / field exponents [max(T, N)]
-//        249 +360      blocks.0 key cache [T, D]
-//        609 +360      blocks.0 value cache [T, D]
-//        969 +62       logits [V]
+//        249 +62       logits [V]
+//
+// Key and value caches (360 and 360 words of 1 x Q16.16), positions (keys) or
+// components (values) side by side for the lanes:
+//          0 +360      keys of blocks.0.attn
+//          0 +360      values of blocks.0.attn
 `define ROM_WORDS 3429
 `define LANE_WORDS 15840
 `define PROGRAM_WORDS 15
 `define INSTR_BITS 352
-`define RAM_WORDS 1031
-`define LOGITS 969
+`define RAM_WORDS 311
+`define KEY_WORDS 360
+`define VALUE_WORDS 360
+`define KEY_GROUPS 9
+`define LOGITS 249
 `define VOCAB_SIZE 62
 `define N_CTX 9
 `define LANES 1

@@ -42,8 +42,8 @@
 //    37  halt              logits ready
 //
 // Clock cycles a token with 1 lane (crystalc.backends.verilog.core_cycles), by op:
-//   position 0: 4948 = token_embedding 14 + layer_norm 342 + linear 4252 + causal_attention 87 + gelu 66 + neuron_field 186 + halt 1
-//   position 6: 5434 = token_embedding 14 + layer_norm 342 + linear 4252 + causal_attention 573 + gelu 66 + neuron_field 186 + halt 1
+//   position 0: 4993 = token_embedding 14 + layer_norm 342 + linear 4252 + causal_attention 132 + gelu 66 + neuron_field 186 + halt 1
+//   position 6: 5533 = token_embedding 14 + layer_norm 342 + linear 4252 + causal_attention 672 + gelu 66 + neuron_field 186 + halt 1
 //
 // ROM (1352 words of Q16.16, rom.hex), read a word at a time:
 //          0 +744      token_embed.weight
@@ -113,26 +113,32 @@
 //       3072 +240      blocks.2.ffn.fc2.weight
 //       3312 +744      token_embed.weight
 //
-// RAM (641 words):
+// RAM (137 words):
 //          0 +12       x: residual stream [D]
 //         12 +12       h: normalised input of an op [D]
 //         24 +12       q [D]
 //         36 +12       y: attention output before out_proj [D]
 //         48 +20       u: FFN hidden [F]
 //         68 +7        scores / field exponents [max(T, N)]
-//         75 +84       blocks.0 key cache [T, D]
-//        159 +84       blocks.0 value cache [T, D]
-//        243 +84       blocks.1 key cache [T, D]
-//        327 +84       blocks.1 value cache [T, D]
-//        411 +84       blocks.2 key cache [T, D]
-//        495 +84       blocks.2 value cache [T, D]
-//        579 +62       logits [V]
+//         75 +62       logits [V]
+//
+// Key and value caches (252 and 252 words of 1 x Q16.16), positions (keys) or
+// components (values) side by side for the lanes:
+//          0 +84       keys of blocks.0.attn
+//          0 +84       values of blocks.0.attn
+//         84 +84       keys of blocks.1.attn
+//         84 +84       values of blocks.1.attn
+//        168 +84       keys of blocks.2.attn
+//        168 +84       values of blocks.2.attn
 `define ROM_WORDS 1352
 `define LANE_WORDS 4056
 `define PROGRAM_WORDS 38
 `define INSTR_BITS 352
-`define RAM_WORDS 641
-`define LOGITS 579
+`define RAM_WORDS 137
+`define KEY_WORDS 252
+`define VALUE_WORDS 252
+`define KEY_GROUPS 7
+`define LOGITS 75
 `define VOCAB_SIZE 62
 `define N_CTX 7
 `define LANES 1
