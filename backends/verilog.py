@@ -148,7 +148,7 @@ def core_memories(program: Program, lanes: int) -> CoreMemories:
     heads = {att.b: att.m for att in attention}
     head_width = {att.b: att.c for att in attention}
 
-    instrs = []
+    instrs: list[Instr] = []
     for ins in program.instrs:
         if ins.op != "halt":
             ins = dataclasses.replace(ins, src=ram_moved.get(ins.src, 0), s=ram_moved.get(ins.s, 0),
