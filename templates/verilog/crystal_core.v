@@ -14,17 +14,20 @@
 // the running sums and the RAM write of the step the issue stage sent. The
 // memories are read synchronously (the word comes a clock after its address),
 // as an FPGA's block RAMs are: W and M each have two read ports (M also one
-// write port), L one, and no address depends on a word just read, except the function
-// tables', which are small (257 and 1,025 words) and read where they are used.
+// write port), L and the key and value caches K and V one (K and V also a write
+// port with a write enable a lane), and no address depends on a word just read,
+// except the function tables', which are small (257 and 1,025 words) and read
+// where they are used.
 // A read of the RAM word the execute stage writes in the same clock gets the
 // new word (forwarding): that happens when a loop's last write is read by the
 // next loop's first step (one position, one neuron).
 //
 // The units: a multiply-accumulate multiplier and a scaling one (34 x 34 bits:
 // every operand is a stored word or a difference of two), one divider, one
-// integer square root, an exp unit, a GELU unit; and for the linear layers and
-// the neuron field LANES lanes, a multiplier each (model.vh's LANES, crystalc
-// compile --lanes), which read their words together: word wp of the lane ROM L.
+// integer square root, an exp unit, a GELU unit; and LANES lanes, a multiplier
+// each (model.vh's LANES, crystalc compile --lanes), for the linear layers, the
+// neuron field and the attention, which read their words together: word wp of
+// the lane ROM L or of a cache.
 //
 // Protocol: set `token` (a row of the current vocabulary) and `pos`, pulse
 // `start` for one cycle; `done` rises when the program has halted. Positions
