@@ -58,20 +58,21 @@ SIMULATORS = {
 
 @dataclass
 class CoreMemories:
-    """A program's ROM as the core holds it, in two memories.
+    """A program's memories as the core holds them: the ROM in two, the key and value caches out of the RAM.
 
     `rom` holds the words read one at a time (embeddings, norms, biases, the field's coefficients);
     `lane_rom` [words, lanes] the words the lanes read together, one wide word a clock: a linear
     layer's weights and the field's positions, LANES rows side by side, and the field's values,
     LANES components side by side, short groups padded with zeros. One wide memory instead of a
-    read port a lane: an FPGA keeps it in block RAMs as wide as the lanes, with no copies."""
+    read port a lane: an FPGA keeps it in block RAMs as wide as the lanes, with no copies. The caches
+    are laid out for the lanes the same way (below), and the RAM keeps activations, scores and logits."""
 
     instrs: list[Instr]  # the program, its fields pointing into these memories
     rom: np.ndarray
     rom_table: list[tuple[str, int, int]]  # (what, base, words), for the listings
     lane_rom: np.ndarray
     lane_table: list[tuple[str, int, int]]
-    ram_words: int  # the RAM without the key/value caches, which have memories of their own:
+    ram_words: int  # the RAM without the key/value caches, which have memories of their own
     ram_table: list[tuple[str, int, int]]
     logits: int
     key_words: int  # keys: word kb + d * key_groups + p // lanes holds component d of positions side by side
@@ -90,7 +91,9 @@ def _side_by_side(matrix: np.ndarray, lanes: int) -> np.ndarray:
 
 
 def core_memories(program: Program, lanes: int) -> CoreMemories:
-    """Split the program's ROM for a core of `lanes` lanes and point its instructions at the parts."""
+    """Lay the program's memories out for a core of `lanes` lanes (CoreMemories) and point its instructions
+    at them: ROM fields into the two ROMs, RAM fields into the smaller RAM, k_proj and v_proj into the caches
+    (TO_KEYS, TO_VALUES, with the heads' count and width for the values), the attention's into the caches."""
     flat = program.rom
     names = {base: what for what, base, _ in program.rom_table}
     single = set()  # flat bases of the tensors read a word at a time
