@@ -128,16 +128,16 @@ def core_memories(program: Program, lanes: int) -> CoreMemories:
     t = program.n_ctx
     key_groups = -(-t // lanes)
     attention = [ins for ins in program.instrs if ins.op == "causal_attention"]
-    caches: dict[int, tuple[str, int]] = {}  # RAM base of a cache -> ("keys" | "values", its base there)
+    caches: dict[int, tuple[int, int]] = {}  # RAM base of a cache -> (TO_KEYS | TO_VALUES, its base there)
     cache_table: list[tuple[str, int, int]] = []
     key_words = value_words = 0
     for att in attention:
         width = att.n  # D
         groups = -(-att.c // lanes)  # of a head's components
-        caches[att.a] = ("keys", key_words)
+        caches[att.a] = (TO_KEYS, key_words)
         cache_table.append((f"keys of {att.note.split(':')[0]}", key_words, width * key_groups))
         key_words += width * key_groups
-        caches[att.b] = ("values", value_words)
+        caches[att.b] = (TO_VALUES, value_words)
         cache_table.append((f"values of {att.note.split(':')[0]}", value_words, groups * att.m * t))
         value_words += groups * att.m * t
     ram_moved: dict[int, int] = {}
@@ -148,27 +148,24 @@ def core_memories(program: Program, lanes: int) -> CoreMemories:
             ram_moved[base] = ram_words
             ram_table.append((what, ram_words, n))
             ram_words += n
-    heads = {att.b: att.m for att in attention}
-    head_width = {att.b: att.c for att in attention}
+    heads = {att.b: (att.m, att.c) for att in attention}  # a value cache's heads: count, width
 
     instrs: list[Instr] = []
-    for ins in program.instrs:
+    for flat_ins in program.instrs:
+        ins = flat_ins
         if ins.op != "halt":
             ins = dataclasses.replace(ins, src=ram_moved.get(ins.src, 0), s=ram_moved.get(ins.s, 0),
                                       dst=ram_moved.get(ins.dst, 0))
         if ins.op in ("token_embedding", "layer_norm"):
             ins = dataclasses.replace(ins, a=moved[ins.a], b=moved[ins.b])
         elif ins.op == "linear":
-            flat_ins = program.instrs[len(instrs)]
             weight = flat[ins.a:ins.a + ins.n * ins.m].reshape(ins.n, ins.m)
             ins = dataclasses.replace(ins, a=add_lanes(names[ins.a], weight), b=moved[ins.b])
             if flat_ins.dst in caches:  # k_proj, v_proj: the current position's row into its cache
-                kind, base = caches[flat_ins.dst]
-                flags = (ins.flags & ~PER_POSITION) | (TO_KEYS if kind == "keys" else TO_VALUES)
-                ins = dataclasses.replace(ins, dst=base, flags=flags, c=head_width.get(flat_ins.dst, 0),
-                                          k=heads.get(flat_ins.dst, 0))
+                flag, base = caches[flat_ins.dst]
+                count, width = heads.get(flat_ins.dst, (0, 0))
+                ins = dataclasses.replace(ins, dst=base, flags=(ins.flags & ~PER_POSITION) | flag, c=width, k=count)
         elif ins.op == "causal_attention":
-            flat_ins = program.instrs[len(instrs)]
             ins = dataclasses.replace(ins, a=caches[flat_ins.a][1], b=caches[flat_ins.b][1])
         elif ins.op == "neuron_field":
             positions = flat[ins.a:ins.a + ins.m * ins.n].reshape(ins.m, ins.n)  # [neurons, D]: a row a neuron

@@ -158,7 +158,7 @@ calibrate_tokens_option = click.option("--calibrate-tokens", type=click.IntRange
 @click.option("--cflags", default=None, help="C compiler flags for --build (default: -O3 -march=native).")
 @click.option("--lanes", type=click.IntRange(1, 64), default=None,
               help="verilog: sums the core computes at once, one multiplier each: rows of a linear layer, "
-                   "neurons and output components of the neuron field (default 1).")
+                   "neurons and output components of the neuron field, attention scores and outputs (default 1).")
 @click.option("--frozen-only", is_flag=True,
               help="spice: only the frozen (crystallised) neurons go into the circuits, which then output their "
                    "sums; the active neurons stay digital (the seeds' hybrid; docs/backends.md).")
