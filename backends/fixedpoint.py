@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -72,7 +72,13 @@ GELU_ENTRIES = (16 * ONE >> GELU_STEP_BITS) + 1
 #   neuron_field      dst = x (added to), src = h; a, b = positions, values; c = 1/(|tau|+0.1) per
 #                     neuron; n = D; m = N; s = scratch; k = ln(1/eps) in Q16; flags NORMALIZE, HAS_EPS
 #   gelu              dst = src = u; n = F
-FIELDS = ("op", "dst", "src", "a", "b", "c", "n", "m", "s", "k", "flags")
+# and, for a tensor the lanes read as codes (set by verilog.core_memories; 0 otherwise), how to make
+# words of them: qa/qb the packing (0 words, 1 int16 codes, 2 int8 codes), sa/sb the base of its
+# multipliers in the lane scale ROM, pa/pb the words its scale pointer moves a pass, ga/gb the
+# steps it stays on a word, oa/ob the offset (Q16); a for linear's weight and the field's
+# positions, b for the field's values.
+FIELDS = ("op", "dst", "src", "a", "b", "c", "n", "m", "s", "k", "flags",
+          "qa", "sa", "pa", "ga", "oa", "qb", "sb", "pb", "gb", "ob")
 OPCODES = {"halt": 0, "token_embedding": 1, "layer_norm": 2, "linear": 3, "causal_attention": 4,
            "neuron_field": 5, "gelu": 6}
 # linear flags
@@ -155,6 +161,53 @@ def to_q16(name: str, values: np.ndarray) -> np.ndarray:
     return np.round(v * ONE).astype(np.int64)
 
 
+MULT_FRAC = 32  # a code's multiplier is its scale in Q0.32: below 1, so 32 bits unsigned
+
+
+@dataclass(frozen=True)
+class Codes:
+    """A quantized 2-D tensor as hardware can hold it: its integer codes, and how they become words.
+
+    word = rshift_round(code * mult, MULT_FRAC - FRAC) + offset, where mult = round(scale * 2^32) is
+    the code's scale in Q0.32 and offset its Q16 offset, the same for every code (nonzero only under
+    the tensor scheme). So a core can store the codes (4 or 2 a 32-bit word) and make each word as it
+    reads it; the emulator's ROM holds the words, so both compute the same numbers. The word is
+    within one Q16 step of the dequantized value (the rounded scale errs by at most 2^-33 a code
+    step, 2^-18 at the largest code, plus the word's own rounding)."""
+
+    codes: np.ndarray  # int64 [rows, cols]
+    mult: np.ndarray  # int64 [rows, cols]: each code's multiplier
+    offset: int
+    bits: int  # 8 or 16
+    scheme: str  # the IR's quantization scheme: tensor, row, group
+    group: int
+
+    def words(self) -> np.ndarray:
+        return np.asarray(rshift_round(self.codes * self.mult, MULT_FRAC - FRAC)) + self.offset
+
+
+def hardware_codes(t: Tensor) -> Codes | None:
+    """The tensor as Codes, or None when it is not a quantized 2-D tensor whose scales are in [0, 1),
+    offset is one value and words fit 32 bits (its words are then its values rounded to Q16)."""
+    if t.quant is None or t.data.ndim != 2:
+        return None
+    scale, offset = t.quant.expanded(t.shape)
+    if offset.size and not np.all(offset == offset.flat[0]):
+        return None
+    mult = np.round(np.asarray(scale, dtype=np.float64) * (1 << MULT_FRAC)).astype(np.int64)
+    if mult.size and (mult.min() < 0 or mult.max() >= 1 << MULT_FRAC):
+        return None
+    off = float(offset.flat[0]) if offset.size else 0.0
+    if abs(off) >= 1 << (31 - FRAC):
+        return None
+    codes = Codes(t.data.astype(np.int64), mult, round(off * ONE), 8 * t.data.itemsize, t.quant.scheme,
+                  t.quant.group)
+    words = codes.words()
+    if words.size and (words.min() < INT32_MIN or words.max() > INT32_MAX):
+        return None
+    return codes
+
+
 # --- the program ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -170,6 +223,16 @@ class Instr:
     s: int = 0
     k: int = 0
     flags: int = 0
+    qa: int = 0
+    sa: int = 0
+    pa: int = 0
+    ga: int = 0
+    oa: int = 0
+    qb: int = 0
+    sb: int = 0
+    pb: int = 0
+    gb: int = 0
+    ob: int = 0
     note: str = ""  # where it came from, for the generated listing
 
     def word(self) -> int:
@@ -197,6 +260,7 @@ class Program:
     n_ctx: int
     summary: str = ""
     vocab_map: np.ndarray | None = None
+    codes: dict[int, Codes] = field(default_factory=dict)  # ROM base -> the tensor's codes, when it has them
 
 
 class _Memory:
@@ -225,8 +289,15 @@ def lower(graph: Graph) -> Program:
     rom, ram = _Memory(), _Memory()
     code: list[Instr] = []
 
+    codes: dict[int, Codes] = {}
+
     def w(t_: Tensor) -> int:
-        return rom.add(t_.name, to_q16(t_.name, t_.values()))
+        coded = hardware_codes(t_)
+        if coded is None:
+            return rom.add(t_.name, to_q16(t_.name, t_.values()))
+        base = rom.add(t_.name, coded.words())
+        codes[base] = coded
+        return base
 
     eps_q32 = round(c.ln_eps * (1 << (2 * FRAC)))
     if eps_q32 > INT32_MAX:  # a smaller eps than Q32 holds (2.3e-10) rounds to 0: the root is clamped to >= 1
@@ -289,7 +360,7 @@ def lower(graph: Graph) -> Program:
     code.append(Instr("halt", note="logits ready"))
 
     return Program(code, rom.words(), rom.table, ram.size, ram.table, logits, v, t,
-                   c.summary(), None if graph.vocab_map is None else np.asarray(graph.vocab_map))
+                   c.summary(), None if graph.vocab_map is None else np.asarray(graph.vocab_map), codes)
 
 
 # --- the emulator ------------------------------------------------------------------------

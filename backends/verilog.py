@@ -28,7 +28,17 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from crystalc.backends.fixedpoint import EXP_TABLE, FIELDS, GELU_TABLE, HAS_EPS, PER_POSITION, Instr, Program, lower
+from crystalc.backends.fixedpoint import (
+    EXP_TABLE,
+    FIELDS,
+    GELU_TABLE,
+    HAS_EPS,
+    PER_POSITION,
+    Codes,
+    Instr,
+    Program,
+    lower,
+)
 from crystalc.backends.tools import run_tool
 from crystalc.errors import CrystalError
 from crystalc.ir.graph import Graph
@@ -72,6 +82,8 @@ class CoreMemories:
     rom_table: list[tuple[str, int, int]]  # (what, base, words), for the listings
     lane_rom: np.ndarray
     lane_table: list[tuple[str, int, int]]
+    lane_scales: np.ndarray  # [words, lanes]: the multipliers of the codes in lane_rom, Q0.32 (Codes)
+    scale_table: list[tuple[str, int, int]]
     ram_words: int  # the RAM without the key/value caches, which have memories of their own
     ram_table: list[tuple[str, int, int]]
     logits: int
@@ -90,10 +102,46 @@ def _side_by_side(matrix: np.ndarray, lanes: int) -> np.ndarray:
     return padded.reshape(groups, lanes, cols).transpose(0, 2, 1).reshape(groups * cols, lanes)
 
 
+def _packed(codes: np.ndarray, lanes: int, bits: int) -> np.ndarray:
+    """[rows, cols] codes -> words as _side_by_side's, 32 // bits columns a word: column j of a lane's row in
+    bits bits * (j % per) .. of its group's word j // per, each group starting a word."""
+    rows, cols = codes.shape
+    per = 32 // bits
+    groups, span = -(-rows // lanes), -(-cols // per)
+    padded = np.zeros((groups * lanes, span * per), dtype=np.int64)
+    padded[:rows, :cols] = codes & ((1 << bits) - 1)
+    slots = padded.reshape(groups, lanes, span, per) << (bits * np.arange(per))
+    return slots.sum(axis=3).transpose(0, 2, 1).reshape(groups * span, lanes)
+
+
+def _scale_walk(coded: Codes, cols: int, transposed: bool) -> tuple[int, int]:
+    """How the core's scale pointer walks a coded tensor's multipliers: (words a pass, steps a word). A pass
+    of 0 words reads the same words in every pass: the tensor scheme's one multiplier, or the field values'
+    one a neuron (a step, by component)."""
+    if coded.scheme == "tensor":
+        return 0, cols
+    if coded.scheme == "row":
+        return (0, 1) if transposed else (1, cols)
+    return (cols, 1) if transposed else (-(-cols // coded.group), coded.group)
+
+
+def _scale_words(mult: np.ndarray, lanes: int, per_pass: int, steps: int) -> np.ndarray:
+    """The multipliers of a [rows, cols] tensor walked as _scale_walk says: [words, lanes], lane g of word
+    p per_pass + t holding row p lanes + g's multiplier of steps t steps .. (t + 1) steps - 1."""
+    rows, cols = mult.shape
+    groups = -(-rows // lanes)
+    padded = np.zeros((groups * lanes, cols), dtype=np.int64)
+    padded[:rows] = mult
+    words = padded[:, ::steps].reshape(groups, lanes, -1).transpose(0, 2, 1)  # [groups, words a pass, lanes]
+    return words[0] if per_pass == 0 else words.reshape(-1, lanes)
+
+
 def core_memories(program: Program, lanes: int) -> CoreMemories:
     """Lay the program's memories out for a core of `lanes` lanes (CoreMemories) and point its instructions
     at them: ROM fields into the two ROMs, RAM fields into the smaller RAM, k_proj and v_proj into the caches
-    (TO_KEYS, TO_VALUES, with the heads' count and width for the values), the attention's into the caches."""
+    (TO_KEYS, TO_VALUES, with the heads' count and width for the values), the attention's into the caches.
+    A quantized tensor the lanes read goes into the lane ROM as its codes when they and their multipliers
+    take fewer words than its words would (the q, s, p, g, o fields of its instruction say how)."""
     flat = program.rom
     names = {base: what for what, base, _ in program.rom_table}
     single = set()  # flat bases of the tensors read a word at a time
@@ -114,15 +162,36 @@ def core_memories(program: Program, lanes: int) -> CoreMemories:
             size += n
     lane_parts: list[np.ndarray] = []
     lane_table: list[tuple[str, int, int]] = []
-    depth = 0
+    scale_parts: list[np.ndarray] = []
+    scale_table: list[tuple[str, int, int]] = []
 
-    def add_lanes(what: str, matrix: np.ndarray) -> int:
-        nonlocal depth
-        words = _side_by_side(matrix, lanes)
-        lane_parts.append(words)
-        lane_table.append((what, depth, len(words)))
-        depth += len(words)
-        return depth - len(words)
+    def append(parts: list[np.ndarray], table: list[tuple[str, int, int]], what: str, words: np.ndarray) -> int:
+        base = sum(len(part) for part in parts)
+        parts.append(words)
+        table.append((what, base, len(words)))
+        return base
+
+    def add_lanes(base_flat: int, rows: int, cols: int, transposed: bool = False) -> dict[str, int]:
+        """The tensor at flat ROM base_flat, [rows, cols] (transposed: stored [cols, rows]), into the lane
+        ROM: its base there and how its codes become words (fields q, s, p, g, o; none for words)."""
+        what = names[base_flat]
+        how = ["by component"] if transposed else []
+        words = flat[base_flat:base_flat + rows * cols].reshape((cols, rows) if transposed else (rows, cols))
+        words = words.T if transposed else words
+        coded = program.codes.get(base_flat)
+        if coded is not None:
+            codes, mult = (coded.codes.T, coded.mult.T) if transposed else (coded.codes, coded.mult)
+            per_pass, steps = _scale_walk(coded, cols, transposed)
+            packed, scales = _packed(codes, lanes, coded.bits), _scale_words(mult, lanes, per_pass, steps)
+            if len(packed) + len(scales) < -(-rows // lanes) * cols:
+                how.append(f"int{coded.bits} codes, {32 // coded.bits} a lane word")
+                return {"": append(lane_parts, lane_table, f"{what} ({'; '.join(how)})", packed),
+                        "q": 1 if coded.bits == 16 else 2, "p": per_pass, "g": steps, "o": coded.offset,
+                        "s": append(scale_parts, scale_table, f"{what}: multipliers ({coded.scheme})", scales)}
+        return {"": append(lane_parts, lane_table, what + (f" ({how[0]})" if how else ""), _side_by_side(words, lanes))}
+
+    def fields(slot: str, placed: dict[str, int]) -> dict[str, int]:
+        return {(slot if not key else key + slot): value for key, value in placed.items()}
 
     # the RAM: the key and value caches leave it for memories of their own, laid out for the lanes
     t = program.n_ctx
@@ -159,8 +228,7 @@ def core_memories(program: Program, lanes: int) -> CoreMemories:
         if ins.op in ("token_embedding", "layer_norm"):
             ins = dataclasses.replace(ins, a=moved[ins.a], b=moved[ins.b])
         elif ins.op == "linear":
-            weight = flat[ins.a:ins.a + ins.n * ins.m].reshape(ins.n, ins.m)
-            ins = dataclasses.replace(ins, a=add_lanes(names[ins.a], weight), b=moved[ins.b])
+            ins = dataclasses.replace(ins, b=moved[ins.b], **fields("a", add_lanes(ins.a, ins.n, ins.m)))
             if flat_ins.dst in caches:  # k_proj, v_proj: the current position's row into its cache
                 flag, base = caches[flat_ins.dst]
                 count, width = heads.get(flat_ins.dst, (0, 0))
@@ -168,15 +236,15 @@ def core_memories(program: Program, lanes: int) -> CoreMemories:
         elif ins.op == "causal_attention":
             ins = dataclasses.replace(ins, a=caches[flat_ins.a][1], b=caches[flat_ins.b][1])
         elif ins.op == "neuron_field":
-            positions = flat[ins.a:ins.a + ins.m * ins.n].reshape(ins.m, ins.n)  # [neurons, D]: a row a neuron
-            values = flat[ins.b:ins.b + ins.m * ins.n].reshape(ins.m, ins.n)
-            ins = dataclasses.replace(ins, a=add_lanes(names[ins.a], positions),
-                                      b=add_lanes(names[ins.b] + " (by component)", values.T), c=moved[ins.c])
+            # positions [neurons, D] a row a neuron; values [neurons, D] by component, a row a component
+            ins = dataclasses.replace(ins, c=moved[ins.c], **fields("a", add_lanes(ins.a, ins.m, ins.n)),
+                                      **fields("b", add_lanes(ins.b, ins.n, ins.m, transposed=True)))
         instrs.append(ins)
     rom = np.concatenate(rom_parts) if rom_parts else np.zeros(0, dtype=np.int64)
     lane_rom = np.concatenate(lane_parts) if lane_parts else np.zeros((0, lanes), dtype=np.int64)
-    return CoreMemories(instrs, rom, rom_table, lane_rom, lane_table, ram_words, ram_table,
-                        ram_moved[program.logits], key_words, key_groups, value_words, cache_table)
+    lane_scales = np.concatenate(scale_parts) if scale_parts else np.zeros((0, lanes), dtype=np.int64)
+    return CoreMemories(instrs, rom, rom_table, lane_rom, lane_table, lane_scales, scale_table, ram_words,
+                        ram_table, ram_moved[program.logits], key_words, key_groups, value_words, cache_table)
 
 
 def _hex_words(words: np.ndarray) -> list[str]:
@@ -191,13 +259,24 @@ def rom_hex(mem: CoreMemories) -> str:
     return "\n".join(lines) + "\n"
 
 
-def lanes_hex(mem: CoreMemories) -> str:
+def _wide_hex(words: np.ndarray, table: list[tuple[str, int, int]]) -> str:
     """One wide word a line, lane 0 in the lowest 32 bits (the rightmost digits)."""
     lines = []
-    for what, base, n in mem.lane_table:
+    for what, base, n in table:
         lines.append(f"// {base}: {what} ({n} words)")
-        lines.extend("".join(reversed(_hex_words(row))) for row in mem.lane_rom[base:base + n])
+        lines.extend("".join(reversed(_hex_words(row))) for row in words[base:base + n])
     return "\n".join(lines) + "\n"
+
+
+def lanes_hex(mem: CoreMemories) -> str:
+    return _wide_hex(mem.lane_rom, mem.lane_table)
+
+
+def scales_hex(mem: CoreMemories) -> str:
+    """The lane scale ROM; one word of zeros when no tensor is coded (a memory needs a word)."""
+    if not len(mem.lane_scales):
+        return "// no tensor is held as codes\n" + "0" * 8 * mem.lane_rom.shape[1] + "\n"
+    return _wide_hex(mem.lane_scales, mem.scale_table)
 
 
 def table_hex(what: str, words: np.ndarray) -> str:
@@ -217,8 +296,8 @@ class VerilogBackend:
     name = "verilog"
 
     def emit(self, graph: Graph, out_dir: Path, lanes: int = 1, **options: Any) -> list[Path]:
-        """Write crystal_core.v, crystal_tb.v, model.vh, rom.hex, lanes.hex, program.hex, the function tables
-        (exp2.hex, gelu.hex) and a Makefile into out_dir.
+        """Write crystal_core.v, crystal_tb.v, model.vh, rom.hex, lanes.hex, scales.hex, program.hex, the
+        function tables (exp2.hex, gelu.hex) and a Makefile into out_dir.
 
         lanes: sums the core computes at once, one multiplier each (linear rows, the field's neurons and
         output components)."""
@@ -230,7 +309,9 @@ class VerilogBackend:
         ctx = {
             "summary": program.summary, "instrs": mem.instrs, "rom_table": mem.rom_table,
             "lane_table": mem.lane_table, "ram_table": mem.ram_table, "rom_words": int(mem.rom.size),
-            "lane_words": len(mem.lane_rom), "program_words": len(mem.instrs), "instr_bits": 32 * len(FIELDS),
+            "lane_words": len(mem.lane_rom), "scale_table": mem.scale_table,
+            "scale_words": max(1, len(mem.lane_scales)), "program_words": len(mem.instrs),
+            "instr_bits": 32 * len(FIELDS),
             "ram_words": mem.ram_words, "logits": mem.logits, "cache_table": mem.cache_table,
             "key_words": mem.key_words, "key_groups": mem.key_groups, "value_words": mem.value_words,
             "vocab_size": program.vocab_size, "n_ctx": program.n_ctx, "lanes": lanes,
@@ -241,7 +322,7 @@ class VerilogBackend:
             path = out_dir / name
             path.write_text(render("verilog", template, **ctx), encoding="utf-8")
             written.append(path)
-        for name, text in (("rom.hex", rom_hex(mem)), ("lanes.hex", lanes_hex(mem)),
+        for name, text in (("rom.hex", rom_hex(mem)), ("lanes.hex", lanes_hex(mem)), ("scales.hex", scales_hex(mem)),
                            ("program.hex", program_hex(mem.instrs)),
                            ("exp2.hex", table_hex("2^(i/256), Q29, i = 0..256", EXP_TABLE)),
                            ("gelu.hex", table_hex("GELU(-8 + i/64), Q16.16, i = 0..1024", GELU_TABLE))):

@@ -1,9 +1,11 @@
 // crystal_core: executes a crystalc fixed-point program for one token at a time.
 //
 // Copied by crystalc, unchanged, for every model; the model is its two ROMs
-// (Q16.16 weights: rom.hex those read a word at a time, lanes.hex those the
-// lanes read together, a wide word a clock), its program (program.hex) and the
-// sizes in model.vh; exp2.hex and gelu.hex hold the two function tables. The
+// (rom.hex: Q16.16 words read a word at a time; lanes.hex: what the lanes read
+// together, a wide word a clock, Q16.16 words or a quantized tensor's codes,
+// made words with the multipliers of scales.hex as they are read), its program
+// (program.hex) and the sizes in model.vh; exp2.hex and gelu.hex hold the two
+// function tables. The
 // arithmetic is backends/fixedpoint.py's, word for word: Q16.16 values, exact
 // 64-bit products and sums, round-half-up shifts, truncating division,
 // saturation to 32 bits on every RAM write.
@@ -14,8 +16,8 @@
 // the running sums and the RAM write of the step the issue stage sent. The
 // memories are read synchronously (the word comes a clock after its address),
 // as an FPGA's block RAMs are: W and M each have two read ports (M also one
-// write port), L and the key and value caches K and V one (K and V also a write
-// port with a write enable a lane), and no address depends on a word just read,
+// write port), L, its scales LS and the key and value caches K and V one (K and
+// V also a write port with a write enable a lane), and no address depends on a word just read,
 // except the function tables', which are small (257 and 1,025 words) and read
 // where they are used.
 // A read of the RAM word the execute stage writes in the same clock gets the
@@ -59,6 +61,7 @@ module crystal_core (
 
     reg [31:0] W [0:`ROM_WORDS-1];     // weights read a word at a time
     reg [32*LANES-1:0] L [0:`LANE_WORDS-1];  // weights the lanes read together, lane g in bits 32g + 31..32g
+    reg [32*LANES-1:0] LS [0:`SCALE_WORDS-1]; // the multipliers (Q0.32) of the codes in L, a lane's in its bits
     reg [`INSTR_BITS-1:0] P [0:`PROGRAM_WORDS-1]; // the program, one word an instruction
     (* ram_style = "block" *) reg [31:0] M [0:`RAM_WORDS-1];  // activations, scores, logits
     reg [32*LANES-1:0] K [0:`KEY_WORDS-1];    // the key caches, LANES positions side by side
@@ -68,6 +71,7 @@ module crystal_core (
     initial begin
         $readmemh("rom.hex", W);
         $readmemh("lanes.hex", L);
+        $readmemh("scales.hex", LS);
         $readmemh("program.hex", P);
         $readmemh("exp2.hex", EXP2);
         $readmemh("gelu.hex", GELU);
@@ -140,6 +144,13 @@ module crystal_core (
     reg [31:0] pc, tok, cur, cur_group, cur_lane;  // cur's group of LANES positions and lane in it (the keys)
     reg [31:0] dst, src, a, b, c, n, m, s, k, flags;  // the fields of the instruction being run (op dispatched)
     reg [31:0] i, j, h, l, wp;                           // loop counters, weight pointer
+    // how a coded tensor's words are made (fixedpoint.FIELDS): a for linear's weight and the field's
+    // positions, b for the field's values; the scale pointer sp (in LS), where its pass began, and the
+    // steps it has stayed on its word
+    /* verilator lint_off UNUSEDSIGNAL */  // the packing is 2 bits of its field; the offsets are the execute stage's
+    reg [31:0] qa, sa, pa, ga, oa, qb, sb, pb, gb, ob;
+    /* verilator lint_on UNUSEDSIGNAL */
+    reg [31:0] sp, sp_pass, gc;
     // a lanes' pass: its rows (summed LANES at once) and steps (the terms of each sum)
     wire scores = state == S_ATT_SCORE || state == S_ATT_SCORE_DRAIN;
     wire outputs = state == S_ATT_OUT || state == S_ATT_OUT_DRAIN;
@@ -147,6 +158,12 @@ module crystal_core (
     wire [31:0] rows = scores ? cur + 1 : outputs ? c : distances ? m : n;
     wire [31:0] steps = scores ? c : outputs ? cur + 1 : distances ? n : m;
     wire [`INSTR_BITS-1:0] instr = P[pc];
+    // the pass's tensor in the lane ROM: a word a step, or 2^pack codes a word, the last of a pass
+    // ending its word; its multipliers move a word every scale_steps steps and scale_pass a pass
+    wire values = state == S_NF_OUT;
+    wire [1:0] pack = (state == S_LINEAR || state == S_NF_DIST) ? qa[1:0] : values ? qb[1:0] : 2'd0;
+    wire [31:0] pack_mask = (32'd1 << pack) - 32'd1;
+    wire [31:0] scale_pass = values ? pb : pa, scale_steps = values ? gb : ga;
 
     always @(posedge clk) begin
         done <= 1'b0;
@@ -156,8 +173,9 @@ module crystal_core (
             pc <= 0; state <= S_FETCH;
         end
         S_FETCH: begin
-            {flags, k, s, m, n, c, b, a, src, dst} <= instr[`INSTR_BITS-1:32];
+            {ob, gb, pb, sb, qb, oa, ga, pa, sa, qa, flags, k, s, m, n, c, b, a, src, dst} <= instr[`INSTR_BITS-1:32];
             wp <= instr[127:96];  // field a
+            sp <= instr[415:384]; sp_pass <= instr[415:384]; gc <= 0;  // field sa
             i <= 0; j <= 0; h <= 0; l <= 0;
             case (instr[31:0])
                 // the execute stage has finished: it works on S_NEXT's empty step now
@@ -190,10 +208,13 @@ module crystal_core (
         // LANES - 1, a term a clock, wp walking the lane ROM or a cache; then l over those rows
         // (the drain); then the next LANES rows
         S_LINEAR, S_NF_DIST, S_NF_OUT, S_ATT_SCORE, S_ATT_OUT: begin
-            wp <= wp + (scores ? `KEY_GROUPS : 1);
+            wp <= wp + (scores ? `KEY_GROUPS : ((j & pack_mask) == pack_mask || j == steps - 1) ? 1 : 0);
+            gc <= gc + 1;
+            if (gc == scale_steps - 1) begin gc <= 0; sp <= sp + 1; end
             j <= j + 1;
             if (j == steps - 1) begin
                 j <= 0; l <= 0;
+                gc <= 0; sp <= sp_pass + scale_pass; sp_pass <= sp_pass + scale_pass;
                 case (state)
                     S_LINEAR:    state <= S_LINEAR_DRAIN;
                     S_NF_DIST:   state <= S_NF_DIST_DRAIN;
@@ -245,7 +266,7 @@ module crystal_core (
         S_NF_EXP: begin
             j <= j + 1;
             if (j == m - 1) begin
-                j <= 0; wp <= b;
+                j <= 0; wp <= b; sp <= sb; sp_pass <= sb; gc <= 0;
                 state <= (flags[NORMALIZE] && flags[HAS_EPS]) ? S_NF_EPS : S_NF_OUT;
             end
         end
@@ -283,7 +304,7 @@ module crystal_core (
     // the old one (read first), and a flag taken with the read picks the write's word instead.
     // (A bypass written into the read itself makes Yosys find no block RAM for M.)
     reg [31:0] w0q, w1q, m0_ram, m1_ram, m_written;
-    reg [32*LANES-1:0] lq, kq, vq;
+    reg [32*LANES-1:0] lq, lsq, kq, vq;
     reg m_we;                       // the execute stage's one RAM write this clock
     reg [31:0] m_waddr, m_wdata;
     reg m0_fwd, m1_fwd;
@@ -292,6 +313,7 @@ module crystal_core (
         w0q <= W[wa0];
         w1q <= W[wa1];
         lq <= L[wp];
+        lsq <= LS[sp];
         kq <= K[wp];
         vq <= V[wp];
         m0_ram <= M[ma0];
@@ -367,10 +389,24 @@ module crystal_core (
     wire [32*LANES-1:0] lane_words = state_x == S_ATT_SCORE ? kq : state_x == S_ATT_OUT ? vq : lq;
     wire signed [63:0] lane_sum [0:LANES-1];
     wire [31:0] lane_x = lane_on ? m0q : 32'd0;
+    // a coded tensor's step j: the code in slot j mod 2^pack of the lane's word (8 or 16 bits), made
+    // the word rshift_round(code x multiplier, 16) + offset (fixedpoint.Codes)
+    wire [1:0] pack_x = (state_x == S_LINEAR || state_x == S_NF_DIST) ? qa[1:0] : state_x == S_NF_OUT ? qb[1:0] : 2'd0;
+    wire coded = pack_x != 2'd0;
+    wire [4:0] slot_shift = pack_x == 2'd2 ? {j_x[1:0], 3'd0} : {j_x[0], 4'd0};
+    wire signed [63:0] offset_x = coded ? sx(state_x == S_NF_OUT ? ob : oa) : 64'sd0;
     genvar g;
     generate
         for (g = 0; g < LANES; g = g + 1) begin : lane
-            wire [31:0] w = lane_on ? lane_words[32 * g +: 32] : 32'd0;
+            wire [31:0] stored = lane_on ? lane_words[32 * g +: 32] : 32'd0;
+            /* verilator lint_off UNUSEDSIGNAL */  // a code is the slot's low 8 or 16 bits; a word, 32 of made's
+            wire [31:0] slot = coded ? stored >> slot_shift : 32'd0;
+            wire signed [16:0] code = pack_x == 2'd2 ? {{9{slot[7]}}, slot[7:0]} : {slot[15], slot[15:0]};
+            wire signed [32:0] mult = {1'b0, coded ? lsq[32 * g +: 32] : 32'd0};  // unsigned, below 2^32
+            wire signed [49:0] product = code * mult;
+            wire signed [63:0] made = rshift_round({{14{product[49]}}, product}, 16) + offset_x;
+            /* verilator lint_on UNUSEDSIGNAL */
+            wire [31:0] w = coded ? made[31:0] : stored;
             /* verilator lint_off UNUSEDSIGNAL */  // bits 63:34 only repeat the sign of a difference of two words
             wire signed [63:0] diff = sx(lane_x) - sx(w);
             /* verilator lint_on UNUSEDSIGNAL */

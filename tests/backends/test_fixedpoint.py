@@ -106,6 +106,44 @@ def test_quantized_and_pruned_graphs(mode, granularity):
     assert_close(pruned, [1, 2, 3, 4, 5, 6])
 
 
+@pytest.mark.parametrize("mode,granularity", [("int8", "tensor"), ("int8", "row"), ("int16", "group:5"),
+                                              ("mixed8", "row")])
+def test_quantized_weights_are_words_made_of_their_codes(mode, granularity):
+    # the ROM holds what a core makes of the codes (Codes.words), within one Q16 step of the values
+    g = quantize(random_graph("tied_unnormalised", seed=4), mode, granularity)
+    prog = fp.lower(g)
+    by_name = {t.name: t for t in g.tensors()}
+    coded = {what for what, base, _ in prog.rom_table if base in prog.codes}
+    want = {t.name for t in g.tensors() if t.quant is not None and t.data.ndim == 2}
+    assert coded == want and want  # every quantized 2-D tensor, embeddings included under int8
+    for what, base, n in prog.rom_table:
+        if base in prog.codes:
+            c = prog.codes[base]
+            assert c.bits == (16 if mode == "int16" else 8) and c.scheme == granularity.split(":")[0]
+            assert prog.rom[base:base + n].tolist() == c.words().ravel().tolist()
+            assert np.abs(prog.rom[base:base + n] - by_name[what].values().ravel() * fp.ONE).max() <= 1.0, what
+            assert (c.offset != 0) == (granularity == "tensor" and bool(by_name[what].quant.offset.any()))
+
+
+def test_codes_a_core_cannot_make_stay_words():
+    # a scale of 1 or more (|w| >= 127 in int8) or offsets that differ between rows: no Codes, and
+    # the words are the values rounded, as for float32
+    from crystalc.ir.tensor import Quant, Tensor
+
+    big = Tensor("w", np.array([[100, -127]], dtype=np.int8), Quant("row", np.array([1.5], np.float32),
+                                                                   np.zeros(1, np.float32)))
+    rows = Tensor("w", np.array([[1, 2], [3, 4]], dtype=np.int8),
+                  Quant("row", np.array([0.5, 0.25], np.float32), np.array([0.0, 1.0], np.float32)))
+    flat = Tensor("b", np.array([1, 2], dtype=np.int8), Quant("row", np.array([0.5], np.float32),
+                                                              np.zeros(1, np.float32)))
+    assert fp.hardware_codes(big) is None and fp.hardware_codes(rows) is None and fp.hardware_codes(flat) is None
+    assert fp.hardware_codes(Tensor("f", np.ones((2, 2), np.float32))) is None
+    ok = fp.hardware_codes(Tensor("w", np.array([[1, -3]], dtype=np.int16),
+                                  Quant("tensor", np.array([0.75], np.float32), np.array([-2.5], np.float32))))
+    assert ok is not None and ok.words().tolist() == [[round(-1.75 * fp.ONE), round(-4.75 * fp.ONE)]]
+    assert ok.mult.tolist() == [[3 << 30, 3 << 30]] and ok.offset == round(-2.5 * fp.ONE)
+
+
 def test_a_far_field_and_its_eps_term():
     # Temperatures set so that the nearest neuron is a_min = ln(1/eps) temperatures away: each
     # e^(-a_j) underflows Q16.16 (and nearly Q30) unless the lowering shifts the exponents by a_min,

@@ -18,6 +18,7 @@ from crystalc.backends.verilog import simulate
 from crystalc.errors import CrystalError
 from crystalc.ir.graph import Graph
 from crystalc.ir.interpret import forward
+from crystalc.passes.quantize import quantize
 from tests.backends.test_cuda import cpu_program, parsed, run_logits
 from tests.backends.test_fixedpoint import TOL as FIXED_TOL
 from tests.backends.test_verilog import cycles_counted
@@ -66,6 +67,8 @@ def test_verilog_simulation(i, tmp_path: Path):
     require_tool("make", "iverilog", "vvp")
     g, ids = graph(i), CASES[i][1]
     lanes = 1 + i % 5  # 1 to 5 lanes: groups of rows, neurons and components short or longer than the layer
+    quant = [None, ("int8", "row"), ("int16", "tensor"), ("mixed8", "group:2")][i % 4]  # the lanes read codes
+    g = g if quant is None else quantize(g, *quant)
     VERILOG.emit(g, tmp_path, lanes=lanes)
     VERILOG.build(tmp_path)
     got, cycles = simulate(tmp_path, ids)

@@ -31,9 +31,9 @@ def tools():
     require_tool("make", "iverilog", "vvp")
 
 
-def built(graph: Graph, out: Path) -> Path:
+def built(graph: Graph, out: Path, lanes: int = 1) -> Path:
     out.mkdir(parents=True)
-    BACKEND.emit(graph, out)
+    BACKEND.emit(graph, out, lanes=lanes)
     BACKEND.build(out)
     return out
 
@@ -45,12 +45,12 @@ def cycles_counted(graph: Graph, lanes: int, tokens: int) -> int:
     return sum(sum(core_cycles(program, lanes, pos).values()) for pos in range(tokens)) + tokens + 1
 
 
-def check(graph: Graph, out: Path, ids: list[int]) -> None:
+def check(graph: Graph, out: Path, ids: list[int], lanes: int = 1) -> None:
     got, cycles = simulate(out, ids)
     assert got.tolist() == fp.emulate(fp.lower(graph), ids).tolist()
     ref = forward(graph, ids)[-1]
     assert np.abs(fp.to_float(got) - ref).max() <= TOL * max(1.0, float(np.abs(ref).max()))
-    assert cycles == cycles_counted(graph, 1, len(ids))
+    assert cycles == cycles_counted(graph, lanes, len(ids))
 
 
 @pytest.mark.tool
@@ -71,6 +71,21 @@ def test_quantized_pruned_graph(tmp_path):
     out = built(g, tmp_path / "out")
     assert (out / "vocab_map.txt").read_text().split() == [str(i) for i in keep]
     check(g, out, [0, 3, 7, 2, 5])
+
+
+@pytest.mark.tool
+@pytest.mark.parametrize("shape,mode,granularity,lanes", [
+    ("d40_h5", "int8", "tensor", 3),  # one multiplier and an offset a tensor; the head's codes too
+    ("tied_unnormalised", "mixed8", "row", 4),  # the field's values: a multiplier a neuron, every pass
+    ("three_blocks_n0_n1", "int16", "group:5", 1),  # two codes a word; a multiplier every 5 steps
+    ("three_blocks_n0_n1", "int8", "row", 8),  # a field of 1 neuron, none; more lanes than rows
+    ("tied_unnormalised", "int8", "group:3", 3),
+])
+def test_quantized_graphs_run_on_their_codes(shape, mode, granularity, lanes, tmp_path):
+    g = quantize(random_graph(shape, seed=15), mode, granularity)
+    out = built(g, tmp_path / "out", lanes)
+    assert "codes, " in (out / "model.vh").read_text()  # the lane ROM holds codes
+    check(g, out, np.random.default_rng(4).integers(0, g.config.vocab_size, g.config.n_ctx).tolist(), lanes)
 
 
 @pytest.mark.tool
@@ -110,7 +125,7 @@ def test_emit_is_deterministic_and_the_rom_is_the_program(tmp_path):
         BACKEND.emit(g, out)
     names = sorted(p.name for p in a.iterdir())
     assert names == ["Makefile", "crystal_core.v", "crystal_tb.v", "exp2.hex", "gelu.hex", "lanes.hex", "model.vh",
-                     "program.hex", "rom.hex"]
+                     "program.hex", "rom.hex", "scales.hex"]
     assert all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
     prog = fp.lower(g)
 
@@ -128,42 +143,78 @@ def test_emit_is_deterministic_and_the_rom_is_the_program(tmp_path):
     assert "blocks.2.field: 5 neurons" in vh  # the listing names each instruction's op
 
 
+def read_as_the_core(mem, base: int, q: int, sb: int, per_pass: int, steps: int, offset: int, rows: int,
+                     cols: int) -> np.ndarray:
+    """The [rows, cols] words the lanes get of a tensor at lane ROM word `base`, read as crystal_core reads it:
+    a pass a group of rows, a step a column; coded (q = 1, 2): 2^q codes a word, made words with the lane
+    scale ROM's multiplier (pointer sb, per_pass words a pass, a word every `steps` steps) and the offset."""
+    lanes = mem.lane_rom.shape[1]
+    per = 1 << q
+    span = -(-cols // per)
+    got = np.zeros((rows, cols), dtype=np.int64)
+    for r in range(rows):
+        p, g = divmod(r, lanes)
+        for j in range(cols):
+            word = int(mem.lane_rom[base + p * span + j // per, g]) & 0xFFFFFFFF
+            if q == 0:
+                got[r, j] = word - (1 << 32) * (word >> 31)
+                continue
+            bits = 32 // per
+            code = (word >> (bits * (j % per))) & ((1 << bits) - 1)
+            code -= (1 << bits) * (code >> (bits - 1))
+            mult = int(mem.lane_scales[sb + p * per_pass + j // steps, g])
+            got[r, j] = fp.rshift_round(code * mult, 16) + offset
+    return got
+
+
+@pytest.mark.parametrize("mode,granularity", [(None, None), ("int8", "tensor"), ("mixed8", "row"), ("int16", "group:5"),
+                                              ("int8", "group:2")])
 @pytest.mark.parametrize("lanes", [1, 3, 8])
-def test_core_memories_put_each_weight_where_its_lane_reads_it(lanes):
+def test_core_memories_put_each_weight_where_its_lane_reads_it(lanes, mode, granularity):
     g = random_graph("tied_unnormalised", seed=5)  # a tied head, an unnormalised field, widths 3 does not divide
+    g = g if mode is None else quantize(g, mode, granularity)
     prog = fp.lower(g)
     mem = core_memories(prog, lanes)
-    assert mem.lane_rom.shape[1] == lanes
+    assert mem.lane_rom.shape[1] == lanes and mem.lane_scales.shape[1] == lanes
     by_base = {b: w for w, b, _ in prog.rom_table}
     size = {b: n for _, b, n in prog.rom_table}
+
+    def single(base_flat: int, base: int) -> None:  # the whole tensor, the same words, in the single-word ROM
+        n = size[base_flat]
+        assert mem.rom[base:base + n].tolist() == prog.rom[base_flat:base_flat + n].tolist()
+
+    def lanes_read(ins: fp.Instr, slot: str, base_flat: int, rows: int, cols: int, transposed: bool = False) -> int:
+        """Check the words the lanes get of a tensor; returns its packing (0: words)."""
+        full = prog.rom[base_flat:base_flat + rows * cols].reshape(rows, cols)
+        full = full.T if transposed else full
+        base = getattr(ins, slot)
+        q, sb, per_pass, steps, offset = (getattr(ins, f + slot) for f in "qspgo")
+        got = read_as_the_core(mem, base, q, sb, per_pass, steps, offset, *full.shape)
+        assert got.tolist() == full.tolist(), by_base[base_flat]
+        pad = -full.shape[0] % lanes
+        if q == 0 and pad:  # a short group's missing rows are zeros
+            last = mem.lane_rom[base + (full.shape[0] // lanes) * full.shape[1]:][:full.shape[1]]
+            assert not last[:, lanes - pad:].any()
+        return q
+
+    coded = 0
     for flat, ins in zip(prog.instrs, mem.instrs, strict=True):
         assert (flat.op, flat.n, flat.m) == (ins.op, ins.n, ins.m)
-
-        def single(base_flat: int, base: int) -> None:  # the whole tensor, the same words, in the single-word ROM
-            n = size[base_flat]
-            assert mem.rom[base:base + n].tolist() == prog.rom[base_flat:base_flat + n].tolist()
-
-        def side_by_side(base_flat: int, base: int, rows: int, cols: int, transposed: bool = False) -> None:
-            full = prog.rom[base_flat:base_flat + rows * cols].reshape(rows, cols)
-            full = full.T if transposed else full
-            for r in range(full.shape[0]):  # row r: lane r % lanes of the words of group r // lanes
-                got = mem.lane_rom[base + (r // lanes) * full.shape[1]:][:full.shape[1], r % lanes]
-                assert got.tolist() == full[r].tolist(), (by_base[base_flat], r)
-            pad = -full.shape[0] % lanes  # a short group's missing rows are zeros
-            if pad:
-                last = mem.lane_rom[base + (full.shape[0] // lanes) * full.shape[1]:][:full.shape[1]]
-                assert not last[:, lanes - pad:].any()
-
         if ins.op in ("token_embedding", "layer_norm"):
             single(flat.a, ins.a)
             single(flat.b, ins.b)
         elif ins.op == "linear":
             single(flat.b, ins.b)
-            side_by_side(flat.a, ins.a, flat.n, flat.m)
+            coded += lanes_read(ins, "a", flat.a, flat.n, flat.m) != 0
         elif ins.op == "neuron_field":
             single(flat.c, ins.c)
-            side_by_side(flat.a, ins.a, flat.m, flat.n)
-            side_by_side(flat.b, ins.b, flat.m, flat.n, transposed=True)
+            coded += lanes_read(ins, "a", flat.a, flat.m, flat.n) != 0
+            coded += lanes_read(ins, "b", flat.b, flat.m, flat.n, transposed=True) != 0
+    # codes wherever they and their multipliers take fewer words than words would: all 17 lane tensors
+    # (2 blocks of 6 linear layers and a field's positions and values, and the head) under int8 per
+    # tensor; not mixed8's head (tied to the float32 embedding); not the fields' values under group
+    # scales (a multiplier a code)
+    assert coded == {None: 0, "tensor": 17, "row": 16, "group": 15}[granularity and granularity.split(":")[0]]
     # the key and value caches leave the RAM for memories of their own, positions (keys) or a head's
     # components (values) side by side; the simulations hold their use to the emulator word for word
     c = g.config
@@ -310,7 +361,7 @@ def test_lanes_give_the_same_words_in_fewer_cycles(shape, tmp_path):
 @pytest.mark.tool
 def test_lanes_under_verilator_and_lint(tmp_path):
     require_tool("verilator")
-    g = random_graph("d40_h5", seed=13)
+    g = quantize(random_graph("d40_h5", seed=13), "int8", "row")  # the lanes make words of codes
     BACKEND.emit(g, tmp_path, lanes=4)
     res = subprocess.run(["verilator", "--lint-only", "-Wall", "crystal_core.v"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=300)

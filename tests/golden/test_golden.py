@@ -100,6 +100,16 @@ def test_backend_artifacts(tmp_path: Path, model: str, target: str, update_golde
     _compare(out, GOLDEN / model / target, update_golden)
 
 
+def test_verilog_of_codes(tmp_path: Path, update_golden: bool) -> None:
+    # a quantized model's lane ROM holds its codes and their multipliers, laid out for 3 lanes
+    from crystalc.passes.quantize import quantize
+
+    out = tmp_path / "out"
+    out.mkdir()
+    get_backend("verilog").emit(quantize(_graph("odd_d40"), "mixed8", "row"), out, lanes=3)
+    _compare(out, GOLDEN / "odd_d40" / "verilog-mixed8-row-3-lanes", update_golden)
+
+
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_crystal_files(tmp_path: Path, model: str, update_golden: bool) -> None:
     from crystalc.format.crystal import write_crystal
