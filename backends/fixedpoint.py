@@ -24,6 +24,9 @@ The arithmetic, defined once here and mirrored by the Verilog:
 - GELU from a table on [-8, 8) at steps of 1/64 with linear interpolation;
   x beyond the table is x (right) or 0 (left): |GELU(x) - x| < 1e-14 there.
 - sqrt is the exact floor integer square root.
+- A quantized 2-D tensor's words are made of its codes in integers (`Codes`):
+  rshift_round(code * multiplier, 16) + offset, the multiplier its scale in Q0.32;
+  so a core may store the codes and make the words as it reads them.
 
 Rewritings that keep the math but suit integers (the lowering's decisions):
 

@@ -12,7 +12,10 @@ templates/verilog/ only render text):
   memories and model.vh's sizes.
 - Arithmetic is Q16.16 with exact 64-bit products and sums; `fixedpoint.emulate`
   is the same arithmetic in numpy, and the simulation must equal it word for
-  word. Quantized graphs are lowered from their dequantized values.
+  word. A quantized tensor's words are made of its codes (fixedpoint.Codes), and
+  the lane ROM holds the codes themselves, 4 int8 or 2 int16 a 32-bit lane word,
+  with their multipliers in a lane scale ROM: the core makes each word as it
+  reads it, a quarter or half of the block RAMs for the same numbers.
 - The testbench runs a prompt through the core one position at a time (the
   key/value caches live in RAM) and prints the last position's logits.
 """

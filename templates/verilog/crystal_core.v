@@ -29,7 +29,8 @@
 // integer square root, an exp unit, a GELU unit; and LANES lanes, a multiplier
 // each (model.vh's LANES, crystalc compile --lanes), for the linear layers, the
 // neuron field and the attention, which read their words together: word wp of
-// the lane ROM L or of a cache.
+// the lane ROM L or of a cache. A lane has a second, smaller multiplier, which
+// makes a word of a code and its multiplier (word sp of LS).
 //
 // Protocol: set `token` (a row of the current vocabulary) and `pos`, pulse
 // `start` for one cycle; `done` rises when the program has halted. Positions

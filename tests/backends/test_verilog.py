@@ -266,6 +266,22 @@ def test_yosys_synthesises_the_core(tmp_path):
 
 
 @pytest.mark.tool
+def test_yosys_synthesises_the_core_on_codes(tmp_path):
+    # int8 per row at 2 lanes: the lane ROM's 1,800 words of codes (7,180 as words) in block RAMs, a
+    # 17 x 33-bit multiplier a lane making words of them
+    require_tool("yosys")
+    out = tmp_path / "out"
+    out.mkdir()
+    BACKEND.emit(quantize(random_graph("d40_h5", seed=1), "int8", "row"), out, lanes=2)
+    assert "`define LANE_WORDS 1800" in (out / "model.vh").read_text()
+    stat = synthesize(out, timeout=900)
+    cells = {name: int(count) for name, count in re.findall(r"^\s+([A-Z]\w+)\s+(\d+)$", stat, re.MULTILINE)}
+    assert cells.get("RAMB36E1", 0) >= 2, stat  # 1,800 words of 64 bits: 115 Kbit
+    assert cells["DSP48E1"] >= 2 * 2 + 2, stat
+    assert "Number of processes:              0" in stat
+
+
+@pytest.mark.tool
 def test_verilator_lint_is_clean(tmp_path):
     require_tool("verilator")
     out = tmp_path / "out"
