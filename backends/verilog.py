@@ -407,9 +407,18 @@ def simulate_logits(out_dir: Path, original_ids: list[int],
     return [(orig, float(v) / (1 << 16)) for orig, v in zip(rows_to_orig, q16, strict=True)], cycles
 
 
+def _lanes_pass(rows: int, steps: int, lanes: int) -> int:
+    """Clock cycles of a lanes' pass over `rows` sums of `steps` terms: a group of rows a step a clock, and
+    each group's drain (a row a clock) beside the next group's steps when they are as many as the lanes
+    (a drain takes at most that), after them when fewer; the last group's drain after all."""
+    groups = -(-rows // lanes)
+    drained = rows - (groups - 1) * lanes if steps >= lanes else rows
+    return groups * steps + drained
+
+
 def core_cycles(program: Program, lanes: int, pos: int) -> dict[str, int]:
     """Clock cycles crystal_core takes for one token at position `pos`, by op (the core's state machine
-    counted: a fetch and a next state an instruction, one step a clock, a drain step a lane's sum)."""
+    counted: a fetch and a next state an instruction, one step a clock, lanes' passes as _lanes_pass)."""
     cycles: dict[str, int] = {}
     positions = pos + 1
     for ins in program.instrs:
@@ -420,15 +429,14 @@ def core_cycles(program: Program, lanes: int, pos: int) -> dict[str, int]:
         elif ins.op == "layer_norm":
             steps = 3 * ins.n  # sum, variance, output
         elif ins.op == "linear":
-            steps = -(-ins.n // lanes) * ins.m + ins.n  # a group of rows a column a clock, then a row a clock
-        elif ins.op == "causal_attention":  # m heads of width c: scores, exps, outputs, each pass drained
-            steps = ins.m * (-(-positions // lanes) * ins.c + positions + positions
-                             + -(-ins.c // lanes) * positions + ins.c)
+            steps = _lanes_pass(ins.n, ins.m, lanes)  # rows: outputs, steps: columns
+        elif ins.op == "causal_attention":  # m heads of width c: scores, exps, outputs
+            steps = ins.m * (_lanes_pass(positions, ins.c, lanes) + positions + _lanes_pass(ins.c, positions, lanes))
         elif ins.op == "neuron_field":
             neurons, width = ins.m, ins.n
-            steps = (-(-neurons // lanes) * width + neurons  # distances, then each neuron's root
+            steps = (_lanes_pass(neurons, width, lanes)  # distances, each neuron's root in the drain
                      + neurons + (1 if ins.flags & HAS_EPS else 0)  # exps, the eps term
-                     + -(-width // lanes) * neurons + width)  # outputs, then each component's division
+                     + _lanes_pass(width, neurons, lanes))  # outputs, each component's division in the drain
         else:
             raise CrystalError(f"no cycle count for op {ins.op!r}")
         cycles[ins.op] = cycles.get(ins.op, 0) + steps + 2

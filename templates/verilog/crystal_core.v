@@ -144,7 +144,11 @@ module crystal_core (
     reg [4:0] state = S_IDLE;
     reg [31:0] pc, tok, cur, cur_group, cur_lane;  // cur's group of LANES positions and lane in it (the keys)
     reg [31:0] dst, src, a, b, c, n, m, s, k, flags;  // the fields of the instruction being run (op dispatched)
-    reg [31:0] i, j, h, l, wp;                           // loop counters, weight pointer
+    reg [31:0] i, j, h, wp;                              // loop counters, weight pointer
+    // the drain: finishes a group's LANES sums one a clock (rows di + dl, dl = 0 .. dlast) while the
+    // issue stage runs the next group's pass or waits for it in the pass's drain state
+    reg [4:0] drain = S_IDLE;
+    reg [31:0] di, dl, dlast;
     // how a coded tensor's words are made (fixedpoint.FIELDS): a for linear's weight and the field's
     // positions, b for the field's values; the scale pointer sp (in LS), where its pass began, and the
     // steps it has stayed on its word
@@ -165,9 +169,17 @@ module crystal_core (
     wire [1:0] pack = (state == S_LINEAR || state == S_NF_DIST) ? qa[1:0] : values ? qb[1:0] : 2'd0;
     wire [31:0] pack_mask = (32'd1 << pack) - 32'd1;
     wire [31:0] scale_pass = values ? pb : pa, scale_steps = values ? gb : ga;
+    wire [4:0] drain_of = state == S_LINEAR ? S_LINEAR_DRAIN : state == S_NF_DIST ? S_NF_DIST_DRAIN
+                          : state == S_NF_OUT ? S_NF_OUT_DRAIN : state == S_ATT_SCORE ? S_ATT_SCORE_DRAIN
+                          : S_ATT_OUT_DRAIN;
+    wire [31:0] group_rows = rows - i < LANES ? rows - i : LANES;  // rows i .. of this group
 
     always @(posedge clk) begin
         done <= 1'b0;
+        if (drain != S_IDLE) begin  // a pass's end below may start the next drain in its last clock
+            dl <= dl + 1;
+            if (dl == dlast) drain <= S_IDLE;
+        end
         case (state)
         S_IDLE: if (start) begin
             tok <= token; cur <= pos; cur_group <= pos / LANES; cur_lane <= pos % LANES;
@@ -177,7 +189,7 @@ module crystal_core (
             {ob, gb, pb, sb, qb, oa, ga, pa, sa, qa, flags, k, s, m, n, c, b, a, src, dst} <= instr[`INSTR_BITS-1:32];
             wp <= instr[127:96];  // field a
             sp <= instr[415:384]; sp_pass <= instr[415:384]; gc <= 0;  // field sa
-            i <= 0; j <= 0; h <= 0; l <= 0;
+            i <= 0; j <= 0; h <= 0;
             case (instr[31:0])
                 // the execute stage has finished: it works on S_NEXT's empty step now
                 OP_HALT:             begin done <= 1'b1; state <= S_IDLE; end
@@ -206,30 +218,32 @@ module crystal_core (
         // (rows: m neurons, steps: n components) and outputs (rows: n components, steps: m
         // neurons), the attention's scores (rows: positions 0..cur, steps: c components of head h)
         // and outputs (rows: c components, steps: positions). j over the steps of rows i .. i +
-        // LANES - 1, a term a clock, wp walking the lane ROM or a cache; then l over those rows
-        // (the drain); then the next LANES rows
+        // LANES - 1, a term a clock, wp walking the lane ROM or a cache; then the drain finishes
+        // those rows' sums, one a clock, while the next LANES rows' pass runs. A drain takes at
+        // most LANES clocks, so when a pass has fewer steps the issue stage waits for each drain
         S_LINEAR, S_NF_DIST, S_NF_OUT, S_ATT_SCORE, S_ATT_OUT: begin
             wp <= wp + (scores ? `KEY_GROUPS : ((j & pack_mask) == pack_mask || j == steps - 1) ? 1 : 0);
             gc <= gc + 1;
             if (gc == scale_steps - 1) begin gc <= 0; sp <= sp + 1; end
             j <= j + 1;
             if (j == steps - 1) begin
-                j <= 0; l <= 0;
+                j <= 0;
                 gc <= 0; sp <= sp_pass + scale_pass; sp_pass <= sp_pass + scale_pass;
-                case (state)
-                    S_LINEAR:    state <= S_LINEAR_DRAIN;
-                    S_NF_DIST:   state <= S_NF_DIST_DRAIN;
-                    S_NF_OUT:    state <= S_NF_OUT_DRAIN;
-                    S_ATT_SCORE: state <= S_ATT_SCORE_DRAIN;
-                    default:     state <= S_ATT_OUT_DRAIN;
-                endcase
+                drain <= drain_of; di <= i; dl <= 0; dlast <= group_rows - 1;
+                i <= i + LANES;
+                if (i + LANES < rows && steps >= LANES) begin  // the next group's words, at once
+                    if (scores) wp <= wp + `KEY_GROUPS + 1 - c * `KEY_GROUPS;
+                    if (outputs) wp <= wp + 1 + m * `N_CTX - (cur + 1);
+                end else begin
+                    state <= drain_of;
+                end
             end
         end
+        // waiting for the drain: at its last step, the next group's pass (its words: the next key
+        // group, value group) or what follows the passes
         S_LINEAR_DRAIN, S_NF_DIST_DRAIN, S_NF_OUT_DRAIN, S_ATT_SCORE_DRAIN, S_ATT_OUT_DRAIN: begin
-            l <= l + 1;
-            if (l == LANES - 1 || i + l == rows - 1) begin
-                l <= 0; i <= i + LANES;
-                if (i + LANES < rows) begin  // the next group's words: the next key group, value group
+            if (dl == dlast) begin
+                if (i < rows) begin
                     if (scores) wp <= wp + 1 - c * `KEY_GROUPS;
                     if (outputs) wp <= wp + m * `N_CTX - (cur + 1);
                     case (state)
@@ -290,12 +304,15 @@ module crystal_core (
         S_LINEAR: ma0 = src + j;  // the lanes' common word
         S_NF_DIST: ma0 = src + j;
         S_NF_OUT: ma0 = s + j;
-        S_LINEAR_DRAIN: begin wa1 = b + i + l; ma1 = dst + (flags[PER_POSITION] ? cur * n : 0) + i + l; end
         S_ATT_SCORE: ma0 = src + h * c + j;
         S_ATT_EXP, S_ATT_OUT: ma0 = s + j;
-        S_NF_DIST_DRAIN: wa1 = c + i + l;
         S_NF_EXP: ma0 = s + j;
-        S_NF_OUT_DRAIN: ma1 = dst + i + l;
+        default: ;
+        endcase
+        case (drain)  // the second ports, which no pass uses
+        S_LINEAR_DRAIN: begin wa1 = b + di + dl; ma1 = dst + (flags[PER_POSITION] ? cur * n : 0) + di + dl; end
+        S_NF_DIST_DRAIN: wa1 = c + di + dl;
+        S_NF_OUT_DRAIN: ma1 = dst + di + dl;
         default: ;
         endcase
     end
@@ -328,9 +345,12 @@ module crystal_core (
 
     // --- the execute stage: the step the issue stage sent a clock ago ---------------------------
     reg [4:0] state_x = S_IDLE;
-    reg [31:0] i_x, j_x, h_x, l_x;
+    reg [4:0] drain_x = S_IDLE;
+    reg [31:0] i_x, j_x, h_x, di_x, dl_x;
+    reg last_x;  // a pass's last step: its sums are whole
     always @(posedge clk) begin
-        state_x <= state; i_x <= i; j_x <= j; h_x <= h; l_x <= l;
+        state_x <= state; i_x <= i; j_x <= j; h_x <= h;
+        drain_x <= drain; di_x <= di; dl_x <= dl; last_x <= j == steps - 1;
     end
 
     // Every unit's operands are held at 0 outside the states that use it (operand isolation): a
@@ -413,16 +433,20 @@ module crystal_core (
             /* verilator lint_on UNUSEDSIGNAL */
             wire signed [33:0] op_a = state_x == S_NF_DIST ? diff[33:0] : s34(w);
             wire signed [33:0] op_b = state_x == S_NF_DIST ? diff[33:0] : s34(lane_x);
-            reg signed [63:0] row_sum;
+            reg signed [63:0] row_sum, held;  // the running sum; the last whole one, for the drain
+            wire signed [63:0] next_sum = (j_x == 0 ? 64'sd0 : row_sum) + op_a * op_b;
             always @(posedge clk)
-                if (lane_on) row_sum <= (j_x == 0 ? 64'sd0 : row_sum) + op_a * op_b;
-            assign lane_sum[g] = row_sum;
+                if (lane_on) begin
+                    row_sum <= next_sum;
+                    if (last_x) held <= next_sum;
+                end
+            assign lane_sum[g] = held;
         end
     endgenerate
     /* verilator lint_off UNUSEDSIGNAL */  // bits 63:34 only repeat the sign of these in-range values
     reg signed [63:0] dx, distance;
     /* verilator lint_on UNUSEDSIGNAL */
-    wire [31:0] row_x = dst + (flags[PER_POSITION] ? cur * n : 0) + i_x + l_x;  // the row a drain step writes
+    wire [31:0] row_x = dst + (flags[PER_POSITION] ? cur * n : 0) + di_x + dl_x;  // the row a drain step writes
 
     always @* begin
         exp_x = 0; gelu_x = 0;
@@ -445,51 +469,57 @@ module crystal_core (
             m_we = 1'b1; m_waddr = dst + i_x; m_wdata = sat32(rshift_round(scaled, FRAC) + w1);
         end
 
+        // causal_attention, head h (width c): scores q.k / sqrt(c) over positions 0..pos into the
+        // scratch (drained, below), then their exp (less the largest) and its sum, then
+        // sum_j e_j v_j / sum (drained)
+        S_ATT_EXP: begin exp_x = m0 - mx; m_we = 1'b1; m_waddr = s + j_x; m_wdata = exp_out[31:0]; end
+
+        // neuron_field: a_j = |h - pos_j| / (|tau_j| + 0.1) into the scratch (drained), w_j =
+        // exp(-a_j) (normalised: exp(a_min - a_j)), then x += sum_j w_j val_j (drained; normalised:
+        // divided by sum_j w_j + eps e^(a_min))
+        S_NF_EXP: begin
+            exp_x = flags[NORMALIZE] ? mn - m0 : -m0;
+            m_we = 1'b1; m_waddr = s + j_x; m_wdata = exp_out[31:0];
+        end
+        S_NF_EPS: exp_x = mn - sx(k);
+
+        // gelu, in place
+        S_GELU: begin gelu_x = m0; m_we = 1'b1; m_waddr = dst + i_x; m_wdata = sat32(gelu_out); end
+        default: ;
+        endcase
+
+        // the drain's step, row di + dl of a group: beside a pass, which writes nothing and uses
+        // none of these units
+        case (drain_x)
         // linear: dst[i] (+)= sum_j W[i][j] src[j] + bias[i]
         S_LINEAR_DRAIN: begin
-            m_wdata = sat32(flags[ACCUMULATE] ? m1 + rshift_round(lane_sum[l_x], FRAC) + w1
-                                              : rshift_round(lane_sum[l_x], FRAC) + w1);
+            m_wdata = sat32(flags[ACCUMULATE] ? m1 + rshift_round(lane_sum[dl_x], FRAC) + w1
+                                              : rshift_round(lane_sum[dl_x], FRAC) + w1);
             if (flags[TO_KEYS]) begin  // key d of position cur: word d KEY_GROUPS + cur / LANES
-                c_we = 1'b1; c_waddr = dst + (i_x + l_x) * `KEY_GROUPS + cur_group; c_lane = cur_lane;
+                c_we = 1'b1; c_waddr = dst + (di_x + dl_x) * `KEY_GROUPS + cur_group; c_lane = cur_lane;
             end else if (flags[TO_VALUES]) begin  // k heads of width c: the counters follow the rows
                 c_we = 1'b1; c_waddr = dst + (v_group * k + v_head) * `N_CTX + cur; c_lane = v_lane;
             end else begin
                 m_we = 1'b1; m_waddr = row_x;
             end
         end
-
-        // causal_attention, head h (width c): scores q.k / sqrt(c) over positions 0..pos into the
-        // scratch, then their exp (less the largest) and its sum, then sum_j e_j v_j / sum
-        S_ATT_SCORE_DRAIN: begin  // position i + l
-            scl_x = s34(sat32(rshift_round(lane_sum[l_x], FRAC))); scl_y = s34(k);
-            m_we = 1'b1; m_waddr = s + i_x + l_x; m_wdata = scaled_word[31:0];
+        S_ATT_SCORE_DRAIN: begin  // position di + dl
+            scl_x = s34(sat32(rshift_round(lane_sum[dl_x], FRAC))); scl_y = s34(k);
+            m_we = 1'b1; m_waddr = s + di_x + dl_x; m_wdata = scaled_word[31:0];
         end
-        S_ATT_EXP: begin exp_x = m0 - mx; m_we = 1'b1; m_waddr = s + j_x; m_wdata = exp_out[31:0]; end
-        S_ATT_OUT_DRAIN: begin  // component i + l of head h
-            div_n = lane_sum[l_x]; div_d = sum;
-            m_we = 1'b1; m_waddr = dst + h_x * c + i_x + l_x; m_wdata = sat32(quot);
+        S_ATT_OUT_DRAIN: begin  // component di + dl of head h
+            div_n = lane_sum[dl_x]; div_d = sum;
+            m_we = 1'b1; m_waddr = dst + h_x * c + di_x + dl_x; m_wdata = sat32(quot);
         end
-
-        // neuron_field: a_j = |h - pos_j| / (|tau_j| + 0.1) into the scratch, w_j = exp(-a_j)
-        // (normalised: exp(a_min - a_j)), then x += sum_j w_j val_j (normalised: divided by
-        // sum_j w_j + eps e^(a_min))
-        S_NF_DIST_DRAIN: begin
-            sqrt_in = lane_sum[l_x]; distance = root; scl_x = distance[33:0]; scl_y = w1[33:0];
-            m_we = 1'b1; m_waddr = s + i_x + l_x; m_wdata = scaled_word[31:0];
+        S_NF_DIST_DRAIN: begin  // neuron di + dl
+            sqrt_in = lane_sum[dl_x]; distance = root; scl_x = distance[33:0]; scl_y = w1[33:0];
+            m_we = 1'b1; m_waddr = s + di_x + dl_x; m_wdata = scaled_word[31:0];
         end
-        S_NF_EXP: begin
-            exp_x = flags[NORMALIZE] ? mn - m0 : -m0;
-            m_we = 1'b1; m_waddr = s + j_x; m_wdata = exp_out[31:0];
+        S_NF_OUT_DRAIN: begin  // component di + dl
+            div_n = lane_sum[dl_x]; div_d = den;
+            m_we = 1'b1; m_waddr = dst + di_x + dl_x;
+            m_wdata = sat32(m1 + (flags[NORMALIZE] ? quot : rshift_round(lane_sum[dl_x], 30)));
         end
-        S_NF_EPS: exp_x = mn - sx(k);
-        S_NF_OUT_DRAIN: begin
-            div_n = lane_sum[l_x]; div_d = den;
-            m_we = 1'b1; m_waddr = dst + i_x + l_x;
-            m_wdata = sat32(m1 + (flags[NORMALIZE] ? quot : rshift_round(lane_sum[l_x], 30)));
-        end
-
-        // gelu, in place
-        S_GELU: begin gelu_x = m0; m_we = 1'b1; m_waddr = dst + i_x; m_wdata = sat32(gelu_out); end
         default: ;
         endcase
     end
@@ -501,11 +531,6 @@ module crystal_core (
             acc <= 0; sum <= 0;
             v_head <= 0; v_group <= 0; v_lane <= 0; v_comp <= 0;
         end
-        S_LINEAR_DRAIN: if (flags[TO_VALUES]) begin  // row i + l is component v_comp of head v_head
-            if (v_comp == c - 1) begin v_comp <= 0; v_lane <= 0; v_group <= 0; v_head <= v_head + 1; end
-            else if (v_lane == LANES - 1) begin v_comp <= v_comp + 1; v_lane <= 0; v_group <= v_group + 1; end
-            else begin v_comp <= v_comp + 1; v_lane <= v_lane + 1; end
-        end
         S_LN_SUM: begin
             acc <= acc + m0;
             if (i_x == n - 1) begin mean <= quot; acc <= 0; end
@@ -514,17 +539,25 @@ module crystal_core (
             acc <= mac;
             if (i_x == n - 1) rr <= root < 1 ? 64'sd1 : root;
         end
-        S_ATT_SCORE_DRAIN: begin
-            if (i_x + l_x == 0 || scaled_word > mx) mx <= scaled_word;
-            sum <= 0;  // for the exps that follow
-        end
         S_ATT_EXP: sum <= sum + exp_out;
-        S_NF_DIST_DRAIN: if (i_x + l_x == 0 || scaled_word < mn) mn <= scaled_word;
         S_NF_EXP: begin  // sum is 0 from S_FETCH
             sum <= sum + exp_out;
             den <= sum + exp_out;
         end
         S_NF_EPS: den <= den + exp_out;
+        default: ;
+        endcase
+        case (drain_x)
+        S_LINEAR_DRAIN: if (flags[TO_VALUES]) begin  // row di + dl is component v_comp of head v_head
+            if (v_comp == c - 1) begin v_comp <= 0; v_lane <= 0; v_group <= 0; v_head <= v_head + 1; end
+            else if (v_lane == LANES - 1) begin v_comp <= v_comp + 1; v_lane <= 0; v_group <= v_group + 1; end
+            else begin v_comp <= v_comp + 1; v_lane <= v_lane + 1; end
+        end
+        S_ATT_SCORE_DRAIN: begin
+            if (di_x + dl_x == 0 || scaled_word > mx) mx <= scaled_word;
+            sum <= 0;  // for the exps that follow
+        end
+        S_NF_DIST_DRAIN: if (di_x + dl_x == 0 || scaled_word < mn) mn <= scaled_word;
         default: ;
         endcase
     end

@@ -19,8 +19,8 @@
 //    14  halt              logits ready
 //
 // Clock cycles a token with 3 lanes (crystalc.backends.verilog.core_cycles), by op:
-//   position 0: 6509 = token_embedding 42 + layer_norm 366 + linear 5636 + causal_attention 107 + neuron_field 275 + gelu 82 + halt 1
-//   position 8: 6789 = token_embedding 42 + layer_norm 366 + linear 5636 + causal_attention 387 + neuron_field 275 + gelu 82 + halt 1
+//   position 0: 6131 = token_embedding 42 + layer_norm 366 + linear 5303 + causal_attention 107 + neuron_field 230 + gelu 82 + halt 1
+//   position 8: 6351 = token_embedding 42 + layer_norm 366 + linear 5303 + causal_attention 327 + neuron_field 230 + gelu 82 + halt 1
 //
 // ROM (3429 words of Q16.16, rom.hex), read a word at a time:
 //          0 +2480     token_embed.weight

@@ -19,8 +19,8 @@
 //    14  halt              logits ready
 //
 // Clock cycles a token with 1 lane (crystalc.backends.verilog.core_cycles), by op:
-//   position 0: 16876 = token_embedding 42 + layer_norm 366 + linear 15636 + causal_attention 132 + neuron_field 617 + gelu 82 + halt 1
-//   position 8: 17596 = token_embedding 42 + layer_norm 366 + linear 15636 + causal_attention 852 + neuron_field 617 + gelu 82 + halt 1
+//   position 0: 16461 = token_embedding 42 + layer_norm 366 + linear 15301 + causal_attention 97 + neuron_field 572 + gelu 82 + halt 1
+//   position 8: 17141 = token_embedding 42 + layer_norm 366 + linear 15301 + causal_attention 777 + neuron_field 572 + gelu 82 + halt 1
 //
 // ROM (3429 words of Q16.16, rom.hex), read a word at a time:
 //          0 +2480     token_embed.weight

@@ -42,8 +42,8 @@
 //    37  halt              logits ready
 //
 // Clock cycles a token with 1 lane (crystalc.backends.verilog.core_cycles), by op:
-//   position 0: 4993 = token_embedding 14 + layer_norm 342 + linear 4252 + causal_attention 132 + gelu 66 + neuron_field 186 + halt 1
-//   position 6: 5533 = token_embedding 14 + layer_norm 342 + linear 4252 + causal_attention 672 + gelu 66 + neuron_field 186 + halt 1
+//   position 0: 4657 = token_embedding 14 + layer_norm 342 + linear 3969 + causal_attention 105 + gelu 66 + neuron_field 160 + halt 1
+//   position 6: 5143 = token_embedding 14 + layer_norm 342 + linear 3969 + causal_attention 591 + gelu 66 + neuron_field 160 + halt 1
 //
 // ROM (1352 words of Q16.16, rom.hex), read a word at a time:
 //          0 +744      token_embed.weight
