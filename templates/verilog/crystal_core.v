@@ -5,21 +5,20 @@
 // together, a wide word a clock, Q16.16 words or a quantized tensor's codes,
 // made words with the multipliers of scales.hex as they are read), its program
 // (program.hex) and the sizes in model.vh; exp2.hex and gelu.hex hold the two
-// function tables. The
-// arithmetic is backends/fixedpoint.py's, word for word: Q16.16 values, exact
-// 64-bit products and sums, round-half-up shifts, truncating division,
-// saturation to 32 bits on every RAM write.
+// function tables. The arithmetic is backends/fixedpoint.py's, word for word:
+// Q16.16 values, exact 64-bit products and sums, round-half-up shifts,
+// truncating division, saturation to 32 bits on every RAM write.
 //
 // Two stages, one step of a loop each a clock. The *issue* stage walks the
-// instruction's loops (i, j, h, l, wp) and sends addresses to the memories; the
-// *execute* stage, one clock behind, gets the words and does the arithmetic,
-// the running sums and the RAM write of the step the issue stage sent. The
-// memories are read synchronously (the word comes a clock after its address),
-// as an FPGA's block RAMs are: W and M each have two read ports (M also one
-// write port), L, its scales LS and the key and value caches K and V one (K and
-// V also a write port with a write enable a lane), and no address depends on a word just read,
-// except the function tables', which are small (257 and 1,025 words) and read
-// where they are used.
+// instruction's loops (i, j, h, wp; the drain's dl beside them) and sends
+// addresses to the memories; the *execute* stage, one clock behind, gets the
+// words and does the arithmetic, the running sums and the RAM write of the step
+// the issue stage sent. The memories are read synchronously (the word comes a
+// clock after its address), as an FPGA's block RAMs are: W and M each have two
+// read ports (M also one write port), L, its scales LS and the key and value
+// caches K and V one (K and V also a write port with a write enable a lane),
+// and no address depends on a word just read, except the function tables',
+// which are small (257 and 1,025 words) and read where they are used.
 // A read of the RAM word the execute stage writes in the same clock gets the
 // new word (forwarding): that happens when a loop's last write is read by the
 // next loop's first step (one position, one neuron).
