@@ -139,6 +139,64 @@ def _scale_words(mult: np.ndarray, lanes: int, per_pass: int, steps: int) -> np.
     return words[0] if per_pass == 0 else words.reshape(-1, lanes)
 
 
+class _Placement(NamedTuple):
+    """Where a tensor the lanes read lies in the lane ROM, and how the core makes words of it."""
+
+    base: int
+    pack: int = 0  # 0: words; 1, 2: int16, int8 codes (2^pack a lane word)
+    scales: int = 0  # its multipliers' first word in the lane scale ROM
+    per_pass: int = 0  # words the scale pointer moves a pass (0: every pass reads the same ones)
+    steps: int = 0  # steps the scale pointer stays on a word
+    offset: int = 0  # Q16, added to every word
+
+    def fields(self, slot: str) -> dict[str, int]:
+        """The instruction's fields for the tensor in slot a or b (fixedpoint.FIELDS)."""
+        return {slot: self.base, "q" + slot: self.pack, "s" + slot: self.scales, "p" + slot: self.per_pass,
+                "g" + slot: self.steps, "o" + slot: self.offset}
+
+
+class _LaneROM:
+    """The lane ROM and its scale ROM as core_memories fills them, [words, lanes] each, with their listings."""
+
+    def __init__(self, lanes: int) -> None:
+        self.lanes = lanes
+        self.parts: list[np.ndarray] = []
+        self.table: list[tuple[str, int, int]] = []
+        self.scale_parts: list[np.ndarray] = []
+        self.scale_table: list[tuple[str, int, int]] = []
+
+    @staticmethod
+    def _append(parts: list[np.ndarray], table: list[tuple[str, int, int]], what: str, words: np.ndarray) -> int:
+        base = sum(len(part) for part in parts)
+        parts.append(words)
+        table.append((what, base, len(words)))
+        return base
+
+    def place(self, what: str, words: np.ndarray, coded: Codes | None, transposed: bool) -> _Placement:
+        """A tensor the lanes read as [rows, cols] words (transposed: the stored tensor is [cols, rows]): its
+        codes and their multipliers when they take fewer words than its words, else its words."""
+        rows, cols = words.shape
+        how = ["by component"] if transposed else []
+        if coded is not None:
+            codes, mult = (coded.codes.T, coded.mult.T) if transposed else (coded.codes, coded.mult)
+            per_pass, steps = _scale_walk(coded, cols, transposed)
+            packed, scales = _packed(codes, self.lanes, coded.bits), _scale_words(mult, self.lanes, per_pass, steps)
+            if len(packed) + len(scales) < -(-rows // self.lanes) * cols:
+                how.append(f"int{coded.bits} codes, {32 // coded.bits} a lane word")
+                base = self._append(self.parts, self.table, f"{what} ({'; '.join(how)})", packed)
+                first = self._append(self.scale_parts, self.scale_table, f"{what}: multipliers ({coded.scheme})",
+                                     scales)
+                return _Placement(base, 1 if coded.bits == 16 else 2, first, per_pass, steps, coded.offset)
+        label = what + (f" ({how[0]})" if how else "")
+        return _Placement(self._append(self.parts, self.table, label, _side_by_side(words, self.lanes)))
+
+    def words(self) -> np.ndarray:
+        return np.concatenate(self.parts) if self.parts else np.zeros((0, self.lanes), dtype=np.int64)
+
+    def scale_words(self) -> np.ndarray:
+        return np.concatenate(self.scale_parts) if self.scale_parts else np.zeros((0, self.lanes), dtype=np.int64)
+
+
 def core_memories(program: Program, lanes: int) -> CoreMemories:
     """Lay the program's memories out for a core of `lanes` lanes (CoreMemories) and point its instructions
     at them: ROM fields into the two ROMs, RAM fields into the smaller RAM, k_proj and v_proj into the caches
@@ -163,38 +221,13 @@ def core_memories(program: Program, lanes: int) -> CoreMemories:
             rom_parts.append(flat[base:base + n])
             rom_table.append((what, size, n))
             size += n
-    lane_parts: list[np.ndarray] = []
-    lane_table: list[tuple[str, int, int]] = []
-    scale_parts: list[np.ndarray] = []
-    scale_table: list[tuple[str, int, int]] = []
+    lane_rom = _LaneROM(lanes)
 
-    def append(parts: list[np.ndarray], table: list[tuple[str, int, int]], what: str, words: np.ndarray) -> int:
-        base = sum(len(part) for part in parts)
-        parts.append(words)
-        table.append((what, base, len(words)))
-        return base
-
-    def add_lanes(base_flat: int, rows: int, cols: int, transposed: bool = False) -> dict[str, int]:
-        """The tensor at flat ROM base_flat, [rows, cols] (transposed: stored [cols, rows]), into the lane
-        ROM: its base there and how its codes become words (fields q, s, p, g, o; none for words)."""
-        what = names[base_flat]
-        how = ["by component"] if transposed else []
+    def add_lanes(base_flat: int, rows: int, cols: int, transposed: bool = False) -> _Placement:
+        """The tensor at flat ROM base_flat, [rows, cols] (transposed: stored [cols, rows]), into the lane ROM."""
         words = flat[base_flat:base_flat + rows * cols].reshape((cols, rows) if transposed else (rows, cols))
-        words = words.T if transposed else words
-        coded = program.codes.get(base_flat)
-        if coded is not None:
-            codes, mult = (coded.codes.T, coded.mult.T) if transposed else (coded.codes, coded.mult)
-            per_pass, steps = _scale_walk(coded, cols, transposed)
-            packed, scales = _packed(codes, lanes, coded.bits), _scale_words(mult, lanes, per_pass, steps)
-            if len(packed) + len(scales) < -(-rows // lanes) * cols:
-                how.append(f"int{coded.bits} codes, {32 // coded.bits} a lane word")
-                return {"": append(lane_parts, lane_table, f"{what} ({'; '.join(how)})", packed),
-                        "q": 1 if coded.bits == 16 else 2, "p": per_pass, "g": steps, "o": coded.offset,
-                        "s": append(scale_parts, scale_table, f"{what}: multipliers ({coded.scheme})", scales)}
-        return {"": append(lane_parts, lane_table, what + (f" ({how[0]})" if how else ""), _side_by_side(words, lanes))}
-
-    def fields(slot: str, placed: dict[str, int]) -> dict[str, int]:
-        return {(slot if not key else key + slot): value for key, value in placed.items()}
+        return lane_rom.place(names[base_flat], words.T if transposed else words, program.codes.get(base_flat),
+                              transposed)
 
     # the RAM: the key and value caches leave it for memories of their own, laid out for the lanes
     t = program.n_ctx
@@ -231,7 +264,7 @@ def core_memories(program: Program, lanes: int) -> CoreMemories:
         if ins.op in ("token_embedding", "layer_norm"):
             ins = dataclasses.replace(ins, a=moved[ins.a], b=moved[ins.b])
         elif ins.op == "linear":
-            ins = dataclasses.replace(ins, b=moved[ins.b], **fields("a", add_lanes(ins.a, ins.n, ins.m)))
+            ins = dataclasses.replace(ins, b=moved[ins.b], **add_lanes(ins.a, ins.n, ins.m).fields("a"))
             if flat_ins.dst in caches:  # k_proj, v_proj: the current position's row into its cache
                 flag, base = caches[flat_ins.dst]
                 count, width = heads.get(flat_ins.dst, (0, 0))
@@ -240,14 +273,13 @@ def core_memories(program: Program, lanes: int) -> CoreMemories:
             ins = dataclasses.replace(ins, a=caches[flat_ins.a][1], b=caches[flat_ins.b][1])
         elif ins.op == "neuron_field":
             # positions [neurons, D] a row a neuron; values [neurons, D] by component, a row a component
-            ins = dataclasses.replace(ins, c=moved[ins.c], **fields("a", add_lanes(ins.a, ins.m, ins.n)),
-                                      **fields("b", add_lanes(ins.b, ins.n, ins.m, transposed=True)))
+            ins = dataclasses.replace(ins, c=moved[ins.c], **add_lanes(ins.a, ins.m, ins.n).fields("a"),
+                                      **add_lanes(ins.b, ins.n, ins.m, transposed=True).fields("b"))
         instrs.append(ins)
     rom = np.concatenate(rom_parts) if rom_parts else np.zeros(0, dtype=np.int64)
-    lane_rom = np.concatenate(lane_parts) if lane_parts else np.zeros((0, lanes), dtype=np.int64)
-    lane_scales = np.concatenate(scale_parts) if scale_parts else np.zeros((0, lanes), dtype=np.int64)
-    return CoreMemories(instrs, rom, rom_table, lane_rom, lane_table, lane_scales, scale_table, ram_words,
-                        ram_table, ram_moved[program.logits], key_words, key_groups, value_words, cache_table)
+    return CoreMemories(instrs, rom, rom_table, lane_rom.words(), lane_rom.table, lane_rom.scale_words(),
+                        lane_rom.scale_table, ram_words, ram_table, ram_moved[program.logits], key_words, key_groups,
+                        value_words, cache_table)
 
 
 def _hex_words(words: np.ndarray) -> list[str]:
