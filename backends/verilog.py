@@ -48,7 +48,7 @@ from crystalc.ir.graph import Graph
 from crystalc.ir.interpret import check_ids
 from crystalc.templating import copy_template, render
 
-STATIC_FILES = ("crystal_core.v", "crystal_tb.v")
+STATIC_FILES = ("crystal_core.v", "crystal_gen.v", "crystal_tb.v")
 MAX_LANES = 64
 # the core's linear flags beyond fixedpoint's: the row goes into the key or the value cache
 TO_KEYS = 4
@@ -389,38 +389,65 @@ def _simulator(name: str) -> Simulator:
     return SIMULATORS[name]
 
 
-def simulate(out_dir: Path, ids: list[int], simulator: str = "icarus",
-             timeout: float | None = None) -> tuple[np.ndarray, int]:
-    """Run the built simulation on current-vocabulary ids: (last position's Q16 logits, clock cycles)."""
+def simulate(out_dir: Path, ids: list[int], simulator: str = "icarus", timeout: float | None = None,
+             generate: int = 0, shift: int = 1) -> tuple[np.ndarray, int]:
+    """Run the built simulation on current-vocabulary ids: (the last position's Q16 logits, clock cycles), or
+    with generate=G, (the rows of G greedy tokens, the window shifted by `shift` when full, clock cycles)."""
     out_dir = Path(out_dir)
     sim = _simulator(simulator)
     if not (out_dir / sim.target).is_file():
         raise CrystalError(f"{out_dir / sim.target} does not exist: build first (crystalc compile --build, or make)")
     sizes = _defines(out_dir)
     ids = check_ids(ids, sizes["N_CTX"], sizes["VOCAB_SIZE"]).tolist()
+    if generate < 0:
+        raise CrystalError(f"cannot generate {generate} tokens")
+    if not 1 <= shift <= sizes["N_CTX"]:
+        raise CrystalError(f"--shift {shift} is outside 1..{sizes['N_CTX']}")
     with tempfile.TemporaryDirectory() as tmp:
         prompt = Path(tmp) / "ids.hex"
         prompt.write_text("".join(f"{i:08x}\n" for i in ids))
-        out = run_tool([*sim.command, f"+prompt={prompt}", f"+tokens={len(ids)}"], sim.run_tools,
-                   f"simulating the Verilog with {simulator}", cwd=out_dir, timeout=timeout)
+        args = [f"+prompt={prompt}", f"+tokens={len(ids)}"] + ([f"+generate={generate}", f"+shift={shift}"]
+                                                               if generate else [])
+        out = run_tool([*sim.command, *args], sim.run_tools, f"simulating the Verilog with {simulator}",
+                       cwd=out_dir, timeout=timeout)
     logits: dict[int, int] = {}
+    tokens: list[int] = []
     cycles = -1
     for line in out.splitlines():
         parts = line.split()
         if len(parts) == 3 and parts[0] == "logit":
             logits[int(parts[1])] = int(parts[2])
+        elif len(parts) == 2 and parts[0] == "token":
+            tokens.append(int(parts[1]))
         elif len(parts) == 2 and parts[0] == "cycles":
             cycles = int(parts[1])
+    if generate:
+        if len(tokens) != generate or cycles < 0:
+            said = " ".join(out.split())[:500]
+            raise CrystalError(f"the simulation printed {len(tokens)} of {generate} tokens: {said}")
+        return np.array(tokens, dtype=np.int64), cycles
     if not logits or cycles < 0 or sorted(logits) != list(range(len(logits))):
         raise CrystalError(f"the simulation printed no logits: {' '.join(out.split())[:500]}")
     return np.array([logits[i] for i in range(len(logits))], dtype=np.int64), cycles
 
 
-def simulate_logits(out_dir: Path, original_ids: list[int],
-                    simulator: str = "icarus") -> tuple[list[tuple[int, float]], int]:
-    """(original id, logit) of every row for a prompt of original-tokenizer ids, as the programs' --logits prints
-    them, and the clock cycles the testbench counted; builds the simulation first when it is not there."""
-    out_dir = Path(out_dir)
+class _Rows(NamedTuple):
+    """A compiled folder's current-vocabulary rows and the original ids they stand for."""
+
+    to_orig: list[int]
+    pruned: bool
+
+    def of(self, original_ids: list[int]) -> list[int]:
+        row_of = {orig: row for row, orig in enumerate(self.to_orig)}
+        missing = [i for i in original_ids if i not in row_of]
+        if missing:
+            raise CrystalError(f"token id {missing[0]} is not in this model's vocabulary"
+                               + (" (pruned)" if self.pruned else f" (0..{len(self.to_orig) - 1})"))
+        return [row_of[i] for i in original_ids]
+
+
+def _rows(out_dir: Path, simulator: str) -> _Rows:
+    """The folder's rows (vocab_map.txt when pruned), its simulation built first when it is not there."""
     if not (out_dir / "model.vh").is_file():
         raise CrystalError(f"{out_dir} is not a folder compiled with --target verilog (it has no model.vh)")
     vocab = _defines(out_dir)["VOCAB_SIZE"]
@@ -428,15 +455,31 @@ def simulate_logits(out_dir: Path, original_ids: list[int],
     rows_to_orig = [int(v) for v in map_file.read_text().split()] if map_file.is_file() else list(range(vocab))
     if len(rows_to_orig) != vocab:
         raise CrystalError(f"{map_file} lists {len(rows_to_orig)} ids for a vocabulary of {vocab}")
-    row_of = {orig: row for row, orig in enumerate(rows_to_orig)}
-    missing = [i for i in original_ids if i not in row_of]
-    if missing:
-        raise CrystalError(f"token id {missing[0]} is not in this model's vocabulary"
-                           + (" (pruned)" if map_file.is_file() else f" (0..{vocab - 1})"))
     if not (out_dir / _simulator(simulator).target).is_file():
         BACKEND.build(out_dir, simulator=simulator)
-    q16, cycles = simulate(out_dir, [row_of[i] for i in original_ids], simulator)
-    return [(orig, float(v) / (1 << 16)) for orig, v in zip(rows_to_orig, q16, strict=True)], cycles
+    return _Rows(rows_to_orig, map_file.is_file())
+
+
+def simulate_logits(out_dir: Path, original_ids: list[int],
+                    simulator: str = "icarus") -> tuple[list[tuple[int, float]], int]:
+    """(original id, logit) of every row for a prompt of original-tokenizer ids, as the programs' --logits prints
+    them, and the clock cycles the testbench counted; builds the simulation first when it is not there."""
+    out_dir = Path(out_dir)
+    rows = _rows(out_dir, simulator)
+    q16, cycles = simulate(out_dir, rows.of(original_ids), simulator)
+    return [(orig, float(v) / (1 << 16)) for orig, v in zip(rows.to_orig, q16, strict=True)], cycles
+
+
+def simulate_generate(out_dir: Path, original_ids: list[int], n: int, shift: int = 1,
+                      simulator: str = "icarus") -> tuple[list[int], int]:
+    """n greedy tokens (original ids) after a prompt of original ids, generated by the simulated hardware
+    (crystal_gen), and the clock cycles the testbench counted."""
+    out_dir = Path(out_dir)
+    rows = _rows(out_dir, simulator)
+    if n == 0:
+        return [], 0
+    made, cycles = simulate(out_dir, rows.of(original_ids), simulator, generate=n, shift=shift)
+    return [rows.to_orig[int(r)] for r in made], cycles
 
 
 def _lanes_pass(rows: int, steps: int, lanes: int) -> int:
@@ -475,10 +518,38 @@ def core_cycles(program: Program, lanes: int, pos: int) -> dict[str, int]:
     return cycles
 
 
-def synthesize(out_dir: Path, timeout: float | None = None) -> str:
-    """Synthesise the core with its ROM with Yosys (`make synth`); returns Yosys's statistics."""
-    run_tool(["make", "-s", "-C", str(out_dir), "synth"], ("make", "yosys"), "synthesising the Verilog with Yosys",
-         timeout=timeout)
+def cycles_counted(program: Program, lanes: int, prompt_len: int, generate: int = 0, shift: int = 1) -> int:
+    """The clock cycles crystal_tb counts for a prompt of prompt_len tokens (and `generate` greedy tokens after
+    it, the window shifted by `shift` when full): a clock a token to load the buffer and two to start; for each
+    position crystal_gen runs, the core's cycles (core_cycles) and four of its own (read the token, start the
+    core, which sees it a clock later, see it done); for each token made, its vocabulary's logits read and
+    compared a clock each, one more to read the first and one to give the token out; for each shift, a clock
+    a token kept or added."""
+    t = program.n_ctx
+
+    def run(pos: int) -> int:
+        return sum(core_cycles(program, lanes, pos).values()) + 4
+
+    total = prompt_len + 2 + sum(run(p) for p in range(prompt_len))
+    length = prompt_len
+    for made in range(1, generate + 1):
+        total += program.vocab_size + 2
+        if made == generate:
+            break
+        if length == t:  # the window is full: drop the oldest `shift`, run the rest and the new token again
+            length = t - shift + 1
+            total += length + sum(run(p) for p in range(length))
+        else:
+            total += run(length)
+            length += 1
+    return total
+
+
+def synthesize(out_dir: Path, timeout: float | None = None, top: str = "crystal_core") -> str:
+    """Synthesise the core (or crystal_gen, the generator around it) with its memories with Yosys (`make synth`);
+    returns Yosys's statistics."""
+    run_tool(["make", "-s", "-C", str(out_dir), "synth", f"TOP={top}"], ("make", "yosys"),
+             "synthesising the Verilog with Yosys", timeout=timeout)
     return (Path(out_dir) / "synth.txt").read_text()
 
 

@@ -206,17 +206,27 @@ def compile(model: str, target: str, out_dir: str, build: bool, cflags: str | No
 @cli.command()
 @click.argument("out_dir", metavar="OUT", type=click.Path(file_okay=False, exists=True))
 @click.option("--prompt-ids", required=True, help="Comma-separated ids of the original tokenizer.")
+@click.option("-n", "n_tokens", type=click.IntRange(0), default=0, show_default=True,
+              help="Greedy tokens for the hardware to generate after the prompt (0: print the logits).")
+@click.option("--shift", type=int, default=1, show_default=True,
+              help="Tokens dropped when the window is full (1: the exact sliding window).")
 @click.option("--simulator", type=click.Choice(["icarus", "verilator"]), default="icarus", show_default=True,
               help="Icarus Verilog, or Verilator (about 100x faster to run, seconds to build).")
-def simulate(out_dir: str, prompt_ids: str, simulator: str) -> None:
-    """Simulate the Verilog core in OUT (crystalc compile --target verilog) on a prompt.
+def simulate(out_dir: str, prompt_ids: str, n_tokens: int, shift: int, simulator: str) -> None:
+    """Simulate the Verilog in OUT (crystalc compile --target verilog) on a prompt.
 
-    Prints the last position's logits as the programs' --logits does: "<original-id> <logit>", one line a row,
-    and on stderr the clock cycles the prompt took. Builds the simulation first when OUT lacks it.
+    Prints the last position's logits as the programs' --logits does: "<original-id> <logit>", one line a row;
+    with -n N, the N greedy tokens the hardware generates (crystal_gen, the spec's window), as original ids
+    separated by commas. On stderr, the clock cycles it took. Builds the simulation first when OUT lacks it.
     """
-    from crystalc.backends.verilog import simulate_logits
+    from crystalc.backends.verilog import simulate_generate, simulate_logits
 
     ids = _parse_ids(prompt_ids)
+    if n_tokens:
+        made, cycles = simulate_generate(Path(out_dir), ids, n_tokens, shift, simulator)
+        click.echo(",".join(str(i) for i in made))
+        click.echo(f"{cycles:,} clock cycles for {len(ids)} + {n_tokens} tokens", err=True)
+        return
     rows, cycles = simulate_logits(Path(out_dir), ids, simulator)
     for orig, logit in rows:
         click.echo(f"{orig} {logit:.9g}")

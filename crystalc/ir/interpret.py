@@ -130,12 +130,15 @@ def generate(
     n: int,
     shift: int = 1,
     pick: Callable[[np.ndarray], int] | None = None,
+    logits_of: Callable[[list[int]], np.ndarray] | None = None,
 ) -> list[int]:
     """Continue `prompt` (current ids) by n tokens with the spec's window semantics.
 
     A prompt longer than the window keeps its last n_ctx tokens; when the window
     is full, the oldest `shift` tokens are dropped before the next one is added.
     `pick` chooses a token from logits; greedy (first maximum) by default.
+    `logits_of` gives a context's last logits (another implementation of the
+    graph, such as a hardware target's emulator); the interpreter's by default.
     """
     t = graph.config.n_ctx
     if not 1 <= shift <= t:
@@ -146,7 +149,7 @@ def generate(
     ctx = list(prompt)[-t:]
     out: list[int] = []
     for i in range(n):
-        tok = choose(forward(graph, ctx)[-1])
+        tok = choose(forward(graph, ctx)[-1] if logits_of is None else logits_of(ctx))
         out.append(tok)
         if i + 1 == n:
             break

@@ -1,18 +1,23 @@
-// crystal_tb: runs crystal_core over a prompt and prints the last position's logits.
+// crystal_tb: runs a prompt through crystal_gen (and so crystal_core) and prints what it made.
 //
-//   vvp sim.vvp +prompt=ids.hex +tokens=N     (run in this folder: the core reads rom.hex, program.hex)
+//   vvp sim.vvp +prompt=ids.hex +tokens=N [+generate=G] [+shift=K]
+//       (run in this folder: the core reads rom.hex, lanes.hex, scales.hex, program.hex)
 //
-// ids.hex holds N rows of the current vocabulary, one hex word a line. Prints
-// "logit <row> <Q16.16 integer>" for every row, then "cycles <clock cycles>".
+// ids.hex holds N rows of the current vocabulary (1 <= N <= N_CTX), one hex word
+// a line. Without +generate, prints "logit <row> <Q16.16 integer>" for every row
+// of the last position; with it, "token <row>" for each of G greedy tokens (the
+// window shifted by K when full, 1 by default). Then "cycles <clock cycles>",
+// from time 0 to `done` (the prompt's loading included, the logits' reading not).
 `include "model.vh"
 
 module crystal_tb;
-    reg clk = 1'b0, start = 1'b0;
-    reg [31:0] token = 0, pos = 0, rd_addr = 0;
-    wire done;
-    wire [31:0] rd_data;
-    crystal_core core (.clk(clk), .start(start), .token(token), .pos(pos), .done(done),
-                       .rd_addr(rd_addr), .rd_data(rd_data));
+    reg clk = 1'b0, start = 1'b0, buf_we = 1'b0;
+    reg [31:0] prompt_len = 0, n = 0, shift = 1, buf_addr = 0, buf_data = 0, rd_addr = 0;
+    wire tok_valid, done;
+    wire [31:0] tok, rd_data;
+    crystal_gen gen (.clk(clk), .start(start), .prompt_len(prompt_len), .n(n), .shift(shift), .buf_we(buf_we),
+                     .buf_addr(buf_addr), .buf_data(buf_data), .tok_valid(tok_valid), .tok(tok), .done(done),
+                     .rd_addr(rd_addr), .rd_data(rd_data));
     always #1 clk = ~clk;
 
     reg [31:0] ids [0:`N_CTX-1];
@@ -20,24 +25,29 @@ module crystal_tb;
     integer count, p, v;
     reg [63:0] cycles = 0, total;
     always @(posedge clk) cycles <= cycles + 1;
+    always @(posedge clk) if (tok_valid) $display("token %0d", tok);
 
     initial begin
         if (!$value$plusargs("prompt=%s", prompt) || !$value$plusargs("tokens=%d", count)
             || count < 1 || count > `N_CTX) begin
-            $display("usage: vvp sim.vvp +prompt=FILE +tokens=N (1 <= N <= %0d)", `N_CTX);
+            $display("usage: vvp sim.vvp +prompt=FILE +tokens=N [+generate=G] [+shift=K] (1 <= N <= %0d)", `N_CTX);
             $finish;
         end
+        if (!$value$plusargs("generate=%d", n)) n = 0;
+        if (!$value$plusargs("shift=%d", shift)) shift = 1;
         $readmemh(prompt, ids, 0, count - 1);
-        for (p = 0; p < count; p = p + 1) begin
-            @(negedge clk) begin token = ids[p]; pos = p; start = 1'b1; end
-            @(negedge clk) start = 1'b0;
-            wait (done);
-        end
-        total = cycles;  // the prompt's clock cycles; the reading out below is the testbench's
-        for (v = 0; v < `VOCAB_SIZE; v = v + 1) begin
-            @(negedge clk) rd_addr = `LOGITS + v;
-            @(negedge clk) $display("logit %0d %0d", v, $signed(rd_data));  // a clock after its address
-        end
+        for (p = 0; p < count; p = p + 1)
+            @(negedge clk) begin buf_we = 1'b1; buf_addr = p; buf_data = ids[p]; end
+        @(negedge clk) begin buf_we = 1'b0; prompt_len = count; start = 1'b1; end
+        @(negedge clk) start = 1'b0;
+        wait (done);
+        total = cycles;
+        if (n != 0) begin @(posedge clk); @(negedge clk); end  // the last token, printed at the edge after done
+        if (n == 0)
+            for (v = 0; v < `VOCAB_SIZE; v = v + 1) begin
+                @(negedge clk) rd_addr = `LOGITS + v;
+                @(negedge clk) $display("logit %0d %0d", v, $signed(rd_data));  // a clock after its address
+            end
         $display("cycles %0d", total);
         $finish;
     end

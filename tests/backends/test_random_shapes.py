@@ -14,14 +14,13 @@ import pytest
 from crystalc.backends import fixedpoint as fp
 from crystalc.backends import spice
 from crystalc.backends.verilog import BACKEND as VERILOG
-from crystalc.backends.verilog import simulate
+from crystalc.backends.verilog import cycles_counted, simulate
 from crystalc.errors import CrystalError
 from crystalc.ir.graph import Graph
 from crystalc.ir.interpret import forward
 from crystalc.passes.quantize import quantize
 from tests.backends.test_cuda import cpu_program, parsed, run_logits
 from tests.backends.test_fixedpoint import TOL as FIXED_TOL
-from tests.backends.test_verilog import cycles_counted
 from tests.conftest import random_graph, require_tool
 
 N_SHAPES = 11  # the smallest model there is, then ten drawn
@@ -73,7 +72,7 @@ def test_verilog_simulation(i, tmp_path: Path):
     VERILOG.build(tmp_path)
     got, cycles = simulate(tmp_path, ids)
     assert got.tolist() == fp.emulate(fp.lower(g), ids).tolist()
-    assert cycles == cycles_counted(g, lanes, len(ids))
+    assert cycles == cycles_counted(fp.lower(g), lanes, len(ids))
 
 
 @pytest.mark.tool

@@ -17,11 +17,20 @@ import numpy as np
 import pytest
 
 from crystalc.backends import fixedpoint as fp
-from crystalc.backends.verilog import BACKEND, core_cycles, core_memories, lanes_hex, simulate, synthesize
+from crystalc.backends.verilog import (
+    BACKEND,
+    core_memories,
+    cycles_counted,
+    lanes_hex,
+    simulate,
+    simulate_generate,
+    synthesize,
+)
 from crystalc.ir.graph import Graph
-from crystalc.ir.interpret import forward
+from crystalc.ir.interpret import forward, generate
 from crystalc.passes.prune_vocab import prune_vocab
 from crystalc.passes.quantize import quantize
+from tests.backends.test_c import greedy_with_margin
 from tests.backends.test_fixedpoint import TOL
 from tests.conftest import FIXTURE_SHAPES, random_graph, require_tool, save_pt
 
@@ -38,19 +47,12 @@ def built(graph: Graph, out: Path, lanes: int = 1) -> Path:
     return out
 
 
-def cycles_counted(graph: Graph, lanes: int, tokens: int) -> int:
-    """The cycles the testbench counts for a prompt: the core's (core_cycles), plus one idle clock
-    a token before its start is seen and one at time 0."""
-    program = fp.lower(graph)
-    return sum(sum(core_cycles(program, lanes, pos).values()) for pos in range(tokens)) + tokens + 1
-
-
 def check(graph: Graph, out: Path, ids: list[int], lanes: int = 1) -> None:
     got, cycles = simulate(out, ids)
     assert got.tolist() == fp.emulate(fp.lower(graph), ids).tolist()
     ref = forward(graph, ids)[-1]
     assert np.abs(fp.to_float(got) - ref).max() <= TOL * max(1.0, float(np.abs(ref).max()))
-    assert cycles == cycles_counted(graph, lanes, len(ids))
+    assert cycles == cycles_counted(fp.lower(graph), lanes, len(ids))
 
 
 @pytest.mark.tool
@@ -89,6 +91,29 @@ def test_quantized_graphs_run_on_their_codes(shape, mode, granularity, lanes, tm
 
 
 @pytest.mark.tool
+@pytest.mark.parametrize("shape,lanes,prompt,n,shift,quant", [
+    ("d40_h5", 3, 4, 20, 3, None),  # window 9: the prompt grows it to full, then shifts of 3
+    ("tied_unnormalised", 1, 8, 6, 1, ("mixed8", "row")),  # a full window at once: every token shifts by 1
+    ("three_blocks_n0_n1", 4, 2, 9, 7, None),  # a shift of the whole window: the new token alone
+])
+def test_the_hardware_generates_as_the_emulator(shape, lanes, prompt, n, shift, quant, tmp_path):
+    # crystal_gen: greedy tokens (the first largest Q16 logit) with the spec's window, exactly the
+    # emulator's; and the interpreter's wherever its top two logits are further apart than the
+    # emulator's error can reach (test_fixedpoint.TOL)
+    g = random_graph(shape, seed=16)
+    g = g if quant is None else quantize(g, *quant)
+    out = built(g, tmp_path / "out", lanes)
+    ids = np.random.default_rng(5).integers(0, g.config.vocab_size, prompt).tolist()
+    prog = fp.lower(g)
+    got, cycles = simulate(out, ids, generate=n, shift=shift)
+    assert got.tolist() == generate(g, ids, n, shift, logits_of=lambda ctx: fp.emulate(prog, ctx))
+    assert cycles == cycles_counted(prog, lanes, prompt, n, shift)
+    want, margin = greedy_with_margin(g, ids, n, shift)
+    if margin > 4 * TOL * max(1.0, float(np.abs(forward(g, ids)).max())):  # so in all three cases
+        assert got.tolist() == want
+
+
+@pytest.mark.tool
 def test_a_changed_rom_word_changes_the_logits(tmp_path):
     # the comparison above is not vacuous: the simulation reads its weights from rom.hex
     g = random_graph("all_on", seed=3)
@@ -124,8 +149,8 @@ def test_emit_is_deterministic_and_the_rom_is_the_program(tmp_path):
         out.mkdir()
         BACKEND.emit(g, out)
     names = sorted(p.name for p in a.iterdir())
-    assert names == ["Makefile", "crystal_core.v", "crystal_tb.v", "exp2.hex", "gelu.hex", "lanes.hex", "model.vh",
-                     "program.hex", "rom.hex", "scales.hex"]
+    assert names == ["Makefile", "crystal_core.v", "crystal_gen.v", "crystal_tb.v", "exp2.hex", "gelu.hex",
+                     "lanes.hex", "model.vh", "program.hex", "rom.hex", "scales.hex"]
     assert all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
     prog = fp.lower(g)
 
@@ -274,7 +299,7 @@ def test_yosys_synthesises_the_core_on_codes(tmp_path):
     out.mkdir()
     BACKEND.emit(quantize(random_graph("d40_h5", seed=1), "int8", "row"), out, lanes=2)
     assert "`define LANE_WORDS 1800" in (out / "model.vh").read_text()
-    stat = synthesize(out, timeout=900)
+    stat = synthesize(out, timeout=900, top="crystal_gen")  # and the generator around the core
     cells = {name: int(count) for name, count in re.findall(r"^\s+([A-Z]\w+)\s+(\d+)$", stat, re.MULTILINE)}
     assert cells.get("RAMB36E1", 0) >= 2, stat  # 1,800 words of 64 bits: 115 Kbit
     assert cells["DSP48E1"] >= 2 * 2 + 2, stat
@@ -287,9 +312,15 @@ def test_verilator_lint_is_clean(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     BACKEND.emit(random_graph("three_blocks_n0_n1", seed=1), out)
-    res = subprocess.run(["verilator", "--lint-only", "-Wall", "crystal_core.v"], cwd=out, capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0 and "%Warning" not in res.stderr, res.stderr
+    lint(out)
+
+
+def lint(out: Path) -> None:
+    """Verilator -Wall finds nothing in the core, nor in the generator around it."""
+    for files in (["crystal_core.v"], ["--top-module", "crystal_gen", "crystal_gen.v", "crystal_core.v"]):
+        res = subprocess.run(["verilator", "--lint-only", "-Wall", *files], cwd=out, capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 0 and "%Warning" not in res.stderr, res.stderr
 
 
 @pytest.mark.tool
@@ -346,12 +377,24 @@ def test_simulate_command_speaks_original_ids(tmp_path):
     assert [int(r[0]) for r in rows] == keep
     want = fp.emulate(fp.lower(g), g.to_current_ids([3, 22, 9]))
     assert [r[1] for r in rows] == [f"{int(w) / fp.ONE:.9g}" for w in want]
-    assert res.stderr == f"{cycles_counted(g, 1, 3):,} clock cycles for 3 tokens\n"
+    assert res.stderr == f"{cycles_counted(fp.lower(g), 1, 3):,} clock cycles for 3 tokens\n"
     for bad, why in (("3,5", "token id 5 is not in this model's vocabulary (pruned)"), ("x", "comma-separated")):
         res = cli("simulate", str(out), "--prompt-ids", bad)
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and why in res.stderr, res.stderr
     res = cli("simulate", str(tmp_path), "--prompt-ids", "3")
     assert res.returncode == 2 and "not a folder compiled with --target verilog" in res.stderr
+    # -n: greedy tokens generated by the hardware, as the programs print them for --prompt-ids
+    res = cli("simulate", str(out), "--prompt-ids", "3,22,9", "-n", "12", "--shift", "2")
+    assert res.returncode == 0, res.stderr
+    prog = fp.lower(g)
+    rows = generate(g, g.to_current_ids([3, 22, 9]), 12, 2, logits_of=lambda ctx: fp.emulate(prog, ctx))
+    assert res.stdout == ",".join(str(keep[r]) for r in rows) + "\n"
+    assert res.stderr == f"{cycles_counted(prog, 1, 3, 12, 2):,} clock cycles for 3 + 12 tokens\n"
+    assert simulate_generate(out, [3, 22, 9], 12, 2)[0] == [keep[r] for r in rows]
+    for bad, why in ((["--shift", "0"], "--shift 0 is outside 1..9"), (["--shift", "10"], "outside 1..9"),
+                     (["-n", "-1"], "-1 is not in the range x>=0")):
+        res = cli("simulate", str(out), "--prompt-ids", "3", "-n", "2", *bad)
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and why in res.stderr, res.stderr
 
 
 @pytest.mark.tool
@@ -370,7 +413,7 @@ def test_lanes_give_the_same_words_in_fewer_cycles(shape, tmp_path):
         BACKEND.build(out)
         got, cycles[lanes] = simulate(out, ids)
         assert got.tolist() == want, lanes
-        assert cycles[lanes] == cycles_counted(g, lanes, len(ids)), lanes
+        assert cycles[lanes] == cycles_counted(fp.lower(g), lanes, len(ids)), lanes
     assert cycles[1] > cycles[3] > cycles[8]
 
 
@@ -379,15 +422,15 @@ def test_lanes_under_verilator_and_lint(tmp_path):
     require_tool("verilator")
     g = quantize(random_graph("d40_h5", seed=13), "int8", "row")  # the lanes make words of codes
     BACKEND.emit(g, tmp_path, lanes=4)
-    res = subprocess.run(["verilator", "--lint-only", "-Wall", "crystal_core.v"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0 and "%Warning" not in res.stderr, res.stderr
+    lint(tmp_path)
     BACKEND.build(tmp_path)
     BACKEND.build(tmp_path, simulator="verilator")
     ids = [1, 2, 3, 4, 5]
     icarus, verilator = simulate(tmp_path, ids), simulate(tmp_path, ids, simulator="verilator")
     assert icarus[0].tolist() == verilator[0].tolist() == fp.emulate(fp.lower(g), ids).tolist()
     assert icarus[1] == verilator[1]
+    icarus, verilator = (simulate(tmp_path, ids, simulator=sim, generate=9, shift=2) for sim in ("icarus", "verilator"))
+    assert icarus[0].tolist() == verilator[0].tolist() and icarus[1] == verilator[1]
     from crystalc.errors import CrystalError
 
     with pytest.raises(CrystalError, match="--lanes 0 is outside 1..64"):
