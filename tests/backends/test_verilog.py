@@ -3,7 +3,9 @@
 The emulator (backends/fixedpoint.py) is held to the reference interpreter in
 test_fixedpoint.py (tolerance and why there); here the simulated hardware is
 held to the emulator exactly, and through it, to the interpreter within the same
-tolerance. Yosys maps the smallest model's core to an FPGA's cells, its memories to RAMs.
+tolerance; so are the greedy tokens crystal_gen generates around the core, and
+every simulation's clock cycles to verilog.cycles_counted. Yosys maps the core
+(and the generator) to an FPGA's cells, its memories to RAMs.
 """
 
 from __future__ import annotations
