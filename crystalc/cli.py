@@ -205,32 +205,42 @@ def compile(model: str, target: str, out_dir: str, build: bool, cflags: str | No
 
 @cli.command()
 @click.argument("out_dir", metavar="OUT", type=click.Path(file_okay=False, exists=True))
-@click.option("--prompt-ids", required=True, help="Comma-separated ids of the original tokenizer.")
+@click.option("--prompt", default=None, help="Text prompt (needs OUT/tokenizer.json, written when the model has one).")
+@click.option("--prompt-ids", default=None, help="Comma-separated ids of the original tokenizer.")
 @click.option("-n", "n_tokens", type=click.IntRange(0), default=0, show_default=True,
               help="Greedy tokens for the hardware to generate after the prompt (0: print the logits).")
 @click.option("--shift", type=int, default=1, show_default=True,
               help="Tokens dropped when the window is full (1: the exact sliding window).")
 @click.option("--simulator", type=click.Choice(["icarus", "verilator"]), default="icarus", show_default=True,
               help="Icarus Verilog, or Verilator (about 100x faster to run, seconds to build).")
-def simulate(out_dir: str, prompt_ids: str, n_tokens: int, shift: int, simulator: str) -> None:
-    """Simulate the Verilog in OUT (crystalc compile --target verilog) on a prompt.
+def simulate(out_dir: str, prompt: str | None, prompt_ids: str | None, n_tokens: int, shift: int,
+             simulator: str) -> None:
+    """Simulate the Verilog in OUT (crystalc compile --target verilog) on a prompt (its last N_CTX tokens).
 
     Prints the last position's logits as the programs' --logits does: "<original-id> <logit>", one line a row;
-    with -n N, the N greedy tokens the hardware generates (crystal_gen, the spec's window), as original ids
-    separated by commas. On stderr, the clock cycles it took. Builds the simulation first when OUT lacks it.
+    with -n N, the N greedy tokens the hardware generates (crystal_gen, the spec's window): after --prompt, the
+    prompt and the tokens as text; after --prompt-ids, the tokens' original ids separated by commas. On stderr,
+    the clock cycles it took. Builds the simulation first when OUT lacks it.
     """
-    from crystalc.backends.verilog import simulate_generate, simulate_logits
+    from crystalc.backends.verilog import compiled_tokenizer, compiled_window, simulate_generate, simulate_logits
 
-    ids = _parse_ids(prompt_ids)
+    if (prompt is None) == (prompt_ids is None):
+        raise CrystalError("give exactly one of --prompt and --prompt-ids")
+    window = compiled_window(Path(out_dir))
+    tokenizer = compiled_tokenizer(Path(out_dir)) if prompt is not None else None
+    ids = tokenizer.encode(prompt) if tokenizer is not None and prompt is not None else _parse_ids(prompt_ids or "")
+    if not ids:
+        raise CrystalError("the prompt has no tokens")
+    kept = ids[-window:]  # the spec: a prompt longer than the window keeps its last tokens
     if n_tokens:
-        made, cycles = simulate_generate(Path(out_dir), ids, n_tokens, shift, simulator)
-        click.echo(",".join(str(i) for i in made))
-        click.echo(f"{cycles:,} clock cycles for {len(ids)} + {n_tokens} tokens", err=True)
+        made, cycles = simulate_generate(Path(out_dir), kept, n_tokens, shift, simulator)
+        click.echo(tokenizer.decode(ids + made) if tokenizer is not None else ",".join(str(i) for i in made))
+        click.echo(f"{cycles:,} clock cycles for {len(kept)} + {n_tokens} tokens", err=True)
         return
-    rows, cycles = simulate_logits(Path(out_dir), ids, simulator)
+    rows, cycles = simulate_logits(Path(out_dir), kept, simulator)
     for orig, logit in rows:
         click.echo(f"{orig} {logit:.9g}")
-    click.echo(f"{cycles:,} clock cycles for {len(ids)} token{'s' if len(ids) != 1 else ''}", err=True)
+    click.echo(f"{cycles:,} clock cycles for {len(kept)} token{'s' if len(kept) != 1 else ''}", err=True)
 
 
 @cli.command()

@@ -10,6 +10,7 @@ every simulation's clock cycles to verilog.cycles_counted. Yosys maps the core
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -397,6 +398,37 @@ def test_simulate_command_speaks_original_ids(tmp_path):
                      (["-n", "-1"], "-1 is not in the range x>=0")):
         res = cli("simulate", str(out), "--prompt-ids", "3", "-n", "2", *bad)
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and why in res.stderr, res.stderr
+
+
+@pytest.mark.tool
+def test_simulate_command_speaks_text(tmp_path):
+    # compile writes the model's tokenizer beside the hardware; --prompt is encoded with it, its last
+    # N_CTX tokens run, and -n prints the prompt and the hardware's tokens as text, as the programs do
+    chars = "abcdefghijklmnopqrstuvw"  # the 23 ids of d40_h5, whose window is 9
+    g = random_graph("d40_h5", seed=17, tokenizer={"kind": "char", "chars": chars})
+    out = tmp_path / "out"
+    out.mkdir()
+    BACKEND.emit(g, out)
+    assert json.loads((out / "tokenizer.json").read_text()) == g.tokenizer
+    prompt = "abcdefghijkl"
+    ids = [chars.index(c) for c in prompt][-9:]
+    prog = fp.lower(g)
+    res = cli("simulate", str(out), "--prompt", prompt, "-n", "10", "--shift", "2")
+    assert res.returncode == 0, res.stderr
+    made = generate(g, ids, 10, 2, logits_of=lambda ctx: fp.emulate(prog, ctx))
+    assert res.stdout == prompt + "".join(chars[i] for i in made) + "\n"
+    assert res.stderr == f"{cycles_counted(prog, 1, 9, 10, 2):,} clock cycles for 9 + 10 tokens\n"
+    res = cli("simulate", str(out), "--prompt", prompt)
+    assert [line.split()[1] for line in res.stdout.splitlines()] == [
+        f"{int(w) / fp.ONE:.9g}" for w in fp.emulate(prog, ids)]
+    for args, why in ((["--prompt", "abz"], "character 'z' is not in the model's vocabulary"),
+                      (["--prompt", "ab", "--prompt-ids", "1"], "give exactly one of --prompt and --prompt-ids"),
+                      ([], "give exactly one of --prompt and --prompt-ids"), (["--prompt", ""], "no tokens")):
+        res = cli("simulate", str(out), *args)
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and why in res.stderr, res.stderr
+    (out / "tokenizer.json").unlink()
+    res = cli("simulate", str(out), "--prompt", "ab")
+    assert res.returncode == 2 and "has no tokenizer.json (its model had no tokenizer): give --prompt-ids" in res.stderr
 
 
 @pytest.mark.tool
