@@ -14,13 +14,14 @@ import pytest
 from crystalc.backends import fixedpoint as fp
 from crystalc.backends import spice
 from crystalc.backends.verilog import BACKEND as VERILOG
-from crystalc.backends.verilog import cycles_counted, simulate
+from crystalc.backends.verilog import cycles_counted
 from crystalc.errors import CrystalError
 from crystalc.ir.graph import Graph
 from crystalc.ir.interpret import forward
 from crystalc.passes.quantize import quantize
 from tests.backends.test_cuda import cpu_program, parsed, run_logits
 from tests.backends.test_fixedpoint import TOL as FIXED_TOL
+from tests.backends.test_verilog import simulate
 from tests.conftest import random_graph, require_tool
 
 N_SHAPES = 11  # the smallest model there is, then ten drawn

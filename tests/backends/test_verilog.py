@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 
 from crystalc.backends import fixedpoint as fp
+from crystalc.backends import verilog
 from crystalc.backends.verilog import (
     BACKEND,
     core_memories,
     cycles_counted,
     lanes_hex,
-    simulate,
     simulate_generate,
     synthesize,
 )
@@ -36,6 +36,13 @@ from crystalc.passes.quantize import quantize
 from tests.backends.test_c import greedy_with_margin
 from tests.backends.test_fixedpoint import TOL
 from tests.conftest import FIXTURE_SHAPES, random_graph, require_tool, save_pt
+
+SIM_TIMEOUT = 300  # s: a core that never halts fails its test instead of hanging it (the longest here takes seconds)
+
+
+def simulate(out: Path, ids: list[int], simulator: str = "icarus", generate: int = 0,
+             shift: int = 1) -> tuple[np.ndarray, int]:
+    return verilog.simulate(out, ids, simulator, SIM_TIMEOUT, generate, shift)
 
 
 @pytest.fixture(scope="module", autouse=True)
