@@ -454,6 +454,7 @@ class _Rows(NamedTuple):
 
     to_orig: list[int]
     pruned: bool
+    window: int  # N_CTX: a prompt keeps its last `window` tokens
 
     def of(self, original_ids: list[int]) -> list[int]:
         row_of = {orig: row for row, orig in enumerate(self.to_orig)}
@@ -473,7 +474,7 @@ def compiled_window(out_dir: Path) -> int:
 
 def _rows(out_dir: Path, simulator: str) -> _Rows:
     """The folder's rows (vocab_map.txt when pruned), its simulation built first when it is not there."""
-    compiled_window(out_dir)
+    window = compiled_window(out_dir)
     vocab = _defines(out_dir)["VOCAB_SIZE"]
     map_file = out_dir / "vocab_map.txt"
     rows_to_orig = [int(v) for v in map_file.read_text().split()] if map_file.is_file() else list(range(vocab))
@@ -481,7 +482,7 @@ def _rows(out_dir: Path, simulator: str) -> _Rows:
         raise CrystalError(f"{map_file} lists {len(rows_to_orig)} ids for a vocabulary of {vocab}")
     if not (out_dir / _simulator(simulator).target).is_file():
         BACKEND.build(out_dir, simulator=simulator)
-    return _Rows(rows_to_orig, map_file.is_file())
+    return _Rows(rows_to_orig, map_file.is_file(), window)
 
 
 def simulate_logits(out_dir: Path, original_ids: list[int],
@@ -491,7 +492,7 @@ def simulate_logits(out_dir: Path, original_ids: list[int],
     when it is not there."""
     out_dir = Path(out_dir)
     rows = _rows(out_dir, simulator)
-    q16, cycles = simulate(out_dir, rows.of(original_ids)[-_defines(out_dir)["N_CTX"]:], simulator)
+    q16, cycles = simulate(out_dir, rows.of(original_ids)[-rows.window:], simulator)
     return [(orig, float(v) / (1 << 16)) for orig, v in zip(rows.to_orig, q16, strict=True)], cycles
 
 
@@ -503,8 +504,7 @@ def simulate_generate(out_dir: Path, original_ids: list[int], n: int, shift: int
     rows = _rows(out_dir, simulator)
     if n == 0:
         return [], 0
-    made, cycles = simulate(out_dir, rows.of(original_ids)[-_defines(out_dir)["N_CTX"]:], simulator, generate=n,
-                            shift=shift)
+    made, cycles = simulate(out_dir, rows.of(original_ids)[-rows.window:], simulator, generate=n, shift=shift)
     return [rows.to_orig[int(r)] for r in made], cycles
 
 
