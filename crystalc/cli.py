@@ -212,7 +212,7 @@ def compile(model: str, target: str, out_dir: str, build: bool, cflags: str | No
 @click.option("--shift", type=int, default=1, show_default=True,
               help="Tokens dropped when the window is full (1: the exact sliding window).")
 @click.option("--simulator", type=click.Choice(["icarus", "verilator"]), default="icarus", show_default=True,
-              help="Icarus Verilog, or Verilator (about 100x faster to run, seconds to build).")
+              help="Icarus Verilog, or Verilator (tens of times faster to run, seconds to build).")
 def simulate(out_dir: str, prompt: str | None, prompt_ids: str | None, n_tokens: int, shift: int,
              simulator: str) -> None:
     """Simulate the Verilog in OUT (crystalc compile --target verilog) on a prompt (its last N_CTX tokens).
@@ -227,6 +227,8 @@ def simulate(out_dir: str, prompt: str | None, prompt_ids: str | None, n_tokens:
     if (prompt is None) == (prompt_ids is None):
         raise CrystalError("give exactly one of --prompt and --prompt-ids")
     window = compiled_window(Path(out_dir))
+    if not 1 <= shift <= window:  # checked with or without -n, as the programs check it beside --logits
+        raise CrystalError(f"--shift {shift} is outside 1..{window}")
     tokenizer = compiled_tokenizer(Path(out_dir)) if prompt is not None else None
     ids = tokenizer.encode(prompt) if tokenizer is not None and prompt is not None else _parse_ids(prompt_ids or "")
     if not ids:

@@ -15,13 +15,14 @@ def load_model(path: str | Path, n_heads: int | None = None) -> Graph:
     """A Graph from a .pt, .safetensors (+ JSON config) or .crystal file.
 
     The kind is decided by the file's first bytes, not its name, so a mislabelled
-    file gets the right reader or a clear error.
+    file gets the right reader or a clear error (a file named .safetensors that does
+    not start like one gets the safetensors reader's error).
     """
     path = Path(path)
     if not path.is_file():
         raise CrystalError(f"{path}: no such file")
     with open(path, "rb") as f:
-        head = f.read(8)
+        head = f.read(9)
     if head[:4] == CRYSTAL_MAGIC:
         from crystalc.format.crystal import read_crystal
 
@@ -29,7 +30,9 @@ def load_model(path: str | Path, n_heads: int | None = None) -> Graph:
         if n_heads is not None and n_heads != graph.config.n_heads:
             raise CrystalError(f"{path}: --n-heads {n_heads} disagrees with the file's n_heads {graph.config.n_heads}")
         return graph
-    if path.suffix == ".safetensors":
+    # safetensors: a little-endian u64 header length, then the JSON header itself; checked before
+    # torch's magics, since a length's low byte can be a pickle's 0x80
+    if head[8:9] == b"{" or path.suffix == ".safetensors":
         from crystalc.frontend.safetensors_ckpt import read_safetensors
 
         raw = read_safetensors(path)

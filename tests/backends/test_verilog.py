@@ -405,6 +405,10 @@ def test_simulate_command_speaks_original_ids(tmp_path):
                      (["-n", "-1"], "-1 is not in the range x>=0")):
         res = cli("simulate", str(out), "--prompt-ids", "3", "-n", "2", *bad)
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and why in res.stderr, res.stderr
+    for bad_shift in ("0", "10"):  # printing logits only, a shift is still checked
+        res = cli("simulate", str(out), "--prompt-ids", "3", "--shift", bad_shift)
+        want = f"crystalc: error: --shift {bad_shift} is outside 1..9\n"
+        assert res.returncode == 2 and res.stderr == want, res.stderr
 
 
 @pytest.mark.tool

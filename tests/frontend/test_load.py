@@ -127,6 +127,12 @@ def test_safetensors_config_errors(tmp_path: Path, doc: object | None, needle: s
         load_model(_safetensors(tmp_path, doc))
 
 
+def test_safetensors_is_known_by_its_bytes_not_its_name(tmp_path: Path) -> None:
+    g = random_graph("d40_h5", seed=5)
+    p = _safetensors(tmp_path, g.config.to_dict())
+    _same(g, load_model(p.rename(tmp_path / "m.weights")))  # its config is still m.json beside it
+
+
 def test_truncated_safetensors(tmp_path: Path) -> None:
     g = random_graph("d40_h5", seed=5)
     p = _safetensors(tmp_path, g.config.to_dict())
