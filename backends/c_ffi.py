@@ -20,7 +20,7 @@ from crystalc.ir.graph import Graph
 from crystalc.ir.interpret import check_ids
 
 CDEF = """
-int model_check(void);
+const char *model_check(void);
 int model_forward(const int32_t *ids, int n, float *out);
 int model_decode(const int32_t *ids, int n, int split, float *out);
 """
@@ -36,8 +36,9 @@ class CModel:
             self.lib = self.ffi.dlopen(str(library))
         except OSError as e:
             raise CrystalError(f"{library}: cannot load the compiled model ({e})") from None
-        if self.lib.model_check() != 0:
-            raise CrystalError(f"{library}: weights.bin does not read correctly on this machine (byte order)")
+        bad = self.lib.model_check()
+        if bad != self.ffi.NULL:
+            raise CrystalError(f"{library}: {self.ffi.string(bad).decode()}")
         self.vocab_size = vocab_size
         self.n_ctx = n_ctx
 

@@ -384,9 +384,40 @@ class VerilogBackend:
         return Path(out_dir) / sim.target
 
 
+_SIZES = ("ROM_WORDS", "LANE_WORDS", "SCALE_WORDS", "PROGRAM_WORDS", "INSTR_BITS", "VOCAB_SIZE", "N_CTX", "LANES")
+
+
 def _defines(out_dir: Path) -> dict[str, int]:
-    text = (out_dir / "model.vh").read_text(encoding="utf-8")
-    return {name: int(value) for name, value in re.findall(r"^`define (\w+) (\d+)$", text, re.MULTILINE)}
+    """model.vh's sizes; a folder's files are read back, so a damaged one is one line naming the file."""
+    path = out_dir / "model.vh"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CrystalError(f"{path}: cannot read it: {e}") from None
+    sizes = {name: int(value) for name, value in re.findall(r"^`define (\w+) (\d+)$", text, re.MULTILINE)}
+    missing = [name for name in _SIZES if name not in sizes]
+    if missing:
+        raise CrystalError(f"{path} defines no {missing[0]}: not written by crystalc compile --target verilog")
+    return sizes
+
+
+def _check_memories(out_dir: Path, sizes: dict[str, int]) -> None:
+    """Every memory file holds the words model.vh says, as hex of the memory's width: $readmemh leaves the
+    words a short file lacks undefined, and the simulation would run on them without a word."""
+    lanes = 8 * sizes["LANES"]
+    for name, words, digits in (("rom.hex", sizes["ROM_WORDS"], 8), ("lanes.hex", sizes["LANE_WORDS"], lanes),
+                                ("scales.hex", sizes["SCALE_WORDS"], lanes),
+                                ("program.hex", sizes["PROGRAM_WORDS"], sizes["INSTR_BITS"] // 4),
+                                ("exp2.hex", 257, 8), ("gelu.hex", 1025, 8)):
+        path = out_dir / name
+        try:
+            lines = [ln for ln in path.read_text(encoding="ascii").splitlines() if ln and not ln.startswith("//")]
+        except (OSError, UnicodeDecodeError) as e:
+            raise CrystalError(f"{path}: cannot read it: {e}") from None
+        word = re.compile(f"[0-9a-f]{{{digits}}}")
+        if len(lines) != words or not all(word.fullmatch(ln) for ln in lines):
+            raise CrystalError(f"{path} is damaged: model.vh says {words} words of {digits} hex digits "
+                               f"(compile the folder again)")
 
 
 def _simulator(name: str) -> Simulator:
@@ -404,6 +435,7 @@ def simulate(out_dir: Path, ids: list[int], simulator: str = "icarus", timeout: 
     if not (out_dir / sim.target).is_file():
         raise CrystalError(f"{out_dir / sim.target} does not exist: build first (crystalc compile --build, or make)")
     sizes = _defines(out_dir)
+    _check_memories(out_dir, sizes)
     ids = check_ids(ids, sizes["N_CTX"], sizes["VOCAB_SIZE"]).tolist()
     if generate < 0:
         raise CrystalError(f"cannot generate {generate} tokens")
@@ -419,6 +451,9 @@ def simulate(out_dir: Path, ids: list[int], simulator: str = "icarus", timeout: 
     logits: dict[int, int] = {}
     tokens: list[int] = []
     cycles = -1
+    if re.search(r"^(logit \d+|token|cycles) .*[xz]", out, re.MULTILINE | re.IGNORECASE):
+        raise CrystalError(f"the simulation computed undefined values (x) from the files in {out_dir}: "
+                           "compile the folder again")
     for line in out.splitlines():
         parts = line.split()
         if len(parts) == 3 and parts[0] == "logit":
@@ -477,7 +512,11 @@ def _rows(out_dir: Path, simulator: str) -> _Rows:
     window = compiled_window(out_dir)
     vocab = _defines(out_dir)["VOCAB_SIZE"]
     map_file = out_dir / "vocab_map.txt"
-    rows_to_orig = [int(v) for v in map_file.read_text().split()] if map_file.is_file() else list(range(vocab))
+    try:
+        rows_to_orig = ([int(v) for v in map_file.read_text(encoding="ascii").split()] if map_file.is_file()
+                        else list(range(vocab)))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise CrystalError(f"{map_file}: not a list of token ids: {e}") from None
     if len(rows_to_orig) != vocab:
         raise CrystalError(f"{map_file} lists {len(rows_to_orig)} ids for a vocabulary of {vocab}")
     if not (out_dir / _simulator(simulator).target).is_file():

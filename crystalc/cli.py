@@ -36,7 +36,11 @@ class FiniteRange(click.FloatRange):
 
 
 def _check_output(out: str, **inputs: str | None) -> None:
-    """An output must not replace what it is made from (`quantize m.pt -o m.pt`, `compile out/m.pt -o out`)."""
+    """An output must not replace what it is made from (`quantize m.pt -o m.pt`, `compile out/m.pt -o out`),
+    and must be writable: checked before the work, not after it."""
+    from crystalc.fsutil import check_writable
+
+    check_writable(out)
     o = Path(out).resolve()
     for what, path in inputs.items():
         if path is None:
@@ -255,11 +259,12 @@ def inspect(model: str, n_heads: int | None, plot_path: str | None) -> None:
     if plot_path is not None:
         _check_output(plot_path, model=model)
     graph = _load(model, n_heads)
-    click.echo(graph.text(), nl=False)
-    if plot_path is not None:
+    if plot_path is not None:  # first: a model whose curve cannot be drawn fails before printing anything
         from crystalc.plot import plot_model
 
         plot_model(graph, plot_path)
+    click.echo(graph.text(), nl=False)
+    if plot_path is not None:
         click.echo(f"wrote {plot_path}")
 
 
@@ -268,12 +273,14 @@ def inspect(model: str, n_heads: int | None, plot_path: str | None) -> None:
 @click.option("--prompt", default=None,
               help="Text prompt (needs the model's tokenizer; a BPE prompt is encoded and the output decoded here).")
 @click.option("--prompt-ids", default=None, help="Comma-separated token ids of the original tokenizer.")
-@click.option("-n", "n_tokens", type=click.IntRange(0), default=100, show_default=True, help="Tokens to generate.")
+@click.option("-n", "n_tokens", type=click.IntRange(0, 1_000_000_000), default=100, show_default=True,
+              help="Tokens to generate.")
 @click.option("-t", "temperature", type=FiniteRange(0), default=0.8, show_default=True,
               help="Sampling temperature; 0 is greedy.")
 @click.option("--top-p", type=FiniteRange(0, 1, min_open=True), default=0.9, show_default=True,
               help="Nucleus sampling: draw from the fewest most likely tokens whose probabilities reach P.")
-@click.option("--seed", type=int, default=42, show_default=True, help="Sampler seed: same seed, same text.")
+@click.option("--seed", type=click.IntRange(-(1 << 63), (1 << 63) - 1), default=42, show_default=True,
+              help="Sampler seed: same seed, same text.")
 @click.option("--shift", type=click.IntRange(1), default=1, show_default=True,
               help="Tokens dropped when the context window is full.")
 @click.option("--logits", is_flag=True, help="Print the last prompt position's logits instead of generating.")
@@ -435,11 +442,13 @@ def eval_(model: str, corpus: str, modes: str, granularities: str, max_tokens: i
     """Quality report: size, perplexity and agreement with float32 for every mode x granularity."""
     from crystalc.evaluate import checked_options, evaluate, markdown, sensitivity, sensitivity_markdown, timed_progress
 
+    mode_list = [m for m in modes.replace(" ", "").split(",") if m]
+    gran_list = [g for g in granularities.replace(" ", "").split(",") if g]
+    if not mode_list or not gran_list:  # an empty list would report float32 alone: a slip, not a request
+        raise CrystalError("give at least one mode and one granularity (--modes, --granularities)")
     graph = _load(model, n_heads)
     text = _read_text(corpus)
     calibration = _calibration(graph, calibrate, calibrate_tokens)
-    mode_list = [m for m in modes.replace(" ", "").split(",") if m]
-    gran_list = [g for g in granularities.replace(" ", "").split(",") if g]
     progress = timed_progress(lambda s: click.echo(s, err=True))
     if not per_tensor:
         report = evaluate(graph, text, calibration=calibration, modes=mode_list, granularities=gran_list,
@@ -459,8 +468,11 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("crystalc: aborted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
-        click.echo(f"crystalc: error: {one_line(e.format_message())}", err=True)
+    except click.exceptions.NoArgsIsHelpError as e:  # `crystalc` alone: the help, as it is meant to be read
+        click.echo(e.ctx.get_help() if e.ctx is not None else e.format_message())
+        sys.exit(2)
+    except click.ClickException as e:  # click lists choices on lines of their own: one line here
+        click.echo(f"crystalc: error: {one_line(' '.join(e.format_message().split()))}", err=True)
         sys.exit(2)
     except CrystalError as e:
         click.echo(f"crystalc: error: {e}", err=True)

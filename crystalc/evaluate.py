@@ -150,6 +150,16 @@ def _reference_logits(graph: Graph, groups: list[tuple[np.ndarray, np.ndarray]])
     return logits
 
 
+def _exp(x: float) -> float:
+    """math.exp, but inf past float64's range: a model may be bad enough that its perplexity overflows."""
+    return math.inf if x > 709.0 else math.exp(x)
+
+
+def _ppl_change(ce: float, base_ce: float) -> float:
+    """The perplexity's relative change, taken from the cross-entropies (both may overflow as perplexities)."""
+    return _exp(ce - base_ce) - 1
+
+
 def _log_softmax(z: np.ndarray) -> np.ndarray:
     """log softmax over each row, shifted by the row's max so exp never overflows."""
     z = z - z.max(axis=1, keepdims=True)
@@ -237,7 +247,7 @@ def evaluate(
             logits = _logits(g, groups)
         ce, top1, err = _scores(logits, targets, ref_logits)
         rows.append(EvalRow(mode=mode, granularity=gran, nbytes=nbytes, cross_entropy=ce,
-                            perplexity=math.exp(ce), top1_agreement=top1, max_logit_error=err))
+                            perplexity=_exp(ce), top1_agreement=top1, max_logit_error=err))
     if progress is not None:
         progress(len(jobs), len(jobs), "done")
     n_cal = 0 if calibration is None else int(np.asarray(calibration).size)
@@ -256,7 +266,8 @@ def markdown(report: EvalReport) -> str:
     for r in report.rows:
         lines.append(
             f"| {r.mode} | {r.granularity} | {r.nbytes:,} | {base.nbytes / r.nbytes:.2f}x | "
-            f"{r.cross_entropy:.4f} | {r.perplexity:.4f} | {100 * (r.perplexity / base.perplexity - 1):+.2f}% | "
+            f"{r.cross_entropy:.4f} | {r.perplexity:.4f} | "
+            f"{100 * _ppl_change(r.cross_entropy, base.cross_entropy):+.2f}% | "
             f"{100 * r.top1_agreement:.2f}% | {r.max_logit_error:.4g} |"
         )
     notes = [f"{report.n_tokens:,} predicted tokens"]
@@ -340,7 +351,7 @@ def sensitivity(
 
 def sensitivity_markdown(report: SensitivityReport) -> str:
     """The per-tensor report as a Markdown table, the tensor that moves the predictions most first."""
-    base_ppl = math.exp(report.base_cross_entropy)
+    base_ppl = _exp(report.base_cross_entropy)
     lines = [
         f"{report.mode} {report.granularity}, one tensor at a time (the rest float32):",
         "",
@@ -351,7 +362,7 @@ def sensitivity_markdown(report: SensitivityReport) -> str:
         shape = "x".join(map(str, r.shape)) if r.shape else "-"
         peak = "-" if math.isnan(r.peak_over_std) else f"{r.peak_over_std:.1f}"
         lines.append(f"| {r.name} | {shape} | {peak} | {r.kl_divergence:.3g} | "
-                     f"{100 * (math.exp(r.cross_entropy) / base_ppl - 1):+.3f}% | "
+                     f"{100 * _ppl_change(r.cross_entropy, report.base_cross_entropy):+.3f}% | "
                      f"{100 * r.top1_agreement:.2f}% | {r.max_logit_error:.4g} |")
     return "\n".join(lines) + f"\n\n{report.n_tokens:,} predicted tokens; float32 perplexity {base_ppl:.4f}.\n"
 

@@ -29,7 +29,30 @@ def _output_path(path: str | os.PathLike[str]) -> Path:
     out = Path(path)
     if out.name in ("", ".", ".."):  # "", ".", "/", "..": a folder we must not replace, not an output's name
         raise CrystalError(f"output path {str(path)!r} names no file or folder of its own")
+    # an output is renamed into place, which would replace a device or a FIFO (-o /dev/null) with a file
+    if out.exists() and not (out.is_file() or out.is_dir()):
+        raise CrystalError(f"{out} is not a regular file (a device, FIFO or socket): choose a file to write")
     return out
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Fail now, not after the work, when `path` could not be written where it is.
+
+    Probes with a temporary file in the nearest folder that exists, removed at once, so
+    that a command that fails later leaves no trace (not even a folder it would create).
+    """
+    out = _output_path(path)
+    folder = out.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CrystalError(f"cannot write {out}: {folder} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=folder)
+    except OSError as e:
+        raise _cannot_write(out, e) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _replace(tmp: str | Path, path: Path) -> None:

@@ -74,8 +74,8 @@ def plot_model(graph: Graph, out: str | Path, title: str | None = None) -> None:
 
 def _checked_curve(curve: Any) -> list[dict[str, Any]]:
     """The training curve from the model's metadata, checked: it comes from the file, not from crystalc."""
-    def number(x: Any) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
+    def number(x: Any) -> bool:  # NaN plots as a gap; a huge number cannot be placed on an axis at all
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and (x != x or abs(x) <= 1e15)
 
     def counts(x: Any) -> bool:
         return isinstance(x, list) and all(number(n) for n in x)
@@ -85,7 +85,7 @@ def _checked_curve(curve: Any) -> list[dict[str, Any]]:
         and counts(p.get("neurons")) and counts(p.get("frozen", [])) for p in curve)
     if not ok:
         raise CrystalError("meta: 'curve' is not a list of training records (step, loss, val_loss, neurons, "
-                           "frozen, frozen_pct): cannot plot it")
+                           "frozen, frozen_pct) of numbers within +-1e15: cannot plot it")
     return curve
 
 

@@ -134,6 +134,11 @@ def run_model(model_path: str | os.PathLike[str], args: list[str], prompt: str |
             prompt_ids = tokenizer.encode(prompt)
             if not prompt_ids:
                 raise CrystalError("the prompt encodes to no tokens")
+            kept = set(int(i) for i in graph.original_ids())
+            lost = [i for i in prompt_ids if i not in kept]
+            if lost:  # said here, of the text: the runtime would speak of ids it was never given by the user
+                raise CrystalError(f"--prompt: token {tokenizer.decode([lost[0]])!r} (id {lost[0]}) was pruned from "
+                                   "this model's vocabulary")
             args = ["--prompt-ids", ",".join(map(str, prompt_ids)), *args]
     exe = build_runtime()
     sys.stdout.flush()

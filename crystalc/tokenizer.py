@@ -64,6 +64,10 @@ class Tokenizer:
     def encode(self, text: str, strict: bool = True) -> list[int]:
         """Ids of `text`; with strict=False, characters the tokenizer lacks are skipped."""
         if self._hf is not None:
+            try:  # a command line's invalid UTF-8 arrives as lone surrogates, which tokenizers refuses
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise CrystalError(f"the text is not valid UTF-8 (character {e.start})") from None
             return list(self._hf.encode(text).ids)
         out = []
         for ch in text:

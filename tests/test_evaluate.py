@@ -167,9 +167,23 @@ def test_eval_command(tmp_path: Path) -> None:
                   "tensor,row", "--max-tokens", "100", "--per-tensor")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("one tensor at a time") == 2 and r.stdout.count("| (all) |") == 2
-    for bad in (("--modes", "int4"), ("--granularities", "group:0"), ("--per-tensor", "--modes", "int8,int4")):
+    for bad in (("--modes", "int4"), ("--granularities", "group:0"), ("--per-tensor", "--modes", "int8,int4"),
+                ("--modes", ""), ("--granularities", ",")):
         r = _crystalc("eval", str(model), "--corpus", str(corpus), *bad)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_perplexity_past_float64_is_inf_not_a_crash() -> None:
+    """Finite logits whose cross-entropy passes 709 nats: the perplexity is inf, the table still prints."""
+    from crystalc.evaluate import sensitivity, sensitivity_markdown
+
+    g = char_graph()
+    b = g.head.bias.data.copy()
+    b[0] = 1000.0  # every position's prediction is token 0, almost surely wrong
+    g = g.map_tensors(lambda t: Tensor(t.name, b) if t.name == "head.bias" else t)
+    rep = evaluate(g, TEXT, modes=["int8"], granularities=["row"])
+    assert rep.rows[0].perplexity == float("inf") and "| inf |" in markdown(rep)
+    assert "float32 perplexity inf" in sensitivity_markdown(sensitivity(g, TEXT, "int8", "row"))
 
 
 def test_a_model_whose_float32_logits_overflow_is_a_crystal_error() -> None:

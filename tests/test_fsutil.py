@@ -94,6 +94,34 @@ def test_cli_unwritable_output_one_line(tmp_path: Path, args: list[str]) -> None
 
 
 @pytest.mark.parametrize("opener", [atomic_file, atomic_dir])
+def test_a_device_or_fifo_is_not_replaced(tmp_path: Path, opener) -> None:
+    """An output is renamed into place, which would swap /dev/null (or a FIFO) for a file: refused."""
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for special in (fifo, Path("/dev/null")):
+        with pytest.raises(CrystalError, match="is not a regular file"):
+            with opener(special):
+                pass
+        assert not special.is_file()
+
+
+def test_cli_checks_the_output_before_the_work(tmp_path: Path) -> None:
+    """train fails at once on an output it could not write, not after training; nothing is left behind."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = subprocess.run([sys.executable, "-m", "crystalc.cli", "train", "--data", str(REPO / "README.md"),
+                        "--out", str(blocker / "sub" / "m.pt"), "--steps", "100000", "--quiet"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is a file, not a folder" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "crystalc.cli", "quantize", str(REPO / "examples/shakespeare/model.pt"),
+                        "--int8", "-o", "/dev/null"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "/dev/null is not a regular file" in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.parametrize("opener", [atomic_file, atomic_dir])
 @pytest.mark.parametrize("name", ["", ".", "..", "/"])
 def test_a_path_that_names_no_output_is_refused(tmp_path: Path, monkeypatch, opener, name: str) -> None:
     """`-o ""` is the current folder: replacing it would move the user's working folder away (found by fuzzing)."""

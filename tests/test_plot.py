@@ -45,8 +45,12 @@ def test_inspect_plot(tmp_path: Path, shape: str) -> None:
     assert (tmp_path / "b.png").read_bytes() == png.read_bytes()  # deterministic
 
 
-@pytest.mark.parametrize("curve", [5, "abc", [1, 2], [{"step": "x"}], [{"step": 1, "loss": 2.0, "val_loss": 2.0,
-                                                                        "neurons": 4, "frozen_pct": 0.0}]])
+_RECORD = {"step": 1, "loss": 2.0, "val_loss": 2.0, "neurons": [4], "frozen": [0], "frozen_pct": 0.0}
+
+
+@pytest.mark.parametrize("curve", [5, "abc", [1, 2], [{"step": "x"}], [{**_RECORD, "neurons": 4}],
+                                   [{**_RECORD, "step": 10**400}], [{**_RECORD, "neurons": [10**400]}],
+                                   [_RECORD, {**_RECORD, "step": 1e308}]])  # numbers no axis can place
 def test_a_malformed_curve_is_a_crystal_error(tmp_path: Path, curve) -> None:
     """The curve comes from the checkpoint's metadata, so a damaged one is bad input, not a crash."""
     pytest.importorskip("matplotlib")

@@ -26,6 +26,13 @@ def test_char_encode_of_an_unknown_character() -> None:
     assert tok.decode(tok.encode("ROMEO!", strict=False)) == "ROMEO"
 
 
+def test_bpe_refuses_text_that_was_not_utf8() -> None:
+    # a command line's invalid UTF-8 arrives as lone surrogates: one line, not the tokenizers' TypeError
+    tok = Tokenizer(build_tokenizer(TEXT * 20, "bpe:300"))
+    with pytest.raises(CrystalError, match="not valid UTF-8"):
+        tok.encode("ROMEO\udcff")
+
+
 def test_bpe_round_trip() -> None:
     tok = Tokenizer(build_tokenizer(TEXT * 20, "bpe:300"))
     ids = tok.encode(TEXT)

@@ -85,10 +85,16 @@ def lower(raw: RawCheckpoint, n_heads: int | None = None) -> Graph:
     params: dict[str, Tensor] = {}
     for name, arr in state.items():
         if name.endswith(".frozen"):
-            if arr.dtype != np.bool_:
+            if arr.dtype != np.bool_:  # a mask saved as numbers (safetensors has uint8 for bool) must be 0/1
+                if arr.dtype.kind not in "uif" or not np.all((arr == 0) | (arr == 1)):
+                    raise CrystalError(f"{name}: a frozen mask must be bool or 0/1, got {arr.dtype} values "
+                                       "other than 0 and 1")
                 arr = arr.astype(bool)
             params[name] = Tensor(name, np.ascontiguousarray(arr))
             continue
+        if arr.dtype.kind == "f" and arr.dtype != np.float32:  # float16/64 as .pt files' are: values checked next
+            with np.errstate(over="ignore"):
+                arr = arr.astype(np.float32)
         if arr.dtype != np.float32:
             raise CrystalError(f"{name}: dtype {arr.dtype}, expected a floating-point tensor")
         params[name] = Tensor(name, np.ascontiguousarray(arr))

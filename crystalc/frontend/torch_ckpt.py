@@ -57,6 +57,10 @@ def read_torch_checkpoint(path: Path) -> RawCheckpoint:
             raise CrystalError(f"{path}: state_dict key {k!r} is not a string")
         if not isinstance(v, torch.Tensor):
             raise CrystalError(f"{path}: {k} is a {type(v).__name__}, expected a tensor")
+        if v.is_quantized or v.layout != torch.strided:
+            kind = "quantized" if v.is_quantized else f"{v.layout} (not dense)"
+            raise CrystalError(f"{path}: {k} is a {kind} tensor: save dense float tensors "
+                               "(.dequantize() or .to_dense() first)")
         if v.dtype == torch.bool:
             arrays[k] = v.numpy().copy()
         elif v.is_floating_point():

@@ -46,9 +46,8 @@ class Quant:
             lead = (shape[0],) + (1,) * (len(shape) - 1)
             return (np.broadcast_to(self.scale.reshape(lead), shape),
                     np.broadcast_to(self.offset.reshape(lead), shape))
-        s = np.repeat(self.scale, self.group, axis=1)[:, : shape[1]]
-        o = np.repeat(self.offset, self.group, axis=1)[:, : shape[1]]
-        return s, o
+        group_of = np.arange(shape[1]) // self.group  # column -> its group; a group may be wider than the row
+        return self.scale[:, group_of], self.offset[:, group_of]
 
 
 def dequantize(codes: np.ndarray, quant: Quant) -> np.ndarray:
@@ -111,6 +110,10 @@ class Tensor:
                     )
                 if not np.all(np.isfinite(arr)):
                     raise CrystalError(f"{self.name}: quantization {what} holds NaN or Inf")
+            with np.errstate(over="ignore", invalid="ignore"):  # finite scales can still make Inf values
+                finite = np.all(np.isfinite(dequantize(self.data, q)))
+            if not finite:
+                raise CrystalError(f"{self.name}: a code times its scale, plus its offset, overflows float32")
         elif self.quant is not None:
             raise CrystalError(f"{self.name}: {self.dtype} tensor with quantization parameters")
         if self.dtype == "f32" and not np.all(np.isfinite(self.data)):

@@ -66,7 +66,8 @@ def prune_vocab(graph: Graph, corpus_text: str | None, keep_ids: list[int] | tup
         ids, skipped = corpus_ids(graph, corpus_text)
         wanted.append(ids)
     elif not keep_ids:
-        raise CrystalError("nothing to keep: the corpus is empty and no ids were given")
+        raise CrystalError("nothing to keep: " + ("the corpus is empty" if corpus_text is not None else "no corpus")
+                           + " and no ids were given")
     if keep_ids:
         graph.to_current_ids(list(keep_ids))  # raises for ids out of range or already pruned
         wanted.append(np.asarray(list(keep_ids), dtype=np.int64))

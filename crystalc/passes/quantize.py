@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from crystalc.config import MAX_DIM
 from crystalc.errors import CrystalError
 from crystalc.ir.graph import Graph
 from crystalc.ir.tensor import Quant, Tensor
@@ -63,9 +64,9 @@ def parse_granularity(text: str) -> Granularity:
         return Granularity(t)
     if t.startswith("group:"):
         n = t[len("group:"):]
-        if n.isdigit() and int(n) >= 1:
+        if n.isdigit() and 1 <= int(n) <= MAX_DIM:
             return Granularity("group", int(n))
-    raise CrystalError(f"granularity must be tensor, row or group:N with N >= 1, got {text!r}")
+    raise CrystalError(f"granularity must be tensor, row or group:N with 1 <= N <= {MAX_DIM}, got {text!r}")
 
 
 def check_mode(mode: str) -> str:
@@ -117,14 +118,14 @@ def quantize_array(name: str, x: np.ndarray, bits: int, gran: Granularity) -> Te
         q = Quant("row", scale, np.zeros_like(scale))
         return Tensor(name, codes.reshape(x.shape), q)
     rows, cols = x.shape
-    g = gran.group
+    g = min(gran.group, cols)  # a group wider than the row is the row: pad to no more than its width
     n_groups = -(-cols // g)
     padded = np.zeros((rows, n_groups * g), dtype=np.float32)  # zero padding never raises a group's max
     padded[:, :cols] = x
     codes, scale = _symmetric(padded.reshape(rows * n_groups, g), qmax, itype)
     codes = codes.reshape(rows, n_groups * g)[:, :cols]
     scale = scale.reshape(rows, n_groups)
-    q = Quant("group", scale, np.zeros_like(scale), group=g)
+    q = Quant("group", scale, np.zeros_like(scale), group=gran.group)
     return Tensor(name, np.ascontiguousarray(codes), q)
 
 

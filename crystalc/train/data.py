@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from crystalc.config import MAX_DIM
 from crystalc.errors import CrystalError
 from crystalc.tokenizer import Tokenizer, char_tokenizer
 
@@ -47,9 +48,10 @@ def parse_tokenizer_spec(spec: str) -> tuple[str, int]:
             n = int(spec[4:])
         except ValueError:
             n = -1
-        if n >= 260:
+        if 260 <= n <= MAX_DIM:
             return "bpe", n
-        raise CrystalError(f"tokenizer {spec!r}: bpe:N needs an integer vocabulary size N >= 260 (256 bytes + merges)")
+        raise CrystalError(f"tokenizer {spec!r}: bpe:N needs an integer vocabulary size 260 <= N <= {MAX_DIM} "
+                           "(256 bytes + merges)")
     raise CrystalError(f"tokenizer {spec!r}: expected 'char' or 'bpe:N'")
 
 

@@ -107,4 +107,9 @@ int crystal_forward_sequence(const crystal_model *m, const int32_t *ids, int n, 
  * exit status: 0, or 2 after one line on stderr for bad arguments. */
 int crystal_main(const crystal_model *m, int argc, char **argv);
 
+/* Called by crystal_main once the command line is checked, before the model's state is made, so that
+ * --help and a bad option answer without a device: a target that needs one (CUDA) says here, in a
+ * line, that it has none, and returns nonzero. NULL (the default): no device needed. */
+extern int (*crystal_device_check)(const char *prog);
+
 #endif

@@ -132,6 +132,21 @@ static size_t token_text(const crystal_model *m, int orig, const char **text) {
 }
 
 /* Encode `text` one character (one UTF-8 sequence) at a time; -1 after an error message. */
+/* One character of a prompt as a message shows it: itself when it is printable UTF-8, else its first
+ * byte as \xNN (a newline or an invalid byte would otherwise break or garble the one-line message). */
+static const char *shown(char out[8], const char *s, size_t k) {
+    const unsigned char *u = (const unsigned char *)s;
+    int ok = k == 1 ? u[0] >= 0x20 && u[0] < 0x7f : u[0] >= 0xc2 && u[0] <= 0xf4;
+    for (size_t j = 1; j < k && ok; j++) ok = u[j] >= 0x80 && u[j] <= 0xbf;
+    if (ok) {
+        memcpy(out, s, k);
+        out[k] = '\0';
+    } else {
+        snprintf(out, 8, "\\x%02x", u[0]);
+    }
+    return out;
+}
+
 static int encode_chars(const crystal_model *m, const char *prog, const char *text, int32_t *rows, int cap) {
     int n = 0;
     size_t len = strlen(text), i = 0;
@@ -144,10 +159,13 @@ static int encode_chars(const crystal_model *m, const char *prog, const char *te
             const char *t;
             if (token_text(m, id, &t) == k && memcmp(t, text + i, k) == 0) found = id;
         }
-        if (found < 0) return bad(prog, "--prompt: character '%.*s' is not in the model's vocabulary", (int)k, text + i), -1;
+        char c[8];
+        if (found < 0)
+            return bad(prog, "--prompt: character '%s' is not in the model's vocabulary", shown(c, text + i, k)), -1;
         int row = current_row(m, found);
-        if (row < 0) return bad(prog, "--prompt: character '%.*s' was pruned from this model's vocabulary", (int)k,
-                                text + i), -1;
+        if (row < 0)
+            return bad(prog, "--prompt: character '%s' was pruned from this model's vocabulary", shown(c, text + i, k)),
+                   -1;
         if (n < cap) rows[n] = row;
         n++;
         i += k;
@@ -319,10 +337,11 @@ static int parse_options(const char *prog, int argc, char **argv, options *o, in
         else if (!strcmp(name, "--prompt-ids")) o->prompt_ids = val;
         else if (!strcmp(name, "-n")) {
             if (parse_long(val, &l) || l < 0 || l > 1000000000L)
-                return bad(prog, "-n: expected a count of tokens >= 0, got '%s'", val);
+                return bad(prog, "-n: expected a count of tokens in 0..1000000000, got '%s'", val);
             o->n_tokens = l;
         } else if (!strcmp(name, "-t")) {
-            if (parse_double(val, &d) || d < 0) return bad(prog, "-t: expected a temperature >= 0, got '%s'", val);
+            if (parse_double(val, &d) || d < 0)
+                return bad(prog, "-t: expected a temperature >= 0 within a double's range, got '%s'", val);
             o->temperature = d;
         } else if (!strcmp(name, "--top-p")) {
             if (parse_double(val, &d) || !(d > 0 && d <= 1)) return bad(prog, "--top-p: expected a value in (0, 1], got '%s'", val);
@@ -346,6 +365,8 @@ static int parse_options(const char *prog, int argc, char **argv, options *o, in
     return 0;
 }
 
+int (*crystal_device_check)(const char *prog) = NULL;
+
 int crystal_main(const crystal_model *m, int argc, char **argv) {
     const char *prog = argc > 0 && argv[0] ? argv[0] : "model";
     options o;
@@ -361,6 +382,7 @@ int crystal_main(const crystal_model *m, int argc, char **argv) {
         return bad(prog, "--threads %ld: this program was built without OpenMP (add -fopenmp to CFLAGS)", o.threads);
     if (o.prompt && m->tokenizer != CRYSTAL_TOK_CHAR)
         return bad(prog, "--prompt needs a char tokenizer, which this model lacks; use --prompt-ids");
+    if (crystal_device_check && crystal_device_check(prog)) return EXIT_BAD;
 
     /* the prompt, as current rows; one longer than the window keeps its last T tokens */
     size_t cap = strlen(o.prompt ? o.prompt : o.prompt_ids) + 1;

@@ -142,6 +142,23 @@ static int all_finite(const float *v, uint64_t n) {
     return 1;
 }
 
+/* Whether every code of a quantized tensor dequantizes to a finite value: finite scales and offsets can
+ * still overflow float32 (a scale of 3e38 times a code of 127). */
+static int codes_finite(const crystal_tensor *t) {
+    uint64_t groups = t->scheme == CRYSTAL_Q_GROUP ? ((uint64_t)t->cols + t->group - 1) / t->group : 1;
+    for (uint64_t r = 0; r < (uint64_t)t->rows; r++)
+        for (uint64_t c = 0; c < (uint64_t)t->cols; c++) {
+            uint64_t i = r * (uint64_t)t->cols + c;
+            uint64_t s = t->scheme == CRYSTAL_Q_TENSOR ? 0 : t->scheme == CRYSTAL_Q_ROW ? r
+                                                             : r * groups + c / (uint64_t)t->group;
+            float q = t->dtype == DT_I8 ? (float)((const int8_t *)t->data)[i] : (float)((const int16_t *)t->data)[i];
+            float v = q * t->scale[s];
+            if (t->offset) v += t->offset[s];
+            if (!isfinite(v)) return 0;
+        }
+    return 1;
+}
+
 static uint64_t n_scales(const entry *e) {
     uint64_t rows = e->ndim == 2 ? e->dim0 : 1;
     if (e->scheme == CRYSTAL_Q_TENSOR) return 1;
@@ -182,7 +199,7 @@ static int weight(ctx *c, const char *name, unsigned ndim, uint32_t rows, uint32
     t->scheme = (int)e->scheme;
     t->rows = (int)rows;
     t->cols = (int)cols;
-    t->group = (int)e->group;
+    t->group = (int)(e->group > cols ? cols : e->group);  /* a group wider than the row is the row; fits an int */
     if (e->dtype == DT_F32 && !all_finite((const float *)t->data, e->len / 4))
         return fail(c->err, c->errlen, "%s: NaN or Inf values", name);
     if (e->scheme != CRYSTAL_Q_NONE) {
@@ -193,6 +210,8 @@ static int weight(ctx *c, const char *name, unsigned ndim, uint32_t rows, uint32
         t->offset = sym ? NULL : t->scale + ns;
         if (!all_finite(t->scale, sym ? ns : 2 * ns))
             return fail(c->err, c->errlen, "%s: quantization scale or offset holds NaN or Inf", name);
+        if (!codes_finite(t))
+            return fail(c->err, c->errlen, "%s: a code times its scale, plus its offset, overflows float32", name);
     }
     return 0;
 }

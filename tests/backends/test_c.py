@@ -386,6 +386,32 @@ def test_bad_arguments_exit_2_with_one_line(char_model, args):
     assert len(res.stderr.splitlines()) == 1 and "error" in res.stderr and res.stdout == ""
 
 
+def test_a_program_refuses_a_weights_file_it_was_not_made_for(tmp_path):
+    # weights.bin is linked in at build time: rebuilt from a shorter or longer file, the program's offsets
+    # would read outside it; from one of the right size without the magic, it is not crystalc's
+    from crystalc.backends.c import BACKEND
+
+    out = emit(random_graph("all_on", seed=17), tmp_path / "out")
+    intact = (out / "weights.bin").read_bytes()
+    for spoiled, why in ((intact[:100], f"not the {len(intact)}-byte file"), (intact + b"\0" * 64, "not the"),
+                         (bytes(len(intact)), "does not begin with crystalc's magic")):
+        (out / "weights.bin").write_bytes(spoiled)
+        res = run(BACKEND.build(out, cflags=STRICT), "--prompt-ids", "1", "--logits")
+        assert res.returncode == 2 and res.stdout == "" and why in res.stderr, res.stderr
+        assert len(res.stderr.splitlines()) == 1
+    (out / "weights.bin").write_bytes(intact)
+    assert run(BACKEND.build(out, cflags=STRICT), "--prompt-ids", "1", "--logits").returncode == 0
+
+
+def test_a_prompt_character_the_model_lacks_is_shown_escaped(char_model):
+    # printable ones as themselves; a control character or an invalid byte as \\xNN, so the line stays one line
+    _, exe = char_model
+    for prompt, shown in (("RO\u00e9", "'\u00e9'"), ("RO\t", "'\\x09'"), ("RO\x1b[2J", "'\\x1b'")):
+        res = run(exe, "--prompt", prompt)
+        assert res.returncode == 2 and f"character {shown} is not in the model's vocabulary" in res.stderr, res.stderr
+        assert len(res.stderr.splitlines()) == 1
+
+
 def test_prompt_needs_a_char_tokenizer(tmp_path):
     exe = program(random_graph("all_on", seed=17), tmp_path)
     res = run(exe, "--prompt", "hi")

@@ -115,6 +115,11 @@ def test_without_a_gpu_one_line_and_exit_2(tmp_path, gpu):
     res = run_logits(exe, [1, 2])
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.count("\n") == 1 and res.stderr.startswith(f"{exe}: error: {NO_GPU}")
+    # the command line is checked first: --help and a bad option answer without a GPU
+    res = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "--prompt-ids" in res.stdout + res.stderr, res.stderr
+    res = subprocess.run([str(exe), "--prompt-ids", "1", "--shift", "0"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--shift 0 is outside" in res.stderr and NO_GPU not in res.stderr, res.stderr
 
 
 def test_emit_is_the_c_model_with_a_cuda_forward_pass(tmp_path):

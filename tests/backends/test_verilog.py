@@ -349,6 +349,30 @@ def test_simulate_refuses_bad_prompts(tmp_path):
 
 
 @pytest.mark.tool
+def test_simulate_command_names_a_damaged_file(tmp_path):
+    # a compiled folder is read back: a file damaged since is one line naming it, not a traceback, and a
+    # memory short of words (which $readmemh would leave undefined) is found before the simulation runs
+    g = prune_vocab(random_graph("all_on", seed=1), None, [0, 2, 5])
+    out = built(g, tmp_path / "out")
+    intact = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    damage = [
+        ("rom.hex", lambda b: b[: len(b) // 2], "rom.hex is damaged: model.vh says"),
+        ("lanes.hex", lambda b: b[:-2] + b"g\n", "lanes.hex is damaged"),  # its last digit
+        ("program.hex", lambda b: b + b"00\n", "program.hex is damaged"),
+        ("gelu.hex", lambda b: b"", "gelu.hex is damaged"),
+        ("model.vh", lambda b: b.replace(b"`define N_CTX", b"`define N_CTXX"), "model.vh defines no N_CTX"),
+        ("model.vh", lambda b: b"\xff" + b, "model.vh: cannot read it"),
+        ("vocab_map.txt", lambda b: b"1 x 2\n", "vocab_map.txt: not a list of token ids"),
+    ]
+    for name, spoil, why in damage:
+        (out / name).write_bytes(spoil(intact[name]))
+        res = cli("simulate", str(out), "--prompt-ids", "2")
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and why in res.stderr, (name, res.stderr)
+        (out / name).write_bytes(intact[name])
+    assert cli("simulate", str(out), "--prompt-ids", "2").returncode == 0
+
+
+@pytest.mark.tool
 @pytest.mark.parametrize("shape", ["three_blocks_n0_n1", "tied_unnormalised"])
 def test_verilator_simulation_equals_icarus_and_the_emulator(shape, tmp_path):
     # a second, independent simulator (Verilog compiled to C++) of the same core and testbench

@@ -142,10 +142,17 @@ def entry_cases(data: bytes, picks: int = 8) -> Iterator[Case]:
             if other != e.qlength:
                 yield f"{tag} qlength={other}", patched(data, f["qlength"], "<Q", other), True
             yield f"{tag} qoffset past the end", patched(data, f["qoffset"], "<Q", U64 - 64), True
+            # a finite scale whose codes dequantize past float32: the first scale's group holds a code of
+            # +-qmax (symmetric schemes) or the tensor's extreme (min/max), so 3e38 times it is Inf
+            if e.qlength:
+                yield f"{tag} first scale 3e38 (Inf values)", patched(data, e.qoffset, "<f", 3e38), True
             if e.length:
                 yield f"{tag} parameters overlap its data", patched(data, f["qoffset"], "<Q", e.offset), True
             if e.scheme == fmt.SCHEMES["group"]:
                 yield f"{tag} group=0", patched(data, f["group"], "<I", 0), True
+                # a group wider than the row is the row (one scale a row): valid, and past an int in C
+                wide = patched(data, f["group"], "<I", (1 << 32) - 1)
+                yield f"{tag} group=2^32-1, a scale a row", patched(wide, f["qlength"], "<Q", 4 * e.shape[0]), False
         else:
             yield f"{tag} scheme=group without parameters", patched(data, f["scheme"], "<B", 3), True
         name = bytearray(data[base: base + 48])

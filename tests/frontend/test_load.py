@@ -127,6 +127,19 @@ def test_safetensors_config_errors(tmp_path: Path, doc: object | None, needle: s
         load_model(_safetensors(tmp_path, doc))
 
 
+def test_safetensors_float16_and_float64_are_read_as_float32(tmp_path: Path) -> None:
+    # as .pt files' are: the values are rounded to float32 (f16 -> f32 exactly)
+    from safetensors.numpy import save_file
+
+    g = random_graph("d40_h5", seed=5)
+    sd = {k: np.ascontiguousarray(v.astype(np.uint8) if v.dtype == bool else v.astype(np.float16))
+          for k, v in g.state_dict().items()}
+    save_file(sd, str(tmp_path / "m.safetensors"))
+    (tmp_path / "m.json").write_text(json.dumps(g.config.to_dict()))
+    loaded = load_model(tmp_path / "m.safetensors")
+    np.testing.assert_array_equal(loaded.head.bias.data, g.head.bias.data.astype(np.float16).astype(np.float32))
+
+
 def test_safetensors_is_known_by_its_bytes_not_its_name(tmp_path: Path) -> None:
     g = random_graph("d40_h5", seed=5)
     p = _safetensors(tmp_path, g.config.to_dict())
@@ -204,10 +217,22 @@ BAD = {
     "tokenizer repeats a character": (lambda c: c.__setitem__("tokenizer", {"kind": "char", "chars": "a" * 23}),
                                       "repeats a character"),
     "tokenizer of unknown kind": (lambda c: c.__setitem__("tokenizer", {"kind": "sentencepiece"}), "unknown kind"),
+    # Found by an audit of the command line: tracebacks from numpy, or a mask read as True from NaN
+    "sparse tensor": (lambda c: c["model"].__setitem__("head.bias", c["model"]["head.bias"].to_sparse()),
+                      "head.bias is a torch.sparse_coo"),
+    "quantized tensor": (lambda c: c["model"].__setitem__(
+        "head.bias", torch.quantize_per_tensor(c["model"]["head.bias"], 0.1, 0, torch.qint8)),
+        "head.bias is a quantized tensor"),
+    "frozen mask of floats": (lambda c: c["model"].__setitem__("blocks.0.field.frozen", torch.full((7,), 0.5)),
+                              "a frozen mask must be bool or 0/1"),
+    "float64 past float32": (lambda c: c["model"].__setitem__("head.bias", torch.full((23,), 1e300,
+                                                                                       dtype=torch.float64)),
+                             "head.bias: 23 NaN/Inf"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")  # making the quantized case: deprecated in torch
 def test_bad_checkpoint_raises(tmp_path: Path, case: str) -> None:
     mutate, pattern = BAD[case]
     with pytest.raises(CrystalError, match=pattern):
@@ -281,6 +306,15 @@ def test_cli_nan_checkpoint_one_line(tmp_path: Path) -> None:
 def test_cli_unknown_option_one_line() -> None:
     r = _cli("inspect", "--bogus")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--bogus" in r.stderr
+
+
+def test_cli_usage_errors_read_as_one_line_or_as_help() -> None:
+    r = _cli("compile", "m.pt", "-o", "out")  # click lists the choices on lines of their own
+    assert r.returncode == 2 and r.stderr == ("crystalc: error: Missing option '--target' / '-t'. "
+                                              "Choose from: c, verilog, spice, cuda\n"), r.stderr
+    r = _cli()  # no command: the help itself, readable, not folded into one escaped line
+    assert r.returncode == 2 and r.stdout.startswith("Usage: crystalc") and "\\n" not in r.stdout
+    assert "  compile " in r.stdout, r.stdout
 
 
 def test_cli_missing_file() -> None:

@@ -87,6 +87,26 @@ def test_group_with_columns_not_divisible_by_n() -> None:
     assert np.all(np.abs(t.data[:, 20:]).max(axis=1) == 127)
 
 
+def test_a_group_wider_than_the_row_is_the_row() -> None:
+    # the largest group allowed costs the row's memory, not the group's (it padded to N columns before)
+    x = sample_arrays()["odd_cols"]
+    wide = quantize_array("w", x, 8, parse_granularity("group:1048576"))
+    row = quantize_array("w", x, 8, parse_granularity("row"))
+    assert wide.quant.group == 1048576 and wide.quant.scale.shape == (x.shape[0], 1)
+    np.testing.assert_array_equal(wide.data, row.data)
+    np.testing.assert_array_equal(wide.values(), row.values())
+    with pytest.raises(CrystalError, match="1 <= N <= 1048576"):
+        parse_granularity("group:1048577")
+
+
+def test_codes_that_dequantize_past_float32_are_refused() -> None:
+    # finite scales, but 127 x 3e38 is Inf: the graph must not verify, whatever reads it next
+    t = quantize_array("w", sample_arrays()["odd_cols"], 8, parse_granularity("row"))
+    t.quant.scale[0] = np.float32(3e38)
+    with pytest.raises(CrystalError, match="w: a code times its scale, plus its offset, overflows float32"):
+        t.verify(t.shape, ("i8",))
+
+
 def test_finer_granularity_beats_an_outlier() -> None:
     x = sample_arrays()["outlier_2d"]
     err = {g: float(np.abs(x - quantize_array("w", x, 8, parse_granularity(g)).values()).mean())

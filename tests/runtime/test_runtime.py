@@ -207,6 +207,31 @@ def test_sanitized_runtime_rejects_corrupt_files(sanitized, tmp_path):
             assert len(res.stderr.splitlines()) == 1 and res.stdout == "", f"{label}: {res.stderr!r}"
 
 
+def test_sanitized_runtime_on_overflowing_scales_and_wide_groups(sanitized, tmp_path):
+    # finite scales whose codes dequantize past float32 are refused by both readers; a group wider than
+    # the row (2^32 - 1, past a C int) is a scale a row, read alike: the runtime's logits are the IR's
+    from crystalc.format.crystal import decode_crystal
+    from tests.format.corrupt import all_cases
+    from tests.format.test_corrupt import BASES, python_verdict
+
+    cases = [(label, data) for label, data, _ in all_cases(BASES["quantized_pruned"])
+             if "3e38" in label or "a scale a row" in label]
+    assert sum("a scale a row" in label for label, _ in cases) >= 3
+    for i, (label, data) in enumerate(cases):
+        path = tmp_path / f"c{i}.crystal"
+        path.write_bytes(data)
+        verdict = python_verdict(data)
+        if verdict is not None:
+            assert "overflows float32" in verdict, label
+            res = run(sanitized, path, "--prompt-ids", "0,1", "--logits", sanitizer=True)
+            assert res.returncode == 2 and "overflows float32" in res.stderr, f"{label}: {res.stderr[-2000:]}"
+            continue
+        graph = decode_crystal(data)
+        ids = prompt(graph)
+        _, got = runtime_logits(sanitized, path, ids, sanitizer=True)
+        assert np.abs(got - forward(graph, graph.to_current_ids(ids))[-1]).max() <= TOL, label
+
+
 def test_crystalc_run_on_crystal_and_pt(cache, tmp_path):
     g, path, chars = char_model(tmp_path)
     pt = save_pt(g, tmp_path / "m.pt")
@@ -249,6 +274,16 @@ def test_crystalc_run_speaks_text_for_a_bpe_model(cache, tmp_path):
     res = subprocess.run([exe, "run", str(crystal), "--prompt", "to be", "--prompt-ids", "1"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "exactly one of --prompt and --prompt-ids" in res.stderr
+    # a token of the prompt that pruning dropped is named as text, not as an id the user never gave
+    from crystalc.passes.prune_vocab import prune_vocab
+
+    pruned = tmp_path / "pruned.crystal"
+    write_crystal(prune_vocab(g, None, [i for i in range(tok.vocab_size) if i != ids[-1]]), pruned)
+    res = subprocess.run([exe, "run", str(pruned), "--prompt", "to be", "-n", "2"],
+                         capture_output=True, text=True, timeout=300)
+    lost = tok.decode([ids[-1]])
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert f"--prompt: token {lost!r} (id {ids[-1]}) was pruned" in res.stderr, res.stderr
 
 
 @pytest.mark.parametrize("name", ["two_blocks", "plain", "seeds_layout"])

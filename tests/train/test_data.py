@@ -50,7 +50,8 @@ def test_split_and_eval_windows() -> None:
     assert len(va) == 17 and eval_windows(va, 16, 4).shape == (1, 17)
 
 
-@pytest.mark.parametrize("spec", ["", "bpe", "bpe:10", "bpe:-5", "char:3", "BPE:300"])
+@pytest.mark.parametrize("spec", ["", "bpe", "bpe:10", "bpe:-5", "char:3", "BPE:300",
+                                  "bpe:1048577", "bpe:99999999999"])  # past MAX_DIM: tokenizers would abort
 def test_bad_tokenizer_specs(spec: str) -> None:
     with pytest.raises(CrystalError):
         parse_tokenizer_spec(spec)

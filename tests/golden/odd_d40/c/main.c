@@ -5,8 +5,9 @@
 #include "model.h"
 
 int main(int argc, char **argv) {
-    if (model_check()) {
-        fprintf(stderr, "%s: error: weights.bin is little-endian and this machine is not\n", argv[0]);
+    const char *bad = model_check();
+    if (bad) {
+        fprintf(stderr, "%s: error: %s\n", argv[0], bad);
         return 2;
     }
     return crystal_main(&crystal_builtin_model, argc, argv);

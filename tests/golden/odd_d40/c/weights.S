@@ -5,9 +5,11 @@
 #if defined(__APPLE__)
     .const
     .globl _crystal_weights
+    .globl _crystal_weights_end
     .p2align 6
 _crystal_weights:
     .incbin "weights.bin"
+_crystal_weights_end:
 #else
     .section .rodata
     .globl crystal_weights
@@ -16,6 +18,9 @@ _crystal_weights:
 crystal_weights:
     .incbin "weights.bin"
     .size crystal_weights, . - crystal_weights
+    /* where it ends: the program checks that the file it linked is as long as the one it was made for */
+    .globl crystal_weights_end
+crystal_weights_end:
     /* no executable stack */
     .section .note.GNU-stack, "", %progbits
 #endif

@@ -8,10 +8,11 @@
 int crystal_cuda_check(const char *prog);  /* crystal_forward.cu */
 
 int main(int argc, char **argv) {
-    if (model_check()) {
-        fprintf(stderr, "%s: error: weights.bin is little-endian and this machine is not\n", argv[0]);
+    const char *bad = model_check();
+    if (bad) {
+        fprintf(stderr, "%s: error: %s\n", argv[0], bad);
         return 2;
     }
-    if (crystal_cuda_check(argv[0])) return 2;
+    crystal_device_check = crystal_cuda_check;  /* after the command line is checked */
     return crystal_main(&crystal_builtin_model, argc, argv);
 }

@@ -12,7 +12,7 @@
 
 #include "model.h"
 
-extern const unsigned char crystal_weights[];
+extern const unsigned char crystal_weights[], crystal_weights_end[];
 
 #define W(off) ((const void *)(crystal_weights + (off)))
 #define F(off) ((const float *)(crystal_weights + (off)))
@@ -99,12 +99,20 @@ const crystal_model crystal_builtin_model = {
     .char_offsets = (const uint32_t *)W(88256),
 };
 
-int model_check(void) {
-    /* weights.bin opens with 0x57595243u written little-endian; read natively it matches only on
-     * a little-endian machine */
+const char *model_check(void) {
+    /* the offsets above assume the whole file: a shorter or longer one (rebuilt from another
+     * weights.bin) would have them read outside it */
+    if ((uintptr_t)crystal_weights_end - (uintptr_t)crystal_weights != 88508u)
+        return "weights.bin is not the 88508-byte file this program was generated with: compile again";
+    /* it opens with 0x57595243u written little-endian; read natively it matches only on a
+     * little-endian machine */
     uint32_t magic;
     memcpy(&magic, crystal_weights, sizeof magic);
-    return magic == 0x57595243u ? 0 : -1;
+    if (magic == 0x57595243u) return NULL;
+    uint32_t le = (uint32_t)crystal_weights[0] | (uint32_t)crystal_weights[1] << 8 |
+                  (uint32_t)crystal_weights[2] << 16 | (uint32_t)crystal_weights[3] << 24;
+    return le == 0x57595243u ? "weights.bin is little-endian and this machine is not"
+                             : "weights.bin does not begin with crystalc's magic: compile again";
 }
 
 int model_forward(const int32_t *ids, int n, float *out) {

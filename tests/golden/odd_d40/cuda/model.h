@@ -15,8 +15,9 @@
 /* The model, its weights pointing into the linked weights.bin. */
 extern const crystal_model crystal_builtin_model;
 
-/* 0 when weights.bin reads correctly on this machine (it is little-endian), else -1. */
-int model_check(void);
+/* NULL when the linked weights.bin is the one this code was generated for and reads correctly on this
+ * machine (it is little-endian); else why not, in a line. */
+const char *model_check(void);
 
 /* Logits [n, MODEL_VOCAB_SIZE] of every position of current-vocabulary ids[0..n), 1 <= n <= MODEL_N_CTX,
  * into out; 0, or -1 on bad input. The entry point of the cffi binding. */
