@@ -89,7 +89,8 @@ class ModelConfig:
             if isinstance(v, bool) or not isinstance(v, int):
                 raise CrystalError(f"config: {name} must be an integer, got {v!r}")
             if not 1 <= v <= MAX_DIM:
-                raise CrystalError(f"config: {name} = {v} is outside 1..{MAX_DIM}")
+                shown = str(v) if abs(v) < 10**12 else f"a number of {len(str(abs(v)))} digits"  # not 300 of them
+                raise CrystalError(f"config: {name} = {shown} is outside 1..{MAX_DIM}")
         for name in ("field_norm", "final_norm", "tie_head"):
             if not isinstance(getattr(self, name), bool):
                 raise CrystalError(f"config: {name} must be true or false, got {getattr(self, name)!r}")
