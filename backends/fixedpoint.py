@@ -12,7 +12,10 @@ held to the reference interpreter within a stated tolerance (docs/backends.md).
 
 The arithmetic, defined once here and mirrored by the Verilog:
 
-- Values are Q16.16 in 32 bits; products and sums are exact in 64 bits.
+- Values are Q16.16 in 32 bits; products and sums are exact in 64 bits: signed sums within
+  +-2^63, sums of squares (squared distances, D x variance) below 2^64. Past that the core's
+  64-bit registers wrap, and so does this emulator (numpy's int64), so the two still agree
+  word for word; neither then agrees with the float model.
 - `rshift_round(a, s)` = (a + 2^(s-1)) >> s, the shift arithmetic (floor), so
   halves round up. `tdiv` truncates toward zero, as Verilog's signed `/` does.
   Every word written to RAM saturates to 32 bits (`sat32`).
@@ -109,7 +112,10 @@ def sat32(a: np.ndarray | int) -> np.ndarray:
 
 
 def isqrt(a: np.ndarray) -> np.ndarray:
-    return np.array([math.isqrt(int(v)) for v in np.asarray(a).ravel()], dtype=np.int64).reshape(np.shape(a))
+    """floor(sqrt) of 64-bit words read as unsigned, as the core's square root reads them: a sum of squares
+    in [2^63, 2^64) is a negative int64 here and a right answer there."""
+    words = (int(v) & 0xFFFF_FFFF_FFFF_FFFF for v in np.asarray(a).ravel())
+    return np.array([math.isqrt(w) for w in words], dtype=np.int64).reshape(np.shape(a))
 
 
 def exp_lut() -> np.ndarray:

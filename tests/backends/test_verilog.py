@@ -334,6 +334,20 @@ def lint(out: Path) -> None:
 
 
 @pytest.mark.tool
+def test_a_sum_of_squares_past_2_63_is_read_unsigned_by_both(tmp_path):
+    # a neuron 32000 units out in 3 dimensions: its squared distance in Q16 lies in [2^63, 2^64), a negative
+    # int64 but a right answer read unsigned, as the core's square root reads it (the emulator's raised)
+    from crystalc.ir.tensor import Tensor
+
+    cfg = dict(vocab_size=5, d_model=3, n_ctx=2, n_heads=3, n_blocks=1, n_neurons=[2], ffn_hidden=2)
+    g = random_graph(cfg, seed=8)
+    g = g.map_tensors(lambda t: Tensor(t.name, np.full_like(t.data, 32000.0)) if t.name.endswith("positions") else t)
+    # |h| < 100 after a LayerNorm of random weights, so each squared distance lies between these
+    assert 2**63 <= 3 * ((32000 - 100) * fp.ONE) ** 2 and 3 * ((32000 + 100) * fp.ONE) ** 2 < 2**64
+    check(g, built(g, tmp_path / "out"), [1, 2])
+
+
+@pytest.mark.tool
 def test_simulate_refuses_bad_prompts(tmp_path):
     from crystalc.errors import CrystalError
 
