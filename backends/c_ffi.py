@@ -10,6 +10,9 @@ through the KV cache).
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+import tempfile
 from pathlib import Path
 
 import cffi
@@ -70,12 +73,24 @@ class CModel:
 
 
 def load(graph: Graph, out_dir: Path, cflags: str | None = None) -> CModel:
-    """Emit `graph` into out_dir (when it holds no emitted model yet), build libmodel.so and load it."""
+    """Emit `graph` into out_dir, build libmodel.so and load it.
+
+    A file already there with the same bytes is left alone, so that make rebuilds only what changed
+    (nothing, for a folder built from this graph before). The library is loaded from a copy named by
+    its content: dlopen hands back the library first loaded from a path for as long as the process
+    lives, so a folder rebuilt for another graph would otherwise still run the old one.
+    """
     from crystalc.backends.c import BACKEND
 
     out_dir = Path(out_dir)
-    if not (out_dir / "model.c").is_file():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        BACKEND.emit(graph, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for new in BACKEND.emit(graph, Path(tmp)):
+            old = out_dir / new.name
+            if not old.is_file() or old.read_bytes() != new.read_bytes():
+                shutil.copyfile(new, old)
     library = BACKEND.build(out_dir, cflags=cflags, target="libmodel.so")
-    return CModel(library.resolve(), graph.config.vocab_size, graph.config.n_ctx)
+    loaded = out_dir / f".libmodel.{hashlib.sha256(library.read_bytes()).hexdigest()[:16]}.so"
+    if not loaded.is_file():
+        shutil.copyfile(library, loaded)
+    return CModel(loaded.resolve(), graph.config.vocab_size, graph.config.n_ctx)

@@ -275,6 +275,16 @@ def test_quantize_pass_output_matches_the_interpreter(tmp_path):
     assert np.abs(library(g, tmp_path).forward(ids) - forward(g, ids)).max() <= TOL
 
 
+def test_a_library_folder_reused_for_another_graph_runs_the_new_one(tmp_path):
+    # the folder is re-emitted and rebuilt, and the new library loaded, though dlopen caches by path
+    a, b = random_graph("d40_h5", seed=1), random_graph("d40_h5", seed=2)
+    ids = some_prompt(a, a.config.n_ctx)
+    first = library(a, tmp_path).forward(ids)
+    assert np.abs(first - forward(a, ids)).max() <= TOL
+    assert np.abs(library(b, tmp_path).forward(ids) - forward(b, ids)).max() <= TOL
+    assert np.array_equal(library(a, tmp_path).forward(ids), first)
+
+
 def test_pruned_vocabulary_speaks_original_ids(tmp_path):
     from crystalc.passes.prune_vocab import prune_vocab
 
