@@ -174,14 +174,30 @@ def _with_active_neurons(op: NeuronField, h: np.ndarray, core: np.ndarray) -> np
     return num
 
 
+def _frozen_core(out_dir: Path) -> bool:
+    """Whether out_dir was compiled with --frozen-only: its subcircuits then have the port fden."""
+    netlists = sorted(Path(out_dir).glob("neuron_field_b*.sp"))
+    if not netlists:
+        raise CrystalError(f"{out_dir} holds no neuron_field netlist: compile the model with --target spice")
+    subckt = next((ln for ln in netlists[0].read_text(encoding="utf-8").splitlines() if ln.startswith(".subckt")),
+                  "")
+    return subckt.endswith(" fden")
+
+
 def forward(graph: Graph, out_dir: Path, ids: Sequence[int]) -> np.ndarray:
-    """Logits [S, V] with every neuron field out_dir has a netlist of computed by ngspice (a frozen
-    core's with the active neurons added here), the rest by the interpreter."""
+    """Logits [S, V] with every neuron field computed by ngspice from out_dir's netlists (a frozen
+    core's with the active neurons added here), the rest by the interpreter. A block with neurons
+    (frozen ones, for a frozen core) whose netlist is missing is an error, not a quiet digital field."""
+    frozen_core = _frozen_core(out_dir)
 
     def field(block: int, op: NeuronField, h: np.ndarray) -> np.ndarray:
         netlist = Path(out_dir) / netlist_name(block)
-        if not netlist.is_file():  # no neurons, or (a frozen core) no frozen ones: all digital
+        in_circuit = np.count_nonzero(op.frozen.data) if frozen_core else op.n_neurons
+        if not in_circuit:  # no neurons, or (a frozen core) no frozen ones: all digital
             return neuron_field(op, h)
+        if not netlist.is_file():
+            raise CrystalError(f"{netlist} is missing: block {block} has {in_circuit} "
+                               f"{'frozen ' if frozen_core else ''}neurons for it")
         out = simulate_field(out_dir, block, h)
         if out.shape[1] > h.shape[1]:  # a frozen core's sums, fden last
             out = _with_active_neurons(op, h, out)

@@ -175,6 +175,29 @@ def test_frozen_core_with_digital_active_neurons(shape, tmp_path):
     assert np.abs(spice.forward(g, out, ids) - forward(g, ids)).max() <= LOGIT_TOL
 
 
+@pytest.mark.parametrize("frozen_only", [False, True])
+def test_forward_refuses_a_folder_missing_a_netlist(tmp_path, frozen_only):
+    # a block whose netlist is gone must not quietly fall back to the interpreter's field: the parity
+    # tests would then compare the interpreter with itself
+    g = random_graph("three_blocks_n0_n1", seed=2)
+    if frozen_only:  # every neuron frozen, so that two blocks have a frozen core
+        g = g.map_tensors(lambda t: type(t)(t.name, np.ones_like(t.data)) if t.name.endswith(".frozen") else t)
+    out = tmp_path / "out"
+    out.mkdir()
+    written = spice.BACKEND.emit(g, out, frozen_only=frozen_only)
+    in_circuit = [b for b, blk in enumerate(g.blocks)
+                  if (np.count_nonzero(blk.field.frozen.data) if frozen_only else blk.field.n_neurons)]
+    assert sorted(p.name for p in written if p.suffix == ".sp") == [spice.netlist_name(b) for b in in_circuit]
+    assert len(in_circuit) >= 2
+    (out / spice.netlist_name(in_circuit[-1])).unlink()
+    with pytest.raises(CrystalError, match=f"{spice.netlist_name(in_circuit[-1])} is missing: block {in_circuit[-1]}"):
+        spice.forward(g, out, [1, 2])
+    for p in out.glob("*.sp"):
+        p.unlink()
+    with pytest.raises(CrystalError, match="holds no neuron_field netlist"):
+        spice.forward(g, out, [1, 2])
+
+
 def test_frozen_core_needs_frozen_neurons(tmp_path):
     g = random_graph("all_on", seed=1)
     frozen = g.blocks[0].field.frozen

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from crystalc.frontend import load_model
-from crystalc.ir.interpret import generate
+from crystalc.ir.interpret import forward, generate
 from crystalc.tokenizer import Tokenizer
-from tests.conftest import REPO, require_tool
+from tests.conftest import MIN_SAMPLE_MARGIN, REPO, require_tool, sampled_with_margin
 
 MODEL = REPO / "examples" / "shakespeare" / "model.pt"
 SPEAKER = re.compile(r"^[A-Z][A-Za-z ]*:$", re.MULTILINE)  # a line holding only a name and a colon
@@ -65,3 +65,17 @@ def test_compiles_to_c_and_generates(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=60)
     assert g.returncode == 0, g.stderr
     assert g.stdout.startswith("ROMEO:") and SPEAKER.search(g.stdout[6:]), g.stdout
+    # and it is the model's play: the draws are the reference sampler's on the interpreter's logits (the
+    # only trained model, logits up to ~20, where an error of scale would show that random weights hide)
+    model = load_model(MODEL)
+    tok = Tokenizer(model.tokenizer)
+    ids = tok.encode("ROMEO:")
+    want, margin = sampled_with_margin(model, ids, 300, 1, 0.8, 0.9, 42)
+    assert margin > MIN_SAMPLE_MARGIN
+    assert g.stdout == "ROMEO:" + tok.decode(want) + "\n"
+    prompt = tok.encode("ROMEO:\nWhat say you, my lord?")
+    r = subprocess.run([str(out / "model"), "--prompt-ids", ",".join(map(str, prompt)), "--logits"],
+                       capture_output=True, text=True, timeout=60)
+    got = np.array([float(line.split()[1]) for line in r.stdout.splitlines()])
+    ref = forward(model, prompt)[-1]
+    assert np.abs(ref).max() > 5 and np.abs(got - ref).max() <= 1e-4, np.abs(got - ref).max()

@@ -19,6 +19,7 @@ import pytest
 
 from crystalc.format.crystal import encode_crystal, write_crystal
 from crystalc.ir.interpret import forward, generate
+from tests.backends.test_c import greedy_with_margin
 from tests.conftest import MIN_SAMPLE_MARGIN, random_graph, require_tool, sampled_with_margin, save_pt
 from tests.format.test_crystal import pruned, quantize_by_hand
 
@@ -143,12 +144,23 @@ def char_model(tmp_path):
 
 
 def test_greedy_generation_matches_the_interpreter_past_the_window(runtime, tmp_path):
-    g, path, chars = char_model(tmp_path)
+    # seed 52's continuations are varied and differ by shift, so a runtime that attended to the last token
+    # only, or ignored --shift, would not match (char_model's own seed repeats one character)
+    _, _, chars = char_model(tmp_path)
+    g = random_graph(dict(vocab_size=len(chars), d_model=16, n_ctx=6, n_heads=2, n_neurons=5, ffn_hidden=32),
+                     seed=52, tokenizer={"kind": "char", "chars": chars})
+    path = tmp_path / "greedy.crystal"
+    write_crystal(g, path)
     ids = [chars.index(c) for c in "to be"]
-    want = "".join(chars[i] for i in generate(g, ids, 20))  # 5 + 20 tokens: the window (6) slides
-    res = run(runtime, path, "--prompt", "to be", "-n", 20, "-t", 0)
-    assert res.returncode == 0, res.stderr
-    assert want in res.stdout
+    wants = {}
+    for shift in (1, 3):  # 5 + 20 tokens: the window (6) slides, or shifts by 3
+        rows, margin = greedy_with_margin(g, ids, 20, shift)
+        assert margin > 1e-3  # measured 0.14: no step is decided by rounding
+        wants[shift] = "".join(chars[i] for i in rows)
+        res = run(runtime, path, "--prompt", "to be", "-n", 20, "-t", 0, "--shift", shift)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout == "to be" + wants[shift] + "\n"
+    assert wants[1] != wants[3] and len(set(wants[1])) >= 4
 
 
 def test_sampled_generation_matches_the_reference_sampler(runtime, tmp_path):
