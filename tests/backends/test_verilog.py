@@ -339,9 +339,13 @@ def test_a_sum_of_squares_past_2_63_is_read_unsigned_by_both(tmp_path):
     # int64 but a right answer read unsigned, as the core's square root reads it (the emulator's raised)
     from crystalc.ir.tensor import Tensor
 
-    cfg = dict(vocab_size=5, d_model=3, n_ctx=2, n_heads=3, n_blocks=1, n_neurons=[2], ffn_hidden=2)
+    # No normalisation, and temperatures whose |tau| + 0.1 is 2^14 (its inverse exact in Q16): the weights
+    # e^(-d / 2^14), about e^-3.4, reach the logits, so a wrong distance shows (not only a crash).
+    cfg = dict(vocab_size=5, d_model=3, n_ctx=2, n_heads=3, n_blocks=1, n_neurons=[2], ffn_hidden=2,
+               field_norm=False)
     g = random_graph(cfg, seed=8)
-    g = g.map_tensors(lambda t: Tensor(t.name, np.full_like(t.data, 32000.0)) if t.name.endswith("positions") else t)
+    far = {"blocks.0.field.positions": 32000.0, "blocks.0.field.temperature": 16383.9}
+    g = g.map_tensors(lambda t: Tensor(t.name, np.full_like(t.data, far[t.name])) if t.name in far else t)
     # |h| < 100 after a LayerNorm of random weights, so each squared distance lies between these
     assert 2**63 <= 3 * ((32000 - 100) * fp.ONE) ** 2 and 3 * ((32000 + 100) * fp.ONE) ** 2 < 2**64
     check(g, built(g, tmp_path / "out"), [1, 2])
@@ -373,6 +377,7 @@ def test_simulate_command_names_a_damaged_file(tmp_path):
         ("rom.hex", lambda b: b[: len(b) // 2], "rom.hex is damaged: model.vh says"),
         ("lanes.hex", lambda b: b[:-2] + b"g\n", "lanes.hex is damaged"),  # its last digit
         ("program.hex", lambda b: b + b"00\n", "program.hex is damaged"),
+        ("rom.hex", lambda b: b + b"00000000\n", "rom.hex is damaged"),  # one word too many, of the right width
         ("gelu.hex", lambda b: b"", "gelu.hex is damaged"),
         ("model.vh", lambda b: b.replace(b"`define N_CTX", b"`define N_CTXX"), "model.vh defines no N_CTX"),
         ("model.vh", lambda b: b"\xff" + b, "model.vh: cannot read it"),
