@@ -165,8 +165,10 @@ def test_logits_match_the_interpreter(shape, tmp_path):
         assert np.abs(got - forward(g, prompt[-t:])[-1]).max() <= TOL
 
 
-# (shape, seed, prompt seed): chosen so that no greedy step is a near-tie (asserted below)
-GREEDY_CASES = [("d40_h5", 12, 0), ("three_blocks_n0_n1", 12, 0), ("tied_unnormalised", 12, 0), ("all_on", 12, 0)]
+# (shape, seed, prompt seed): chosen so that no greedy step is a near-tie, and so that the three shifts give
+# three continuations of two or more tokens (asserted below): one repeated token would pass a program that
+# attended to the last token only, or ignored --shift
+GREEDY_CASES = [("d40_h5", 12, 0), ("three_blocks_n0_n1", 12, 0), ("tied_unnormalised", 23, 0), ("all_on", 47, 0)]
 
 
 @pytest.mark.parametrize("shape,seed,prompt_seed", GREEDY_CASES)
@@ -175,16 +177,21 @@ def test_greedy_continuations_match_the_interpreter(shape, seed, prompt_seed, tm
     t = g.config.n_ctx
     exe = program(g, tmp_path / "prog")
     prompt = some_prompt(g, t // 2 + 1, prompt_seed)
+    wants = set()
     for shift in (1, 3, t):
         want, margin = greedy_with_margin(g, prompt, 100, shift)
         assert margin > MIN_MARGIN, f"near-tie ({margin:.2g}) in the reference path; pick another seed"
+        assert len(set(want)) >= 2
+        wants.add(tuple(want))
         assert binary_greedy(exe, prompt, 100, shift) == want, f"shift {shift}"
+    assert len(wants) == 3
 
 
 def test_spec_vectors(tmp_path):
     from crystalc.frontend import load_model
 
     expected = json.loads((SPEC_VECTORS / "expected.json").read_text())
+    greedy_checked = []
     for name, entry in expected.items():
         g = load_model(SPEC_VECTORS / f"{name}.pt")
         exe = program(g, tmp_path / name)
@@ -195,6 +202,8 @@ def test_spec_vectors(tmp_path):
         want, margin = greedy_with_margin(g, prompt, 100, 2)
         if margin > MIN_MARGIN:  # a trained-like vector may tie; then its logits above are the check
             assert binary_greedy(exe, prompt, 100, 2) == want, name
+            greedy_checked.append(name)
+    assert sorted(greedy_checked) == ["plain", "two_blocks"]  # seeds_layout ties (margin 8e-4): logits only
 
 
 # --- quantized and pruned graphs --------------------------------------------------------------

@@ -119,8 +119,8 @@ def test_the_hardware_generates_as_the_emulator(shape, lanes, prompt, n, shift, 
     assert got.tolist() == generate(g, ids, n, shift, logits_of=lambda ctx: fp.emulate(prog, ctx))
     assert cycles == cycles_counted(prog, lanes, prompt, n, shift)
     want, margin = greedy_with_margin(g, ids, n, shift)
-    if margin > 4 * TOL * max(1.0, float(np.abs(forward(g, ids)).max())):  # so in all three cases
-        assert got.tolist() == want
+    assert margin > 4 * TOL * max(1.0, float(np.abs(forward(g, ids)).max()))  # measured 4.7x to 44x of it
+    assert got.tolist() == want
 
 
 @pytest.mark.tool
