@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 from pathlib import Path
@@ -102,6 +103,16 @@ def require_tool(*names: str) -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(msg + " (CI=true: tool-backed tests may not skip)")
         pytest.skip(msg)
+
+
+def require_module(name: str) -> Any:
+    """The module, or a skip when it is not installed, except in CI, where the dev extra installs it."""
+    if os.environ.get("CI") == "true":
+        try:
+            return importlib.import_module(name)
+        except ImportError as e:
+            pytest.fail(f"missing module {name} ({e}; CI=true: the dev extra installs it, tests may not skip)")
+    return pytest.importorskip(name)
 
 
 @pytest.fixture(params=sorted(FIXTURE_SHAPES))

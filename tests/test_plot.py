@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import random_graph, save_pt
+from tests.conftest import random_graph, require_module, save_pt
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -31,7 +31,7 @@ def test_pca2_orders_by_variance() -> None:
 
 @pytest.mark.parametrize("shape", ["three_blocks_n0_n1", "d40_h5"])
 def test_inspect_plot(tmp_path: Path, shape: str) -> None:
-    pytest.importorskip("matplotlib")
+    require_module("matplotlib")
     g = random_graph(shape, seed=1)
     g = g.replace(meta={"curve": [
         {"step": s, "round": s, "loss": 3 - s / 10, "val_loss": 3.1 - s / 11, "neurons": [4 + s] * g.config.n_blocks,
@@ -53,7 +53,7 @@ _RECORD = {"step": 1, "loss": 2.0, "val_loss": 2.0, "neurons": [4], "frozen": [0
                                    [_RECORD, {**_RECORD, "step": 1e308}]])  # numbers no axis can place
 def test_a_malformed_curve_is_a_crystal_error(tmp_path: Path, curve) -> None:
     """The curve comes from the checkpoint's metadata, so a damaged one is bad input, not a crash."""
-    pytest.importorskip("matplotlib")
+    require_module("matplotlib")
     from crystalc.errors import CrystalError
     from crystalc.plot import plot_model
 
@@ -64,7 +64,7 @@ def test_a_malformed_curve_is_a_crystal_error(tmp_path: Path, curve) -> None:
 
 
 def test_inspect_plot_cli(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
+    require_module("matplotlib")
     model = save_pt(random_graph("d40_h5", seed=2), tmp_path / "m.pt")
     out = tmp_path / "field.png"
     r = _crystalc("inspect", str(model), "--plot", str(out))
@@ -73,7 +73,7 @@ def test_inspect_plot_cli(tmp_path: Path) -> None:
 
 
 def test_plot_of_a_crystal_file_does_not_import_torch(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
+    require_module("matplotlib")
     from crystalc.format.crystal import write_crystal
 
     path = tmp_path / "m.crystal"

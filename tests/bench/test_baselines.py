@@ -15,7 +15,7 @@ import torch
 
 from crystalc.ir import interpret
 from crystalc.model import model_from_graph
-from tests.conftest import FIXTURE_SHAPES, REPO, random_graph
+from tests.conftest import FIXTURE_SHAPES, REPO, random_graph, require_module
 
 sys.path.insert(0, str(REPO / "bench"))
 import roofline  # noqa: E402
@@ -75,8 +75,8 @@ def test_generation_loops_follow_the_spec_window_semantics(shape):
 
 
 def test_onnx_export_generates_the_sliding_window(tmp_path):
-    pytest.importorskip("onnx")
-    pytest.importorskip("onnxruntime")
+    require_module("onnx")
+    require_module("onnxruntime")
     g = random_graph("d40_h5", seed=2)
     model = model_from_graph(g).eval()
     t = g.config.n_ctx

@@ -10,14 +10,14 @@ import pytest
 from crystalc.errors import CrystalError
 from crystalc.format.crystal import read_crystal
 from crystalc.ir.interpret import forward
-from tests.conftest import random_graph, random_state
+from tests.conftest import random_graph, random_state, require_module
 from tests.format.seeds_v2_writer import seeds_int8, seeds_v2_bytes
 
 SHAPE = dict(vocab_size=29, d_model=24, n_ctx=10, n_heads=3, n_blocks=1, n_neurons=6, ffn_hidden=48)
 
 
 def torch_logits(sd: dict[str, np.ndarray], ids: list[int]) -> np.ndarray:
-    torch = pytest.importorskip("torch")
+    torch = require_module("torch")
     from crystalc.config import ModelConfig
     from crystalc.model import CrystalLM
 

@@ -25,7 +25,7 @@ from crystalc.ir.interpret import forward
 from crystalc.passes.prune_vocab import prune_vocab
 from crystalc.passes.quantize import quantize
 from crystalc.tokenizer import Tokenizer, char_tokenizer
-from tests.conftest import CORPUS, REPO, random_graph
+from tests.conftest import CORPUS, REPO, random_graph, require_module
 
 TRAIN_CHARS = 300_000
 HELD_OUT_CHARS = 20_000
@@ -37,7 +37,7 @@ def _corpus() -> str:
 
 def train_char_model(text: str, steps: int = 400, seed: int = 0) -> Graph:
     """A CrystalLM (D=64, T=32, 32 neurons) trained by plain Adam, returned through the .pt front end."""
-    torch = pytest.importorskip("torch")
+    torch = require_module("torch")
     from crystalc.config import ModelConfig
     from crystalc.model import CrystalLM, save_checkpoint
 
@@ -113,7 +113,7 @@ def test_per_tensor_int8_is_coarser_than_per_row(report) -> None:
 
 
 def _bpe_tokenizer(text: str, vocab_size: int) -> dict:
-    tk = pytest.importorskip("tokenizers")
+    tk = require_module("tokenizers")
     tok = tk.Tokenizer(tk.models.BPE())
     tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tk.decoders.ByteLevel()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from crystalc.train.data import Batches, encode, split
 from crystalc.train.loop import TrainConfig, _step_with_freezing, train
 from crystalc.train.stats import FieldStats
+from tests.conftest import require_module
 
 WORDS = ["the", "king", "queen", "crown", "doth", "speak", "night", "love", "sword", "fair"]
 
@@ -173,7 +174,7 @@ def test_checkpoint_loads_and_matches_interpreter(tmp_path: Path) -> None:
 
 
 def test_bpe_tokenizer(tmp_path: Path) -> None:
-    pytest.importorskip("tokenizers")
+    require_module("tokenizers")
     from crystalc.tokenizer import Tokenizer
     from crystalc.train.data import build_tokenizer
 
