@@ -391,7 +391,8 @@ def prune_vocab(model: str, corpus: str | None, keep: str | None, out_path: str,
 @click.option("--sampling", type=click.Choice(["auto", "overlap", "random"]), default="auto", show_default=True,
               help="overlap: windows with stride T/2; random: random starts; auto picks by corpus size.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initialisation and the batch order.")
-@click.option("--threads", type=click.IntRange(0), default=0, show_default=True, help="torch threads; 0: default.")
+@click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True,
+              help="torch threads; 0: default.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="cuda: train on the GPU (under torchrun, one GPU per rank with NCCL).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -415,9 +416,12 @@ def train(data: str, out_path: str, tokenizer: str, d_model: int, n_ctx: int, n_
         patience=patience, val_frac=val_frac, sampling=sampling, tokenizer=tokenizer, seed=seed, threads=threads,
         device=device, progress=not quiet)
     _, _, meta = run_training(read_corpus(data), cfg, out=out_path, log=lambda s: click.echo(s, err=True))
-    last = meta["curve"][-1] if meta["curve"] else None
-    summary = (f": val loss {last['val_loss']:.4f}, {sum(last['neurons'])} neurons, {last['frozen_pct']:.1f}% frozen"
-               if last else "")
+    # what the file holds: after early stopping, the best evaluation's weights, not the last one's
+    best = [p for p in meta["curve"] if p["step"] == meta["best_step"]] if cfg.patience else meta["curve"][-1:]
+    point = best[0] if best else None
+    summary = (f": val loss {point['val_loss']:.4f}, {sum(point['neurons'])} neurons, "
+               f"{point['frozen_pct']:.1f}% frozen" + (f" (step {point['step']}, the best)" if cfg.patience else "")
+               if point else "")
     click.echo(f"wrote {out_path}{summary}")
 
 
@@ -465,8 +469,8 @@ def eval_(model: str, corpus: str, modes: str, granularities: str, max_tokens: i
 def main() -> None:
     try:
         cli.main(standalone_mode=False, prog_name="crystalc")
-    except click.exceptions.Abort:
-        click.echo("crystalc: aborted", err=True)
+    except click.exceptions.Abort:  # outputs are renamed into place only when whole
+        click.echo("crystalc: interrupted: nothing written (an existing output is unchanged)", err=True)
         sys.exit(130)
     except click.exceptions.NoArgsIsHelpError as e:  # `crystalc` alone: the help, as it is meant to be read
         click.echo(e.ctx.get_help() if e.ctx is not None else e.format_message())
@@ -478,6 +482,7 @@ def main() -> None:
         click.echo(f"crystalc: error: {e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
+        click.echo("crystalc: interrupted: nothing written (an existing output is unchanged)", err=True)
         sys.exit(130)
 
 

@@ -51,7 +51,7 @@ class TrainConfig:
     growth: str = "split"          # split | none
     grow_every: int = 10           # rounds
     grow_count: int = 0            # splits per growth event; 0: reach max_neurons by grow_until
-    grow_until: float = 0.8        # fraction of training after which nothing grows (with grow_count 0)
+    grow_until: float = 0.8        # fraction of training after which nothing grows
     grow_noise: float = 0.1
     halve_parent: bool = True
     # freezing
@@ -91,6 +91,8 @@ class TrainConfig:
             raise CrystalError(f"initial neurons {self.neurons} must be between 0 and max neurons {self.max_neurons}")
         if not 0 <= self.val_frac < 1:
             raise CrystalError(f"validation fraction {self.val_frac} must be in [0, 1)")
+        if self.patience and self.val_frac == 0:  # every evaluation would be NaN, never better: it stopped at once
+            raise CrystalError("--patience watches the validation loss: it needs --val-frac above 0")
         D.parse_tokenizer_spec(self.tokenizer)
         if self.device not in ("cpu", "cuda"):
             raise CrystalError(f"device {self.device!r}: expected cpu or cuda")
@@ -251,6 +253,10 @@ def train(text: str, cfg: TrainConfig, out: str | None = None,
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         _step_with_freezing(opt, model, stats, r, cfg.soft_halflife)
         last_loss = loss.item()
+        if not math.isfinite(last_loss):  # the weights are lost with it: write nothing rather than NaNs
+            bar.close()
+            raise CrystalError(f"training diverged at step {step + 1} (loss {last_loss}): nothing written; "
+                               "lower --lr")
         bar.update(1)
         if _round_of(cfg, step + 1) == r and step + 1 < cfg.steps:
             continue

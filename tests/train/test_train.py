@@ -197,6 +197,11 @@ def _crystalc(*args: str) -> subprocess.CompletedProcess:
     (["--neurons", "10", "--max-neurons", "5"], "max neurons"),
     (["--lr", "nan"], "'nan' is not a finite number"),
     (["--soft-halflife", "inf"], "'inf' is not a finite number"),
+    # found by an audit: patience without a validation set stopped at once; a huge rate wrote NaN weights;
+    # torch segfaulted on 99999 threads
+    (["--val-frac", "0", "--patience", "2"], "needs --val-frac above 0"),
+    (["--lr", "1e30", "--d-model", "16", "--n-heads", "2", "--n-ctx", "8", "--neurons", "2"], "diverged at step"),
+    (["--threads", "99999"], "99999 is not in the range 0<=x<=1024"),
     pytest.param(["--device", "cuda"], "no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
 ])
@@ -221,9 +226,27 @@ def test_cli_trains(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout
     ck = torch.load(io.BytesIO(out.read_bytes()), weights_only=True)
+    last = ck["meta"]["curve"][-1]  # no early stopping: the summary is the last evaluation, the file's weights
+    assert f"val loss {last['val_loss']:.4f}, {sum(last['neurons'])} neurons" in r.stdout, r.stdout
     assert ck["format"] == "crystalc-checkpoint" and ck["tokenizer"]["kind"] == "char"
     assert ck["config"]["n_neurons"][0] > 4 and ck["meta"]["curve"]
     assert not ck["config"]["tie_head"] and not ck["config"]["final_norm"]
+
+
+def test_cli_summary_after_early_stopping_is_the_kept_model(tmp_path: Path) -> None:
+    # the file holds the best evaluation's weights; the closing line must describe those, not the last
+    data = tmp_path / "c.txt"
+    data.write_text(corpus(60))
+    out = tmp_path / "m.pt"
+    r = _crystalc("train", "--data", str(data), "--out", str(out), "--d-model", "16", "--n-ctx", "16", "--n-heads",
+                  "2", "--neurons", "4", "--max-neurons", "16", "--steps", "200", "--rounds", "40", "--batch-size", "8",
+                  "--eval-every", "1", "--patience", "1", "--lr", "0.05", "--quiet", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    meta = torch.load(io.BytesIO(out.read_bytes()), weights_only=True)["meta"]
+    assert meta["stopped_early"] and meta["curve"][-1]["step"] != meta["best_step"]  # it does stop early, past its best
+    best = next(p for p in meta["curve"] if p["step"] == meta["best_step"])
+    assert f"val loss {best['val_loss']:.4f}, {sum(best['neurons'])} neurons" in r.stdout, r.stdout
+    assert f"(step {best['step']}, the best)" in r.stdout
 
 
 def test_cli_trains_tied_head_and_final_norm(tmp_path: Path) -> None:
