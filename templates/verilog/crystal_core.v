@@ -31,8 +31,11 @@
 // the lane ROM L or of a cache. A lane has a second, smaller multiplier, which
 // makes a word of a code and its multiplier (word sp of LS).
 //
-// Protocol: set `token` (a row of the current vocabulary) and `pos`, pulse
-// `start` for one cycle; `done` rises when the program has halted. Positions
+// Protocol: hold `rst` high for a clock first (a synchronous reset of the
+// control: the core is then idle, whatever its registers powered up as; the
+// memories keep their words). Set `token` (a row of the current vocabulary) and
+// `pos`, pulse `start` for one cycle while `busy` is low; `done` pulses when the
+// program has halted. Positions
 // go 0, 1, 2, ... (the key/value caches hold the earlier ones). While idle, the
 // core reads RAM word rd_addr for the outside: its value is on rd_data a clock
 // later (the logits of the last token are at LOGITS + i).
@@ -40,10 +43,12 @@
 
 module crystal_core (
     input  wire        clk,
+    input  wire        rst,
     input  wire        start,
     input  wire [31:0] token,
     input  wire [31:0] pos,
     output reg         done,
+    output wire        busy,
     input  wire [31:0] rd_addr,
     output wire [31:0] rd_data
 );
@@ -287,7 +292,9 @@ module crystal_core (
         S_NF_EPS: state <= S_NF_OUT;
         default: state <= S_IDLE;
         endcase
+        if (rst) begin state <= S_IDLE; drain <= S_IDLE; done <= 1'b0; end  // last: it wins over the above
     end
+    assign busy = state != S_IDLE;
 
     // the addresses the issue stage sends in each state (the lane ROM's is wp)
     /* verilator lint_off UNUSEDSIGNAL */  // addresses are 32 bits, as in the program; a memory uses what it needs
@@ -350,6 +357,7 @@ module crystal_core (
     always @(posedge clk) begin
         state_x <= state; i_x <= i; j_x <= j; h_x <= h;
         drain_x <= drain; di_x <= di; dl_x <= dl; last_x <= j == steps - 1;
+        if (rst) begin state_x <= S_IDLE; drain_x <= S_IDLE; end  // no write of a step that was never sent
     end
 
     // Every unit's operands are held at 0 outside the states that use it (operand isolation): a

@@ -9,11 +9,14 @@
 // one, run again from position 0 (interpret.generate, the spec's "Generation
 // past the window"). With n = 0 it runs the prompt only; either way, once
 // `done` has risen, rd_addr reads the core's RAM (the last position's logits at
-// LOGITS + i) a clock later, as the core's port does.
+// LOGITS + i) a clock later, as the core's port does. `rst` (a clock, first)
+// makes it and the core idle whatever they powered up as; `start` is taken while
+// `busy` is low, and prompt_len, n and shift are read then, once.
 `include "model.vh"
 
 module crystal_gen (
     input  wire        clk,
+    input  wire        rst,
     input  wire        start,
     input  wire [31:0] prompt_len,  // 1 .. N_CTX tokens in the buffer
     input  wire [31:0] n,           // tokens to generate
@@ -24,6 +27,7 @@ module crystal_gen (
     output reg         tok_valid,
     output reg  [31:0] tok,
     output reg         done,
+    output wire        busy,
     input  wire [31:0] rd_addr,
     output wire [31:0] rd_data
 );
@@ -31,6 +35,8 @@ module crystal_gen (
     reg [2:0] state = G_IDLE;
     reg [31:0] len, p, made, v, best, q;  // tokens in the window, position run, tokens made, logit row, best row
     reg signed [31:0] top;                // the largest logit so far
+    reg [31:0] n_run, shift_run;          // n and shift as they were at start
+    assign busy = state != G_IDLE;
 
     reg [31:0] BUF [0:`N_CTX-1];  // the window's tokens, position order
     reg [31:0] bq;                 // BUF read a clock after its address
@@ -47,8 +53,10 @@ module crystal_gen (
     reg core_start;
     wire core_done;
     reg [31:0] core_rd;
-    crystal_core core (.clk(clk), .start(core_start), .token(bq), .pos(p), .done(core_done),
+    /* verilator lint_off PINCONNECTEMPTY */  // the generator knows when the core is busy: it started it
+    crystal_core core (.clk(clk), .rst(rst), .start(core_start), .token(bq), .pos(p), .done(core_done), .busy(),
                        .rd_addr(core_rd), .rd_data(rd_data));
+    /* verilator lint_on PINCONNECTEMPTY */
 
     // the addresses and the one buffer write of each state
     always @* begin
@@ -57,10 +65,10 @@ module crystal_gen (
         G_IDLE: begin b_we = buf_we; b_waddr = buf_addr; b_wdata = buf_data; end
         G_ARGMAX: core_rd = `LOGITS + v;
         G_EMIT: if (len != `N_CTX) begin b_we = 1'b1; b_waddr = len; b_wdata = best; end
-                else b_raddr = shift;  // the first word the shift moves
+                else b_raddr = shift_run;  // the first word the shift moves
         G_SHIFT: begin  // word q + shift, read last clock, moves to q; then the new token after them
-            b_raddr = q + 1 + shift; b_we = 1'b1;
-            b_waddr = q; b_wdata = q == `N_CTX - shift ? best : bq;
+            b_raddr = q + 1 + shift_run; b_we = 1'b1;
+            b_waddr = q; b_wdata = q == `N_CTX - shift_run ? best : bq;
         end
         default: ;
         endcase
@@ -69,12 +77,14 @@ module crystal_gen (
     always @(posedge clk) begin
         done <= 1'b0; tok_valid <= 1'b0; core_start <= 1'b0;
         case (state)
-        G_IDLE: if (start) begin len <= prompt_len; p <= 0; made <= 0; state <= G_READ; end
+        G_IDLE: if (start) begin
+            len <= prompt_len; n_run <= n; shift_run <= shift; p <= 0; made <= 0; state <= G_READ;
+        end
         G_READ: state <= G_START;  // BUF[p] is read
         G_START: begin core_start <= 1'b1; state <= G_WAIT; end
         G_WAIT: if (core_done) begin
             if (p + 1 < len) begin p <= p + 1; state <= G_READ; end
-            else if (made == n) begin done <= 1'b1; state <= G_IDLE; end
+            else if (made == n_run) begin done <= 1'b1; state <= G_IDLE; end
             else begin v <= 0; state <= G_ARGMAX; end
         end
         // logit v is on rd_data a clock after its address: v - 1's is compared while v's is read
@@ -85,15 +95,16 @@ module crystal_gen (
         end
         G_EMIT: begin
             tok_valid <= 1'b1; tok <= best; made <= made + 1;
-            if (made + 1 == n) begin done <= 1'b1; state <= G_IDLE; end
+            if (made + 1 == n_run) begin done <= 1'b1; state <= G_IDLE; end
             else if (len == `N_CTX) begin q <= 0; state <= G_SHIFT; end
             else begin p <= len; len <= len + 1; state <= G_READ; end
         end
         G_SHIFT: begin
             q <= q + 1;
-            if (q == `N_CTX - shift) begin len <= `N_CTX - shift + 1; p <= 0; state <= G_READ; end
+            if (q == `N_CTX - shift_run) begin len <= `N_CTX - shift_run + 1; p <= 0; state <= G_READ; end
         end
         default: state <= G_IDLE;
         endcase
+        if (rst) begin state <= G_IDLE; done <= 1'b0; tok_valid <= 1'b0; core_start <= 1'b0; end  // last: it wins
     end
 endmodule

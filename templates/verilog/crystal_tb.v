@@ -11,13 +11,15 @@
 `include "model.vh"
 
 module crystal_tb;
-    reg clk = 1'b0, start = 1'b0, buf_we = 1'b0;
+    reg clk = 1'b0, rst = 1'b1, start = 1'b0, buf_we = 1'b0;  // rst: the first clock edge only
     reg [31:0] prompt_len = 0, n = 0, shift = 1, buf_addr = 0, buf_data = 0, rd_addr = 0;
     wire tok_valid, done;
     wire [31:0] tok, rd_data;
-    crystal_gen gen (.clk(clk), .start(start), .prompt_len(prompt_len), .n(n), .shift(shift), .buf_we(buf_we),
-                     .buf_addr(buf_addr), .buf_data(buf_data), .tok_valid(tok_valid), .tok(tok), .done(done),
-                     .rd_addr(rd_addr), .rd_data(rd_data));
+    /* verilator lint_off PINCONNECTEMPTY */
+    crystal_gen gen (.clk(clk), .rst(rst), .start(start), .prompt_len(prompt_len), .n(n), .shift(shift),
+                     .buf_we(buf_we), .buf_addr(buf_addr), .buf_data(buf_data), .tok_valid(tok_valid), .tok(tok),
+                     .done(done), .busy(), .rd_addr(rd_addr), .rd_data(rd_data));
+    /* verilator lint_on PINCONNECTEMPTY */
     always #1 clk = ~clk;
 
     reg [31:0] ids [0:`N_CTX-1];
@@ -37,7 +39,7 @@ module crystal_tb;
         if (!$value$plusargs("shift=%d", shift)) shift = 1;
         $readmemh(prompt, ids, 0, count - 1);
         for (p = 0; p < count; p = p + 1)
-            @(negedge clk) begin buf_we = 1'b1; buf_addr = p; buf_data = ids[p]; end
+            @(negedge clk) begin rst = 1'b0; buf_we = 1'b1; buf_addr = p; buf_data = ids[p]; end
         @(negedge clk) begin buf_we = 1'b0; prompt_len = count; start = 1'b1; end
         @(negedge clk) start = 1'b0;
         wait (done);
