@@ -292,7 +292,7 @@ module crystal_core (
         S_NF_EPS: state <= S_NF_OUT;
         default: state <= S_IDLE;
         endcase
-        if (rst) begin state <= S_IDLE; drain <= S_IDLE; done <= 1'b0; end  // last: it wins over the above
+        if (rst) begin state <= S_IDLE; drain <= S_IDLE; end  // last, so it wins; done falls every clock
     end
     assign busy = state != S_IDLE;
 

@@ -105,6 +105,6 @@ module crystal_gen (
         end
         default: state <= G_IDLE;
         endcase
-        if (rst) begin state <= G_IDLE; done <= 1'b0; tok_valid <= 1'b0; core_start <= 1'b0; end  // last: it wins
+        if (rst) state <= G_IDLE;  // last, so it wins; done, tok_valid and the core's start fall every clock
     end
 endmodule

@@ -1,7 +1,10 @@
 // crystal_tb: runs a prompt through crystal_gen (and so crystal_core) and prints what it made.
 //
-//   vvp sim.vvp +prompt=ids.hex +tokens=N [+generate=G] [+shift=K]
+//   vvp sim.vvp +prompt=ids.hex +tokens=N [+generate=G] [+shift=K] [+abort=A]
 //       (run in this folder: the core reads rom.hex, lanes.hex, scales.hex, program.hex)
+//
+// +abort=A: A clocks after the start, the host resets the design mid-run (rst for a clock), loads the
+// prompt again and starts it again; what the first run made is not printed, and the cycles count both.
 //
 // ids.hex holds N rows of the current vocabulary (1 <= N <= N_CTX), one hex word
 // a line. Without +generate, prints "logit <row> <Q16.16 integer>" for every row
@@ -24,10 +27,11 @@ module crystal_tb;
 
     reg [31:0] ids [0:`N_CTX-1];
     reg [8*4096-1:0] prompt;
-    integer count, p, v;
+    integer count, p, v, abort_at;
+    reg quiet = 1'b0;  // the aborted run's tokens are not printed
     reg [63:0] cycles = 0, total;
     always @(posedge clk) cycles <= cycles + 1;
-    always @(posedge clk) if (tok_valid) $display("token %0d", tok);
+    always @(posedge clk) if (tok_valid && !quiet) $display("token %0d", tok);
 
     initial begin
         if (!$value$plusargs("prompt=%s", prompt) || !$value$plusargs("tokens=%d", count)
@@ -37,11 +41,22 @@ module crystal_tb;
         end
         if (!$value$plusargs("generate=%d", n)) n = 0;
         if (!$value$plusargs("shift=%d", shift)) shift = 1;
+        if (!$value$plusargs("abort=%d", abort_at)) abort_at = 0;
         $readmemh(prompt, ids, 0, count - 1);
         for (p = 0; p < count; p = p + 1)
             @(negedge clk) begin rst = 1'b0; buf_we = 1'b1; buf_addr = p; buf_data = ids[p]; end
         @(negedge clk) begin buf_we = 1'b0; prompt_len = count; start = 1'b1; end
         @(negedge clk) start = 1'b0;
+        if (abort_at > 0) begin
+            quiet = 1'b1;
+            repeat (abort_at) @(negedge clk);
+            rst = 1'b1;
+            @(negedge clk) rst = 1'b0;
+            for (p = 0; p < count; p = p + 1)  // a shifted window rewrote the buffer: the prompt again
+                @(negedge clk) begin buf_we = 1'b1; buf_addr = p; buf_data = ids[p]; end
+            @(negedge clk) begin buf_we = 1'b0; quiet = 1'b0; start = 1'b1; end
+            @(negedge clk) start = 1'b0;
+        end
         wait (done);
         total = cycles;
         if (n != 0) begin @(posedge clk); @(negedge clk); end  // the last token, printed at the edge after done

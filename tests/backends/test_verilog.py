@@ -375,6 +375,23 @@ def test_a_reset_starts_the_core_whatever_its_registers_powered_up_as(tmp_path):
 
 
 @pytest.mark.tool
+def test_a_reset_mid_run_then_a_new_start_runs_clean(tmp_path):
+    # the host resets the design while it works (in the prompt's first position, then with tokens made
+    # and the window shifted), loads the prompt again and starts again: the tokens are a clean run's
+    g = random_graph("d40_h5", seed=16)  # window 9
+    out = built(g, tmp_path / "out", lanes=3)
+    ids = [3, 22, 9, 4]
+    prog = fp.lower(g)
+    want = generate(g, ids, 12, 3, logits_of=lambda ctx: fp.emulate(prog, ctx))
+    (out / "ids.hex").write_text("".join(f"{i:08x}\n" for i in ids))
+    for abort in (40, cycles_counted(prog, 3, len(ids), 8, 3)):  # 8 tokens made: the window has shifted
+        res = subprocess.run(["vvp", "-n", "sim.vvp", "+prompt=ids.hex", f"+tokens={len(ids)}", "+generate=12",
+                              "+shift=3", f"+abort={abort}"], cwd=out, capture_output=True, text=True, timeout=60)
+        got = [int(line.split()[1]) for line in res.stdout.splitlines() if line.startswith("token ")]
+        assert got == want, (abort, res.stdout[-500:])
+
+
+@pytest.mark.tool
 def test_simulate_refuses_bad_prompts(tmp_path):
     from crystalc.errors import CrystalError
 
