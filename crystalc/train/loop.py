@@ -253,7 +253,10 @@ def train(text: str, cfg: TrainConfig, out: str | None = None,
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         _step_with_freezing(opt, model, stats, r, cfg.soft_halflife)
         last_loss = loss.item()
-        if not math.isfinite(last_loss):  # the weights are lost with it: write nothing rather than NaNs
+        if not math.isfinite(last_loss):  # the weights are lost with it
+            if cfg.patience and run.best_state is not None:  # early stopping keeps the best weights: stop here
+                run.stopped_early = True
+                break
             bar.close()
             raise CrystalError(f"training diverged at step {step + 1} (loss {last_loss}): nothing written; "
                                "lower --lr")
