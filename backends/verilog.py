@@ -389,7 +389,9 @@ _SIZES = ("ROM_WORDS", "LANE_WORDS", "SCALE_WORDS", "PROGRAM_WORDS", "INSTR_BITS
 
 def _defines(out_dir: Path) -> dict[str, int]:
     """model.vh's sizes; a folder's files are read back, so a damaged one is one line naming the file."""
-    path = out_dir / "model.vh"
+    path = Path(out_dir) / "model.vh"
+    if not path.is_file():
+        raise CrystalError(f"{out_dir} is not a folder compiled with --target verilog (it has no model.vh)")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -502,15 +504,13 @@ class _Rows(NamedTuple):
 
 def compiled_window(out_dir: Path) -> int:
     """The context length N_CTX of a folder compiled with --target verilog."""
-    if not (Path(out_dir) / "model.vh").is_file():
-        raise CrystalError(f"{out_dir} is not a folder compiled with --target verilog (it has no model.vh)")
     return _defines(Path(out_dir))["N_CTX"]
 
 
 def _rows(out_dir: Path, simulator: str) -> _Rows:
     """The folder's rows (vocab_map.txt when pruned), its simulation built first when it is not there."""
-    window = compiled_window(out_dir)
-    vocab = _defines(out_dir)["VOCAB_SIZE"]
+    sizes = _defines(out_dir)
+    window, vocab = sizes["N_CTX"], sizes["VOCAB_SIZE"]
     map_file = out_dir / "vocab_map.txt"
     try:
         rows_to_orig = ([int(v) for v in map_file.read_text(encoding="ascii").split()] if map_file.is_file()
