@@ -216,16 +216,21 @@ def test_cli_bad_input(tmp_path: Path, args: list[str], needle: str) -> None:
     assert not out.exists()
 
 
-def test_cli_trains(tmp_path: Path) -> None:
+def _train_tiny(tmp_path: Path, *options: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """`crystalc train` of a D 16, T 16 model with 4 initial neurons on a small corpus, and the checkpoint."""
     data = tmp_path / "c.txt"
     data.write_text(corpus(60))
     out = tmp_path / "m.pt"
     r = _crystalc("train", "--data", str(data), "--out", str(out), "--d-model", "16", "--n-ctx", "16", "--n-heads",
-                  "2", "--neurons", "4", "--max-neurons", "8", "--steps", "12", "--rounds", "6", "--grow-every", "2",
-                  "--batch-size", "4", "--eval-every", "3", "--quiet", "--threads", "1")
+                  "2", "--neurons", "4", *options, "--quiet", "--threads", "1")
     assert r.returncode == 0, r.stderr
+    return r, torch.load(io.BytesIO(out.read_bytes()), weights_only=True)
+
+
+def test_cli_trains(tmp_path: Path) -> None:
+    r, ck = _train_tiny(tmp_path, "--max-neurons", "8", "--steps", "12", "--rounds", "6", "--grow-every", "2",
+                        "--batch-size", "4", "--eval-every", "3")
     assert "wrote" in r.stdout
-    ck = torch.load(io.BytesIO(out.read_bytes()), weights_only=True)
     last = ck["meta"]["curve"][-1]  # no early stopping: the summary is the last evaluation, the file's weights
     assert f"val loss {last['val_loss']:.4f}, {sum(last['neurons'])} neurons" in r.stdout, r.stdout
     assert ck["format"] == "crystalc-checkpoint" and ck["tokenizer"]["kind"] == "char"
@@ -235,14 +240,9 @@ def test_cli_trains(tmp_path: Path) -> None:
 
 def test_cli_summary_after_early_stopping_is_the_kept_model(tmp_path: Path) -> None:
     # the file holds the best evaluation's weights; the closing line must describe those, not the last
-    data = tmp_path / "c.txt"
-    data.write_text(corpus(60))
-    out = tmp_path / "m.pt"
-    r = _crystalc("train", "--data", str(data), "--out", str(out), "--d-model", "16", "--n-ctx", "16", "--n-heads",
-                  "2", "--neurons", "4", "--max-neurons", "16", "--steps", "200", "--rounds", "40", "--batch-size", "8",
-                  "--eval-every", "1", "--patience", "1", "--lr", "0.05", "--quiet", "--threads", "1")
-    assert r.returncode == 0, r.stderr
-    meta = torch.load(io.BytesIO(out.read_bytes()), weights_only=True)["meta"]
+    r, ck = _train_tiny(tmp_path, "--max-neurons", "16", "--steps", "200", "--rounds", "40", "--batch-size", "8",
+                        "--eval-every", "1", "--patience", "1", "--lr", "0.05")
+    meta = ck["meta"]
     assert meta["stopped_early"] and meta["curve"][-1]["step"] != meta["best_step"]  # it does stop early, past its best
     best = next(p for p in meta["curve"] if p["step"] == meta["best_step"])
     assert f"val loss {best['val_loss']:.4f}, {sum(best['neurons'])} neurons" in r.stdout, r.stdout
@@ -250,14 +250,7 @@ def test_cli_summary_after_early_stopping_is_the_kept_model(tmp_path: Path) -> N
 
 
 def test_cli_trains_tied_head_and_final_norm(tmp_path: Path) -> None:
-    data = tmp_path / "c.txt"
-    data.write_text(corpus(60))
-    out = tmp_path / "m.pt"
-    r = _crystalc("train", "--data", str(data), "--out", str(out), "--d-model", "16", "--n-ctx", "16", "--n-heads",
-                  "2", "--neurons", "4", "--steps", "4", "--batch-size", "4", "--tie-head", "--final-norm",
-                  "--quiet", "--threads", "1")
-    assert r.returncode == 0, r.stderr
-    ck = torch.load(io.BytesIO(out.read_bytes()), weights_only=True)
+    _, ck = _train_tiny(tmp_path, "--steps", "4", "--batch-size", "4", "--tie-head", "--final-norm")
     assert ck["config"]["tie_head"] and ck["config"]["final_norm"]
     assert "head.weight" not in ck["model"] and "ln_f.weight" in ck["model"]
 
