@@ -69,6 +69,8 @@ class Simulator(NamedTuple):
 SIMULATORS = {
     "icarus": Simulator(SIM, ["vvp", "-n", SIM], ("make", "iverilog"), ("vvp",)),
     "verilator": Simulator("obj_dir/crystal_sim", ["obj_dir/crystal_sim"], ("make", "verilator"), ()),
+    # the design as Yosys synthesises it, written back as Verilog (netlist.v) and compiled by Verilator
+    "netlist": Simulator("obj_netlist/crystal_sim", ["obj_netlist/crystal_sim"], ("make", "yosys", "verilator"), ()),
 }
 
 
@@ -377,7 +379,8 @@ class VerilogBackend:
         return written
 
     def build(self, out_dir: Path, simulator: str = "icarus", **options: Any) -> Path:
-        """Build the simulation: Icarus Verilog's sim.vvp (`make sim.vvp`), or Verilator's obj_dir/crystal_sim."""
+        """Build the simulation: Icarus Verilog's sim.vvp (`make sim.vvp`), Verilator's obj_dir/crystal_sim, or
+        Verilator's obj_netlist/crystal_sim of the Verilog Yosys writes back after reading the design."""
         sim = _simulator(simulator)
         run_tool(["make", "-s", "-C", str(out_dir), sim.target], sim.build_tools,
                  f"building the {simulator} simulation")

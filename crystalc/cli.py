@@ -215,8 +215,10 @@ def compile(model: str, target: str, out_dir: str, build: bool, cflags: str | No
               help="Greedy tokens for the hardware to generate after the prompt (0: print the logits).")
 @click.option("--shift", type=int, default=1, show_default=True,
               help="Tokens dropped when the window is full (1: the exact sliding window).")
-@click.option("--simulator", type=click.Choice(["icarus", "verilator"]), default="icarus", show_default=True,
-              help="Icarus Verilog, or Verilator (tens of times faster to run, seconds to build).")
+@click.option("--simulator", type=click.Choice(["icarus", "verilator", "netlist"]), default="icarus",
+              show_default=True,
+              help="Icarus Verilog; Verilator (tens of times faster to run, seconds to build); or the netlist "
+                   "Yosys synthesises from the design, written back as Verilog and run by Verilator.")
 def simulate(out_dir: str, prompt: str | None, prompt_ids: str | None, n_tokens: int, shift: int,
              simulator: str) -> None:
     """Simulate the Verilog in OUT (crystalc compile --target verilog) on a prompt (its last N_CTX tokens).

@@ -5,7 +5,8 @@ test_fixedpoint.py (tolerance and why there); here the simulated hardware is
 held to the emulator exactly, and through it, to the interpreter within the same
 tolerance; so are the greedy tokens crystal_gen generates around the core, and
 every simulation's clock cycles to verilog.cycles_counted. Yosys maps the core
-(and the generator) to an FPGA's cells, its memories to RAMs.
+(and the generator) to an FPGA's cells, its memories to RAMs; the netlist it
+makes of the design, written back as Verilog, simulates as the RTL does.
 """
 
 from __future__ import annotations
@@ -444,6 +445,39 @@ def test_verilator_simulation_equals_icarus_and_the_emulator(shape, tmp_path):
     verilator, verilator_cycles = simulate(out, ids, simulator="verilator")
     assert verilator.tolist() == icarus.tolist() == fp.emulate(fp.lower(g), ids).tolist()
     assert verilator_cycles == icarus_cycles
+
+
+@pytest.mark.tool
+@pytest.mark.parametrize("shape,lanes,quant", [
+    ("three_blocks_n0_n1", 1, None),  # blocks of 0, 1 and 5 neurons, a final norm
+    ("d40_h5", 3, ("int8", "row")),  # codes through the lanes' multipliers, 3 lanes not dividing 40
+])
+def test_the_netlist_yosys_synthesises_simulates_as_the_rtl(shape, lanes, quant, tmp_path):
+    # Yosys reads the design (its processes, state machines, the memories and the .hex files they load) and
+    # writes it back as Verilog: Verilator's simulation of that must compute what Icarus computes from the
+    # RTL word for word (logits, greedy tokens, clock cycles), or synthesis and simulation disagree on what
+    # the RTL means
+    require_tool("yosys", "verilator")
+    g = random_graph(shape, seed=6)
+    g = g if quant is None else quantize(g, *quant)
+    out = built(g, tmp_path / "out", lanes)
+    BACKEND.build(out, simulator="netlist")
+    netlist = (out / "netlist.v").read_text()
+    assert "module crystal_gen" in netlist and "module crystal_core" not in netlist  # flattened: all Yosys's
+    assert "$readmem" not in netlist and not (out / "netlist.v.tmp").exists()
+    ids = np.random.default_rng(2).integers(0, g.config.vocab_size, g.config.n_ctx - 2).tolist()
+    netlist = simulate(out, ids, simulator="netlist")
+    assert netlist[0].tolist() == fp.emulate(fp.lower(g), ids).tolist()
+    assert netlist[1] == simulate(out, ids)[1]
+    made, rtl_made = (simulate(out, ids, sim, generate=6, shift=2) for sim in ("netlist", "icarus"))  # shifts
+    assert made[0].tolist() == rtl_made[0].tolist() and made[1] == rtl_made[1]
+
+
+def test_the_simulate_command_offers_every_simulator():
+    from crystalc.cli import simulate as command
+
+    option = next(p for p in command.params if p.name == "simulator")
+    assert list(option.type.choices) == list(verilog.SIMULATORS)  # the CLI names them without importing the backend
 
 
 def test_compile_refuses_what_q16_cannot_hold(tmp_path):
