@@ -11,14 +11,22 @@ Decisions taken here (templates/spice/ only renders text):
   V = (A - a_j) Vt with a_j = |h - pos_j| / (|tau_j| + 0.1), carries
   IS * exp(A) * exp(-a_j). A = 42 and IS = 1e-21 A put the nearest possible
   neuron (a_j = 0) at 1.09 V and 1.7 mA; neurons beyond A temperatures carry
-  -IS, which next to the eps current (normalised field) or IS * exp(A) is
-  below 1e-10 of a weight.
-- Vt is what ngspice computes at its default 27 C, from its own constants
-  (Boltzmann 1.38064852e-23 J/K, charge 1.6021766208e-19 C), so the diode's
-  exponent is the intended one to 1e-16.
+  -IS, which next to IS * exp(A) is 6e-19 of a weight, and next to the eps
+  current of a normalised field is what `far_field_error` bounds: emit refuses
+  a field_eps too small for it (eps = 0 among them).
+- Vt is what ngspice computes at 27 C, from its own constants (Boltzmann
+  1.38064852e-23 J/K, charge 1.6021766208e-19 C), so the diode's exponent is
+  the intended one to 1e-16; the options pin 27 C and ngspice runs with -n, so
+  that no .spiceinit of the user's changes the temperature (or anything else).
+- Each position is solved by its own ngspice run, in parallel: one circuit of S
+  instances took ngspice time growing far faster than S (the bundled model's
+  field: 3.3 s for one position, 241 s for eight).
 - ngspice puts GMIN (default 1e-12 S) beside every junction; the eps current is
   1.7e-11 A, so GMIN would leak 4% of it. The testbench sets GMIN to 1e-30 and
   solves to a relative tolerance of 1e-12.
+- The square root reads |sq_j|: the squared distance is never negative, but
+  Newton's first iterates make it so wherever h is nearer pos_j than the
+  origin is, and ngspice then stops on sqrt's domain (h on a neuron, D = 1).
 - Squares, square roots and the final division are ideal behavioural sources (B
   elements: analog multipliers and dividers at block level); sums are currents
   into a node (Kirchhoff), the val_jk weighting current mirrors (F elements).
@@ -30,11 +38,13 @@ Decisions taken here (templates/spice/ only renders text):
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +60,8 @@ from crystalc.templating import render
 DRIVE_A = 42.0  # the diode's drive for a neuron at distance 0, in thermal voltages
 DIODE_IS = 1e-21  # A
 THERMAL_VOLTAGE = 1.38064852e-23 * 300.15 / 1.6021766208e-19  # ngspice's kT/q at 27 C
-OPTIONS = "reltol=1e-12 abstol=1e-24 vntol=1e-15 gmin=1e-30"
+OPTIONS = "reltol=1e-12 abstol=1e-24 vntol=1e-15 gmin=1e-30 temp=27 tnom=27"
+FAR_ERROR_MAX = 1e-7  # an output's error from the diodes' -IS that emit accepts: below float32's rounding
 
 
 def _num(x: float) -> str:
@@ -59,6 +70,16 @@ def _num(x: float) -> str:
 
 def netlist_name(block: int) -> str:
     return f"neuron_field_b{block}.sp"
+
+
+def far_field_error(op: NeuronField) -> float:
+    """The most a normalised field's output can be off by the diodes' -IS: every neuron beyond A
+    temperatures (so that the eps current is the denominator) pushes sum_j |val_jk| IS into output k's
+    numerator, read against eps IS exp(A) (with no neurons beyond, the error is smaller)."""
+    if not op.normalize or op.n_neurons == 0:
+        return 0.0  # an unnormalised output is read against IS exp(A): the -IS is 6e-19 of a unit weight
+    spread = float(np.abs(op.values.values().astype(np.float64)).sum(axis=0).max())
+    return math.inf if op.eps == 0 else spread * math.exp(-DRIVE_A) / op.eps
 
 
 def lower_field(graph: Graph, block: int, frozen_only: bool = False) -> dict[str, Any]:
@@ -95,6 +116,13 @@ class SpiceBackend:
         if not blocks:
             what = "frozen neurons" if frozen_only else "neurons"
             raise CrystalError(f"the SPICE target compiles neuron fields, and no block has {what}")
+        for b in blocks:
+            op = graph.blocks[b].field
+            if far_field_error(op) > FAR_ERROR_MAX:
+                need = far_field_error(op) * (op.eps or 1.0) / FAR_ERROR_MAX
+                raise CrystalError(f"field_eps {op.eps:g} is too small for the SPICE circuit of block {b}: its "
+                                   f"diodes carry -IS beyond {DRIVE_A:g} temperatures, and only an eps current of "
+                                   f"field_eps >= {need:.2g} keeps that below {FAR_ERROR_MAX:g} of an output")
         written = []
         for b in blocks:
             path = Path(out_dir) / netlist_name(b)
@@ -133,7 +161,8 @@ def _ports(netlist: Path) -> tuple[int, list[str]]:
 
 def simulate_field(out_dir: Path, block: int, h: np.ndarray, timeout: float | None = 600) -> np.ndarray:
     """Block `block`'s field at the inputs h [S, D], by ngspice's operating point: [S, D] float64
-    (a frozen core: [S, D + 1], its sums f<k> and then fden)."""
+    (a frozen core: [S, D + 1], its sums f<k> and then fden). Each row is its own ngspice run (timeout
+    each), as many at once as there are CPUs."""
     if shutil.which("ngspice") is None:
         raise CrystalError("simulating SPICE needs 'ngspice', which is not on PATH")
     netlist = (Path(out_dir) / netlist_name(block)).resolve()
@@ -143,22 +172,30 @@ def simulate_field(out_dir: Path, block: int, h: np.ndarray, timeout: float | No
     d, outputs = _ports(netlist)
     if h.ndim != 2 or h.shape[1] != d:
         raise CrystalError(f"{netlist.name} takes inputs of width {d}, got an array of shape {list(h.shape)}")
-    with tempfile.TemporaryDirectory() as tmp:
-        bench = Path(tmp) / "bench.cir"
-        shutil.copy(netlist, Path(tmp) / netlist.name)  # .include by a plain name: paths may hold spaces
-        bench.write_text(render("spice", "testbench.cir.j2", block=block, d=d, outputs=outputs, options=OPTIONS,
-                                inputs=[[_num(v) for v in row] for row in h]), encoding="ascii")
-        try:
-            proc = subprocess.run(["ngspice", "-b", bench.name], cwd=tmp, capture_output=True, text=True,
-                                  timeout=timeout)
-        except subprocess.TimeoutExpired as e:
-            raise CrystalError(f"ngspice did not finish within {timeout:g} s") from e
-    found = {(int(s), o): float(v) for s, o, v in
-             re.findall(r"^v\(f(\d+)_(\w+)\) = (\S+)$", proc.stdout, re.MULTILINE)}
-    if proc.returncode != 0 or len(found) != len(h) * len(outputs):
-        detail = " ".join((proc.stderr + proc.stdout).split())[-1500:]
-        raise CrystalError(f"ngspice failed on {netlist.name} (exit {proc.returncode}): {detail}")
-    return np.array([[found[(s, o)] for o in outputs] for s in range(len(h))])
+    if len(h) == 0:
+        return np.zeros((0, len(outputs)))
+
+    def solve(row: np.ndarray) -> list[float]:
+        with tempfile.TemporaryDirectory() as tmp:
+            bench = Path(tmp) / "bench.cir"
+            shutil.copy(netlist, Path(tmp) / netlist.name)  # .include by a plain name: paths may hold spaces
+            bench.write_text(render("spice", "testbench.cir.j2", block=block, d=d, outputs=outputs,
+                                    options=OPTIONS, inputs=[[_num(v) for v in row]]), encoding="ascii")
+            try:
+                proc = subprocess.run(["ngspice", "-n", "-b", bench.name], cwd=tmp, capture_output=True,
+                                      text=True, timeout=timeout)
+            except subprocess.TimeoutExpired as e:
+                raise CrystalError(f"ngspice did not finish {netlist.name} within {timeout:g} s") from e
+        found = dict(re.findall(r"^v\(f0_(\w+)\) = (\S+)$", proc.stdout, re.MULTILINE))
+        if proc.returncode != 0 or sorted(found) != sorted(outputs):
+            said = (proc.stderr + proc.stdout).splitlines()
+            why = [ln for ln in said if re.search(r"error|fail|singular|abort", ln, re.IGNORECASE)] or said
+            detail = " ".join(" ".join(why).split())[-1500:]
+            raise CrystalError(f"ngspice failed on {netlist.name} (exit {proc.returncode}): {detail}")
+        return [float(found[o]) for o in outputs]
+
+    with ThreadPoolExecutor(max_workers=min(len(h), os.cpu_count() or 1)) as pool:
+        return np.array(list(pool.map(solve, h)))
 
 
 def _with_active_neurons(op: NeuronField, h: np.ndarray, core: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@
 *
 * w_j = exp(-|h - pos_j| / (|tau_j| + 0.1)) / (sum_k w_k + eps), x += sum_j w_j val_j:
 * - the squared distance of neuron j is a current into 1 ohm (node sq<j>);
+*   its root reads |sq<j>|, which Newton's first iterates can make negative;
 * - a diode's exponential makes w_j (A = 42, IS = 1e-21 A, Vt = 0.025864917 V, ngspice's kT/q at 27 C):
 *   driven at (A - a_j) thermal voltages, with
 *   a_j = |h - pos_j| / (|tau_j| + 0.1), it carries IS * (exp(A - a_j) - 1), sensed by Vi<j>;
@@ -26,7 +27,7 @@ Bsq0 0 sq0 I=0
 + +(V(h10)-(1.3872056))*(V(h10)-(1.3872056))
 + +(V(h11)-(0.396531731))*(V(h11)-(0.396531731))
 Rsq0 sq0 0 1
-Bv0 v0 0 V=1.0863265143006136-sqrt(V(sq0)+1e-24)*0.04137321
+Bv0 v0 0 V=1.0863265143006136-sqrt(abs(V(sq0))+1e-24)*0.04137321
 Vi0 v0 d0 DC 0
 D0 d0 0 dexp
 F0_0 0 num0 Vi0 -0.0588941276

@@ -3,6 +3,7 @@
 *
 * w_j = exp(-|h - pos_j| / (|tau_j| + 0.1)) / (sum_k w_k + eps), x += sum_j w_j val_j:
 * - the squared distance of neuron j is a current into 1 ohm (node sq<j>);
+*   its root reads |sq<j>|, which Newton's first iterates can make negative;
 * - a diode's exponential makes w_j (A = 42, IS = 1e-21 A, Vt = 0.025864917 V, ngspice's kT/q at 27 C):
 *   driven at (A - a_j) thermal voltages, with
 *   a_j = |h - pos_j| / (|tau_j| + 0.1), it carries IS * (exp(A - a_j) - 1), sensed by Vi<j>;
@@ -26,7 +27,7 @@ Bsq0 0 sq0 I=0
 + +(V(h10)-(-0.385722965))*(V(h10)-(-0.385722965))
 + +(V(h11)-(0.0998881683))*(V(h11)-(0.0998881683))
 Rsq0 sq0 0 1
-Bv0 v0 0 V=1.0863265143006136-sqrt(V(sq0)+1e-24)*0.0108836737
+Bv0 v0 0 V=1.0863265143006136-sqrt(abs(V(sq0))+1e-24)*0.0108836737
 Vi0 v0 d0 DC 0
 D0 d0 0 dexp
 F0_0 0 num0 Vi0 -0.256862104
@@ -58,7 +59,7 @@ Bsq1 0 sq1 I=0
 + +(V(h10)-(0.640948832))*(V(h10)-(0.640948832))
 + +(V(h11)-(-0.748755157))*(V(h11)-(-0.748755157))
 Rsq1 sq1 0 1
-Bv1 v1 0 V=1.0863265143006136-sqrt(V(sq1)+1e-24)*0.00966474004
+Bv1 v1 0 V=1.0863265143006136-sqrt(abs(V(sq1))+1e-24)*0.00966474004
 Vi1 v1 d1 DC 0
 D1 d1 0 dexp
 F1_0 0 num0 Vi1 0.0480827689
@@ -90,7 +91,7 @@ Bsq2 0 sq2 I=0
 + +(V(h10)-(1.22151339))*(V(h10)-(1.22151339))
 + +(V(h11)-(1.67683637))*(V(h11)-(1.67683637))
 Rsq2 sq2 0 1
-Bv2 v2 0 V=1.0863265143006136-sqrt(V(sq2)+1e-24)*0.0745522458
+Bv2 v2 0 V=1.0863265143006136-sqrt(abs(V(sq2))+1e-24)*0.0745522458
 Vi2 v2 d2 DC 0
 D2 d2 0 dexp
 F2_0 0 num0 Vi2 0.675744474
@@ -122,7 +123,7 @@ Bsq3 0 sq3 I=0
 + +(V(h10)-(0.60676223))*(V(h10)-(0.60676223))
 + +(V(h11)-(-0.692234278))*(V(h11)-(-0.692234278))
 Rsq3 sq3 0 1
-Bv3 v3 0 V=1.0863265143006136-sqrt(V(sq3)+1e-24)*0.0100013658
+Bv3 v3 0 V=1.0863265143006136-sqrt(abs(V(sq3))+1e-24)*0.0100013658
 Vi3 v3 d3 DC 0
 D3 d3 0 dexp
 F3_0 0 num0 Vi3 -0.0752685592
@@ -154,7 +155,7 @@ Bsq4 0 sq4 I=0
 + +(V(h10)-(0.950428009))*(V(h10)-(0.950428009))
 + +(V(h11)-(0.633010447))*(V(h11)-(0.633010447))
 Rsq4 sq4 0 1
-Bv4 v4 0 V=1.0863265143006136-sqrt(V(sq4)+1e-24)*0.0484371168
+Bv4 v4 0 V=1.0863265143006136-sqrt(abs(V(sq4))+1e-24)*0.0484371168
 Vi4 v4 d4 DC 0
 D4 d4 0 dexp
 F4_0 0 num0 Vi4 0.1824826
