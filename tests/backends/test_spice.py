@@ -165,12 +165,14 @@ def test_the_users_spiceinit_changes_nothing(tmp_path, monkeypatch):
 
 
 def test_emit_refuses_a_field_eps_too_small_for_the_circuit(tmp_path):
-    # a neuron beyond 42 temperatures carries -IS: next to an eps current of 0 (or 1e-14) that is the output
-    for eps in (0.0, 1e-14):
+    # a neuron beyond 42 temperatures carries -IS: next to an eps current of 0 (or 1e-14) that is the output;
+    # here sum_j |val_jk| reaches 5.1, so eps 1e-11 lets it reach 2.9e-7 of an output, 3e-11 9.8e-8
+    for eps in (0.0, 1e-14, 1e-11):
         g = random_graph({**FIXTURE_SHAPES["d40_h5"], "field_eps": eps}, seed=1)
         with pytest.raises(CrystalError, match=f"field_eps {eps:g} is too small for the SPICE circuit of block 0"):
             spice.BACKEND.emit(g, tmp_path)
         assert not list(tmp_path.iterdir())
+    spice.BACKEND.emit(random_graph({**FIXTURE_SHAPES["d40_h5"], "field_eps": 3e-11}, seed=1), tmp_path)
     unnormalised = random_graph({**FIXTURE_SHAPES["d40_h5"], "field_eps": 0.0, "field_norm": False}, seed=1)
     assert spice.far_field_error(unnormalised.blocks[0].field) == 0.0  # read against IS e^A, not eps
     spice.BACKEND.emit(unnormalised, tmp_path)
