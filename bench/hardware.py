@@ -23,8 +23,10 @@ os.environ.update(proc.SINGLE_THREAD_ENV)  # before numpy, torch or onnxruntime 
 import argparse  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import sampling  # noqa: E402
 import torch  # noqa: E402
 import torch_gen  # noqa: E402
 
@@ -40,15 +42,12 @@ OPS = ("token_embedding", "layer_norm", "linear", "causal_attention", "neuron_fi
 LANES = (1, 4, 16)  # the core's multiply-accumulate lanes for linear layers and the field (crystalc compile --lanes)
 
 
-def per_token_cpu(gen, skip: int) -> tuple[float, list[int]]:
-    """CPU seconds a token over the tokens after the first `skip`, and every token."""
-    tokens: list[int] = []
-    start = 0.0
-    for i, tok in enumerate(gen):
-        tokens.append(tok)
-        if i + 1 == skip:
-            start = time.process_time()
-    return (time.process_time() - start) / (len(tokens) - skip), tokens
+def per_token_cpu(make_gen: Callable[[], Iterator[int]], skip: int, reps: int) -> tuple[float, list[list[int]]]:
+    """The median over `reps` generations (after one untimed, to warm up) of the CPU seconds a token
+    after the first `skip`, and every generation's tokens."""
+    list(make_gen())
+    runs = [sampling.timed(make_gen(), skip) for _ in range(reps)]
+    return proc.median([cpu / (len(toks) - skip) for toks, cpu, _ in runs]), [toks for toks, _, _ in runs]
 
 
 def main() -> None:
@@ -88,22 +87,19 @@ def main() -> None:
     rows: list[tuple[str, str, float, dict[int, float]]] = []
     with torch.no_grad():
         want = generate(graph, prompt[:1], t)
-        kv = [per_token_cpu(torch_gen.generate_kv(model, prompt[:1], t), 1) for _ in range(reps)]
-        assert all(toks == want for _, toks in kv), "PyTorch's KV-cache tokens differ from the interpreter's"
-        kv_s = proc.median([s for s, _ in kv])
+        kv_s, kv = per_token_cpu(lambda: torch_gen.generate_kv(model, prompt[:1], t), 1, reps)
+        assert all(toks == want for toks in kv), "PyTorch's KV-cache tokens differ from the interpreter's"
         rows.append(("within the window (KV cache), positions 1..63", "PyTorch eager, KV cache", kv_s, kv_cycles))
         n = 64
         want = generate(graph, window, n)
-        rec = [per_token_cpu(torch_gen.generate_recompute_pruned(model, window, n), 0) for _ in range(reps)]
-        assert all(toks == want for _, toks in rec), "PyTorch's tokens differ from the interpreter's"
-        rows.append(("past the window, --shift 1 (64 positions a token)", "PyTorch eager", proc.median(
-            [s for s, _ in rec]), window_cycles))
+        rec_s, rec = per_token_cpu(lambda: torch_gen.generate_recompute_pruned(model, window, n), 0, reps)
+        assert all(toks == want for toks in rec), "PyTorch's tokens differ from the interpreter's"
+        rows.append(("past the window, --shift 1 (64 positions a token)", "PyTorch eager", rec_s, window_cycles))
         try:
             sess = torch_gen.ort_session(torch_gen.export_onnx(model, work / "hardware.onnx", pruned=True))
-            ort = [per_token_cpu(torch_gen.generate_ort_window(sess, t, window, n), 0) for _ in range(reps)]
-            assert all(toks == want for _, toks in ort), "ONNX Runtime's tokens differ from the interpreter's"
-            rows.append(("past the window, --shift 1 (64 positions a token)", "ONNX Runtime", proc.median(
-                [s for s, _ in ort]), window_cycles))
+            ort_s, ort = per_token_cpu(lambda: torch_gen.generate_ort_window(sess, t, window, n), 0, reps)
+            assert all(toks == want for toks in ort), "ONNX Runtime's tokens differ from the interpreter's"
+            rows.append(("past the window, --shift 1 (64 positions a token)", "ONNX Runtime", ort_s, window_cycles))
         except ImportError as e:
             rows.append(("past the window, --shift 1", f"ONNX Runtime not available ({e})", float("nan"), {}))
 

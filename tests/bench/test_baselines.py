@@ -127,3 +127,22 @@ def test_work_per_token():
     assert pruned.bytes == w_past.bytes and roofline.work(cfg, f32, "window-kv", pruned=True) == w_kv
     rate, bound = roofline.roofline(w_kv, peak_flops=100e9, peak_bw=50e9)
     assert bound == "memory" and rate == pytest.approx(50e9 / w_kv.bytes)
+
+
+def test_timed_counts_only_the_tokens_after_skip(monkeypatch):
+    # a fake clock that each token advances by 1 s (and the first by 100 s, a warm-up's cost): the
+    # time before the generation, or before the skipped tokens, must not be counted
+    import sampling
+
+    clock = [1000.0]
+    monkeypatch.setattr(sampling.time, "process_time", lambda: clock[0])
+    monkeypatch.setattr(sampling.time, "perf_counter", lambda: clock[0])
+
+    def gen():
+        for i in range(5):
+            clock[0] += 100.0 if i == 0 else 1.0
+            yield i
+
+    for skip, want in ((0, 104.0), (1, 4.0), (2, 3.0)):
+        toks, cpu, wall = sampling.timed(gen(), skip)
+        assert toks == [0, 1, 2, 3, 4] and cpu == wall == want
