@@ -471,6 +471,12 @@ def test_the_netlist_yosys_synthesises_simulates_as_the_rtl(shape, lanes, quant,
     assert netlist[1] == simulate(out, ids)[1]
     made, rtl_made = (simulate(out, ids, sim, generate=6, shift=2) for sim in ("netlist", "icarus"))  # shifts
     assert made[0].tolist() == rtl_made[0].tolist() and made[1] == rtl_made[1]
+    # the same netlist under Icarus (make netlist.vvp, for gate-level netlists), one token
+    subprocess.run(["make", "-s", "-C", str(out), "netlist.vvp"], check=True, capture_output=True, timeout=300)
+    (out / "one.hex").write_text(f"{ids[0]:08x}\n")
+    runs = [subprocess.run(["vvp", "-n", vvp, "+prompt=one.hex", "+tokens=1"], cwd=out, capture_output=True,
+                           text=True, timeout=SIM_TIMEOUT, check=True).stdout for vvp in ("netlist.vvp", "sim.vvp")]
+    assert runs[0] == runs[1] and runs[0].count("logit ") == g.config.vocab_size
 
 
 def test_the_simulate_command_offers_every_simulator():
