@@ -382,28 +382,30 @@ int crystal_main(const crystal_model *m, int argc, char **argv) {
         return bad(prog, "--threads %ld: this program was built without OpenMP (add -fopenmp to CFLAGS)", o.threads);
     if (o.prompt && m->tokenizer != CRYSTAL_TOK_CHAR)
         return bad(prog, "--prompt needs a char tokenizer, which this model lacks; use --prompt-ids");
-    if (crystal_device_check && crystal_device_check(prog)) return EXIT_BAD;
 
-    /* the prompt, as current rows; one longer than the window keeps its last T tokens */
+    /* the prompt, as current rows; one longer than the window keeps its last T tokens. Read before the
+     * device is looked for (a bad prompt is named as such where there is no GPU) and the state made */
     size_t cap = strlen(o.prompt ? o.prompt : o.prompt_ids) + 1;
     int32_t *prompt = malloc(cap * sizeof *prompt);
     int32_t *ctx = malloc((size_t)t * sizeof *ctx);
     candidate *cand = malloc((size_t)2 * v * sizeof *cand);
     crystal_state s;
-    if (!prompt || !ctx || !cand || crystal_state_init(&s, m)) {
-        free(prompt);
-        free(ctx);
-        free(cand);
-        return bad(prog, "out of memory for a model of %d tokens x %d positions", v, t);
+    int have_state = 0, status = EXIT_BAD;
+    if (!prompt || !ctx || !cand) {
+        bad(prog, "out of memory for a model of %d tokens x %d positions", v, t);
+        goto done;
     }
     int n = o.prompt ? encode_chars(m, prog, o.prompt, prompt, (int)cap)
                      : parse_prompt_ids(m, prog, o.prompt_ids, prompt, (int)cap);
-    int status = 0;
-    if (n == 0) status = bad(prog, "empty prompt");
-    if (n <= 0) {
-        status = EXIT_BAD;
+    if (n == 0) bad(prog, "empty prompt");
+    if (n <= 0) goto done;
+    if (crystal_device_check && crystal_device_check(prog)) goto done;
+    if (crystal_state_init(&s, m)) {
+        bad(prog, "out of memory for a model of %d tokens x %d positions", v, t);
         goto done;
     }
+    have_state = 1;
+    status = 0;
     int len = n < t ? n : t;
     memcpy(ctx, prompt + (n - len), (size_t)len * sizeof *ctx);
 
@@ -437,7 +439,7 @@ int crystal_main(const crystal_model *m, int argc, char **argv) {
     if (o.n_tokens > 0 || text) putchar('\n');
 
 done:
-    crystal_state_free(&s);
+    if (have_state) crystal_state_free(&s);
     free(prompt);
     free(ctx);
     free(cand);

@@ -26,6 +26,8 @@ extern "C" {
 #ifndef THREADS
 #define THREADS 256  /* threads a block: a power of two >= 32; the block-wide reductions assume it */
 #endif
+static_assert(THREADS >= 32 && THREADS <= 1024 && (THREADS & (THREADS - 1)) == 0,
+              "THREADS must be a power of two from 32 to 1024: the block-wide reductions halve it to a warp");
 
 /* kernel<<<grid, block>>>(args), spelled so that a test can run the kernels on a CPU
  * (tests/backends/cuda_on_cpu.h defines LAUNCH with threads and barriers) */

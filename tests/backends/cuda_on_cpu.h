@@ -9,12 +9,20 @@
  * two barriers, and the kernels' indexing, reductions and synchronisation execute as
  * written, deterministically. What it cannot check is the GPU itself (its expf, erff
  * and sqrtf, memory model, occupancy): that needs a GPU.
+ *
+ * The order in which a round runs the threads is CUDA_ON_CPU_ORDER: forward (0 first, the
+ * default), reverse, or shuffle (a new seeded permutation every round). A missing barrier
+ * shows only in some orders (a reader running before its writer), so the tests run several.
  */
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <numeric>
+#include <random>
 #include <functional>
 #include <memory>
 #include <vector>
@@ -52,24 +60,49 @@ inline void fiber_main() {
     yield();  /* never resumed */
 }
 
+/* getcontext is declared as returning twice, so it lives apart from launch's loops (whose counters the
+ * compiler would otherwise suspect clobbered); it returns once here, makecontext giving a new entry */
+[[gnu::noinline]] inline void restart(Fiber &f) {
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = f.stack.get();
+    f.context.uc_stack.ss_size = STACK;
+    f.context.uc_link = nullptr;
+    makecontext(&f.context, fiber_main, 0);
+    f.done = false;
+}
+
+enum class Order { forward, reverse, shuffle };
+
+inline Order order() {
+    const char *e = std::getenv("CUDA_ON_CPU_ORDER");
+    if (!e || !std::strcmp(e, "forward")) return Order::forward;
+    if (!std::strcmp(e, "reverse")) return Order::reverse;
+    if (!std::strcmp(e, "shuffle")) return Order::shuffle;
+    std::fprintf(stderr, "CUDA_ON_CPU_ORDER=%s: expected forward, reverse or shuffle\n", e);
+    std::abort();
+}
+
+inline std::mt19937 shuffler(12345);  /* the same permutations every run */
+
 template <class Body>
 void launch(int grid, int block, Body body) {
+    if (grid < 1 || block < 1 || block > 1024) {  /* what CUDA refuses as an invalid configuration */
+        std::fprintf(stderr, "cuda_on_cpu: a launch of %d blocks of %d threads\n", grid, block);
+        std::abort();
+    }
     kernel = body;
     if ((int)fibers.size() < block) fibers.resize((size_t)block);
     offered.assign((size_t)block, 0.0f);
+    std::vector<int> turn((size_t)block);
+    std::iota(turn.begin(), turn.end(), 0);
+    Order how = order();
+    if (how == Order::reverse) std::reverse(turn.begin(), turn.end());
     for (int b = 0; b < grid; b++) {
-        for (int t = 0; t < block; t++) {
-            Fiber &f = fibers[(size_t)t];
-            getcontext(&f.context);
-            f.context.uc_stack.ss_sp = f.stack.get();
-            f.context.uc_stack.ss_size = STACK;
-            f.context.uc_link = nullptr;
-            makecontext(&f.context, fiber_main, 0);
-            f.done = false;
-        }
+        for (int t = 0; t < block; t++) restart(fibers[(size_t)t]);
         for (bool unfinished = true; unfinished;) {  /* a round: every thread to its next barrier */
             unfinished = false;
-            for (int t = 0; t < block; t++) {
+            if (how == Order::shuffle) std::shuffle(turn.begin(), turn.end(), shuffler);
+            for (int t : turn) {
                 Fiber &f = fibers[(size_t)t];
                 if (f.done) continue;
                 threadIdx.x = (unsigned)t;

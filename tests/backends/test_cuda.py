@@ -50,9 +50,10 @@ def program(graph: Graph, out: Path) -> Path:
     return out / "model"
 
 
-def run_logits(exe: Path, ids: list[int]) -> subprocess.CompletedProcess:
+def run_logits(exe: Path, ids: list[int], order: str = "forward") -> subprocess.CompletedProcess:
+    """The program's --logits; `order`: the emulation's thread order (cuda_on_cpu.h), where it is emulated."""
     return subprocess.run([str(exe), "--prompt-ids", ",".join(map(str, ids)), "--logits"], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, env={**os.environ, "CUDA_ON_CPU_ORDER": order})
 
 
 def gpu_seen() -> bool:
@@ -138,6 +139,9 @@ def test_without_a_gpu_one_line_and_exit_2(tmp_path, gpu):
     assert res.returncode == 0 and "--prompt-ids" in res.stdout + res.stderr, res.stderr
     res = subprocess.run([str(exe), "--prompt-ids", "1", "--shift", "0"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "--shift 0 is outside" in res.stderr and NO_GPU not in res.stderr, res.stderr
+    res = run_logits(exe, [999])  # and the prompt, before the weights would go to a GPU
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "999" in res.stderr, res.stderr
+    assert NO_GPU not in res.stderr
 
 
 def test_emit_is_the_c_model_with_a_cuda_forward_pass(tmp_path):
@@ -177,20 +181,23 @@ def test_compile_target_cuda_build(tmp_path):
 CPU_EMULATION = Path(__file__).with_name("cuda_on_cpu.h")
 
 
-def cpu_program(graph: Graph, out: Path, threads: int = 256) -> Path:
+def cpu_program(graph: Graph, out: Path, threads: int = 256, sanitize: bool = False) -> Path:
     """The CUDA program with its kernels compiled by g++ for cuda_on_cpu.h instead of nvcc.
 
     `threads` a block: the GPU build's 256, or as few as 32, which walks the kernels' strided
-    loops more than once on the test shapes."""
+    loops more than once where a dimension passes 32. `sanitize`: under AddressSanitizer and
+    UBSan, which see a kernel's read or write past its buffers (a GPU's allocations are
+    rounded up, so it would often pass there unseen)."""
     require_tool("g++")
     out.mkdir(parents=True)
     BACKEND.emit(graph, out)
-    steps = [["g++", "-std=c++20", "-O1", "-Wall", "-Wextra", "-Werror", f"-DTHREADS={threads}",
+    san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-g"] if sanitize else []
+    steps = [["g++", "-std=c++20", "-O1", "-Wall", "-Wextra", "-Werror", f"-DTHREADS={threads}", *san,
               "-include", str(CPU_EMULATION), "-x", "c++", "-c", "crystal_forward.cu", "-o", "crystal_forward.o"]]
-    steps += [["cc", *STRICT_C.split(), "-ffp-contract=off", "-c", f"{n}.c", "-o", f"{n}.o"]
+    steps += [["cc", *STRICT_C.split(), "-ffp-contract=off", *san, "-c", f"{n}.c", "-o", f"{n}.o"]
               for n in ("main", "model", "crystal_cli")]
     steps += [["cc", "-c", "weights.S", "-o", "weights.o"],
-              ["g++", "-o", "model_cpu", "main.o", "model.o", "crystal_cli.o", "weights.o",
+              ["g++", *san, "-o", "model_cpu", "main.o", "model.o", "crystal_cli.o", "weights.o",
                "crystal_forward.o", "-lm"]]
     for cmd in steps:
         res = subprocess.run(cmd, cwd=out, capture_output=True, text=True, timeout=600)
@@ -202,12 +209,30 @@ def cpu_program(graph: Graph, out: Path, threads: int = 256) -> Path:
 @pytest.mark.parametrize("threads", [256, 32])
 @pytest.mark.parametrize("shape", sorted(FIXTURE_SHAPES))
 def test_kernels_on_cpu_match_the_interpreter(shape, threads, tmp_path):
+    # in three thread orders: a barrier missing between a writer and its reader shows in one of them
     g = random_graph(shape, seed=2)
     exe = cpu_program(g, tmp_path / "out", threads)
     ids = np.random.default_rng(4).integers(0, g.config.vocab_size, g.config.n_ctx).tolist()
     for n in (1, len(ids)):
-        _, got = parsed(run_logits(exe, ids[:n]))
-        assert np.abs(got - forward(g, ids[:n])[-1]).max() <= TOL
+        for order in ("forward", "reverse", "shuffle"):
+            _, got = parsed(run_logits(exe, ids[:n], order))
+            assert np.abs(got - forward(g, ids[:n])[-1]).max() <= TOL
+
+
+@pytest.mark.tool
+def test_kernels_on_cpu_past_a_warp_under_sanitizers(tmp_path):
+    # a window, neurons and a head width past 32, at 32 threads a block: every strided loop (positions,
+    # head components, neurons, D) runs more than once; AddressSanitizer and UBSan watch every access
+    g = random_graph(dict(vocab_size=50, d_model=72, n_ctx=40, n_heads=2, n_blocks=2, n_neurons=[40, 1],
+                          ffn_hidden=90), seed=3)
+    exe = cpu_program(g, tmp_path / "out", threads=32, sanitize=True)
+    ids = np.random.default_rng(6).integers(0, g.config.vocab_size, g.config.n_ctx).tolist()
+    for order in ("forward", "shuffle"):
+        res = run_logits(exe, ids, order)
+        said = [ln for ln in res.stderr.splitlines() if "doesn't fully support makecontext" not in ln]
+        assert res.returncode == 0 and not said, res.stderr[-2000:]  # (ASan's caveat about fibers aside)
+        _, got = parsed(res)
+        assert np.abs(got - forward(g, ids)[-1]).max() <= TOL * max(1.0, float(np.abs(forward(g, ids)).max()))
 
 
 @pytest.mark.tool
