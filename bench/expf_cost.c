@@ -1,5 +1,5 @@
 /* The cost of one scalar expf on this machine: the neuron field evaluates N of them per
- * position (bench/roofline.py counts them apart from FLOPs). Built by bench/blas_peak.py
+ * position (bench/roofline.py counts them apart from FLOPs). Built by bench/run.py (yardstick)
  * with plain -O2 (no -ffast-math, so each call is glibc's scalar expf) and run once;
  * prints nanoseconds per call, the median of several passes, by CPU time.
  */

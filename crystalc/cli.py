@@ -142,7 +142,8 @@ calibrate_option = click.option(
     "--calibrate", type=click.Path(dir_okay=False), default=None,
     help="Text (e.g. training data) for calibrated rounding: the linear layers' codes are chosen to keep "
          "their outputs on this text close to float32 (GPTQ-style), instead of rounding each weight to "
-         "the nearest code. Same scales, same file size; see docs/quantization.md.")
+         "the nearest code. Same scales; the file is a few bytes larger (the calibration is recorded "
+         "in its metadata); see docs/quantization.md.")
 calibrate_tokens_option = click.option("--calibrate-tokens", type=click.IntRange(1), default=None,
                                        help=f"Tokens of the --calibrate text used (default: "
                                             f"{DEFAULT_CALIBRATE_TOKENS}).")
