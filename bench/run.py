@@ -171,9 +171,12 @@ def main() -> None:
     regimes: dict = {}
     print("[bench] within the window", flush=True)
     # The first token comes from the prompt's own forward on every side: time the 63 after it.
+    int8 = torch_gen.int8_dynamic(model)
     regimes["window"] = regime(builds, p1, 1, w, 1, {
         "torch": lambda: torch_gen.generate_recompute(model, p1, w),
-        "torch_full": lambda: torch_gen.generate_full_logits(model, p1, w)}, rounds)
+        "torch_full": lambda: torch_gen.generate_full_logits(model, p1, w),
+        "torch_kv": lambda: torch_gen.generate_kv(model, p1, w),
+        "torch_int8_kv": lambda: torch_gen.generate_kv(int8, p1, w)}, rounds)
 
     print("[bench] past the window, --shift 1", flush=True)
     sess = torch_gen.ort_session(torch_gen.export_onnx(model, work / "model.onnx"))
@@ -203,6 +206,10 @@ def main() -> None:
             checks[f"{name}/{tag}"] = agreement(c["tokens"], ref)
     for name in ("ort", "torch_pruned", "ort_pruned"):
         checks[f"shift1/{name}"] = agreement(regimes["shift1"][name]["tokens"], regimes["shift1"]["torch"]["tokens"])
+    checks["window/torch_kv"] = agreement(regimes["window"]["torch_kv"]["tokens"], regimes["window"]["torch"]["tokens"])
+    # its own int8 numerics (activations quantized too): close to mixed8's tokens, not equal to them
+    checks["window/torch_int8_kv vs C mixed8"] = agreement(regimes["window"]["torch_int8_kv"]["tokens"],
+                                                           regimes["window"]["c"].get("mixed8", {}).get("tokens", []))
     checks["shift32/torch-kv vs recompute"] = agreement(
         regimes["shift32"]["torch"]["tokens"],
         list(torch_gen.generate_recompute(model, p64, warm + m, 32)))

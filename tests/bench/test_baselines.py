@@ -146,3 +146,23 @@ def test_timed_counts_only_the_tokens_after_skip(monkeypatch):
     for skip, want in ((0, 104.0), (1, 4.0), (2, 3.0)):
         toks, cpu, wall = sampling.timed(gen(), skip)
         assert toks == [0, 1, 2, 3, 4] and cpu == wall == want
+
+
+def test_pytorchs_int8_path_quantizes_the_head_and_stays_close():
+    # the int8 baseline: every linear layer, the head among them, on PyTorch's dynamic int8 kernels; its
+    # logits within int8 noise of float32's (its own numerics: activations are quantized too)
+    g = random_graph("d40_h5", seed=3)
+    model = model_from_graph(g).eval()
+    int8 = torch_gen.int8_dynamic(model)
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    assert isinstance(int8.head_linear, DynamicInt8Linear) and isinstance(int8.blocks[0].ffn.fc1, DynamicInt8Linear)
+    ids = [1, 5, 2, 7]
+    want = interpret.forward(g, ids)[-1]
+    with torch.inference_mode():
+        kv = list(torch_gen.generate_kv(int8, ids, 3))
+        cache = torch_gen.KVCache(int8)
+        got = torch_gen._forward_cached(int8, cache, ids, 0).numpy()
+    assert len(kv) == 3
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max() and np.abs(got - want).max() > 1e-6
+    assert not hasattr(model, "head_linear")  # a copy: the float32 model is untouched
