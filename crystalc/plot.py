@@ -98,8 +98,7 @@ def _title(graph: Graph) -> str:
 
 
 def _field(ax: Any, field: Any, b: int) -> None:
-    pos = field.positions.dequantize() if hasattr(field.positions, "dequantize") else field.positions.data
-    val = field.values.dequantize() if hasattr(field.values, "dequantize") else field.values.data
+    pos, val = field.positions.values(), field.values.values()  # a quantized model's values, not its codes
     frozen = np.asarray(field.frozen.data, dtype=bool)
     xy, share = pca2(pos)
     size = np.linalg.norm(np.asarray(val, dtype=np.float64), axis=1) if len(val) else np.zeros(0)
@@ -123,7 +122,7 @@ def _scales(ax: Any, blocks: list[Any]) -> None:
     groups: dict[str, list[np.ndarray]] = {"frozen": [], "active": []}
     for blk in blocks:
         t = blk.field.temperature
-        tau = np.abs(np.asarray(t.dequantize() if hasattr(t, "dequantize") else t.data, dtype=np.float64)) + 0.1
+        tau = np.abs(np.asarray(t.values(), dtype=np.float64)) + 0.1
         fz = np.asarray(blk.field.frozen.data, dtype=bool)
         groups["frozen"].append(tau[fz])
         groups["active"].append(tau[~fz])

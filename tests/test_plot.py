@@ -84,3 +84,18 @@ def test_plot_of_a_crystal_file_does_not_import_torch(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "m.png").read_bytes().startswith(PNG)
+
+
+def test_a_quantized_field_is_plotted_by_its_values(tmp_path: Path, monkeypatch) -> None:
+    # the positions' PCA and the scales' histogram read the values, not the int8 codes
+    require_module("matplotlib")
+    import crystalc.plot as plot
+    from crystalc.passes.quantize import quantize
+
+    g = random_graph("d40_h5", seed=1)
+    seen: list[np.ndarray] = []
+    real_pca2 = plot.pca2
+    monkeypatch.setattr(plot, "pca2", lambda x: seen.append(np.asarray(x)) or real_pca2(x))
+    plot.plot_model(quantize(g, "int8", "row"), tmp_path / "q.png")
+    want = g.blocks[0].field.positions.values()
+    assert len(seen) == 1 and np.abs(seen[0] - want).max() <= np.abs(want).max() / 127

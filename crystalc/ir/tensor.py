@@ -24,9 +24,9 @@ class Quant:
 
     scheme "tensor": scale and offset have shape (1,); the seeds' asymmetric
     min/max mapping. scheme "row": shape (rows,), symmetric (offset 0) per row of a
-    2-D tensor (a 1-D tensor is one row). scheme "group": shape (rows, cols // group) with `group` consecutive
-    columns sharing a scale, symmetric. The arithmetic is float32 throughout:
-    multiply, round to float32, add, round to float32 (no fused multiply-add).
+    2-D tensor (a 1-D tensor is one row). scheme "group": shape (rows, ceil(cols / group)) with `group`
+    consecutive columns sharing a scale (the last group of a row may be narrower), symmetric. The arithmetic
+    is float32 throughout: multiply, round to float32, add, round to float32 (no fused multiply-add).
     """
 
     scheme: str

@@ -64,7 +64,7 @@ def parse_granularity(text: str) -> Granularity:
         return Granularity(t)
     if t.startswith("group:"):
         n = t[len("group:"):]
-        if n.isdigit() and 1 <= int(n) <= MAX_DIM:
+        if n.isascii() and n.isdigit() and 1 <= int(n) <= MAX_DIM:  # isdigit alone takes '²' and '١٢'
             return Granularity("group", int(n))
     raise CrystalError(f"granularity must be tensor, row or group:N with 1 <= N <= {MAX_DIM}, got {text!r}")
 

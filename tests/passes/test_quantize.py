@@ -166,7 +166,8 @@ def test_requantizing_a_quantized_graph() -> None:
     twice.verify()
 
 
-@pytest.mark.parametrize("bad", ("", "rows", "group", "group:", "group:0", "group:-2", "group:x", "tensor:3"))
+@pytest.mark.parametrize("bad", ("", "rows", "group", "group:", "group:0", "group:-2", "group:x", "tensor:3",
+                                 "group:²", "group:١٢"))  # digits to str.isdigit, not to int() or ASCII
 def test_bad_granularity(bad: str) -> None:
     with pytest.raises(CrystalError, match="granularity"):
         quantize(random_graph("all_on"), "int8", bad)
