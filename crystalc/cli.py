@@ -453,6 +453,7 @@ def eval_(model: str, corpus: str, modes: str, granularities: str, max_tokens: i
     gran_list = [g for g in granularities.replace(" ", "").split(",") if g]
     if not mode_list or not gran_list:  # an empty list would report float32 alone: a slip, not a request
         raise CrystalError("give at least one mode and one granularity (--modes, --granularities)")
+    mode_list, gran_list = checked_options(mode_list, gran_list)  # before the model is read; each once
     graph = _load(model, n_heads)
     text = _read_text(corpus)
     calibration = _calibration(graph, calibrate, calibrate_tokens)
@@ -462,7 +463,6 @@ def eval_(model: str, corpus: str, modes: str, granularities: str, max_tokens: i
                           max_tokens=max_tokens, progress=progress)
         click.echo(markdown(report), nl=False)
         return
-    checked_options(mode_list, gran_list)  # every option is checked before the first (slow) table
     tables = [sensitivity_markdown(sensitivity(graph, text, m, g, max_tokens=max_tokens, progress=progress,
                                                calibration=calibration))
               for m in mode_list for g in gran_list]

@@ -40,6 +40,27 @@ _FIELD_BUDGET = 1 << 24
 
 
 @dataclass(frozen=True)
+class CorpusNotes:
+    """What the scored text left out or was scored with, said under every report."""
+
+    n_tokens: int  # predicted positions
+    dropped_tokens: int = 0  # corpus tokens absent from a pruned vocabulary, left out of the sequence
+    unknown_chars: int = 0  # corpus characters the tokenizer lacks, skipped
+    calibration_tokens: int = 0  # tokens of calibration text the quantized rows' rounding used; 0: nearest
+
+    def markdown(self) -> str:
+        notes = [f"{self.n_tokens:,} predicted tokens"]
+        if self.calibration_tokens:
+            notes.append(f"codes by calibrated rounding on {self.calibration_tokens:,} tokens of calibration text")
+        if self.unknown_chars:
+            notes.append(f"{self.unknown_chars:,} corpus characters the tokenizer lacks skipped")
+        if self.dropped_tokens:
+            notes.append(f"{self.dropped_tokens:,} corpus tokens outside the pruned vocabulary left out (perplexity "
+                         "over the kept vocabulary: not comparable with the unpruned model's)")
+        return "; ".join(notes)
+
+
+@dataclass(frozen=True)
 class EvalRow:
     mode: str  # "float32" or a quantize mode
     granularity: str  # "-" for float32
@@ -52,11 +73,8 @@ class EvalRow:
 
 @dataclass(frozen=True)
 class EvalReport:
-    rows: tuple[EvalRow, ...]
-    n_tokens: int  # predicted positions
-    size_is_file: bool  # True: sizes of written .crystal files; False: estimated from tensor bytes
-    dropped_tokens: int  # corpus tokens absent from a pruned vocabulary, left out of the sequence
-    calibration_tokens: int = 0  # tokens of calibration text the quantized rows' rounding used; 0: nearest
+    rows: tuple[EvalRow, ...]  # nbytes: of the written .crystal file
+    corpus: CorpusNotes
 
 
 def _dequantized(graph: Graph) -> Graph:
@@ -93,20 +111,21 @@ def forward_windows(graph: Graph, windows: np.ndarray) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, s, g.config.vocab_size), dtype=np.float32)
 
 
-def corpus_to_ids(graph: Graph, text: str, max_tokens: int | None) -> tuple[np.ndarray, int]:
-    """Current-vocabulary ids of `text` (at most max_tokens), and how many tokens a pruned vocabulary lacked."""
+def corpus_to_ids(graph: Graph, text: str, max_tokens: int | None) -> tuple[np.ndarray, int, int]:
+    """Current-vocabulary ids of the first max_tokens + 1 tokens of `text` (max_tokens predictions), how many of
+    those a pruned vocabulary lacked (left out), and how many characters the tokenizer lacked (skipped)."""
     if graph.tokenizer is None:
         raise CrystalError("the model has no tokenizer: eval needs one to read the corpus")
-    orig = np.asarray(Tokenizer(graph.tokenizer).encode(text, strict=False), dtype=np.int64)
-    if max_tokens is not None:
-        orig = orig[: max_tokens + 1]  # max_tokens predictions need one more token of context
+    ids, unknown = Tokenizer(graph.tokenizer).encode_counted(text, limit=None if max_tokens is None
+                                                             else max_tokens + 1)
+    orig = np.asarray(ids, dtype=np.int64)
     lookup = np.full(max(graph.orig_vocab_size or 0, graph.config.vocab_size, int(orig.max(initial=0)) + 1), -1)
     lookup[graph.original_ids()] = np.arange(graph.config.vocab_size)
     cur = lookup[orig]
     kept = cur[cur >= 0]
     if kept.size < 2:
         raise CrystalError("the corpus holds fewer than 2 tokens the model knows: nothing to evaluate")
-    return kept, int(cur.size - kept.size)
+    return kept, int(cur.size - kept.size), unknown
 
 
 def _split(ids: np.ndarray, t: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -124,12 +143,14 @@ def _split(ids: np.ndarray, t: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return groups
 
 
-def _scored_positions(graph: Graph, corpus_text: str, max_tokens: int | None
-                      ) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray, int]:
-    """The corpus as (inputs, targets) window groups, all targets in order, and the dropped-token count."""
-    ids, dropped = corpus_to_ids(graph, corpus_text, max_tokens)
+def _scored_positions(graph: Graph, corpus_text: str, max_tokens: int | None, calibration: np.ndarray | None
+                      ) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray, CorpusNotes]:
+    """The corpus as (inputs, targets) window groups, all targets in order, and the notes on what was left out."""
+    ids, dropped, unknown = corpus_to_ids(graph, corpus_text, max_tokens)
     groups = _split(ids, graph.config.n_ctx)
-    return groups, np.concatenate([y.reshape(-1) for _, y in groups]), dropped
+    targets = np.concatenate([y.reshape(-1) for _, y in groups])
+    n_cal = 0 if calibration is None else int(np.asarray(calibration).size)
+    return groups, targets, CorpusNotes(int(targets.size), dropped, unknown, n_cal)
 
 
 def _logits(graph: Graph, groups: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -197,24 +218,22 @@ def _scores(logits: np.ndarray, targets: np.ndarray, ref_logits: np.ndarray) -> 
             _max_abs_diff(logits, ref_logits))
 
 
-def crystal_size(graph: Graph) -> tuple[int, bool]:
-    """Bytes of the graph's .crystal file, written to a temporary folder; or, while no
-    writer exists, the tensors' bytes (codes + scales) as an estimate (second value False)."""
-    try:
-        from crystalc.format.crystal import write_crystal
-    except ImportError:
-        return graph.nbytes, False
+def crystal_size(graph: Graph) -> int:
+    """Bytes of the graph's .crystal file, written to a temporary folder."""
+    from crystalc.format.crystal import write_crystal
+
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "model.crystal"
         write_crystal(graph, p)
-        return p.stat().st_size, True
+        return p.stat().st_size
 
 
-def checked_options(modes: Sequence[str], granularities: Sequence[str]) -> list[str]:
-    """Raise CrystalError on an unknown mode or granularity; the granularities in canonical form."""
+def checked_options(modes: Sequence[str], granularities: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Raise CrystalError on an unknown mode or granularity; both lists in canonical form, each entry once
+    (group:032 is group:32), in the order given."""
     for m in modes:
         check_mode(m)
-    return [str(parse_granularity(gr)) for gr in granularities]
+    return list(dict.fromkeys(modes)), list(dict.fromkeys(str(parse_granularity(gr)) for gr in granularities))
 
 
 def evaluate(
@@ -228,19 +247,17 @@ def evaluate(
 ) -> EvalReport:
     """The quality report of `graph` (taken as the float32 reference) on a held-out corpus.
     `calibration`: windows of current ids for calibrated rounding (quantize's `calibration`)."""
-    grans = checked_options(modes, granularities)
-    groups, targets, dropped = _scored_positions(graph, corpus_text, max_tokens)
+    modes, grans = checked_options(modes, granularities)
+    groups, targets, notes = _scored_positions(graph, corpus_text, max_tokens, calibration)
     jobs: list[tuple[str, str]] = [("float32", "-")] + [(m, gr) for m in modes for gr in grans]
     base = _dequantized(graph)
     ref_logits: np.ndarray | None = None
     rows = []
-    size_is_file = True
     for i, (mode, gran) in enumerate(jobs):
         if progress is not None:
             progress(i, len(jobs), f"{mode} {gran}")
         g = base if mode == "float32" else quantize(base, mode, gran, calibration=calibration)
-        nbytes, is_file = crystal_size(g)
-        size_is_file = size_is_file and is_file
+        nbytes = crystal_size(g)
         if ref_logits is None:  # the first job, float32
             ref_logits = logits = _reference_logits(g, groups)
         else:
@@ -250,16 +267,14 @@ def evaluate(
                             perplexity=_exp(ce), top1_agreement=top1, max_logit_error=err))
     if progress is not None:
         progress(len(jobs), len(jobs), "done")
-    n_cal = 0 if calibration is None else int(np.asarray(calibration).size)
-    return EvalReport(tuple(rows), int(targets.size), size_is_file, dropped, n_cal)
+    return EvalReport(tuple(rows), notes)
 
 
 def markdown(report: EvalReport) -> str:
     """The report as a Markdown table, float32 first; stable formatting for the README."""
     base = report.rows[0]
-    size_head = "file bytes" if report.size_is_file else "bytes (estimated)"
     lines = [
-        f"| mode | granularity | {size_head} | ratio | cross-entropy (nats) | perplexity | ppl vs f32 "
+        "| mode | granularity | file bytes | ratio | cross-entropy (nats) | perplexity | ppl vs f32 "
         "| top-1 agree | max logit err |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -270,14 +285,7 @@ def markdown(report: EvalReport) -> str:
             f"{100 * _ppl_change(r.cross_entropy, base.cross_entropy):+.2f}% | "
             f"{100 * r.top1_agreement:.2f}% | {r.max_logit_error:.4g} |"
         )
-    notes = [f"{report.n_tokens:,} predicted tokens"]
-    if report.calibration_tokens:
-        notes.append(f"codes by calibrated rounding on {report.calibration_tokens:,} tokens of calibration text")
-    if not report.size_is_file:
-        notes.append("sizes estimated from tensor bytes (no .crystal writer installed)")
-    if report.dropped_tokens:
-        notes.append(f"{report.dropped_tokens:,} corpus tokens outside the pruned vocabulary left out")
-    return "\n".join(lines) + "\n\n" + "; ".join(notes) + ".\n"
+    return "\n".join(lines) + "\n\n" + report.corpus.markdown() + ".\n"
 
 
 @dataclass(frozen=True)
@@ -300,7 +308,7 @@ class SensitivityReport:
     granularity: str
     base_cross_entropy: float  # float32
     rows: tuple[TensorRow, ...]  # largest KL divergence first (then name); the "(all)" row last
-    n_tokens: int
+    corpus: CorpusNotes
 
 
 def sensitivity(
@@ -321,7 +329,7 @@ def sensitivity(
     base = _dequantized(graph)
     quantized = quantize(base, mode, gran, calibration=calibration)
     swapped = {t.name: t for t in quantized.tensors() if t.quant is not None}
-    groups, targets, _ = _scored_positions(graph, corpus_text, max_tokens)
+    groups, targets, notes = _scored_positions(graph, corpus_text, max_tokens, calibration)
     ref = _reference_logits(base, groups)
     base_ce = float(np.mean(_nll(ref, targets)))
     # an empty tensor (a block of 0 neurons) quantizes to nothing: no row to report
@@ -346,7 +354,7 @@ def sensitivity(
     rows.append(TensorRow("(all)", (), math.nan, _kl(logits, ref), *_scores(logits, targets, ref)))
     if progress is not None:
         progress(len(originals) + 1, len(originals) + 1, "done")
-    return SensitivityReport(mode, gran, base_ce, tuple(rows), int(targets.size))
+    return SensitivityReport(mode, gran, base_ce, tuple(rows), notes)
 
 
 def sensitivity_markdown(report: SensitivityReport) -> str:
@@ -364,7 +372,7 @@ def sensitivity_markdown(report: SensitivityReport) -> str:
         lines.append(f"| {r.name} | {shape} | {peak} | {r.kl_divergence:.3g} | "
                      f"{100 * _ppl_change(r.cross_entropy, report.base_cross_entropy):+.3f}% | "
                      f"{100 * r.top1_agreement:.2f}% | {r.max_logit_error:.4g} |")
-    return "\n".join(lines) + f"\n\n{report.n_tokens:,} predicted tokens; float32 perplexity {base_ppl:.4f}.\n"
+    return "\n".join(lines) + f"\n\n{report.corpus.markdown()}; float32 perplexity {base_ppl:.4f}.\n"
 
 
 def timed_progress(echo: Callable[[str], None]) -> Callable[[int, int, str], None]:

@@ -63,21 +63,30 @@ class Tokenizer:
 
     def encode(self, text: str, strict: bool = True) -> list[int]:
         """Ids of `text`; with strict=False, characters the tokenizer lacks are skipped."""
+        return self.encode_counted(text, strict)[0]
+
+    def encode_counted(self, text: str, strict: bool = False, limit: int | None = None) -> tuple[list[int], int]:
+        """Ids of `text`, at most `limit` of them, and how many characters the tokenizer lacked on the way
+        (skipped; with strict=True, an error). A byte-level BPE lacks none."""
         if self._hf is not None:
             try:  # a command line's invalid UTF-8 arrives as lone surrogates, which tokenizers refuses
                 text.encode("utf-8")
             except UnicodeEncodeError as e:
                 raise CrystalError(f"the text is not valid UTF-8 (character {e.start})") from None
-            return list(self._hf.encode(text).ids)
-        out = []
+            return list(self._hf.encode(text).ids)[:limit], 0
+        out: list[int] = []
+        skipped = 0
         for ch in text:
+            if limit is not None and len(out) >= limit:
+                break
             i = self.index.get(ch)
             if i is None:
                 if strict:
                     raise CrystalError(f"character {ch!r} is not in the model's vocabulary")
+                skipped += 1
                 continue
             out.append(i)
-        return out
+        return out, skipped
 
     def decode(self, ids: list[int]) -> str:
         if self._hf is not None:

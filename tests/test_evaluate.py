@@ -64,7 +64,7 @@ def test_report_metrics() -> None:
     assert [(r.mode, r.granularity) for r in rep.rows] == [
         ("float32", "-"), ("int16", "row"), ("int16", "tensor"), ("int8", "row"), ("int8", "tensor")]
     base = rep.rows[0]
-    assert rep.n_tokens == 100
+    assert rep.corpus.n_tokens == 100
     assert base.top1_agreement == 1.0 and base.max_logit_error == 0.0
     # the float32 cross-entropy, recomputed here position by position with the interpreter
     ids = corpus_to_ids(g, TEXT, 100)[0]
@@ -137,7 +137,30 @@ def test_sensitivity_names_the_tensor_an_outlier_stretches() -> None:
 def test_pruned_model_drops_unknown_tokens() -> None:
     p = prune_vocab(char_graph(), "First Citizen", [])
     rep = evaluate(p, TEXT, modes=(), granularities=("row",), max_tokens=None)
-    assert rep.dropped_tokens > 0 and rep.n_tokens + 1 + rep.dropped_tokens == len(TEXT)
+    notes = rep.corpus
+    assert notes.dropped_tokens > 0 and notes.n_tokens + 1 + notes.dropped_tokens == len(TEXT)
+    assert f"{notes.dropped_tokens:,} corpus tokens outside the pruned vocabulary left out" in markdown(rep)
+    # and the per-tensor report says so too
+    per_tensor = sensitivity(p, TEXT, "int8", "row", max_tokens=None)
+    assert per_tensor.corpus == notes and "outside the pruned vocabulary" in sensitivity_markdown(per_tensor)
+
+
+def test_characters_the_tokenizer_lacks_are_counted() -> None:
+    # skipped, as pruned tokens are left out, and said so under both reports; within --max-tokens' reach only
+    g = char_graph()
+    text = "ROMEO: 0\u00e9 hi \u00f1" + TEXT
+    rep = evaluate(g, text, modes=("int8",), granularities=("row",), max_tokens=None)
+    assert rep.corpus.unknown_chars == sum(ch not in g.tokenizer["chars"] for ch in text) >= 2
+    assert f"{rep.corpus.unknown_chars:,} corpus characters the tokenizer lacks skipped" in markdown(rep)
+    assert sensitivity(g, text, "int8", "row", max_tokens=None).corpus.unknown_chars == rep.corpus.unknown_chars
+    ids, _, unknown = corpus_to_ids(g, text, 3)  # four tokens read: the unknown ones after them are not
+    assert len(ids) == 4 and unknown == sum(ch not in g.tokenizer["chars"] for ch in text[:len("ROMEO")])
+
+
+def test_a_mode_or_granularity_asked_twice_is_reported_once() -> None:
+    rep = evaluate(char_graph(), TEXT, modes=("int8", "int8"), granularities=("group:4", "group:04", "row"),
+                   max_tokens=50)
+    assert [(r.mode, r.granularity) for r in rep.rows] == [("float32", "-"), ("int8", "group:4"), ("int8", "row")]
 
 
 def test_errors() -> None:

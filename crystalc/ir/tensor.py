@@ -77,8 +77,12 @@ class Tensor:
 
     @property
     def nbytes(self) -> int:
-        q = 0 if self.quant is None else self.quant.scale.nbytes + self.quant.offset.nbytes
-        return int(self.data.nbytes) + q
+        """Bytes as stored: the data, and a quantized tensor's scales (and offsets, which only the per-tensor
+        scheme has; the symmetric ones' zeros are not stored)."""
+        if self.quant is None:
+            return int(self.data.nbytes)
+        offsets = self.quant.offset.nbytes if self.quant.scheme == "tensor" else 0
+        return int(self.data.nbytes) + self.quant.scale.nbytes + offsets
 
     def values(self) -> np.ndarray:
         """The float32 values the model computes with."""

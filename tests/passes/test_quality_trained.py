@@ -150,9 +150,8 @@ def test_bpe_model_pruned_against_one_play(tmp_path: Path, monkeypatch: pytest.M
     # bytes shrink by exactly the removed rows of token_embed, head.weight and head.bias
     if quant is None:
         per_row = file_per_row = 4 * d + 4 * d + 4  # embedding row, head row, head bias
-    else:  # float32 embedding row; int8 head row with its scale and offset; int8 bias code (one shared scale)
-        per_row = 4 * d + (d + 4 + 4) + 1
-        file_per_row = per_row - 4  # the file stores no offsets for the symmetric row scheme
+    else:  # float32 embedding row; int8 head row with its scale (no offset: symmetric); int8 bias code
+        per_row = file_per_row = 4 * d + (d + 4) + 1
     assert g.nbytes - p.nbytes == (v - kept) * per_row
     before, after = _file_size(g, tmp_path, "full.crystal"), _file_size(p, tmp_path, "pruned.crystal")
     if before is not None:
@@ -212,7 +211,7 @@ def test_example_model_calibrated_per_row_int8() -> None:
     text = _corpus()
     cut = len(text) - int(len(text) * 0.1)
     g = load_model(EXAMPLE_MODEL)
-    ids, _ = corpus_to_ids(g, text[cut:], 8192)
+    ids = corpus_to_ids(g, text[cut:], 8192)[0]
     groups = _split(ids, g.config.n_ctx)
     targets = np.concatenate([y.reshape(-1) for _, y in groups])
     ref = _logits(g, groups)
