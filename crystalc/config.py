@@ -54,6 +54,8 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from a checkpoint's config dict, filling the spec's defaults."""
         known = {f.name for f in dataclasses.fields(cls)}
+        if any(not isinstance(k, str) for k in d):
+            raise CrystalError(f"config: key {next(k for k in d if not isinstance(k, str))!r} is not a string")
         unknown = sorted(set(d) - known)
         if unknown:
             raise CrystalError(f"config: unknown field(s) {', '.join(unknown)}")
@@ -105,7 +107,7 @@ class ModelConfig:
             raise CrystalError(f"config: d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         for name in ("field_eps", "ln_eps"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise CrystalError(f"config: {name} must be a finite non-negative number, got {v!r}")
         for rows, cols, what in (
             (self.vocab_size, self.d_model, "token_embed"),

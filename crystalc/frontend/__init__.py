@@ -15,8 +15,9 @@ def load_model(path: str | Path, n_heads: int | None = None) -> Graph:
     """A Graph from a .pt, .safetensors (+ JSON config) or .crystal file.
 
     The kind is decided by the file's first bytes, not its name, so a mislabelled
-    file gets the right reader or a clear error (a file named .safetensors that does
-    not start like one gets the safetensors reader's error).
+    file gets the right reader or a clear error (a file named .safetensors that starts
+    like no kind gets the safetensors reader's error; a PyTorch checkpoint so named is
+    read as one).
     """
     path = Path(path)
     if not path.is_file():
@@ -32,7 +33,7 @@ def load_model(path: str | Path, n_heads: int | None = None) -> Graph:
         return graph
     # safetensors: a little-endian u64 header length, then the JSON header itself; checked before
     # torch's magics, since a length's low byte can be a pickle's 0x80
-    if head[8:9] == b"{" or path.suffix == ".safetensors":
+    if head[8:9] == b"{" or (path.suffix == ".safetensors" and not head.startswith(TORCH_MAGICS)):
         from crystalc.frontend.safetensors_ckpt import read_safetensors
 
         raw = read_safetensors(path)

@@ -33,7 +33,8 @@ def _shape(state: dict[str, np.ndarray], key: str, ndim: int) -> tuple[int, ...]
 
 def infer_config(state: dict[str, np.ndarray], given: dict[str, Any], n_heads: int | None,
                  default_heads: int | None) -> ModelConfig:
-    """The config a bare state_dict implies; n_heads cannot be seen in shapes."""
+    """The config a bare state_dict implies; n_heads cannot be seen in shapes. `given`: what a partial
+    config (or the seeds') says, of which n_heads, field_norm and the epsilons are taken."""
     v, d = _shape(state, "token_embed.weight", 2)
     t, d2 = _shape(state, "pos_embed.weight", 2)
     if d2 != d:
@@ -45,7 +46,9 @@ def infer_config(state: dict[str, np.ndarray], given: dict[str, Any], n_heads: i
         raise CrystalError("no blocks.* parameters found")
     neurons = tuple(_shape(state, f"blocks.{b}.field.positions", 2)[0] for b in blocks)
     f = _shape(state, "blocks.0.ffn.fc1.weight", 2)[0]
-    heads = n_heads or given.get("n_heads") or default_heads
+    if n_heads is not None and given.get("n_heads", n_heads) != n_heads:
+        raise CrystalError(f"--n-heads {n_heads} disagrees with the checkpoint's n_heads {given['n_heads']!r}")
+    heads = next((h for h in (n_heads, given.get("n_heads"), default_heads) if h is not None), None)
     if heads is None:
         raise CrystalError("n_heads cannot be inferred from a bare state_dict: pass --n-heads")
     cfg: dict[str, Any] = {
@@ -59,19 +62,47 @@ def infer_config(state: dict[str, np.ndarray], given: dict[str, Any], n_heads: i
     return ModelConfig.from_dict(cfg)
 
 
+def _check_partial(config: ModelConfig, given: dict[str, Any]) -> None:
+    """A partial config's fields (all but n_heads, field_norm and the epsilons, which shapes cannot show)
+    must be what the tensors say: a tie_head false without head.weight is a damaged file, not a tied head."""
+    inferred = config.to_dict()
+    for k, said in given.items():
+        if k in ("n_heads", "field_norm", "field_eps", "ln_eps"):
+            continue
+        if k == "n_neurons" and not isinstance(said, (list, tuple)):
+            said = [said] * config.n_blocks  # one count for every block
+        if isinstance(said, tuple):
+            said = list(said)
+        if said != inferred[k] or isinstance(said, bool) != isinstance(inferred[k], bool):
+            raise CrystalError(f"the config says {k} = {said!r}, but the tensors say {inferred[k]!r}")
+
+
 def lower(raw: RawCheckpoint, n_heads: int | None = None) -> Graph:
     keys = list(raw.state)
     seeds = aliases.is_seeds_layout(keys)
     state: dict[str, np.ndarray] = {}
+    source: dict[str, str] = {}  # canonical name -> the key it came from
     for k in keys:
+        if seeds and _BLOCK_KEY.match(k):
+            theirs = next(k2 for k2 in keys if aliases.is_seeds_layout([k2]))
+            raise CrystalError(f"the checkpoint mixes the seeds' names ({theirs}) with crystalc's ({k})")
         name = aliases.canonical_name(k) if seeds else k
         if name is None:
             continue
         if not _CANONICAL.match(name):
             raise CrystalError(f"unexpected parameter {k} {list(raw.state[k].shape)}")
-        state[name] = raw.state[k]
+        if name in state:  # e.g. geo_attn.* and the older attention.* side by side: which is the model?
+            raise CrystalError(f"{source[name]} and {k} both give {name}")
+        state[name], source[name] = raw.state[k], k
 
+    config_keys = list((raw.config or {}).keys())
+    if any(not isinstance(k, str) for k in config_keys):
+        raise CrystalError(f"config: key {next(k for k in config_keys if not isinstance(k, str))!r} is not a string")
     given = {aliases.CONFIG_ALIASES.get(k, k): v for k, v in (raw.config or {}).items()}
+    if not seeds:  # the seeds' config carries training settings (lr...); a crystalc one only fields
+        unknown = sorted(set(given) - set(ModelConfig.__dataclass_fields__))
+        if unknown:
+            raise CrystalError(f"config: unknown field(s) {', '.join(unknown)}")
     if raw.config is not None and not seeds and "vocab_size" in given:
         if n_heads is not None and given.get("n_heads", n_heads) != n_heads:
             raise CrystalError(f"--n-heads {n_heads} disagrees with the checkpoint's n_heads {given['n_heads']}")
@@ -81,6 +112,8 @@ def lower(raw: RawCheckpoint, n_heads: int | None = None) -> Graph:
     else:
         # The seeds' files and bare state_dicts: shapes say everything but n_heads.
         config = infer_config(state, given, n_heads, default_heads=4 if seeds else None)
+        if not seeds:  # the spec: a seeds' file's config gives n_heads, its shapes the rest
+            _check_partial(config, given)
 
     params: dict[str, Tensor] = {}
     for name, arr in state.items():

@@ -17,6 +17,22 @@ def config_path_for(path: Path) -> Path | None:
     return None
 
 
+def _through_torch(path: Path) -> dict:
+    """The tensors of a file whose dtypes numpy has no type for (bfloat16, the float8s), widened to float32
+    (exactly: each is a subset of float32's values) by torch."""
+    try:
+        import torch
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CrystalError(f"{path}: bfloat16 or float8 tensors need torch to be read") from None
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        raise CrystalError(f"{path}: not a readable safetensors file ({e})") from None
+    return {k: (v.to(torch.float32) if v.is_floating_point() else v).numpy().copy() for k, v in tensors.items()}
+
+
 def read_safetensors(path: Path) -> RawCheckpoint:
     try:
         from safetensors import SafetensorError
@@ -25,6 +41,8 @@ def read_safetensors(path: Path) -> RawCheckpoint:
         raise CrystalError("reading .safetensors needs the 'safetensors' package (pip install safetensors)") from None
     try:
         state = load_file(str(path))
+    except (TypeError, AttributeError):  # a dtype numpy lacks (bfloat16, float8): torch reads those
+        state = _through_torch(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise CrystalError(f"{path}: not a readable safetensors file ({e})") from None
     cfg_path = config_path_for(path)

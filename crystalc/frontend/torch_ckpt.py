@@ -5,6 +5,7 @@ The only module of the front end that imports torch, and it does so lazily.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,18 @@ def read_torch_checkpoint(path: Path) -> RawCheckpoint:
         with warnings.catch_warnings():
             # a damaged pickle can make torch warn on stderr before it fails; our one line says what went wrong
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with open(path, "rb") as f:  # a file object: torch would treat a .safetensors name as one
+                obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:
         # torch.load only parses here (weights_only), and a damaged file reaches it with any of a dozen
         # exception types, assertions included (found by mutating checkpoints): all of them mean "unreadable".
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        said = str(e)
+        if said.startswith("Weights only load failed"):  # torch's advice to turn the safety off is not ours
+            found = re.search(r"GLOBAL (\S+)", said)
+            what = f" ({found.group(1)})" if found else ""
+            raise CrystalError(f"{path}: refused: it holds pickled objects other than tensors{what}; crystalc "
+                               "loads weights only") from None
+        first = said.strip().splitlines()[0] if said.strip() else type(e).__name__
         raise CrystalError(f"{path}: not a readable PyTorch checkpoint ({first[:200]})") from None
     if not isinstance(obj, dict):
         raise CrystalError(f"{path}: expected a dict, found {type(obj).__name__}")
@@ -57,6 +65,8 @@ def read_torch_checkpoint(path: Path) -> RawCheckpoint:
             raise CrystalError(f"{path}: state_dict key {k!r} is not a string")
         if not isinstance(v, torch.Tensor):
             raise CrystalError(f"{path}: {k} is a {type(v).__name__}, expected a tensor")
+        if v.device.type == "meta":
+            raise CrystalError(f"{path}: {k} is a meta tensor: it has a shape but no data")
         if v.is_quantized or v.layout != torch.strided:
             kind = "quantized" if v.is_quantized else f"{v.layout} (not dense)"
             raise CrystalError(f"{path}: {k} is a {kind} tensor: save dense float tensors "

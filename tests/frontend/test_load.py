@@ -341,3 +341,85 @@ def test_inspect_reports_neurons() -> None:
     assert r.returncode == 0, r.stderr
     assert "neuron_field" in r.stdout and "6 neurons" in r.stdout and "3 neurons" in r.stdout
     assert "parameters:" in r.stdout
+
+
+def _pt(tmp_path: Path, state: dict, config: dict | None = None, name: str = "m.pt") -> Path:
+    p = tmp_path / name
+    sd = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
+    torch.save(sd if config is None else {"model": sd, "config": config}, p)
+    return p
+
+
+def test_two_keys_for_one_parameter_are_refused(tmp_path: Path) -> None:
+    # last-wins would pick one of two different tensors: the file is ambiguous, not the newer one right
+    sd = torch.load(SPEC_VECTORS / "seeds_layout.pt", weights_only=True)["model"]
+    both = {**{k: v.numpy() for k, v in sd.items()}, "attention.positions": sd["geo_attn.positions"].numpy() + 1}
+    with pytest.raises(CrystalError, match="geo_attn.positions and attention.positions both give "
+                                           "blocks.0.field.positions"):
+        load_model(_pt(tmp_path, both))
+    g = random_graph("d40_h5", seed=3)
+    mixed = {**g.state_dict(), "causal_attn.q_proj.weight": np.zeros((40, 40), np.float32)}
+    with pytest.raises(CrystalError, match=r"mixes the seeds' names \(causal_attn.q_proj.weight\) with crystalc's"):
+        load_model(_pt(tmp_path, mixed, g.config.to_dict()))
+
+
+@pytest.mark.parametrize("config,match", [
+    ({"n_heads": 5, "tie_head": True}, "tie_head = True, but the tensors say False"),  # head.weight is there
+    ({"n_heads": 5, "final_norm": True}, "final_norm = True, but the tensors say False"),
+    ({"n_heads": 5, "d_model": 64}, "d_model = 64, but the tensors say 40"),
+    ({"n_heads": 5, "n_neurons": 3}, r"n_neurons = \[3\], but the tensors say \[7\]"),
+    ({"n_heads": 5, "dropout": 0.1}, "unknown field"),
+    ({"n_heads": 0}, "n_heads = 0 is outside"),
+    ({"n_heads": 5, "field_eps": True}, "field_eps must be a finite non-negative number"),
+    ({"n_heads": 5, 1: 2}, "key 1 is not a string"),
+])
+def test_a_partial_config_is_checked_against_the_tensors(tmp_path: Path, config: dict, match: str) -> None:
+    g = random_graph("d40_h5", seed=3)
+    with pytest.raises(CrystalError, match=match):
+        load_model(_pt(tmp_path, g.state_dict(), config))
+    _same(g, load_model(_pt(tmp_path, g.state_dict(), {"n_heads": 5, "d_model": 40, "n_neurons": 7})))
+
+
+def test_n_heads_from_the_option_and_the_config_must_agree(tmp_path: Path) -> None:
+    g = random_graph("d40_h5", seed=3)
+    p = _pt(tmp_path, g.state_dict(), {"n_heads": 5})
+    with pytest.raises(CrystalError, match="--n-heads 8 disagrees with the checkpoint's n_heads 5"):
+        load_model(p, n_heads=8)
+    _same(g, load_model(p, n_heads=5))
+
+
+def test_bfloat16_safetensors_and_meta_tensors(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    g = random_graph("d40_h5", seed=5)
+    sd = {k: torch.from_numpy(np.array(v)) for k, v in g.state_dict().items()}
+    save_file({k: (v.to(torch.bfloat16) if v.is_floating_point() else v.to(torch.uint8)) for k, v in sd.items()},
+              str(tmp_path / "m.safetensors"))
+    (tmp_path / "m.json").write_text(json.dumps(g.config.to_dict()))
+    got = load_model(tmp_path / "m.safetensors")
+    want = {k: v.to(torch.bfloat16).to(torch.float32).numpy() for k, v in sd.items() if v.is_floating_point()}
+    for k, v in want.items():
+        np.testing.assert_array_equal(got.state_dict()[k], v)  # bfloat16 widens to float32 exactly
+    meta = {k: (torch.empty(v.shape, device="meta") if k == "head.bias" else v) for k, v in sd.items()}
+    torch.save({"model": meta, "config": g.config.to_dict()}, tmp_path / "meta.pt")
+    r = _cli("inspect", str(tmp_path / "meta.pt"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "head.bias is a meta tensor" in r.stderr
+
+
+def test_pickled_code_is_refused_by_name(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    p = tmp_path / "evil.pt"
+    torch.save({"model": {"x": Evil()}}, p)
+    r = _cli("inspect", str(p))
+    assert r.returncode == 2 and not marker.exists() and r.stderr.count("\n") == 1
+    assert "refused: it holds pickled objects other than tensors" in r.stderr and "weights_only" not in r.stderr
+
+
+def test_a_checkpoint_named_safetensors_is_read_by_its_bytes(tmp_path: Path) -> None:
+    g = random_graph("d40_h5", seed=2)
+    _same(g, load_model(save_pt(g, tmp_path / "really-a-pt.safetensors")))
