@@ -73,7 +73,8 @@ static int parse_double(const char *s, double *out) {
     char *end;
     errno = 0;
     double v = strtod(s, &end);
-    if (end == s || *end != '\0' || errno || !isfinite(v)) return -1;
+    /* ERANGE with a finite result is underflow (1e-320 is a double, subnormal): a value, not an error */
+    if (end == s || *end != '\0' || (errno && errno != ERANGE) || !isfinite(v)) return -1;
     *out = v;
     return 0;
 }
@@ -443,5 +444,7 @@ done:
     free(prompt);
     free(ctx);
     free(cand);
+    /* a full disk or a closed pipe: the output is cut short, which exit 0 would call success */
+    if ((fflush(stdout) != 0 || ferror(stdout)) && status == 0) status = bad(prog, "writing the output failed");
     return status;
 }

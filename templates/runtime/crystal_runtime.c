@@ -721,15 +721,35 @@ int main(int argc, char **argv) {
  * crystal_main (templates/c/crystal_cli.c, shared with the generated programs)
  * parses and runs. The seeds' positional form `MODEL.crystal PROMPT [N [TEMP]]`
  * is rewritten into `--prompt PROMPT -n N -t TEMP` first. */
+static void runtime_usage(const char *prog) {
+    printf("usage: %s MODEL.crystal --prompt TEXT | --prompt-ids ID,ID,... [--logits] [-n N] [-t TEMP]\n"
+           "       [--top-p P] [--seed S] [--shift K] [--threads N]\n"
+           "   or: %s MODEL.crystal PROMPT [N [TEMP]]   (the seeds' positional form)\n"
+           "the options as every generated program takes them (the program's --help says each)\n", prog, prog);
+}
+
+/* -h or --help as an option, not as an option's value (--prompt --help is a prompt) */
+static int asks_for_help(int argc, char **argv) {
+    static const char *const with_value[] = {"--prompt", "--prompt-ids", "-n", "-t", "--top-p", "--seed",
+                                             "--shift", "--threads"};
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) return 1;
+        for (size_t k = 0; k < sizeof with_value / sizeof *with_value; k++)
+            if (!strcmp(argv[i], with_value[k])) {
+                i++;
+                break;
+            }
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     static const char prog[] = "crystal_runtime";
+    if (asks_for_help(argc, argv)) {  /* before the model is read, and with MODEL in the usage */
+        runtime_usage(prog);
+        return 0;
+    }
     if (argc < 2 || argv[1][0] == '-') {
-        if (argc >= 2 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) {
-            printf("usage: %s MODEL.crystal --prompt TEXT | --prompt-ids ID,ID,... [--logits] [-n N] [-t TEMP]\n"
-                   "       [--top-p P] [--seed S] [--shift K]\n"
-                   "   or: %s MODEL.crystal PROMPT [N [TEMP]]   (the seeds' positional form)\n", prog, prog);
-            return 0;
-        }
         fprintf(stderr, "%s: error: the first argument must be a .crystal model file (see --help)\n", prog);
         return 2;
     }

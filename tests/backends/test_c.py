@@ -586,3 +586,23 @@ def test_greedy_picks_the_first_maximum(case, tmp_path):
     exe = program(g.replace(head=zero).verify(), tmp_path)
     res = run(exe, "--prompt-ids", "1,2", "-n", 3, "-t", 0)
     assert res.returncode == 0 and res.stdout == f"{want},{want},{want}\n", res.stderr
+
+
+def test_a_failed_write_is_an_error(char_model):
+    # stdout on a full disk (or a closed pipe): the output is cut short, and exit 0 would call it done
+    _, exe = char_model
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    for args in (["--prompt-ids", "1", "--logits"], ["--prompt", "A", "-n", "5"]):
+        with open("/dev/full", "w") as full:
+            res = subprocess.run([str(exe), *args], stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and "writing the output failed" in res.stderr
+
+
+def test_a_subnormal_temperature_is_a_temperature(char_model):
+    # 1e-320 underflows to a subnormal double (strtod says ERANGE): a value in range, sampled as greedy
+    _, exe = char_model
+    greedy = run(exe, "--prompt", "A", "-n", "8", "-t", "0")
+    for args in (["-t", "1e-320"], ["-t", "1e-320", "--top-p", "1e-320"]):
+        res = run(exe, "--prompt", "A", "-n", "8", *args)
+        assert res.returncode == 0 and res.stdout == greedy.stdout, res.stderr

@@ -187,6 +187,16 @@ def test_seeds_positional_form(runtime, tmp_path):
     assert seeds.stdout == spec.stdout
 
 
+def test_help_names_the_model_argument_wherever_asked(runtime, tmp_path):
+    _, path, _ = char_model(tmp_path)
+    for args in (["--help"], [path, "--help"], [path, "--prompt", "a", "-h"]):
+        res = run(runtime, *args)
+        assert res.returncode == 0 and res.stdout.startswith("usage: crystal_runtime MODEL.crystal"), res.stdout
+        assert "--threads" in res.stdout
+    res = run(runtime, path, "--prompt", "--help", "-n", 3, "--logits")  # a prompt, not a question
+    assert "usage" not in res.stdout
+
+
 def test_bad_arguments_exit_2_with_one_line(runtime, tmp_path):
     _, path, _ = char_model(tmp_path)
     cases = {
