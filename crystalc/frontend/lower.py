@@ -136,6 +136,12 @@ def lower(raw: RawCheckpoint, n_heads: int | None = None) -> Graph:
         key = f"blocks.{b}.field.frozen"
         if key not in params and f"blocks.{b}.field.positions" in params:
             params[key] = Tensor(key, np.zeros(n, dtype=bool))
+    if config.tie_head and "head.weight" in params:
+        # a PyTorch module whose head shares the embedding saves the one tensor under both names
+        if not np.array_equal(params["head.weight"].data, params["token_embed.weight"].data):
+            raise CrystalError("head.weight differs from token_embed.weight, but the config ties the head to it "
+                               "(tie_head true)")
+        del params["head.weight"]
     extra = sorted(set(params) - _expected_names(config))
     if extra:
         raise CrystalError(f"unexpected parameter {extra[0]} {list(params[extra[0]].shape)} for this config")

@@ -423,3 +423,13 @@ def test_pickled_code_is_refused_by_name(tmp_path: Path) -> None:
 def test_a_checkpoint_named_safetensors_is_read_by_its_bytes(tmp_path: Path) -> None:
     g = random_graph("d40_h5", seed=2)
     _same(g, load_model(save_pt(g, tmp_path / "really-a-pt.safetensors")))
+
+
+def test_a_tied_head_saved_under_both_names(tmp_path: Path) -> None:
+    # torch saves a shared Parameter under each name it has: the same values are the tie, others a conflict
+    g = random_graph("tied_unnormalised", seed=4)
+    sd = {**g.state_dict(), "head.weight": g.state_dict()["token_embed.weight"]}
+    _same(g, load_model(_pt(tmp_path, sd, g.config.to_dict())))
+    sd["head.weight"] = sd["head.weight"] + 1
+    with pytest.raises(CrystalError, match="head.weight differs from token_embed.weight, but the config ties"):
+        load_model(_pt(tmp_path, sd, g.config.to_dict()))
