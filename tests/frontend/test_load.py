@@ -333,7 +333,9 @@ def test_weights_only_refuses_pickled_code(tmp_path: Path) -> None:
     p = tmp_path / "evil.pt"
     torch.save({"model": {"x": Evil()}}, p)
     r = _cli("inspect", str(p))
-    assert r.returncode == 2 and not marker.exists()
+    assert r.returncode == 2 and not marker.exists() and r.stderr.count("\n") == 1
+    # named for what it is, without torch's advice to load it with weights_only off
+    assert "refused: it holds pickled objects other than tensors" in r.stderr and "weights_only" not in r.stderr
 
 
 def test_inspect_reports_neurons() -> None:
@@ -404,20 +406,6 @@ def test_bfloat16_safetensors_and_meta_tensors(tmp_path: Path) -> None:
     torch.save({"model": meta, "config": g.config.to_dict()}, tmp_path / "meta.pt")
     r = _cli("inspect", str(tmp_path / "meta.pt"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "head.bias is a meta tensor" in r.stderr
-
-
-def test_pickled_code_is_refused_by_name(tmp_path: Path) -> None:
-    marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (Path.touch, (marker,))
-
-    p = tmp_path / "evil.pt"
-    torch.save({"model": {"x": Evil()}}, p)
-    r = _cli("inspect", str(p))
-    assert r.returncode == 2 and not marker.exists() and r.stderr.count("\n") == 1
-    assert "refused: it holds pickled objects other than tensors" in r.stderr and "weights_only" not in r.stderr
 
 
 def test_a_checkpoint_named_safetensors_is_read_by_its_bytes(tmp_path: Path) -> None:
