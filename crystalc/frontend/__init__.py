@@ -51,4 +51,6 @@ def load_model(path: str | Path, n_heads: int | None = None) -> Graph:
     try:
         return lower(raw, n_heads=n_heads)
     except CrystalError as e:
-        raise CrystalError(f"{path}: {e}") from None
+        # a config read from a JSON beside the weights may be the wrong one (an unrelated config.json): name it
+        beside = f" (config from {raw.config_source})" if raw.config_source else ""
+        raise CrystalError(f"{path}{beside}: {e}") from None

@@ -15,3 +15,4 @@ class RawCheckpoint:
     config: dict[str, Any] | None = None
     tokenizer: dict[str, Any] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    config_source: str | None = None  # the file the config came from, when not `source` (safetensors' JSON)

@@ -62,4 +62,5 @@ def read_safetensors(path: Path) -> RawCheckpoint:
                 raise CrystalError(f"{cfg_path}: 'meta' should be an object, not {type(meta).__name__}")
         else:
             config = doc
-    return RawCheckpoint(str(path), dict(state), config, tokenizer, meta)
+    return RawCheckpoint(str(path), dict(state), config, tokenizer, meta,
+                         None if cfg_path is None else str(cfg_path))

@@ -127,6 +127,14 @@ def test_safetensors_config_errors(tmp_path: Path, doc: object | None, needle: s
         load_model(_safetensors(tmp_path, doc))
 
 
+def test_a_wrong_config_beside_safetensors_is_named(tmp_path: Path) -> None:
+    # an unrelated config.json in the folder is the likely culprit: the error says which file it read
+    p = _safetensors(tmp_path, None)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2"], "n_embd": 768}))
+    with pytest.raises(CrystalError, match=r"m.safetensors \(config from .*config.json\): .*unknown field"):
+        load_model(p)
+
+
 def test_safetensors_float16_and_float64_are_read_as_float32(tmp_path: Path) -> None:
     # as .pt files' are: the values are rounded to float32 (f16 -> f32 exactly)
     from safetensors.numpy import save_file
