@@ -133,7 +133,8 @@ def lower(graph: Graph) -> tuple[dict[str, Any], bytes]:
                 "q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias", "out_weight", "out_bias")},
             "ln2": _layer_norm(blob, blk.ln2),
             "field": {
-                "n_neurons": f.n_neurons, "n_frozen": sum(frozen), "frozen": frozen,
+                "n_neurons": f.n_neurons, "n_frozen": sum(frozen), "n_active": f.n_neurons - sum(frozen),
+                "frozen": frozen,
                 "positions": _tensor(blob, f.positions), "values": _tensor(blob, f.values),
                 "temperature": _tensor(blob, f.temperature),
             },

@@ -94,6 +94,7 @@ def lower_field(graph: Graph, block: int, frozen_only: bool = False) -> dict[str
     } for j in range(f.n_neurons) if frozen[j] or not frozen_only]
     return {
         "block": block, "d": graph.config.d_model, "neurons": neurons, "n_frozen": int(frozen.sum()),
+        "n_digital": f.n_neurons - len(neurons),
         "n_total": f.n_neurons, "partial": frozen_only,
         "normalize": f.normalize, "eps_current": _num(f.eps * scale), "inv_scale": _num(1.0 / scale),
         "a_vt": repr(DRIVE_A * THERMAL_VOLTAGE), "diode_is": _num(DIODE_IS), "drive_a": _num(DRIVE_A),

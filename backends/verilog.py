@@ -355,7 +355,8 @@ class VerilogBackend:
             "ram_words": mem.ram_words, "logits": mem.logits, "cache_table": mem.cache_table,
             "key_words": mem.key_words, "key_groups": mem.key_groups, "value_words": mem.value_words,
             "vocab_size": program.vocab_size, "n_ctx": program.n_ctx, "lanes": lanes,
-            "cycles": [(pos, core_cycles(program, lanes, pos)) for pos in sorted({0, program.n_ctx - 1})],
+            "cycles": [(pos, sum(by_op.values()), by_op) for pos in sorted({0, program.n_ctx - 1})
+                       for by_op in [core_cycles(program, lanes, pos)]],
         }
         written = []
         for template, name in (("model.vh.j2", "model.vh"), ("Makefile.j2", "Makefile")):

@@ -79,7 +79,9 @@ class EvalReport:
 
 def _dequantized(graph: Graph) -> Graph:
     """The same graph with every quantized tensor replaced by its float32 values."""
-    return graph.map_tensors(lambda t: t if t.quant is None else Tensor(t.name, t.values()))
+    out = graph.map_tensors(lambda t: t if t.quant is None else Tensor(t.name, t.values()))
+    out.verify()  # a pass, as any other: its output checked
+    return out
 
 
 def _forward_batch(g: Graph, ids: np.ndarray) -> np.ndarray:
@@ -336,7 +338,9 @@ def sensitivity(
     originals = [t for t in base.tensors() if t.name in swapped and t.data.size]
 
     def alone(name: str) -> Graph:
-        return base.map_tensors(lambda u: swapped[u.name] if u.name == name else u)
+        one = base.map_tensors(lambda u: swapped[u.name] if u.name == name else u)
+        one.verify()
+        return one
 
     rows = []
     for i, t in enumerate(originals):

@@ -9,7 +9,6 @@ hundreds of millions of windows for a large one.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,10 +85,6 @@ def encode(text: str, tokenizer: dict[str, Any]) -> torch.Tensor:
 
 def corpus_digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def tokenizer_digest(tokenizer: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(tokenizer, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def split(ids: torch.Tensor, val_frac: float, n_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
