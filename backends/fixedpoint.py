@@ -271,6 +271,29 @@ class Program:
     vocab_map: np.ndarray | None = None
     codes: dict[int, Codes] = field(default_factory=dict)  # ROM base -> the tensor's codes, when it has them
 
+    def verify(self) -> None:
+        """What every consumer (the emulator, the Verilog memories) relies on: the program ends in halt and
+        every instruction encodes; the memory tables tile the ROM and the RAM in order; the logits lie in
+        the RAM; each tensor held as codes starts a ROM entry and covers its words."""
+        if not self.instrs or self.instrs[-1].op != "halt":
+            raise CrystalError("fixed-point program: it does not end in halt")
+        for ins in self.instrs:
+            ins.word()  # a known opcode, every field within 32 bits
+        for what, table, size in (("ROM", self.rom_table, self.rom.size), ("RAM", self.ram_table, self.ram_words)):
+            ends = 0
+            for name, base, n in table:
+                if base != ends or n < 0:
+                    raise CrystalError(f"fixed-point program: {what} entry {name!r} at {base}, expected {ends}")
+                ends = base + n
+            if ends != size:
+                raise CrystalError(f"fixed-point program: the {what} table covers {ends} of {size} words")
+        if not 0 <= self.logits <= self.ram_words - self.vocab_size:
+            raise CrystalError(f"fixed-point program: logits at {self.logits} do not fit the RAM")
+        entries = {base: n for _, base, n in self.rom_table}
+        for base, coded in self.codes.items():
+            if entries.get(base) != coded.codes.size:
+                raise CrystalError(f"fixed-point program: codes at ROM {base} do not match an entry's words")
+
 
 class _Memory:
     def __init__(self) -> None:
@@ -368,8 +391,10 @@ def lower(graph: Graph) -> Program:
                                                                     graph.head.weight is None else ""))
     code.append(Instr("halt", note="logits ready"))
 
-    return Program(code, rom.words(), rom.table, ram.size, ram.table, logits, v, t,
-                   c.summary(), None if graph.vocab_map is None else np.asarray(graph.vocab_map), codes)
+    program = Program(code, rom.words(), rom.table, ram.size, ram.table, logits, v, t,
+                      c.summary(), None if graph.vocab_map is None else np.asarray(graph.vocab_map), codes)
+    program.verify()
+    return program
 
 
 # --- the emulator ------------------------------------------------------------------------

@@ -203,3 +203,17 @@ def test_ln_eps_limits():
     assert fp.lower(tiny).instrs[1].k == 0  # layer_norm with no eps: the hardware clamps its root to >= 1
     with pytest.raises(CrystalError, match="ln_eps = 0.6 is too large"):
         fp.lower(g.replace(config=dataclasses.replace(g.config, ln_eps=0.6)))
+
+
+def test_the_program_verifies_its_layout():
+    prog = fp.lower(quantize(random_graph("d40_h5", seed=1), "int8", "row"))
+    assert prog.codes  # the codes' entries checked too
+    for broken, why in (
+        (dataclasses.replace(prog, instrs=prog.instrs[:-1]), "does not end in halt"),
+        (dataclasses.replace(prog, rom_table=prog.rom_table[1:]), "ROM entry"),
+        (dataclasses.replace(prog, ram_words=prog.ram_words + 1), "RAM table covers"),
+        (dataclasses.replace(prog, logits=prog.ram_words), "logits at"),
+        (dataclasses.replace(prog, codes={b + 1: c for b, c in prog.codes.items()}), "codes at ROM"),
+    ):
+        with pytest.raises(CrystalError, match=why):
+            broken.verify()
