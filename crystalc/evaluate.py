@@ -84,22 +84,6 @@ def _dequantized(graph: Graph) -> Graph:
     return out
 
 
-def _forward_batch(g: Graph, ids: np.ndarray) -> np.ndarray:
-    """interpret.forward for B windows of equal length S at once: [B,S] -> [B,S,V]."""
-    c = g.config
-    b, s = ids.shape
-    x = (interpret.token_embedding(g.token_embed.weight, ids)
-         + interpret.position_embedding(g.pos_embed.weight, s)).astype(np.float32).reshape(b * s, -1)
-    for blk in g.blocks:
-        h = interpret.layer_norm(blk.ln1, x, c.ln_eps).reshape(b, s, -1)
-        x = x + np.concatenate([interpret.causal_attention(blk.attn, h[i]) for i in range(b)])
-        x = x + interpret.neuron_field(blk.field, interpret.layer_norm(blk.ln2, x, c.ln_eps))
-        x = x + interpret.ffn(blk.ffn, interpret.layer_norm(blk.ln3, x, c.ln_eps))
-    if g.final_norm is not None:
-        x = interpret.layer_norm(g.final_norm, x, c.ln_eps)
-    return interpret.head(g.head, g.head_weight, x).reshape(b, s, -1)
-
-
 def forward_windows(graph: Graph, windows: np.ndarray) -> np.ndarray:
     """Logits [B,S,V] of B windows of current ids [B,S], in batches that bound memory."""
     g = _dequantized(graph)
@@ -109,7 +93,7 @@ def forward_windows(graph: Graph, windows: np.ndarray) -> np.ndarray:
     # the widest per-position intermediate: the field's distances, the FFN's hidden layer or the logits
     widest = max([g.config.d_model * n for n in g.config.n_neurons] + [g.config.ffn_hidden, g.config.vocab_size])
     per_batch = max(1, _FIELD_BUDGET // (s * widest))
-    out = [_forward_batch(g, windows[i:i + per_batch]) for i in range(0, b, per_batch)]
+    out = [interpret.forward_batch(g, windows[i:i + per_batch]) for i in range(0, b, per_batch)]
     return np.concatenate(out) if out else np.zeros((0, s, g.config.vocab_size), dtype=np.float32)
 
 

@@ -53,24 +53,31 @@ def layer_norm(op: LayerNorm, x: np.ndarray, eps: float) -> np.ndarray:
     return ((x - mean) / np.sqrt(var + np.float32(eps)) * _w(op.weight) + _w(op.bias)).astype(np.float32)
 
 
-def linear(x: np.ndarray, weight: Tensor, bias: Tensor) -> np.ndarray:
+# Called with each linear layer's weight and the rows it multiplies, as the forward pass uses them:
+# calibrated rounding (passes/calibrate.py) records the inputs of the layers it rounds this way.
+Tap = Callable[[Tensor, np.ndarray], None]
+
+
+def linear(x: np.ndarray, weight: Tensor, bias: Tensor, tap: Tap | None = None) -> np.ndarray:
+    if tap is not None:
+        tap(weight, x)
     return (x @ _w(weight).T + _w(bias)).astype(np.float32)
 
 
-def causal_attention(op: CausalSelfAttention, h: np.ndarray) -> np.ndarray:
+def causal_attention(op: CausalSelfAttention, h: np.ndarray, tap: Tap | None = None) -> np.ndarray:
     s, d = h.shape
     nh = op.n_heads
     hd = d // nh
-    q = linear(h, op.q_weight, op.q_bias).reshape(s, nh, hd).transpose(1, 0, 2)
-    k = linear(h, op.k_weight, op.k_bias).reshape(s, nh, hd).transpose(1, 0, 2)
-    v = linear(h, op.v_weight, op.v_bias).reshape(s, nh, hd).transpose(1, 0, 2)
+    q = linear(h, op.q_weight, op.q_bias, tap).reshape(s, nh, hd).transpose(1, 0, 2)
+    k = linear(h, op.k_weight, op.k_bias, tap).reshape(s, nh, hd).transpose(1, 0, 2)
+    v = linear(h, op.v_weight, op.v_bias, tap).reshape(s, nh, hd).transpose(1, 0, 2)
     scores = (q @ k.transpose(0, 2, 1)) / np.float32(math.sqrt(hd))
     scores = np.where(np.tril(np.ones((s, s), dtype=bool)), scores, -np.inf)
     scores = scores - scores.max(axis=-1, keepdims=True)
     p = np.exp(scores)
     p = p / p.sum(axis=-1, keepdims=True)
     y = (p @ v).transpose(1, 0, 2).reshape(s, d).astype(np.float32)
-    return linear(y, op.out_weight, op.out_bias)
+    return linear(y, op.out_weight, op.out_bias, tap)
 
 
 def neuron_field(op: NeuronField, h: np.ndarray) -> np.ndarray:
@@ -92,12 +99,12 @@ def gelu(x: np.ndarray) -> np.ndarray:
     return (0.5 * x64 * (1.0 + erf)).astype(np.float32)
 
 
-def ffn(op: FFN, h: np.ndarray) -> np.ndarray:
-    return linear(gelu(linear(h, op.fc1_weight, op.fc1_bias)), op.fc2_weight, op.fc2_bias)
+def ffn(op: FFN, h: np.ndarray, tap: Tap | None = None) -> np.ndarray:
+    return linear(gelu(linear(h, op.fc1_weight, op.fc1_bias, tap)), op.fc2_weight, op.fc2_bias, tap)
 
 
-def head(op: Head, weight: Tensor, h: np.ndarray) -> np.ndarray:
-    return linear(h, weight, op.bias)
+def head(op: Head, weight: Tensor, h: np.ndarray, tap: Tap | None = None) -> np.ndarray:
+    return linear(h, weight, op.bias, tap)
 
 
 FieldFn = Callable[[int, NeuronField, np.ndarray], np.ndarray]
@@ -110,18 +117,27 @@ def forward(graph: Graph, ids: Sequence[int], field_fn: FieldFn | None = None) -
     `neuron_field` (a backend that implements only that op, e.g. as a circuit).
     """
     c = graph.config
-    ids_arr = check_ids(ids, c.n_ctx, c.vocab_size)
-    s = len(ids_arr)
-    x = token_embedding(graph.token_embed.weight, ids_arr) + position_embedding(graph.pos_embed.weight, s)
-    x = x.astype(np.float32)
+    return forward_batch(graph, check_ids(ids, c.n_ctx, c.vocab_size)[None], field_fn)[0]
+
+
+def forward_batch(graph: Graph, ids: np.ndarray, field_fn: FieldFn | None = None,
+                  tap: Tap | None = None) -> np.ndarray:
+    """Logits [B, S, V] of B windows of S current-vocabulary ids [B, S] (checked by the caller), each the
+    forward pass above: every op but attention works on the B x S positions as rows, attention window
+    by window. The one place the model's blocks are walked (evaluation and calibration batch through it)."""
+    c = graph.config
+    b, s = ids.shape
+    x = (token_embedding(graph.token_embed.weight, ids) + position_embedding(graph.pos_embed.weight, s))
+    x = x.astype(np.float32).reshape(b * s, -1)
     field = field_fn or (lambda _b, op, h: neuron_field(op, h))
-    for b, blk in enumerate(graph.blocks):
-        x = x + causal_attention(blk.attn, layer_norm(blk.ln1, x, c.ln_eps))
-        x = x + field(b, blk.field, layer_norm(blk.ln2, x, c.ln_eps))
-        x = x + ffn(blk.ffn, layer_norm(blk.ln3, x, c.ln_eps))
+    for i, blk in enumerate(graph.blocks):
+        h = layer_norm(blk.ln1, x, c.ln_eps).reshape(b, s, -1)
+        x = x + np.concatenate([causal_attention(blk.attn, h[w], tap) for w in range(b)])
+        x = x + field(i, blk.field, layer_norm(blk.ln2, x, c.ln_eps))
+        x = x + ffn(blk.ffn, layer_norm(blk.ln3, x, c.ln_eps), tap)
     if graph.final_norm is not None:
         x = layer_norm(graph.final_norm, x, c.ln_eps)
-    return head(graph.head, graph.head_weight, x)
+    return head(graph.head, graph.head_weight, x, tap).reshape(b, s, -1)
 
 
 def generate(

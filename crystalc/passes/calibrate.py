@@ -19,8 +19,6 @@ taken from the float32 model (not layer by layer from the partly quantized one).
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from crystalc.errors import CrystalError
@@ -56,35 +54,19 @@ def input_grams(graph: Graph, windows: np.ndarray) -> dict[str, np.ndarray]:
 
     windows = np.asarray(windows, dtype=np.int64)
     b, s = windows.shape
-    # every op but attention works per position: run a batch of windows flattened together,
-    # as many as keep the field's [positions, neurons, d_model] intermediate near 2^24 floats
+    # a batch of windows at once, as many as keep the field's [positions, neurons, d_model] intermediate
+    # near 2^24 floats; each layer's inputs over the batch (attention's window by window) make one gram
     per_batch = max(1, (1 << 24) // (s * c.d_model * max(1, *c.n_neurons)))
     for first in range(0, b, per_batch):
-        ids = windows[first:first + per_batch]
-        n = ids.shape[0]
-        x = (interpret.token_embedding(graph.token_embed.weight, ids.reshape(-1))
-             + np.tile(interpret.position_embedding(graph.pos_embed.weight, s), (n, 1))).astype(np.float32)
-        for blk in graph.blocks:
-            a = blk.attn
-            h = interpret.layer_norm(blk.ln1, x, c.ln_eps)
-            for w in (a.q_weight, a.k_weight, a.v_weight):
-                add(w.name, h)
-            # the out projection's input: attention with an identity out projection
-            eye = dataclasses.replace(a, out_weight=Tensor("eye", np.eye(c.d_model, dtype=np.float32)),
-                                      out_bias=Tensor("zero", np.zeros(c.d_model, dtype=np.float32)))
-            hw = h.reshape(n, s, -1)
-            add(a.out_weight.name, np.concatenate([interpret.causal_attention(eye, hw[i]) for i in range(n)]))
-            x = x + np.concatenate([interpret.causal_attention(a, hw[i]) for i in range(n)])
-            x = x + interpret.neuron_field(blk.field, interpret.layer_norm(blk.ln2, x, c.ln_eps))
-            h3 = interpret.layer_norm(blk.ln3, x, c.ln_eps)
-            add(blk.ffn.fc1_weight.name, h3)
-            hidden = interpret.gelu(interpret.linear(h3, blk.ffn.fc1_weight, blk.ffn.fc1_bias))
-            add(blk.ffn.fc2_weight.name, hidden)
-            x = x + interpret.linear(hidden, blk.ffn.fc2_weight, blk.ffn.fc2_bias)
-        if graph.final_norm is not None:
-            x = interpret.layer_norm(graph.final_norm, x, c.ln_eps)
-        if graph.head.weight is not None:  # a tied head is the embedding table: nearest rounding
-            add(graph.head.weight.name, x)
+        seen: dict[str, list[np.ndarray]] = {}
+
+        def record(weight: Tensor, x: np.ndarray, seen: dict[str, list[np.ndarray]] = seen) -> None:
+            seen.setdefault(weight.name, []).append(x)
+
+        interpret.forward_batch(graph, windows[first:first + per_batch], tap=record)
+        for name, parts in seen.items():
+            add(name, np.concatenate(parts))
+    grams.pop(graph.token_embed.weight.name, None)  # a tied head is the embedding table: nearest rounding
     return grams
 
 

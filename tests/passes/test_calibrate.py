@@ -106,11 +106,11 @@ def test_input_grams_are_those_of_the_interpreters_linear_layers(shape: str, mon
     seen: dict[str, np.ndarray] = {}
     linear = interpret.linear
 
-    def rec_linear(x, weight, bias):  # every projection, fc1, fc2 and the head go through linear
+    def rec_linear(x, weight, bias, tap=None):  # every projection, fc1, fc2 and the head go through linear
         if weight.name != "token_embed.weight":  # a tied head keeps nearest rounding
             x64 = x.reshape(-1, x.shape[-1]).astype(np.float64)
             seen[weight.name] = seen.get(weight.name, 0) + x64.T @ x64
-        return linear(x, weight, bias)
+        return linear(x, weight, bias, tap)
 
     monkeypatch.setattr(interpret, "linear", rec_linear)
     for ids in windows:

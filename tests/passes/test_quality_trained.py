@@ -163,7 +163,7 @@ def test_bpe_model_pruned_against_one_play(tmp_path: Path, monkeypatch: pytest.M
     full = forward(g, ids)
     pruned = forward(p, p.to_current_ids(ids))
     np.testing.assert_allclose(pruned, full[:, p.vocab_map], rtol=1e-6, atol=1e-6)
-    monkeypatch.setattr(interpret, "head", lambda op, weight, h: h)
+    monkeypatch.setattr(interpret, "head", lambda op, weight, h, tap=None: h)
     np.testing.assert_array_equal(forward(p, p.to_current_ids(ids)), forward(g, ids))
 
 
