@@ -255,7 +255,7 @@ class Instr:
         return value
 
 
-@dataclass
+@dataclass(frozen=True)
 class Program:
     """A lowered graph: what the core runs for each token, and the memories it runs on."""
 

@@ -74,7 +74,7 @@ SIMULATORS = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class CoreMemories:
     """A program's memories as the core holds them: the ROM in two, the key and value caches out of the RAM.
 
