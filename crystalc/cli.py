@@ -422,7 +422,8 @@ def train(data: str, out_path: str, tokenizer: str, d_model: int, n_ctx: int, n_
     # what the file holds: after early stopping, the best evaluation's weights, not the last one's
     best = [p for p in meta["curve"] if p["step"] == meta["best_step"]] if cfg.patience else meta["curve"][-1:]
     point = best[0] if best else None
-    summary = (f": val loss {point['val_loss']:.4f}, {sum(point['neurons'])} neurons, "
+    val = "" if point is None or point["val_loss"] != point["val_loss"] else f" val loss {point['val_loss']:.4f},"
+    summary = (f":{val} {sum(point['neurons'])} neurons, "
                f"{point['frozen_pct']:.1f}% frozen" + (f" (step {point['step']}, the best)" if cfg.patience else "")
                if point else "")
     click.echo(f"wrote {out_path}{summary}")

@@ -8,6 +8,7 @@ matplotlib is an optional extra and is imported only here.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +81,12 @@ def _checked_curve(curve: Any) -> list[dict[str, Any]]:
     def counts(x: Any) -> bool:
         return isinstance(x, list) and all(number(n) for n in x)
 
+    def loss(x: Any) -> bool:  # a .crystal file keeps a NaN loss as null (JSON has no NaN)
+        return x is None or number(x)
+
     ok = isinstance(curve, list) and all(
-        isinstance(p, dict) and all(number(p.get(k)) for k in ("step", "loss", "val_loss", "frozen_pct"))
+        isinstance(p, dict) and all(number(p.get(k)) for k in ("step", "frozen_pct"))
+        and all(loss(p.get(k, 0.0)) for k in ("loss", "val_loss")) and "loss" in p and "val_loss" in p
         and counts(p.get("neurons")) and counts(p.get("frozen", [])) for p in curve)
     if not ok:
         raise CrystalError("meta: 'curve' is not a list of training records (step, loss, val_loss, neurons, "
@@ -142,8 +147,12 @@ def _scales(ax: Any, blocks: list[Any]) -> None:
 
 def _loss(ax: Any, curve: list[dict[str, Any]]) -> None:
     steps = [p["step"] for p in curve]
-    ax.plot(steps, [p["loss"] for p in curve], color="#888888", lw=1.2, label="train loss (last batch)")
-    ax.plot(steps, [p["val_loss"] for p in curve], color="#c0392b", lw=1.8, label="validation loss")
+
+    def values(key: str) -> list[float]:
+        return [math.nan if p[key] is None else p[key] for p in curve]
+
+    ax.plot(steps, values("loss"), color="#888888", lw=1.2, label="train loss (last batch)")
+    ax.plot(steps, values("val_loss"), color="#c0392b", lw=1.8, label="validation loss")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title("training curve", fontsize=10)

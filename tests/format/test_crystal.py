@@ -13,7 +13,7 @@ from crystalc.ir.graph import Graph
 from crystalc.ir.interpret import forward
 from crystalc.ir.tensor import Quant, Tensor
 from crystalc.tokenizer import char_tokenizer
-from tests.conftest import FIXTURE_SHAPES, random_graph
+from tests.conftest import FIXTURE_SHAPES, random_graph, require_module
 
 CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyzé—"
 
@@ -172,6 +172,26 @@ def test_numpy_values_in_meta_are_written_as_plain_json(tmp_path):
     path = tmp_path / "m.crystal"
     write_crystal(g, path)
     assert read_crystal(path).meta == {"loss": 0.5, "curve": [0, 1, 2]}
+
+
+def test_non_finite_numbers_in_meta_are_json_nulls(tmp_path):
+    # a run without a validation set records NaN losses; JSON has no NaN, and a strict reader refuses it
+    import json
+
+    curve = [{"step": s, "round": s, "loss": 2.0 / s, "val_loss": float("nan"), "neurons": [4], "frozen": [0],
+              "frozen_pct": 0.0} for s in (1, 2)]
+    g = random_graph("all_on", seed=1).replace(meta={"curve": curve, "best": float("inf"), "x": np.float32("nan")})
+    path = tmp_path / "m.crystal"
+    write_crystal(g, path)
+    meta = read_crystal(path).meta
+    assert meta["best"] is None and meta["x"] is None and [p["val_loss"] for p in meta["curve"]] == [None, None]
+    raw = path.read_bytes()
+    start = raw.index(b'{"best"')
+    json.loads(raw[start:raw.index(b"\0", start)].decode(), parse_constant=lambda c: pytest.fail(c))
+    require_module("matplotlib")
+    from crystalc.plot import plot_model
+
+    plot_model(read_crystal(path), tmp_path / "m.png")  # a null loss is a gap in the curve
 
 
 def test_write_is_atomic_on_failure(tmp_path):
