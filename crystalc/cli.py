@@ -7,6 +7,7 @@ error) and ends as one line on stderr with exit status 2.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -426,7 +427,8 @@ def train(data: str, out_path: str, tokenizer: str, d_model: int, n_ctx: int, n_
     summary = (f":{val} {sum(point['neurons'])} neurons, "
                f"{point['frozen_pct']:.1f}% frozen" + (f" (step {point['step']}, the best)" if cfg.patience else "")
                if point else "")
-    click.echo(f"wrote {out_path}{summary}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes the file, so only it says so
+        click.echo(f"wrote {out_path}{summary}")
 
 
 @cli.command("eval")
