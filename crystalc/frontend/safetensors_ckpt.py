@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from crystalc.errors import CrystalError
 from crystalc.frontend.raw import RawCheckpoint
 
@@ -15,6 +17,13 @@ def config_path_for(path: Path) -> Path | None:
         if cand.is_file():
             return cand
     return None
+
+
+def _widened(a: np.ndarray) -> np.ndarray:
+    """bfloat16 and float8 arrays as float32 (exactly). numpy has those types once ml_dtypes is imported
+    (onnx imports it), and safetensors then reads such a file through numpy after all."""
+    name = a.dtype.name
+    return a.astype(np.float32) if name == "bfloat16" or name.startswith("float8") else a
 
 
 def _through_torch(path: Path) -> dict:
@@ -40,7 +49,7 @@ def read_safetensors(path: Path) -> RawCheckpoint:
     except ImportError:
         raise CrystalError("reading .safetensors needs the 'safetensors' package (pip install safetensors)") from None
     try:
-        state = load_file(str(path))
+        state = {k: _widened(a) for k, a in load_file(str(path)).items()}
     except (TypeError, AttributeError):  # a dtype numpy lacks (bfloat16, float8): torch reads those
         state = _through_torch(path)
     except (SafetensorError, OSError, ValueError) as e:

@@ -14,7 +14,7 @@ import torch
 from crystalc.errors import CrystalError
 from crystalc.frontend import load_model
 from crystalc.ir.interpret import forward
-from tests.conftest import SPEC_VECTORS, random_graph, save_pt
+from tests.conftest import SPEC_VECTORS, random_graph, require_module, save_pt
 
 
 def _same(a, b) -> None:
@@ -406,10 +406,15 @@ def test_bfloat16_safetensors_and_meta_tensors(tmp_path: Path) -> None:
     save_file({k: (v.to(torch.bfloat16) if v.is_floating_point() else v.to(torch.uint8)) for k, v in sd.items()},
               str(tmp_path / "m.safetensors"))
     (tmp_path / "m.json").write_text(json.dumps(g.config.to_dict()))
-    got = load_model(tmp_path / "m.safetensors")
     want = {k: v.to(torch.bfloat16).to(torch.float32).numpy() for k, v in sd.items() if v.is_floating_point()}
-    for k, v in want.items():
-        np.testing.assert_array_equal(got.state_dict()[k], v)  # bfloat16 widens to float32 exactly
+    from crystalc.frontend import safetensors_ckpt
+
+    # numpy reads bfloat16 once ml_dtypes is imported (by onnx, say), torch otherwise: both ways, exactly
+    through_torch = safetensors_ckpt._through_torch(tmp_path / "m.safetensors")
+    require_module("ml_dtypes")  # imported now: load_model's read goes through numpy
+    for got in (through_torch, load_model(tmp_path / "m.safetensors").state_dict()):
+        for k, v in want.items():
+            np.testing.assert_array_equal(got[k], v)
     meta = {k: (torch.empty(v.shape, device="meta") if k == "head.bias" else v) for k, v in sd.items()}
     torch.save({"model": meta, "config": g.config.to_dict()}, tmp_path / "meta.pt")
     r = _cli("inspect", str(tmp_path / "meta.pt"))
