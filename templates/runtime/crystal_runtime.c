@@ -724,7 +724,7 @@ int main(int argc, char **argv) {
 static void runtime_usage(const char *prog) {
     printf("usage: %s MODEL.crystal --prompt TEXT | --prompt-ids ID,ID,... [--logits] [-n N] [-t TEMP]\n"
            "       [--top-p P] [--seed S] [--shift K] [--threads N]\n"
-           "   or: %s MODEL.crystal PROMPT [N [TEMP]]   (the seeds' positional form)\n"
+           "   or: %s MODEL.crystal PROMPT [N [TEMP]] [options]   (the seeds' positional form)\n"
            "the options as every generated program takes them (the program's --help says each)\n", prog, prog);
 }
 
@@ -760,20 +760,21 @@ int main(int argc, char **argv) {
     }
     int n = 0;
     args[n++] = (char *)prog;
-    if (argc >= 3 && argv[2][0] != '-') {
-        if (argc > 5) {
+    /* the positional form's PROMPT [N [TEMP]] (at most three words before the first option), then any
+     * options as they are: `MODEL.crystal "ROMEO:" 100 0.8 --seed 7` */
+    static const char *const positional[] = {"--prompt", "-n", "-t"};
+    int i = 2;
+    for (int word = 0; i < argc && argv[i][0] != '-'; i++, word++) {
+        if (word == 3) {
             fprintf(stderr, "%s: error: unexpected argument '%s' (the positional form is MODEL.crystal PROMPT "
-                            "[N [TEMP]])\n", prog, argv[5]);
+                            "[N [TEMP]], then options)\n", prog, argv[i]);
             free(args);
             return 2;
         }
-        args[n++] = "--prompt";
-        args[n++] = argv[2];
-        if (argc >= 4) { args[n++] = "-n"; args[n++] = argv[3]; }
-        if (argc >= 5) { args[n++] = "-t"; args[n++] = argv[4]; }
-    } else {
-        for (int i = 2; i < argc; i++) args[n++] = argv[i];
+        args[n++] = (char *)positional[word];
+        args[n++] = argv[i];
     }
+    for (; i < argc; i++) args[n++] = argv[i];
     args[n] = NULL;
     crystal_file f;
     crystal_model m;

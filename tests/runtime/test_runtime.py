@@ -185,6 +185,11 @@ def test_seeds_positional_form(runtime, tmp_path):
     seeds = run(runtime, path, "to be", 12, 0.8)
     assert spec.returncode == 0 and seeds.returncode == 0, seeds.stderr
     assert seeds.stdout == spec.stdout
+    # options after the positional words, as the spec's form takes them
+    spec = run(runtime, path, "--prompt", "to be", "-n", 12, "-t", 0.8, "--seed", 7, "--shift", 2)
+    seeds = run(runtime, path, "to be", 12, 0.8, "--seed", 7, "--shift", 2)
+    assert seeds.returncode == 0 and seeds.stdout == spec.stdout, seeds.stderr
+    assert seeds.stdout != run(runtime, path, "to be", 12, 0.8).stdout  # the seed was taken
 
 
 def test_help_names_the_model_argument_wherever_asked(runtime, tmp_path):
