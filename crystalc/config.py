@@ -51,14 +51,18 @@ class ModelConfig:
                 f"final_norm={int(self.final_norm)} tie_head={int(self.tie_head)}")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Build from a checkpoint's config dict, filling the spec's defaults."""
-        known = {f.name for f in dataclasses.fields(cls)}
+    def check_fields(cls, d: dict[Any, Any]) -> None:
+        """Every key of a config dict names a field (a partial config's too)."""
         if any(not isinstance(k, str) for k in d):
             raise CrystalError(f"config: key {next(k for k in d if not isinstance(k, str))!r} is not a string")
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise CrystalError(f"config: unknown field(s) {', '.join(unknown)}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build from a checkpoint's config dict, filling the spec's defaults."""
+        cls.check_fields(d)
         if "vocab_size" not in d:
             raise CrystalError("config: missing field vocab_size")
         kw = dict(d)

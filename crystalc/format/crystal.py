@@ -175,30 +175,24 @@ def _sections(graph: Graph) -> list[_Section]:
 
 
 def _plain(o: Any) -> Any:
-    """numpy scalars and arrays (common in training metrics) as JSON numbers and lists."""
-    if isinstance(o, (np.generic, np.ndarray)):
-        return o.tolist()
-    raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
-
-
-def _finite(o: Any) -> Any:
-    """o with every NaN or infinity as None: JSON has no such numbers (a training run without a validation
-    set records NaN losses), and a strict reader refuses Python's NaN."""
+    """o as JSON can hold it: numpy scalars and arrays (common in training metrics) as numbers and lists, every
+    NaN or infinity as None (JSON has no such numbers: a training run without a validation set records NaN
+    losses, and a strict reader refuses Python's NaN)."""
     if isinstance(o, float):
         return o if math.isfinite(o) else None
     if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
+        return {k: _plain(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
+        return [_plain(v) for v in o]
     if isinstance(o, (np.generic, np.ndarray)):
-        return _finite(o.tolist())
+        return _plain(o.tolist())
     return o
 
 
 def _json_bytes(obj: Any, what: str) -> bytes:
     try:
-        return json.dumps(_finite(obj), sort_keys=True, ensure_ascii=False, separators=(",", ":"),
-                          default=_plain, allow_nan=False).encode("utf-8")
+        return json.dumps(_plain(obj), sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+                          allow_nan=False).encode("utf-8")
     except (TypeError, ValueError) as e:
         raise CrystalError(f"cannot write .crystal: the {what} is not JSON-serialisable ({e})") from None
 

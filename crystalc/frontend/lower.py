@@ -95,14 +95,9 @@ def lower(raw: RawCheckpoint, n_heads: int | None = None) -> Graph:
             raise CrystalError(f"{source[name]} and {k} both give {name}")
         state[name], source[name] = raw.state[k], k
 
-    config_keys = list((raw.config or {}).keys())
-    if any(not isinstance(k, str) for k in config_keys):
-        raise CrystalError(f"config: key {next(k for k in config_keys if not isinstance(k, str))!r} is not a string")
     given = {aliases.CONFIG_ALIASES.get(k, k): v for k, v in (raw.config or {}).items()}
-    if not seeds:  # the seeds' config carries training settings (lr...); a crystalc one only fields
-        unknown = sorted(set(given) - set(ModelConfig.__dataclass_fields__))
-        if unknown:
-            raise CrystalError(f"config: unknown field(s) {', '.join(unknown)}")
+    if not seeds:  # the seeds' config carries training settings (lr...), which are ignored; a crystalc one only fields
+        ModelConfig.check_fields(given)
     if raw.config is not None and not seeds and "vocab_size" in given:
         if n_heads is not None and given.get("n_heads", n_heads) != n_heads:
             raise CrystalError(f"--n-heads {n_heads} disagrees with the checkpoint's n_heads {given['n_heads']}")
