@@ -176,17 +176,15 @@ def simulate_field(out_dir: Path, block: int, h: np.ndarray, timeout: float | No
     if len(h) == 0:
         return np.zeros((0, len(outputs)))
 
-    def solve(row: np.ndarray) -> list[float]:
-        with tempfile.TemporaryDirectory() as tmp:
-            bench = Path(tmp) / "bench.cir"
-            shutil.copy(netlist, Path(tmp) / netlist.name)  # .include by a plain name: paths may hold spaces
-            bench.write_text(render("spice", "testbench.cir.j2", block=block, d=d, outputs=outputs,
-                                    options=OPTIONS, inputs=[[_num(v) for v in row]]), encoding="ascii")
-            try:
-                proc = subprocess.run(["ngspice", "-n", "-b", bench.name], cwd=tmp, capture_output=True,
-                                      text=True, timeout=timeout)
-            except subprocess.TimeoutExpired as e:
-                raise CrystalError(f"ngspice did not finish {netlist.name} within {timeout:g} s") from e
+    def solve(tmp: str, s: int, row: np.ndarray) -> list[float]:
+        bench = Path(tmp) / f"bench{s}.cir"
+        bench.write_text(render("spice", "testbench.cir.j2", block=block, d=d, outputs=outputs,
+                                options=OPTIONS, inputs=[[_num(v) for v in row]]), encoding="ascii")
+        try:
+            proc = subprocess.run(["ngspice", "-n", "-b", bench.name], cwd=tmp, capture_output=True,
+                                  text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise CrystalError(f"ngspice did not finish {netlist.name} within {timeout:g} s") from e
         found = dict(re.findall(r"^v\(f0_(\w+)\) = (\S+)$", proc.stdout, re.MULTILINE))
         if proc.returncode != 0 or sorted(found) != sorted(outputs):
             said = (proc.stderr + proc.stdout).splitlines()
@@ -195,8 +193,9 @@ def simulate_field(out_dir: Path, block: int, h: np.ndarray, timeout: float | No
             raise CrystalError(f"ngspice failed on {netlist.name} (exit {proc.returncode}): {detail}")
         return [float(found[o]) for o in outputs]
 
-    with ThreadPoolExecutor(max_workers=min(len(h), os.cpu_count() or 1)) as pool:
-        return np.array(list(pool.map(solve, h)))
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max_workers=min(len(h), os.cpu_count() or 1)) as pool:
+        shutil.copy(netlist, Path(tmp) / netlist.name)  # once; .include by a plain name: paths may hold spaces
+        return np.array(list(pool.map(lambda sr: solve(tmp, *sr), enumerate(h))))
 
 
 def _with_active_neurons(op: NeuronField, h: np.ndarray, core: np.ndarray) -> np.ndarray:
