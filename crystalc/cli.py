@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 
 from crystalc.backends import BACKENDS
 from crystalc.errors import CrystalError, one_line
@@ -34,6 +35,27 @@ class FiniteRange(click.FloatRange):
         if not math.isfinite(v):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return v
+
+
+class OnceCommand(click.Command):
+    """A command whose options may each be given once: click keeps the last of two values, a guess at which
+    one was meant (`-o a.crystal ... -o b.crystal`), so a repeat is refused instead."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not ctx.resilient_parsing:  # a dry parse for the order options came in; click parses for real below
+            _, _, order = self.make_parser(ctx).parse_args(args=list(args))
+            seen: set[str] = set()
+            for param in order:
+                if isinstance(param, click.Option) and not (param.multiple or param.count):
+                    name = max(param.opts, key=len)
+                    if name in seen:
+                        raise click.UsageError(f"{name} given twice", ctx)
+                    seen.add(name)
+        return super().parse_args(ctx, args)
+
+
+class CrystalGroup(click.Group):
+    command_class = OnceCommand
 
 
 def _check_output(out: str, **inputs: str | None) -> None:
@@ -117,7 +139,7 @@ def _parse_ids(text: str) -> list[int]:
         raise CrystalError(f"token ids must be comma-separated integers, got {text!r}") from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=CrystalGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="crystalc")
 def cli() -> None:
     """crystalc: compile crystal language models to C, CUDA, a Verilog core, or SPICE circuits.
@@ -298,8 +320,17 @@ def run(model: str, prompt: str | None, prompt_ids: str | None, n_tokens: int, t
     args = []
     if prompt_ids is not None:
         args += ["--prompt-ids", prompt_ids]
-    args += ["-n", str(n_tokens), "-t", repr(temperature), "--top-p", repr(top_p), "--seed", str(seed),
-             "--shift", str(shift)]
+    # only what was asked for: the runtime's defaults are these options' defaults, and it refuses a sampling
+    # option beside --logits, which a default passed on would trip
+    ctx = click.get_current_context()
+    for flag, name, value in (("-n", "n_tokens", str(n_tokens)), ("-t", "temperature", repr(temperature)),
+                              ("--top-p", "top_p", repr(top_p)), ("--seed", "seed", str(seed)),
+                              ("--shift", "shift", str(shift))):
+        if ctx.get_parameter_source(name) != ParameterSource.DEFAULT:
+            if logits:  # the runtime's words, said before a checkpoint is converted for it
+                raise CrystalError(f"{flag} has no effect with --logits, which prints the prompt's logits and "
+                                   "generates nothing")
+            args += [flag, value]
     if logits:
         args.append("--logits")
     sys.exit(run_model(model, args, prompt=prompt))

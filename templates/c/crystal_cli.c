@@ -297,7 +297,17 @@ static void print_token(const crystal_model *m, int row, int text, int first) {
 
 /* --- main ------------------------------------------------------------------------------- */
 
+enum { OPT_PROMPT, OPT_PROMPT_IDS, OPT_LOGITS, OPT_N, OPT_T, OPT_TOP_P, OPT_SEED, OPT_SHIFT, OPT_THREADS, N_OPTIONS };
+static const char *const OPTION_NAMES[N_OPTIONS] = {
+    [OPT_PROMPT] = "--prompt", [OPT_PROMPT_IDS] = "--prompt-ids", [OPT_LOGITS] = "--logits", [OPT_N] = "-n",
+    [OPT_T] = "-t", [OPT_TOP_P] = "--top-p", [OPT_SEED] = "--seed", [OPT_SHIFT] = "--shift",
+    [OPT_THREADS] = "--threads"};
+/* the options only generation reads */
+static const unsigned GENERATION_OPTIONS =
+    1u << OPT_N | 1u << OPT_T | 1u << OPT_TOP_P | 1u << OPT_SEED | 1u << OPT_SHIFT;
+
 static int parse_options(const char *prog, int argc, char **argv, options *o, int *help) {
+    unsigned given = 0;  /* bit k: OPTION_NAMES[k] was on the command line */
     *help = 0;
     o->prompt = o->prompt_ids = NULL;
     o->logits = 0;
@@ -319,50 +329,65 @@ static int parse_options(const char *prog, int argc, char **argv, options *o, in
             *help = 1;
             return 0;
         }
-        if (!strcmp(name, "--logits")) {
+        int known = -1;
+        for (int k = 0; k < N_OPTIONS; k++)
+            if (!strcmp(name, OPTION_NAMES[k])) known = k;
+        if (known < 0) return bad(prog, arg[0] == '-' ? "unknown option '%s' (see --help)" : "unexpected argument '%s'",
+                                  arg);
+        /* a second value would silently replace the first: say so rather than guess which was meant */
+        if (given & (1u << known)) return bad(prog, "%s given twice", name);
+        given |= 1u << known;
+        if (known == OPT_LOGITS) {
             if (eq) return bad(prog, "--logits takes no value");
             o->logits = 1;
             continue;
         }
-        int known = !strcmp(name, "--prompt") || !strcmp(name, "--prompt-ids") || !strcmp(name, "-n") ||
-                    !strcmp(name, "-t") || !strcmp(name, "--top-p") || !strcmp(name, "--seed") ||
-                    !strcmp(name, "--shift") || !strcmp(name, "--threads");
-        if (!known) return bad(prog, arg[0] == '-' ? "unknown option '%s' (see --help)" : "unexpected argument '%s'",
-                               arg);
         if (eq) val = eq + 1;
         else if (i + 1 < argc) val = argv[++i];
         else return bad(prog, "%s needs a value", name);
         long l;
         double d;
-        if (!strcmp(name, "--prompt")) o->prompt = val;
-        else if (!strcmp(name, "--prompt-ids")) o->prompt_ids = val;
-        else if (!strcmp(name, "-n")) {
+        switch (known) {
+        case OPT_PROMPT: o->prompt = val; break;
+        case OPT_PROMPT_IDS: o->prompt_ids = val; break;
+        case OPT_N:
             if (parse_long(val, &l) || l < 0 || l > 1000000000L)
                 return bad(prog, "-n: expected a count of tokens in 0..1000000000, got '%s'", val);
             o->n_tokens = l;
-        } else if (!strcmp(name, "-t")) {
+            break;
+        case OPT_T:
             if (parse_double(val, &d) || d < 0)
                 return bad(prog, "-t: expected a temperature >= 0 within a double's range, got '%s'", val);
             o->temperature = d;
-        } else if (!strcmp(name, "--top-p")) {
+            break;
+        case OPT_TOP_P:
             if (parse_double(val, &d) || !(d > 0 && d <= 1)) return bad(prog, "--top-p: expected a value in (0, 1], got '%s'", val);
             o->top_p = d;
-        } else if (!strcmp(name, "--seed")) {
+            break;
+        case OPT_SEED: {
             char *end;
             errno = 0;
             long long s = strtoll(val, &end, 10);
             if (end == val || *end != '\0' || errno) return bad(prog, "--seed: expected an integer, got '%s'", val);
             o->seed = (unsigned long long)s;
-        } else if (!strcmp(name, "--threads")) {
+            break;
+        }
+        case OPT_THREADS:
             if (parse_long(val, &l) || l < 1 || l > 1024)
                 return bad(prog, "--threads: expected a count of threads in 1..1024, got '%s'", val);
             o->threads = l;
-        } else {
+            break;
+        default: /* OPT_SHIFT; its range needs the model's window, checked by crystal_main */
             if (parse_long(val, &l)) return bad(prog, "--shift: expected an integer, got '%s'", val);
             o->shift = l;
         }
     }
     if (!o->prompt == !o->prompt_ids) return bad(prog, "give exactly one of --prompt and --prompt-ids");
+    if (o->logits)  /* --logits generates nothing: a sampling option beside it is a mistaken command line */
+        for (int k = 0; k < N_OPTIONS; k++)
+            if (given & GENERATION_OPTIONS & (1u << k))
+                return bad(prog, "%s has no effect with --logits, which prints the prompt's logits and generates "
+                           "nothing", OPTION_NAMES[k]);
     return 0;
 }
 

@@ -397,6 +397,9 @@ def test_pruned_sampling_draws_current_rows_and_prints_original_ids(tmp_path):
     ["--prompt-ids", "1", "-n", "many"], ["--prompt-ids", "1", "--bogus"], ["--prompt-ids"], [],
     ["--prompt", "A", "--prompt-ids", "1"], ["extra.crystal", "--prompt-ids", "1"],
     ["--prompt-ids", "1", "--threads", "0"], ["--prompt-ids", "1", "--threads", "2"],  # built without OpenMP
+    ["--prompt-ids", "1", "--prompt-ids", "2"], ["--prompt", "A", "-n", "2", "-n", "3"],  # which one was meant?
+    ["--prompt-ids", "1", "--logits", "--logits"], ["--prompt-ids", "1", "--logits", "-n", "5"],
+    ["--prompt-ids", "1", "--seed=3", "--logits"],  # --logits generates nothing: a sampling option is a mistake
 ])
 def test_bad_arguments_exit_2_with_one_line(char_model, args):
     _, exe = char_model

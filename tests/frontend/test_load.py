@@ -289,8 +289,8 @@ def test_damaged_pickle_inside_a_zip_is_a_crystal_error(tmp_path: Path) -> None:
         load_model(p)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "crystalc.cli", *args], capture_output=True, text=True)
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "crystalc.cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all\n", b"PK\x03\x04truncated zip"])
@@ -314,6 +314,16 @@ def test_cli_nan_checkpoint_one_line(tmp_path: Path) -> None:
 def test_cli_unknown_option_one_line() -> None:
     r = _cli("inspect", "--bogus")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--bogus" in r.stderr
+
+
+def test_cli_refuses_an_option_given_twice(tmp_path: Path) -> None:
+    """click keeps the last of two values; a repeat is refused before any work, whichever command it is."""
+    for args in (["quantize", "m.pt", "--int8", "-o", "a.crystal", "-o", "b.crystal"],
+                 ["compile", "m.pt", "-t", "c", "--target", "cuda", "-o", "out"],
+                 ["run", "m.pt", "--prompt", "A", "--prompt", "B"]):
+        r = _cli(*args, cwd=tmp_path)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "given twice" in r.stderr, (args, r.stderr)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_usage_errors_read_as_one_line_or_as_help() -> None:

@@ -190,6 +190,8 @@ def test_seeds_positional_form(runtime, tmp_path):
     seeds = run(runtime, path, "to be", 12, 0.8, "--seed", 7, "--shift", 2)
     assert seeds.returncode == 0 and seeds.stdout == spec.stdout, seeds.stderr
     assert seeds.stdout != run(runtime, path, "to be", 12, 0.8).stdout  # the seed was taken
+    twice = run(runtime, path, "to be", 12, "-n", 5)  # the positional N is -n
+    assert twice.returncode == 2 and twice.stderr == "crystal_runtime: error: -n given twice\n", twice.stderr
 
 
 def test_help_names_the_model_argument_wherever_asked(runtime, tmp_path):
@@ -198,7 +200,7 @@ def test_help_names_the_model_argument_wherever_asked(runtime, tmp_path):
         res = run(runtime, *args)
         assert res.returncode == 0 and res.stdout.startswith("usage: crystal_runtime MODEL.crystal"), res.stdout
         assert "--threads" in res.stdout
-    res = run(runtime, path, "--prompt", "--help", "-n", 3, "--logits")  # a prompt, not a question
+    res = run(runtime, path, "--prompt", "--help", "-n", 3)  # a prompt, not a question
     assert "usage" not in res.stdout
 
 
@@ -269,6 +271,11 @@ def test_crystalc_run_on_crystal_and_pt(cache, tmp_path):
         assert res.returncode == 0, res.stderr
         outs.append(res.stdout)
     assert outs[0] == outs[1]
+    # said before the checkpoint is converted for the runtime, in crystalc's words
+    res = subprocess.run([os.path.join(os.path.dirname(sys.executable), "crystalc"), "run", str(pt),
+                          "--prompt-ids", "1,2,3", "--logits", "-n", "5"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and res.stderr == ("crystalc: error: -n has no effect with --logits, which prints "
+                                                  "the prompt's logits and generates nothing\n"), res.stderr
     want = forward(g, [1, 2, 3])[-1]
     got = np.array([float(line.split()[1]) for line in outs[0].splitlines()])
     assert np.abs(got - want).max() <= TOL
