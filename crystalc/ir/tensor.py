@@ -18,6 +18,14 @@ DTYPES = {"f32": np.float32, "i8": np.int8, "i16": np.int16, "bool": np.bool_}
 QUANT_SCHEMES = ("tensor", "row", "group")
 
 
+def _read_only(array: np.ndarray) -> np.ndarray:
+    """A view nothing can write through: passes build new tensors, so an in-place write to one a graph holds
+    would be a bug (another graph may share it), and numpy now raises at it."""
+    view = array.view()
+    view.setflags(write=False)
+    return view
+
+
 @dataclass(frozen=True, eq=False)
 class Quant:
     """How integer codes map back to float32: value = float(code) * scale + offset.
@@ -33,6 +41,10 @@ class Quant:
     scale: np.ndarray
     offset: np.ndarray
     group: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", _read_only(self.scale))
+        object.__setattr__(self, "offset", _read_only(self.offset))
 
     def expanded(self, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
         """scale and offset broadcast to `shape`."""
@@ -63,6 +75,9 @@ class Tensor:
     name: str
     data: np.ndarray
     quant: Quant | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data", _read_only(self.data))
 
     @property
     def dtype(self) -> str:

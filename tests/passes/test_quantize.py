@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from crystalc.errors import CrystalError
 from crystalc.ir.interpret import forward
-from crystalc.ir.tensor import dequantize
+from crystalc.ir.tensor import Tensor, dequantize
 from crystalc.passes.quantize import MODES, parse_granularity, quantize, quantize_array
 from tests.conftest import random_graph
 
@@ -102,7 +104,9 @@ def test_a_group_wider_than_the_row_is_the_row() -> None:
 def test_codes_that_dequantize_past_float32_are_refused() -> None:
     # finite scales, but 127 x 3e38 is Inf: the graph must not verify, whatever reads it next
     t = quantize_array("w", sample_arrays()["odd_cols"], 8, parse_granularity("row"))
-    t.quant.scale[0] = np.float32(3e38)
+    scale = t.quant.scale.copy()
+    scale[0] = np.float32(3e38)
+    t = Tensor("w", t.data, dataclasses.replace(t.quant, scale=scale))
     with pytest.raises(CrystalError, match="w: a code times its scale, plus its offset, overflows float32"):
         t.verify(t.shape, ("i8",))
 
