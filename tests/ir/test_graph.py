@@ -75,3 +75,16 @@ def test_map_tensors_keeps_the_structure() -> None:
     assert [t.name for t in doubled.tensors()] == [t.name for t in g.tensors()]
     for a, b in zip(g.tensors(), doubled.tensors(), strict=True):
         np.testing.assert_array_equal(b.data, a.data * 2 if a.dtype == "f32" else a.data)
+
+
+def test_tensor_arrays_cannot_be_written_through_the_ir() -> None:
+    # graphs share arrays between passes: a write through one graph would change another
+    g = quantize(random_graph("all_on"), "mixed8", "row")
+    source = np.zeros(3, np.float32)
+    t = Tensor("t", source)
+    for tensor in (*g.tensors(), t):
+        arrays = [tensor.data] + ([tensor.quant.scale, tensor.quant.offset] if tensor.quant else [])
+        for arr in arrays:
+            with pytest.raises(ValueError, match="read-only"):
+                arr.reshape(-1)[0] = 0
+    source[0] = 1  # the caller's own array stays writable: the tensor holds a view
