@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,23 @@ from crystalc.ir.ops import (
 )
 from crystalc.ir.tensor import Tensor
 from crystalc.tokenizer import check_spec
+
+
+def current_rows(original: Iterable[int], kept: Iterable[int], n_orig: int | None) -> list[int]:
+    """Rows of the current vocabulary for ids of the original tokenizer, row i standing for kept[i]. n_orig
+    None: the original vocabulary's size is unknown (a pruned model's compiled folder keeps only its rows),
+    so a missing id may be pruned or out of range."""
+    row_of = {int(o): i for i, o in enumerate(kept)}
+    out = []
+    for t in original:
+        if t not in row_of:
+            if n_orig is None:
+                raise CrystalError(f"token id {t} is not in this model's vocabulary (pruned)")
+            if not 0 <= t < n_orig:
+                raise CrystalError(f"token id {t} is outside the vocabulary 0..{n_orig - 1}")
+            raise CrystalError(f"token id {t} was pruned from this model's vocabulary")
+        out.append(row_of[t])
+    return out
 
 
 @dataclass(frozen=True)
@@ -110,16 +127,7 @@ class Graph:
 
     def to_current_ids(self, original: list[int]) -> list[int]:
         """Map ids of the original tokenizer to rows of the current vocabulary."""
-        n_orig = self.orig_vocab_size or self.config.vocab_size
-        inverse = {int(o): i for i, o in enumerate(self.original_ids())}
-        out = []
-        for t in original:
-            if not 0 <= t < n_orig:
-                raise CrystalError(f"token id {t} is outside the vocabulary 0..{n_orig - 1}")
-            if t not in inverse:
-                raise CrystalError(f"token id {t} was pruned from this model's vocabulary")
-            out.append(inverse[t])
-        return out
+        return current_rows(original, self.original_ids(), self.orig_vocab_size or self.config.vocab_size)
 
     # --- checking ------------------------------------------------------------------------
     def verify(self) -> Graph:
