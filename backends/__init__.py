@@ -2,12 +2,15 @@
 
 A backend turns a verified Graph into artifacts on disk (`emit`) and, where a
 real tool exists for them, builds or simulates those artifacts (`build`). New
-targets are one module, one template folder and one line in BACKENDS.
+targets are one module, one template folder (named in pyproject.toml, which
+setuptools needs of data folders) and one entry in BACKENDS: the
+command line's --target choices, its help and its per-target options follow it.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -29,17 +32,27 @@ class Backend(Protocol):
         ...
 
 
-# target name -> module under crystalc.backends defining BACKEND
-BACKENDS: dict[str, str] = {
-    "c": "c",
-    "verilog": "verilog",
-    "spice": "spice",
-    "cuda": "cuda",
+@dataclass(frozen=True)
+class Target:
+    """What the command line knows of a target without importing it (`--help` stays fast)."""
+
+    module: str  # crystalc.backends.<module> defines BACKEND
+    summary: str  # what `compile` makes of it, for --target's help
+    options: tuple[str, ...] = ()  # compile's options that only this target takes (click parameter names)
+
+
+BACKENDS: dict[str, Target] = {
+    "c": Target("c", "a C99 program; --build runs make and cc", ("cflags",)),
+    "verilog": Target("verilog", "a Q16.16 fixed-point core; --build compiles its simulation with Icarus",
+                      ("lanes",)),
+    "spice": Target("spice", "each block's neuron field as an ngspice circuit; --build solves it once",
+                    ("frozen_only",)),
+    "cuda": Target("cuda", "the C program with its forward pass on a GPU; --build runs make, nvcc and cc"),
 }
 
 
 def get_backend(name: str) -> Backend:
     if name not in BACKENDS:
         raise CrystalError(f"unknown target {name!r}; known: {', '.join(sorted(BACKENDS))}")
-    module = importlib.import_module(f"crystalc.backends.{BACKENDS[name]}")
+    module = importlib.import_module(f"crystalc.backends.{BACKENDS[name].module}")
     return module.BACKEND

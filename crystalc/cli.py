@@ -175,10 +175,8 @@ calibrate_tokens_option = click.option("--calibrate-tokens", type=click.IntRange
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--target", "-t", type=click.Choice(TARGETS), required=True,
-              help="Backend to compile for: c (a C99 program; --build runs make and cc), cuda (the same program "
-                   "with its forward pass on a GPU; --build runs make, nvcc and cc), verilog (a Q16.16 fixed-point "
-                   "core; --build compiles its simulation with Icarus) or spice (each block's neuron field as an "
-                   "ngspice circuit; --build solves it once). docs/backends.md.")
+              help="Backend to compile for: " + ", ".join(f"{name} ({t.summary})" for name, t in BACKENDS.items())
+                   + ". docs/backends.md.")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Output folder; replaced as a whole only once everything is written (an existing one only "
                    "if it is empty or crystalc wrote it).")
@@ -204,12 +202,11 @@ def compile(model: str, target: str, out_dir: str, build: bool, cflags: str | No
     from crystalc.backends import get_backend
     from crystalc.fsutil import atomic_dir
 
-    if cflags is not None and target != "c":
-        raise CrystalError(f"--cflags applies to --target c only, not {target}")
-    if frozen_only and target != "spice":
-        raise CrystalError(f"--frozen-only applies to --target spice only, not {target}")
-    if lanes is not None and target != "verilog":
-        raise CrystalError(f"--lanes applies to --target verilog only, not {target}")
+    for name, given in (("cflags", cflags is not None), ("lanes", lanes is not None), ("frozen_only", frozen_only)):
+        owners = [t for t, spec in BACKENDS.items() if name in spec.options]
+        if given and target not in owners:
+            raise CrystalError(f"--{name.replace('_', '-')} applies to --target {' or '.join(owners)} only, "
+                               f"not {target}")
     if cflags is not None and not build:
         raise CrystalError("--cflags are the flags of --build: add --build (or run make CFLAGS=... in OUT)")
     _check_output(out_dir, model=model, corpus=prune_corpus, calibration_text=calibrate)
