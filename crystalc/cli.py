@@ -306,7 +306,8 @@ def inspect(model: str, n_heads: int | None, plot_path: str | None) -> None:
               help="Sampler seed: same seed, same text.")
 @click.option("--shift", type=click.IntRange(1), default=1, show_default=True,
               help="Tokens dropped when the context window is full.")
-@click.option("--logits", is_flag=True, help="Print the last prompt position's logits instead of generating.")
+@click.option("--logits", is_flag=True, help="Print the last prompt position's logits instead of generating "
+                                             "(the sampling options then have nothing to do and are refused).")
 def run(model: str, prompt: str | None, prompt_ids: str | None, n_tokens: int, temperature: float,
         top_p: float, seed: int, shift: int, logits: bool) -> None:
     """Run MODEL with the portable C runtime (built once and cached)."""
