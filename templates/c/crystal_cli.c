@@ -46,18 +46,19 @@ static int bad(const char *prog, const char *fmt, ...) {
 }
 
 static void usage(const char *prog) {
-    printf("usage: %s --prompt TEXT | --prompt-ids ID,ID,... [--logits] [-n N] [-t TEMP] [--top-p P]\n"
-           "       [--seed S] [--shift K] [--threads N]\n"
+    printf("usage: %s --prompt TEXT | --prompt-ids ID,ID,... [-n N] [-t TEMP] [--top-p P] [--seed S]\n"
+           "       [--shift K] [--threads N]\n"
+           "       %s --prompt TEXT | --prompt-ids ID,ID,... --logits [--threads N]\n"
            "  --prompt TEXT       text prompt (needs the model's char tokenizer); prints text\n"
            "  --prompt-ids IDS    comma-separated ids of the original tokenizer; prints ids\n"
-           "  --logits            print `<original-id> <logit>` of the last prompt position and stop\n"
+           "  --logits            print `<original-id> <logit>` of the last prompt position, generate nothing\n"
            "  -n N                tokens to generate (default 100)\n"
            "  -t TEMP             sampling temperature, 0 = greedy (default 0.8)\n"
            "  --top-p P           nucleus sampling mass in (0, 1] (default 0.9)\n"
            "  --seed S            random seed (default 42)\n"
            "  --shift K           tokens dropped when the window is full, 1..n_ctx (default 1)\n"
            "  --threads N         threads for the matrix products, when built with OpenMP (default 1)\n",
-           prog);
+           prog, prog);
 }
 
 static int parse_long(const char *s, long *out) {

@@ -722,10 +722,12 @@ int main(int argc, char **argv) {
  * parses and runs. The seeds' positional form `MODEL.crystal PROMPT [N [TEMP]]`
  * is rewritten into `--prompt PROMPT -n N -t TEMP` first. */
 static void runtime_usage(const char *prog) {
-    printf("usage: %s MODEL.crystal --prompt TEXT | --prompt-ids ID,ID,... [--logits] [-n N] [-t TEMP]\n"
-           "       [--top-p P] [--seed S] [--shift K] [--threads N]\n"
+    printf("usage: %s MODEL.crystal --prompt TEXT | --prompt-ids ID,ID,... [-n N] [-t TEMP] [--top-p P]\n"
+           "       [--seed S] [--shift K] [--threads N]\n"
+           "   or: %s MODEL.crystal --prompt TEXT | --prompt-ids ID,ID,... --logits [--threads N]\n"
            "   or: %s MODEL.crystal PROMPT [N [TEMP]] [options]   (the seeds' positional form)\n"
-           "the options as every generated program takes them (the program's --help says each)\n", prog, prog);
+           "the options as every generated program takes them (the program's --help says each)\n", prog, prog,
+           prog);
 }
 
 /* -h or --help as an option, not as an option's value (--prompt --help is a prompt) */
