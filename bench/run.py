@@ -181,11 +181,17 @@ def main() -> None:
     print("[bench] past the window, --shift 1", flush=True)
     sess = torch_gen.ort_session(torch_gen.export_onnx(model, work / "model.onnx"))
     sess_pruned = torch_gen.ort_session(torch_gen.export_onnx(model, work / "model-pruned.onnx", pruned=True))
+    # ONNX Runtime's own int8 path (quantize_dynamic of the same exports): C mixed8's ONNX Runtime baseline.
+    sess_int8 = torch_gen.ort_session(torch_gen.quantize_onnx_int8(work / "model.onnx", work / "model-int8.onnx"))
+    sess_int8_pruned = torch_gen.ort_session(
+        torch_gen.quantize_onnx_int8(work / "model-pruned.onnx", work / "model-pruned-int8.onnx"))
     regimes["shift1"] = regime(builds, p64, warm, warm + m, 1, {
         "torch": lambda: torch_gen.generate_recompute(model, p64, warm + m, 1),
         "ort": lambda: torch_gen.generate_ort_window(sess, t, p64, warm + m),
         "torch_pruned": lambda: torch_gen.generate_recompute_pruned(model, p64, warm + m, 1),
-        "ort_pruned": lambda: torch_gen.generate_ort_window(sess_pruned, t, p64, warm + m)}, rounds)
+        "ort_pruned": lambda: torch_gen.generate_ort_window(sess_pruned, t, p64, warm + m),
+        "ort_int8": lambda: torch_gen.generate_ort_window(sess_int8, t, p64, warm + m),
+        "ort_int8_pruned": lambda: torch_gen.generate_ort_window(sess_int8_pruned, t, p64, warm + m)}, rounds)
 
     print("[bench] past the window, --shift 32", flush=True)
     regimes["shift32"] = regime(builds, p64, warm, warm + m, 32, {
@@ -210,6 +216,12 @@ def main() -> None:
     # its own int8 numerics (activations quantized too): close to mixed8's tokens, not equal to them
     checks["window/torch_int8_kv vs C mixed8"] = agreement(regimes["window"]["torch_int8_kv"]["tokens"],
                                                            regimes["window"]["c"].get("mixed8", {}).get("tokens", []))
+    # so has ONNX Runtime's (activations quantized to uint8): against C mixed8's tokens, and float32 PyTorch's
+    for name in ("ort_int8", "ort_int8_pruned"):
+        got = regimes["shift1"][name]["tokens"]
+        mixed8 = regimes["shift1"]["c"].get("mixed8", {}).get("tokens", [])
+        checks[f"shift1/{name} vs C mixed8"] = agreement(got, mixed8)
+        checks[f"shift1/{name} vs PyTorch f32"] = agreement(got, regimes["shift1"]["torch"]["tokens"])
     checks["shift32/torch-kv vs recompute"] = agreement(
         regimes["shift32"]["torch"]["tokens"],
         list(torch_gen.generate_recompute(model, p64, warm + m, 32)))

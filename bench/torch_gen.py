@@ -1,4 +1,4 @@
-"""The baselines' generation loops: PyTorch eager (recompute, or a KV cache) and ONNX Runtime.
+"""The baselines' generation loops: PyTorch eager (recompute, or a KV cache) and ONNX Runtime (float32, int8).
 
 Every loop follows the spec's window semantics exactly as crystalc.ir.interpret.generate
 does (a prompt longer than T keeps its last T tokens; when the window is full the oldest
@@ -246,6 +246,24 @@ def export_onnx(model: CrystalLM, path: Path, pruned: bool = False) -> Path:
         torch.onnx.export(LastLogits(model, pruned).eval(), (ids,), str(path), dynamo=False, opset_version=17,
                           input_names=["ids"], output_names=["logits"])
     return path
+
+
+def quantize_onnx_int8(src: Path, dst: Path) -> Path:
+    """ONNX Runtime's own int8 path for an export_onnx model, as its documentation prescribes: quant_pre_process
+    (shape inference and ORT's basic graph optimisations, which fold constants; quantize_dynamic warns without
+    it), then quantize_dynamic with int8 weights (QInt8, one symmetric scale a tensor) for every MatMul with a
+    constant weight: the linear layers, the head among them (dynamic mode rewrites a Gemm as a MatMul first), and
+    the field's values (and, where the pre-processing folded it, cdist's constant operand, the positions).
+    Activations are quantized at run time (to uint8, ORT's only dynamic choice), which the C does not do. Only
+    MatMul is quantized: the default op list also holds Gather, which would make the embeddings int8 (mixed8
+    and PyTorch's int8 path keep them float32)."""
+    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
+
+    pre = dst.with_name(dst.stem + "-preprocessed.onnx")
+    quant_pre_process(str(src), str(pre))
+    quantize_dynamic(str(pre), str(dst), op_types_to_quantize=["MatMul"], per_channel=False, reduce_range=False,
+                     weight_type=QuantType.QInt8)
+    return dst
 
 
 def ort_session(path: Path):

@@ -166,3 +166,54 @@ def test_pytorchs_int8_path_quantizes_the_head_and_stays_close():
     assert len(kv) == 3
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max() and np.abs(got - want).max() > 1e-6
     assert not hasattr(model, "head_linear")  # a copy: the float32 model is untouched
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_onnx_runtime_int8_path_has_int8_weights_and_generates(tmp_path, pruned):
+    # ONNX Runtime's int8 baseline: every linear layer's weight (the head among them) and the field's values are
+    # int8 initializers of one scale each, the codes of the model's own weights; the embeddings stay float32; it
+    # generates the requested tokens, its logits within int8 noise of float32's (not equal: its own numerics)
+    onnx = require_module("onnx")
+    require_module("onnxruntime")
+    from onnx import numpy_helper
+
+    g = random_graph("d40_h5", seed=3)
+    model = model_from_graph(g).eval()
+    t, v = g.config.n_ctx, g.config.vocab_size
+    f32 = torch_gen.export_onnx(model, tmp_path / "m.onnx", pruned=pruned)
+    q = onnx.load(str(torch_gen.quantize_onnx_int8(f32, tmp_path / "m-int8.onnx")))
+
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    # no float product with a constant weight is left
+    for node in q.graph.node:
+        if node.op_type in ("MatMul", "Gemm"):
+            assert not any(name in inits for name in node.input), (node.op_type, list(node.input))
+    codes = {name[:-len("_quantized")]: a for name, a in inits.items() if name.endswith("_quantized")}
+    assert codes and all(a.dtype == np.int8 for a in codes.values())
+    deq = []
+    for name, a in codes.items():
+        scale, zero = inits[name + "_scale"], inits[name + "_zero_point"]
+        assert scale.shape == () and zero.shape == () and zero.dtype == np.int8  # one scale a tensor
+        deq.append((a.astype(np.float32) - zero) * scale)
+    sd = {k: x.detach().numpy() for k, x in model.state_dict().items()}
+    blk = "blocks.0."
+    wanted = [sd[blk + n + ".weight"].T for n in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj",
+                                                  "ffn.fc1", "ffn.fc2")]
+    wanted += [sd["head.weight"].T, sd[blk + "field.values"]]
+    for w in wanted:
+        step = np.abs(w).max() / 127
+        assert any(d.shape == w.shape and np.abs(d - w).max() <= 0.51 * step for d in deq), w.shape
+        # and the float32 weight is gone (the graph cannot compute with it)
+        assert not any(a.dtype == np.float32 and a.shape == w.shape and np.allclose(a, w) for a in inits.values())
+    emb = sd["token_embed.weight"]
+    assert any(a.dtype == np.float32 and a.shape == emb.shape and np.array_equal(a, emb) for a in inits.values())
+
+    prompt = [(3 * i) % v for i in range(t)]
+    ids = np.array([prompt], dtype=np.int64)
+    sess = torch_gen.ort_session(tmp_path / "m-int8.onnx")
+    n = 2 * t + 1
+    toks = list(torch_gen.generate_ort_window(sess, t, prompt, n))
+    assert len(toks) == n and all(0 <= x < v for x in toks)
+    got = sess.run(None, {"ids": ids})[0][0]
+    want = interpret.forward(g, prompt)[-1]
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max() and np.abs(got - want).max() > 1e-6
