@@ -13,6 +13,10 @@
  * The order in which a round runs the threads is CUDA_ON_CPU_ORDER: forward (0 first, the
  * default), reverse, or shuffle (a new seeded permutation every round). A missing barrier
  * shows only in some orders (a reader running before its writer), so the tests run several.
+ *
+ * Shared memory is poisoned before every block: on a GPU it holds nothing defined when a block
+ * starts, so a slot read before the block wrote it (a missing barrier) must not find a zero or
+ * the previous block's value, which a softmax or a max can hide; see poison_shared.
  */
 #include <ucontext.h>
 
@@ -33,7 +37,14 @@ struct dim3 {
 
 #define __global__
 #define __device__
-#define __shared__ static  /* a block at a time: one copy serves the block that runs */
+/* A block at a time: one static copy serves the block that runs. Every copy goes in one section,
+ * which the linker brackets with __start_ and __stop_ symbols (GNU ld, lld and gold do for a section
+ * named like a C identifier), so launch can poison them all without a list of the kernels' arrays.
+ * AddressSanitizer leaves variables in a named section without redzones unless told otherwise:
+ * the tests pass -fsanitize-sections=cuda_on_cpu_shared, keeping overruns of a shared array seen. */
+#define __shared__ static __attribute__((section("cuda_on_cpu_shared")))
+extern "C" unsigned char __start_cuda_on_cpu_shared[] __attribute__((weak));  /* weak: null in a */
+extern "C" unsigned char __stop_cuda_on_cpu_shared[] __attribute__((weak));   /* program without any */
 
 static dim3 threadIdx, blockIdx, blockDim;  /* set for each fiber as it resumes */
 
@@ -84,6 +95,16 @@ inline Order order() {
 
 inline std::mt19937 shuffler(12345);  /* the same permutations every run */
 
+/* Every __shared__ byte to 0x7F before a block: as a float 3.4e38, so a read before the block's
+ * write shows in the logits. Not a NaN (0xFF bytes): fmaxf drops a NaN, so a block_max reading
+ * slots before their writes would return the max of the slots written in time, a shift of the
+ * scores that the softmax cancels; a huge value wins every max and swamps every sum instead.
+ * Byte by byte through a volatile pointer, and unseen by AddressSanitizer: a memset would be
+ * checked, and refused, on the redzones it puts between the arrays (only the arrays are read). */
+[[gnu::no_sanitize_address]] inline void poison_shared() {
+    for (volatile unsigned char *p = __start_cuda_on_cpu_shared; p < __stop_cuda_on_cpu_shared; p++) *p = 0x7F;
+}
+
 template <class Body>
 void launch(int grid, int block, Body body) {
     if (grid < 1 || block < 1 || block > 1024) {  /* what CUDA refuses as an invalid configuration */
@@ -98,6 +119,7 @@ void launch(int grid, int block, Body body) {
     Order how = order();
     if (how == Order::reverse) std::reverse(turn.begin(), turn.end());
     for (int b = 0; b < grid; b++) {
+        poison_shared();
         for (int t = 0; t < block; t++) restart(fibers[(size_t)t]);
         for (bool unfinished = true; unfinished;) {  /* a round: every thread to its next barrier */
             unfinished = false;

@@ -191,7 +191,9 @@ def cpu_program(graph: Graph, out: Path, threads: int = 256, sanitize: bool = Fa
     require_tool("g++")
     out.mkdir(parents=True)
     BACKEND.emit(graph, out)
-    san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-g"] if sanitize else []
+    # (-fsanitize-sections: redzones around the __shared__ arrays too, which cuda_on_cpu.h puts in a section)
+    san = ["-fsanitize=address,undefined", "-fsanitize-sections=cuda_on_cpu_shared", "-fno-sanitize-recover=all",
+           "-g"] if sanitize else []
     steps = [["g++", "-std=c++20", "-O1", "-Wall", "-Wextra", "-Werror", f"-DTHREADS={threads}", *san,
               "-include", str(CPU_EMULATION), "-x", "c++", "-c", "crystal_forward.cu", "-o", "crystal_forward.o"]]
     steps += [["cc", *STRICT_C.split(), "-ffp-contract=off", *san, "-c", f"{n}.c", "-o", f"{n}.o"]
