@@ -35,6 +35,9 @@ static_assert(THREADS >= 32 && THREADS <= 1024 && (THREADS & (THREADS - 1)) == 0
 #define LAUNCH(kernel, grid, block, ...) kernel<<<(grid), (block)>>>(__VA_ARGS__)
 #endif
 
+/* A device failure ends the program, one line and exit status 2, rather than travelling back as an error:
+ * this file is linked only into its own program (no library of it is loaded into another process), and
+ * a GPU that failed a malloc, copy or launch mid-generation leaves nothing to recover. */
 static void cuda_fail(cudaError_t err, const char *what) {
     fprintf(stderr, "crystal: error: CUDA %s: %s\n", what, cudaGetErrorString(err));
     exit(2);
