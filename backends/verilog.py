@@ -32,17 +32,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from crystalc.backends.fixedpoint import (
-    EXP_TABLE,
-    FIELDS,
-    GELU_TABLE,
-    HAS_EPS,
-    PER_POSITION,
-    Codes,
-    Instr,
-    Program,
-    lower,
-)
+from crystalc.backends import fixedpoint
+from crystalc.backends.fixedpoint import EXP_TABLE, GELU_TABLE, Codes, Instr, Program, lower
 from crystalc.backends.tools import run_tool
 from crystalc.errors import CrystalError
 from crystalc.ir.graph import Graph
@@ -52,7 +43,9 @@ from crystalc.tokenizer import Tokenizer
 
 STATIC_FILES = ("crystal_core.v", "crystal_gen.v", "crystal_tb.v")
 MAX_LANES = 64
-# the core's linear flags beyond fixedpoint's: the row goes into the key or the value cache
+# the core's linear flags beyond fixedpoint's: the row goes into the key or the value cache. The encoding's
+# constants here and in fixedpoint are read through their modules when used (fixedpoint.FIELDS, not a copy
+# imported by name): model.vh's defines (`encoding`) and the program words are then made of the same values
 TO_KEYS = 4
 TO_VALUES = 8
 SIM = "sim.vvp"
@@ -273,7 +266,8 @@ def core_memories(program: Program, lanes: int) -> CoreMemories:
             if flat_ins.dst in caches:  # k_proj, v_proj: the current position's row into its cache
                 flag, base = caches[flat_ins.dst]
                 count, width = heads.get(flat_ins.dst, (0, 0))
-                ins = dataclasses.replace(ins, dst=base, flags=(ins.flags & ~PER_POSITION) | flag, c=width, k=count)
+                flags = (ins.flags & ~fixedpoint.PER_POSITION) | flag
+                ins = dataclasses.replace(ins, dst=base, flags=flags, c=width, k=count)
         elif ins.op == "causal_attention":
             ins = dataclasses.replace(ins, a=caches[flat_ins.a][1], b=caches[flat_ins.b][1])
         elif ins.op == "neuron_field":
@@ -326,10 +320,46 @@ def table_hex(what: str, words: np.ndarray) -> str:
 def program_hex(instrs: list[Instr]) -> str:
     lines = []
     for pc, ins in enumerate(instrs):
-        fields = " ".join(f"{f}={getattr(ins, f) if f != 'op' else ins.op}" for f in FIELDS)
+        fields = " ".join(f"{f}={getattr(ins, f) if f != 'op' else ins.op}" for f in fixedpoint.FIELDS)
         lines.append(f"// {pc}: {ins.note}  [{fields}]")
-        lines.append(f"{ins.word():0{8 * len(FIELDS)}x}")
+        lines.append(f"{ins.word():0{8 * len(fixedpoint.FIELDS)}x}")
     return "\n".join(lines) + "\n"
+
+
+def _flag_bit(name: str, value: int) -> int:
+    """A flag's bit index in the flags field: Python holds flags as the bits' values (flags & HAS_EPS), the
+    core tests bits by index (flags[HAS_EPS])."""
+    if value <= 0 or value & (value - 1) or value.bit_length() > 32:
+        raise CrystalError(f"internal: flag {name} = {value} is not a single bit of the 32-bit flags field")
+    return value.bit_length() - 1
+
+
+class Encoding(NamedTuple):
+    """model.vh's defines of the program's encoding: (name, value), in the order they are written."""
+
+    fields: list[tuple[str, int]]  # FIELD_X: field x's lowest bit in a program word
+    opcodes: list[tuple[str, int]]  # OP_X, by value
+    flags: list[tuple[str, list[tuple[str, int]]]]  # (op, its FLAG_X: the flag's bit index in the flags field)
+
+
+def encoding() -> Encoding:
+    """How program.hex encodes an instruction, for crystal_core.v: each field's place (fixedpoint.FIELDS), each
+    opcode (fixedpoint.OPCODES) and each flag's bit (fixedpoint's linear and neuron_field flags, TO_KEYS and
+    TO_VALUES here). The core holds no number of its own for them, so a change to these constants reaches
+    the Verilog with the program it runs."""
+    fields = [(f"FIELD_{name.upper()}", 32 * i) for i, name in enumerate(fixedpoint.FIELDS)]
+    opcodes = sorted(fixedpoint.OPCODES.items(), key=lambda item: item[1])
+    if len({code for _, code in opcodes}) != len(opcodes) or not all(0 <= code < 1 << 32 for _, code in opcodes):
+        raise CrystalError(f"internal: the opcodes {dict(opcodes)} are not distinct 32-bit words")
+    flags = []
+    for op, named in (("linear", {"ACCUMULATE": fixedpoint.ACCUMULATE, "PER_POSITION": fixedpoint.PER_POSITION,
+                                  "TO_KEYS": TO_KEYS, "TO_VALUES": TO_VALUES}),
+                      ("neuron_field", {"NORMALIZE": fixedpoint.NORMALIZE, "HAS_EPS": fixedpoint.HAS_EPS})):
+        bits = {name: _flag_bit(name, value) for name, value in named.items()}
+        if len(set(bits.values())) != len(bits):
+            raise CrystalError(f"internal: {op}'s flags {named} share a bit")
+        flags.append((op, [(f"FLAG_{name}", bit) for name, bit in bits.items()]))
+    return Encoding(fields, [(f"OP_{op.upper()}", code) for op, code in opcodes], flags)
 
 
 class VerilogBackend:
@@ -351,7 +381,7 @@ class VerilogBackend:
             "lane_table": mem.lane_table, "ram_table": mem.ram_table, "rom_words": int(mem.rom.size),
             "lane_words": len(mem.lane_rom), "scale_table": mem.scale_table,
             "scale_words": max(1, len(mem.lane_scales)), "program_words": len(mem.instrs),
-            "instr_bits": 32 * len(FIELDS),
+            "instr_bits": 32 * len(fixedpoint.FIELDS), **encoding()._asdict(),
             "ram_words": mem.ram_words, "logits": mem.logits, "cache_table": mem.cache_table,
             "key_words": mem.key_words, "key_groups": mem.key_groups, "value_words": mem.value_words,
             "vocab_size": program.vocab_size, "n_ctx": program.n_ctx, "lanes": lanes,
@@ -579,7 +609,7 @@ def core_cycles(program: Program, lanes: int, pos: int) -> dict[str, int]:
         elif ins.op == "neuron_field":
             neurons, width = ins.m, ins.n
             steps = (_lanes_pass(neurons, width, lanes)  # distances, each neuron's root in the drain
-                     + neurons + (1 if ins.flags & HAS_EPS else 0)  # exps, the eps term
+                     + neurons + (1 if ins.flags & fixedpoint.HAS_EPS else 0)  # exps, the eps term
                      + _lanes_pass(width, neurons, lanes))  # outputs, each component's division in the drain
         else:
             raise CrystalError(f"no cycle count for op {ins.op!r}")

@@ -4,10 +4,11 @@
 // (rom.hex: Q16.16 words read a word at a time; lanes.hex: what the lanes read
 // together, a wide word a clock, Q16.16 words or a quantized tensor's codes,
 // made words with the multipliers of scales.hex as they are read), its program
-// (program.hex) and the sizes in model.vh; exp2.hex and gelu.hex hold the two
-// function tables. The arithmetic is backends/fixedpoint.py's, word for word:
-// Q16.16 values, exact 64-bit products and sums, round-half-up shifts,
-// truncating division, saturation to 32 bits on every RAM write.
+// (program.hex), and model.vh's sizes and the program's encoding (its fields,
+// opcodes and flags); exp2.hex and gelu.hex hold the two function tables.
+// The arithmetic is backends/fixedpoint.py's, word for word: Q16.16 values,
+// exact 64-bit products and sums, round-half-up shifts, truncating division,
+// saturation to 32 bits on every RAM write.
 //
 // Two stages, one step of a loop each a clock. The *issue* stage walks the
 // instruction's loops (i, j, h, wp; the drain's dl beside them) and sends
@@ -57,11 +58,14 @@ module crystal_core (
     localparam signed [63:0] EXP_CAP = 64'sd1 <<< 60;
     localparam signed [63:0] GELU_LO = -64'sd524288;  // -8.0
     localparam signed [63:0] GELU_HI = 64'sd524288;   // 8.0
-    // opcodes: fixedpoint.OPCODES; flag bits: ACCUMULATE, PER_POSITION (linear), NORMALIZE, HAS_EPS (neuron_field)
-    localparam [31:0] OP_HALT = 0, OP_TOKEN_EMBEDDING = 1, OP_LAYER_NORM = 2, OP_LINEAR = 3,
-                      OP_CAUSAL_ATTENTION = 4, OP_NEURON_FIELD = 5, OP_GELU = 6;
-    localparam integer ACCUMULATE = 0, PER_POSITION = 1, NORMALIZE = 0, HAS_EPS = 1;
-    localparam integer TO_KEYS = 2, TO_VALUES = 3;  // linear: the row goes into a cache (verilog.TO_KEYS, TO_VALUES)
+    // the opcodes and the flags' bit indices come from model.vh, which crystalc writes from the constants it
+    // writes program.hex with (backends/fixedpoint.py, verilog.py): the core cannot disagree with its program
+    localparam [31:0] OP_HALT = `OP_HALT, OP_TOKEN_EMBEDDING = `OP_TOKEN_EMBEDDING, OP_LAYER_NORM = `OP_LAYER_NORM,
+                      OP_LINEAR = `OP_LINEAR, OP_CAUSAL_ATTENTION = `OP_CAUSAL_ATTENTION,
+                      OP_NEURON_FIELD = `OP_NEURON_FIELD, OP_GELU = `OP_GELU;
+    localparam integer ACCUMULATE = `FLAG_ACCUMULATE, PER_POSITION = `FLAG_PER_POSITION;  // linear
+    localparam integer TO_KEYS = `FLAG_TO_KEYS, TO_VALUES = `FLAG_TO_VALUES;  // linear: the row goes into a cache
+    localparam integer NORMALIZE = `FLAG_NORMALIZE, HAS_EPS = `FLAG_HAS_EPS;  // neuron_field
     localparam integer LANES = `LANES;
 
     reg [31:0] W [0:`ROM_WORDS-1];     // weights read a word at a time
@@ -189,12 +193,19 @@ module crystal_core (
             tok <= token; cur <= pos; cur_group <= pos / LANES; cur_lane <= pos % LANES;
             pc <= 0; state <= S_FETCH;
         end
-        S_FETCH: begin
-            {ob, gb, pb, sb, qb, oa, ga, pa, sa, qa, flags, k, s, m, n, c, b, a, src, dst} <= instr[`INSTR_BITS-1:32];
-            wp <= instr[127:96];  // field a
-            sp <= instr[415:384]; sp_pass <= instr[415:384]; gc <= 0;  // field sa
+        S_FETCH: begin  // the fields where model.vh says they lie
+            dst <= instr[`FIELD_DST +: 32]; src <= instr[`FIELD_SRC +: 32];
+            a <= instr[`FIELD_A +: 32]; b <= instr[`FIELD_B +: 32]; c <= instr[`FIELD_C +: 32];
+            n <= instr[`FIELD_N +: 32]; m <= instr[`FIELD_M +: 32]; s <= instr[`FIELD_S +: 32];
+            k <= instr[`FIELD_K +: 32]; flags <= instr[`FIELD_FLAGS +: 32];
+            qa <= instr[`FIELD_QA +: 32]; sa <= instr[`FIELD_SA +: 32]; pa <= instr[`FIELD_PA +: 32];
+            ga <= instr[`FIELD_GA +: 32]; oa <= instr[`FIELD_OA +: 32];
+            qb <= instr[`FIELD_QB +: 32]; sb <= instr[`FIELD_SB +: 32]; pb <= instr[`FIELD_PB +: 32];
+            gb <= instr[`FIELD_GB +: 32]; ob <= instr[`FIELD_OB +: 32];
+            wp <= instr[`FIELD_A +: 32];
+            sp <= instr[`FIELD_SA +: 32]; sp_pass <= instr[`FIELD_SA +: 32]; gc <= 0;
             i <= 0; j <= 0; h <= 0;
-            case (instr[31:0])
+            case (instr[`FIELD_OP +: 32])
                 // the execute stage has finished: it works on S_NEXT's empty step now
                 OP_HALT:             begin done <= 1'b1; state <= S_IDLE; end
                 OP_TOKEN_EMBEDDING:  state <= S_TOKEN_EMBEDDING;

@@ -30,6 +30,7 @@ from crystalc.backends.verilog import (
     simulate_generate,
     synthesize,
 )
+from crystalc.errors import CrystalError
 from crystalc.ir.graph import Graph
 from crystalc.ir.interpret import forward, generate
 from crystalc.passes.prune_vocab import prune_vocab
@@ -151,6 +152,69 @@ def test_a_changed_rom_word_changes_the_logits(tmp_path):
     head = [ins for ins in mem.instrs if ins.op == "linear"][-1]
     diff = changed("lanes.hex", head.a + 4 * g.config.d_model, f"{fp.ONE * 3:08x}")
     assert diff[4] != 0 and not np.delete(diff, 4).any()
+
+
+def encoding_defines(out: Path) -> dict[str, int]:
+    """model.vh's defines of the program's encoding (verilog.encoding)."""
+    text = (out / "model.vh").read_text()
+    return {name: int(v) for name, v in re.findall(r"^`define ((?:FIELD|OP|FLAG)_\w+) (\d+)$", text, re.MULTILINE)}
+
+
+@pytest.mark.tool
+def test_the_core_decodes_the_program_as_python_encodes_it(tmp_path, monkeypatch):
+    # The core reads fields, opcodes and flag bits by model.vh's names, which crystalc writes from the
+    # constants it encodes program.hex with. Move every field, renumber every opcode (outside 0..6) and
+    # put every flag on another bit: the simulation must still be the emulator's, word for word. A core
+    # with a number of its own, or a define not made from the constant in use, would misread the program.
+    g = random_graph("all_on", seed=3)  # every op, residuals, the caches, a normalised field with an eps term
+    ids = [1, 2, 3]
+    want = fp.emulate(fp.lower(g), ids).tolist()
+    before = tmp_path / "before"
+    before.mkdir()
+    BACKEND.emit(g, before)
+    monkeypatch.setattr(fp, "FIELDS", fp.FIELDS[5:] + fp.FIELDS[:5])
+    monkeypatch.setattr(fp, "OPCODES", {op: 100 + (code + 3) % len(fp.OPCODES) for op, code in fp.OPCODES.items()})
+    for module, name, bit in ((fp, "ACCUMULATE", 3), (fp, "PER_POSITION", 0), (verilog, "TO_KEYS", 5),
+                              (verilog, "TO_VALUES", 1), (fp, "NORMALIZE", 2), (fp, "HAS_EPS", 4)):
+        monkeypatch.setattr(module, name, 1 << bit)
+    prog = fp.lower(g)
+    assert {ins.op for ins in prog.instrs} == set(fp.OPCODES)
+    flags = {ins.op: ins.flags for ins in core_memories(prog, 1).instrs if ins.flags}
+    assert flags["neuron_field"] == fp.NORMALIZE | fp.HAS_EPS
+    assert fp.emulate(prog, ids).tolist() == want  # the encoding is not the arithmetic
+    after = built(g, tmp_path / "after")
+    old, new = encoding_defines(before), encoding_defines(after)
+    assert sorted(old) == sorted(new) and all(old[name] != new[name] for name in old), new
+    assert (before / "program.hex").read_text() != (after / "program.hex").read_text()
+    got, cycles = simulate(after, ids)
+    assert got.tolist() == want
+    assert cycles == cycles_counted(prog, 1, len(ids))
+
+
+def test_the_core_names_every_field_opcode_and_flag_python_encodes(tmp_path):
+    # the other way a new constant could go unseen: a field or an opcode Python adds that the core never
+    # reads would compile, and the core would misread or halt on it; one the core reads that Python does
+    # not define fails to compile
+    BACKEND.emit(random_graph("all_on", seed=3), tmp_path)
+    core = (tmp_path / "crystal_core.v").read_text()
+    assert set(re.findall(r"`((?:FIELD|OP|FLAG)_\w+)", core)) == set(encoding_defines(tmp_path))
+    enc = verilog.encoding()
+    assert [name for name, _ in enc.fields] == [f"FIELD_{f.upper()}" for f in fp.FIELDS]
+    assert {name for name, _ in enc.opcodes} == {f"OP_{op.upper()}" for op in fp.OPCODES}
+
+
+@pytest.mark.parametrize("module,name,value,says", [
+    (fp, "HAS_EPS", 3, "not a single bit"),  # the core tests one bit a flag
+    (fp, "ACCUMULATE", 0, "not a single bit"),
+    (verilog, "TO_VALUES", 1 << 32, "not a single bit"),  # past the 32-bit field
+    (fp, "HAS_EPS", fp.NORMALIZE, "share a bit"),
+    (verilog, "TO_KEYS", fp.PER_POSITION, "share a bit"),
+    (fp, "OPCODES", {**fp.OPCODES, "gelu": 1}, "not distinct"),
+])
+def test_an_encoding_the_core_cannot_decode_is_refused(module, name, value, says, monkeypatch, tmp_path):
+    monkeypatch.setattr(module, name, value)
+    with pytest.raises(CrystalError, match=says):
+        BACKEND.emit(random_graph("all_on", seed=3), tmp_path)
 
 
 def test_emit_is_deterministic_and_the_rom_is_the_program(tmp_path):
@@ -524,9 +588,9 @@ def test_simulate_command_speaks_original_ids(tmp_path):
     assert res.stdout == ",".join(str(keep[r]) for r in rows) + "\n"
     assert res.stderr == f"{cycles_counted(prog, 1, 3, 12, 2):,} clock cycles for 3 + 12 tokens\n"
     assert simulate_generate(out, [3, 22, 9], 12, 2)[0] == [keep[r] for r in rows]
-    for bad, why in ((["--shift", "0"], "--shift 0 is outside 1..9"), (["--shift", "10"], "outside 1..9"),
-                     (["-n", "-1"], "-1 is not in the range x>=0")):
-        res = cli("simulate", str(out), "--prompt-ids", "3", "-n", "2", *bad)
+    for bad, why in ((["-n", "2", "--shift", "0"], "--shift 0 is outside 1..9"),
+                     (["-n", "2", "--shift", "10"], "outside 1..9"), (["-n", "-1"], "-1 is not in the range x>=0")):
+        res = cli("simulate", str(out), "--prompt-ids", "3", *bad)  # -n once: an option given twice is refused
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and why in res.stderr, res.stderr
     for bad_shift in ("0", "10"):  # printing logits only, a shift is still checked
         res = cli("simulate", str(out), "--prompt-ids", "3", "--shift", bad_shift)
