@@ -36,7 +36,7 @@ from crystalc.backends import fixedpoint
 from crystalc.backends.fixedpoint import EXP_TABLE, GELU_TABLE, Codes, Instr, Program, lower
 from crystalc.backends.tools import run_tool
 from crystalc.errors import CrystalError
-from crystalc.ir.graph import Graph
+from crystalc.ir.graph import Graph, current_rows
 from crystalc.ir.interpret import check_ids
 from crystalc.templating import copy_template, render
 from crystalc.tokenizer import Tokenizer
@@ -528,12 +528,7 @@ class _Rows(NamedTuple):
     window: int  # N_CTX: a prompt keeps its last `window` tokens
 
     def of(self, original_ids: list[int]) -> list[int]:
-        row_of = {orig: row for row, orig in enumerate(self.to_orig)}
-        missing = [i for i in original_ids if i not in row_of]
-        if missing:
-            raise CrystalError(f"token id {missing[0]} is not in this model's vocabulary"
-                               + (" (pruned)" if self.pruned else f" (0..{len(self.to_orig) - 1})"))
-        return [row_of[i] for i in original_ids]
+        return current_rows(original_ids, self.to_orig, None if self.pruned else len(self.to_orig))
 
 
 def compiled_window(out_dir: Path) -> int:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from crystalc.errors import CrystalError
-from crystalc.ir.graph import Graph
+from crystalc.ir.graph import Graph, current_rows
 from crystalc.ir.ops import LayerNorm
 from crystalc.ir.tensor import Tensor
 from crystalc.passes.quantize import quantize
@@ -88,3 +88,13 @@ def test_tensor_arrays_cannot_be_written_through_the_ir() -> None:
             with pytest.raises(ValueError, match="read-only"):
                 arr.reshape(-1)[0] = 0
     source[0] = 1  # the caller's own array stays writable: the tensor holds a view
+
+
+def test_current_rows_names_what_is_wrong_with_an_id() -> None:
+    assert current_rows([9, 0, 4], [0, 4, 9], 12) == [2, 0, 1]
+    for ids, n_orig, why in (([12], 12, "token id 12 is outside the vocabulary 0..11"),
+                             ([-1], 12, "token id -1 is outside the vocabulary 0..11"),
+                             ([5], 12, "token id 5 was pruned from this model's vocabulary"),
+                             ([5], None, r"token id 5 is not in this model's vocabulary \(pruned\)")):
+        with pytest.raises(CrystalError, match=why):
+            current_rows(ids, [0, 4, 9], n_orig)
