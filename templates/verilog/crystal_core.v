@@ -36,7 +36,10 @@
 // control: the core is then idle, whatever its registers powered up as; the
 // memories keep their words). Set `token` (a row of the current vocabulary) and
 // `pos`, pulse `start` for one cycle while `busy` is low; `done` pulses when the
-// program has halted. Positions
+// program has halted. A token past the vocabulary or a position past the window
+// would read words of other tensors and write past the caches: such a start is
+// refused, `done` pulsing at once with `error` high (it stays high until the
+// next start or reset), and nothing computed. Positions
 // go 0, 1, 2, ... (the key/value caches hold the earlier ones). While idle, the
 // core reads RAM word rd_addr for the outside: its value is on rd_data a clock
 // later (the logits of the last token are at LOGITS + i).
@@ -49,6 +52,7 @@ module crystal_core (
     input  wire [31:0] token,
     input  wire [31:0] pos,
     output reg         done,
+    output reg         error,  // the last start was refused (token or pos out of range)
     output wire        busy,
     input  wire [31:0] rd_addr,
     output wire [31:0] rd_data
@@ -190,8 +194,12 @@ module crystal_core (
         end
         case (state)
         S_IDLE: if (start) begin
-            tok <= token; cur <= pos; cur_group <= pos / LANES; cur_lane <= pos % LANES;
-            pc <= 0; state <= S_FETCH;
+            error <= token >= `VOCAB_SIZE || pos >= `N_CTX;
+            if (token >= `VOCAB_SIZE || pos >= `N_CTX) done <= 1'b1;
+            else begin
+                tok <= token; cur <= pos; cur_group <= pos / LANES; cur_lane <= pos % LANES;
+                pc <= 0; state <= S_FETCH;
+            end
         end
         S_FETCH: begin  // the fields where model.vh says they lie
             dst <= instr[`FIELD_DST +: 32]; src <= instr[`FIELD_SRC +: 32];
@@ -303,7 +311,7 @@ module crystal_core (
         S_NF_EPS: state <= S_NF_OUT;
         default: state <= S_IDLE;
         endcase
-        if (rst) begin state <= S_IDLE; drain <= S_IDLE; end  // last, so it wins; done falls every clock
+        if (rst) begin state <= S_IDLE; drain <= S_IDLE; error <= 1'b0; end  // last, so it wins; done falls every clock
     end
     assign busy = state != S_IDLE;
 

@@ -11,7 +11,10 @@
 // `done` has risen, rd_addr reads the core's RAM (the last position's logits at
 // LOGITS + i) a clock later, as the core's port does. `rst` (a clock, first)
 // makes it and the core idle whatever they powered up as; `start` is taken while
-// `busy` is low, and prompt_len, n and shift are read then, once.
+// `busy` is low, and prompt_len, n and shift are read then, once. A prompt_len
+// or shift outside 1..N_CTX (a shift of 0 would grow the window past the
+// caches, one past N_CTX would count its move for 2^32 clocks), or a token the
+// core refuses, ends the run: `done` with `error` high.
 `include "model.vh"
 
 module crystal_gen (
@@ -27,6 +30,7 @@ module crystal_gen (
     output reg         tok_valid,
     output reg  [31:0] tok,
     output reg         done,
+    output reg         error,  // the last run was refused: prompt_len, shift or a token out of range
     output wire        busy,
     input  wire [31:0] rd_addr,
     output wire [31:0] rd_data
@@ -51,11 +55,11 @@ module crystal_gen (
     end
 
     reg core_start;
-    wire core_done;
+    wire core_done, core_error;
     reg [31:0] core_rd;
     /* verilator lint_off PINCONNECTEMPTY */  // the generator knows when the core is busy: it started it
-    crystal_core core (.clk(clk), .rst(rst), .start(core_start), .token(bq), .pos(p), .done(core_done), .busy(),
-                       .rd_addr(core_rd), .rd_data(rd_data));
+    crystal_core core (.clk(clk), .rst(rst), .start(core_start), .token(bq), .pos(p), .done(core_done),
+                       .error(core_error), .busy(), .rd_addr(core_rd), .rd_data(rd_data));
     /* verilator lint_on PINCONNECTEMPTY */
 
     // the addresses and the one buffer write of each state
@@ -78,12 +82,15 @@ module crystal_gen (
         done <= 1'b0; tok_valid <= 1'b0; core_start <= 1'b0;
         case (state)
         G_IDLE: if (start) begin
-            len <= prompt_len; n_run <= n; shift_run <= shift; p <= 0; made <= 0; state <= G_READ;
+            error <= prompt_len == 0 || prompt_len > `N_CTX || shift == 0 || shift > `N_CTX;
+            if (prompt_len == 0 || prompt_len > `N_CTX || shift == 0 || shift > `N_CTX) done <= 1'b1;
+            else begin len <= prompt_len; n_run <= n; shift_run <= shift; p <= 0; made <= 0; state <= G_READ; end
         end
         G_READ: state <= G_START;  // BUF[p] is read
         G_START: begin core_start <= 1'b1; state <= G_WAIT; end
         G_WAIT: if (core_done) begin
-            if (p + 1 < len) begin p <= p + 1; state <= G_READ; end
+            if (core_error) begin error <= 1'b1; done <= 1'b1; state <= G_IDLE; end
+            else if (p + 1 < len) begin p <= p + 1; state <= G_READ; end
             else if (made == n_run) begin done <= 1'b1; state <= G_IDLE; end
             else begin v <= 0; state <= G_ARGMAX; end
         end
@@ -105,6 +112,6 @@ module crystal_gen (
         end
         default: state <= G_IDLE;
         endcase
-        if (rst) state <= G_IDLE;  // last, so it wins; done, tok_valid and the core's start fall every clock
+        if (rst) begin state <= G_IDLE; error <= 1'b0; end  // last, so it wins; done, tok_valid and the core's start fall every clock
     end
 endmodule

@@ -16,12 +16,12 @@
 module crystal_tb;
     reg clk = 1'b0, rst = 1'b1, start = 1'b0, buf_we = 1'b0;  // rst: the first clock edge only
     reg [31:0] prompt_len = 0, n = 0, shift = 1, buf_addr = 0, buf_data = 0, rd_addr = 0;
-    wire tok_valid, done;
+    wire tok_valid, done, error;
     wire [31:0] tok, rd_data;
     /* verilator lint_off PINCONNECTEMPTY */
     crystal_gen gen (.clk(clk), .rst(rst), .start(start), .prompt_len(prompt_len), .n(n), .shift(shift),
                      .buf_we(buf_we), .buf_addr(buf_addr), .buf_data(buf_data), .tok_valid(tok_valid), .tok(tok),
-                     .done(done), .busy(), .rd_addr(rd_addr), .rd_data(rd_data));
+                     .done(done), .error(error), .busy(), .rd_addr(rd_addr), .rd_data(rd_data));
     /* verilator lint_on PINCONNECTEMPTY */
     always #1 clk = ~clk;
 
@@ -59,6 +59,10 @@ module crystal_tb;
         end
         wait (done);
         total = cycles;
+        if (error) begin  // the host checks all this first; here the design's own refusal is what is seen
+            $display("refused: a token, the prompt's length or the shift is out of range");
+            $finish;
+        end
         if (n != 0) begin @(posedge clk); @(negedge clk); end  // the last token, printed at the edge after done
         if (n == 0)
             for (v = 0; v < `VOCAB_SIZE; v = v + 1) begin

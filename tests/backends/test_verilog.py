@@ -154,6 +154,69 @@ def test_a_changed_rom_word_changes_the_logits(tmp_path):
     assert diff[4] != 0 and not np.delete(diff, 4).any()
 
 
+# drives crystal_gen through runs with one input out of range each, then a good run: the host refuses all
+# of these first, so this testbench is the only place the design's own refusal is seen
+REFUSAL_TB = """`include "model.vh"
+module refusal_tb;
+    reg clk = 1'b0, rst = 1'b1, start = 1'b0, we = 1'b0;
+    reg [31:0] len = 1, n = 0, shift = 1, data = 0;
+    wire tok_valid, done, error, busy;
+    wire [31:0] tok, rd_data;
+    crystal_gen gen (.clk(clk), .rst(rst), .start(start), .prompt_len(len), .n(n), .shift(shift), .buf_we(we),
+                     .buf_addr(32'd0), .buf_data(data), .tok_valid(tok_valid), .tok(tok), .done(done),
+                     .error(error), .busy(busy), .rd_addr(32'd0), .rd_data(rd_data));
+    always #1 clk = ~clk;
+    reg [63:0] cycles = 0, began;
+    always @(posedge clk) cycles <= cycles + 1;
+    task run(input [31:0] l, input [31:0] nn, input [31:0] sh, input [31:0] t0);
+        begin
+            @(negedge clk) begin rst = 1'b0; we = 1'b1; data = t0; end
+            @(negedge clk) begin we = 1'b0; len = l; n = nn; shift = sh; start = 1'b1; began = cycles; end
+            @(negedge clk) start = 1'b0;
+            wait (done);
+            $display("run %0d %0d %0d %0d: error %0d after %0d clocks", l, nn, sh, t0, error, cycles - began);
+            @(negedge clk);
+        end
+    endtask
+    initial begin
+        run(1, 0, 1, 0);
+        run(0, 0, 1, 0);
+        run(`N_CTX + 1, 0, 1, 0);
+        run(1, 2, 0, 0);
+        run(1, 2, `N_CTX + 1, 0);
+        run(1, 0, 1, `VOCAB_SIZE);
+        run(1, 0, 1, 32'hffffffff);
+        run(1, 1, 1, 0);
+        $finish;
+    end
+endmodule
+"""
+
+
+@pytest.mark.tool
+def test_the_design_refuses_inputs_out_of_range(tmp_path):
+    # a token past the vocabulary read other tensors' words, a shift of 0 grew the window past the caches and
+    # one past N_CTX counted its move for 2^32 clocks: each run ends at once, `error` high; good runs after
+    g = random_graph("d40_h5", seed=5)
+    out = tmp_path / "out"
+    out.mkdir()
+    BACKEND.emit(g, out)
+    (out / "refusal_tb.v").write_text(REFUSAL_TB)
+    subprocess.run(["iverilog", "-g2005", "-o", "refusal.vvp", "refusal_tb.v", "crystal_gen.v", "crystal_core.v"],
+                   cwd=out, check=True, capture_output=True, timeout=SIM_TIMEOUT)
+    res = subprocess.run(["vvp", "-n", "refusal.vvp"], cwd=out, capture_output=True, text=True, timeout=SIM_TIMEOUT)
+    runs = re.findall(r"^run (\d+) (\d+) (\d+) (\d+): error (\d+) after (\d+) clocks$", res.stdout, re.MULTILINE)
+    assert len(runs) == 8, res.stdout
+    v, t = g.config.vocab_size, g.config.n_ctx
+    assert [(int(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in runs] == [
+        (1, 0, 1, 0, 0), (0, 0, 1, 0, 1), (t + 1, 0, 1, 0, 1), (1, 2, 0, 0, 1), (1, 2, t + 1, 0, 1),
+        (1, 0, 1, v, 1), (1, 0, 1, 2**32 - 1, 1), (1, 1, 1, 0, 0)]
+    clocks = [int(r[5]) for r in runs]
+    assert max(clocks[1:5]) <= 2  # refused at the start, by the generator
+    assert max(clocks[5:7]) <= 8  # by the core, on the first position
+    assert clocks[0] > 100 and clocks[7] > clocks[0]  # good runs compute, before and after the refusals
+
+
 def encoding_defines(out: Path) -> dict[str, int]:
     """model.vh's defines of the program's encoding (verilog.encoding)."""
     text = (out / "model.vh").read_text()
