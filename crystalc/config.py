@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +13,7 @@ from crystalc.errors import CrystalError
 # every product of dimensions far from integer overflow downstream.
 MAX_DIM = 1 << 20
 MAX_ELEMENTS = 1 << 31
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def as_int(name: str, v: Any) -> int:
@@ -111,8 +111,10 @@ class ModelConfig:
             raise CrystalError(f"config: d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         for name in ("field_eps", "ln_eps"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise CrystalError(f"config: {name} must be a finite non-negative number, got {v!r}")
+            # every backend computes with them in float32: past its largest value they would be inf there
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and 0 <= v <= FLOAT32_MAX):
+                raise CrystalError(f"config: {name} must be a finite non-negative number within float32's range, "
+                                   f"got {v!r}")
         for rows, cols, what in (
             (self.vocab_size, self.d_model, "token_embed"),
             (self.n_ctx, self.d_model, "pos_embed"),

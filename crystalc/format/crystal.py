@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from crystalc.config import MAX_DIM, ModelConfig
+from crystalc.config import FLOAT32_MAX, MAX_DIM, ModelConfig
 from crystalc.errors import CrystalError
 from crystalc.fsutil import atomic_file
 from crystalc.ir.graph import Graph, build_graph
@@ -294,8 +294,8 @@ def decode_crystal(data: bytes) -> Graph:
     if orig_vocab < vocab:
         raise CrystalError(f"header: orig_vocab_size {orig_vocab} is smaller than vocab_size {vocab}")
     for what, v in (("ln_eps", ln_eps), ("field_eps", field_eps)):
-        if not (np.isfinite(v) and v >= 0):
-            raise CrystalError(f"header: {what} = {v} is not a finite non-negative number")
+        if not 0 <= v <= FLOAT32_MAX:  # NaN fails too
+            raise CrystalError(f"header: {what} = {v} is not a non-negative number within float32's range")
     if flags & ~KNOWN_FLAGS:
         raise CrystalError(f"header: unknown flag bits 0x{flags & ~KNOWN_FLAGS:04x}")
     if not flags & CAUSAL:
@@ -367,6 +367,8 @@ def decode_crystal(data: bytes) -> Graph:
         tokenizer = {"kind": "char", "chars": chars}
     elif "tokenizer.json" in entries:
         tokenizer = _json_section(data, entries["tokenizer.json"])
+        if isinstance(tokenizer, dict) and tokenizer.get("kind") == "char":  # the C runtime reads chars only there
+            raise CrystalError("tokenizer.json: a char tokenizer belongs in a tokenizer.chars section")
     meta = _json_section(data, entries["meta.json"]) if "meta.json" in entries else {}
     return build_graph(config, params, tokenizer, vocab_map=vocab_map,
                        orig_vocab_size=orig_vocab if vocab_map is not None else None, meta=meta)

@@ -9,6 +9,7 @@
  * the fuzz target in fuzz/ drives crystal_load_bytes() under ASan and UBSan.
  */
 #include <errno.h>
+#include <float.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -125,9 +126,17 @@ static int entry_cmp(const void *a, const void *b) {
     return strcmp(((const entry *)a)->name, ((const entry *)b)->name);
 }
 
+static int key_cmp(const void *a, const void *b) {
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* by start, then end, then name: qsort need not be stable, and an overlap is named as Python names it */
 static int span_cmp(const void *a, const void *b) {
     const span *x = a, *y = b;
-    return (x->start > y->start) - (x->start < y->start);
+    if (x->start != y->start) return (x->start > y->start) - (x->start < y->start);
+    if (x->end != y->end) return (x->end > y->end) - (x->end < y->end);
+    return strcmp(x->name, y->name);
 }
 
 static entry *find(entry *es, size_t n, const char *name) {
@@ -259,8 +268,9 @@ static int load_v3(crystal_file *f, crystal_model *m, const uint8_t *buf, size_t
     if (d % h) return fail(err, errlen, "header: d_model %u is not divisible by n_heads %u", d, h);
     if (orig < vocab)
         return fail(err, errlen, "header: orig_vocab_size %u is smaller than vocab_size %u", orig, vocab);
-    if (!(isfinite(ln_eps) && ln_eps >= 0) || !(isfinite(field_eps) && field_eps >= 0))
-        return fail(err, errlen, "header: ln_eps or field_eps is not a finite non-negative number");
+    /* the forward pass computes with them as float32: beyond FLT_MAX the conversion is undefined */
+    if (!(ln_eps >= 0 && ln_eps <= FLT_MAX) || !(field_eps >= 0 && field_eps <= FLT_MAX))
+        return fail(err, errlen, "header: ln_eps or field_eps is not a non-negative number within float32's range");
     if (flags & ~F_KNOWN) return fail(err, errlen, "header: unknown flag bits 0x%04x", flags & ~F_KNOWN);
     if (!(flags & F_CAUSAL)) return fail(err, errlen, "header: the CAUSAL flag is missing");
     if (!(flags & F_PRUNED_VOCAB) && orig != vocab)
@@ -390,6 +400,8 @@ static int load_v3(crystal_file *f, crystal_model *m, const uint8_t *buf, size_t
         if (!pe) return fail(err, errlen, "missing section %s", name);
         uint32_t n = pe->dim0;
         if (n > MAX_DIM) return fail(err, errlen, "%s: %u neurons, more than %u", name, n, MAX_DIM);
+        if ((uint64_t)n * d > MAX_ELEMENTS)
+            return fail(err, errlen, "%s: %u neurons of %u values would hold more than 2^31 elements", name, n, d);
         blk->field.n_neurons = (int)n;
 #define W(field_, suffix, ndim, rows, cols)                                    \
         snprintf(name, sizeof name, "blocks.%u.%s", b, suffix);               \
@@ -492,6 +504,19 @@ static int load_v3(crystal_file *f, crystal_model *m, const uint8_t *buf, size_t
             return fail(err, errlen, "tokenizer: %llu characters for a vocabulary of %u ids", (unsigned long long)id,
                         (unsigned)orig);
         offs[orig] = (uint32_t)tc->len;
+        /* two ids of one character would make a prompt's encoding a guess (Python's reader refuses it too);
+         * valid UTF-8 has one spelling a character, so its bytes, packed, are a key */
+        uint32_t *keys = malloc(((size_t)orig ? orig : 1) * sizeof *keys);
+        if (!keys) return fail(err, errlen, "out of memory for the tokenizer");
+        for (uint32_t k = 0; k < orig; k++) {
+            keys[k] = 0;
+            for (uint32_t j = offs[k]; j < offs[k + 1]; j++) keys[k] = keys[k] << 8 | s[j];
+        }
+        qsort(keys, orig, sizeof *keys, key_cmp);
+        int repeated = 0;
+        for (uint32_t k = 1; k < orig; k++) repeated |= keys[k] == keys[k - 1];
+        free(keys);
+        if (repeated) return fail(err, errlen, "tokenizer.chars: a character appears twice");
         m->tokenizer = CRYSTAL_TOK_CHAR;
         m->chars = (const char *)s;
         m->char_offsets = offs;
@@ -537,14 +562,15 @@ static int load_v2(crystal_file *f, crystal_model *m, const uint8_t *buf, size_t
                          mixed8 ? 16 + V * D + V : 4 * (V * D + V), 24 * D};
     static const char *const names[7] = {"embed", "pos", "causal", "geo", "ffn", "head", "norm"};
     span spans[7];
+    int n_spans = 0;
     for (int i = 0; i < 7; i++) {
         if (!range_ok(off[i], sizes[i], HEADER_BYTES, size))
             return fail(err, errlen, "version-2 section %s: bytes %llu..%llu lie outside 64..%zu", names[i],
                         (unsigned long long)off[i], (unsigned long long)(off[i] + sizes[i]), size);
-        spans[i] = (span){off[i], off[i] + sizes[i], names[i]};
+        if (sizes[i]) spans[n_spans++] = (span){off[i], off[i] + sizes[i], names[i]};  /* empty: no bytes to share */
     }
-    qsort(spans, 7, sizeof *spans, span_cmp);
-    for (int i = 1; i < 7; i++)
+    qsort(spans, (size_t)n_spans, sizeof *spans, span_cmp);
+    for (int i = 1; i < n_spans; i++)
         if (spans[i].start < spans[i - 1].end)
             return fail(err, errlen, "version-2 sections %s and %s overlap", spans[i - 1].name, spans[i].name);
 
@@ -604,6 +630,9 @@ static int load_v2(crystal_file *f, crystal_model *m, const uint8_t *buf, size_t
         memcpy(codes, cur, V * D + V);
         m->head_weight = (crystal_tensor){codes, CRYSTAL_I8, CRYSTAL_Q_TENSOR, (int)v, (int)d, 0, p, p + 1};
         m->head_bias = (crystal_tensor){codes + V * D, CRYSTAL_I8, CRYSTAL_Q_TENSOR, 1, (int)v, 0, p + 2, p + 3};
+        if (!bad && (!codes_finite(&m->head_weight) || !codes_finite(&m->head_bias)))  /* NaN: said below */
+            return fail(err, errlen, "%s: a code times its scale, plus its offset, overflows float32",
+                        codes_finite(&m->head_weight) ? "head.bias" : "head.weight");
     } else {
         TAKE(m->head_weight, v, d);
         TAKE(m->head_bias, 1, v);

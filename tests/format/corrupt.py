@@ -57,9 +57,10 @@ def header_cases(data: bytes) -> Iterator[Case]:
     for field, (off, form) in HEADER_FIELDS.items():
         (orig,) = struct.unpack_from(form, data, off)
         if form == "<d":
-            for v in (float("nan"), float("inf"), -1.0):
+            # past float32's largest value: inf where the model computes (float32), an undefined conversion in C
+            for v in (float("nan"), float("inf"), -1.0, 1e300, 3.4028236e38):
                 yield f"header {field}={v}", patched(data, off, form, v), True
-            for v in (0.0, 1e300):  # odd but valid
+            for v in (0.0, 3.4028234e38):  # odd but valid
                 yield f"header {field}={v}", patched(data, off, form, v), False
             continue
         bits = struct.calcsize(form) * 8
@@ -184,5 +185,13 @@ def entry_cases(data: bytes, picks: int = 8) -> Iterator[Case]:
                    patched(data, table_off + i * fmt.ENTRY.size + 64, "<Q", e.offset + fmt.ALIGN), True)
 
 
+def tokenizer_cases(data: bytes) -> Iterator[Case]:
+    """A char tokenizer with one character twice: which id would a prompt's character be?"""
+    _, entries = table(data)
+    for e in entries:
+        if e.name == "tokenizer.chars" and e.length >= 2 and data[e.offset] < 0x80:
+            yield "tokenizer.chars repeats its first character", patched(data, e.offset + 1, "<B", data[e.offset]), True
+
+
 def all_cases(data: bytes) -> list[Case]:
-    return [*header_cases(data), *truncation_cases(data), *entry_cases(data)]
+    return [*header_cases(data), *truncation_cases(data), *entry_cases(data), *tokenizer_cases(data)]

@@ -170,12 +170,26 @@ def v2_cases() -> list[tuple[str, bytes]]:
                 struct.pack_into(form, b, off, v % (1 << bits))
                 cases.append((f"{tag} field at {off} = {v}", bytes(b)))
         offsets = struct.unpack_from("<7I", data, 32)
+        if mixed8:  # finite scales whose codes dequantize past float32 (the head's w scale, then its b scale)
+            for at in (0, 8):
+                b = bytearray(data)
+                struct.pack_into("<f", b, offsets[5] + at, 3e38)
+                cases.append((f"{tag} head scale at +{at} = 3e38", bytes(b)))
         for k in sorted({*offsets, 63, 64, len(data) - 1}):
             cases.append((f"{tag} truncated at {k}", data[:k]))
             b = bytearray(data[:k])
             if k >= 64:
                 struct.pack_into("<I", b, 60, k)  # total size patched to match
                 cases.append((f"{tag} truncated at {k}, total patched", bytes(b)))
+    # no neurons: the empty field section may sit where another section starts (valid; C once refused it
+    # or not, as its qsort ordered the tie)
+    sd = dict(state())
+    for name in ("positions", "values", "temperature"):
+        sd[f"blocks.0.field.{name}"] = sd[f"blocks.0.field.{name}"][:0]
+    empty_geo = bytearray(seeds_v2_bytes(sd, n_heads=3))
+    for k in (0, 1, 2):  # at embed's, pos's or causal's start
+        struct.pack_into("<I", empty_geo, 32 + 4 * 3, struct.unpack_from("<I", empty_geo, 32 + 4 * k)[0])
+        cases.append((f"no neurons, geo where section {k} starts", bytes(empty_geo)))
     return cases
 
 
