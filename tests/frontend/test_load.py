@@ -391,6 +391,7 @@ def test_two_keys_for_one_parameter_are_refused(tmp_path: Path) -> None:
     ({"n_heads": 5, "dropout": 0.1}, "unknown field"),
     ({"n_heads": 0}, "n_heads = 0 is outside"),
     ({"n_heads": 5, "field_eps": True}, "field_eps must be a finite non-negative number within float32"),
+    ({"n_heads": 5, "ln_eps": 1e300}, "ln_eps must be a finite non-negative number within float32"),  # inf there
     ({"n_heads": 5, 1: 2}, "key 1 is not a string"),
 ])
 def test_a_partial_config_is_checked_against_the_tensors(tmp_path: Path, config: dict, match: str) -> None:
