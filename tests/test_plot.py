@@ -89,13 +89,26 @@ def test_plot_of_a_crystal_file_does_not_import_torch(tmp_path: Path) -> None:
 def test_a_quantized_field_is_plotted_by_its_values(tmp_path: Path, monkeypatch) -> None:
     # the positions' PCA and the scales' histogram read the values, not the int8 codes
     require_module("matplotlib")
+    from matplotlib.axes import Axes
+
     import crystalc.plot as plot
     from crystalc.passes.quantize import quantize
 
-    g = random_graph("d40_h5", seed=1)
+    g = random_graph("d40_h5", seed=1).replace(meta={"curve": [_RECORD]})  # a curve: a spare panel for the scales
     seen: list[np.ndarray] = []
     real_pca2 = plot.pca2
     monkeypatch.setattr(plot, "pca2", lambda x: seen.append(np.asarray(x)) or real_pca2(x))
+    hists: list[np.ndarray] = []
+    real_hist = Axes.hist
+    monkeypatch.setattr(Axes, "hist",
+                        lambda self, x, *a, **k: hists.append(np.asarray(x)) or real_hist(self, x, *a, **k))
     plot.plot_model(quantize(g, "int8", "row"), tmp_path / "q.png")
     want = g.blocks[0].field.positions.values()
     assert len(seen) == 1 and np.abs(seen[0] - want).max() <= np.abs(want).max() / 127
+    # the frozen and active neurons' length scales |tau| + 0.1, from the temperatures' values
+    field = g.blocks[0].field
+    frozen = np.asarray(field.frozen.data, dtype=bool)
+    tau = np.abs(field.temperature.values().astype(np.float64)) + 0.1
+    got = np.concatenate(hists)
+    want_tau = np.concatenate([tau[frozen], tau[~frozen]])
+    assert got.shape == want_tau.shape and np.abs(got - want_tau).max() <= (tau.max() - 0.1) / 127

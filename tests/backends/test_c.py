@@ -408,6 +408,21 @@ def test_bad_arguments_exit_2_with_one_line(char_model, args):
     assert len(res.stderr.splitlines()) == 1 and "error" in res.stderr and res.stdout == ""
 
 
+def test_logits_refuses_every_sampling_option_and_any_option_twice(char_model):
+    _, exe = char_model
+    for flag, value in (("-n", "5"), ("-t", "0"), ("--top-p", "0.5"), ("--seed", "3"), ("--shift", "1")):
+        res = run(exe, "--prompt-ids", "1", flag, value, "--logits")
+        assert res.returncode == 2 and res.stderr.endswith(
+            f"error: {flag} has no effect with --logits, which prints the prompt's logits and generates nothing\n"), \
+            res.stderr
+    assert run(exe, "--prompt-ids", "1", "--logits", "--threads", "1").returncode == 0  # not a sampling option
+    for args, flag in ((["--prompt-ids", "1", "--prompt-ids", "2"], "--prompt-ids"),
+                       (["--prompt", "A", "-t", "1", "-t", "2"], "-t"), (["--prompt", "A", "--seed=1", "--seed", "1"],
+                                                                         "--seed")):
+        res = run(exe, *args)
+        assert res.returncode == 2 and res.stderr.endswith(f"error: {flag} given twice\n"), res.stderr
+
+
 def test_a_program_refuses_a_weights_file_it_was_not_made_for(tmp_path):
     # weights.bin is linked in at build time: rebuilt from a shorter or longer file, the program's offsets
     # would read outside it; from one of the right size without the magic, it is not crystalc's

@@ -213,7 +213,16 @@ def test_the_program_verifies_its_layout():
         (dataclasses.replace(prog, rom_table=prog.rom_table[1:]), "ROM entry"),
         (dataclasses.replace(prog, ram_words=prog.ram_words + 1), "RAM table covers"),
         (dataclasses.replace(prog, logits=prog.ram_words), "logits at"),
+        (dataclasses.replace(prog, logits=prog.ram_words - prog.vocab_size + 1), "logits at"),  # one word out
         (dataclasses.replace(prog, codes={b + 1: c for b, c in prog.codes.items()}), "codes at ROM"),
+        (dataclasses.replace(prog, codes=_swapped(prog.codes)), "codes at ROM"),  # real entries, other sizes
     ):
         with pytest.raises(CrystalError, match=why):
             broken.verify()
+    dataclasses.replace(prog, logits=prog.ram_words - prog.vocab_size).verify()  # the last place they fit
+
+
+def _swapped(codes: dict) -> dict:
+    """Two entries of different sizes exchange their ROM bases."""
+    a, b = next((a, b) for a in codes for b in codes if codes[a].codes.size != codes[b].codes.size)
+    return {**codes, a: codes[b], b: codes[a]}

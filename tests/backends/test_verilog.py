@@ -165,6 +165,13 @@ module refusal_tb;
     crystal_gen gen (.clk(clk), .rst(rst), .start(start), .prompt_len(len), .n(n), .shift(shift), .buf_we(we),
                      .buf_addr(32'd0), .buf_data(data), .tok_valid(tok_valid), .tok(tok), .done(done),
                      .error(error), .busy(busy), .rd_addr(32'd0), .rd_data(rd_data));
+    // the core alone, for the position the generator never gives it out of range
+    reg c_start = 1'b0;
+    reg [31:0] c_token = 0, c_pos = 0;
+    wire c_done, c_error, c_busy;
+    wire [31:0] c_rd;
+    crystal_core core (.clk(clk), .rst(rst), .start(c_start), .token(c_token), .pos(c_pos), .done(c_done),
+                       .error(c_error), .busy(c_busy), .rd_addr(32'd0), .rd_data(c_rd));
     always #1 clk = ~clk;
     reg [63:0] cycles = 0, began;
     always @(posedge clk) cycles <= cycles + 1;
@@ -178,6 +185,15 @@ module refusal_tb;
             @(negedge clk);
         end
     endtask
+    task core_run(input [31:0] t0, input [31:0] p0);
+        begin
+            @(negedge clk) begin c_token = t0; c_pos = p0; c_start = 1'b1; began = cycles; end
+            @(negedge clk) c_start = 1'b0;
+            wait (c_done);
+            $display("core %0d %0d: error %0d after %0d clocks", t0, p0, c_error, cycles - began);
+            @(negedge clk);
+        end
+    endtask
     initial begin
         run(1, 0, 1, 0);
         run(0, 0, 1, 0);
@@ -187,6 +203,9 @@ module refusal_tb;
         run(1, 0, 1, `VOCAB_SIZE);
         run(1, 0, 1, 32'hffffffff);
         run(1, 1, 1, 0);
+        core_run(0, `N_CTX);
+        core_run(`VOCAB_SIZE, 0);
+        core_run(0, 0);
         $finish;
     end
 endmodule
@@ -215,6 +234,9 @@ def test_the_design_refuses_inputs_out_of_range(tmp_path):
     assert max(clocks[1:5]) <= 2  # refused at the start, by the generator
     assert max(clocks[5:7]) <= 8  # by the core, on the first position
     assert clocks[0] > 100 and clocks[7] > clocks[0]  # good runs compute, before and after the refusals
+    core = re.findall(r"^core (\d+) (\d+): error (\d+) after (\d+) clocks$", res.stdout, re.MULTILINE)
+    assert [(int(a), int(b), int(e)) for a, b, e, _ in core] == [(0, t, 1), (v, 0, 1), (0, 0, 0)], res.stdout
+    assert max(int(c[3]) for c in core[:2]) <= 2 and int(core[2][3]) > 100
 
 
 def encoding_defines(out: Path) -> dict[str, int]:

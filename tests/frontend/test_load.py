@@ -409,23 +409,35 @@ def test_n_heads_from_the_option_and_the_config_must_agree(tmp_path: Path) -> No
     _same(g, load_model(p, n_heads=5))
 
 
-def test_bfloat16_safetensors_and_meta_tensors(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn"])
+def test_narrow_float_safetensors_are_widened_both_ways(tmp_path: Path, dtype: str) -> None:
     from safetensors.torch import save_file
 
     g = random_graph("d40_h5", seed=5)
+    narrow = getattr(torch, dtype)
     sd = {k: torch.from_numpy(np.array(v)) for k, v in g.state_dict().items()}
-    save_file({k: (v.to(torch.bfloat16) if v.is_floating_point() else v.to(torch.uint8)) for k, v in sd.items()},
+    save_file({k: (v.to(narrow) if v.is_floating_point() else v.to(torch.uint8)) for k, v in sd.items()},
               str(tmp_path / "m.safetensors"))
     (tmp_path / "m.json").write_text(json.dumps(g.config.to_dict()))
-    want = {k: v.to(torch.bfloat16).to(torch.float32).numpy() for k, v in sd.items() if v.is_floating_point()}
-    from crystalc.frontend import safetensors_ckpt
-
-    # numpy reads bfloat16 once ml_dtypes is imported (by onnx, say), torch otherwise: both ways, exactly
-    through_torch = safetensors_ckpt._through_torch(tmp_path / "m.safetensors")
+    want = {k: v.to(narrow).to(torch.float32).numpy() for k, v in sd.items() if v.is_floating_point()}
+    # numpy has no such type until ml_dtypes is imported (by onnx, say): then safetensors reads through numpy,
+    # before it through torch. A process where ml_dtypes cannot be imported takes the torch path
+    code = ("import sys; sys.modules['ml_dtypes'] = None; import numpy as np; "
+            "from crystalc.frontend import load_model; "
+            f"g = load_model({str(tmp_path / 'm.safetensors')!r}); "
+            f"np.savez({str(tmp_path / 'torch.npz')!r}, **g.state_dict())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    through_torch = dict(np.load(tmp_path / "torch.npz"))
     require_module("ml_dtypes")  # imported now: load_model's read goes through numpy
     for got in (through_torch, load_model(tmp_path / "m.safetensors").state_dict()):
         for k, v in want.items():
             np.testing.assert_array_equal(got[k], v)
+
+
+def test_meta_tensors_are_refused(tmp_path: Path) -> None:
+    g = random_graph("d40_h5", seed=5)
+    sd = {k: torch.from_numpy(np.array(v)) for k, v in g.state_dict().items()}
     meta = {k: (torch.empty(v.shape, device="meta") if k == "head.bias" else v) for k, v in sd.items()}
     torch.save({"model": meta, "config": g.config.to_dict()}, tmp_path / "meta.pt")
     r = _cli("inspect", str(tmp_path / "meta.pt"))

@@ -200,8 +200,14 @@ def test_help_names_the_model_argument_wherever_asked(runtime, tmp_path):
         res = run(runtime, *args)
         assert res.returncode == 0 and res.stdout.startswith("usage: crystal_runtime MODEL.crystal"), res.stdout
         assert "--threads" in res.stdout
-    res = run(runtime, path, "--prompt", "--help", "-n", 3)  # a prompt, not a question
-    assert "usage" not in res.stdout
+    # a prompt, not a question: a model that has the characters generates from it
+    chars = "".join(sorted(set("-help to be")))
+    g = random_graph(dict(vocab_size=len(chars), d_model=16, n_ctx=6, n_heads=2, n_neurons=5, ffn_hidden=32), seed=26,
+                     tokenizer={"kind": "char", "chars": chars})
+    write_crystal(g, tmp_path / "dash.crystal")
+    res = run(runtime, tmp_path / "dash.crystal", "--prompt", "--help", "-n", 3)
+    assert res.returncode == 0 and res.stdout.startswith("--help") and len(res.stdout) == len("--help") + 3 + 1, \
+        (res.stdout, res.stderr)
 
 
 def test_bad_arguments_exit_2_with_one_line(runtime, tmp_path):
