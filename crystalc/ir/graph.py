@@ -21,7 +21,7 @@ from crystalc.ir.ops import (
     Op,
     PositionEmbedding,
 )
-from crystalc.ir.tensor import Tensor
+from crystalc.ir.tensor import Tensor, read_only
 from crystalc.tokenizer import check_spec
 
 
@@ -70,6 +70,10 @@ class Graph:
     vocab_map: np.ndarray | None = None
     orig_vocab_size: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vocab_map, np.ndarray):  # shared by the graphs passes make of this one, as tensors are
+            object.__setattr__(self, "vocab_map", read_only(self.vocab_map))
 
     def replace(self, **changes: Any) -> Graph:
         return dataclasses.replace(self, **changes)

@@ -18,7 +18,7 @@ DTYPES = {"f32": np.float32, "i8": np.int8, "i16": np.int16, "bool": np.bool_}
 QUANT_SCHEMES = ("tensor", "row", "group")
 
 
-def _read_only(array: np.ndarray) -> np.ndarray:
+def read_only(array: np.ndarray) -> np.ndarray:
     """A view nothing can write through: passes build new tensors, so an in-place write to one a graph holds
     would be a bug (another graph may share it), and numpy now raises at it."""
     view = array.view()
@@ -43,8 +43,8 @@ class Quant:
     group: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "scale", _read_only(self.scale))
-        object.__setattr__(self, "offset", _read_only(self.offset))
+        object.__setattr__(self, "scale", read_only(self.scale))
+        object.__setattr__(self, "offset", read_only(self.offset))
 
     def expanded(self, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
         """scale and offset broadcast to `shape`."""
@@ -77,7 +77,7 @@ class Tensor:
     quant: Quant | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "data", _read_only(self.data))
+        object.__setattr__(self, "data", read_only(self.data))
 
     @property
     def dtype(self) -> str:

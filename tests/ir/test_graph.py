@@ -88,6 +88,11 @@ def test_tensor_arrays_cannot_be_written_through_the_ir() -> None:
             with pytest.raises(ValueError, match="read-only"):
                 arr.reshape(-1)[0] = 0
     source[0] = 1  # the caller's own array stays writable: the tensor holds a view
+    from crystalc.passes.prune_vocab import prune_vocab
+
+    kept = prune_vocab(g, None, [0, 3, 4])
+    with pytest.raises(ValueError, match="read-only"):
+        kept.vocab_map[0] = 1
 
 
 def test_current_rows_names_what_is_wrong_with_an_id() -> None:
