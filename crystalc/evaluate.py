@@ -35,8 +35,6 @@ from crystalc.passes.quantize import MODES, check_mode, parse_granularity, quant
 from crystalc.tokenizer import Tokenizer
 
 DEFAULT_GRANULARITIES = ("tensor", "row", "group:32")
-# floats held at once by the widest intermediate of one batch (e.g. positions x neurons x d_model)
-_FIELD_BUDGET = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -90,9 +88,7 @@ def forward_windows(graph: Graph, windows: np.ndarray) -> np.ndarray:
     b, s = windows.shape
     if not 1 <= s <= g.config.n_ctx:
         raise CrystalError(f"windows of {s} tokens; the model takes 1..{g.config.n_ctx}")
-    # the widest per-position intermediate: the field's distances, the FFN's hidden layer or the logits
-    widest = max([g.config.d_model * n for n in g.config.n_neurons] + [g.config.ffn_hidden, g.config.vocab_size])
-    per_batch = max(1, _FIELD_BUDGET // (s * widest))
+    per_batch = interpret.windows_per_batch(g.config, s)
     out = [interpret.forward_batch(g, windows[i:i + per_batch]) for i in range(0, b, per_batch)]
     return np.concatenate(out) if out else np.zeros((0, s, g.config.vocab_size), dtype=np.float32)
 
@@ -104,14 +100,10 @@ def corpus_to_ids(graph: Graph, text: str, max_tokens: int | None) -> tuple[np.n
         raise CrystalError("the model has no tokenizer: eval needs one to read the corpus")
     ids, unknown = Tokenizer(graph.tokenizer).encode_counted(text, limit=None if max_tokens is None
                                                              else max_tokens + 1)
-    orig = np.asarray(ids, dtype=np.int64)
-    lookup = np.full(max(graph.orig_vocab_size or 0, graph.config.vocab_size, int(orig.max(initial=0)) + 1), -1)
-    lookup[graph.original_ids()] = np.arange(graph.config.vocab_size)
-    cur = lookup[orig]
-    kept = cur[cur >= 0]
+    kept, dropped = graph.known_rows(ids)
     if kept.size < 2:
         raise CrystalError("the corpus holds fewer than 2 tokens the model knows: nothing to evaluate")
-    return kept, int(cur.size - kept.size), unknown
+    return kept, dropped, unknown
 
 
 def _split(ids: np.ndarray, t: int) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +128,15 @@ class Graph:
         if self.vocab_map is None:
             return np.arange(self.config.vocab_size, dtype=np.int64)
         return self.vocab_map
+
+    def known_rows(self, original: Sequence[int]) -> tuple[np.ndarray, int]:
+        """Current rows of the ids of `original` this vocabulary has, in order, and how many it lacked (a text's
+        tokens a pruned model dropped: evaluation and calibration read on without them)."""
+        lookup = np.full(max(self.orig_vocab_size or 0, self.config.vocab_size, max(original, default=0) + 1), -1)
+        lookup[self.original_ids()] = np.arange(self.config.vocab_size)
+        rows = lookup[np.asarray(original, dtype=np.int64)]
+        kept = rows[rows >= 0]
+        return kept, int(rows.size - kept.size)
 
     def to_current_ids(self, original: list[int]) -> list[int]:
         """Map ids of the original tokenizer to rows of the current vocabulary."""

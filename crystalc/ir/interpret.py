@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from crystalc.config import ModelConfig
 from crystalc.errors import CrystalError
 from crystalc.ir.graph import Graph
 from crystalc.ir.ops import FFN, CausalSelfAttention, Head, LayerNorm, NeuronField
@@ -118,6 +119,16 @@ def forward(graph: Graph, ids: Sequence[int], field_fn: FieldFn | None = None) -
     """
     c = graph.config
     return forward_batch(graph, check_ids(ids, c.n_ctx, c.vocab_size)[None], field_fn)[0]
+
+
+BATCH_FLOATS = 1 << 24  # the widest intermediate of a forward_batch call, in floats (64 MiB)
+
+
+def windows_per_batch(config: ModelConfig, s: int) -> int:
+    """How many windows of s positions one forward_batch call takes within BATCH_FLOATS: the widest
+    per-position intermediate is the field's distances [N, D], the FFN's hidden layer or the logits."""
+    widest = max([config.d_model * n for n in config.n_neurons] + [config.ffn_hidden, config.vocab_size])
+    return max(1, BATCH_FLOATS // (s * widest))
 
 
 def forward_batch(graph: Graph, ids: np.ndarray, field_fn: FieldFn | None = None,

@@ -34,9 +34,7 @@ def calibration_windows(graph: Graph, text: str, max_tokens: int = 16384) -> np.
     """Current ids [B, n_ctx] of `text` (tokens a pruned vocabulary lacks are skipped)."""
     if graph.tokenizer is None:
         raise CrystalError("calibration needs a model with a tokenizer")
-    orig = Tokenizer(graph.tokenizer).encode(text, strict=False)[:max_tokens]
-    known = set(int(i) for i in graph.original_ids())
-    ids = np.asarray(graph.to_current_ids([t for t in orig if t in known]), dtype=np.int64)
+    ids, _ = graph.known_rows(Tokenizer(graph.tokenizer).encode(text, strict=False)[:max_tokens])
     t = graph.config.n_ctx
     if ids.size < t:
         raise CrystalError(f"calibration text holds {ids.size} known tokens, fewer than one window of {t}")
@@ -54,9 +52,8 @@ def input_grams(graph: Graph, windows: np.ndarray) -> dict[str, np.ndarray]:
 
     windows = np.asarray(windows, dtype=np.int64)
     b, s = windows.shape
-    # a batch of windows at once, as many as keep the field's [positions, neurons, d_model] intermediate
-    # near 2^24 floats; each layer's inputs over the batch (attention's window by window) make one gram
-    per_batch = max(1, (1 << 24) // (s * c.d_model * max(1, *c.n_neurons)))
+    # each layer's inputs over a batch of windows (attention's window by window) make one gram
+    per_batch = interpret.windows_per_batch(c, s)
     for first in range(0, b, per_batch):
         seen: dict[str, list[np.ndarray]] = {}
 

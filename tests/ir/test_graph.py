@@ -103,3 +103,12 @@ def test_current_rows_names_what_is_wrong_with_an_id() -> None:
                              ([5], None, r"token id 5 is not in this model's vocabulary \(pruned\)")):
         with pytest.raises(CrystalError, match=why):
             current_rows(ids, [0, 4, 9], n_orig)
+
+
+def test_known_rows_skips_what_a_pruned_vocabulary_lacks() -> None:
+    from crystalc.passes.prune_vocab import prune_vocab
+
+    g = prune_vocab(random_graph("d40_h5", seed=2), None, [0, 3, 4, 9])
+    rows, dropped = g.known_rows([9, 1, 0, 9, 5, 4])
+    assert rows.tolist() == [3, 0, 3, 2] and dropped == 2
+    assert g.known_rows([])[0].size == 0
