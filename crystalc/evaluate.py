@@ -19,11 +19,9 @@ is swapped alone into the float32 graph, so the report says which tensor a schem
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -197,13 +195,10 @@ def _scores(logits: np.ndarray, targets: np.ndarray, ref_logits: np.ndarray) -> 
 
 
 def crystal_size(graph: Graph) -> int:
-    """Bytes of the graph's .crystal file, written to a temporary folder."""
-    from crystalc.format.crystal import write_crystal
+    """Bytes of the graph's .crystal file."""
+    from crystalc.format.crystal import encode_crystal
 
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "model.crystal"
-        write_crystal(graph, p)
-        return p.stat().st_size
+    return len(encode_crystal(graph))
 
 
 def checked_options(modes: Sequence[str], granularities: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from crystalc.config import ModelConfig
+
+if TYPE_CHECKING:
+    from crystalc.ir.graph import Graph
 
 CHECKPOINT_FORMAT = "crystalc-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -256,7 +259,7 @@ def save_checkpoint(
         torch.save(checkpoint_dict(model, tokenizer, meta), f)
 
 
-def model_from_graph(graph: Any) -> CrystalLM:
+def model_from_graph(graph: Graph) -> CrystalLM:
     """A CrystalLM holding a graph's (dequantized) weights."""
     model = CrystalLM(graph.config)
     sd = {k: torch.from_numpy(v.copy()) for k, v in graph.state_dict().items()}

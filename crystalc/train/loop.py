@@ -313,7 +313,7 @@ def train(text: str, cfg: TrainConfig, out: str | None = None,
     if run.best_state is not None and cfg.patience:
         model = _model_from_state(model.config, run.best_state).to(dd.device)
     _fast_fields(model, False)
-    meta = _meta(text, tok, cfg, run, model, step + 1, dd)
+    meta = _meta(text, cfg, run, model, step + 1, dd)
     if out is not None and dd.rank == 0:
         save_checkpoint(out, model, tok, meta)
     if dd.on:
@@ -378,8 +378,7 @@ def _fmt_point(p: dict[str, Any]) -> str:
             f"neurons {sum(p['neurons'])} frozen {p['frozen_pct']:.1f}%")
 
 
-def _meta(text: str, tok: dict[str, Any], cfg: TrainConfig, run: _Run, model: CrystalLM, steps_done: int,
-          dd: _Dist) -> dict[str, Any]:
+def _meta(text: str, cfg: TrainConfig, run: _Run, model: CrystalLM, steps_done: int, dd: _Dist) -> dict[str, Any]:
     c = asdict(cfg)
     c.pop("progress")
     c.pop("threads")
