@@ -101,27 +101,17 @@ def _calibration(graph: Graph, path: str | None, max_tokens: int | None) -> np.n
 def _apply_passes(graph: Graph, prune_corpus: str | None, keep: str | None, quantize: str | None,
                   granularity: str | None, calibrate: str | None = None,
                   calibrate_tokens: int | None = None) -> Graph:
-    """The pass order is fixed: prune_vocab, then quantize (pruning first quantizes fewer rows)."""
-    from crystalc.passes.pipeline import Pass, run_pipeline
+    """Checks the options, then runs passes.pipeline's one order (prune_vocab, then quantize)."""
+    from crystalc.passes.pipeline import run_pipeline, standard_passes
 
     _check_calibration(calibrate, calibrate_tokens)  # before the (slower) passes
-
-    passes = []
-    if prune_corpus is not None or keep:
-        from crystalc.passes.prune_vocab import prune_vocab
-
-        text = _read_text(prune_corpus) if prune_corpus is not None else None
-        keep_ids = _parse_ids(keep) if keep else []
-        passes.append(Pass("prune_vocab", lambda g: prune_vocab(g, text, keep_ids)))
-    if quantize is not None:
-        from crystalc.passes.quantize import quantize as quantize_pass
-
-        passes.append(Pass("quantize", lambda g: quantize_pass(
-            g, quantize, granularity or "tensor", calibration=_calibration(g, calibrate, calibrate_tokens))))
-    elif calibrate is not None:
+    if quantize is None and calibrate is not None:
         raise CrystalError("--calibrate chooses how weights are rounded: it needs a quantization mode")
-    elif granularity is not None:
+    if quantize is None and granularity is not None:
         raise CrystalError("--granularity chooses the quantization scales: it needs a quantization mode")
+    text = _read_text(prune_corpus) if prune_corpus is not None else None
+    passes = standard_passes(text, _parse_ids(keep) if keep else [], quantize, granularity,
+                             lambda g: _calibration(g, calibrate, calibrate_tokens))
     return run_pipeline(graph, passes)
 
 

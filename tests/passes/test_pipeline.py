@@ -145,3 +145,17 @@ def test_compile_composes_prune_and_quantize(tmp_path: Path) -> None:
     got = np.array([float(b) for _, b in lines], dtype=np.float32)
     want = forward(want_graph, want_graph.to_current_ids(prompt))[-1]
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_the_pipeline_names_a_pass_whose_graph_does_not_verify() -> None:
+    from crystalc.errors import CrystalError
+    from crystalc.passes.pipeline import standard_passes
+
+    g = char_graph(seed=2)
+    broken = Pass("claim_a_final_norm", lambda x: x.replace(config=x.config.__class__(**{**x.config.to_dict(),
+                                                                                        "final_norm": True})))
+    with pytest.raises(CrystalError, match="the graph after claim_a_final_norm does not verify: "):
+        run_pipeline(g, [broken])
+    assert [p.name for p in standard_passes(CORPUS, [], "mixed8", "row")] == ["prune_vocab", "quantize"]
+    assert [p.name for p in standard_passes(None, [3], None, None)] == ["prune_vocab"]
+    assert standard_passes(None, [], None, None) == []
