@@ -206,12 +206,13 @@ def compile(model: str, target: str, out_dir: str, build: bool, cflags: str | No
     backend = get_backend(target)
     product = None
     with atomic_dir(out_dir) as tmp:
-        options: dict[str, Any] = {"frozen_only": True} if frozen_only else {}
+        # only options given reach the backend, and only its own ones get past the checks above
+        emit_options: dict[str, Any] = {"frozen_only": True} if frozen_only else {}
         if lanes is not None:
-            options["lanes"] = lanes
-        backend.emit(graph, tmp, **options)
+            emit_options["lanes"] = lanes
+        backend.emit(graph, tmp, **emit_options)
         if build:
-            product = backend.build(tmp, cflags=cflags)
+            product = backend.build(tmp, **({"cflags": cflags} if cflags is not None else {}))
     if product is not None:
         click.echo(str(Path(out_dir) / product.name))
     else:
