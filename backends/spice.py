@@ -106,7 +106,7 @@ def lower_field(graph: Graph, block: int, frozen_only: bool = False) -> dict[str
 class SpiceBackend:
     name = "spice"
 
-    def emit(self, graph: Graph, out_dir: Path, frozen_only: bool = False, **options: Any) -> list[Path]:
+    def emit(self, graph: Graph, out_dir: Path, *, frozen_only: bool = False) -> list[Path]:
         """Write neuron_field_b<b>.sp for every block with neurons into out_dir.
 
         frozen_only: the seeds' hybrid, only the frozen (crystallised) neurons in the circuit, which
@@ -132,7 +132,7 @@ class SpiceBackend:
             written.append(path)
         return written
 
-    def build(self, out_dir: Path, **options: Any) -> Path:
+    def build(self, out_dir: Path) -> Path:
         """Solve every netlist once in ngspice (all inputs 0) and write the results to check.log."""
         out_dir = Path(out_dir)
         lines = []

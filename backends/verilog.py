@@ -28,7 +28,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -365,7 +365,7 @@ def encoding() -> Encoding:
 class VerilogBackend:
     name = "verilog"
 
-    def emit(self, graph: Graph, out_dir: Path, lanes: int = 1, **options: Any) -> list[Path]:
+    def emit(self, graph: Graph, out_dir: Path, *, lanes: int = 1) -> list[Path]:
         """Write crystal_core.v, crystal_tb.v, model.vh, rom.hex, lanes.hex, scales.hex, program.hex, the
         function tables (exp2.hex, gelu.hex) and a Makefile into out_dir.
 
@@ -409,7 +409,7 @@ class VerilogBackend:
         written += [copy_template("verilog", name, out_dir) for name in STATIC_FILES]
         return written
 
-    def build(self, out_dir: Path, simulator: str = "icarus", **options: Any) -> Path:
+    def build(self, out_dir: Path, *, simulator: str = "icarus") -> Path:
         """Build the simulation: Icarus Verilog's sim.vvp (`make sim.vvp`), Verilator's obj_dir/crystal_sim, or
         Verilator's obj_netlist/crystal_sim of the Verilog Yosys writes back after reading the design."""
         sim = _simulator(simulator)

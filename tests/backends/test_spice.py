@@ -299,3 +299,15 @@ def test_compile_frozen_only(tmp_path):
     assert res.returncode == 2 and res.stderr.count("\n") == 1
     assert "--frozen-only applies to --target spice" in res.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_options_are_named_exactly(tmp_path):
+    """emit and build take their options by keyword, and a misspelt one is an error, not a default."""
+    g = random_graph("all_on", seed=1)
+    with pytest.raises(TypeError, match="frozen"):
+        spice.BACKEND.emit(g, tmp_path, frozen=True)
+    with pytest.raises(TypeError):
+        spice.BACKEND.emit(g, tmp_path, True)
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(TypeError, match="cflags"):
+        spice.BACKEND.build(tmp_path, cflags="-O2")

@@ -766,3 +766,17 @@ def test_compile_lanes_option(tmp_path):
         res = cli("compile", str(ckpt), *args, "-o", str(tmp_path / "bad"))
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and why in res.stderr, res.stderr
         assert not (tmp_path / "bad").exists()
+
+
+def test_options_are_named_exactly(tmp_path):
+    """emit and build take their options by keyword, and a misspelt one is an error, not a default."""
+    g = random_graph("all_on", seed=1)
+    with pytest.raises(TypeError, match="lane"):
+        BACKEND.emit(g, tmp_path, lane=8)
+    with pytest.raises(TypeError):
+        BACKEND.emit(g, tmp_path, 8)
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(TypeError, match="simulater"):
+        BACKEND.build(tmp_path, simulater="verilator")
+    with pytest.raises(TypeError, match="cflags"):
+        BACKEND.build(tmp_path, cflags="-O2")
