@@ -72,7 +72,10 @@ GELU_ENTRIES = (16 * ONE >> GELU_STEP_BITS) + 1
 # hold (RAM addresses: dst, src, s; ROM addresses: a, b, c unless said):
 #   token_embedding   dst = x; a, b = token_embed, pos_embed; n = D
 #   layer_norm        dst, src; a, b = weight, bias; n = D; k = eps in Q32
-#   linear            dst, src; a, b = weight [n, m], bias; flags ACCUMULATE, PER_POSITION
+#   linear            dst, src; a, b = weight [n, m], bias; flags ACCUMULATE, PER_POSITION. In the core's
+#                     program (verilog.core_memories) k_proj and v_proj write a cache instead of the RAM:
+#                     flags TO_KEYS or TO_VALUES in place of PER_POSITION, dst = the cache's base there,
+#                     and for the values c = head width, k = head count
 #   causal_attention  dst = y, src = q; a, b = key and value caches (RAM); c = head width; n = D;
 #                     m = heads; s = scratch; k = 1/sqrt(head width) in Q16
 #   neuron_field      dst = x (added to), src = h; a, b = positions, values; c = 1/(|tau|+0.1) per
@@ -87,9 +90,11 @@ FIELDS = ("op", "dst", "src", "a", "b", "c", "n", "m", "s", "k", "flags",
           "qa", "sa", "pa", "ga", "oa", "qb", "sb", "pb", "gb", "ob")
 OPCODES = {"halt": 0, "token_embedding": 1, "layer_norm": 2, "linear": 3, "causal_attention": 4,
            "neuron_field": 5, "gelu": 6}
-# linear flags
+# linear flags (a flag is one bit; verilog.encoding writes each one's bit index into model.vh for the core)
 ACCUMULATE = 1  # dst += W src + b (a residual connection) instead of dst = ...
 PER_POSITION = 2  # dst is a [T, rows] table; the row of the current position is written (the KV caches)
+TO_KEYS = 4  # the core's only (set by verilog.core_memories): the row goes into the key cache at dst
+TO_VALUES = 8  # the core's only: the row goes into the value cache at dst, as k heads of width c
 # neuron_field flags
 NORMALIZE = 1
 HAS_EPS = 2

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 from crystalc.backends import fixedpoint
-from crystalc.backends.fixedpoint import EXP_TABLE, GELU_TABLE, Codes, Instr, Program, lower
+from crystalc.backends.fixedpoint import EXP_TABLE, GELU_TABLE, INT32_MAX, INT32_MIN, Codes, Instr, Program, lower
 from crystalc.backends.tools import run_tool
 from crystalc.errors import CrystalError
 from crystalc.ir.graph import Graph, current_rows
@@ -43,11 +43,9 @@ from crystalc.tokenizer import Tokenizer
 
 STATIC_FILES = ("crystal_core.v", "crystal_gen.v", "crystal_tb.v")
 MAX_LANES = 64
-# the core's linear flags beyond fixedpoint's: the row goes into the key or the value cache. The encoding's
-# constants here and in fixedpoint are read through their modules when used (fixedpoint.FIELDS, not a copy
-# imported by name): model.vh's defines (`encoding`) and the program words are then made of the same values
-TO_KEYS = 4
-TO_VALUES = 8
+# The encoding's constants (fixedpoint's FIELDS, OPCODES and flags, TO_KEYS and TO_VALUES among them) are
+# read through the module when used (fixedpoint.TO_KEYS, not a copy imported by name): model.vh's defines
+# (`encoding`) and the program words are then made of the same values
 SIM = "sim.vvp"
 TOKENIZER = "tokenizer.json"  # the model's tokenizer record (crystalc.tokenizer), when it has one
 
@@ -91,7 +89,108 @@ class CoreMemories:
     key_words: int  # keys: word kb + d * key_groups + p // lanes holds component d of positions side by side
     key_groups: int
     value_words: int  # values: word vb + (g * heads + h) * T + p holds components g * lanes.. of head h
-    cache_table: list[tuple[str, int, int]]
+    cache_table: list[tuple[str, int, int]]  # a block's keys, then its values, for each attention in order
+    n_ctx: int  # T
+
+    def verify(self) -> None:
+        """What crystal_core.v relies on and cannot check itself (a word out of range is read as x or written
+        nowhere, silently): the program ends in halt and every instruction encodes; each memory's table tiles
+        it in order (the caches' entries alternate keys and values, each tiling its own memory); every word
+        fits its 32 bits; each tensor an instruction reads starts an entry of the memory it is read from, of
+        the size the instruction reads; every RAM span an instruction reads or writes (the logits among them)
+        lies in the RAM; the attention reads and k_proj and v_proj write caches of the layout above."""
+        def fail(why: str) -> CrystalError:
+            return CrystalError(f"core memories: {why}")
+
+        if not self.instrs or self.instrs[-1].op != "halt":
+            raise fail("the program does not end in halt")
+        for ins in self.instrs:
+            ins.word()  # a known opcode, every field within 32 bits
+        if self.lane_rom.ndim != 2 or self.lane_scales.ndim != 2 or self.lane_rom.shape[1] != self.lane_scales.shape[1]:
+            raise fail(f"the lane ROM {list(self.lane_rom.shape)} and its scales {list(self.lane_scales.shape)} "
+                       "are not [words, lanes] of the same lanes")
+        lanes = self.lane_rom.shape[1]
+        if not 1 <= lanes <= MAX_LANES or self.key_groups != -(-self.n_ctx // lanes):
+            raise fail(f"{lanes} lanes and {self.key_groups} key groups for {self.n_ctx} positions")
+
+        def entries(what: str, table: list[tuple[str, int, int]], size: int) -> dict[int, int]:
+            ends = 0
+            for name, base, n in table:
+                if base != ends or n < 0:
+                    raise fail(f"{what} entry {name!r} at {base}, expected {ends}")
+                ends = base + n
+            if ends != size:
+                raise fail(f"the {what} table covers {ends} of {size} words")
+            return {base: n for _, base, n in table}
+
+        rom = entries("ROM", self.rom_table, self.rom.size)
+        lane = entries("lane ROM", self.lane_table, len(self.lane_rom))
+        scale = entries("lane scale ROM", self.scale_table, len(self.lane_scales))
+        entries("RAM", self.ram_table, self.ram_words)
+        keys = entries("key cache", self.cache_table[0::2], self.key_words)
+        values = entries("value cache", self.cache_table[1::2], self.value_words)
+        for what, words, lo, hi in (("ROM", self.rom, INT32_MIN, INT32_MAX), ("lane ROM", self.lane_rom, INT32_MIN,
+                                    (1 << 32) - 1), ("lane scale ROM", self.lane_scales, 0, (1 << 32) - 1)):
+            if words.size and (words.min() < lo or words.max() > hi):
+                raise fail(f"a {what} word does not fit 32 bits")
+        if not 0 <= self.logits < self.ram_words:
+            raise fail(f"the logits at {self.logits} are outside the RAM of {self.ram_words} words")
+
+        def starts(ins: Instr, what: str, table: dict[int, int], base: int, words: int | None = None) -> None:
+            if base not in table or words is not None and table[base] != words:
+                raise fail(f"{ins.note}: {what} at {base} starts no entry" + (f" of {words} words" if words else ""))
+
+        def in_ram(ins: Instr, field: str, words: int) -> None:
+            base = getattr(ins, field)
+            if base < 0 or base + words > self.ram_words:
+                raise fail(f"{ins.note}: {field} = {base} + {words} words is outside the RAM of {self.ram_words}")
+
+        cache_flags = fixedpoint.TO_KEYS | fixedpoint.TO_VALUES
+        heads: dict[int, tuple[int, int]] = {}  # a value cache's base: (heads, width) as the attention reads it
+        for ins in self.instrs:
+            if ins.flags & cache_flags and ins.op != "linear":
+                raise fail(f"{ins.note}: only a linear layer writes a cache")
+            if ins.op == "causal_attention":
+                starts(ins, "keys", keys, ins.a, ins.n * self.key_groups)
+                starts(ins, "values", values, ins.b, -(-ins.c // lanes) * ins.m * self.n_ctx)
+                heads[ins.b] = (ins.m, ins.c)
+                if ins.c * ins.m != ins.n:
+                    raise fail(f"{ins.note}: {ins.m} heads of width {ins.c} for D = {ins.n}")
+        for ins in self.instrs:
+            if ins.op == "token_embedding":
+                starts(ins, "the token embedding", rom, ins.a)
+                starts(ins, "the position embedding", rom, ins.b, self.n_ctx * ins.n)
+            if ins.op == "layer_norm":
+                starts(ins, "the weight", rom, ins.a, ins.n)
+                starts(ins, "the bias", rom, ins.b, ins.n)
+            if ins.op == "linear":
+                starts(ins, "the bias", rom, ins.b, ins.n)
+            if ins.op == "neuron_field":
+                starts(ins, "the coefficients", rom, ins.c, ins.m)
+            if ins.op in ("linear", "neuron_field"):
+                for slot in ("a", "b") if ins.op == "neuron_field" else ("a",):
+                    starts(ins, slot, lane, getattr(ins, slot))
+                    if getattr(ins, "q" + slot):
+                        starts(ins, f"{slot}'s multipliers", scale, getattr(ins, "s" + slot))
+            if ins.op == "linear":
+                in_ram(ins, "src", ins.m)
+                to = ins.flags & cache_flags
+                if to == fixedpoint.TO_KEYS:
+                    starts(ins, "the key cache", keys, ins.dst, ins.n * self.key_groups)
+                elif to == fixedpoint.TO_VALUES:
+                    if heads.get(ins.dst) != (ins.k, ins.c) or ins.flags & fixedpoint.PER_POSITION:
+                        raise fail(f"{ins.note}: writes value cache {ins.dst} as {ins.k} heads of width {ins.c}, "
+                                   f"read as {heads.get(ins.dst)}")
+                elif to:
+                    raise fail(f"{ins.note}: writes both caches")
+                else:
+                    in_ram(ins, "dst", ins.n * (self.n_ctx if ins.flags & fixedpoint.PER_POSITION else 1))
+            elif ins.op in ("token_embedding", "layer_norm", "gelu", "causal_attention", "neuron_field"):
+                in_ram(ins, "dst", ins.n)
+                if ins.op != "token_embedding":
+                    in_ram(ins, "src", ins.n)
+                if ins.op in ("causal_attention", "neuron_field"):
+                    in_ram(ins, "s", self.n_ctx if ins.op == "causal_attention" else ins.m)
 
 
 def _side_by_side(matrix: np.ndarray, lanes: int) -> np.ndarray:
@@ -237,10 +336,10 @@ def core_memories(program: Program, lanes: int) -> CoreMemories:
     for att in attention:
         width = att.n  # D
         groups = -(-att.c // lanes)  # of a head's components
-        caches[att.a] = (TO_KEYS, key_words)
+        caches[att.a] = (fixedpoint.TO_KEYS, key_words)
         cache_table.append((f"keys of {att.note.split(':')[0]}", key_words, width * key_groups))
         key_words += width * key_groups
-        caches[att.b] = (TO_VALUES, value_words)
+        caches[att.b] = (fixedpoint.TO_VALUES, value_words)
         cache_table.append((f"values of {att.note.split(':')[0]}", value_words, groups * att.m * t))
         value_words += groups * att.m * t
     ram_moved: dict[int, int] = {}
@@ -276,9 +375,11 @@ def core_memories(program: Program, lanes: int) -> CoreMemories:
                                       **add_lanes(ins.b, ins.n, ins.m, transposed=True).fields("b"))
         instrs.append(ins)
     rom = np.concatenate(rom_parts) if rom_parts else np.zeros(0, dtype=np.int64)
-    return CoreMemories(instrs, rom, rom_table, lane_rom.words(), lane_rom.table, lane_rom.scale_words(),
-                        lane_rom.scale_table, ram_words, ram_table, ram_moved[program.logits], key_words, key_groups,
-                        value_words, cache_table)
+    mem = CoreMemories(instrs, rom, rom_table, lane_rom.words(), lane_rom.table, lane_rom.scale_words(),
+                       lane_rom.scale_table, ram_words, ram_table, ram_moved[program.logits], key_words, key_groups,
+                       value_words, cache_table, t)
+    mem.verify()
+    return mem
 
 
 def _hex_words(words: np.ndarray) -> list[str]:
@@ -345,7 +446,7 @@ class Encoding(NamedTuple):
 def encoding() -> Encoding:
     """How program.hex encodes an instruction, for crystal_core.v: each field's place (fixedpoint.FIELDS), each
     opcode (fixedpoint.OPCODES) and each flag's bit (fixedpoint's linear and neuron_field flags, TO_KEYS and
-    TO_VALUES here). The core holds no number of its own for them, so a change to these constants reaches
+    TO_VALUES among them). The core holds no number of its own for them, so a change to these constants reaches
     the Verilog with the program it runs."""
     fields = [(f"FIELD_{name.upper()}", 32 * i) for i, name in enumerate(fixedpoint.FIELDS)]
     opcodes = sorted(fixedpoint.OPCODES.items(), key=lambda item: item[1])
@@ -353,7 +454,7 @@ def encoding() -> Encoding:
         raise CrystalError(f"internal: the opcodes {dict(opcodes)} are not distinct 32-bit words")
     flags = []
     for op, named in (("linear", {"ACCUMULATE": fixedpoint.ACCUMULATE, "PER_POSITION": fixedpoint.PER_POSITION,
-                                  "TO_KEYS": TO_KEYS, "TO_VALUES": TO_VALUES}),
+                                  "TO_KEYS": fixedpoint.TO_KEYS, "TO_VALUES": fixedpoint.TO_VALUES}),
                       ("neuron_field", {"NORMALIZE": fixedpoint.NORMALIZE, "HAS_EPS": fixedpoint.HAS_EPS})):
         bits = {name: _flag_bit(name, value) for name, value in named.items()}
         if len(set(bits.values())) != len(bits):

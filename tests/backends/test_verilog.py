@@ -11,6 +11,7 @@ makes of the design, written back as Verilog, simulates as the RTL does.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -259,9 +260,9 @@ def test_the_core_decodes_the_program_as_python_encodes_it(tmp_path, monkeypatch
     BACKEND.emit(g, before)
     monkeypatch.setattr(fp, "FIELDS", fp.FIELDS[5:] + fp.FIELDS[:5])
     monkeypatch.setattr(fp, "OPCODES", {op: 100 + (code + 3) % len(fp.OPCODES) for op, code in fp.OPCODES.items()})
-    for module, name, bit in ((fp, "ACCUMULATE", 3), (fp, "PER_POSITION", 0), (verilog, "TO_KEYS", 5),
-                              (verilog, "TO_VALUES", 1), (fp, "NORMALIZE", 2), (fp, "HAS_EPS", 4)):
-        monkeypatch.setattr(module, name, 1 << bit)
+    for name, bit in (("ACCUMULATE", 3), ("PER_POSITION", 0), ("TO_KEYS", 5), ("TO_VALUES", 1), ("NORMALIZE", 2),
+                      ("HAS_EPS", 4)):
+        monkeypatch.setattr(fp, name, 1 << bit)
     prog = fp.lower(g)
     assert {ins.op for ins in prog.instrs} == set(fp.OPCODES)
     flags = {ins.op: ins.flags for ins in core_memories(prog, 1).instrs if ins.flags}
@@ -291,15 +292,52 @@ def test_the_core_names_every_field_opcode_and_flag_python_encodes(tmp_path):
 @pytest.mark.parametrize("module,name,value,says", [
     (fp, "HAS_EPS", 3, "not a single bit"),  # the core tests one bit a flag
     (fp, "ACCUMULATE", 0, "not a single bit"),
-    (verilog, "TO_VALUES", 1 << 32, "not a single bit"),  # past the 32-bit field
+    (fp, "TO_VALUES", 1 << 32, "not a single bit"),  # past the 32-bit field
     (fp, "HAS_EPS", fp.NORMALIZE, "share a bit"),
-    (verilog, "TO_KEYS", fp.PER_POSITION, "share a bit"),
+    (fp, "TO_KEYS", fp.PER_POSITION, "share a bit"),
     (fp, "OPCODES", {**fp.OPCODES, "gelu": 1}, "not distinct"),
 ])
 def test_an_encoding_the_core_cannot_decode_is_refused(module, name, value, says, monkeypatch, tmp_path):
     monkeypatch.setattr(module, name, value)
     with pytest.raises(CrystalError, match=says):
         BACKEND.emit(random_graph("all_on", seed=3), tmp_path)
+
+
+def test_broken_core_memories_are_refused():
+    # core_memories verifies what it lays out (CoreMemories.verify): the core would read x or write nowhere
+    mem = core_memories(fp.lower(quantize(random_graph("all_on", seed=3), "int8", "row")), 3)
+    mem.verify()
+
+    def first(pick) -> int:
+        return next(i for i, ins in enumerate(mem.instrs) if pick(ins))
+
+    coded, gelu = first(lambda ins: ins.op == "linear" and ins.qa), first(lambda ins: ins.op == "gelu")
+    values, att = first(lambda ins: ins.flags & fp.TO_VALUES), first(lambda ins: ins.op == "causal_attention")
+
+    def changed(i: int, **fields) -> list:
+        return [dataclasses.replace(ins, **fields) if j == i else ins for j, ins in enumerate(mem.instrs)]
+
+    for broken, says in (
+        (dataclasses.replace(mem, instrs=mem.instrs[:-1]), "does not end in halt"),
+        (dataclasses.replace(mem, instrs=changed(0, n=1 << 31)), "does not fit 32 bits"),
+        (dataclasses.replace(mem, rom_table=mem.rom_table[1:]), "ROM entry"),
+        (dataclasses.replace(mem, lane_rom=mem.lane_rom[:-1]), "lane ROM table covers"),
+        (dataclasses.replace(mem, lane_scales=mem.lane_scales[:, :2]), "same lanes"),
+        (dataclasses.replace(mem, key_groups=mem.key_groups + 1), "key groups"),
+        (dataclasses.replace(mem, key_words=mem.key_words + 1), "key cache table covers"),
+        (dataclasses.replace(mem, cache_table=mem.cache_table[1:] + mem.cache_table[:1]), "key cache"),
+        (dataclasses.replace(mem, rom=mem.rom + (1 << 32)), "ROM word does not fit"),
+        (dataclasses.replace(mem, logits=mem.ram_words), "logits at"),
+        (dataclasses.replace(mem, instrs=changed(gelu, dst=mem.ram_words - 1)), "outside the RAM"),
+        (dataclasses.replace(mem, instrs=changed(coded, b=mem.instrs[coded].b + 1)), "bias at"),
+        (dataclasses.replace(mem, instrs=changed(coded, sa=mem.instrs[coded].sa + 1)), "multipliers at"),
+        (dataclasses.replace(mem, instrs=changed(values, k=mem.instrs[values].k + 1)), "read as"),
+        (dataclasses.replace(mem, instrs=changed(values, flags=mem.instrs[values].flags | fp.TO_KEYS)), "both caches"),
+        (dataclasses.replace(mem, instrs=changed(att, a=mem.instrs[att].a + 1)), "keys at"),
+        (dataclasses.replace(mem, instrs=changed(gelu, flags=fp.TO_KEYS)), "only a linear"),
+    ):
+        with pytest.raises(CrystalError, match=says):
+            broken.verify()
 
 
 def test_emit_is_deterministic_and_the_rom_is_the_program(tmp_path):

@@ -147,8 +147,8 @@
 `define LANES 1
 //
 // How program.hex encodes an instruction. Python decides it (crystalc.backends.fixedpoint: FIELDS, OPCODES,
-// the flags; verilog.py: TO_KEYS, TO_VALUES) and writes the program with it; crystal_core.v reads the
-// program by these names and holds no number of its own, so the two cannot drift apart.
+// the flags) and writes the program with it; crystal_core.v reads the program by these names and holds no
+// number of its own, so the two cannot drift apart.
 // Each field's lowest bit in a program word (32 bits a field):
 `define FIELD_OP 0
 `define FIELD_DST 32
