@@ -53,7 +53,7 @@ from crystalc.errors import CrystalError
 from crystalc.ir.graph import Graph
 from crystalc.ir.interpret import check_ids, field_temperatures
 from crystalc.ir.ops import LayerNorm
-from crystalc.ir.tensor import Tensor
+from crystalc.ir.tensor import Tensor, read_only
 
 FRAC = 16  # fractional bits of every stored value
 ONE = 1 << FRAC
@@ -189,7 +189,7 @@ class Codes:
     within one Q16 step of the dequantized value (the rounded scale errs by at most 2^-33 a code
     step, 2^-18 at the largest code, plus the word's own rounding)."""
 
-    codes: np.ndarray  # int64 [rows, cols]
+    codes: np.ndarray  # int64 [rows, cols] (read-only, as mult)
     mult: np.ndarray  # int64 [rows, cols]: each code's multiplier
     offset: int
     bits: int  # 8 or 16
@@ -214,8 +214,8 @@ def hardware_codes(t: Tensor) -> Codes | None:
     off = float(offset.flat[0]) if offset.size else 0.0
     if abs(off) >= 1 << (31 - FRAC):
         return None
-    codes = Codes(t.data.astype(np.int64), mult, round(off * ONE), 8 * t.data.itemsize, t.quant.scheme,
-                  t.quant.group)
+    codes = Codes(read_only(t.data.astype(np.int64)), read_only(mult), round(off * ONE), 8 * t.data.itemsize,
+                  t.quant.scheme, t.quant.group)
     words = codes.words()
     if words.size and (words.min() < INT32_MIN or words.max() > INT32_MAX):
         return None
@@ -264,11 +264,11 @@ class Instr:
 class Program:
     """A lowered graph: what the core runs for each token, and the memories it runs on."""
 
-    instrs: list[Instr]
-    rom: np.ndarray  # int64 words of 32 bits: Q16 values
-    rom_table: list[tuple[str, int, int]]  # (what, base, words), for the listing
+    instrs: tuple[Instr, ...]
+    rom: np.ndarray  # int64 words of 32 bits: Q16 values (read-only)
+    rom_table: tuple[tuple[str, int, int], ...]  # (what, base, words), for the listing
     ram_words: int
-    ram_table: list[tuple[str, int, int]]
+    ram_table: tuple[tuple[str, int, int], ...]
     logits: int  # RAM base of the V logits
     vocab_size: int
     n_ctx: int
@@ -396,7 +396,7 @@ def lower(graph: Graph) -> Program:
                                                                     graph.head.weight is None else ""))
     code.append(Instr("halt", note="logits ready"))
 
-    program = Program(code, rom.words(), rom.table, ram.size, ram.table, logits, v, t,
+    program = Program(tuple(code), read_only(rom.words()), tuple(rom.table), ram.size, tuple(ram.table), logits, v, t,
                       c.summary(), None if graph.vocab_map is None else np.asarray(graph.vocab_map), codes)
     program.verify()
     return program

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -38,6 +39,7 @@ from crystalc.backends.tools import run_tool
 from crystalc.errors import CrystalError
 from crystalc.ir.graph import Graph, current_rows
 from crystalc.ir.interpret import check_ids
+from crystalc.ir.tensor import read_only
 from crystalc.templating import copy_template, render
 from crystalc.tokenizer import Tokenizer
 
@@ -76,20 +78,20 @@ class CoreMemories:
     read port a lane: an FPGA keeps it in block RAMs as wide as the lanes, with no copies. The caches
     are laid out for the lanes the same way (below), and the RAM keeps activations, scores and logits."""
 
-    instrs: list[Instr]  # the program, its fields pointing into these memories
-    rom: np.ndarray
-    rom_table: list[tuple[str, int, int]]  # (what, base, words), for the listings
+    instrs: tuple[Instr, ...]  # the program, its fields pointing into these memories
+    rom: np.ndarray  # (the arrays are read-only)
+    rom_table: tuple[tuple[str, int, int], ...]  # (what, base, words), for the listings
     lane_rom: np.ndarray
-    lane_table: list[tuple[str, int, int]]
+    lane_table: tuple[tuple[str, int, int], ...]
     lane_scales: np.ndarray  # [words, lanes]: the multipliers of the codes in lane_rom, Q0.32 (Codes)
-    scale_table: list[tuple[str, int, int]]
+    scale_table: tuple[tuple[str, int, int], ...]
     ram_words: int  # the RAM without the key/value caches, which have memories of their own
-    ram_table: list[tuple[str, int, int]]
+    ram_table: tuple[tuple[str, int, int], ...]
     logits: int
     key_words: int  # keys: word kb + d * key_groups + p // lanes holds component d of positions side by side
     key_groups: int
     value_words: int  # values: word vb + (g * heads + h) * T + p holds components g * lanes.. of head h
-    cache_table: list[tuple[str, int, int]]  # a block's keys, then its values, for each attention in order
+    cache_table: tuple[tuple[str, int, int], ...]  # a block's keys, then its values, for each attention in order
     n_ctx: int  # T
 
     def verify(self) -> None:
@@ -113,7 +115,7 @@ class CoreMemories:
         if not 1 <= lanes <= MAX_LANES or self.key_groups != -(-self.n_ctx // lanes):
             raise fail(f"{lanes} lanes and {self.key_groups} key groups for {self.n_ctx} positions")
 
-        def entries(what: str, table: list[tuple[str, int, int]], size: int) -> dict[int, int]:
+        def entries(what: str, table: Sequence[tuple[str, int, int]], size: int) -> dict[int, int]:
             ends = 0
             for name, base, n in table:
                 if base != ends or n < 0:
@@ -148,8 +150,6 @@ class CoreMemories:
         cache_flags = fixedpoint.TO_KEYS | fixedpoint.TO_VALUES
         heads: dict[int, tuple[int, int]] = {}  # a value cache's base: (heads, width) as the attention reads it
         for ins in self.instrs:
-            if ins.flags & cache_flags and ins.op != "linear":
-                raise fail(f"{ins.note}: only a linear layer writes a cache")
             if ins.op == "causal_attention":
                 starts(ins, "keys", keys, ins.a, ins.n * self.key_groups)
                 starts(ins, "values", values, ins.b, -(-ins.c // lanes) * ins.m * self.n_ctx)
@@ -375,9 +375,10 @@ def core_memories(program: Program, lanes: int) -> CoreMemories:
                                       **add_lanes(ins.b, ins.n, ins.m, transposed=True).fields("b"))
         instrs.append(ins)
     rom = np.concatenate(rom_parts) if rom_parts else np.zeros(0, dtype=np.int64)
-    mem = CoreMemories(instrs, rom, rom_table, lane_rom.words(), lane_rom.table, lane_rom.scale_words(),
-                       lane_rom.scale_table, ram_words, ram_table, ram_moved[program.logits], key_words, key_groups,
-                       value_words, cache_table, t)
+    mem = CoreMemories(tuple(instrs), read_only(rom), tuple(rom_table), read_only(lane_rom.words()),
+                       tuple(lane_rom.table), read_only(lane_rom.scale_words()), tuple(lane_rom.scale_table), ram_words,
+                       tuple(ram_table), ram_moved[program.logits], key_words, key_groups, value_words,
+                       tuple(cache_table), t)
     mem.verify()
     return mem
 
@@ -394,7 +395,7 @@ def rom_hex(mem: CoreMemories) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _wide_hex(words: np.ndarray, table: list[tuple[str, int, int]]) -> str:
+def _wide_hex(words: np.ndarray, table: Sequence[tuple[str, int, int]]) -> str:
     """One wide word a line, lane 0 in the lowest 32 bits (the rightmost digits)."""
     lines = []
     for what, base, n in table:
@@ -418,7 +419,7 @@ def table_hex(what: str, words: np.ndarray) -> str:
     return f"// {what}\n" + "\n".join(_hex_words(words)) + "\n"
 
 
-def program_hex(instrs: list[Instr]) -> str:
+def program_hex(instrs: Sequence[Instr]) -> str:
     lines = []
     for pc, ins in enumerate(instrs):
         fields = " ".join(f"{f}={getattr(ins, f) if f != 'op' else ins.op}" for f in fixedpoint.FIELDS)
@@ -475,6 +476,7 @@ class VerilogBackend:
         if not 1 <= lanes <= MAX_LANES:
             raise CrystalError(f"--lanes {lanes} is outside 1..{MAX_LANES}")
         out_dir = Path(out_dir)
+        enc = encoding()  # first: an encoding the core cannot decode is refused as that
         program = lower(graph)
         mem = core_memories(program, lanes)
         ctx = {
@@ -482,7 +484,7 @@ class VerilogBackend:
             "lane_table": mem.lane_table, "ram_table": mem.ram_table, "rom_words": int(mem.rom.size),
             "lane_words": len(mem.lane_rom), "scale_table": mem.scale_table,
             "scale_words": max(1, len(mem.lane_scales)), "program_words": len(mem.instrs),
-            "instr_bits": 32 * len(fixedpoint.FIELDS), **encoding()._asdict(),
+            "instr_bits": 32 * len(fixedpoint.FIELDS), **enc._asdict(),
             "ram_words": mem.ram_words, "logits": mem.logits, "cache_table": mem.cache_table,
             "key_words": mem.key_words, "key_groups": mem.key_groups, "value_words": mem.value_words,
             "vocab_size": program.vocab_size, "n_ctx": program.n_ctx, "lanes": lanes,
