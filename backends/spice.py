@@ -30,8 +30,10 @@ Decisions taken here (templates/spice/ only renders text):
 - Squares, square roots and the final division are ideal behavioural sources (B
   elements: analog multipliers and dividers at block level); sums are currents
   into a node (Kirchhoff), the val_jk weighting current mirrors (F elements).
-- Every neuron is in the circuit; the frozen ones are marked in comments. Values
-  are the graph's float32 weights (dequantized when quantized), printed with 9
+- Every neuron is in the circuit, marked frozen or active in a comment; under
+  frozen_only (the frozen core of a hybrid, SpiceBackend.emit) only the frozen
+  ones are, and the active ones are computed digitally (`forward`). Values are
+  the graph's float32 weights (dequantized when quantized), printed with 9
   significant digits, which read back exactly.
 """
 
@@ -46,7 +48,7 @@ import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -136,28 +138,56 @@ class SpiceBackend:
         """Solve every netlist once in ngspice (all inputs 0) and write the results to check.log."""
         out_dir = Path(out_dir)
         lines = []
-        netlists = {int(p.stem.removeprefix("neuron_field_b")): p for p in out_dir.glob("neuron_field_b*.sp")
-                    if p.stem.removeprefix("neuron_field_b").isdigit()}
-        for block, path in sorted(netlists.items()):
-            d, outputs = _ports(path)
-            out = simulate_field(out_dir, block, np.zeros((1, d)))
-            what = "f, fden" if outputs[-1] == "den" else "f"
+        for block, path in _netlists(out_dir).items():
+            ports = _ports(path)
+            out = simulate_field(out_dir, block, np.zeros((1, ports.d)))
+            what = "f, fden" if ports.frozen_core else "f"
             lines.append(f"{path.name}: {what} at h = 0: {' '.join(_num(v) for v in out[0])}")
-        if not lines:
-            raise CrystalError(f"{out_dir} holds no neuron_field_b*.sp netlist")
         log = out_dir / "check.log"
         log.write_text("\n".join(lines) + "\n")
         return log
 
 
-def _ports(netlist: Path) -> tuple[int, list[str]]:
-    """D and the output names (0..D-1, and "den" for a frozen core), from the .subckt line."""
-    found = re.search(r"^\.subckt \S+ (.*)$", netlist.read_text(encoding="ascii"), re.MULTILINE)
+class Ports(NamedTuple):
+    """A netlist's subcircuit ports, as its .subckt line names them: h0..h<D-1>, f0..f<D-1>, and fden for a
+    frozen core."""
+
+    d: int
+    outputs: list[str]  # the output ports without their f: "0".."D-1", then "den" for a frozen core
+
+    @property
+    def frozen_core(self) -> bool:
+        """Whether the netlist was compiled with --frozen-only (it outputs the sums, fden among them)."""
+        return self.outputs[-1:] == ["den"]
+
+
+def _netlists(out_dir: Path) -> dict[int, Path]:
+    """out_dir's netlists (netlist_name's neuron_field_b<b>.sp) by block, in block order; none is an error."""
+    prefix = netlist_name(0).removesuffix("0.sp")
+    found = {int(p.stem.removeprefix(prefix)): p for p in Path(out_dir).glob(f"{prefix}*.sp")
+             if p.stem.removeprefix(prefix).isdigit()}
+    if not found:
+        raise CrystalError(f"{out_dir} holds no neuron_field netlist: compile the model with --target spice")
+    return dict(sorted(found.items()))
+
+
+def _ports(netlist: Path) -> Ports:
+    """The ports of the netlist's .subckt line, the one place it is read (what emit writes: h<k> in, f<k> out,
+    and fden for a frozen core)."""
+    try:
+        text = netlist.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CrystalError(f"{netlist}: cannot read it: {e}") from None
+    found = re.search(r"^\.subckt \S+ (.*)$", text, re.MULTILINE)
     if found is None:
         raise CrystalError(f"{netlist} holds no .subckt line")
     ports = found.group(1).split()
     d = sum(p.startswith("h") for p in ports)
-    return d, [p[1:] for p in ports[d:]]
+    outputs = [str(k) for k in range(d)] + (["den"] if len(ports) == 2 * d + 1 else [])
+    if ports != [f"h{k}" for k in range(d)] + [f"f{o}" for o in outputs]:
+        raise CrystalError(f"{netlist}: its .subckt ports are not h0..h<D-1>, f0..f<D-1> (and fden): "
+                           f"{' '.join(ports)[:200]}")
+    return Ports(d, outputs)
 
 
 def simulate_field(out_dir: Path, block: int, h: np.ndarray, timeout: float | None = 600) -> np.ndarray:
@@ -179,13 +209,13 @@ def simulate_field(out_dir: Path, block: int, h: np.ndarray, timeout: float | No
     def solve(tmp: str, s: int, row: np.ndarray) -> list[float]:
         bench = Path(tmp) / f"bench{s}.cir"
         bench.write_text(render("spice", "testbench.cir.j2", block=block, d=d, outputs=outputs,
-                                options=OPTIONS, inputs=[[_num(v) for v in row]]), encoding="ascii")
+                                options=OPTIONS, h=[_num(v) for v in row]), encoding="ascii")
         try:
             proc = subprocess.run(["ngspice", "-n", "-b", bench.name], cwd=tmp, capture_output=True,
                                   text=True, timeout=timeout)
         except subprocess.TimeoutExpired as e:
             raise CrystalError(f"ngspice did not finish {netlist.name} within {timeout:g} s") from e
-        found = dict(re.findall(r"^v\(f0_(\w+)\) = (\S+)$", proc.stdout, re.MULTILINE))
+        found = dict(re.findall(r"^v\(f(\w+)\) = (\S+)$", proc.stdout, re.MULTILINE))
         if proc.returncode != 0 or sorted(found) != sorted(outputs):
             said = (proc.stderr + proc.stdout).splitlines()
             why = [ln for ln in said if re.search(r"error|fail|singular|abort", ln, re.IGNORECASE)] or said
@@ -213,12 +243,7 @@ def _with_active_neurons(op: NeuronField, h: np.ndarray, core: np.ndarray) -> np
 
 def _frozen_core(out_dir: Path) -> bool:
     """Whether out_dir was compiled with --frozen-only: its subcircuits then have the port fden."""
-    netlists = sorted(Path(out_dir).glob("neuron_field_b*.sp"))
-    if not netlists:
-        raise CrystalError(f"{out_dir} holds no neuron_field netlist: compile the model with --target spice")
-    subckt = next((ln for ln in netlists[0].read_text(encoding="utf-8").splitlines() if ln.startswith(".subckt")),
-                  "")
-    return subckt.endswith(" fden")
+    return _ports(next(iter(_netlists(out_dir).values()))).frozen_core
 
 
 def forward(graph: Graph, out_dir: Path, ids: Sequence[int]) -> np.ndarray:

@@ -311,3 +311,28 @@ def test_options_are_named_exactly(tmp_path):
     assert not list(tmp_path.iterdir())
     with pytest.raises(TypeError, match="cflags"):
         spice.BACKEND.build(tmp_path, cflags="-O2")
+
+
+def test_the_subckt_line_is_read_in_one_place(tmp_path):
+    # build, simulate_field and forward all read a netlist's ports through spice._ports: what emit writes is
+    # read back (a frozen core by its fden), anything else is one error naming the file
+    g = random_graph("d40_h5", seed=2)
+    whole, core = emitted(g, tmp_path / "whole"), tmp_path / "core"
+    core.mkdir()
+    spice.BACKEND.emit(g, core, frozen_only=True)
+    d = g.config.d_model
+    assert spice._ports(whole / spice.netlist_name(0)) == (d, [str(k) for k in range(d)])
+    assert spice._ports(core / spice.netlist_name(0)) == (d, [*map(str, range(d)), "den"])
+    assert not spice._frozen_core(whole) and spice._frozen_core(core)
+    path = whole / spice.netlist_name(0)
+    text = path.read_text()
+    subckt = next(ln for ln in text.splitlines() if ln.startswith(".subckt"))
+    for damaged, says in ((text.replace(subckt, subckt.replace(" f1 ", " g1 ")), "ports are not"),
+                          (text.replace(".subckt", "*"), "no .subckt line")):
+        path.write_text(damaged)
+        with pytest.raises(CrystalError, match=says):
+            spice.simulate_field(whole, 0, np.zeros((1, d)))
+    for p in whole.iterdir():
+        p.unlink()
+    with pytest.raises(CrystalError, match="holds no neuron_field netlist"):
+        spice.BACKEND.build(whole)
