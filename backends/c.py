@@ -83,7 +83,7 @@ def _tensor(blob: Blob, t: Tensor) -> dict[str, Any]:
     return desc
 
 
-HEAD_TILE = 128  # CRYSTAL_HEAD_TILE of crystal.h
+HEAD_TILE = 128  # CRYSTAL_HEAD_TILE of crystal.h: model.c checks the two agree when it compiles
 
 
 def _head_tiles(blob: Blob, t: Tensor) -> tuple[dict[str, Any], int]:
@@ -110,8 +110,11 @@ def _c_float(x: float) -> str:
     return f"{np.float32(x)!s}f"
 
 
-def lower(graph: Graph) -> tuple[dict[str, Any], bytes]:
-    """The template context and the weights blob of `graph`."""
+def lower(graph: Graph, *, head_tiles: bool = True) -> tuple[dict[str, Any], bytes]:
+    """The template context and the weights blob of `graph`.
+
+    `head_tiles`: an untied float32 head is stored as crystal_forward.c's tiles (`_head_tiles`);
+    False stores it as every other tensor, plain [V, D] (the CUDA forward pass reads it so)."""
     c = graph.config
     blob = Blob()
     blob.add("magic", np.array([BLOB_MAGIC], dtype="<u4").tobytes())
@@ -146,7 +149,7 @@ def lower(graph: Graph) -> tuple[dict[str, Any], bytes]:
     ctx["head_tiles"] = None
     if graph.head.weight is None:
         ctx["head_weight"] = ctx["token_embed"]
-    elif graph.head.weight.dtype == "f32":
+    elif head_tiles and graph.head.weight.dtype == "f32":
         ctx["head_weight"], ctx["head_tiles"] = _head_tiles(blob, graph.head.weight)
     else:
         ctx["head_weight"] = _tensor(blob, graph.head.weight)
@@ -168,6 +171,7 @@ def lower(graph: Graph) -> tuple[dict[str, Any], bytes]:
         offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype("<u4")
         ctx["chars"] = blob.add("tokenizer chars", b"".join(pieces))
         ctx["char_offsets"] = blob.add("tokenizer char offsets", offsets.tobytes())
+    ctx["head_tile"] = HEAD_TILE
     ctx["blob_size"] = blob.size
     ctx["blob_table"] = blob.table
     ctx["summary"] = c.summary()
@@ -177,8 +181,10 @@ def lower(graph: Graph) -> tuple[dict[str, Any], bytes]:
 class CBackend:
     name = "c"
 
-    def emit(self, graph: Graph, out_dir: Path, **options: Any) -> list[Path]:
-        """Write model.h, model.c, main.c, weights.S, weights.bin, Makefile and the shared C into out_dir."""
+    def emit(self, graph: Graph, out_dir: Path) -> list[Path]:
+        """Write model.h, model.c, main.c, weights.S, weights.bin, Makefile and the shared C into out_dir.
+
+        No options: a name given by mistake is a TypeError, not silently ignored."""
         graph.verify()
         out_dir = Path(out_dir)
         ctx, blob = lower(graph)
@@ -193,8 +199,9 @@ class CBackend:
         written += [copy_template("c", name, out_dir) for name in SHARED_FILES]
         return written
 
-    def build(self, out_dir: Path, cflags: str | None = None, target: str = "model", **options: Any) -> Path:
-        """Run `make` in out_dir; `target` is "model" (the program) or "libmodel.so" (for the cffi binding)."""
+    def build(self, out_dir: Path, *, cflags: str | None = None, target: str = "model") -> Path:
+        """Run `make` in out_dir; `cflags` replace the Makefile's CFLAGS (None: its default); `target` is
+        "model" (the program) or "libmodel.so" (for the cffi binding)."""
         cc = shlex.split(os.environ.get("CC", "cc") or "cc")[0]
         cmd = ["make", "-s", "-C", str(out_dir), target]
         if cflags is not None:

@@ -25,6 +25,43 @@ typedef struct {
     const float *offset;  /* as many as scale, or NULL for 0 (the symmetric row and group schemes) */
 } crystal_tensor;
 
+/* --- reading a code: the one definition every piece of crystalc's C uses --------------------
+ * (crystal_forward.c, the CUDA forward pass's host side, the portable runtime's loader) */
+
+/* Columns that share one scale: the group under CRYSTAL_Q_GROUP, else the whole row. */
+static inline int crystal_segment_width(const crystal_tensor *t) {
+    return t->scheme == CRYSTAL_Q_GROUP && t->group > 0 ? t->group : t->cols;
+}
+
+/* Where in t->scale (and t->offset) the scale of the code at row r, column c is: 0 (tensor),
+ * r (row), or r * ceil(cols / group) + c / group (group). */
+static inline size_t crystal_scale_index(const crystal_tensor *t, int r, int c) {
+    if (t->scheme == CRYSTAL_Q_ROW) return (size_t)r;
+    if (t->scheme == CRYSTAL_Q_GROUP) {
+        int width = crystal_segment_width(t);
+        return (size_t)r * (size_t)((t->cols + width - 1) / width) + (size_t)(c / width);
+    }
+    return 0;
+}
+
+/* A code's value under scale and offset, exactly crystalc.ir.tensor.dequantize: the product,
+ * then the sum, two float32 roundings. Two statements, and every build of this C passes
+ * -ffp-contract=off (the Makefiles, crystalc.runtime; the CUDA host code too): no compiler
+ * fuses them into one fused multiply-add. */
+static inline float crystal_dequant_code(float code, float scale, float offset) {
+    float scaled = code * scale;
+    return scaled + offset;
+}
+
+/* The float32 value at row r, column c of any tensor (float32, or codes under any scheme). */
+static inline float crystal_dequant(const crystal_tensor *t, int r, int c) {
+    size_t i = (size_t)r * (size_t)t->cols + (size_t)c;
+    if (t->dtype == CRYSTAL_F32) return ((const float *)t->data)[i];
+    float code = t->dtype == CRYSTAL_I8 ? (float)((const int8_t *)t->data)[i] : (float)((const int16_t *)t->data)[i];
+    size_t q = crystal_scale_index(t, r, c);
+    return crystal_dequant_code(code, t->scale[q], t->offset ? t->offset[q] : 0.0f);
+}
+
 typedef struct { crystal_tensor weight, bias; } crystal_layer_norm;
 
 typedef struct {

@@ -206,40 +206,34 @@ static float max_f32(const float *restrict x, int n) {
 
 /* --- reading weights ----------------------------------------------------------------------- */
 
-/* Columns that share one scale: the group under CRYSTAL_Q_GROUP, else the whole row. */
-static int segment_width(const crystal_tensor *t) {
-    return t->scheme == CRYSTAL_Q_GROUP && t->group > 0 ? t->group : t->cols;
-}
-
-/* scale and offset of segment g of row r */
-static void quant_params(const crystal_tensor *t, int r, int g, int n_segments, float *scale, float *offset) {
-    size_t i = 0;
-    if (t->scheme == CRYSTAL_Q_ROW) i = (size_t)r;
-    else if (t->scheme == CRYSTAL_Q_GROUP) i = (size_t)r * (size_t)n_segments + (size_t)g;
+/* scale and offset of the segment of row r that holds column c (crystal.h's crystal_scale_index) */
+static void quant_params(const crystal_tensor *t, int r, int c, float *scale, float *offset) {
+    size_t i = crystal_scale_index(t, r, c);
     *scale = t->scale[i];
     *offset = t->offset ? t->offset[i] : 0.0f;
 }
 
 /* Row r as float32 values into out[cols]: each code read as (float)code * scale + offset,
- * exactly crystalc.ir.tensor.dequantize. */
+ * exactly crystalc.ir.tensor.dequantize (crystal.h's crystal_dequant, a segment's scale and
+ * offset looked up once). */
 static void row_values(const crystal_tensor *t, int r, float *out) {
     size_t base = (size_t)r * (size_t)t->cols;
     if (t->dtype == CRYSTAL_F32) {
         memcpy(out, (const float *)t->data + base, (size_t)t->cols * sizeof *out);
         return;
     }
-    int width = segment_width(t);
+    int width = crystal_segment_width(t);
     int n_segments = (t->cols + width - 1) / width;
     for (int g = 0; g < n_segments; g++) {
         int c0 = g * width, c1 = c0 + width < t->cols ? c0 + width : t->cols;
         float s, o;
-        quant_params(t, r, g, n_segments, &s, &o);
+        quant_params(t, r, c0, &s, &o);
         if (t->dtype == CRYSTAL_I8) {
             const int8_t *code = (const int8_t *)t->data + base;
-            for (int c = c0; c < c1; c++) out[c] = (float)code[c] * s + o;
+            for (int c = c0; c < c1; c++) out[c] = crystal_dequant_code((float)code[c], s, o);
         } else {
             const int16_t *code = (const int16_t *)t->data + base;
-            for (int c = c0; c < c1; c++) out[c] = (float)code[c] * s + o;
+            for (int c = c0; c < c1; c++) out[c] = crystal_dequant_code((float)code[c], s, o);
         }
     }
 }
@@ -415,7 +409,7 @@ static packed_i8 pack_i8(char *arena, size_t *used, const crystal_tensor *const 
         const int8_t *src = (const int8_t *)ts[i]->data;
         for (int r = 0; r < ts[i]->rows; r++) {
             for (int k = 0; k < p.cols; k++) put_i8(&p, r0 + r, k, src[(size_t)r * p.cols + k]);
-            quant_params(ts[i], r, 0, 1, p.scale + r0 + r, p.offset + r0 + r);
+            quant_params(ts[i], r, 0, p.scale + r0 + r, p.offset + r0 + r);
         }
     }
     return p;
@@ -438,14 +432,14 @@ static packed_i8 pack_i8_columns(char *arena, size_t *used, const crystal_tensor
         for (int c = 0; c < t->cols; c++) put_i8(&p, c, r, src[(size_t)r * t->cols + c]);
         if (by_row) {
             float offset;
-            quant_params(t, r, 0, 1, p.in_scale + r, &offset);
+            quant_params(t, r, 0, p.in_scale + r, &offset);
         }
     }
     for (int c = 0; c < t->cols; c++) {
         if (by_row) {
             p.scale[c] = 1.0f;
         } else {
-            quant_params(t, 0, 0, 1, p.scale + c, p.offset + c);
+            quant_params(t, 0, 0, p.scale + c, p.offset + c);
         }
     }
     return p;
@@ -504,7 +498,7 @@ static void pack_head(const crystal_model *m, struct crystal_work *w, char *aren
     if (t->dtype != CRYSTAL_F32)
         for (int r = 0; r < v_pad; r++) {
             float s = 0.0f, o = 0.0f;
-            if (r < t->rows) quant_params(t, r, 0, 1, &s, &o);
+            if (r < t->rows) quant_params(t, r, 0, &s, &o);
             w->head_scale[r] = s;
             w->head_offset[r] = o;
         }
@@ -1085,7 +1079,7 @@ static void dot4_f32(const float *restrict w, size_t stride, const float *restri
  * arithmetic). Four rows at a time are converted to float (exactly) in one simple loop that
  * vectorises, then dotted as float32. */
 static void head_codes(const crystal_tensor *t, struct crystal_work *w, const float *h, float *logits) {
-    int rows = t->rows, cols = t->cols, width = segment_width(t);
+    int rows = t->rows, cols = t->cols, width = crystal_segment_width(t);
     int n_segments = (cols + width - 1) / width;
     float part[4], *sum_x = w->row;   /* h summed over each segment, for the offsets */
     float *restrict codes = w->codes; /* four rows of codes as floats */
@@ -1109,7 +1103,7 @@ static void head_codes(const crystal_tensor *t, struct crystal_work *w, const fl
             dot4_f32(codes + c0, (size_t)cols, h + c0, n, part);
             for (int i = 0; i < 4; i++) {
                 float s, o;
-                quant_params(t, r0 + i, g, n_segments, &s, &o);
+                quant_params(t, r0 + i, c0, &s, &o);
                 acc[i] += s * part[i] + o * sum_x[g];
             }
         }
@@ -1174,7 +1168,7 @@ static void dot_i8_split(const int8_t *restrict c, const int16_t *restrict high,
  * sums, and each row segment's scale and offset are applied once:
  * s sum_k code_k h_k + o sum_k h_k. Converting every code to float instead was twice as slow. */
 static void head_i8(const crystal_tensor *t, struct crystal_work *w, const float *h, float *logits) {
-    int rows = t->rows, cols = t->cols, width = segment_width(t);
+    int rows = t->rows, cols = t->cols, width = crystal_segment_width(t);
     int n_segments = (cols + width - 1) / width;
     double unit = integer_unit(h, cols, 1073741824.0 - 65536.0);
     if (unit == 0.0) {

@@ -11,8 +11,10 @@
  * A position runs as a short sequence of kernels on the default stream: token_embedding,
  * then per block layer_norm, linear (q, k and v, the last two into the KV cache),
  * causal_attention, linear (out_proj, added to x), layer_norm, neuron_field (added to x),
- * layer_norm, linear (fc1), gelu, linear (fc2, added to x); then the optional final
- * layer_norm and the head. A window is its positions one after another.
+ * layer_norm, ffn (linear fc1, gelu, linear fc2 added to x); then the optional final
+ * layer_norm and head (a linear). ffn and head are host functions launching those kernels, so
+ * every IR op has its name here as in crystal_forward.c. A window is its positions one after
+ * another.
  */
 #include <math.h>
 #include <stdio.h>
@@ -169,28 +171,14 @@ __global__ void gelu(float *u, int n) {
 
 /* --- the weights on the GPU ---------------------------------------------------------------- */
 
-/* float32 values of a tensor, dequantized on the host as the IR defines them; free() them */
+/* float32 values of a tensor, dequantized on the host as the IR defines them (crystal.h's
+ * crystal_dequant); free() them */
 static float *host_values(const crystal_tensor *t) {
     size_t n = (size_t)t->rows * t->cols;
     float *v = (float *)malloc((n ? n : 1) * sizeof *v);
     if (!v) return NULL;
-    for (int r = 0; r < t->rows; r++) {
-        for (int c = 0; c < t->cols; c++) {
-            size_t i = (size_t)r * t->cols + c;
-            if (t->dtype == CRYSTAL_F32) {
-                v[i] = ((const float *)t->data)[i];
-                continue;
-            }
-            float code = t->dtype == CRYSTAL_I8 ? (float)((const int8_t *)t->data)[i]
-                                                : (float)((const int16_t *)t->data)[i];
-            size_t q = 0;
-            if (t->scheme == CRYSTAL_Q_ROW) q = (size_t)r;
-            if (t->scheme == CRYSTAL_Q_GROUP)
-                q = (size_t)r * ((t->cols + t->group - 1) / t->group) + (size_t)(c / t->group);
-            float scaled = code * t->scale[q];
-            v[i] = scaled + (t->offset ? t->offset[q] : 0.0f);
-        }
-    }
+    for (int r = 0; r < t->rows; r++)
+        for (int c = 0; c < t->cols; c++) v[(size_t)r * t->cols + c] = crystal_dequant(t, r, c);
     return v;
 }
 
@@ -257,17 +245,6 @@ static float *keep(struct crystal_work *wk, float *dev) {
     return dev;
 }
 
-/* the untied float32 head stored as CRYSTAL_HEAD_TILE-row tiles, each transposed, back to [V, D] */
-static float *untile_head(const crystal_model *m) {
-    int v = m->vocab_size, d = m->d_model, t = CRYSTAL_HEAD_TILE;
-    float *w = (float *)malloc((size_t)v * d * sizeof *w);
-    if (!w) return NULL;
-    for (int r = 0; r < v; r++)
-        for (int k = 0; k < d; k++)
-            w[(size_t)r * d + k] = m->head_tiles[(size_t)(r / t) * d * t + (size_t)k * t + r % t];
-    return w;
-}
-
 extern "C" int crystal_state_init(crystal_state *s, const crystal_model *m) {
     int d = m->d_model, t = m->n_ctx;
     struct crystal_work *wk = (struct crystal_work *)calloc(1, sizeof *wk);
@@ -284,13 +261,8 @@ extern "C" int crystal_state_init(crystal_state *s, const crystal_model *m) {
     s->logits = logits;
     wk->embed = keep(wk, upload_tensor(&m->token_embed));
     wk->pos_embed = keep(wk, upload_tensor(&m->pos_embed));
-    if (m->head_tiles) {
-        float *host = untile_head(m);
-        wk->head_w = keep(wk, host ? upload(host, (size_t)m->vocab_size * d) : NULL);
-        free(host);
-    } else {
-        wk->head_w = m->tie_head ? wk->embed : keep(wk, upload_tensor(&m->head_weight));
-    }
+    /* an untied head arrives plain, [V, D]: the CUDA backend never lays out crystal_forward.c's tiles */
+    wk->head_w = m->tie_head ? wk->embed : keep(wk, upload_tensor(&m->head_weight));
     wk->head_b = keep(wk, upload_tensor(&m->head_bias));
     if (m->final_norm) {
         wk->ln_f.w = keep(wk, upload_tensor(&m->ln_f.weight));
@@ -359,6 +331,20 @@ extern "C" int crystal_set_threads(int n) {
 
 static int rows_grid(int rows) { return (rows * 32 + THREADS - 1) / THREADS; }
 
+/* --- the ops made of several kernels, named after the IR ops as crystal_forward.c's ---------- */
+
+/* ffn: x += fc2(GELU(fc1(h))), u holding the hidden layer */
+static void ffn(const dev_block *bl, const float *h, int d, int f, float *u, float *x) {
+    LAUNCH(linear, rows_grid(f), THREADS, bl->fc1w, bl->fc1b, h, f, d, u, 0);
+    LAUNCH(gelu, (f + THREADS - 1) / THREADS, THREADS, u, f);
+    LAUNCH(linear, rows_grid(d), THREADS, bl->fc2w, bl->fc2b, u, d, f, x, 1);
+}
+
+/* head: logits[V] = W h + b (W the token embedding when tied) */
+static void head(const struct crystal_work *wk, const float *h, int v, int d, float *logits) {
+    LAUNCH(linear, rows_grid(v), THREADS, wk->head_w, wk->head_b, h, v, d, logits, 0);
+}
+
 extern "C" const float *crystal_forward(const crystal_model *m, crystal_state *s, int token, int pos, int want_logits) {
     struct crystal_work *wk = s->work;
     int d = m->d_model, f = m->ffn_hidden, hd = d / m->n_heads;
@@ -379,9 +365,7 @@ extern "C" const float *crystal_forward(const crystal_model *m, crystal_state *s
                    m->field_norm, m->field_eps, wk->w, wk->x);
         }
         LAUNCH(layer_norm, 1, THREADS, wk->x, bl->ln3.w, bl->ln3.b, d, m->ln_eps, wk->h);
-        LAUNCH(linear, rows_grid(f), THREADS, bl->fc1w, bl->fc1b, wk->h, f, d, wk->u, 0);
-        LAUNCH(gelu, (f + THREADS - 1) / THREADS, THREADS, wk->u, f);
-        LAUNCH(linear, rows_grid(d), THREADS, bl->fc2w, bl->fc2b, wk->u, d, f, wk->x, 1);
+        ffn(bl, wk->h, d, f, wk->u, wk->x);
     }
     CK(cudaGetLastError(), "kernel launch");
     if (!want_logits) return NULL;
@@ -390,8 +374,7 @@ extern "C" const float *crystal_forward(const crystal_model *m, crystal_state *s
         LAUNCH(layer_norm, 1, THREADS, wk->x, wk->ln_f.w, wk->ln_f.b, d, m->ln_eps, wk->h);
         src = wk->h;
     }
-    LAUNCH(linear, rows_grid(m->vocab_size), THREADS, wk->head_w, wk->head_b, src, m->vocab_size, d, wk->logits,
-           0);
+    head(wk, src, m->vocab_size, d, wk->logits);
     CK(cudaGetLastError(), "kernel launch");
     CK(cudaMemcpy(s->logits, wk->logits, (size_t)m->vocab_size * sizeof *s->logits, cudaMemcpyDeviceToHost),
        "cudaMemcpy from the GPU");

@@ -151,20 +151,13 @@ static int all_finite(const float *v, uint64_t n) {
     return 1;
 }
 
-/* Whether every code of a quantized tensor dequantizes to a finite value: finite scales and offsets can
- * still overflow float32 (a scale of 3e38 times a code of 127). */
+/* Whether every code of a quantized tensor dequantizes to a finite value (crystal.h's crystal_dequant,
+ * the forward pass's own reading): finite scales and offsets can still overflow float32 (a scale of
+ * 3e38 times a code of 127). */
 static int codes_finite(const crystal_tensor *t) {
-    uint64_t groups = t->scheme == CRYSTAL_Q_GROUP ? ((uint64_t)t->cols + t->group - 1) / t->group : 1;
-    for (uint64_t r = 0; r < (uint64_t)t->rows; r++)
-        for (uint64_t c = 0; c < (uint64_t)t->cols; c++) {
-            uint64_t i = r * (uint64_t)t->cols + c;
-            uint64_t s = t->scheme == CRYSTAL_Q_TENSOR ? 0 : t->scheme == CRYSTAL_Q_ROW ? r
-                                                             : r * groups + c / (uint64_t)t->group;
-            float q = t->dtype == DT_I8 ? (float)((const int8_t *)t->data)[i] : (float)((const int16_t *)t->data)[i];
-            float v = q * t->scale[s];
-            if (t->offset) v += t->offset[s];
-            if (!isfinite(v)) return 0;
-        }
+    for (int r = 0; r < t->rows; r++)
+        for (int c = 0; c < t->cols; c++)
+            if (!isfinite(crystal_dequant(t, r, c))) return 0;
     return 1;
 }
 

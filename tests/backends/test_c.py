@@ -473,6 +473,114 @@ def test_emit_is_deterministic_and_weights_are_not_c_literals(tmp_path):
     assert "static const uint8_t blocks_2_field_frozen[5]" in (a / "model.c").read_text()
 
 
+def test_emit_and_build_refuse_an_option_they_do_not_take(tmp_path):
+    # a mistyped option is a TypeError, not silently ignored; nothing is written and make never runs
+    from crystalc.backends.c import BACKEND
+
+    g = random_graph("all_on", seed=1)
+    with pytest.raises(TypeError, match="lanes"):
+        BACKEND.emit(g, tmp_path, lanes=3)
+    with pytest.raises(TypeError, match="cflag"):
+        BACKEND.build(tmp_path, cflag="-O2")
+    with pytest.raises(TypeError):
+        BACKEND.build(tmp_path, "-O2")  # keyword-only: not taken for cflags
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_head_tiles_laid_out_by_python_are_the_tiles_crystal_h_reads(tmp_path):
+    # backends/c.py lays out an untied float32 head in HEAD_TILE rows; model.c refuses to compile
+    # against a crystal.h whose CRYSTAL_HEAD_TILE differs
+    from crystalc.backends.c import HEAD_TILE
+
+    out = emit(random_graph("d40_h5", seed=1), tmp_path / "out")
+    assert f"#if CRYSTAL_HEAD_TILE != {HEAD_TILE}" in (out / "model.c").read_text()
+    compile_model_c = ["cc", *STRICT.split(), "-c", "model.c", "-o", "model.o"]
+    res = subprocess.run(compile_model_c, cwd=out, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    header = (out / "crystal.h").read_text()
+    assert f"#define CRYSTAL_HEAD_TILE {HEAD_TILE}\n" in header
+    (out / "crystal.h").write_text(header.replace(f"#define CRYSTAL_HEAD_TILE {HEAD_TILE}\n",
+                                                  f"#define CRYSTAL_HEAD_TILE {HEAD_TILE * 2}\n"))
+    res = subprocess.run(compile_model_c, cwd=out, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "CRYSTAL_HEAD_TILE of crystal.h is not the HEAD_TILE" in res.stderr
+
+
+DEQUANT_MAIN = r"""
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "crystal.h"
+
+static void *slurp(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) exit(3);
+    static char buf[1 << 16];
+    size_t n = fread(buf, 1, sizeof buf, f);
+    fclose(f);
+    void *p = malloc(n ? n : 1);
+    if (!p) exit(3);
+    for (size_t i = 0; i < n; i++) ((char *)p)[i] = buf[i];
+    return p;
+}
+
+/* argv: dtype scheme rows cols group data scale offset|-; prints crystal_dequant of every entry as float32 bytes */
+int main(int argc, char **argv) {
+    if (argc != 9) return 2;
+    crystal_tensor t = {0};
+    t.dtype = atoi(argv[1]);
+    t.scheme = atoi(argv[2]);
+    t.rows = atoi(argv[3]);
+    t.cols = atoi(argv[4]);
+    t.group = atoi(argv[5]);
+    t.data = slurp(argv[6]);
+    t.scale = (const float *)slurp(argv[7]);
+    t.offset = argv[8][0] == '-' ? NULL : (const float *)slurp(argv[8]);
+    for (int r = 0; r < t.rows; r++)
+        for (int c = 0; c < t.cols; c++) {
+            float v = crystal_dequant(&t, r, c);
+            fwrite(&v, sizeof v, 1, stdout);
+        }
+    return 0;
+}
+"""
+
+
+def test_crystal_dequant_is_bit_identical_to_the_ir(tmp_path):
+    # crystal.h's one reading of a code (the forward pass, the CUDA host code and the runtime's loader use
+    # it), built as the generated Makefile builds (default CFLAGS, then -ffp-contract=off): the IR's bits,
+    # two float32 roundings, never a fused multiply-add, under every scheme, offsets included
+    from crystalc.backends.c import DEFAULT_CFLAGS
+    from crystalc.ir.tensor import dequantize
+
+    header = Path(__file__).parents[2] / "templates" / "c" / "crystal.h"
+    (tmp_path / "crystal.h").write_bytes(header.read_bytes())
+    (tmp_path / "main.c").write_text(DEQUANT_MAIN)
+    exe = tmp_path / "dequant"
+    res = subprocess.run(["cc", *STRICT.split(), *DEFAULT_CFLAGS.split(), "-ffp-contract=off", "-fno-math-errno",
+                          "main.c", "-o", str(exe)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    rng = np.random.default_rng(5)
+    rows, cols = 7, 13
+    for dtype, scheme, group in (("i8", "tensor", 0), ("i16", "tensor", 0), ("i8", "row", 0), ("i16", "row", 0),
+                                 ("i8", "group", 5), ("i16", "group", 4), ("i8", "group", 13)):
+        info = np.iinfo(np.int8 if dtype == "i8" else np.int16)
+        codes = rng.integers(info.min, info.max + 1, (rows, cols)).astype(np.int8 if dtype == "i8" else np.int16)
+        n = {"tensor": (1,), "row": (rows,), "group": (rows, -(-cols // group) if group else 1)}[scheme]
+        scale = (rng.standard_normal(n) * 1e-2).astype(np.float32)
+        for offset in (np.zeros(n, np.float32), (rng.standard_normal(n) * 0.3).astype(np.float32)):
+            want = dequantize(codes, Quant(scheme, scale, offset, group))
+            for name, a in (("data", codes), ("scale", scale), ("offset", offset)):
+                (tmp_path / name).write_bytes(np.ascontiguousarray(a).tobytes())
+            null_offset = scheme != "tensor" and not offset.any()
+            res = subprocess.run([str(exe), "1" if dtype == "i8" else "2",
+                                  str({"tensor": 1, "row": 2, "group": 3}[scheme]), str(rows), str(cols), str(group),
+                                  "data", "scale", "-" if null_offset else "offset"],
+                                 cwd=tmp_path, capture_output=True, timeout=60)
+            assert res.returncode == 0, res.stderr
+            got = np.frombuffer(res.stdout, dtype=np.float32).reshape(rows, cols)
+            assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (dtype, scheme, group)
+
+
 # --- crystalc compile ---------------------------------------------------------------------------
 
 

@@ -147,19 +147,44 @@ def test_without_a_gpu_one_line_and_exit_2(tmp_path, gpu):
 def test_emit_is_the_c_model_with_a_cuda_forward_pass(tmp_path):
     from crystalc.backends.c import BACKEND as C
 
-    g = random_graph("three_blocks_n0_n1", seed=7)
-    cu, c = tmp_path / "cu", tmp_path / "c"
-    for out, backend in ((cu, BACKEND), (c, C)):
-        out.mkdir()
-        backend.emit(g, out)
-    names = sorted(p.name for p in cu.iterdir())
-    assert names == ["Makefile", "crystal.h", "crystal_cli.c", "crystal_forward.cu", "main.c", "model.c", "model.h",
-                     "weights.S", "weights.bin"]
-    for same in ("crystal.h", "crystal_cli.c", "model.c", "model.h", "weights.S", "weights.bin"):
-        assert (cu / same).read_bytes() == (c / same).read_bytes(), same
+    for shape, tied in (("tied_unnormalised", True), ("three_blocks_n0_n1", False)):
+        g = random_graph(shape, seed=7)
+        cu, c = tmp_path / shape / "cu", tmp_path / shape / "c"
+        for out, backend in ((cu, BACKEND), (c, C)):
+            out.mkdir(parents=True)
+            backend.emit(g, out)
+        names = sorted(p.name for p in cu.iterdir())
+        assert names == ["Makefile", "crystal.h", "crystal_cli.c", "crystal_forward.cu", "main.c", "model.c",
+                         "model.h", "weights.S", "weights.bin"]
+        for same in ("crystal.h", "crystal_cli.c", "model.h"):
+            assert (cu / same).read_bytes() == (c / same).read_bytes(), same
+        blob = (cu / "weights.bin").read_bytes()
+        if tied:  # byte for byte the C backend's
+            for same in ("model.c", "weights.S", "weights.bin"):
+                assert (cu / same).read_bytes() == (c / same).read_bytes(), same
+        else:  # an untied float32 head: plain [V, D] for the GPU, the C backend's CPU tiles nowhere
+            assert g.head.weight is not None and g.head.weight.dtype == "f32"
+            assert np.ascontiguousarray(g.head.weight.data, dtype="<f4").tobytes() in blob
+            assert "head_tiles" not in (cu / "model.c").read_text()
+            assert ".head_tiles = F(" in (c / "model.c").read_text()
+        assert "head_tiles" not in (cu / "crystal_forward.cu").read_text()
     kernels = (cu / "crystal_forward.cu").read_text()
     for op in ("token_embedding", "layer_norm", "linear", "causal_attention", "neuron_field", "gelu"):
         assert f"__global__ void {op}(" in kernels
+    for op in ("ffn", "head"):  # several kernels each, launched by a host function of the op's name
+        assert f"static void {op}(" in kernels
+
+
+def test_emit_and_build_take_no_options(tmp_path):
+    # a mistyped or foreign option is an error, not silently ignored (no make or nvcc is run for it)
+    g = random_graph("all_on", seed=1)
+    with pytest.raises(TypeError, match="lanes"):
+        BACKEND.emit(g, tmp_path, lanes=3)
+    with pytest.raises(TypeError, match="nvccflags"):
+        BACKEND.build(tmp_path, nvccflags="-O3")
+    with pytest.raises(TypeError, match="cflags"):
+        BACKEND.build(tmp_path, cflags="-O2")
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.tool

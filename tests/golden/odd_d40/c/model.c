@@ -12,6 +12,12 @@
 
 #include "model.h"
 
+/* weights.bin holds the head in tiles of 128 rows (backends/c.py's HEAD_TILE); the forward pass reads
+ * them as tiles of CRYSTAL_HEAD_TILE rows */
+#if CRYSTAL_HEAD_TILE != 128
+#error "CRYSTAL_HEAD_TILE of crystal.h is not the HEAD_TILE (128) that laid out weights.bin's head"
+#endif
+
 extern const unsigned char crystal_weights[], crystal_weights_end[];
 
 #define W(off) ((const void *)(crystal_weights + (off)))

@@ -89,21 +89,20 @@ const crystal_model crystal_builtin_model = {
     .pos_embed = TENSOR(W(9984), CRYSTAL_F32, CRYSTAL_Q_NONE, 9, 40, 0, NULL, NULL), /* pos_embed.weight f32 [9x40] */
     .blocks = blocks,
     /* head */
-    .head_weight = TENSOR(NULL, CRYSTAL_F32, CRYSTAL_Q_NONE, 62, 40, 0, NULL, NULL), /* head.weight f32, stored as the head tiles below [62x40] */
-    .head_bias = TENSOR(W(87936), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 62, 0, NULL, NULL), /* head.bias f32 [62] */
-    .head_tiles = F(67456), /* head.weight in the forward's tiles of CRYSTAL_HEAD_TILE rows */
+    .head_weight = TENSOR(W(67456), CRYSTAL_F32, CRYSTAL_Q_NONE, 62, 40, 0, NULL, NULL), /* head.weight f32 [62x40] */
+    .head_bias = TENSOR(W(77376), CRYSTAL_F32, CRYSTAL_Q_NONE, 1, 62, 0, NULL, NULL), /* head.bias f32 [62] */
     .orig_vocab_size = 62,
     .vocab_map = NULL,
     .tokenizer = CRYSTAL_TOK_CHAR,
-    .chars = (const char *)W(88192),
-    .char_offsets = (const uint32_t *)W(88256),
+    .chars = (const char *)W(77632),
+    .char_offsets = (const uint32_t *)W(77696),
 };
 
 const char *model_check(void) {
     /* the offsets above assume the whole file: a shorter or longer one (rebuilt from another
      * weights.bin) would have them read outside it */
-    if ((uintptr_t)crystal_weights_end - (uintptr_t)crystal_weights != 88508u)
-        return "weights.bin is not the 88508-byte file this program was generated with: compile again";
+    if ((uintptr_t)crystal_weights_end - (uintptr_t)crystal_weights != 77948u)
+        return "weights.bin is not the 77948-byte file this program was generated with: compile again";
     /* it opens with 0x57595243u written little-endian; read natively it matches only on a
      * little-endian machine */
     uint32_t magic;
