@@ -23,6 +23,8 @@ if TYPE_CHECKING:  # the CLI reads BACKENDS for --help: importing this package s
 class Backend(Protocol):
     name: str
 
+    # Each backend's options beyond these are keyword-only parameters of its own (C's build takes cflags,
+    # Verilog's emit lanes, ...): a name it does not take is a TypeError, never silently ignored.
     def emit(self, graph: Graph, out_dir: Path, **options: Any) -> list[Path]:
         """Write the artifacts for `graph` into the (empty, existing) folder `out_dir`."""
         ...
