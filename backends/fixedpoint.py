@@ -284,20 +284,26 @@ class Program:
             raise CrystalError("fixed-point program: it does not end in halt")
         for ins in self.instrs:
             ins.word()  # a known opcode, every field within 32 bits
-        for what, table, size in (("ROM", self.rom_table, self.rom.size), ("RAM", self.ram_table, self.ram_words)):
-            ends = 0
-            for name, base, n in table:
-                if base != ends or n < 0:
-                    raise CrystalError(f"fixed-point program: {what} entry {name!r} at {base}, expected {ends}")
-                ends = base + n
-            if ends != size:
-                raise CrystalError(f"fixed-point program: the {what} table covers {ends} of {size} words")
+        entries = tiling("fixed-point program", "ROM", self.rom_table, self.rom.size)
+        tiling("fixed-point program", "RAM", self.ram_table, self.ram_words)
         if not 0 <= self.logits <= self.ram_words - self.vocab_size:
             raise CrystalError(f"fixed-point program: logits at {self.logits} do not fit the RAM")
-        entries = {base: n for _, base, n in self.rom_table}
         for base, coded in self.codes.items():
             if entries.get(base) != coded.codes.size:
                 raise CrystalError(f"fixed-point program: codes at ROM {base} do not match an entry's words")
+
+
+def tiling(owner: str, what: str, table: Sequence[tuple[str, int, int]], size: int) -> dict[int, int]:
+    """Check that a memory's table (name, base, words) tiles its `size` words in order, with no gap: each
+    consumer addresses a tensor by its entry. Returns base -> words."""
+    ends = 0
+    for name, base, n in table:
+        if base != ends or n < 0:
+            raise CrystalError(f"{owner}: {what} entry {name!r} at {base}, expected {ends}")
+        ends = base + n
+    if ends != size:
+        raise CrystalError(f"{owner}: the {what} table covers {ends} of {size} words")
+    return {base: n for _, base, n in table}
 
 
 class _Memory:

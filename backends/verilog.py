@@ -116,14 +116,7 @@ class CoreMemories:
             raise fail(f"{lanes} lanes and {self.key_groups} key groups for {self.n_ctx} positions")
 
         def entries(what: str, table: Sequence[tuple[str, int, int]], size: int) -> dict[int, int]:
-            ends = 0
-            for name, base, n in table:
-                if base != ends or n < 0:
-                    raise fail(f"{what} entry {name!r} at {base}, expected {ends}")
-                ends = base + n
-            if ends != size:
-                raise fail(f"the {what} table covers {ends} of {size} words")
-            return {base: n for _, base, n in table}
+            return fixedpoint.tiling("core memories", what, table, size)
 
         rom = entries("ROM", self.rom_table, self.rom.size)
         lane = entries("lane ROM", self.lane_table, len(self.lane_rom))
