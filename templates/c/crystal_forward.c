@@ -1181,8 +1181,6 @@ static void head_i8(const crystal_tensor *t, struct crystal_work *w, const float
         w->h_low[k] = (int16_t)low;
         w->h_high[k] = (int16_t)((whole - low) / 32768);
     }
-    /* scale and offset of row r, segment g: at scale[base + r * step] */
-    size_t step = t->scheme == CRYSTAL_Q_ROW ? 1 : t->scheme == CRYSTAL_Q_GROUP ? (size_t)n_segments : 0;
     int32_t *high = w->head_high, *low = w->head_low;
     double *dot = w->head_dot;
     for (int g = 0; g < n_segments; g++) {
@@ -1201,11 +1199,10 @@ static void head_i8(const crystal_tensor *t, struct crystal_work *w, const float
             for (int r = 0; r < rows; r++) dot[r] = first * dot[r] + (32768.0 * high[r] + low[r]);
         }
         float sum_x = sum_f32(h + c0, c1 - c0);
-        size_t base = t->scheme == CRYSTAL_Q_GROUP ? (size_t)g : 0;
-        const float *scale = t->scale + base, *offset = t->offset ? t->offset + base : NULL;
         for (int r = 0; r < rows; r++) {
-            float o = offset ? offset[r * step] : 0.0f;
-            logits[r] = (g ? logits[r] : 0.0f) + (scale[r * step] * (float)(dot[r] * unit) + o * sum_x);
+            size_t q = crystal_scale_index(t, r, c0);
+            float o = t->offset ? t->offset[q] : 0.0f;
+            logits[r] = (g ? logits[r] : 0.0f) + (t->scale[q] * (float)(dot[r] * unit) + o * sum_x);
         }
     }
 }
