@@ -44,8 +44,9 @@ Rewritings that keep the math but suit integers (the lowering's decisions):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import numpy as np
 
@@ -274,7 +275,10 @@ class Program:
     n_ctx: int
     summary: str = ""
     vocab_map: np.ndarray | None = None
-    codes: dict[int, Codes] = field(default_factory=dict)  # ROM base -> the tensor's codes, when it has them
+    codes: Mapping[int, Codes] = field(default_factory=dict)  # ROM base -> the tensor's codes, when it has them
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "codes", MappingProxyType(dict(self.codes)))  # as read-only as the arrays
 
     def verify(self) -> None:
         """What every consumer (the emulator, the Verilog memories) relies on: the program ends in halt and

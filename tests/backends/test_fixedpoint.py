@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import pytest
@@ -222,7 +223,20 @@ def test_the_program_verifies_its_layout():
     dataclasses.replace(prog, logits=prog.ram_words - prog.vocab_size).verify()  # the last place they fit
 
 
-def _swapped(codes: dict) -> dict:
+def test_a_program_cannot_be_changed_after_it_verified():
+    # the emulator and the Verilog memories read one program: a write would make them disagree unseen
+    prog = fp.lower(quantize(random_graph("d40_h5", seed=1), "int8", "row"))
+    base, coded = next(iter(prog.codes.items()))
+    with pytest.raises(TypeError):
+        prog.codes[base + 1] = coded  # type: ignore[index]
+    for arr in (prog.rom, coded.codes, coded.mult):
+        with pytest.raises(ValueError, match="read-only"):
+            arr.reshape(-1)[0] = 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        prog.logits = 0  # type: ignore[misc]
+
+
+def _swapped(codes: Mapping) -> dict:
     """Two entries of different sizes exchange their ROM bases."""
     a, b = next((a, b) for a in codes for b in codes if codes[a].codes.size != codes[b].codes.size)
     return {**codes, a: codes[b], b: codes[a]}
