@@ -5,8 +5,10 @@
  * are the C backend's. crystal_state_init copies the weights to the GPU once, as float32:
  * integer tensors are dequantized on the host exactly as the IR defines it,
  * (float)code * scale + offset in two roundings (the Makefile compiles host code with
- * -ffp-contract=off and device code with --fmad=false, so no multiply-add is fused
- * anywhere the reference does not fuse it).
+ * -ffp-contract=off). Device code is compiled with --fmad=false, so the kernels' own
+ * products and sums round separately; CUDA's expf and erff use fused multiply-adds inside,
+ * within their documented 2 ulp. Neither matters to the tolerance (the sums' order moves a
+ * logit more); only the dequantization must be exact.
  *
  * A position runs as a short sequence of kernels on the default stream: token_embedding,
  * then per block layer_norm, linear (q, k and v, the last two into the KV cache),

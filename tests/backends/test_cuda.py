@@ -10,8 +10,8 @@ so their indexing, reductions and synchronisation are checked on every shape
 
 Tolerance, both ways: max abs logit error <= 1e-4, as for C: float32 throughout,
 reductions in a different order than numpy (warp shuffles, block trees), expf,
-erff and sqrtf within 2 ulp; no multiply-add is fused (--fmad=false), and integer
-weights are dequantized on the host exactly as the IR.
+erff and sqrtf within 2 ulp (the kernels' own multiply-adds unfused, --fmad=false), and
+integer weights are dequantized on the host exactly as the IR.
 """
 
 from __future__ import annotations
