@@ -155,8 +155,8 @@ calibrate_option = click.option(
     "--calibrate", type=click.Path(dir_okay=False), default=None,
     help="Text (e.g. training data) for calibrated rounding: the linear layers' codes are chosen to keep "
          "their outputs on this text close to float32 (GPTQ-style), instead of rounding each weight to "
-         "the nearest code. Same scales; the file is a few bytes larger (the calibration is recorded "
-         "in its metadata); see docs/quantization.md.")
+         "the nearest code. Same scales; the file grows by at most 64 bytes (its metadata records the "
+         "calibration; sections are 64-byte aligned); see docs/quantization.md.")
 calibrate_tokens_option = click.option("--calibrate-tokens", type=click.IntRange(1), default=None,
                                        help=f"Tokens of the --calibrate text used (default: "
                                             f"{DEFAULT_CALIBRATE_TOKENS}).")
@@ -299,8 +299,9 @@ def inspect(model: str, n_heads: int | None, plot_path: str | None) -> None:
               help="Tokens dropped when the context window is full.")
 @click.option("--logits", is_flag=True, help="Print the last prompt position's logits instead of generating "
                                              "(the sampling options then have nothing to do and are refused).")
+@n_heads_option
 def run(model: str, prompt: str | None, prompt_ids: str | None, n_tokens: int, temperature: float,
-        top_p: float, seed: int, shift: int, logits: bool) -> None:
+        top_p: float, seed: int, shift: int, logits: bool, n_heads: int | None) -> None:
     """Run MODEL with the portable C runtime (built once and cached)."""
     from crystalc.runtime import run_model
 
@@ -322,7 +323,7 @@ def run(model: str, prompt: str | None, prompt_ids: str | None, n_tokens: int, t
             args += [flag, value]
     if logits:
         args.append("--logits")
-    sys.exit(run_model(model, args, prompt=prompt))
+    sys.exit(run_model(model, args, prompt=prompt, n_heads=n_heads))
 
 
 @cli.command()

@@ -104,14 +104,16 @@ def _compile(cc: str, flags: list[str], srcs: list[Path], include: Path, out: Pa
     return out
 
 
-def run_model(model_path: str | os.PathLike[str], args: list[str], prompt: str | None = None) -> int:
+def run_model(model_path: str | os.PathLike[str], args: list[str], prompt: str | None = None,
+              n_heads: int | None = None) -> int:
     """Run the portable runtime on a model with the spec's command line; returns its exit status.
 
     A .crystal file runs as it is; any other model (.pt, .safetensors) is written
     to a temporary .crystal first. A text `prompt` goes to the runtime as it is
     when the model's tokenizer is characters, which the C runtime speaks; any other
     tokenizer (BPE) is run here: the prompt is encoded, the runtime takes its ids,
-    and the ids it generates are decoded back into text.
+    and the ids it generates are decoded back into text. `n_heads` is for a
+    checkpoint whose config does not say (a .crystal file's must agree).
     """
     from crystalc.frontend import CRYSTAL_MAGIC, load_model
 
@@ -120,7 +122,7 @@ def run_model(model_path: str | os.PathLike[str], args: list[str], prompt: str |
         raise CrystalError(f"{path}: no such file")
     with open(path, "rb") as f:
         is_crystal = f.read(4) == CRYSTAL_MAGIC
-    graph = load_model(path) if not is_crystal or prompt is not None else None
+    graph = load_model(path, n_heads) if not is_crystal or prompt is not None or n_heads is not None else None
     tokenizer = None
     if prompt is not None:
         assert graph is not None

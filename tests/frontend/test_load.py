@@ -257,6 +257,16 @@ def test_n_heads_must_agree_with_a_crystal_file(tmp_path: Path) -> None:
         load_model(p, n_heads=4)
 
 
+def test_every_command_that_reads_a_model_takes_n_heads() -> None:
+    # a bare state_dict cannot say its heads: a command reading MODEL without --n-heads could not read one
+    from crystalc.cli import cli
+
+    readers = [name for name, cmd in cli.commands.items() if any(p.name == "model" for p in cmd.params)]
+    assert {"compile", "inspect", "quantize", "prune-vocab", "eval", "run"} <= set(readers)
+    for name in readers:
+        assert any(p.name == "n_heads" for p in cli.commands[name].params), name
+
+
 def test_integral_floats_are_config_integers(tmp_path: Path) -> None:
     """JSON writers may spell 40 as 40.0; that is still 40."""
     g = load_model(_ckpt(tmp_path, _config("d_model", 40.0)))

@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from crystalc.format.crystal import encode_crystal, write_crystal
 from crystalc.ir.interpret import forward, generate
@@ -285,6 +286,16 @@ def test_crystalc_run_on_crystal_and_pt(cache, tmp_path):
     want = forward(g, [1, 2, 3])[-1]
     got = np.array([float(line.split()[1]) for line in outs[0].splitlines()])
     assert np.abs(got - want).max() <= TOL
+    # a bare state_dict says nothing of its heads: run takes --n-heads as every command reading a model does
+    bare = tmp_path / "bare.pt"
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in g.state_dict().items()}, bare)
+    heads = str(g.config.n_heads)
+    for model, extra, status, says in ((bare, [], 2, "pass --n-heads"), (bare, ["--n-heads", heads], 0, ""),
+                                       (path, ["--n-heads", str(g.config.n_heads + 1)], 2, "disagrees")):
+        res = subprocess.run([os.path.join(os.path.dirname(sys.executable), "crystalc"), "run", str(model),
+                              "--prompt-ids", "1,2,3", "--logits", *extra], capture_output=True, text=True, timeout=300)
+        assert res.returncode == status and says in res.stderr, res.stderr
+        assert status or res.stdout == outs[0]
     bad = tmp_path / "bad.crystal"
     bad.write_bytes(encode_crystal(g)[:-9])
     res = subprocess.run([os.path.join(os.path.dirname(sys.executable), "crystalc"), "run", str(bad),
