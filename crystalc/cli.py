@@ -420,7 +420,7 @@ def prune_vocab(model: str, corpus: str | None, keep: str | None, out_path: str,
               help="torch threads; 0: default.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="cuda: train on the GPU (under torchrun, one GPU per rank with NCCL).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar: a line per evaluation on stderr instead (for logs).")
 def train(data: str, out_path: str, tokenizer: str, d_model: int, n_ctx: int, n_heads: int, n_blocks: int,
           ffn_hidden: int | None, tie_head: bool, final_norm: bool, neurons: int, max_neurons: int, growth: str,
           grow_every: int, grow_count: int, freeze: str, freeze_min_age: int, soft_halflife: float, steps: int,

@@ -225,7 +225,8 @@ def train(text: str, cfg: TrainConfig, out: str | None = None,
     _fast_fields(model, True)
     batches = D.Batches(train_ids, cfg.n_ctx, cfg.batch_size, cfg.sampling, cfg.seed, dd.rank, dd.world)
     val_windows = D.eval_windows(val_ids, cfg.n_ctx, cfg.eval_windows).to(dd.device)
-    probe = D.eval_windows(train_ids, cfg.n_ctx, 16)[:, :-1].to(dd.device)
+    train_windows = D.eval_windows(train_ids, cfg.n_ctx, 16).to(dd.device)
+    probe = train_windows[:, :-1]
     grow_gen = torch.Generator().manual_seed(cfg.seed + 1)
     stats = [FieldStats.new(f.n_neurons) for f in model.fields]
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -237,6 +238,16 @@ def train(text: str, cfg: TrainConfig, out: str | None = None,
     last_loss = math.nan
     step = 0
     bad = 0  # evaluations since the best validation loss
+
+    def diverged(what: str, loss: float) -> None:
+        """A non-finite loss: the weights are lost with it. Early stopping keeps the best ones (the caller
+        stops); without a best to keep, nothing is written."""
+        if cfg.patience and run.best_state is not None:
+            run.stopped_early = True
+            return
+        bar.close()
+        raise CrystalError(f"training diverged at step {step + 1} ({what} {loss}): nothing written; lower --lr")
+
     for step in range(cfg.steps):
         r = _round_of(cfg, step)
         for g in opt.param_groups:
@@ -253,13 +264,9 @@ def train(text: str, cfg: TrainConfig, out: str | None = None,
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         _step_with_freezing(opt, model, stats, r, cfg.soft_halflife)
         last_loss = loss.item()
-        if not math.isfinite(last_loss):  # the weights are lost with it
-            if cfg.patience and run.best_state is not None:  # early stopping keeps the best weights: stop here
-                run.stopped_early = True
-                break
-            bar.close()
-            raise CrystalError(f"training diverged at step {step + 1} (loss {last_loss}): nothing written; "
-                               "lower --lr")
+        if not math.isfinite(last_loss):
+            diverged("loss", last_loss)
+            break
         bar.update(1)
         if _round_of(cfg, step + 1) == r and step + 1 < cfg.steps:
             continue
@@ -294,6 +301,16 @@ def train(text: str, cfg: TrainConfig, out: str | None = None,
                 dist.all_reduce(t)
                 last_loss = float(t.cpu()) / dd.world
             val = evaluate(model, val_windows)
+            # a step's loss comes before its update, so an evaluation checks the updates since: the
+            # validation loss, or without validation text the last update on training windows
+            if len(val_windows):
+                after, what = val, "validation loss"
+            else:
+                last = step + 1 == cfg.steps
+                after, what = (evaluate(model, train_windows) if last else 0.0), "loss after the last update"
+            if not math.isfinite(after):
+                diverged(what, after)
+                break
             point = _curve_point(step + 1, done, last_loss, val, model)
             run.curve.append(point)
             bar.set_postfix_str(f"loss {last_loss:.3f} val {val:.3f} neurons {sum(point['neurons'])} "

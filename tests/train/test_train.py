@@ -216,6 +216,21 @@ def test_cli_bad_input(tmp_path: Path, args: list[str], needle: str) -> None:
     assert not out.exists()
 
 
+@pytest.mark.parametrize("extra", [[], ["--val-frac", "0"], ["--patience", "3"]])
+def test_a_last_update_that_diverges_writes_nothing(tmp_path: Path, extra: list[str]) -> None:
+    # found by an audit: a step's loss is computed before its update, so the last update went unchecked and
+    # a run of one step at a huge rate wrote its overflowing weights, exit 0 (under --patience too, with no
+    # best evaluation to keep)
+    data = tmp_path / "c.txt"
+    data.write_text(corpus(20))
+    out = tmp_path / "m.pt"
+    r = _crystalc("train", "--data", str(data), "--out", str(out), "--lr", "1e8", "--steps", "1", "--rounds", "1",
+                  "--d-model", "16", "--n-heads", "2", "--n-ctx", "8", "--neurons", "2", *extra, "--quiet")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "training diverged at step 1" in r.stderr and "nothing written" in r.stderr, r.stderr
+    assert not out.exists()
+
+
 def _train_tiny(tmp_path: Path, *options: str) -> tuple[subprocess.CompletedProcess, dict]:
     """`crystalc train` of a D 16, T 16 model with 4 initial neurons on a small corpus, and the checkpoint."""
     data = tmp_path / "c.txt"
