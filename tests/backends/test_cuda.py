@@ -3,10 +3,21 @@
 This machine (and CI) has nvcc but no GPU, so the builds are checked everywhere
 (with every warning an error) and the GPU parity tests skip with the reason; on a
 machine with a GPU they run. The kernels themselves also run here: g++ compiles
-crystal_forward.cu against cuda_on_cpu.h, which executes every block as real
-threads with barriers for __syncthreads and warp exchanges for __shfl_down_sync,
-so their indexing, reductions and synchronisation are checked on every shape
-(not the GPU's own expf/erff/sqrtf or memory model: those need the GPU).
+crystal_forward.cu against cuda_on_cpu.h, which executes every block as threads
+(fibers) meeting at real barriers, so their indexing, reductions and
+synchronisation are checked on every shape. The emulation stops the program with
+one line where a GPU would hang or misbehave: a __syncthreads not every thread of
+the block reaches (one returned, or waits at another call site), a shuffle not
+reached by exactly the lanes of its mask (threadIdx.x % 32 of 32-thread warps)
+with that mask, a host pointer given to a kernel, a cudaMemcpy of the wrong kind;
+a launch of over 1024 threads is an error for cudaGetLastError. It runs a launch's
+blocks, and a block's threads, in the order CUDA_ON_CPU_ORDER says, and the tests
+require the same logits, bit for bit, in every order: a race shows as a
+difference. The emulation's checks are shown to bite by EMULATION_CASES, small
+kernels that break each rule. What it cannot check, the GPU's own expf, erff and
+sqrtf, its memory model (a thread's run between barriers is never interleaved
+with another's here; blocks interleave only a few thousand threads at a time) and
+performance, needs a GPU.
 
 Tolerance, both ways: max abs logit error <= 1e-4, as for C: float32 throughout,
 reductions in a different order than numpy (warp shuffles, block trees), expf,
@@ -17,7 +28,9 @@ integer weights are dequantized on the host exactly as the IR.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +217,7 @@ def test_compile_target_cuda_build(tmp_path):
 # --- the kernels on a CPU (tests/backends/cuda_on_cpu.h) ----------------------------------------
 
 CPU_EMULATION = Path(__file__).with_name("cuda_on_cpu.h")
+ORDERS = ("forward", "reverse", "shuffle")  # CUDA_ON_CPU_ORDER: the order of a launch's blocks and a block's threads
 
 
 def cpu_program(graph: Graph, out: Path, threads: int = 256, sanitize: bool = False) -> Path:
@@ -236,14 +250,19 @@ def cpu_program(graph: Graph, out: Path, threads: int = 256, sanitize: bool = Fa
 @pytest.mark.parametrize("threads", [256, 32])
 @pytest.mark.parametrize("shape", sorted(FIXTURE_SHAPES))
 def test_kernels_on_cpu_match_the_interpreter(shape, threads, tmp_path):
-    # in three thread orders: a barrier missing between a writer and its reader shows in one of them
+    # in three orders of blocks and threads: a barrier missing between a writer and its reader shows in one
+    # of them, and any race as logits that differ, in any bit, from one order to another
     g = random_graph(shape, seed=2)
     exe = cpu_program(g, tmp_path / "out", threads)
     ids = np.random.default_rng(4).integers(0, g.config.vocab_size, g.config.n_ctx).tolist()
     for n in (1, len(ids)):
-        for order in ("forward", "reverse", "shuffle"):
-            _, got = parsed(run_logits(exe, ids[:n], order))
+        printed = {}
+        for order in ORDERS:
+            res = run_logits(exe, ids[:n], order)
+            _, got = parsed(res)
             assert np.abs(got - forward(g, ids[:n])[-1]).max() <= TOL
+            printed[order] = res.stdout  # %.9g: every bit of a float32
+        assert len(set(printed.values())) == 1, f"the logits depend on the order: a race ({sorted(printed)})"
 
 
 @pytest.mark.tool
@@ -254,12 +273,15 @@ def test_kernels_on_cpu_past_a_warp_under_sanitizers(tmp_path):
                           ffn_hidden=90), seed=3)
     exe = cpu_program(g, tmp_path / "out", threads=32, sanitize=True)
     ids = np.random.default_rng(6).integers(0, g.config.vocab_size, g.config.n_ctx).tolist()
+    printed = set()
     for order in ("forward", "shuffle"):
         res = run_logits(exe, ids, order)
         said = [ln for ln in res.stderr.splitlines() if "doesn't fully support makecontext" not in ln]
         assert res.returncode == 0 and not said, res.stderr[-2000:]  # (ASan's caveat about fibers aside)
         _, got = parsed(res)
         assert np.abs(got - forward(g, ids)[-1]).max() <= TOL * max(1.0, float(np.abs(forward(g, ids)).max()))
+        printed.add(res.stdout)
+    assert len(printed) == 1, "the logits depend on the order: a race"
 
 
 @pytest.mark.tool
@@ -282,3 +304,226 @@ def test_kernels_on_cpu_quantized_pruned_and_generating(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert [int(t) for t in res.stdout.strip().split(",")] == want
+
+
+# --- the emulation's own checks, each shown to bite on a small kernel that breaks its rule -------
+
+EMULATION_CASES = r"""
+/* kernels breaking the rules cuda_on_cpu.h checks, one a case, and some keeping them: ./cases NAME */
+#include <stdio.h>
+#include <string.h>
+
+__global__ void fill(float *out) { out[threadIdx.x] = 1.0f; }
+
+/* a barrier in a branch some threads skip: on a GPU a hang, or a barrier that passes too soon */
+__global__ void sync_skipped(float *out) {
+    if (threadIdx.x < 8) __syncthreads();
+    out[threadIdx.x] = 1.0f;
+}
+
+/* a barrier on each side of a branch: two barriers, not one */
+__global__ void sync_sites(float *out) {
+    if (threadIdx.x < 8) __syncthreads();
+    else __syncthreads();
+    out[threadIdx.x] = 1.0f;
+}
+
+/* half of each warp at a shuffle of all its lanes, the other half at a barrier */
+__global__ void sync_and_shuffle(float *out) {
+    float v = (float)threadIdx.x;
+    if (threadIdx.x % 32 < 16) v = __shfl_down_sync(0xffffffffu, v, 1);
+    else __syncthreads();
+    out[threadIdx.x] = v;
+}
+
+/* a full mask, half a warp calling */
+__global__ void half_warp(float *out) {
+    float v = (float)threadIdx.x;
+    if (threadIdx.x % 32 < 16) v += __shfl_down_sync(0xffffffffu, v, 1);
+    out[threadIdx.x] = v;
+}
+
+/* one shuffle, called with two masks */
+__global__ void masks_differ(float *out) {
+    float v = (float)threadIdx.x;
+    v += __shfl_xor_sync(threadIdx.x % 32 < 16 ? 0x0000ffffu : 0xffffffffu, v, 1);
+    out[threadIdx.x] = v;
+}
+
+/* lanes 16-31 name lanes 0-15 only */
+__global__ void own_lane_left_out(float *out) {
+    float v = (float)threadIdx.x;
+    v += __shfl_xor_sync(0x0000ffffu, v, 1);
+    out[threadIdx.x] = v;
+}
+
+/* lanes 0-7 together, lane 4 reading lane 8 */
+__global__ void read_outside_mask(float *out) {
+    float v = (float)threadIdx.x;
+    if (threadIdx.x % 32 < 8) v += __shfl_down_sync(0x000000ffu, v, 4);
+    out[threadIdx.x] = v;
+}
+
+/* keeping the rules, 64 threads: warp 0 sums its lanes by a butterfly while warp 1 sums each half apart
+ * (a mask and a width of 16) and may wait at the barrier already; then warp 1 returns while warp 0
+ * broadcasts lane 3 and shifts down by 16 */
+__global__ void warps(float *out) {
+    int t = (int)threadIdx.x, lane = t % 32;
+    float v = (float)t;
+    if (t < 32)
+        for (int m = 16; m > 0; m /= 2) v += __shfl_xor_sync(0xffffffffu, v, m);
+    else
+        for (int m = 8; m > 0; m /= 2) v += __shfl_xor_sync(lane < 16 ? 0x0000ffffu : 0xffff0000u, v, m, 16);
+    out[t] = v;
+    __syncthreads();
+    if (t >= 32) return;
+    out[64 + t] = __shfl_sync(0xffffffffu, v + (float)lane, 3) + __shfl_down_sync(0xffffffffu, (float)lane, 16);
+}
+
+/* a neighbour's slot read with no barrier after the writes */
+__global__ void race(float *s, float *out) {
+    s[threadIdx.x] = (float)threadIdx.x;
+    out[threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];
+}
+
+__global__ void race_fixed(float *s, float *out) {
+    s[threadIdx.x] = (float)threadIdx.x;
+    __syncthreads();
+    out[threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];
+}
+
+/* every block's scratch in one place: blocks run at once on a GPU */
+__global__ void blocks_race(float *scratch, float *out) {
+    scratch[threadIdx.x] = (float)(100 * blockIdx.x + threadIdx.x);
+    __syncthreads();
+    out[blockIdx.x * blockDim.x + threadIdx.x] = scratch[threadIdx.x];
+}
+
+#ifdef BIG_SHARED
+__global__ void big_shared(float *out) {  /* 49156 bytes: nvcc refuses a kernel over 48 KB */
+    __shared__ float big[12289];
+    big[threadIdx.x] = 1.0f;
+    __syncthreads();
+    out[threadIdx.x] = big[0];
+}
+#endif
+
+int main(int argc, char **argv) {
+    const char *c = argc == 2 ? argv[1] : "";
+    int n = 64;
+    float *dev, *scratch, host[128] = {0};
+    cudaMalloc((void **)&dev, sizeof host);
+    cudaMalloc((void **)&scratch, sizeof host);
+    cudaMemset(dev, 0, sizeof host);
+    if (!strcmp(c, "sync_skipped")) LAUNCH(sync_skipped, 1, 64, dev);
+    else if (!strcmp(c, "sync_sites")) LAUNCH(sync_sites, 1, 64, dev);
+    else if (!strcmp(c, "sync_and_shuffle")) LAUNCH(sync_and_shuffle, 1, 64, dev);
+    else if (!strcmp(c, "half_warp")) LAUNCH(half_warp, 1, 64, dev);
+    else if (!strcmp(c, "masks_differ")) LAUNCH(masks_differ, 1, 64, dev);
+    else if (!strcmp(c, "own_lane_left_out")) LAUNCH(own_lane_left_out, 1, 64, dev);
+    else if (!strcmp(c, "read_outside_mask")) LAUNCH(read_outside_mask, 1, 64, dev);
+    else if (!strcmp(c, "warps")) LAUNCH(warps, 1, (n = 96, 64), dev);
+    else if (!strcmp(c, "race")) LAUNCH(race, 1, 64, scratch, dev);
+    else if (!strcmp(c, "race_fixed")) LAUNCH(race_fixed, 1, 64, scratch, dev);
+    else if (!strcmp(c, "blocks_race")) LAUNCH(blocks_race, 2, 32, scratch, dev);
+    else if (!strcmp(c, "memcpy_kind")) cudaMemcpy(dev, host, sizeof host, cudaMemcpyDeviceToHost);
+    else if (!strcmp(c, "host_pointer")) LAUNCH(fill, 1, 64, host);
+    else if (!strcmp(c, "free_host")) cudaFree(host);
+    else if (!strcmp(c, "too_many_threads")) {
+        LAUNCH(fill, 1, 2048, dev);
+        printf("%s\n", cudaGetErrorString(cudaGetLastError()));
+        printf("%s\n", cudaGetErrorString(cudaGetLastError()));  /* read, the error is gone */
+        n = 1;
+    }
+#ifdef BIG_SHARED
+    else if (!strcmp(c, "big_shared")) LAUNCH(big_shared, 1, 64, dev);
+#endif
+    else return 2;
+    cudaMemcpy(host, dev, (size_t)n * sizeof *host, cudaMemcpyDeviceToHost);
+    for (int i = 0; i < n; i++) printf("%.9g\n", host[i]);
+    cudaFree(scratch);
+    cudaFree(dev);
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory) -> Callable[..., subprocess.CompletedProcess]:
+    """Runs a case of EMULATION_CASES: emulated(name, order), in a build with the big_shared kernel or not."""
+    require_tool("g++")
+    out = tmp_path_factory.mktemp("emulation")
+    (out / "cases.cu").write_text(EMULATION_CASES)
+    builds = {exe: subprocess.Popen(["g++", "-std=c++20", "-O1", "-Wall", "-Wextra", "-Werror", *flags, "-include",
+                                     str(CPU_EMULATION), "-x", "c++", "cases.cu", "-o", exe], cwd=out,
+                                    stderr=subprocess.PIPE, text=True)
+              for exe, flags in (("cases", []), ("big", ["-DBIG_SHARED"]))}
+    for build in builds.values():
+        _, err = build.communicate(timeout=600)
+        assert build.returncode == 0, err
+
+    def run(case: str, order: str = "forward") -> subprocess.CompletedProcess:
+        exe = out / ("big" if case == "big_shared" else "cases")
+        return subprocess.run([str(exe), case], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "CUDA_ON_CPU_ORDER": order})
+
+    return run
+
+
+@pytest.mark.tool
+@pytest.mark.parametrize("case,says", [
+    ("sync_skipped", r"thread 0 waits at __syncthreads in sync_skipped, line \d+, but thread 8 has returned \(every "),
+    ("sync_sites", r"thread 0 waits at __syncthreads in sync_sites, line (\d+), but thread 8 waits at __syncthreads "
+                   r"in sync_sites, line (?!\1)\d+ \(every thread of a block must reach the same __syncthreads\)"),
+    ("sync_and_shuffle", r"thread 0 waits at __shfl_down_sync \(mask 0xffffffff\) in sync_and_shuffle, line \d+, "
+                         r"but thread 16 waits at __syncthreads in sync_and_shuffle, line \d+ \(a shuffle must be "),
+    ("half_warp", r"thread 0 waits at __shfl_down_sync \(mask 0xffffffff\) in half_warp, line \d+, but thread 16 "
+                  r"has returned \(a shuffle must be reached by every lane of its mask, with that mask\)"),
+    ("masks_differ", r"thread 16 waits at __shfl_xor_sync \(mask 0xffffffff\) .*, but thread 0 waits at "
+                     r"__shfl_xor_sync \(mask 0xffff\) "),
+    ("own_lane_left_out", r"thread 16 waits at __shfl_xor_sync \(mask 0xffff\) .*: its mask leaves out its own lane"),
+    ("read_outside_mask", r"thread 4 waits at __shfl_down_sync \(mask 0xff\) .*: it reads a lane outside its mask"),
+    ("memcpy_kind", r"cudaMemcpy\(.*, cudaMemcpyDeviceToHost\): the destination is the GPU's memory"),
+    ("host_pointer", r"fill<<<1, 64>>>: argument 0 \(0x[0-9a-f]+\) is not in cudaMalloc's memory"),
+    ("free_host", r"cudaFree\(0x[0-9a-f]+\): not an address cudaMalloc returned"),
+    ("big_shared", r"big_shared: \d+ bytes of static __shared__ memory, over the 48 KB"),
+])
+def test_emulation_refuses_what_a_gpu_would_not_run(case, says, emulated):
+    for order in ("forward", "reverse"):
+        res = emulated(case, order)
+        assert res.returncode != 0 and res.stdout == "", (res.returncode, res.stdout)
+        assert res.stderr.count("\n") == 1 and res.stderr.startswith("cuda_on_cpu: "), res.stderr
+        assert re.search(says, res.stderr), res.stderr
+        kernel = case if case not in ("memcpy_kind", "host_pointer", "free_host", "big_shared") else None
+        assert kernel is None or res.stderr.startswith(f"cuda_on_cpu: {kernel}<<<1, 64>>> block 0: thread ")
+
+
+@pytest.mark.tool
+def test_emulation_runs_warps_that_keep_the_rules(emulated):
+    lanes = np.arange(32)
+    shifted = np.where(lanes < 16, lanes + 16, lanes)  # down by 16, a lane past the warp keeping its own
+    want = np.concatenate([np.full(32, lanes.sum()), np.full(16, (32 + lanes[:16]).sum()),
+                           np.full(16, (48 + lanes[:16]).sum()), lanes.sum() + 3 + shifted])
+    for order in (*ORDERS, "shuffle:7"):
+        res = emulated("warps", order)
+        assert res.returncode == 0, res.stderr
+        assert np.array_equal(np.array(res.stdout.split(), dtype=float), want), res.stdout
+
+
+@pytest.mark.tool
+def test_emulation_orders_show_races(emulated):
+    # a race between threads and one between blocks give other results in another order (the kernels' tests
+    # require the same bits in every order); with the barrier, every order agrees
+    for case in ("race", "blocks_race"):
+        assert emulated(case, "forward").stdout != emulated(case, "reverse").stdout, case
+    assert len({emulated("race_fixed", order).stdout for order in (*ORDERS, "shuffle:7")}) == 1
+    res = emulated("race_fixed", "backwards")
+    assert res.returncode != 0 and "CUDA_ON_CPU_ORDER=backwards: expected forward, reverse" in res.stderr
+
+
+@pytest.mark.tool
+def test_emulation_reports_a_refused_launch_through_cudagetlasterror(emulated):
+    # as a GPU does: the kernel does not run, and the error is read once
+    res = emulated("too_many_threads")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == ["invalid configuration argument", "no error", "0"]
