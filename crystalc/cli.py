@@ -408,6 +408,9 @@ def prune_vocab(model: str, corpus: str | None, keep: str | None, out_path: str,
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Windows per step.")
 @click.option("--lr", type=FiniteRange(0, min_open=True), default=3e-3, show_default=True,
               help="Adam learning rate.")
+@click.option("--warmup", type=click.IntRange(0), default=None,
+              help="Steps of linear warm-up to --lr before the cosine decay (default: 100, or a tenth of --steps "
+                   "when that is fewer).")
 @click.option("--eval-every", type=click.IntRange(1), default=20, show_default=True, help="Rounds between evals.")
 @click.option("--patience", type=click.IntRange(0), default=0, show_default=True,
               help="Stop after this many evaluations without a better validation loss and keep the best; 0: never.")
@@ -424,8 +427,8 @@ def prune_vocab(model: str, corpus: str | None, keep: str | None, out_path: str,
 def train(data: str, out_path: str, tokenizer: str, d_model: int, n_ctx: int, n_heads: int, n_blocks: int,
           ffn_hidden: int | None, tie_head: bool, final_norm: bool, neurons: int, max_neurons: int, growth: str,
           grow_every: int, grow_count: int, freeze: str, freeze_min_age: int, soft_halflife: float, steps: int,
-          rounds: int, batch_size: int, lr: float, eval_every: int, patience: int, val_frac: float, sampling: str,
-          seed: int, threads: int, device: str, quiet: bool) -> None:
+          rounds: int, batch_size: int, lr: float, warmup: int | None, eval_every: int, patience: int,
+          val_frac: float, sampling: str, seed: int, threads: int, device: str, quiet: bool) -> None:
     """Train a crystal model on a text corpus (runs under torchrun too) and write a .pt checkpoint."""
     from crystalc.train.data import parse_tokenizer_spec, read_corpus
     from crystalc.train.loop import TrainConfig
@@ -437,9 +440,9 @@ def train(data: str, out_path: str, tokenizer: str, d_model: int, n_ctx: int, n_
         d_model=d_model, n_ctx=n_ctx, n_heads=n_heads, n_blocks=n_blocks, ffn_hidden=ffn_hidden, tie_head=tie_head,
         final_norm=final_norm, neurons=neurons, max_neurons=max_neurons, growth=growth, grow_every=grow_every,
         grow_count=grow_count, freeze=freeze, freeze_every=grow_every, freeze_min_age=freeze_min_age,
-        soft_halflife=soft_halflife, steps=steps, rounds=rounds, batch_size=batch_size, lr=lr, eval_every=eval_every,
-        patience=patience, val_frac=val_frac, sampling=sampling, tokenizer=tokenizer, seed=seed, threads=threads,
-        device=device, progress=not quiet)
+        soft_halflife=soft_halflife, steps=steps, rounds=rounds, batch_size=batch_size, lr=lr, warmup=warmup,
+        eval_every=eval_every, patience=patience, val_frac=val_frac, sampling=sampling, tokenizer=tokenizer,
+        seed=seed, threads=threads, device=device, progress=not quiet)
     _, _, meta = run_training(read_corpus(data), cfg, out=out_path, log=lambda s: click.echo(s, err=True))
     # what the file holds: after early stopping, the best evaluation's weights, not the last one's
     best = [p for p in meta["curve"] if p["step"] == meta["best_step"]] if cfg.patience else meta["curve"][-1:]

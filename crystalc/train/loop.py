@@ -65,7 +65,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 3e-3
     min_lr_frac: float = 0.1
-    warmup: int = 100
+    warmup: int | None = None      # steps; None: 100, or a tenth of the steps when that is fewer
     grad_clip: float = 1.0
     eval_every: int = 20           # rounds
     eval_windows: int = 64
@@ -87,6 +87,8 @@ class TrainConfig:
             raise CrystalError(f"sampling {self.sampling!r}: expected auto, overlap or random")
         if self.steps < 1 or self.rounds < 1 or self.batch_size < 1:
             raise CrystalError("steps, rounds and batch size must be at least 1")
+        if self.warmup is not None and not 0 <= self.warmup <= self.steps:
+            raise CrystalError(f"warm-up of {self.warmup} steps: expected 0 to the run's {self.steps} steps")
         if not 0 <= self.neurons <= self.max_neurons:
             raise CrystalError(f"initial neurons {self.neurons} must be between 0 and max neurons {self.max_neurons}")
         if not 0 <= self.val_frac < 1:
@@ -145,6 +147,7 @@ class _Run:
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
+    assert cfg.warmup is not None  # train() sets it
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
@@ -209,6 +212,8 @@ def train(text: str, cfg: TrainConfig, out: str | None = None,
     if cfg.rounds > cfg.steps:
         # A round is at least one step; a shorter run has fewer rounds, and ages shrink with them.
         cfg = replace(cfg, rounds=cfg.steps)
+    if cfg.warmup is None:  # a fixed 100 steps would keep a short run below its learning rate throughout
+        cfg = replace(cfg, warmup=min(100, cfg.steps // 10))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dd = _init_distributed(cfg.device)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from crystalc.errors import CrystalError
 from crystalc.train.data import Batches, encode, split
 from crystalc.train.loop import TrainConfig, _step_with_freezing, train
 from crystalc.train.stats import FieldStats
@@ -251,6 +252,20 @@ def test_cli_trains(tmp_path: Path) -> None:
     assert ck["format"] == "crystalc-checkpoint" and ck["tokenizer"]["kind"] == "char"
     assert ck["config"]["n_neurons"][0] > 4 and ck["meta"]["curve"]
     assert not ck["config"]["tie_head"] and not ck["config"]["final_norm"]
+    assert ck["meta"]["train"]["warmup"] == 1  # a tenth of 12 steps: a fixed 100 would never reach --lr
+
+
+def test_the_warm_up_reaches_the_rate_and_is_bounded_by_the_run() -> None:
+    from crystalc.train.loop import _lr_at
+
+    cfg = replace(TINY, steps=40, warmup=4)
+    rates = [_lr_at(cfg, s) for s in range(40)]
+    assert rates[:4] == pytest.approx([cfg.lr * k / 4 for k in (1, 2, 3, 4)]) and max(rates) == rates[3]
+    assert rates[-1] == pytest.approx(cfg.lr * cfg.min_lr_frac, rel=0.05)  # the cosine ends at 10%
+    assert _lr_at(replace(cfg, warmup=0), 0) == cfg.lr
+    for warmup in (-1, 41):
+        with pytest.raises(CrystalError, match="warm-up"):
+            replace(cfg, warmup=warmup).validate()
 
 
 def test_cli_summary_after_early_stopping_is_the_kept_model(tmp_path: Path) -> None:
