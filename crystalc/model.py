@@ -60,7 +60,8 @@ def _field_dist(h: torch.Tensor, pos: torch.Tensor, chunk: int = 64) -> torch.Te
 def _field_dist_mm(h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """The same distances through |h|^2 + |p|^2 - 2 h.p: one matmul, ~50x faster, not bit-identical.
 
-    Rounding differs from the spec's formula by about 1e-7 relative; training opts
+    It differs from the spec's formula by rounding, which the subtraction amplifies
+    near a neuron (up to 1e-2 absolute at D = 128, docs/training.md); training opts
     into it (NeuronField.fast_distance), inference never does.
     """
     d2 = (h * h).sum(-1, keepdim=True) + (pos * pos).sum(-1) - 2.0 * (h @ pos.t())
@@ -142,7 +143,8 @@ class NeuronField(nn.Module):
 
     `fast_distance` (off by default; the trainer turns it on) computes distances
     with one matmul instead of the spec's broadcast difference: ~50x faster, equal
-    to about 1e-7 relative. It is a runtime switch, not part of the checkpoint.
+    up to rounding that cancellation amplifies near a neuron (see _field_dist_mm).
+    It is a runtime switch, not part of the checkpoint.
     """
 
     fast_distance: bool = False

@@ -5,9 +5,11 @@ pulling on is at the frontier and wants more capacity there. A split adds a chil
 at the parent's position plus Gaussian noise (sigma 0.1) with the parent's
 temperature; the parent's value is shared out: the child gets half of it and the
 parent keeps the other half (the seeds' journals say the child takes "half the
-value"; halving the parent too keeps the field's output nearly unchanged, exactly
-so for an unnormalised field with zero noise). `halve_parent=False` gives the child
-half the value and leaves the parent alone.
+value"; halving the parent too conserves the summed value, which keeps an
+unnormalised field's output exactly at zero noise). The normalised field, a
+weighted average, moves under any split, and more under this rule than under the
+other reading (docs/training.md). `halve_parent=False` gives the child half the
+value and leaves the parent alone.
 """
 
 from __future__ import annotations

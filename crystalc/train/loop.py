@@ -91,6 +91,9 @@ class TrainConfig:
             raise CrystalError(f"warm-up of {self.warmup} steps: expected 0 to the run's {self.steps} steps")
         if not 0 <= self.neurons <= self.max_neurons:
             raise CrystalError(f"initial neurons {self.neurons} must be between 0 and max neurons {self.max_neurons}")
+        if self.neurons == 0 and self.growth == "split" and self.max_neurons > 0:  # it never grew, and said nothing
+            raise CrystalError("growth splits neurons, and 0 initial neurons leave none to split: give --neurons 1 "
+                               "or more, or --growth none for a model without a field")
         if not 0 <= self.val_frac < 1:
             raise CrystalError(f"validation fraction {self.val_frac} must be in [0, 1)")
         if self.patience and self.val_frac == 0:  # every evaluation would be NaN, never better: it stopped at once
@@ -222,6 +225,9 @@ def train(text: str, cfg: TrainConfig, out: str | None = None,
     ids = D.encode(text, tok)
     train_ids, val_ids = D.split(ids, cfg.val_frac, cfg.n_ctx)
     vocab = Tokenizer(tok).vocab_size
+    kind, asked = D.parse_tokenizer_spec(cfg.tokenizer)
+    if kind == "bpe" and vocab < asked and log is not None and dd.rank == 0:  # said, not refused: still a model
+        log(f"tokenizer {cfg.tokenizer}: the corpus gives {vocab} tokens (BPE runs out of pairs to merge)")
     mcfg = ModelConfig.from_dict(dict(
         vocab_size=vocab, d_model=cfg.d_model, n_ctx=cfg.n_ctx, n_heads=cfg.n_heads, n_blocks=cfg.n_blocks,
         n_neurons=cfg.neurons, ffn_hidden=cfg.ffn_hidden or 2 * cfg.d_model, final_norm=cfg.final_norm,

@@ -185,6 +185,11 @@ def test_bpe_tokenizer(tmp_path: Path) -> None:
     assert t.vocab_size == 300
     assert t.decode(t.encode("JULIET:\nfair sword.")) == "JULIET:\nfair sword."
     assert spec == build_tokenizer(text, "bpe:300")  # deterministic
+    # more tokens than the corpus has pairs to merge: a smaller vocabulary, said (a training audit found it silent)
+    lines: list[str] = []
+    _, tok, _ = train(corpus(40), replace(TINY, tokenizer="bpe:5000", steps=2, rounds=2, warmup=None), log=lines.append)
+    got = Tokenizer(tok).vocab_size
+    assert got < 5000 and f"tokenizer bpe:5000: the corpus gives {got} tokens" in lines[0], lines
 
 
 def _crystalc(*args: str) -> subprocess.CompletedProcess:
@@ -196,6 +201,7 @@ def _crystalc(*args: str) -> subprocess.CompletedProcess:
     (["--tokenizer", "bpe:many"], "bpe:N"),
     (["--tokenizer", "words"], "expected 'char' or 'bpe:N'"),
     (["--neurons", "10", "--max-neurons", "5"], "max neurons"),
+    (["--neurons", "0", "--max-neurons", "8"], "0 initial neurons leave none to split"),
     (["--lr", "nan"], "'nan' is not a finite number"),
     (["--soft-halflife", "inf"], "'inf' is not a finite number"),
     # found by an audit: patience without a validation set stopped at once; a huge rate wrote NaN weights;
