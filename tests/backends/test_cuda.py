@@ -392,6 +392,10 @@ __global__ void race_fixed(float *s, float *out) {
     out[threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];
 }
 
+/* every thread adding to one float: on a GPU updates are lost; here (a thread's run is never interleaved)
+ * only the order of the sums changes, and with it the last bits */
+__global__ void sum_race(float *out) { out[0] += 1.0f / (float)(threadIdx.x + 1); }
+
 /* every block's scratch in one place: blocks run at once on a GPU */
 __global__ void blocks_race(float *scratch, float *out) {
     scratch[threadIdx.x] = (float)(100 * blockIdx.x + threadIdx.x);
@@ -426,6 +430,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(c, "race")) LAUNCH(race, 1, 64, scratch, dev);
     else if (!strcmp(c, "race_fixed")) LAUNCH(race_fixed, 1, 64, scratch, dev);
     else if (!strcmp(c, "blocks_race")) LAUNCH(blocks_race, 2, 32, scratch, dev);
+    else if (!strcmp(c, "sum_race")) LAUNCH(sum_race, 1, (n = 1, 64), dev);
     else if (!strcmp(c, "memcpy_kind")) cudaMemcpy(dev, host, sizeof host, cudaMemcpyDeviceToHost);
     else if (!strcmp(c, "host_pointer")) LAUNCH(fill, 1, 64, host);
     else if (!strcmp(c, "free_host")) cudaFree(host);
@@ -516,6 +521,9 @@ def test_emulation_orders_show_races(emulated):
     # require the same bits in every order); with the barrier, every order agrees
     for case in ("race", "blocks_race"):
         assert emulated(case, "forward").stdout != emulated(case, "reverse").stdout, case
+    # one that changes only the rounding: within any tolerance, not the same bits
+    sums = [float(emulated("sum_race", order).stdout) for order in ("forward", "reverse")]
+    assert sums[0] != sums[1] and abs(sums[0] - sums[1]) < 1e-6 * sums[0], sums
     assert len({emulated("race_fixed", order).stdout for order in (*ORDERS, "shuffle:7")}) == 1
     res = emulated("race_fixed", "backwards")
     assert res.returncode != 0 and "CUDA_ON_CPU_ORDER=backwards: expected forward, reverse" in res.stderr
