@@ -16,8 +16,10 @@ Decisions taken here (templates/spice/ only renders text):
   a field_eps too small for it (eps = 0 among them).
 - Vt is what ngspice computes at 27 C, from its own constants (Boltzmann
   1.38064852e-23 J/K, charge 1.6021766208e-19 C), so the diode's exponent is
-  the intended one to 1e-16; the options pin 27 C and ngspice runs with -n, so
-  that no .spiceinit of the user's changes the temperature (or anything else).
+  the intended one to a few ulp (with every number read as written, below: the
+  circuit matches its own equations to 6e-15); the options pin 27 C and ngspice
+  runs with -n, so that no .spiceinit of the user's changes the temperature (or
+  anything else).
 - Each position is solved by its own ngspice run, in parallel: one circuit of S
   instances took ngspice time growing far faster than S (the bundled model's
   field: 3.3 s for one position, 241 s for eight).
@@ -30,15 +32,31 @@ Decisions taken here (templates/spice/ only renders text):
 - Squares, square roots and the final division are ideal behavioural sources (B
   elements: analog multipliers and dividers at block level); sums are currents
   into a node (Kirchhoff), the val_jk weighting current mirrors (F elements).
+  A square is x**2, which names its position once: x*x with each position
+  written in two parts (below) took 31% longer to simulate (D 128, N 320).
 - Every neuron is in the circuit, marked frozen or active in a comment; under
   frozen_only (the frozen core of a hybrid, SpiceBackend.emit) only the frozen
   ones are, and the active ones are computed digitally (`forward`). Values are
-  the graph's float32 weights (dequantized when quantized), printed with 9
-  significant digits, which read back exactly.
+  the graph's float32 weights (dequantized when quantized) and doubles computed
+  from them, each written as the shortest string that is that double (repr), so
+  that ngspice, which reads doubles, gets the value itself (to an ulp: its reader
+  is not correctly rounded), not a float32's 9-digit neighbour, 5e-10 away. Inside
+  a B source's expression ngspice's front end rewrites every number with 11
+  significant digits (inp_modify_exp, "%18.10e"): there a number is written as
+  its 11-digit head plus the remainder, which the rewrite keeps to 1e-21 of it.
+- A neuron's drive reads its scaled distance capped at 2A: GMIN sits beside every
+  junction, and at an input far from every neuron (1e30) the uncapped drive,
+  -1e30 V, made GMIN x V the current, the output a wrong number; capped, a
+  diode's reverse voltage is at most A Vt, and GMIN's share of its -IS is 1e-9.
+- Each netlist carries a fingerprint of the field it was compiled from (the
+  frozen mask, the positions, values and temperatures of the neurons in it, and
+  for a whole field eps and the normalisation): `forward` refuses a graph whose
+  field differs, rather than adding a circuit of another model to its digital ops.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -62,26 +80,78 @@ from crystalc.templating import render
 DRIVE_A = 42.0  # the diode's drive for a neuron at distance 0, in thermal voltages
 DIODE_IS = 1e-21  # A
 THERMAL_VOLTAGE = 1.38064852e-23 * 300.15 / 1.6021766208e-19  # ngspice's kT/q at 27 C
-OPTIONS = "reltol=1e-12 abstol=1e-24 vntol=1e-15 gmin=1e-30 temp=27 tnom=27"
+GMIN = 1e-30  # S, beside every junction (ngspice's default 1e-12 would leak 4% of the eps current)
+OPTIONS = f"reltol=1e-12 abstol=1e-24 vntol=1e-15 gmin={GMIN:g} temp=27 tnom=27"
 FAR_ERROR_MAX = 1e-7  # an output's error from the diodes' -IS that emit accepts: below float32's rounding
+# What a diode carries at most instead of nearly nothing, in units of IS: its -IS, and GMIN times its reverse
+# voltage, at most A Vt (the drive's cap)
+LEAK_IS = 1.0 + GMIN * DRIVE_A * THERMAL_VOLTAGE / DIODE_IS
+# A B source divides by its divisor plus GMIN x 1e-20 (ngspice's PTdivide), so that 1/0 is 1e50 here, and
+# ngspice exits 0; no output of a field of float32 values comes near (a normalised one is at most the largest
+# |value|, a sum at most N of them)
+INFINITE_V = 1e49
+FINGERPRINT = "* crystalc fingerprint:"
 
 
 def _num(x: float) -> str:
-    return f"{float(x):.9g}"
+    """A number as ngspice reads it into a double: the shortest string that is the double (repr)."""
+    return repr(float(x))
+
+
+def _bnum(x: float) -> str:
+    """A number inside a B source's expression: ngspice rewrites each number there to 11 significant digits
+    (inpcom.c, inp_modify_exp), so a double is its 11-digit head plus the remainder (the rewrite keeps that to
+    1e-21 of the double; the sum is within an ulp of it). A sum: the template parenthesises it."""
+    x = float(x)
+    head = float(f"{x:.10e}")
+    rest = float(f"{x - head:.10e}")  # x - head is exact (Sterbenz); 11 digits of it are all ngspice keeps
+    return _num(head) if rest == 0 else f"{head!r}{'+' if rest > 0 else '-'}{abs(rest)!r}"
 
 
 def netlist_name(block: int) -> str:
     return f"neuron_field_b{block}.sp"
 
 
+def _far_field_current(op: NeuronField) -> float:
+    """The most the diodes' leaks (-IS, and GMIN's share: LEAK_IS of IS each) can move an output, times the
+    denominator it is read against, in units of IS exp(A): sum_j |val_jk| leaks into output k's numerator
+    and, normalised, n leaks into the denominator, which moves output k (at most max_j |val_jk|) by n of
+    them; the largest over k."""
+    if op.n_neurons == 0:
+        return 0.0
+    val = np.abs(op.values.values().astype(np.float64))
+    spread = val.sum(axis=0) + (op.n_neurons * val.max(axis=0) if op.normalize else 0.0)
+    return float(spread.max()) * LEAK_IS * math.exp(-DRIVE_A)
+
+
 def far_field_error(op: NeuronField) -> float:
-    """The most a normalised field's output can be off by the diodes' -IS: every neuron beyond A
-    temperatures (so that the eps current is the denominator) pushes sum_j |val_jk| IS into output k's
-    numerator, read against eps IS exp(A) (with no neurons beyond, the error is smaller)."""
-    if not op.normalize or op.n_neurons == 0:
-        return 0.0  # an unnormalised output is read against IS exp(A): the -IS is 6e-19 of a unit weight
-    spread = float(np.abs(op.values.values().astype(np.float64)).sum(axis=0).max())
-    return math.inf if op.eps == 0 else spread * math.exp(-DRIVE_A) / op.eps
+    """The most an output can be off by the diodes' leaks (_far_field_current): a normalised field's are read
+    against its denominator, at least the eps current eps IS exp(A) (its worst case: every neuron beyond A
+    temperatures), an unnormalised one's against IS exp(A) itself (3e-18 of a unit of value)."""
+    if not op.normalize:
+        return _far_field_current(op)
+    return math.inf if op.eps == 0 else _far_field_current(op) / op.eps
+
+
+def fingerprint(op: NeuronField, frozen_only: bool) -> dict[str, str]:
+    """What a netlist of `op` is compiled from, by name, each array as the start of its SHA-256: the frozen
+    mask, the positions, values and |tau| + 0.1 of the neurons in the circuit (a frozen core's active
+    neurons are digital, and may go on training), and for a whole field eps and the normalisation (a frozen
+    core's are applied digitally)."""
+    frozen = np.asarray(op.frozen.data, dtype=bool)
+    inside = frozen if frozen_only else np.ones_like(frozen)
+
+    def digest(a: np.ndarray) -> str:
+        a = np.ascontiguousarray(a)
+        return hashlib.sha256(f"{a.dtype.str}{a.shape}".encode() + a.tobytes()).hexdigest()[:16]
+
+    parts = {"frozen": digest(frozen.astype(np.uint8)),
+             "positions": digest(op.positions.values()[inside].astype("<f4")),
+             "values": digest(op.values.values()[inside].astype("<f4")),
+             "temperatures": digest(field_temperatures(op)[inside].astype("<f4"))}
+    if not frozen_only:
+        parts |= {"field_eps": repr(float(op.eps)), "field_norm": str(bool(op.normalize)).lower()}
+    return parts
 
 
 def lower_field(graph: Graph, block: int, frozen_only: bool = False) -> dict[str, Any]:
@@ -91,16 +161,17 @@ def lower_field(graph: Graph, block: int, frozen_only: bool = False) -> dict[str
     frozen = np.asarray(f.frozen.data, dtype=bool)
     scale = DIODE_IS * math.exp(DRIVE_A)
     neurons = [{
-        "j": j, "frozen": bool(frozen[j]), "t": _num(t[j]), "vt_over_t": _num(THERMAL_VOLTAGE / float(t[j])),
-        "pos": [_num(v) for v in pos[j]], "val": [_num(v) for v in val[j]],
+        "j": j, "frozen": bool(frozen[j]), "t": _num(t[j]), "vt_over_t": _bnum(THERMAL_VOLTAGE / float(t[j])),
+        "pos": [_bnum(v) for v in pos[j]], "val": [_num(v) for v in val[j]],
     } for j in range(f.n_neurons) if frozen[j] or not frozen_only]
     return {
         "block": block, "d": graph.config.d_model, "neurons": neurons, "n_frozen": int(frozen.sum()),
         "n_digital": f.n_neurons - len(neurons),
         "n_total": f.n_neurons, "partial": frozen_only,
-        "normalize": f.normalize, "eps_current": _num(f.eps * scale), "inv_scale": _num(1.0 / scale),
-        "a_vt": repr(DRIVE_A * THERMAL_VOLTAGE), "diode_is": _num(DIODE_IS), "drive_a": _num(DRIVE_A),
-        "vt": _num(THERMAL_VOLTAGE),
+        "normalize": f.normalize, "eps_current": _num(f.eps * scale), "inv_scale": _bnum(1.0 / scale),
+        "a_vt": _bnum(DRIVE_A * THERMAL_VOLTAGE), "a_vt_cap": _bnum(2 * DRIVE_A * THERMAL_VOLTAGE),
+        "diode_is": _num(DIODE_IS), "drive_a": f"{DRIVE_A:g}", "vt": f"{THERMAL_VOLTAGE:.9g}",
+        "fingerprint_line": " ".join([FINGERPRINT, *(f"{k}={v}" for k, v in fingerprint(f, frozen_only).items())]),
         "summary": f"|tau| + 0.1 from {float(t.min()):.4g} to {float(t.max()):.4g}" if f.n_neurons else "",
     }
 
@@ -122,10 +193,13 @@ class SpiceBackend:
         for b in blocks:
             op = graph.blocks[b].field
             if far_field_error(op) > FAR_ERROR_MAX:
-                need = far_field_error(op) * (op.eps or 1.0) / FAR_ERROR_MAX
+                # the eps at which far_field_error reaches the most, rounded up so that the eps named is accepted
+                need = _far_field_current(op) / FAR_ERROR_MAX
+                step = 10.0 ** (math.floor(math.log10(need)) - 1)
                 raise CrystalError(f"field_eps {op.eps:g} is too small for the SPICE circuit of block {b}: its "
                                    f"diodes carry -IS beyond {DRIVE_A:g} temperatures, and only an eps current of "
-                                   f"field_eps >= {need:.2g} keeps that below {FAR_ERROR_MAX:g} of an output")
+                                   f"field_eps >= {math.ceil(need / step) * step:.2g} keeps that below "
+                                   f"{FAR_ERROR_MAX:g} of an output")
         written = []
         for b in blocks:
             path = Path(out_dir) / netlist_name(b)
@@ -203,6 +277,8 @@ def simulate_field(out_dir: Path, block: int, h: np.ndarray, timeout: float | No
     d, outputs = _ports(netlist)
     if h.ndim != 2 or h.shape[1] != d:
         raise CrystalError(f"{netlist.name} takes inputs of width {d}, got an array of shape {list(h.shape)}")
+    if not np.isfinite(h).all():
+        raise CrystalError(f"{netlist.name}: an input is not finite (row {int(np.argmin(np.isfinite(h).all(1)))})")
     if len(h) == 0:
         return np.zeros((0, len(outputs)))
 
@@ -221,7 +297,15 @@ def simulate_field(out_dir: Path, block: int, h: np.ndarray, timeout: float | No
             why = [ln for ln in said if re.search(r"error|fail|singular|abort", ln, re.IGNORECASE)] or said
             detail = " ".join(" ".join(why).split())[-1500:]
             raise CrystalError(f"ngspice failed on {netlist.name} (exit {proc.returncode}): {detail}")
-        return [float(found[o]) for o in outputs]
+        got = [float(found[o]) for o in outputs]
+        # ngspice stands 1e50 in for a division by zero (INFINITE_V) and exits 0: that, or no number, is no
+        # solution
+        bad = [f"f{o} = {found[o]}" for o, v in zip(outputs, got, strict=True)
+               if not math.isfinite(v) or abs(v) >= INFINITE_V]
+        if bad:
+            raise CrystalError(f"ngspice gave no finite solution of {netlist.name} at input row {s}: "
+                               f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}")
+        return got
 
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max_workers=min(len(h), os.cpu_count() or 1)) as pool:
         shutil.copy(netlist, Path(tmp) / netlist.name)  # once; .include by a plain name: paths may hold spaces
@@ -246,20 +330,59 @@ def _frozen_core(out_dir: Path) -> bool:
     return _ports(next(iter(_netlists(out_dir).values()))).frozen_core
 
 
+def _read_fingerprint(netlist: Path) -> dict[str, str]:
+    """The fingerprint line emit writes into a netlist, by name."""
+    found = re.search(rf"^{re.escape(FINGERPRINT)} (.*)$", netlist.read_text(encoding="ascii"), re.MULTILINE)
+    if found is None:
+        raise CrystalError(f"{netlist} holds no crystalc fingerprint line (written by an older crystalc?): "
+                           f"compile the model again with --target spice")
+    return dict(part.partition("=")[::2] for part in found.group(1).split())
+
+
+def check_compiled_from(graph: Graph, out_dir: Path) -> bool:
+    """That out_dir's netlists were compiled from graph's fields: one for every block with neurons in the
+    circuit (frozen ones, for a frozen core), none for another, each with the fingerprint of its block's
+    field. Returns whether out_dir is a frozen core. Any mismatch is one CrystalError naming it."""
+    netlists, frozen_core = _netlists(out_dir), _frozen_core(out_dir)
+    what = "frozen neurons" if frozen_core else "neurons"
+    for b, extra in netlists.items():
+        if b >= len(graph.blocks):
+            raise CrystalError(f"{extra.name} is for block {b}, and the model has {len(graph.blocks)} blocks: "
+                               f"{out_dir} was compiled from another model")
+    for b, blk in enumerate(graph.blocks):
+        op = blk.field
+        in_circuit = np.count_nonzero(op.frozen.data) if frozen_core else op.n_neurons
+        found = netlists.get(b)
+        if not in_circuit:
+            if found is not None:
+                raise CrystalError(f"{found.name} is for block {b}, which has no {what}: {out_dir} was compiled "
+                                   f"from another model")
+            continue
+        if found is None:
+            raise CrystalError(f"{Path(out_dir) / netlist_name(b)} is missing: block {b} has {in_circuit} "
+                               f"{what} for it")
+        want, got = fingerprint(op, frozen_core), _read_fingerprint(found)
+        differ = [k for k in want if got.get(k) != want[k]]
+        if "frozen" in differ and frozen_core:
+            differ = ["frozen"]  # the rest differ with it: the mask picks the neurons in the circuit
+        if differ:
+            names = ", ".join("frozen mask" if k == "frozen" else k for k in differ)
+            raise CrystalError(f"{found.name} was compiled from another field than block {b}'s (not the same "
+                               f"{names}): compile the model again with --target spice"
+                               f"{' --frozen-only' if frozen_core else ''}")
+    return frozen_core
+
+
 def forward(graph: Graph, out_dir: Path, ids: Sequence[int]) -> np.ndarray:
     """Logits [S, V] with every neuron field computed by ngspice from out_dir's netlists (a frozen
-    core's with the active neurons added here), the rest by the interpreter. A block with neurons
-    (frozen ones, for a frozen core) whose netlist is missing is an error, not a quiet digital field."""
-    frozen_core = _frozen_core(out_dir)
+    core's with the active neurons added here), the rest by the interpreter. The folder must have been
+    compiled from graph (check_compiled_from): a missing netlist is an error, not a quiet digital field,
+    and another model's circuit an error, not a quietly wrong one."""
+    frozen_core = check_compiled_from(graph, out_dir)
 
     def field(block: int, op: NeuronField, h: np.ndarray) -> np.ndarray:
-        netlist = Path(out_dir) / netlist_name(block)
-        in_circuit = np.count_nonzero(op.frozen.data) if frozen_core else op.n_neurons
-        if not in_circuit:  # no neurons, or (a frozen core) no frozen ones: all digital
-            return neuron_field(op, h)
-        if not netlist.is_file():
-            raise CrystalError(f"{netlist} is missing: block {block} has {in_circuit} "
-                               f"{'frozen ' if frozen_core else ''}neurons for it")
+        if not (np.count_nonzero(op.frozen.data) if frozen_core else op.n_neurons):
+            return neuron_field(op, h)  # no neurons, or (a frozen core) no frozen ones: all digital
         out = simulate_field(out_dir, block, h)
         if out.shape[1] > h.shape[1]:  # a frozen core's sums, fden last
             out = _with_active_neurons(op, h, out)

@@ -6,42 +6,45 @@
 *   its root reads |sq<j>|, which Newton's first iterates can make negative;
 * - a diode's exponential makes w_j (A = 42, IS = 1e-21 A, Vt = 0.025864917 V, ngspice's kT/q at 27 C):
 *   driven at (A - a_j) thermal voltages, with
-*   a_j = |h - pos_j| / (|tau_j| + 0.1), it carries IS * (exp(A - a_j) - 1), sensed by Vi<j>;
+*   a_j = |h - pos_j| / (|tau_j| + 0.1) capped at 2A, it carries IS * (exp(A - a_j) - 1), sensed by Vi<j>
+*   (the cap keeps the reverse voltage, and GMIN's current beside the junction, small at any input);
 * - current mirrors (F) copy I_j scaled by val_jk into output k's node num<k>, and once into den;
 * - the output is V(num<k>) / V(den): the common factor IS * exp(A) cancels, and eps enters as
 *   the current eps * IS * exp(A) into den.
 * Ports: h0..h11 (the op's input, 1 V per unit), f0..f11 (what the op adds to x).
+* Numbers in B sources are written as an 11-digit head plus the rest: ngspice keeps 11 digits of each.
+* crystalc fingerprint: frozen=0950037525c9d9f9 positions=a9f0ee2003fb3468 values=c958a3836df58daa temperatures=43503372a1a79ce8 field_eps=1e-08 field_norm=true
 .subckt neuron_field_b1 h0 h1 h2 h3 h4 h5 h6 h7 h8 h9 h10 h11 f0 f1 f2 f3 f4 f5 f6 f7 f8 f9 f10 f11
-* neuron 0 (frozen), |tau| + 0.1 = 0.625160992
+* neuron 0 (frozen), |tau| + 0.1 = 0.6251609921455383
 Bsq0 0 sq0 I=0
-+ +(V(h0)-(-0.60676378))*(V(h0)-(-0.60676378))
-+ +(V(h1)-(1.38753819))*(V(h1)-(1.38753819))
-+ +(V(h2)-(-0.568840921))*(V(h2)-(-0.568840921))
-+ +(V(h3)-(0.243208379))*(V(h3)-(0.243208379))
-+ +(V(h4)-(0.646427751))*(V(h4)-(0.646427751))
-+ +(V(h5)-(0.700485229))*(V(h5)-(0.700485229))
-+ +(V(h6)-(1.48721075))*(V(h6)-(1.48721075))
-+ +(V(h7)-(1.58077872))*(V(h7)-(1.58077872))
-+ +(V(h8)-(-0.185640231))*(V(h8)-(-0.185640231))
-+ +(V(h9)-(-0.495620519))*(V(h9)-(-0.495620519))
-+ +(V(h10)-(1.3872056))*(V(h10)-(1.3872056))
-+ +(V(h11)-(0.396531731))*(V(h11)-(0.396531731))
++ +(V(h0)-(-0.60676378012+2.9650726319e-12))**2
++ +(V(h1)-(1.3875381947-4.3627990109e-11))**2
++ +(V(h2)-(-0.56884092093+4.8596682234e-12))**2
++ +(V(h3)-(0.24320837855+3.3905100949e-12))**2
++ +(V(h4)-(0.64642775059-2.5366375667e-12))**2
++ +(V(h5)-(0.70048522949+2.1874724254e-12))**2
++ +(V(h6)-(1.4872107506-2.0166091019e-11))**2
++ +(V(h7)-(1.580778718-5.3099746822e-12))**2
++ +(V(h8)-(-0.18564023077-4.8794579488e-12))**2
++ +(V(h9)-(-0.49562051892-2.805811139e-12))**2
++ +(V(h10)-(1.3872056007+3.8525405088e-11))**2
++ +(V(h11)-(0.39653173089+2.7405855363e-13))**2
 Rsq0 sq0 0 1
-Bv0 v0 0 V=1.0863265143006136-sqrt(abs(V(sq0))+1e-24)*0.04137321
+Bv0 v0 0 V=(1.0863265143+6.1350924341e-13)-min(sqrt(abs(V(sq0))+1e-24)*(0.041373209993-4.9926035528e-13),(2.1726530286+1.2270184868e-12))
 Vi0 v0 d0 DC 0
 D0 d0 0 dexp
-F0_0 0 num0 Vi0 -0.0588941276
-F0_1 0 num1 Vi0 0.0133577948
-F0_2 0 num2 Vi0 0.434388071
-F0_3 0 num3 Vi0 0.406395078
-F0_4 0 num4 Vi0 -1.04872835
-F0_5 0 num5 Vi0 -0.382818192
-F0_6 0 num6 Vi0 -0.263694137
-F0_7 0 num7 Vi0 -0.499251902
-F0_8 0 num8 Vi0 0.568828821
-F0_9 0 num9 Vi0 0.622366965
-F0_10 0 num10 Vi0 -0.0526867993
-F0_11 0 num11 Vi0 0.725313008
+F0_0 0 num0 Vi0 -0.05889412760734558
+F0_1 0 num1 Vi0 0.013357794843614101
+F0_2 0 num2 Vi0 0.43438807129859924
+F0_3 0 num3 Vi0 0.4063950777053833
+F0_4 0 num4 Vi0 -1.048728346824646
+F0_5 0 num5 Vi0 -0.38281819224357605
+F0_6 0 num6 Vi0 -0.2636941373348236
+F0_7 0 num7 Vi0 -0.4992519021034241
+F0_8 0 num8 Vi0 0.568828821182251
+F0_9 0 num9 Vi0 0.6223669648170471
+F0_10 0 num10 Vi0 -0.05268679931759834
+F0_11 0 num11 Vi0 0.7253130078315735
 F0_den 0 den Vi0 1
 
 * the sums, and the outputs
@@ -58,7 +61,7 @@ Rnum9 num9 0 1
 Rnum10 num10 0 1
 Rnum11 num11 0 1
 Rden den 0 1
-Ieps 0 den DC 1.73927494e-11
+Ieps 0 den DC 1.739274941520501e-11
 Bout0 f0 0 V=V(num0)/V(den)
 Bout1 f1 0 V=V(num1)/V(den)
 Bout2 f2 0 V=V(num2)/V(den)
