@@ -472,16 +472,6 @@ def test_forward_refuses_a_folder_compiled_from_another_model(tmp_path):
     assert not spice.check_compiled_from(three, out)
 
 
-def test_frozen_core_golden_netlist(tmp_path, update_golden):
-    # as tests/golden does for every backend's output (pytest --update-golden rewrites it): a frozen core
-    from tests.golden.test_golden import GOLDEN, _compare, _graph
-
-    out = tmp_path / "out"
-    out.mkdir()
-    spice.BACKEND.emit(_graph("three_blocks"), out, frozen_only=True)
-    _compare(out, GOLDEN / "three_blocks" / "spice-frozen-only", update_golden)
-
-
 def test_frozen_core_needs_frozen_neurons(tmp_path):
     g = random_graph("all_on", seed=1)
     frozen = g.blocks[0].field.frozen

@@ -111,6 +111,14 @@ def test_verilog_of_codes(tmp_path: Path, update_golden: bool) -> None:
     _compare(out, GOLDEN / "odd_d40" / "verilog-mixed8-row-3-lanes", update_golden)
 
 
+def test_spice_frozen_core(tmp_path: Path, update_golden: bool) -> None:
+    # the frozen core of a hybrid: only the frozen neurons in the circuit, the rest computed digitally
+    out = tmp_path / "out"
+    out.mkdir()
+    get_backend("spice").emit(_graph("three_blocks"), out, frozen_only=True)
+    _compare(out, GOLDEN / "three_blocks" / "spice-frozen-only", update_golden)
+
+
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_crystal_files(tmp_path: Path, model: str, update_golden: bool) -> None:
     from crystalc.format.crystal import write_crystal
