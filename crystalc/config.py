@@ -119,6 +119,7 @@ class ModelConfig:
             (self.vocab_size, self.d_model, "token_embed"),
             (self.n_ctx, self.d_model, "pos_embed"),
             (self.ffn_hidden, self.d_model, "ffn.fc1"),
+            (self.d_model, self.d_model, "attn.q_proj"),
             (max(self.n_neurons, default=0), self.d_model, "field.positions"),
         ):
             if rows * cols > MAX_ELEMENTS:

@@ -67,7 +67,8 @@ def decode_seeds_v2(data: bytes) -> Graph:
         end = off + sizes[name]
         if off < HEADER.size or end > total:
             raise CrystalError(f"version-2 section {name}: bytes {off}..{end} lie outside 64..{total}")
-        spans.append((off, end, name))
+        if end > off:  # an empty section (no neurons) has no bytes to share with another
+            spans.append((off, end, name))
     spans.sort()
     for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:], strict=False):
         if start_b < end_a:

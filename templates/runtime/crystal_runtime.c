@@ -361,7 +361,8 @@ static int load_v3(crystal_file *f, crystal_model *m, const uint8_t *buf, size_t
             return fail(err, errlen, "sections %s and %s overlap", spans[i - 1].name, spans[i].name);
 
     /* the config: per-block neuron counts come from the field sections */
-    if ((uint64_t)vocab * d > MAX_ELEMENTS || (uint64_t)t * d > MAX_ELEMENTS || (uint64_t)ffn * d > MAX_ELEMENTS)
+    if ((uint64_t)vocab * d > MAX_ELEMENTS || (uint64_t)t * d > MAX_ELEMENTS || (uint64_t)ffn * d > MAX_ELEMENTS ||
+        (uint64_t)d * d > MAX_ELEMENTS)
         return fail(err, errlen, "header: a tensor of these dimensions would hold more than 2^31 elements");
     if ((uint64_t)nb > n_sections)
         return fail(err, errlen, "header: %u blocks but only %u sections", nb, n_sections);
@@ -547,8 +548,9 @@ static int load_v2(crystal_file *f, crystal_model *m, const uint8_t *buf, size_t
     if (off[7] != size)
         return fail(err, errlen, "version-2 header: total size %llu but the file is %zu bytes",
                     (unsigned long long)off[7], size);
-    if ((uint64_t)v * d > MAX_ELEMENTS)
-        return fail(err, errlen, "version-2 header: the embedding would hold more than 2^31 elements");
+    if ((uint64_t)v * d > MAX_ELEMENTS || (uint64_t)t * d > MAX_ELEMENTS || (uint64_t)hid * d > MAX_ELEMENTS ||
+        (uint64_t)d * d > MAX_ELEMENTS || (uint64_t)n * d > MAX_ELEMENTS)
+        return fail(err, errlen, "version-2 header: a tensor of these dimensions would hold more than 2^31 elements");
     /* every product below is of values < 2^32 held in uint64_t: at most 2^20 * 2^20 * ... < 2^64 */
     uint64_t V = v, D = d, T = t, H = hid, N = n;
     uint64_t sizes[7] = {4 * V * D, 4 * T * D, 16 * (D * D + D), 4 * (2 * N * D + N), 4 * (2 * H * D + H + D),

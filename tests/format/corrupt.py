@@ -86,6 +86,10 @@ def header_cases(data: bytes) -> Iterator[Case]:
         struct.pack_into("<II", b, 8, v, v)
         struct.pack_into("<I", b, 16, d)
         yield f"header vocab={v} d_model={d}", reseal(b), True
+    # every other dimension 1: only the attention's D x D matrices pass 2^31 elements
+    b = bytearray(data)
+    struct.pack_into("<IIIIIII", b, 8, 1, 1, 46341, 1, 1, 1, 1)
+    yield "header d_model=46341, the rest 1", reseal(b), True
 
 
 def truncation_cases(data: bytes) -> Iterator[Case]:

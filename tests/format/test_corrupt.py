@@ -181,15 +181,16 @@ def v2_cases() -> list[tuple[str, bytes]]:
             if k >= 64:
                 struct.pack_into("<I", b, 60, k)  # total size patched to match
                 cases.append((f"{tag} truncated at {k}, total patched", bytes(b)))
-    # no neurons: the empty field section may sit where another section starts (valid; C once refused it
-    # or not, as its qsort ordered the tie)
+    # no neurons: the empty field section may sit at or inside another section (valid: it has no bytes to share;
+    # C once refused it or not, as its qsort ordered the tie, and Python refused it inside one)
     sd = dict(state())
     for name in ("positions", "values", "temperature"):
         sd[f"blocks.0.field.{name}"] = sd[f"blocks.0.field.{name}"][:0]
     empty_geo = bytearray(seeds_v2_bytes(sd, n_heads=3))
-    for k in (0, 1, 2):  # at embed's, pos's or causal's start
-        struct.pack_into("<I", empty_geo, 32 + 4 * 3, struct.unpack_from("<I", empty_geo, 32 + 4 * k)[0])
-        cases.append((f"no neurons, geo where section {k} starts", bytes(empty_geo)))
+    for k in (0, 1, 2, 4, 5, 6):  # at each other section's start, and inside it
+        for into in (0, 4):
+            struct.pack_into("<I", empty_geo, 32 + 4 * 3, struct.unpack_from("<I", empty_geo, 32 + 4 * k)[0] + into)
+            cases.append((f"no neurons, geo {into} bytes into section {k}", bytes(empty_geo)))
     return cases
 
 
