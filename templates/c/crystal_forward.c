@@ -1007,7 +1007,7 @@ static void neuron_field(const crystal_model *m, struct crystal_work *w, const b
     (void)parallel;
     if (n == 1 && bw->positions.i8.rows) { /* one row, int8 positions: the distances in integers */
         field_sqdist_i8(&bw->positions.i8, w->h, w->row, w->fw);
-        for (int j = 0; j < nn; j++) w->fw[j] = fast_exp(-sqrtf(w->fw[j]) / bw->denominator[j]);
+        for (int j = 0; j < nn; j++) w->fw[j] = -sqrtf(w->fw[j]) / bw->denominator[j];
         blocks = 0;
     }
     PARALLEL_FOR
@@ -1020,16 +1020,27 @@ static void neuron_field(const crystal_model *m, struct crystal_work *w, const b
             sqdist_tile(w->h + (size_t)i * d, d, rows, bw->positions.w + j, bw->positions.ld, acc);
             for (int r = 0; r < rows; r++) {
                 float *out = w->fw + (size_t)(i + r) * ldw + j;
-                for (int c = 0; c < cols; c++) out[c] = fast_exp(-sqrtf(acc[r][c]) / den[c]);
+                for (int c = 0; c < cols; c++) out[c] = -sqrtf(acc[r][c]) / den[c];
             }
         }
     }
-    if (m->field_norm)
-        for (int i = 0; i < n; i++) {
-            float *fw = w->fw + (size_t)i * ldw;
+    /* fast_exp returns 0 below -87.3, where float32's exp is still subnormal (down to -103.97). A normalised
+     * row whose largest weight is within 2^24 of that edge (exponent < -70) is all tiny weights whose ratios
+     * are the result: take them from expf, as the spec's float32 does (with eps = 0, a row fast_exp zeroed
+     * was 0/0 = NaN). The other rows lose only weights below 2^-24 of their largest. */
+    PARALLEL_FOR
+    for (int i = 0; i < n; i++) {
+        float *fw = w->fw + (size_t)i * ldw, top = fw[0];
+        for (int j = 1; j < nn; j++) top = fw[j] > top ? fw[j] : top;
+        if (m->field_norm && top < -70.0f)
+            for (int j = 0; j < nn; j++) fw[j] = expf(fw[j]);
+        else
+            for (int j = 0; j < nn; j++) fw[j] = fast_exp(fw[j]);
+        if (m->field_norm) {
             float denom = sum_f32(fw, nn) + m->field_eps;
             for (int j = 0; j < nn; j++) fw[j] = fw[j] / denom;
         }
+    }
     matmul(w->fw, ldw, n, &bw->values, NULL, w->f, d);
 }
 

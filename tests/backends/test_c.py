@@ -692,26 +692,76 @@ def test_top_p_on_uniform_logits_keeps_the_first_token(tmp_path):
     assert res.returncode == 0 and res.stdout == ",".join(["0"] * 10) + "\n", res.stderr
 
 
-@pytest.mark.parametrize("case", ["tie", "negative", "signed_zeros"])
+@pytest.mark.parametrize("case", ["tie", "negative"])
 def test_greedy_picks_the_first_maximum(case, tmp_path):
     """Greedy is the first index of the largest logit (the C finds it through integer keys that
-    order like the floats): a tie, all-negative logits, and -0.0 beside 0.0 (equal as floats)."""
+    order like the floats): a tie, and all-negative logits."""
     import dataclasses
 
     g = random_graph("d40_h5", seed=23)
     v = g.config.vocab_size
     bias = {"tie": np.where(np.arange(v) % 7 == 3, 5.0, -1.0),     # ids 3, 10, 17 tie: 3
-            "negative": -1.0 - np.abs(np.arange(v) - 12.0),        # -1 at 12, the rest below
-            "signed_zeros": np.where(np.arange(v) < 5, -0.0, -1.0)}[case]
-    if case == "signed_zeros":
-        bias[6] = 0.0  # equal to the -0.0 at ids 0..4: id 0 wins
-    want = {"tie": 3, "negative": 12, "signed_zeros": 0}[case]
+            "negative": -1.0 - np.abs(np.arange(v) - 12.0)}[case]  # -1 at 12, the rest below
+    want = {"tie": 3, "negative": 12}[case]
     h = g.head
     zero = dataclasses.replace(h, weight=Tensor(h.weight.name, np.zeros_like(h.weight.data)),
                                bias=Tensor(h.bias.name, bias.astype(np.float32)))
     exe = program(g.replace(head=zero).verify(), tmp_path)
     res = run(exe, "--prompt-ids", "1,2", "-n", 3, "-t", 0)
     assert res.returncode == 0 and res.stdout == f"{want},{want},{want}\n", res.stderr
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-30])
+@pytest.mark.parametrize("near,far", [(95.0, 95.0), (86.0, 90.0)])
+def test_a_field_whose_neurons_are_all_far_away(near, far, eps, tmp_path):
+    """Two neurons `far` temperatures from the state, one `near`: every weight below float32's normal range,
+    or all but one. The spec's float32 keeps them as subnormals; the C's fast exp flushed them below e^-87.3,
+    which made eps = 0 a 0/0 = NaN, and gave the nearer neuron all of the weight instead of ~96%."""
+    from crystalc.config import ModelConfig
+    from crystalc.ir.graph import build_graph
+    from tests.conftest import random_state
+
+    cfg = ModelConfig.from_dict(dict(vocab_size=11, d_model=8, n_ctx=4, n_heads=2, n_neurons=3, ffn_hidden=8,
+                                     field_eps=eps))
+    sd = random_state(cfg, 0)
+    sd["blocks.0.field.positions"] = np.full((3, 8), far / np.sqrt(8), np.float32)  # on one ray: distances differ
+    # by about far - near wherever the state lies
+    sd["blocks.0.field.positions"][1] = near / np.sqrt(8)
+    sd["blocks.0.field.temperature"] = np.full(3, 0.9, np.float32)  # |tau| + 0.1 = 1
+    g = build_graph(cfg, {k: Tensor(k, v) for k, v in sd.items()}, None)
+    ids = [1, 2, 3]
+    want = forward(g, ids)[-1]
+    assert np.isfinite(want).all()
+    _, got = binary_logits(program(g, tmp_path), ids)
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+
+
+ARGMAX_CASES = [  # values, the first index of the largest (NaNs ignored; 0 when all are NaN)
+    ("-0.0f, -0.0f, 0.0f, -1.0f", 0),  # -0.0 equals 0.0: the first of them, though its key is smaller
+    ("-1.0f, 0.0f, -0.0f", 1),
+    ("-2.0f, -0.0f, -1.0f", 1),
+    ("NAN, 1.0f, 2.0f, 2.0f", 2),
+    ("-NAN, -3.0f, -0.0f, 0.0f", 2),
+    ("NAN, -NAN, NAN", 0),
+    ("-INFINITY, -INFINITY", 0),
+]
+
+
+def test_argmax_over_signed_zeros_and_nans(tmp_path):
+    """The generated program's argmax itself, called from a harness that includes crystal_cli.c: the
+    forward pass never hands it a -0.0 (its sums start at +0.0), so only a direct call can check one."""
+    out = emit(random_graph("d40_h5", seed=23), tmp_path / "c")
+    calls = "".join(f"    {{ float v[] = {{{vals}}}; printf(\"%d\\n\", argmax(v, (int)(sizeof v / sizeof *v))); }}\n"
+                    for vals, _ in ARGMAX_CASES)
+    (out / "argmax_test.c").write_text(f"#include <math.h>\n#include \"crystal_cli.c\"\n"
+                                       f"int main(void) {{\n{calls}    return 0;\n}}\n")
+    for flags in (["-O2"], ["-O3", "-march=native"]):  # the scalar and the vectorised key reduction
+        exe = out / "argmax_test"
+        subprocess.run(["cc", *flags, "-std=c99", "-ffp-contract=off", "-fno-math-errno", "-o", str(exe),
+                        "argmax_test.c", "crystal_forward.c", "model.c", "weights.S", "-lm"],
+                       cwd=out, check=True, capture_output=True, timeout=300)
+        got = subprocess.run([str(exe)], capture_output=True, text=True, check=True, timeout=60).stdout.split()
+        assert [int(x) for x in got] == [want for _, want in ARGMAX_CASES], flags
 
 
 def test_a_failed_write_is_an_error(char_model):
