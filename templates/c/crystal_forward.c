@@ -255,7 +255,7 @@ typedef struct {
     int64_t *code_sq;           /* [rows rounded up to I8_TILE] their squares summed, or NULL */
     float *scale, *offset;      /* [rows rounded up to I8_TILE] */
     float *in_scale;            /* [cols] or NULL: the product's input is x_k * in_scale_k */
-    float *scaled;              /* [cols] scratch for that input */
+    float *scaled;              /* [cols] scratch for that input, scaled or not */
     uint8_t *digits;            /* [3][cols4] scratch: the bytes of the input's integer form */
     int rows, cols, cols4;
 } packed_i8;
@@ -374,7 +374,7 @@ static packed_i8 take_i8(char *arena, size_t *used, int rows, int cols, int in_s
     p.scale = TAKE(pad);
     p.offset = TAKE(pad);
     p.in_scale = in_scale ? TAKE(cols) : NULL;
-    p.scaled = in_scale ? TAKE(cols) : NULL;
+    p.scaled = TAKE(cols);
     if (!arena) return p;
     memset(p.codes, 0, (size_t)pad * p.cols4);
     memset(p.code_sum, 0, (size_t)pad * sizeof(int32_t));
@@ -734,9 +734,30 @@ static void i8_dots(const packed_i8 *p, int tb, double dot[I8_TILE]) {
         out[j] = (double)sum[0][j] + 256.0 * sum[1][j] + 65536.0 * sum[2][j] - 8388608.0 * code_sum[j];
 }
 
+/* The index of an element whose magnitude exceeds every other's 16 times over, or -1 (also when
+ * any is inf or NaN). The integer form below holds every element to max|x| 2^-24; one such
+ * element (a residual stream's massive activation) would take the others' digits. */
+static int lone_peak(const float *x, int cols) {
+    uint32_t top = 0, bad = 0;
+    for (int k = 0; k < cols; k++) {
+        uint32_t bits;
+        memcpy(&bits, x + k, sizeof bits);
+        top = (bits & 0x7fffffffu) > top ? bits & 0x7fffffffu : top;
+        bad |= (bits & 0x7fffffffu) >= 0x7f800000u;
+    }
+    if (bad || top == 0) return -1;
+    int at = 0;
+    float peak, rest = 0.0f;
+    memcpy(&peak, &top, sizeof peak);
+    while (fabsf(x[at]) != peak) at++;
+    for (int k = 0; k < cols; k++) rest = k != at && fabsf(x[k]) > rest ? fabsf(x[k]) : rest;
+    return peak > 16.0f * rest ? at : -1;
+}
+
 /* y[r] = sum_k W[r][k] x[k] for a packed int8 matrix, in integer arithmetic: x_k = unit * X_k
- * with integers |X_k| < 2^23 (the rounding moves x_k by at most max|x| 2^-24, float32's own
- * relative precision), and X_k + 2^23, which is positive and below 2^24, written as three bytes
+ * with integers |X_k| < 2^23 (the rounding moves x_k by at most max|x| 2^-24: float32's
+ * relative precision, but of the largest element; a lone peak 16 times the rest is taken
+ * out and its column added in float, so that the others keep their digits), and X_k + 2^23, which is positive and below 2^24, written as three bytes
  * (digits), so that sum_k code_k X_k = sum_q 2^(8q) sum_k code_k digit_qk - 2^23 sum_k code_k:
  * byte dot products, which the hardware does 64 at a time, and each row's code sum from
  * start-up. The total is exact in int64 and in double (below 2^53 for cols <= I8_MAX_COLS);
@@ -745,16 +766,20 @@ static void i8_dots(const packed_i8 *p, int tb, double dot[I8_TILE]) {
 static void gemv_i8(const packed_i8 *p, const float *x, const float *bias, float *y) {
     int rows = p->rows, tiles = (rows + I8_TILE - 1) / I8_TILE, parallel = (double)rows * p->cols >= PARALLEL_WORK;
     (void)parallel;
-    if (p->in_scale) {
-        for (int k = 0; k < p->cols; k++) p->scaled[k] = x[k] * p->in_scale[k];
-        x = p->scaled;
-    }
-    double unit = i8_digits(p, x);
+    float *xs = p->scaled;
+    if (p->in_scale)
+        for (int k = 0; k < p->cols; k++) xs[k] = x[k] * p->in_scale[k];
+    else
+        memcpy(xs, x, (size_t)p->cols * sizeof *xs);
+    int peak = lone_peak(xs, p->cols);
+    float x_peak = peak < 0 ? 0.0f : xs[peak];
+    if (peak >= 0) xs[peak] = 0.0f;
+    double unit = i8_digits(p, xs);
     if (unit == 0.0) {
         for (int r = 0; r < rows; r++) y[r] = NAN;
         return;
     }
-    float sum_x = sum_f32(x, p->cols);
+    float sum_x = sum_f32(xs, p->cols);
     PARALLEL_FOR
     for (int tb = 0; tb < tiles; tb++) {
         double dot[I8_TILE];
@@ -763,6 +788,11 @@ static void gemv_i8(const packed_i8 *p, const float *x, const float *bias, float
         const float *restrict scale = p->scale + r0, *restrict offset = p->offset + r0;
         float *restrict out = y + r0;
         for (int j = 0; j < n; j++) out[j] = scale[j] * (float)(dot[j] * unit) + offset[j] * sum_x;
+        if (peak >= 0) { /* the peak's column: its codes lie 4 apart in the tile's step of four columns */
+            const int8_t *col = p->codes + (size_t)tb * I8_TILE * p->cols4 + (size_t)(peak / 4) * 4 * I8_TILE + peak % 4;
+            for (int j = 0; j < n; j++)
+                out[j] += (float)((double)scale[j] * col[4 * j] * x_peak + (double)offset[j] * x_peak);
+        }
         if (bias)
             for (int j = 0; j < n; j++) out[j] += bias[r0 + j];
     }
