@@ -110,7 +110,7 @@ def _apply_passes(graph: Graph, prune_corpus: str | None, keep: str | None, quan
     if quantize is None and granularity is not None:
         raise CrystalError("--granularity chooses the quantization scales: it needs a quantization mode")
     text = _read_text(prune_corpus) if prune_corpus is not None else None
-    passes = standard_passes(text, _parse_ids(keep) if keep else [], quantize, granularity,
+    passes = standard_passes(text, _parse_ids(keep) if keep is not None else [], quantize, granularity,
                              lambda g: _calibration(g, calibrate, calibrate_tokens))
     return run_pipeline(graph, passes)
 
@@ -123,10 +123,12 @@ def _read_text(path: str) -> str:
 
 
 def _parse_ids(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise CrystalError(f"token ids must be comma-separated integers, got {text!r}") from None
+    """Comma-separated ids, as the generated programs read --prompt-ids: ASCII digits (a leading minus is
+    left for the range check to name), no empty entries, spaces ignored."""
+    items = text.replace(" ", "").split(",")
+    if not all(x.removeprefix("-").isascii() and x.removeprefix("-").isdigit() for x in items):
+        raise CrystalError(f"token ids must be comma-separated integers, got {text!r}")
+    return [int(x) for x in items]
 
 
 @click.group(cls=CrystalGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -365,7 +367,7 @@ def prune_vocab(model: str, corpus: str | None, keep: str | None, out_path: str,
     """Keep only the vocabulary rows a corpus uses; ids stay those of the original tokenizer."""
     from crystalc.format.crystal import write_crystal
 
-    if corpus is None and not keep:
+    if corpus is None and keep is None:
         raise CrystalError("give --corpus FILE, --keep IDS, or both")
     _check_output(out_path, model=model, corpus=corpus)
     graph = _apply_passes(_load(model, n_heads), corpus, keep, None, None)
@@ -373,7 +375,8 @@ def prune_vocab(model: str, corpus: str | None, keep: str | None, out_path: str,
     skipped = graph.meta.get("prune_vocab", {}).get("skipped_chars", 0)
     plural = "" if skipped == 1 else "s"
     note = f" ({skipped:,} corpus character{plural} not in the vocabulary skipped)" if skipped else ""
-    click.echo(f"kept {graph.config.vocab_size} of {graph.orig_vocab_size} tokens{note}; wrote {out_path}")
+    of = graph.orig_vocab_size or graph.config.vocab_size
+    click.echo(f"kept {graph.config.vocab_size} of {of} tokens{note}; wrote {out_path}")
 
 
 @cli.command()
@@ -443,7 +446,15 @@ def train(data: str, out_path: str, tokenizer: str, d_model: int, n_ctx: int, n_
         soft_halflife=soft_halflife, steps=steps, rounds=rounds, batch_size=batch_size, lr=lr, warmup=warmup,
         eval_every=eval_every, patience=patience, val_frac=val_frac, sampling=sampling, tokenizer=tokenizer,
         seed=seed, threads=threads, device=device, progress=not quiet)
-    _, _, meta = run_training(read_corpus(data), cfg, out=out_path, log=lambda s: click.echo(s, err=True))
+    try:
+        _, _, meta = run_training(read_corpus(data), cfg, out=out_path, log=lambda s: click.echo(s, err=True))
+    except (MemoryError, RuntimeError) as e:
+        # torch reports a failed allocation as a RuntimeError (a CPU allocator's) or its OutOfMemoryError subclass
+        said = str(e)
+        if not (isinstance(e, MemoryError) or "can't allocate memory" in said or "out of memory" in said):
+            raise
+        raise CrystalError(f"training ran out of memory (--batch-size {batch_size} x --n-ctx {n_ctx}, "
+                           f"--d-model {d_model}): nothing written; lower --batch-size") from None
     # what the file holds: after early stopping, the best evaluation's weights, not the last one's
     best = [p for p in meta["curve"] if p["step"] == meta["best_step"]] if cfg.patience else meta["curve"][-1:]
     point = best[0] if best else None

@@ -60,7 +60,7 @@ def read_safetensors(path: Path) -> RawCheckpoint:
     if cfg_path is not None:
         try:
             doc = json.loads(cfg_path.read_text())
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: nesting too deep to decode
             raise CrystalError(f"{cfg_path}: not valid JSON ({e})") from None
         if not isinstance(doc, dict):
             raise CrystalError(f"{cfg_path}: expected a JSON object")

@@ -54,16 +54,21 @@ def input_grams(graph: Graph, windows: np.ndarray) -> dict[str, np.ndarray]:
     b, s = windows.shape
     # each layer's inputs over a batch of windows (attention's window by window) make one gram
     per_batch = interpret.windows_per_batch(c, s)
-    for first in range(0, b, per_batch):
-        seen: dict[str, list[np.ndarray]] = {}
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow leaves a gram not finite: refused below
+        for first in range(0, b, per_batch):
+            seen: dict[str, list[np.ndarray]] = {}
 
-        def record(weight: Tensor, x: np.ndarray, seen: dict[str, list[np.ndarray]] = seen) -> None:
-            seen.setdefault(weight.name, []).append(x)
+            def record(weight: Tensor, x: np.ndarray, seen: dict[str, list[np.ndarray]] = seen) -> None:
+                seen.setdefault(weight.name, []).append(x)
 
-        interpret.forward_batch(graph, windows[first:first + per_batch], tap=record)
-        for name, parts in seen.items():
-            add(name, np.concatenate(parts))
+            interpret.forward_batch(graph, windows[first:first + per_batch], tap=record)
+            for name, parts in seen.items():
+                add(name, np.concatenate(parts))
     grams.pop(graph.token_embed.weight.name, None)  # a tied head is the embedding table: nearest rounding
+    for name, g in grams.items():
+        if not np.isfinite(g).all():
+            raise CrystalError(f"calibration: the inputs of {name} are not finite on the calibration text "
+                               "(the float32 model overflows)")
     return grams
 
 
@@ -93,5 +98,9 @@ def calibrated_tensor(t: Tensor, x: np.ndarray, gram: np.ndarray, qmax: int) -> 
     """`t` (quantized with nearest rounding from the float32 values x) with its codes re-chosen."""
     if t.quant is None:
         raise ValueError(f"{t.name}: calibrated rounding re-chooses the codes of a quantized tensor")
-    codes = round_calibrated(x, t.quant, gram, qmax)
+    with np.errstate(over="ignore", invalid="ignore"):
+        codes = round_calibrated(x, t.quant, gram, qmax)
+    if not np.isfinite(codes).all():
+        raise CrystalError(f"calibration: {t.name}'s calibrated codes are not finite (its inputs' scale "
+                           "overflows the error feedback)")
     return Tensor(t.name, codes.astype(t.data.dtype), t.quant)

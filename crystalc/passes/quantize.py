@@ -86,8 +86,11 @@ def quantize_tensor_minmax(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.flo
     if x.size == 0:
         return np.zeros(x.shape, dtype=itype), np.float32(0), np.float32(0)
     vmin, vmax = x.min(), x.max()
-    scale = np.float32((vmax - vmin) / np.float32(2 * qmax))
-    offset = np.float32(vmin + np.float32(qmax) * scale)
+    with np.errstate(over="ignore", invalid="ignore"):  # a span past float32's range: inf, refused below
+        scale = np.float32((vmax - vmin) / np.float32(2 * qmax))
+        offset = np.float32(vmin + np.float32(qmax) * scale)
+    if not (np.isfinite(scale) and np.isfinite(offset)):  # the caller refuses the tensor, naming it
+        return np.zeros(x.shape, dtype=itype), scale, offset
     if scale == 0:  # constant tensor: codes 0, offset == the constant
         return np.zeros(x.shape, dtype=itype), scale, offset
     codes = np.clip(np.round((x - offset) / scale), -qmax, qmax)

@@ -120,6 +120,7 @@ def test_safetensors_with_a_wrapped_config_tokenizer_and_meta(tmp_path: Path) ->
     (None, "n_heads cannot be inferred"),  # no config: inferred from the shapes but the heads
     ("{not json", "not valid JSON"),
     ("[1, 2]", "expected a JSON object"),
+    ("[" * 100000 + "]" * 100000, "not valid JSON"),  # nested past the decoder's recursion limit
     ({"config": {}, "meta": [1]}, "'meta' should be an object, not list"),
 ])
 def test_safetensors_config_errors(tmp_path: Path, doc: object | None, needle: str) -> None:

@@ -93,6 +93,12 @@ def test_quantize_and_prune_commands_write_what_the_passes_compute(tmp_path: Pat
     ("prune-vocab", "{m}", "-o", "{d}/x.crystal"),
     ("prune-vocab", "{m}", "--keep", "1,x", "-o", "{d}/x.crystal"),
     ("prune-vocab", "{m}", "--keep", "999", "-o", "{d}/x.crystal"),
+    ("prune-vocab", "{m}", "--keep", " ", "-o", "{d}/x.crystal"),  # no ids: the unpruned model, once written
+    ("prune-vocab", "{m}", "--keep", "1,,2", "-o", "{d}/x.crystal"),
+    ("prune-vocab", "{m}", "--keep", "1_0", "-o", "{d}/x.crystal"),  # Python's int() took it as 10
+    ("prune-vocab", "{m}", "--keep", "+3", "-o", "{d}/x.crystal"),
+    ("prune-vocab", "{m}", "--keep", "\u0663", "-o", "{d}/x.crystal"),  # an Arabic-Indic 3
+    ("compile", "{m}", "--target", "c", "-o", "{d}/out", "--keep", ","),  # was ignored
     ("quantize", "{m}", "--int8", "--calibrate", "{d}/missing.txt", "-o", "{d}/x.crystal"),
     ("quantize", "{m}", "--int8", "--calibrate", "{d}/short.txt", "-o", "{d}/x.crystal"),
     ("compile", "{m}", "--target", "c", "-o", "{d}/out", "--calibrate", "{d}/short.txt"),
@@ -111,6 +117,33 @@ def test_bad_options_exit_2_with_one_line(tmp_path: Path, args: tuple[str, ...])
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("crystalc: error:"), r.stderr
     assert not list(tmp_path.glob("x.crystal*")) and not (tmp_path / "out").exists()
     assert model.read_bytes()[:2] == b"PK" and (tmp_path / "short.txt").read_text() == "ab"  # inputs intact
+
+
+@pytest.mark.parametrize(("planted", "args", "why"), [
+    # a per-tensor span past float32's range: numpy's overflow warnings came before the one line
+    ({"head.weight": [(0, 0, 3e38), (0, 1, -3e38)]}, ("--int8",), "head.weight: quantization scale holds NaN"),
+    # a LayerNorm gain overflowing the float32 model: calibrated codes were garbage, and the file was written
+    ({"blocks.0.ln1.weight": [(None, None, 3e38)]}, ("--int8", "--granularity", "row", "--calibrate", "{c}"),
+     "calibration: the inputs of blocks.0.attn.q_proj.weight are not finite"),
+])
+def test_a_model_overflowing_float32_is_refused_in_one_line(tmp_path: Path, planted, args, why) -> None:
+    from crystalc.ir.tensor import Tensor
+
+    def plant(t: Tensor) -> Tensor:
+        if t.name not in planted:
+            return t
+        data = t.data.copy()
+        for r, c, v in planted[t.name]:
+            data[(slice(None) if r is None else r, slice(None) if c is None else c) if data.ndim == 2 else
+                 slice(None)] = v
+        return Tensor(t.name, data)
+
+    model = save_pt(char_graph("d40_h5", seed=3).map_tensors(plant), tmp_path / "m.pt")
+    (tmp_path / "c.txt").write_text(CORPUS)
+    r = _crystalc("quantize", str(model), *(a.format(c=tmp_path / "c.txt") for a in args), "-o",
+                  str(tmp_path / "x.crystal"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and why in r.stderr, r.stderr
+    assert not list(tmp_path.glob("x.crystal*"))
 
 
 def test_compile_never_replaces_the_output_folder_holding_its_model(tmp_path: Path) -> None:

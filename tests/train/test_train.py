@@ -209,6 +209,9 @@ def _crystalc(*args: str) -> subprocess.CompletedProcess:
     (["--val-frac", "0", "--patience", "2"], "needs --val-frac above 0"),
     (["--lr", "1e30", "--d-model", "16", "--n-heads", "2", "--n-ctx", "8", "--neurons", "2"], "diverged at step"),
     (["--threads", "99999"], "99999 is not in the range 0<=x<=1024"),
+    # a batch no machine holds (5e14 bytes of activations): torch's allocator error was a traceback, exit 1
+    (["--batch-size", "1000000000000", "--d-model", "16", "--n-heads", "2", "--n-ctx", "8", "--neurons", "2"],
+     "training ran out of memory"),
     pytest.param(["--device", "cuda"], "no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
 ])
