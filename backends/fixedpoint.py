@@ -348,7 +348,7 @@ def lower(graph: Graph) -> Program:
 
     eps_q32 = round(c.ln_eps * (1 << (2 * FRAC)))
     if eps_q32 > INT32_MAX:  # a smaller eps than Q32 holds (2.3e-10) rounds to 0: the root is clamped to >= 1
-        raise CrystalError(f"ln_eps = {c.ln_eps:g} is too large for the hardware's Q32 (at most 0.5)")
+        raise CrystalError(f"ln_eps = {c.ln_eps:g} is too large for the hardware's Q32 (it must be below 0.5)")
 
     embed = w(graph.token_embed.weight)
     pos = w(graph.pos_embed.weight)
@@ -425,8 +425,9 @@ def _exec(ins: Instr, rom: np.ndarray, ram: np.ndarray, tok: int, pos: int) -> N
         xs = ram[ins.src:ins.src + d]
         mean = tdiv(np.sum(xs), d)
         dx = xs - mean
-        var = tdiv(np.sum(dx * dx), d)
-        r = max(int(isqrt(np.array(var + ins.k))), 1)
+        # the 64-bit sum of squares, divided and rooted unsigned as the core does: exact below 2^64
+        var = (int(np.sum(dx * dx)) & 0xFFFF_FFFF_FFFF_FFFF) // d
+        r = max(math.isqrt((var + ins.k) & 0xFFFF_FFFF_FFFF_FFFF), 1)
         yv = sat32(tdiv(dx << FRAC, r))  # |y| <= sqrt(D): the saturation never acts, but bounds the multiplier
         ram[ins.dst:ins.dst + d] = sat32(rshift_round(yv * rom[ins.a:ins.a + d], FRAC) + rom[ins.b:ins.b + d])
     elif op == "linear":

@@ -611,9 +611,17 @@ def compiled_tokenizer(out_dir: Path) -> Tokenizer:
         raise CrystalError(f"{out_dir} has no {TOKENIZER} (its model had no tokenizer): give --prompt-ids")
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CrystalError(f"{path}: {e}") from None
-    return Tokenizer(spec)
+    except (OSError, ValueError, RecursionError) as e:
+        raise CrystalError(f"{path}: not a tokenizer ({e})") from None
+    if not isinstance(spec, dict):
+        raise CrystalError(f"{path}: not a tokenizer (expected a JSON object)")
+    tokenizer = Tokenizer(spec)
+    rows = _row_map(Path(out_dir))
+    need = max(rows.to_orig, default=-1) + 1
+    if tokenizer.vocab_size < need if rows.pruned else tokenizer.vocab_size != need:
+        raise CrystalError(f"{path}: a tokenizer of {tokenizer.vocab_size} tokens, but the hardware's model "
+                           f"{'uses ids up to ' + str(need - 1) if rows.pruned else f'has {need}'}")
+    return tokenizer
 
 
 class _Rows(NamedTuple):
@@ -634,6 +642,14 @@ def compiled_window(out_dir: Path) -> int:
 
 def _rows(out_dir: Path, simulator: str) -> _Rows:
     """The folder's rows (vocab_map.txt when pruned), its simulation built first when it is not there."""
+    rows = _row_map(out_dir)
+    if not (out_dir / _simulator(simulator).target).is_file():
+        BACKEND.build(out_dir, simulator=simulator)
+    return rows
+
+
+def _row_map(out_dir: Path) -> _Rows:
+    """The folder's rows: vocab_map.txt when pruned, else 0..VOCAB_SIZE-1."""
     sizes = _defines(out_dir)
     window, vocab = sizes["N_CTX"], sizes["VOCAB_SIZE"]
     map_file = out_dir / "vocab_map.txt"
@@ -644,8 +660,6 @@ def _rows(out_dir: Path, simulator: str) -> _Rows:
         raise CrystalError(f"{map_file}: not a list of token ids: {e}") from None
     if len(rows_to_orig) != vocab:
         raise CrystalError(f"{map_file} lists {len(rows_to_orig)} ids for a vocabulary of {vocab}")
-    if not (out_dir / _simulator(simulator).target).is_file():
-        BACKEND.build(out_dir, simulator=simulator)
     return _Rows(rows_to_orig, map_file.is_file(), window)
 
 

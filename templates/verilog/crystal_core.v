@@ -423,7 +423,12 @@ module crystal_core (
     wire signed [63:0] scaled = scl_x * scl_y;
     wire signed [63:0] scaled_word = sx(sat32(rshift_round(scaled, FRAC)));  // a score or a field exponent
     reg signed [63:0] div_n, div_d, sqrt_in;
-    wire signed [63:0] quot = div_d == 0 ? 64'sd0 : div_n / div_d;  // truncates toward zero
+    reg div_unsigned;  // LayerNorm's sum of squares: up to 2^64, read unsigned as the square root reads it
+    wire signed [64:0] div_n65 = {div_unsigned ? 1'b0 : div_n[63], div_n};
+    /* verilator lint_off UNUSEDSIGNAL */  // a quotient of 65-bit operands that fits 64 bits
+    wire signed [64:0] quot65 = div_d == 0 ? 65'sd0 : div_n65 / $signed({div_d[63], div_d});
+    /* verilator lint_on UNUSEDSIGNAL */
+    wire signed [63:0] quot = quot65[63:0];  // truncates toward zero
     wire signed [63:0] root = $signed(isqrt(sqrt_in));
 
     // The lanes: the sums of rows i + g at once, each of its lane ROM word against a common word
@@ -476,7 +481,7 @@ module crystal_core (
 
     always @* begin
         exp_x = 0; gelu_x = 0;
-        mac_x = 0; mac_y = 0; scl_x = 0; scl_y = 0; div_n = 0; div_d = 1; sqrt_in = 0;
+        mac_x = 0; mac_y = 0; scl_x = 0; scl_y = 0; div_n = 0; div_d = 1; div_unsigned = 1'b0; sqrt_in = 0;
         dx = 0; distance = 0;
         m_we = 1'b0; m_waddr = 0; m_wdata = 0; c_we = 1'b0; c_waddr = 0; c_lane = 0;
         case (state_x)
@@ -487,7 +492,7 @@ module crystal_core (
         S_LN_SUM: if (i_x == n - 1) begin div_n = acc + m0; div_d = {32'd0, n}; end
         S_LN_VAR: begin
             dx = m0 - mean; mac_x = dx[33:0]; mac_y = dx[33:0];
-            if (i_x == n - 1) begin div_n = mac; div_d = {32'd0, n}; sqrt_in = quot + sx(k); end
+            if (i_x == n - 1) begin div_n = mac; div_d = {32'd0, n}; div_unsigned = 1'b1; sqrt_in = quot + sx(k); end
         end
         S_LN_OUT: begin
             div_n = (m0 - mean) <<< FRAC; div_d = rr;

@@ -539,6 +539,29 @@ def test_a_sum_of_squares_past_2_63_is_read_unsigned_by_both(tmp_path):
 
 
 @pytest.mark.tool
+def test_a_layer_norm_variance_past_2_63_is_divided_unsigned_by_both(tmp_path):
+    # x = (30000, 30000, -30000), in range for Q16.16: D x variance in Q32 is 1.03e19, in [2^63, 2^64); divided
+    # as a signed number it was negative and the LayerNorm (all of them, the final one too) came out 0.33, not 0.71
+    from crystalc.ir.tensor import Tensor
+
+    cfg = dict(vocab_size=4, d_model=3, n_ctx=2, n_heads=1, n_blocks=1, n_neurons=0, ffn_hidden=2, final_norm=True)
+    g = random_graph(cfg, seed=1)
+    half = np.array([15000.0, 15000.0, -15000.0], dtype=np.float32)  # token 0's row and position 0's: x is twice it
+
+    def planted(t: Tensor) -> Tensor:
+        if t.name not in ("token_embed.weight", "pos_embed.weight"):
+            return t
+        data = t.data.copy()
+        data[0] = half
+        return Tensor(t.name, data)
+
+    g = g.map_tensors(planted)
+    dx = np.round((2 * half - 2 * half.mean()) * fp.ONE).astype(object)
+    assert 2**63 <= int((dx * dx).sum()) < 2**64
+    check(g, built(g, tmp_path / "out"), [0])
+
+
+@pytest.mark.tool
 def test_a_reset_starts_the_core_whatever_its_registers_powered_up_as(tmp_path):
     # Verilator with every register and memory word random at time 0 (found by a design review: without a
     # reset, seeds whose start registers powered up 1 ran the core on garbage and hung); the testbench
@@ -745,6 +768,14 @@ def test_simulate_command_speaks_text(tmp_path):
                       (["--prompt", "ab", "--prompt-ids", "1"], "give exactly one of --prompt and --prompt-ids"),
                       ([], "give exactly one of --prompt and --prompt-ids"), (["--prompt", ""], "no tokens")):
         res = cli("simulate", str(out), *args)
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and why in res.stderr, res.stderr
+    # tokenizer.json is a file anyone can edit: nested past JSON's recursion limit, or fewer tokens than the
+    # hardware's vocabulary (decoding its ids raised IndexError), it is refused in one line
+    for text, why in (("[" * 100000 + "]" * 100000, "not a tokenizer"), ('{"kind": "char", "chars": "abc"}',
+                                                                           "a tokenizer of 3 tokens, but the "
+                                                                           "hardware's model has 23")):
+        (out / "tokenizer.json").write_text(text)
+        res = cli("simulate", str(out), "--prompt", "ab", "-n", "2")
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and why in res.stderr, res.stderr
     (out / "tokenizer.json").unlink()
     res = cli("simulate", str(out), "--prompt", "ab")
