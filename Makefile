@@ -8,11 +8,15 @@ DEMO_MODEL ?= examples/shakespeare/model.pt
 
 venv: $(VENV)/.installed
 
-# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+# torch first and pinned to the version whose CPU wheel this project's machines hold locally (pip's
+# configuration finds it). Elsewhere PyPI's Linux torch is the multi-GB CUDA build: give
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU one.
+TORCH_INDEX ?=
 $(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || PYTHON=$(PYTHON) bash scripts/ensure-venv.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
