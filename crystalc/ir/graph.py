@@ -148,6 +148,12 @@ class Graph:
         c = self.config
         c.validate()
         v, d, t = c.vocab_size, c.d_model, c.n_ctx
+        # the interpreter reads tensors where they sit, state_dict() and the .crystal writer by name
+        for path, op in self.ops():
+            for f in dataclasses.fields(op):
+                tensor = getattr(op, f.name)
+                if isinstance(tensor, Tensor) and tensor.name != (want := f"{path}.{_param_suffix(op, f.name)}"):
+                    raise CrystalError(f"{want}: the tensor there is named {tensor.name!r}")
         self.token_embed.verify(v, d)
         self.pos_embed.verify(t, d)
         if len(self.blocks) != c.n_blocks:
@@ -169,9 +175,14 @@ class Graph:
         if self.head.tied != c.tie_head:
             raise CrystalError("head: tying disagrees with config.tie_head")
         self.head.verify(v, d)
+        n_orig = self.orig_vocab_size
+        if n_orig is not None and (not isinstance(n_orig, (int, np.integer)) or isinstance(n_orig, bool)):
+            raise CrystalError(f"orig_vocab_size must be an integer, got {n_orig!r}")
+        if self.vocab_map is None and n_orig is not None and n_orig != v:
+            raise CrystalError(f"orig_vocab_size {n_orig} differs from the vocabulary {v}, but no vocab_map says "
+                               "which rows were kept")
         if self.vocab_map is not None:
             m = self.vocab_map
-            n_orig = self.orig_vocab_size
             if m.dtype != np.int64 or m.shape != (v,):
                 raise CrystalError(f"vocab_map: shape {list(m.shape)} {m.dtype}, expected [{v}] int64")
             if n_orig is None or n_orig < v:
@@ -223,6 +234,16 @@ class Graph:
                 if isinstance(val, Tensor):
                     sd[val.name] = val.data if val.dtype == "bool" else val.values()
         return dict(sorted(sd.items()))
+
+
+def _param_suffix(op: Op, field: str) -> str:
+    """The canonical parameter name of an op's tensor field, after the op's path (spec: state_dict names)."""
+    if isinstance(op, CausalSelfAttention):  # q_weight -> q_proj.weight
+        which, what = field.rsplit("_", 1)
+        return f"{which}_proj.{what}"
+    if isinstance(op, FFN):  # fc1_weight -> fc1.weight
+        return field.replace("_", ".")
+    return field
 
 
 def build_graph(

@@ -27,8 +27,13 @@ def _w(t: Tensor) -> np.ndarray:
 
 def check_ids(ids: Sequence[int] | np.ndarray, n_ctx: int, vocab_size: int) -> np.ndarray:
     """ids as an int64 array, or a CrystalError: a sequence of 1..n_ctx current-vocabulary ids."""
-    arr = np.asarray(ids, dtype=np.int64)
-    if arr.ndim != 1 or not 1 <= len(arr) <= n_ctx:
+    raw = np.asarray(ids)
+    if raw.ndim != 1:
+        raise CrystalError(f"token ids must be a sequence, got an array of {raw.ndim} dimensions")
+    if raw.size and raw.dtype.kind not in "iu":  # int64 of 1.9 would be 1, of True 1, of "3" 3
+        raise CrystalError(f"token ids must be integers, got {raw.dtype}")
+    arr = raw.astype(np.int64)
+    if not 1 <= len(arr) <= n_ctx:
         raise CrystalError(f"sequence of {len(arr)} tokens; the model takes 1..{n_ctx}")
     if arr.min() < 0 or arr.max() >= vocab_size:
         raise CrystalError(f"token id outside 0..{vocab_size - 1}")

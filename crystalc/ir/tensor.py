@@ -118,7 +118,8 @@ class Tensor:
                 raise CrystalError(f"{self.name}: unknown quantization scheme {q.scheme!r}")
             want: tuple[int, ...] = (shape[0],) if q.scheme == "row" and len(shape) == 2 else (1,)
             if q.scheme == "group":
-                if len(shape) != 2 or q.group < 1:
+                integral = isinstance(q.group, (int, np.integer)) and not isinstance(q.group, bool)
+                if len(shape) != 2 or not integral or q.group < 1:
                     raise CrystalError(f"{self.name}: group quantization needs a 2-D tensor and group >= 1")
                 want = (shape[0], -(-shape[1] // q.group))
             for what, arr in (("scale", q.scale), ("offset", q.offset)):
@@ -129,6 +130,8 @@ class Tensor:
                     )
                 if not np.all(np.isfinite(arr)):
                     raise CrystalError(f"{self.name}: quantization {what} holds NaN or Inf")
+            if q.scheme != "tensor" and np.any(q.offset != 0):  # row and group scales are symmetric
+                raise CrystalError(f"{self.name}: nonzero offsets under the symmetric {q.scheme} scheme")
             with np.errstate(over="ignore", invalid="ignore"):  # finite scales can still make Inf values
                 finite = np.all(np.isfinite(dequantize(self.data, q)))
             if not finite:

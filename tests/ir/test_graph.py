@@ -40,6 +40,17 @@ BREAKS: dict[str, tuple[Callable[[Graph], Graph], str]] = {
         lambda g: g.replace(vocab_map=np.arange(19, dtype=np.int64) + 5, orig_vocab_size=20), "strictly increasing"),
     "original vocabulary smaller than the current": (
         lambda g: g.replace(vocab_map=np.arange(19, dtype=np.int64), orig_vocab_size=10), "smaller"),
+    # found by an audit: these passed verify and failed (or computed otherwise) further on
+    "original vocabulary larger, with no vocab_map": (lambda g: g.replace(orig_vocab_size=40), "no vocab_map"),
+    "original vocabulary not an integer": (
+        lambda g: g.replace(vocab_map=np.arange(19, dtype=np.int64), orig_vocab_size=19.5), "must be an integer"),
+    "two layer norms' tensors swapped": (
+        lambda g: _block0(g, ln1=g.blocks[0].ln2, ln2=g.blocks[0].ln1),
+        "blocks.0.ln1.weight: the tensor there is named 'blocks.0.ln2.weight'"),
+    "an attention weight misnamed": (
+        lambda g: _block0(g, attn=dataclasses.replace(
+            g.blocks[0].attn, k_weight=Tensor("blocks.0.attn.q_proj.weight", g.blocks[0].attn.k_weight.data))),
+        "blocks.0.attn.k_proj.weight: the tensor there is named 'blocks.0.attn.q_proj.weight'"),
 }
 
 
@@ -112,3 +123,22 @@ def test_known_rows_skips_what_a_pruned_vocabulary_lacks() -> None:
     rows, dropped = g.known_rows([9, 1, 0, 9, 5, 4])
     assert rows.tolist() == [3, 0, 3, 2] and dropped == 2
     assert g.known_rows([])[0].size == 0
+
+
+@pytest.mark.parametrize(("scheme", "group", "offset", "needle"), [
+    ("row", 0, 0.5, "nonzero offsets under the symmetric row scheme"),
+    ("group", 4, 0.5, "nonzero offsets under the symmetric group scheme"),
+    ("group", 2.5, 0.0, "group >= 1"),  # once an IndexError out of dequantize
+    ("group", True, 0.0, "group >= 1"),
+])
+def test_verify_rejects_quantization_parameters_no_consumer_reads(scheme, group, offset, needle) -> None:
+    from crystalc.ir.tensor import Quant
+
+    g = random_graph("d40_h5")
+    w = g.token_embed.weight.data
+    rows, cols = w.shape
+    shape = (rows,) if scheme == "row" else (rows, -(-cols // int(group)))
+    q = Quant(scheme, np.ones(shape, np.float32), np.full(shape, offset, np.float32), group)
+    coded = Tensor("token_embed.weight", np.zeros(w.shape, np.int8), q)
+    with pytest.raises(CrystalError, match=needle):
+        g.replace(token_embed=dataclasses.replace(g.token_embed, weight=coded)).verify()

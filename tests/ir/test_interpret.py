@@ -69,3 +69,7 @@ def test_forward_rejects_bad_sequences() -> None:
         forward(g, [g.config.vocab_size])
     with pytest.raises(CrystalError):
         generate(g, [0], 3, shift=0)
+    # found by an audit: converted to int64 silently (1.9 ran as 1, True as 1, "3" as 3; a scalar was a TypeError)
+    for bad in ([1.9], [True, False], ["3"], 3, [[1, 2]]):
+        with pytest.raises(CrystalError, match="token ids must be"):
+            forward(g, bad)
