@@ -757,11 +757,12 @@ static int lone_peak(const float *x, int cols) {
 /* y[r] = sum_k W[r][k] x[k] for a packed int8 matrix, in integer arithmetic: x_k = unit * X_k
  * with integers |X_k| < 2^23 (the rounding moves x_k by at most max|x| 2^-24: float32's
  * relative precision, but of the largest element; a lone peak 16 times the rest is taken
- * out and its column added in float, so that the others keep their digits), and X_k + 2^23, which is positive and below 2^24, written as three bytes
- * (digits), so that sum_k code_k X_k = sum_q 2^(8q) sum_k code_k digit_qk - 2^23 sum_k code_k:
- * byte dot products, which the hardware does 64 at a time, and each row's code sum from
- * start-up. The total is exact in int64 and in double (below 2^53 for cols <= I8_MAX_COLS);
- * each row's scale and offset are applied once, s * unit * sum + o * sum_k x_k: the sum of the
+ * out and its column added in float, so that the others keep their digits), and X_k + 2^23,
+ * which is positive and below 2^24, written as three bytes (digits), so that
+ * sum_k code_k X_k = sum_q 2^(8q) sum_k code_k digit_qk - 2^23 sum_k code_k: byte dot
+ * products, which the hardware does 64 at a time, and each row's code sum from start-up.
+ * The total is exact in int64 and in double (below 2^53 for cols <= I8_MAX_COLS); each row's
+ * scale and offset are applied once, s * unit * sum + o * sum_k x_k: the sum of the
  * dequantised weights in another order, a few ulp apart. */
 static void gemv_i8(const packed_i8 *p, const float *x, const float *bias, float *y) {
     int rows = p->rows, tiles = (rows + I8_TILE - 1) / I8_TILE, parallel = (double)rows * p->cols >= PARALLEL_WORK;
@@ -789,7 +790,8 @@ static void gemv_i8(const packed_i8 *p, const float *x, const float *bias, float
         float *restrict out = y + r0;
         for (int j = 0; j < n; j++) out[j] = scale[j] * (float)(dot[j] * unit) + offset[j] * sum_x;
         if (peak >= 0) { /* the peak's column: its codes lie 4 apart in the tile's step of four columns */
-            const int8_t *col = p->codes + (size_t)tb * I8_TILE * p->cols4 + (size_t)(peak / 4) * 4 * I8_TILE + peak % 4;
+            const int8_t *col =
+                p->codes + (size_t)tb * I8_TILE * p->cols4 + (size_t)(peak / 4) * 4 * I8_TILE + peak % 4;
             for (int j = 0; j < n; j++)
                 out[j] += (float)((double)scale[j] * col[4 * j] * x_peak + (double)offset[j] * x_peak);
         }
