@@ -617,10 +617,10 @@ def compiled_tokenizer(out_dir: Path) -> Tokenizer:
         raise CrystalError(f"{path}: not a tokenizer (expected a JSON object)")
     tokenizer = Tokenizer(spec)
     rows = _row_map(Path(out_dir))
-    need = max(rows.to_orig, default=-1) + 1
-    if tokenizer.vocab_size < need if rows.pruned else tokenizer.vocab_size != need:
-        raise CrystalError(f"{path}: a tokenizer of {tokenizer.vocab_size} tokens, but the hardware's model "
-                           f"{'uses ids up to ' + str(need - 1) if rows.pruned else f'has {need}'}")
+    need = max(rows.to_orig, default=-1) + 1  # a pruned model's tokenizer may hold ids past its rows
+    if tokenizer.vocab_size < need or (not rows.pruned and tokenizer.vocab_size != need):
+        model = f"uses ids up to {need - 1}" if rows.pruned else f"has {need}"
+        raise CrystalError(f"{path}: a tokenizer of {tokenizer.vocab_size} tokens, but the hardware's model {model}")
     return tokenizer
 
 

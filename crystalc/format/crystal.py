@@ -24,7 +24,7 @@ import numpy as np
 from crystalc.config import FLOAT32_MAX, MAX_DIM, ModelConfig
 from crystalc.errors import CrystalError
 from crystalc.fsutil import atomic_file
-from crystalc.ir.graph import Graph, build_graph
+from crystalc.ir.graph import Graph, build_graph, tensor_names
 from crystalc.ir.tensor import Quant, Tensor
 
 MAGIC = 0x53595243  # b"CRYS" read as a little-endian u32
@@ -62,26 +62,6 @@ NAME_BYTES = 48
 _NAME_RE = re.compile(r"[A-Za-z0-9_.]+")
 EXTRA_SECTIONS = {"vocab_map": DT_I32, "tokenizer.chars": DT_U8, "tokenizer.json": DT_U8, "meta.json": DT_U8}
 EMBEDDINGS = ("token_embed.weight", "pos_embed.weight")
-
-
-def tensor_names(c: ModelConfig) -> list[str]:
-    """Canonical names of every tensor a model with config `c` has, in file order."""
-    names = ["token_embed.weight", "pos_embed.weight"]
-    for b in range(c.n_blocks):
-        p = f"blocks.{b}"
-        names += [f"{p}.ln1.weight", f"{p}.ln1.bias"]
-        for proj in ("q", "k", "v", "out"):
-            names += [f"{p}.attn.{proj}_proj.weight", f"{p}.attn.{proj}_proj.bias"]
-        names += [f"{p}.ln2.weight", f"{p}.ln2.bias"]
-        names += [f"{p}.field.{x}" for x in ("positions", "values", "temperature", "frozen")]
-        names += [f"{p}.ln3.weight", f"{p}.ln3.bias"]
-        names += [f"{p}.ffn.fc1.weight", f"{p}.ffn.fc1.bias", f"{p}.ffn.fc2.weight", f"{p}.ffn.fc2.bias"]
-    if c.final_norm:
-        names += ["ln_f.weight", "ln_f.bias"]
-    if not c.tie_head:
-        names.append("head.weight")
-    names.append("head.bias")
-    return names
 
 
 def summary_flags(dtypes: dict[str, str]) -> int:
@@ -135,14 +115,9 @@ class _Section:
 
 def _sections(graph: Graph) -> list[_Section]:
     c = graph.config
-    tensors = {t.name: t for t in graph.tensors()}
-    want = tensor_names(c)
-    if set(tensors) != set(want):
-        odd = sorted(set(tensors) ^ set(want))
-        raise CrystalError(f"cannot write .crystal: tensor names do not match the canonical ones ({odd[0]})")
     out = []
-    for name in want:
-        t = tensors[name]
+    for t in graph.tensors():  # canonical names in file order (Graph.verify)
+        name = t.name
         code = IR_DTYPE_CODE[t.dtype]
         data = np.ascontiguousarray(t.data, dtype=DTYPE_NUMPY[code]).tobytes()
         sec = _Section(name, code, t.shape, data)

@@ -11,7 +11,7 @@ from crystalc.config import ModelConfig, as_int
 from crystalc.errors import CrystalError
 from crystalc.frontend import aliases
 from crystalc.frontend.raw import RawCheckpoint
-from crystalc.ir.graph import Graph, build_graph
+from crystalc.ir.graph import Graph, build_graph, tensor_names
 from crystalc.ir.tensor import Tensor
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
@@ -137,24 +137,7 @@ def lower(raw: RawCheckpoint, n_heads: int | None = None) -> Graph:
             raise CrystalError("head.weight differs from token_embed.weight, but the config ties the head to it "
                                "(tie_head true)")
         del params["head.weight"]
-    extra = sorted(set(params) - _expected_names(config))
+    extra = sorted(set(params) - set(tensor_names(config)))
     if extra:
         raise CrystalError(f"unexpected parameter {extra[0]} {list(params[extra[0]].shape)} for this config")
     return build_graph(config, params, raw.tokenizer, meta=raw.meta)
-
-
-def _expected_names(c: ModelConfig) -> set[str]:
-    names = {"token_embed.weight", "pos_embed.weight", "head.bias"}
-    if not c.tie_head:
-        names.add("head.weight")
-    if c.final_norm:
-        names |= {"ln_f.weight", "ln_f.bias"}
-    for b in range(c.n_blocks):
-        p = f"blocks.{b}"
-        for ln in ("ln1", "ln2", "ln3"):
-            names |= {f"{p}.{ln}.weight", f"{p}.{ln}.bias"}
-        for proj in ("q", "k", "v", "out"):
-            names |= {f"{p}.attn.{proj}_proj.weight", f"{p}.attn.{proj}_proj.bias"}
-        names |= {f"{p}.field.{x}" for x in ("positions", "values", "temperature", "frozen")}
-        names |= {f"{p}.ffn.fc1.weight", f"{p}.ffn.fc1.bias", f"{p}.ffn.fc2.weight", f"{p}.ffn.fc2.bias"}
-    return names

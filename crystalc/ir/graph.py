@@ -148,12 +148,6 @@ class Graph:
         c = self.config
         c.validate()
         v, d, t = c.vocab_size, c.d_model, c.n_ctx
-        # the interpreter reads tensors where they sit, state_dict() and the .crystal writer by name
-        for path, op in self.ops():
-            for f in dataclasses.fields(op):
-                tensor = getattr(op, f.name)
-                if isinstance(tensor, Tensor) and tensor.name != (want := f"{path}.{_param_suffix(op, f.name)}"):
-                    raise CrystalError(f"{want}: the tensor there is named {tensor.name!r}")
         self.token_embed.verify(v, d)
         self.pos_embed.verify(t, d)
         if len(self.blocks) != c.n_blocks:
@@ -191,6 +185,10 @@ class Graph:
                 raise CrystalError("vocab_map: ids must be strictly increasing within the original vocabulary")
         if self.tokenizer is not None:
             check_spec(self.tokenizer, self.orig_vocab_size or v)
+        # the interpreter reads tensors where they sit, state_dict() and the .crystal writer by name
+        for want, tensor in zip(tensor_names(c), self.tensors(), strict=True):
+            if tensor.name != want:
+                raise CrystalError(f"{want}: the tensor there is named {tensor.name!r}")
         return self
 
     # --- text form -----------------------------------------------------------------------
@@ -236,14 +234,24 @@ class Graph:
         return dict(sorted(sd.items()))
 
 
-def _param_suffix(op: Op, field: str) -> str:
-    """The canonical parameter name of an op's tensor field, after the op's path (spec: state_dict names)."""
-    if isinstance(op, CausalSelfAttention):  # q_weight -> q_proj.weight
-        which, what = field.rsplit("_", 1)
-        return f"{which}_proj.{what}"
-    if isinstance(op, FFN):  # fc1_weight -> fc1.weight
-        return field.replace("_", ".")
-    return field
+def tensor_names(c: ModelConfig) -> list[str]:
+    """Canonical names of every tensor a model with config `c` has, in file order."""
+    names = ["token_embed.weight", "pos_embed.weight"]
+    for b in range(c.n_blocks):
+        p = f"blocks.{b}"
+        names += [f"{p}.ln1.weight", f"{p}.ln1.bias"]
+        for proj in ("q", "k", "v", "out"):
+            names += [f"{p}.attn.{proj}_proj.weight", f"{p}.attn.{proj}_proj.bias"]
+        names += [f"{p}.ln2.weight", f"{p}.ln2.bias"]
+        names += [f"{p}.field.{x}" for x in ("positions", "values", "temperature", "frozen")]
+        names += [f"{p}.ln3.weight", f"{p}.ln3.bias"]
+        names += [f"{p}.ffn.fc1.weight", f"{p}.ffn.fc1.bias", f"{p}.ffn.fc2.weight", f"{p}.ffn.fc2.bias"]
+    if c.final_norm:
+        names += ["ln_f.weight", "ln_f.bias"]
+    if not c.tie_head:
+        names.append("head.weight")
+    names.append("head.bias")
+    return names
 
 
 def build_graph(

@@ -89,9 +89,8 @@ def quantize_tensor_minmax(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.flo
     with np.errstate(over="ignore", invalid="ignore"):  # a span past float32's range: inf, refused below
         scale = np.float32((vmax - vmin) / np.float32(2 * qmax))
         offset = np.float32(vmin + np.float32(qmax) * scale)
-    if not (np.isfinite(scale) and np.isfinite(offset)):  # the caller refuses the tensor, naming it
-        return np.zeros(x.shape, dtype=itype), scale, offset
-    if scale == 0:  # constant tensor: codes 0, offset == the constant
+    # a constant tensor: codes 0, offset == the constant; a non-finite scale: the caller refuses the tensor
+    if scale == 0 or not (np.isfinite(scale) and np.isfinite(offset)):
         return np.zeros(x.shape, dtype=itype), scale, offset
     codes = np.clip(np.round((x - offset) / scale), -qmax, qmax)
     return codes.astype(itype), scale, offset
