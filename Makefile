@@ -13,7 +13,7 @@ venv: $(VENV)/.installed
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU one.
 TORCH_INDEX ?=
 $(VENV)/.installed: pyproject.toml
-	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || PYTHON=$(PYTHON) bash scripts/ensure-venv.sh
+	@PYTHON=$(PYTHON) bash scripts/ensure-tools.sh  # python3-venv too, before the venv needs it
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 tools:
-	@bash scripts/ensure-tools.sh
+	@PYTHON=$(PYTHON) bash scripts/ensure-tools.sh
 
 demo: venv tools
 	rm -rf demo-out  # ours; an older crystalc's output lacks the mark compile replaces
