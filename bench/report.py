@@ -29,25 +29,31 @@ REGIMES = {
     "shift32": ("past the window, --shift 32", {
         "c": ("generated C, shift + KV cache", "past-kv", 32),
         "torch": ("PyTorch eager, shift + KV cache", "past-kv", 32),
+        "torch_pruned": ("PyTorch eager, shift + KV cache, dead rows skipped as in the C", "past-kv", 32),
+        "torch_int8_pruned": ("PyTorch eager, shift + KV cache, dead rows skipped as in the C, its dynamic int8 "
+                              "linear layers", "past-kv", 32),
     }),
 }
-BASELINES = ("torch", "torch_full", "ort", "torch_pruned", "ort_pruned", "torch_kv", "torch_int8_kv", "ort_int8",
-             "ort_int8_pruned")
+BASELINES = ("torch", "torch_full", "ort", "torch_pruned", "ort_pruned", "torch_kv", "torch_int8_kv",
+             "torch_int8_pruned", "ort_int8", "ort_int8_pruned")
 # The baselines' precision, for the roofline's bytes: float32 but for PyTorch's and ONNX Runtime's int8 paths,
 # whose int8 weights and float32 embeddings are counted as mixed8's storage. That undercounts them a little:
 # mixed8 codes every tensor but the embeddings, they keep biases and norms float32, and the field's positions
 # (PyTorch: its values too; ONNX Runtime codes the positions only where its pre-processing folded cdist's
 # operand, the unpruned graph), up to about 0.6 MB a token. C mixed8 is read against these rows (INT8_PAIRS).
-BASELINE_PRECISION = {"torch_int8_kv": "mixed8", "ort_int8": "mixed8", "ort_int8_pruned": "mixed8"}
-INT8_PAIRS = (("window", "torch_int8_kv"), ("shift1", "ort_int8"), ("shift1", "ort_int8_pruned"))
+BASELINE_PRECISION = {"torch_int8_kv": "mixed8", "torch_int8_pruned": "mixed8", "ort_int8": "mixed8",
+                      "ort_int8_pruned": "mixed8"}
+INT8_PAIRS = (("window", "torch_int8_kv"), ("shift1", "ort_int8"), ("shift1", "ort_int8_pruned"),
+              ("shift32", "torch_int8_pruned"))
 # The generated C skips the last block's dead rows; so do these baselines (same work).
-PRUNED = ("c", "torch_pruned", "ort_pruned", "ort_int8_pruned")
+PRUNED = ("c", "torch_pruned", "torch_int8_pruned", "ort_pruned", "ort_int8_pruned")
 
 # (regime, baseline, C precision, minimum ratio) from issue 5's acceptance.
 TARGETS = [
     ("window", "torch", "f32", 6.0), ("window", "torch", "mixed8", 12.0),
     ("shift1", "ort", "f32", 1.0), ("shift1", "ort_pruned", "f32", 1.0),
     ("shift32", "torch", "f32", 6.0), ("shift32", "torch", "mixed8", 12.0),
+    ("shift32", "torch_pruned", "f32", 6.0), ("shift32", "torch_pruned", "mixed8", 12.0),
 ]
 COLD_TARGET = 100.0
 ROOFLINE_TARGET = 0.80  # within the window, C float32
@@ -228,8 +234,9 @@ def markdown(res: dict) -> str:
         "long and short runs). Ratios are the C program's tokens/s over the baseline's (C f32 / this, "
         "C mixed8 / this), by CPU time. "
         "The PyTorch and ONNX Runtime baselines run float32 weights, but for their own int8 paths (precision "
-        "mixed8 in the table): PyTorch's within the window (torch.ao.quantization.quantize_dynamic of its linear "
-        "layers, the head among them), ONNX Runtime's past the window with --shift 1 (onnxruntime.quantization's "
+        "mixed8 in the table): PyTorch's within the window and with --shift 32 (torch.ao.quantization."
+        "quantize_dynamic of its linear layers, the head among them), ONNX Runtime's past the window with "
+        "--shift 1 (onnxruntime.quantization's "
         "quant_pre_process, then quantize_dynamic of every MatMul with a constant weight: the linear layers, the "
         "head and the field's values). Both: int8 weights with one scale a tensor, activations quantized as they "
         "run, embeddings float32. Read C mixed8 against those rows (listed after the table); elsewhere a C mixed8 "
@@ -356,12 +363,14 @@ def plot(res: dict, path: Path) -> None:
 
     fig, (ax, rx) = plt.subplots(1, 2, figsize=(14, 6.5))
     colours = {"c/f32": "#1f77b4", "c/mixed8": "#17becf", "torch/f32": "#d62728", "torch_full/f32": "#ff9896",
-               "torch_kv/f32": "#9467bd", "torch_int8_kv/mixed8": "#c5b0d5",
+               "torch_kv/f32": "#9467bd", "torch_int8_kv/mixed8": "#c5b0d5", "torch_int8_pruned/mixed8": "#e377c2",
                "torch_pruned/f32": "#8c564b", "ort/f32": "#2ca02c", "ort_pruned/f32": "#98df8a",
                "ort_int8/mixed8": "#bcbd22", "ort_int8_pruned/mixed8": "#dbdb8d"}
     names = {"c/f32": "C f32", "c/mixed8": "C mixed8", "torch/f32": "PyTorch eager",
              "torch_full/f32": "PyTorch, all logits", "torch_kv/f32": "PyTorch, KV cache",
-             "torch_int8_kv/mixed8": "PyTorch int8, KV cache", "torch_pruned/f32": "PyTorch, dead rows skipped",
+             "torch_int8_kv/mixed8": "PyTorch int8, KV cache",
+             "torch_int8_pruned/mixed8": "PyTorch int8, dead rows skipped",
+             "torch_pruned/f32": "PyTorch, dead rows skipped",
              "ort/f32": "ONNX Runtime", "ort_pruned/f32": "ONNX Runtime, dead rows skipped",
              "ort_int8/mixed8": "ONNX Runtime int8", "ort_int8_pruned/mixed8": "ONNX Runtime int8, dead rows skipped"}
     regimes = list(REGIMES)

@@ -195,7 +195,9 @@ def main() -> None:
 
     print("[bench] past the window, --shift 32", flush=True)
     regimes["shift32"] = regime(builds, p64, warm, warm + m, 32, {
-        "torch": lambda: torch_gen.generate_kv(model, p64, warm + m, 32)}, rounds)
+        "torch": lambda: torch_gen.generate_kv(model, p64, warm + m, 32),
+        "torch_pruned": lambda: torch_gen.generate_kv(model, p64, warm + m, 32, pruned=True),
+        "torch_int8_pruned": lambda: torch_gen.generate_kv(int8, p64, warm + m, 32, pruned=True)}, rounds)
     res["regimes"] = regimes
     for b in builds.values():
         b["maxrss_kb"] = proc.peak_rss_kb(cprog.argv(Path(b["binary"]), p64, warm + m, 1))
@@ -222,6 +224,10 @@ def main() -> None:
         mixed8 = regimes["shift1"]["c"].get("mixed8", {}).get("tokens", [])
         checks[f"shift1/{name} vs C mixed8"] = agreement(got, mixed8)
         checks[f"shift1/{name} vs PyTorch f32"] = agreement(got, regimes["shift1"]["torch"]["tokens"])
+    checks["shift32/torch_pruned"] = agreement(regimes["shift32"]["torch_pruned"]["tokens"],
+                                               regimes["shift32"]["torch"]["tokens"])
+    checks["shift32/torch_int8_pruned vs C mixed8"] = agreement(
+        regimes["shift32"]["torch_int8_pruned"]["tokens"], regimes["shift32"]["c"].get("mixed8", {}).get("tokens", []))
     checks["shift32/torch-kv vs recompute"] = agreement(
         regimes["shift32"]["torch"]["tokens"],
         list(torch_gen.generate_recompute(model, p64, warm + m, 32)))

@@ -173,43 +173,51 @@ class KVCache:
         self.v = [torch.zeros(c.n_heads, c.n_ctx, c.head_dim) for _ in model.blocks]
 
 
-def _attend(blk: nn.Module, h: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, start: int) -> torch.Tensor:
-    """Causal attention for positions start..start+S-1 of h [S, D], reading and filling the cache."""
+def _attend(blk: nn.Module, h: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, start: int,
+            last_only: bool = False) -> torch.Tensor:
+    """Causal attention for positions start..start+S-1 of h [S, D], reading and filling the cache; with
+    `last_only`, keys and values for all S but the query and output of the last alone ([1, D])."""
     attn = blk.attn
     s, d = h.shape
     nh = attn.n_heads
     hd = d // nh
-    q = attn.q_proj(h).view(s, nh, hd).transpose(0, 1)
     cache_k[:, start:start + s] = attn.k_proj(h).view(s, nh, hd).transpose(0, 1)
     cache_v[:, start:start + s] = attn.v_proj(h).view(s, nh, hd).transpose(0, 1)
     keys, vals = cache_k[:, :start + s], cache_v[:, :start + s]
-    scores = q @ keys.transpose(-2, -1) / math.sqrt(hd)
-    if s > 1:
-        # Query i sits at position start+i and sees keys 0..start+i.
+    rows = h[-1:] if last_only else h
+    r = rows.shape[0]
+    scores = attn.q_proj(rows).view(r, nh, hd).transpose(0, 1) @ keys.transpose(-2, -1) / math.sqrt(hd)
+    if r > 1:
+        # Query i sits at position start+i and sees keys 0..start+i (the last query sees them all).
         visible = torch.arange(start + s)[None, :] <= (start + torch.arange(s))[:, None]
         scores = scores.masked_fill(~visible, float("-inf"))
     y = torch.softmax(scores, dim=-1) @ vals
-    return attn.out_proj(y.transpose(0, 1).reshape(s, d))
+    return attn.out_proj(y.transpose(0, 1).reshape(r, d))
 
 
-def _forward_cached(model: CrystalLM, cache: KVCache, ids: list[int], start: int) -> torch.Tensor:
-    """Compute positions start..start+len(ids)-1 with the cache; logits [V] of the last one."""
+def _forward_cached(model: CrystalLM, cache: KVCache, ids: list[int], start: int, pruned: bool = False
+                    ) -> torch.Tensor:
+    """Compute positions start..start+len(ids)-1 with the cache; logits [V] of the last one. `pruned`: the
+    last block past its keys and values for the last position alone, as the generated C does."""
     pos = torch.arange(start, start + len(ids))
     x = model.token_embed(torch.tensor(ids)) + model.pos_embed(pos)
     for b, blk in enumerate(model.blocks):
-        x = x + _attend(blk, blk.ln1(x), cache.k[b], cache.v[b], start)
+        last_only = pruned and b == len(model.blocks) - 1
+        x = (x[-1:] if last_only else x) + _attend(blk, blk.ln1(x), cache.k[b], cache.v[b], start, last_only)
         x = x + neuron_field(blk.field, blk.ln2(x))
         x = x + blk.ffn(blk.ln3(x))
     return _head(model, x[-1])
 
 
 @torch.inference_mode()
-def generate_kv(model: CrystalLM, prompt: list[int], n: int, shift: int = 1) -> Iterator[int]:
+def generate_kv(model: CrystalLM, prompt: list[int], n: int, shift: int = 1, pruned: bool = False
+                ) -> Iterator[int]:
     """The spec's shifting with a KV cache: one position per token while the window has room;
-    when it is full, drop `shift` tokens and recompute the remaining T-K (plus the new one)."""
+    when it is full, drop `shift` tokens and recompute the remaining T-K (plus the new one).
+    `pruned`: each recompute skips the last block's dead rows (_forward_cached)."""
     t, ctx = _check(model, prompt, shift)
     cache = KVCache(model)
-    logits = _forward_cached(model, cache, ctx, 0)
+    logits = _forward_cached(model, cache, ctx, 0, pruned)
     for i in range(n):
         tok = int(torch.argmax(logits))
         yield tok
@@ -217,10 +225,10 @@ def generate_kv(model: CrystalLM, prompt: list[int], n: int, shift: int = 1) -> 
             return
         if len(ctx) == t:
             ctx = ctx[shift:] + [tok]
-            logits = _forward_cached(model, cache, ctx, 0)
+            logits = _forward_cached(model, cache, ctx, 0, pruned)
         else:
             ctx.append(tok)
-            logits = _forward_cached(model, cache, [tok], len(ctx) - 1)
+            logits = _forward_cached(model, cache, [tok], len(ctx) - 1, pruned)
 
 
 class LastLogits(nn.Module):

@@ -57,6 +57,9 @@ def test_kv_cache_forward_matches_recompute(shape):
             got = torch_gen._forward_cached(model, cache, [ids[p]], p).numpy()
             want = torch_gen.forward_last(model, torch.tensor([ids[:p + 1]])).numpy()
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+            # a recompute of the whole window with the last block's dead rows skipped: the same logits
+            pruned = torch_gen._forward_cached(model, torch_gen.KVCache(model), ids[:p + 1], 0, pruned=True).numpy()
+            np.testing.assert_allclose(pruned, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", sorted(FIXTURE_SHAPES))
@@ -71,6 +74,7 @@ def test_generation_loops_follow_the_spec_window_semantics(shape):
             assert list(torch_gen.generate_recompute(model, prompt, n, shift)) == want
             assert list(torch_gen.generate_recompute_pruned(model, prompt, n, shift)) == want
             assert list(torch_gen.generate_kv(model, prompt, n, shift)) == want
+            assert list(torch_gen.generate_kv(model, prompt, n, shift, pruned=True)) == want
             assert list(torch_gen.generate_full_logits(model, prompt, n, shift)) == want
 
 
