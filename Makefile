@@ -9,14 +9,18 @@ DEMO_MODEL ?= examples/shakespeare/model.pt
 venv: $(VENV)/.installed
 
 # torch first and pinned to the version whose CPU wheel this project's machines hold locally (pip's
-# configuration finds it). Elsewhere PyPI's Linux torch is the multi-GB CUDA build: give
-# TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU one.
+# configuration finds it, so it is tried without an index first). Elsewhere PyPI's Linux torch is the
+# multi-GB CUDA build: give TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU one.
+TORCH := torch==2.13.0
 TORCH_INDEX ?=
-$(VENV)/.installed: pyproject.toml
-	@PYTHON=$(PYTHON) bash scripts/ensure-tools.sh  # python3-venv too, before the venv needs it
+# tools first (order only): python3-venv is one of them, and one apt-get at a time under make -j
+$(VENV)/.installed: pyproject.toml Makefile | tools
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "crystalc: needs Python >= 3.11, and $(PYTHON) is $$($(PYTHON) -V 2>&1): give make PYTHON=python3.11" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(if $(TORCH_INDEX),$(BIN)/pip install -q $(TORCH) --index-url $(TORCH_INDEX),\
+	  $(BIN)/pip install -q --no-index $(TORCH) 2>/dev/null || $(BIN)/pip install -q $(TORCH))
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
@@ -39,5 +43,5 @@ test: venv tools lint
 mutants: venv tools
 	$(BIN)/python scripts/mutants.py
 
-clean:
-	rm -rf demo-out build .pytest_cache
+clean:  # what make and the tools write; .venv stays (rm -rf .venv to rebuild it)
+	rm -rf demo-out build bench/work .pytest_cache .ruff_cache .mypy_cache crystalc.egg-info

@@ -148,7 +148,7 @@ def main() -> None:
     t_start = time.perf_counter()
     # Rounds of samples per regime (each round: one sample of every implementation); cold-start launches.
     rounds, reps_cold = (2, 1) if args.quick else (11, 7)
-    res: dict = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+    res: dict = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
                  "machine": machine(), "git": git_state(), "load_before": os.getloadavg(), "quick": args.quick,
                  "reps": {"rounds": rounds, "cold": reps_cold},
                  "config": workload.CONFIG.to_dict(), "seed": workload.SEED}

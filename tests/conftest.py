@@ -95,19 +95,24 @@ def save_pt(graph: Graph, path: Path, tokenizer: dict | None = None) -> Path:
     return path
 
 
+def in_ci() -> bool:
+    """CI=true as .ci/run sets it, and the other spellings CI services use (1, yes, TRUE)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
 def require_tool(*names: str) -> None:
     """Skip when a tool is missing, except in CI, where a missing tool is a failure."""
     missing = [n for n in names if shutil.which(n) is None]
     if missing:
         msg = f"missing tool(s): {', '.join(missing)}"
-        if os.environ.get("CI") == "true":
+        if in_ci():
             pytest.fail(msg + " (CI=true: tool-backed tests may not skip)")
         pytest.skip(msg)
 
 
 def require_module(name: str) -> Any:
     """The module, or a skip when it is not installed, except in CI, where the dev extra installs it."""
-    if os.environ.get("CI") == "true":
+    if in_ci():
         try:
             return importlib.import_module(name)
         except ImportError as e:
