@@ -106,8 +106,13 @@ def _layer_norm(blob: Blob, ln: LayerNorm) -> dict[str, Any]:
 
 
 def _c_float(x: float) -> str:
-    """A float literal that parses to exactly float32(x): numpy's shortest round-trip digits."""
-    return f"{np.float32(x)!s}f"
+    """A float literal that parses to exactly float32(x): the shortest digits that round-trip, positional
+    from 1e-4 to 1e6 (as numpy prints a float32), else scientific. numpy's format functions, not str():
+    str() follows the process's print options, which a library may have changed (legacy ones round)."""
+    v = np.float32(x)
+    if v == 0 or np.float32(1e-4) <= abs(v) < np.float32(1e6):
+        return np.format_float_positional(v, unique=True, trim="0") + "f"
+    return np.format_float_scientific(v, unique=True, trim="-", exp_digits=2) + "f"
 
 
 def lower(graph: Graph, *, head_tiles: bool = True) -> tuple[dict[str, Any], bytes]:
@@ -192,7 +197,8 @@ class CBackend:
         for template, name in (("model.h.j2", "model.h"), ("model.c.j2", "model.c"), ("main.c.j2", "main.c"),
                                ("weights.S.j2", "weights.S"), ("Makefile.j2", "Makefile")):
             path = out_dir / name
-            path.write_text(render("c", template, **ctx, default_cflags=DEFAULT_CFLAGS), encoding="utf-8")
+            path.write_text(render("c", template, **ctx, default_cflags=DEFAULT_CFLAGS,
+                                          forward_source="crystal_forward.c"), encoding="utf-8")
             written.append(path)
         (out_dir / "weights.bin").write_bytes(blob)
         written.append(out_dir / "weights.bin")

@@ -45,7 +45,8 @@ class CudaBackend:
                                        ("c", "weights.S.j2", "weights.S"), ("cuda", "main.c.j2", "main.c"),
                                        ("cuda", "Makefile.j2", "Makefile")):
             path = out_dir / name
-            path.write_text(render(target, template, **ctx, default_nvccflags=DEFAULT_NVCCFLAGS), encoding="utf-8")
+            path.write_text(render(target, template, **ctx, default_nvccflags=DEFAULT_NVCCFLAGS,
+                                   forward_source="crystal_forward.cu"), encoding="utf-8")
             written.append(path)
         (out_dir / "weights.bin").write_bytes(blob)
         written.append(out_dir / "weights.bin")

@@ -82,7 +82,7 @@ __device__ static float block_max(float v, float *shared) {
     return m;
 }
 
-/* x = token_embed[tok] + pos_embed[pos] */
+/* token_embedding + position_embedding: x = token_embed[tok] + pos_embed[pos] */
 __global__ void token_embedding(const float *embed, const float *pos_embed, int tok, int pos, int d, float *x) {
     for (int i = (int)threadIdx.x; i < d; i += (int)blockDim.x)
         x[i] = embed[(size_t)tok * d + i] + pos_embed[(size_t)pos * d + i];

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -142,6 +145,31 @@ def test_emission_is_deterministic(tmp_path: Path) -> None:
         get_backend(target).emit(_graph("odd_d40"), a)
         get_backend(target).emit(_graph("odd_d40"), b)
         assert _files(a) == _files(b)
+
+
+def test_emission_does_not_depend_on_the_process(tmp_path: Path) -> None:
+    """Another process (hash seed, locale, time zone, working folder with a space, numpy's legacy print
+    options, which round str() of a float32) emits the same bytes as this one, eps literals included."""
+    shape, seed = MODELS["odd_d40"]
+    shape = {**shape, "ln_eps": 1.2345679e-7, "field_eps": 1 / 3000}  # digits legacy printing would drop
+    code = ("import sys; from pathlib import Path; import numpy as np; np.set_printoptions(legacy='1.13'); "
+            "from crystalc.backends import BACKENDS, get_backend; from tests.conftest import random_graph; "
+            f"g = random_graph({shape!r}, seed={seed}, tokenizer={{'kind': 'char', 'chars': {CHARS!r}}}); "
+            "[get_backend(t).emit(g, (Path('out') / t).resolve()) for t in sorted(BACKENDS) "
+            "if (Path('out') / t).mkdir(parents=True) is None]")
+    cwd = tmp_path / "a folder"
+    cwd.mkdir()
+    env = {**os.environ, "PYTHONHASHSEED": "4242", "LC_ALL": "C.UTF-8", "TZ": "Pacific/Chatham",
+           "PYTHONPATH": str(GOLDEN.parents[1])}
+    res = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    g = random_graph(shape, seed=seed, tokenizer={"kind": "char", "chars": CHARS})
+    for target in sorted(BACKENDS):
+        here = tmp_path / target
+        here.mkdir()
+        get_backend(target).emit(g, here)
+        assert _files(cwd / "out" / target) == _files(here), target
+    assert b"1.2345679e-07f" in (tmp_path / "c" / "model.c").read_bytes()
 
 
 def test_compare_catches_a_change(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@
  * The crystal_model of crystal.h for this model. Every array lives in weights.bin (linked by
  * weights.S as crystal_weights); TENSOR(data, dtype, scheme, rows, cols, group, scale, offset)
  * describes one tensor, W(offset) and F(offset) being arrays at byte offsets of it. Values of integer tensors are
- * (float)code * scale + offset. The forward pass is crystal_forward.c.
+ * (float)code * scale + offset. The forward pass is crystal_forward.cu.
  */
 #include <stddef.h>
 #include <string.h>
