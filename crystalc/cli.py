@@ -225,15 +225,15 @@ def compile(model: str, target: str, out_dir: str, build: bool, cflags: str | No
 @click.argument("out_dir", metavar="OUT", type=click.Path(file_okay=False, exists=True))
 @click.option("--prompt", default=None, help="Text prompt (needs OUT/tokenizer.json, written when the model has one).")
 @click.option("--prompt-ids", default=None, help="Comma-separated ids of the original tokenizer.")
-@click.option("-n", "n_tokens", type=click.IntRange(0), default=0, show_default=True,
+@click.option("-n", "n_tokens", type=click.IntRange(0, 1_000_000_000), default=0, show_default=True,
               help="Greedy tokens for the hardware to generate after the prompt (0: print the logits).")
-@click.option("--shift", type=int, default=1, show_default=True,
-              help="Tokens dropped when the window is full (1: the exact sliding window).")
+@click.option("--shift", type=int, default=None,
+              help="With -n: tokens dropped when the window is full (default 1: the exact sliding window).")
 @click.option("--simulator", type=click.Choice(["icarus", "verilator", "netlist"]), default="icarus",
               show_default=True,
               help="Icarus Verilog; Verilator (tens of times faster to run, seconds to build); or the netlist "
                    "Yosys synthesises from the design, written back as Verilog and run by Verilator.")
-def simulate(out_dir: str, prompt: str | None, prompt_ids: str | None, n_tokens: int, shift: int,
+def simulate(out_dir: str, prompt: str | None, prompt_ids: str | None, n_tokens: int, shift: int | None,
              simulator: str) -> None:
     """Simulate the Verilog in OUT (crystalc compile --target verilog) on a prompt (its last N_CTX tokens).
 
@@ -246,8 +246,11 @@ def simulate(out_dir: str, prompt: str | None, prompt_ids: str | None, n_tokens:
 
     if (prompt is None) == (prompt_ids is None):
         raise CrystalError("give exactly one of --prompt and --prompt-ids")
+    if shift is not None and not n_tokens:  # as the programs refuse a generation option beside --logits
+        raise CrystalError("--shift has no effect without -n, which prints the prompt's logits and generates nothing")
+    shift = 1 if shift is None else shift
     window = compiled_window(Path(out_dir))
-    if not 1 <= shift <= window:  # checked with or without -n, as the programs check it beside --logits
+    if not 1 <= shift <= window:
         raise CrystalError(f"--shift {shift} is outside 1..{window}")
     tokenizer = compiled_tokenizer(Path(out_dir)) if prompt is not None else None
     ids = tokenizer.encode(prompt) if tokenizer is not None and prompt is not None else _parse_ids(prompt_ids or "")

@@ -107,9 +107,12 @@ static int parse_prompt_ids(const crystal_model *m, const char *prog, const char
     const char *p = text;
     for (;;) {
         while (*p == ' ') p++;
-        char *end;
+        /* ASCII digits, a minus left for the range check to name: not strtol's plus sign or other blanks */
+        const char *digits = p + (*p == '-');
+        char *end = (char *)p;
+        long id = 0;
         errno = 0;
-        long id = strtol(p, &end, 10);
+        if (*digits >= '0' && *digits <= '9') id = strtol(p, &end, 10);
         if (end == p || errno) return bad(prog, "--prompt-ids: expected comma-separated integers, got '%s'", text), -1;
         if (id < 0 || id >= orig_vocab(m))
             return bad(prog, "--prompt-ids: token id %ld is outside the vocabulary 0..%d", id, orig_vocab(m) - 1), -1;
@@ -134,12 +137,18 @@ static size_t token_text(const crystal_model *m, int orig, const char **text) {
 }
 
 /* Encode `text` one character (one UTF-8 sequence) at a time; -1 after an error message. */
-/* One character of a prompt as a message shows it: itself when it is printable UTF-8, else its first
- * byte as \xNN (a newline or an invalid byte would otherwise break or garble the one-line message). */
+/* One character of a prompt as a message shows it: itself when it is printable UTF-8 (one whole,
+ * well-formed sequence, no control character), else its first byte as \xNN (a newline or an
+ * invalid byte would otherwise break or garble the one-line message). */
 static const char *shown(char out[8], const char *s, size_t k) {
     const unsigned char *u = (const unsigned char *)s;
-    int ok = k == 1 ? u[0] >= 0x20 && u[0] < 0x7f : u[0] >= 0xc2 && u[0] <= 0xf4;
-    for (size_t j = 1; j < k && ok; j++) ok = u[j] >= 0x80 && u[j] <= 0xbf;
+    size_t need = u[0] < 0x80 ? 1 : u[0] >= 0xf0 ? 4 : u[0] >= 0xe0 ? 3 : 2;
+    /* the second byte's range excludes overlong forms, UTF-16 surrogates, code points past U+10FFFF
+     * and (after 0xc2) the C1 controls */
+    unsigned lo = u[0] == 0xc2 ? 0xa0 : u[0] == 0xe0 ? 0xa0 : u[0] == 0xf0 ? 0x90 : 0x80;
+    unsigned hi = u[0] == 0xed ? 0x9f : u[0] == 0xf4 ? 0x8f : 0xbf;
+    int ok = k == need && (k == 1 ? u[0] >= 0x20 && u[0] < 0x7f : u[0] >= 0xc2 && u[0] <= 0xf4);
+    for (size_t j = 1; j < k && ok; j++) ok = u[j] >= (j == 1 ? lo : 0x80) && u[j] <= (j == 1 ? hi : 0xbf);
     if (ok) {
         memcpy(out, s, k);
         out[k] = '\0';

@@ -15,6 +15,7 @@ Every build uses the flags the issue asks for, `-std=c99 -O2 -Wall -Wextra
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -335,9 +336,14 @@ def test_pruned_vocabulary_speaks_original_ids(tmp_path):
     want, margin = greedy_with_margin(g, g.to_current_ids(prompt), 40, 2)
     assert margin > MIN_MARGIN
     assert binary_greedy(exe, prompt, 40, 2) == [keep[i] for i in want]
-    for bad in ("2", "23", "-1"):  # 2 was pruned; 23 and -1 are outside the original vocabulary
+    for bad, why in (("2", "was pruned"), ("23", "outside the vocabulary"), ("-1", "outside the vocabulary"),
+                     # ASCII digits only, as crystalc simulate reads them: not strtol's sign or blanks
+                     ("+1", "expected comma-separated integers"), ("\t1", "expected"), ("1,\n3", "expected"),
+                     ("1,-", "expected"), ("-", "expected")):
         res = run(exe, "--prompt-ids", bad, "--logits")
         assert res.returncode == 2 and len(res.stderr.splitlines()) == 1 and res.stdout == "", bad
+        assert why in res.stderr, res.stderr
+    assert run(exe, "--prompt-ids", " 1 , 3", "--logits").returncode == 0  # spaces, as simulate ignores them
 
 
 # --- the program's command line ---------------------------------------------------------------
@@ -469,8 +475,12 @@ def test_a_program_refuses_a_weights_file_it_was_not_made_for(tmp_path):
 def test_a_prompt_character_the_model_lacks_is_shown_escaped(char_model):
     # printable ones as themselves; a control character or an invalid byte as \\xNN, so the line stays one line
     _, exe = char_model
-    for prompt, shown in (("RO\u00e9", "'\u00e9'"), ("RO\t", "'\\x09'"), ("RO\x1b[2J", "'\\x1b'")):
-        res = run(exe, "--prompt", prompt)
+    cases = [("RO\u00e9", "'\u00e9'"), ("RO\t", "'\\x09'"), ("RO\x1b[2J", "'\\x1b'"),
+             # not UTF-8, as bytes: a cut sequence, a C1 control, a surrogate, an overlong form, past U+10FFFF
+             (b"RO\xf0\x9f\x98", "'\\xf0'"), (b"RO\xc2\x85", "'\\xc2'"), (b"RO\xed\xa0\x80", "'\\xed'"),
+             (b"RO\xe0\x80\xaf", "'\\xe0'"), (b"RO\xf4\x90\x80\x80", "'\\xf4'"), (b"RO\x85", "'\\x85'")]
+    for prompt, shown in cases:
+        res = run(exe, "--prompt", os.fsdecode(prompt) if isinstance(prompt, bytes) else prompt)
         assert res.returncode == 2 and f"character {shown} is not in the model's vocabulary" in res.stderr, res.stderr
         assert len(res.stderr.splitlines()) == 1
 
