@@ -31,6 +31,7 @@
 #if defined(__linux__) && !defined(_DEFAULT_SOURCE)
 #define _DEFAULT_SOURCE /* posix_memalign and madvise, also under -std=c99 */
 #endif
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -734,30 +735,38 @@ static void i8_dots(const packed_i8 *p, int tb, double dot[I8_TILE]) {
         out[j] = (double)sum[0][j] + 256.0 * sum[1][j] + 65536.0 * sum[2][j] - 8388608.0 * code_sum[j];
 }
 
-/* The index of an element whose magnitude exceeds every other's 16 times over, or -1 (also when
- * any is inf or NaN). The integer form below holds every element to max|x| 2^-24; one such
- * element (a residual stream's massive activation) would take the others' digits. */
-static int lone_peak(const float *x, int cols) {
-    uint32_t top = 0, bad = 0;
+/* The massive elements of x: the largest n <= I8_PEAKS elements whose magnitudes each exceed 16 times
+ * every other's, their indices into at[]; returns n, 0 when there are none or any is inf or NaN.
+ * The integer form below holds every element to max|x| 2^-24; a few such elements (a residual
+ * stream's massive activations) would take the others' digits. */
+#define I8_PEAKS 4
+static int massive_elements(const float *x, int cols, int at[I8_PEAKS]) {
+    float top[I8_PEAKS + 1] = {0}; /* the largest magnitudes, descending, and their indices */
+    int idx[I8_PEAKS + 1] = {0};
     for (int k = 0; k < cols; k++) {
-        uint32_t bits;
-        memcpy(&bits, x + k, sizeof bits);
-        top = (bits & 0x7fffffffu) > top ? bits & 0x7fffffffu : top;
-        bad |= (bits & 0x7fffffffu) >= 0x7f800000u;
+        float a = fabsf(x[k]);
+        if (!(a <= FLT_MAX)) return 0;
+        if (a <= top[I8_PEAKS]) continue;
+        int j = I8_PEAKS;
+        for (; j > 0 && a > top[j - 1]; j--) {
+            top[j] = top[j - 1];
+            idx[j] = idx[j - 1];
+        }
+        top[j] = a;
+        idx[j] = k;
     }
-    if (bad || top == 0) return -1;
-    int at = 0;
-    float peak, rest = 0.0f;
-    memcpy(&peak, &top, sizeof peak);
-    while (fabsf(x[at]) != peak) at++;
-    for (int k = 0; k < cols; k++) rest = k != at && fabsf(x[k]) > rest ? fabsf(x[k]) : rest;
-    return peak > 16.0f * rest ? at : -1;
+    for (int n = I8_PEAKS; n > 0; n--) /* the most that stand apart: the rest's unit is then smallest */
+        if (n < cols && top[n - 1] > 16.0f * top[n]) {
+            memcpy(at, idx, (size_t)n * sizeof *at);
+            return n;
+        }
+    return 0;
 }
 
 /* y[r] = sum_k W[r][k] x[k] for a packed int8 matrix, in integer arithmetic: x_k = unit * X_k
  * with integers |X_k| < 2^23 (the rounding moves x_k by at most max|x| 2^-24: float32's
- * relative precision, but of the largest element; a lone peak 16 times the rest is taken
- * out and its column added in float, so that the others keep their digits), and X_k + 2^23,
+ * relative precision, but of the largest element; up to I8_PEAKS elements 16 times the rest are
+ * taken out and their columns added in float, so that the others keep their digits), and X_k + 2^23,
  * which is positive and below 2^24, written as three bytes (digits), so that
  * sum_k code_k X_k = sum_q 2^(8q) sum_k code_k digit_qk - 2^23 sum_k code_k: byte dot
  * products, which the hardware does 64 at a time, and each row's code sum from start-up.
@@ -772,9 +781,12 @@ static void gemv_i8(const packed_i8 *p, const float *x, const float *bias, float
         for (int k = 0; k < p->cols; k++) xs[k] = x[k] * p->in_scale[k];
     else
         memcpy(xs, x, (size_t)p->cols * sizeof *xs);
-    int peak = lone_peak(xs, p->cols);
-    float x_peak = peak < 0 ? 0.0f : xs[peak];
-    if (peak >= 0) xs[peak] = 0.0f;
+    int peak[I8_PEAKS] = {0}, peaks = massive_elements(xs, p->cols, peak);
+    float x_peak[I8_PEAKS] = {0};
+    for (int i = 0; i < peaks; i++) {
+        x_peak[i] = xs[peak[i]];
+        xs[peak[i]] = 0.0f;
+    }
     double unit = i8_digits(p, xs);
     if (unit == 0.0) {
         for (int r = 0; r < rows; r++) y[r] = NAN;
@@ -789,11 +801,11 @@ static void gemv_i8(const packed_i8 *p, const float *x, const float *bias, float
         const float *restrict scale = p->scale + r0, *restrict offset = p->offset + r0;
         float *restrict out = y + r0;
         for (int j = 0; j < n; j++) out[j] = scale[j] * (float)(dot[j] * unit) + offset[j] * sum_x;
-        if (peak >= 0) { /* the peak's column: its codes lie 4 apart in the tile's step of four columns */
+        for (int i = 0; i < peaks; i++) { /* a peak's column: its codes lie 4 apart in the tile's step of four */
             const int8_t *col =
-                p->codes + (size_t)tb * I8_TILE * p->cols4 + (size_t)(peak / 4) * 4 * I8_TILE + peak % 4;
+                p->codes + (size_t)tb * I8_TILE * p->cols4 + (size_t)(peak[i] / 4) * 4 * I8_TILE + peak[i] % 4;
             for (int j = 0; j < n; j++)
-                out[j] += (float)((double)scale[j] * col[4 * j] * x_peak + (double)offset[j] * x_peak);
+                out[j] += (float)((double)scale[j] * col[4 * j] * x_peak[i] + (double)offset[j] * x_peak[i]);
         }
         if (bias)
             for (int j = 0; j < n; j++) out[j] += bias[r0 + j];

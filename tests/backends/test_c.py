@@ -256,12 +256,14 @@ def test_wide_int8_head_and_ragged_tiles(scheme, build, tmp_path):
         assert binary_greedy(exe, prompt, 30, shift) == want, f"shift {shift}"
 
 
+@pytest.mark.parametrize("columns", [(0,), (0, 17, 40, 63)])
 @pytest.mark.parametrize("build", ["portable-byte-dot", "native"])
 @pytest.mark.parametrize("scheme", ["tensor", "row"])
-def test_a_massive_activation_leaves_the_other_inputs_their_digits(scheme, build, tmp_path):
-    """One residual coordinate 10^4 times the others, which the head ignores (its column is 0): the int8
-    byte-dot path's integer form held every input to max|x| 2^-24, so the logits erred by 9.5e-4; the lone
-    peak now goes through its column in float. Decoding (single rows: gemv_i8) within the tolerance."""
+def test_a_massive_activation_leaves_the_other_inputs_their_digits(scheme, build, columns, tmp_path):
+    """Residual coordinates 10^4 times the others, which the head ignores (their columns are 0): the int8
+    byte-dot path's integer form held every input to max|x| 2^-24, so the logits erred by 9.5e-4 for one;
+    up to four such peaks now go through their columns in float. Decoding (single rows: gemv_i8) within
+    the tolerance."""
     shape = dict(vocab_size=50, d_model=64, n_ctx=8, n_heads=4, n_neurons=4, ffn_hidden=64)
     from crystalc.config import ModelConfig
     from crystalc.ir.graph import build_graph
@@ -270,8 +272,9 @@ def test_a_massive_activation_leaves_the_other_inputs_their_digits(scheme, build
 
     cfg = ModelConfig.from_dict(shape)
     sd = random_state(cfg, 0)
-    sd["token_embed.weight"][:, 0] = 1e4
-    sd["head.weight"][:, 0] = 0.0
+    for i, c in enumerate(columns):  # unequal peaks of both signs: each its own column
+        sd["token_embed.weight"][:, c] = (-1) ** i * 1e4 * (1 + i / 3)
+        sd["head.weight"][:, c] = 0.0
     g = quantize(build_graph(cfg, {k: Tensor(k, v) for k, v in sd.items()}, None), "int8", scheme)
     ids = [3, 1, 4, 1, 5]
     cflags = STRICT + {"portable-byte-dot": " -DCRYSTAL_BYTE_DOT=1", "native": " -O3 -march=native"}[build]
