@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 from click.core import ParameterSource
@@ -116,10 +117,9 @@ def _apply_passes(graph: Graph, prune_corpus: str | None, keep: str | None, quan
 
 
 def _read_text(path: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise CrystalError(f"{path}: cannot read corpus ({e})") from None
+    from crystalc.fsutil import read_text
+
+    return read_text(path, "corpus")
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -510,12 +510,26 @@ def eval_(model: str, corpus: str, modes: str, granularities: str, max_tokens: i
     click.echo("\n".join(tables), nl=False)
 
 
+def _interrupted() -> NoReturn:
+    from crystalc.fsutil import completed
+
+    # outputs are renamed into place only when whole: those done before the interrupt, or none
+    done = f"after writing {', '.join(map(str, completed))}" if completed else \
+        "nothing written (an existing output is unchanged)"
+    click.echo(f"crystalc: interrupted: {done}", err=True)
+    sys.exit(130)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM (timeout, docker, systemd) cleans up as an interrupt does
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(standalone_mode=False, prog_name="crystalc")
-    except click.exceptions.Abort:  # outputs are renamed into place only when whole
-        click.echo("crystalc: interrupted: nothing written (an existing output is unchanged)", err=True)
-        sys.exit(130)
+    except click.exceptions.Abort:
+        _interrupted()
     except click.exceptions.NoArgsIsHelpError as e:  # `crystalc` alone: the help, as it is meant to be read
         click.echo(e.ctx.get_help() if e.ctx is not None else e.format_message())
         sys.exit(2)
@@ -526,8 +540,10 @@ def main() -> None:
         click.echo(f"crystalc: error: {e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        click.echo("crystalc: interrupted: nothing written (an existing output is unchanged)", err=True)
-        sys.exit(130)
+        _interrupted()
+    except MemoryError:
+        click.echo("crystalc: error: out of memory (nothing written): a smaller model, corpus or batch", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

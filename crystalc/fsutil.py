@@ -1,13 +1,15 @@
-"""Writing outputs so that a failure never leaves a half-written file or folder."""
+"""Writing outputs so that a failure never leaves a half-written file or folder, and reading text inputs."""
 
 from __future__ import annotations
 
 import errno
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
@@ -22,6 +24,42 @@ _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 OUTPUT_MARK = ".crystalc-output"
 
 
+# Outputs this process has put in place, for the message of an interrupt that comes after one.
+completed: list[Path] = []
+
+# Text inputs (corpora) are read whole: past this, an endless file (/dev/zero) or a mistaken one.
+TEXT_LIMIT = 1 << 30
+
+
+def model_file(path: str | os.PathLike[str]) -> Path:
+    """A model's path, which must be a regular file (its readers seek and map it)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CrystalError(f"{path}: " + ("not a regular file (a folder, FIFO or device): give the model's file"
+                                          if p.exists() else "no such file"))
+    return p
+
+
+def read_text(path: str | os.PathLike[str], what: str = "corpus", limit: int = TEXT_LIMIT) -> str:
+    """A UTF-8 text input, whole: a file, or a pipe (<(...)); one CrystalError for anything else."""
+    p = Path(path)
+    if p.is_dir():
+        raise CrystalError(f"{path}: a folder, not a {what}")
+    if not p.exists():
+        raise CrystalError(f"{path}: no such {what} file")
+    try:
+        with open(p, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise CrystalError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+    if len(data) > limit:
+        raise CrystalError(f"{path}: the {what} is larger than {limit:,} bytes: give a part of it")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CrystalError(f"{path}: cannot read the {what} as UTF-8 text ({e})") from None
+
+
 def _cannot_write(path: Path, e: OSError) -> CrystalError:
     return CrystalError(f"cannot write {path}: {e.strerror or e}")
 
@@ -30,6 +68,8 @@ def _output_path(path: str | os.PathLike[str]) -> Path:
     out = Path(path)
     if out.name in ("", ".", ".."):  # "", ".", "/", "..": a folder we must not replace, not an output's name
         raise CrystalError(f"output path {str(path)!r} names no file or folder of its own")
+    if out.is_symlink():  # the output goes where the link points; renamed over, the link itself would go
+        out = Path(os.path.realpath(out))
     # an output is renamed into place, which would replace a device or a FIFO (-o /dev/null) with a file
     if out.exists() and not (out.is_file() or out.is_dir()):
         raise CrystalError(f"{out} is not a regular file (a device, FIFO or socket): choose a file to write")
@@ -69,28 +109,71 @@ def _umask() -> int:
     return mask
 
 
+def _make_parents(folder: Path) -> list[Path]:
+    """mkdir -p folder; the folders it made, deepest first (removed again if the output fails)."""
+    made = []
+    f = folder
+    while not f.exists() and f != f.parent:
+        made.append(f)
+        f = f.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def _remove_made(made: list[Path]) -> None:
+    for f in made:
+        with suppress(OSError):
+            f.rmdir()  # only while empty: another process may have put something there meanwhile
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done, then act: a swap of outputs is never left half-way
+    (the old output moved aside, the new one not yet in its place)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda n, _: caught.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:
+            signal.raise_signal(caught[0])
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temporary sibling of `path`; rename it over `path` only on success."""
     path = _output_path(path)
+    made: list[Path] = []
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        made = _make_parents(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
+        _remove_made(made)
         raise _cannot_write(path, e) from None
-    # mkstemp makes the file private (0600); an output should get the usual permissions.
-    os.fchmod(fd, 0o666 & ~_umask())
     try:
         with os.fdopen(fd, mode) as f:
+            # mkstemp makes the file private (0600); an output should get the usual permissions, where the
+            # file system has any
+            with suppress(OSError):
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
             yield f
-        _replace(tmp, path)
+        with _signals_held():
+            _replace(tmp, path)
+            completed.append(path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
+        _remove_made(made)
         if e.errno in _FULL:
             raise _cannot_write(path, e) from None
         raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        _remove_made(made)
         raise
 
 
@@ -108,37 +191,56 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         if any(path.iterdir()) and not (path / OUTPUT_MARK).is_file():
             raise CrystalError(f"{path} already holds files crystalc did not write: remove them, or choose "
                                "another output folder")
+    made: list[Path] = []
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        made = _make_parents(path.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     except OSError as e:
+        _remove_made(made)
         raise _cannot_write(path, e) from None
-    os.chmod(tmp, 0o777 & ~_umask())
     try:
+        with suppress(OSError):
+            os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         (tmp / OUTPUT_MARK).write_text("Written by crystalc. The next crystalc compile to this folder "
                                        "replaces it whole.\n", encoding="utf-8")
-        if path.exists():
-            # a folder cannot be renamed over a non-empty one: move the old aside, put it back on failure
-            try:
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            except OSError as e:
-                raise _cannot_write(path, e) from None
-            _replace(path, old / "x")
-            try:
-                _replace(tmp, path)
-            except CrystalError:
-                os.replace(old / "x", path)  # should this fail too, the previous output stays in `old`
-                shutil.rmtree(old, ignore_errors=True)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            _replace(tmp, path)
+        with _signals_held():
+            _swap_in(tmp, path)
+            completed.append(path)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_made(made)
         if e.errno in _FULL:
             raise _cannot_write(path, e) from None
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_made(made)
         raise
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Put the folder tmp in the place of path, an existing one included."""
+    if path.exists():
+        # a folder cannot be renamed over a non-empty one: move the old aside, put it back on failure
+        try:
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        except OSError as e:
+            raise _cannot_write(path, e) from None
+        try:
+            _replace(path, old / "x")
+        except CrystalError:
+            shutil.rmtree(old, ignore_errors=True)
+            raise
+        try:
+            _replace(tmp, path)
+        except CrystalError as e:
+            try:
+                os.replace(old / "x", path)
+            except OSError:  # e.g. another process's output took the place meanwhile
+                raise CrystalError(f"{e}; the previous output could not be put back: it is in {old / 'x'}") from None
+            shutil.rmtree(old, ignore_errors=True)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        _replace(tmp, path)

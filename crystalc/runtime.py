@@ -80,7 +80,9 @@ def build_runtime(sanitize: bool = False, loader_only: bool = False, cflags: tup
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
     name = "crystal_check" if loader_only else "crystal_runtime"
     out = cache_dir() / f"{name}-{__version__}-{h.hexdigest()[:16]}" / name
-    if out.is_file():
+    # an entry is put in place whole (renamed), but a crash before the data reached the disk can leave it
+    # empty: only a non-empty executable is trusted, anything else rebuilt
+    if out.is_file() and out.stat().st_size > 0 and os.access(out, os.X_OK):
         return out
     try:
         return _compile(cc, flags, srcs, include, out)
@@ -100,6 +102,8 @@ def _compile(cc: str, flags: list[str], srcs: list[Path], include: Path, out: Pa
             raise CrystalError(f"building the runtime failed ({shlex.join(cmd)}): "
                                + " ".join(proc.stderr.split())[:2000])
         exe.chmod(0o755)
+        with open(exe, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(exe, out)  # same folder: atomic, and a concurrent build of the same key replaces it whole
     return out
 
@@ -116,10 +120,9 @@ def run_model(model_path: str | os.PathLike[str], args: list[str], prompt: str |
     checkpoint whose config does not say (a .crystal file's must agree).
     """
     from crystalc.frontend import CRYSTAL_MAGIC, load_model
+    from crystalc.fsutil import model_file
 
-    path = Path(model_path)
-    if not path.is_file():
-        raise CrystalError(f"{path}: no such file")
+    path = model_file(model_path)
     with open(path, "rb") as f:
         is_crystal = f.read(4) == CRYSTAL_MAGIC
     graph = load_model(path, n_heads) if not is_crystal or prompt is not None or n_heads is not None else None
@@ -152,9 +155,13 @@ def run_model(model_path: str | os.PathLike[str], args: list[str], prompt: str |
             model = Path(tmp) / "model.crystal"
             assert graph is not None
             write_crystal(graph, model)
-        if tokenizer is None or "--logits" in args:
-            return subprocess.run([str(exe), str(model), *args]).returncode
-        res = subprocess.run([str(exe), str(model), *args], stdout=subprocess.PIPE, text=True)
+        try:
+            if tokenizer is None or "--logits" in args:
+                return subprocess.run([str(exe), str(model), *args]).returncode
+            res = subprocess.run([str(exe), str(model), *args], stdout=subprocess.PIPE, text=True)
+        except OSError as e:  # e.g. a cache on a file system mounted noexec
+            raise CrystalError(f"cannot run the runtime {exe} ({e.strerror or e}): set CRYSTALC_CACHE to a folder "
+                               "whose file system lets programs run") from None
         if res.returncode == 0:
             generated = [int(x) for x in res.stdout.strip().split(",") if x]
             print(tokenizer.decode(prompt_ids + generated))

@@ -152,3 +152,98 @@ def test_a_failed_swap_puts_the_previous_folder_back(tmp_path: Path, monkeypatch
     monkeypatch.undo()
     assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARK, "keep"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("opener", [atomic_file, atomic_dir])
+def test_an_output_through_a_symlink_goes_where_it_points(tmp_path: Path, opener) -> None:
+    """Renamed over, the link itself would be replaced (as root, -o /dev/stdout made /dev/stdout a file)."""
+    import os
+
+    target = tmp_path / "real" / "out"
+    (tmp_path / "real").mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)  # dangling until the output exists
+    for _ in range(2):  # a new output, then one replaced
+        with opener(link) as f:
+            if opener is atomic_file:
+                f.write(b"data")
+            else:
+                (f / "x").write_text("data")
+        assert link.is_symlink() and os.readlink(link) == str(target)
+        assert target.is_file() if opener is atomic_file else (target / "x").is_file()
+    to_device = tmp_path / "null"
+    to_device.symlink_to("/dev/null")
+    with pytest.raises(CrystalError, match="/dev/null is not a regular file"), opener(to_device):
+        pass
+    assert to_device.is_symlink()
+
+
+@pytest.mark.parametrize("opener", [atomic_file, atomic_dir])
+def test_folders_made_for_a_failed_output_are_removed(tmp_path: Path, opener) -> None:
+    with pytest.raises(ValueError), opener(tmp_path / "new" / "deep" / "out"):
+        raise ValueError("the work failed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_signals_wait_for_the_swap_and_then_act(tmp_path: Path) -> None:
+    """An interrupt during the swap of an existing folder would leave the old one aside and none in place."""
+    import os
+    import signal
+
+    import crystalc.fsutil as fsutil
+
+    out = tmp_path / "out"
+    with atomic_dir(out) as d:
+        (d / "v").write_text("1")
+    real = fsutil._swap_in
+
+    def swap_interrupted(tmp: Path, path: Path) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # arrives mid-swap
+        real(tmp, path)
+
+    fsutil._swap_in = swap_interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt), atomic_dir(out) as d:
+            (d / "v").write_text("2")
+    finally:
+        fsutil._swap_in = real
+    assert (out / "v").read_text() == "2" and out in fsutil.completed  # whole, and said to be written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_read_text_reads_pipes_and_bounds_the_size(tmp_path: Path) -> None:
+    import os
+
+    from crystalc.fsutil import read_text
+
+    r, w = os.pipe()
+    os.write(w, b"to be\n")
+    os.close(w)
+    try:
+        assert read_text(f"/dev/fd/{r}") == "to be\n"  # train --data <(...)
+    finally:
+        os.close(r)
+    (tmp_path / "big.txt").write_text("x" * 11)
+    with pytest.raises(CrystalError, match="larger than 10 bytes"):
+        read_text(tmp_path / "big.txt", limit=10)
+    with pytest.raises(CrystalError, match="a folder, not a corpus"):
+        read_text(tmp_path)
+    with pytest.raises(CrystalError, match="no such corpus file"):
+        read_text(tmp_path / "none")
+
+
+def test_sigterm_cleans_up_as_an_interrupt(tmp_path: Path) -> None:
+    """timeout, docker and systemd stop with SIGTERM: no temporary output may stay behind."""
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "crystalc.cli", "train", "--data", str(REPO / "README.md"),
+                          "--out", str(tmp_path / "m.pt"), "--steps", "100000", "--quiet"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # into the steps (torch's import and the model's set-up take a few seconds)
+    assert p.poll() is None, p.communicate()
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "crystalc: interrupted: nothing written" in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from crystalc.errors import CrystalError
+from crystalc.fsutil import model_file
 from crystalc.ir.graph import Graph
 
 CRYSTAL_MAGIC = b"CRYS"
@@ -19,9 +20,7 @@ def load_model(path: str | Path, n_heads: int | None = None) -> Graph:
     like no kind gets the safetensors reader's error; a PyTorch checkpoint so named is
     read as one).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CrystalError(f"{path}: no such file")
+    path = model_file(path)
     with open(path, "rb") as f:
         head = f.read(9)
     if head[:4] == CRYSTAL_MAGIC:

@@ -18,6 +18,7 @@ import torch
 
 from crystalc.config import MAX_DIM
 from crystalc.errors import CrystalError
+from crystalc.fsutil import read_text
 from crystalc.tokenizer import Tokenizer, char_tokenizer
 
 # Below this many training tokens, overlapping windows (stride T/2) are listed and
@@ -26,13 +27,7 @@ OVERLAP_MAX_TOKENS = 20_000_000
 
 
 def read_corpus(path: str | Path) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise CrystalError(f"{path}: no such data file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise CrystalError(f"{path}: cannot read the corpus as UTF-8 text ({e})") from None
+    text = read_text(path, "data")
     if not text:
         raise CrystalError(f"{path}: the corpus is empty")
     return text

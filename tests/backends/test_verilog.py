@@ -734,7 +734,8 @@ def test_simulate_command_speaks_original_ids(tmp_path):
     assert res.stderr == f"{cycles_counted(prog, 1, 3, 12, 2):,} clock cycles for 3 + 12 tokens\n"
     assert simulate_generate(out, [3, 22, 9], 12, 2)[0] == [keep[r] for r in rows]
     for bad, why in ((["-n", "2", "--shift", "0"], "--shift 0 is outside 1..9"),
-                     (["-n", "2", "--shift", "10"], "outside 1..9"), (["-n", "-1"], "-1 is not in the range 0<=x<=1000000000")):
+                     (["-n", "2", "--shift", "10"], "outside 1..9"),
+                     (["-n", "-1"], "-1 is not in the range 0<=x<=1000000000")):
         res = cli("simulate", str(out), "--prompt-ids", "3", *bad)  # -n once: an option given twice is refused
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and why in res.stderr, res.stderr
     for shift in ("1", "0"):  # printing logits only, a shift is a mistaken command line, as beside --logits

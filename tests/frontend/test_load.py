@@ -346,9 +346,15 @@ def test_cli_usage_errors_read_as_one_line_or_as_help() -> None:
     assert "  compile " in r.stdout, r.stdout
 
 
-def test_cli_missing_file() -> None:
+def test_cli_missing_file(tmp_path: Path) -> None:
     r = _cli("inspect", "/nonexistent/model.pt")
     assert r.returncode == 2 and "no such file" in r.stderr
+    import os
+
+    os.mkfifo(tmp_path / "fifo")  # exists, and is not a model's file (nor is a device)
+    for special in (tmp_path / "fifo", Path("/dev/null")):  # (a folder: click says so)
+        r = _cli("inspect", str(special))
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not a regular file" in r.stderr, r.stderr
 
 
 def test_weights_only_refuses_pickled_code(tmp_path: Path) -> None:
