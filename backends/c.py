@@ -160,7 +160,7 @@ def lower(graph: Graph, *, head_tiles: bool = True) -> tuple[dict[str, Any], byt
         ctx["head_weight"] = _tensor(blob, graph.head.weight)
     ctx["head_bias"] = _tensor(blob, graph.head.bias)
 
-    orig = graph.orig_vocab_size or c.vocab_size
+    orig = graph.original_vocab_size
     ctx["orig_vocab_size"] = orig
     ctx["vocab_map"] = None
     if graph.vocab_map is not None:

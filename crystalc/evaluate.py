@@ -96,8 +96,8 @@ def corpus_to_ids(graph: Graph, text: str, max_tokens: int | None) -> tuple[np.n
     those a pruned vocabulary lacked (left out), and how many characters the tokenizer lacked (skipped)."""
     if graph.tokenizer is None:
         raise CrystalError("the model has no tokenizer: eval needs one to read the corpus")
-    ids, unknown = Tokenizer(graph.tokenizer).encode_counted(text, limit=None if max_tokens is None
-                                                             else max_tokens + 1)
+    tokenizer = Tokenizer(graph.tokenizer, graph.original_vocab_size)
+    ids, unknown = tokenizer.encode_counted(text, limit=None if max_tokens is None else max_tokens + 1)
     kept, dropped = graph.known_rows(ids)
     if kept.size < 2:
         raise CrystalError("the corpus holds fewer than 2 tokens the model knows: nothing to evaluate")

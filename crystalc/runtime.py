@@ -135,7 +135,7 @@ def run_model(model_path: str | os.PathLike[str], args: list[str], prompt: str |
         else:
             from crystalc.tokenizer import Tokenizer
 
-            tokenizer = Tokenizer(tok)
+            tokenizer = Tokenizer(tok, graph.original_vocab_size)
             prompt_ids = tokenizer.encode(prompt)
             if not prompt_ids:
                 raise CrystalError("the prompt encodes to no tokens")

@@ -20,6 +20,9 @@ def check_spec(spec: Any, n_ids: int | None = None) -> None:
         raise CrystalError(f"tokenizer: expected a record with a 'kind', got type {type(spec).__name__}")
     kind = spec.get("kind")
     if kind == "char":
+        if set(spec) != {"kind", "chars"}:  # its file sections hold the characters alone (docs/crystal-format.md)
+            extra = ", ".join(sorted(map(repr, set(spec) - {"kind", "chars"})))
+            raise CrystalError(f"tokenizer: a char tokenizer has a 'kind' and 'chars' only, not {extra}")
         chars = spec.get("chars")
         if not isinstance(chars, str) or not chars:
             raise CrystalError("tokenizer: a char tokenizer needs a non-empty 'chars' string")
@@ -39,8 +42,10 @@ def check_spec(spec: Any, n_ids: int | None = None) -> None:
 
 
 class Tokenizer:
-    def __init__(self, spec: dict[str, Any]) -> None:
-        check_spec(spec)
+    def __init__(self, spec: dict[str, Any], n_ids: int | None = None) -> None:
+        """`n_ids`: the model's original vocabulary, which the tokenizer's must equal (checked by check_spec for
+        characters, here for a Hugging Face tokenizer, whose size is known once its JSON is parsed)."""
+        check_spec(spec, n_ids)
         self.spec = spec
         kind = spec["kind"]
         if kind == "char":
@@ -59,6 +64,8 @@ class Tokenizer:
             except Exception as e:
                 raise CrystalError(f"tokenizer: bad tokenizer.json: {e}") from None
             self.vocab_size = self._hf.get_vocab_size()
+            if n_ids is not None and self.vocab_size != n_ids:
+                raise CrystalError(f"tokenizer: {self.vocab_size} tokens for a vocabulary of {n_ids} ids")
         self.kind: str = kind
 
     def encode(self, text: str, strict: bool = True) -> list[int]:

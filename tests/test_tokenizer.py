@@ -47,7 +47,20 @@ def test_bpe_round_trip() -> None:
     ({"kind": "hf-tokenizers", "json": "{not json"}, "bad tokenizer.json"),
     ({"kind": "words"}, "unknown kind"),
     ("char", "expected a record"),
+    # .crystal keeps a char tokenizer's characters alone: another key would be written where it is refused
+    ({"kind": "char", "chars": "ab", "extra": 1}, "'kind' and 'chars' only, not 'extra'"),
 ])
 def test_bad_specs(spec: object, needle: str) -> None:
     with pytest.raises(CrystalError, match=needle):
         Tokenizer(spec)  # type: ignore[arg-type]
+
+
+def test_a_bpe_tokenizer_must_fit_the_model() -> None:
+    """Its size is known once parsed: a model of 280 ids with 300 tokens would read ids 280..299 as pruned,
+    and one of 400 would generate ids the tokenizer drops when decoding."""
+    spec = build_tokenizer(TEXT * 20, "bpe:300")
+    size = Tokenizer(spec).vocab_size  # up to 300: as many merges as the text offers
+    assert Tokenizer(spec, size).vocab_size == size
+    for n in (size - 20, size + 100):
+        with pytest.raises(CrystalError, match=f"{size} tokens for a vocabulary of {n} ids"):
+            Tokenizer(spec, n)

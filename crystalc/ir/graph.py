@@ -123,6 +123,11 @@ class Graph:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors())
 
+    @property
+    def original_vocab_size(self) -> int:
+        """The tokenizer's vocabulary, whose ids the command lines speak: before any pruning."""
+        return self.orig_vocab_size or self.config.vocab_size
+
     def original_ids(self) -> np.ndarray:
         """Original tokenizer id of every current id."""
         if self.vocab_map is None:
@@ -140,7 +145,7 @@ class Graph:
 
     def to_current_ids(self, original: list[int]) -> list[int]:
         """Map ids of the original tokenizer to rows of the current vocabulary."""
-        return current_rows(original, self.original_ids(), self.orig_vocab_size or self.config.vocab_size)
+        return current_rows(original, self.original_ids(), self.original_vocab_size)
 
     # --- checking ------------------------------------------------------------------------
     def verify(self) -> Graph:
@@ -184,7 +189,7 @@ class Graph:
             if v and (m.min() < 0 or m.max() >= n_orig or np.any(np.diff(m) <= 0)):
                 raise CrystalError("vocab_map: ids must be strictly increasing within the original vocabulary")
         if self.tokenizer is not None:
-            check_spec(self.tokenizer, self.orig_vocab_size or v)
+            check_spec(self.tokenizer, self.original_vocab_size)
         # the interpreter reads tensors where they sit, state_dict() and the .crystal writer by name
         for want, tensor in zip(tensor_names(c), self.tensors(), strict=True):
             if tensor.name != want:

@@ -34,7 +34,8 @@ def calibration_windows(graph: Graph, text: str, max_tokens: int = 16384) -> np.
     """Current ids [B, n_ctx] of `text` (tokens a pruned vocabulary lacks are skipped)."""
     if graph.tokenizer is None:
         raise CrystalError("calibration needs a model with a tokenizer")
-    ids, _ = graph.known_rows(Tokenizer(graph.tokenizer).encode(text, strict=False)[:max_tokens])
+    tokenizer = Tokenizer(graph.tokenizer, graph.original_vocab_size)
+    ids, _ = graph.known_rows(tokenizer.encode(text, strict=False)[:max_tokens])
     t = graph.config.n_ctx
     if ids.size < t:
         raise CrystalError(f"calibration text holds {ids.size} known tokens, fewer than one window of {t}")

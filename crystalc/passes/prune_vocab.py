@@ -50,7 +50,7 @@ def corpus_ids(graph: Graph, corpus_text: str) -> tuple[np.ndarray, int]:
     if graph.tokenizer is None:
         raise CrystalError("the model has no tokenizer, so a corpus cannot be tokenized: give the ids to keep "
                            "explicitly (--keep)")
-    tok = Tokenizer(graph.tokenizer)
+    tok = Tokenizer(graph.tokenizer, graph.original_vocab_size)
     ids = tok.encode(corpus_text, strict=False)
     skipped = len(corpus_text) - len(ids) if tok.kind == "char" else 0
     return np.unique(np.asarray(ids, dtype=np.int64)), skipped
@@ -58,7 +58,7 @@ def corpus_ids(graph: Graph, corpus_text: str) -> tuple[np.ndarray, int]:
 
 def prune_vocab(graph: Graph, corpus_text: str | None, keep_ids: list[int] | tuple[int, ...] = ()) -> Graph:
     """A verified copy of `graph` whose vocabulary is the corpus' tokens plus `keep_ids` (original ids)."""
-    n_orig = graph.orig_vocab_size or graph.config.vocab_size
+    n_orig = graph.original_vocab_size
     current_orig = graph.original_ids()
     wanted: list[np.ndarray] = []
     skipped = 0
