@@ -34,8 +34,9 @@ FIXTURE_SHAPES: dict[str, dict[str, Any]] = {
                                n_neurons=[0, 1, 5], ffn_hidden=20, final_norm=True),
     "tied_unnormalised": dict(vocab_size=31, d_model=24, n_ctx=8, n_heads=2, n_blocks=2, n_neurons=[4, 3],
                               ffn_hidden=36, field_norm=False, tie_head=True),
+    # and eps values other than the defaults, which every backend must read from the model, not assume
     "all_on": dict(vocab_size=17, d_model=8, n_ctx=5, n_heads=1, n_blocks=1, n_neurons=2, ffn_hidden=8,
-                   final_norm=True, tie_head=True),
+                   final_norm=True, tie_head=True, ln_eps=0.05, field_eps=0.5),
 }
 
 

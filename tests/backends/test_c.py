@@ -1,10 +1,10 @@
 """The C backend against the reference interpreter.
 
 Tolerance: max abs logit error <= 1e-4. The models are tiny with logits of order
-1-10; the C accumulates dot products in a different order than numpy (register
+1-50; the C accumulates dot products in a different order than numpy (register
 tiles, partial sums, fused multiply-adds), evaluates exp and erf by polynomials
 (within 1 ulp and 2.5e-7) and scales an integer head once per row, which moves a
-float32 logit by a few ulps (measured: ~1e-6), while any real mistake - a wrong
+float32 logit by a few ulps (measured: up to 9.2e-6 here), while any real mistake - a wrong
 scale, a transposed matrix, a missing term, a wrong cache position - moves
 logits by far more than 1e-4.
 
@@ -228,8 +228,9 @@ def test_quantized_logits_match_the_interpreter(dtype, scheme, tmp_path):
 @pytest.mark.parametrize("build", ["portable", "portable-byte-dot", "native"])
 @pytest.mark.parametrize("scheme", ["tensor", "row", "group"])
 def test_wide_int8_head_and_ragged_tiles(scheme, build, tmp_path):
-    """D = 270: an int8 head's integer sums under the group scheme run in chunks of 256 columns
-    (int32 bound) and group scales straddle the chunks; under tensor and row schemes the head is
+    """D = 270: an int8 head's integer sums run in chunks of 256 columns (int32 bound), within a
+    whole row, or under the group scheme within a group of 260 (then a ragged one of 10); under
+    tensor and row schemes the head is
     packed in tiles of four columns (D is not a multiple of four) and 64 rows (V is not either).
     No size is a multiple of a register tile (positions, neurons, columns), so every padded and
     partial tile of the batched forward pass is used, and so are the wide single-row tiles of a
@@ -238,7 +239,7 @@ def test_wide_int8_head_and_ragged_tiles(scheme, build, tmp_path):
     -march=native: vpdpbusd where the CPU has AVX-512 VNNI), the logits of a window, the logits
     decoded one token at a time and the greedy tokens match the interpreter."""
     shape = dict(vocab_size=101, d_model=270, n_ctx=11, n_heads=5, n_blocks=1, n_neurons=35, ffn_hidden=300)
-    g = quantized(random_graph(shape, seed=21), "i8", scheme, group=100)
+    g = quantized(random_graph(shape, seed=21), "i8", scheme, group=260)
     ids = some_prompt(g, g.config.n_ctx)
     cflags = STRICT + {"portable": "", "portable-byte-dot": " -DCRYSTAL_BYTE_DOT=1",
                        "native": " -O3 -march=native"}[build]
