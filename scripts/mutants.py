@@ -11,6 +11,7 @@ and a file with uncommitted changes is refused, so nothing of yours can be lost.
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -42,8 +43,8 @@ def run(file: str, original: str, mutated: str, tests: str) -> bool:
         sys.exit(f"{file}: the original text is gone: {original!r} (update scripts/mutants.txt)")
     try:
         path.write_text(text.replace(original, mutated, 1), encoding="utf-8")
-        res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests.split()],
-                             cwd=REPO, capture_output=True, text=True)
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *shlex.split(tests)]
+        res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     finally:
         path.write_text(text, encoding="utf-8")
     return res.returncode != 0
