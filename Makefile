@@ -33,7 +33,7 @@ demo: venv tools
 	./demo-out/model --prompt "ROMEO:" -n 300 -t 0.8 --seed 42
 
 lint: venv
-	$(BIN)/ruff check crystalc backends tests bench examples
+	$(BIN)/ruff check crystalc backends tests bench examples scripts
 	$(BIN)/mypy
 
 test: venv tools lint
