@@ -126,6 +126,9 @@ def entry_cases(data: bytes, picks: int = 8) -> Iterator[Case]:
             yield f"{tag} {k}={v}", patched(data, f[k], ENTRY_FIELDS[k][1], v), True
         if e.offset >= 128:
             yield f"{tag} offset misaligned", patched(data, f["offset"], "<Q", e.offset - 1), True
+        if e.dtype == fmt.DT_F32 and e.length:  # weights past the numbers: refused, not computed with
+            yield f"{tag} a NaN value", patched(data, e.offset + e.length - 4, "<f", float("nan")), True
+            yield f"{tag} an Inf value", patched(data, e.offset, "<f", float("-inf")), True
         # shapes whose element count overflows 32 bits (2^16 x 2^16 = 2^32 -> 0) and 64 bits
         b = bytearray(data)
         struct.pack_into("<BII", b, f["ndim"], 2, 0, 0)
