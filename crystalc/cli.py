@@ -477,7 +477,8 @@ def train(data: str, out_path: str, tokenizer: str, d_model: int, n_ctx: int, n_
 @click.option("--granularities", default="tensor,row,group:32", show_default=True,
               help="Comma-separated granularities: tensor, row, group:N.")
 @click.option("--max-tokens", type=click.IntRange(1), default=8192, show_default=True,
-              help="Score at most this many tokens of the corpus.")
+              help="Score at most this many tokens of the corpus (for a pruned model, counted before the "
+                   "tokens it lacks are left out).")
 @click.option("--per-tensor", is_flag=True,
               help="Instead of whole models, quantize one tensor at a time (the rest float32) and rank the "
                    "tensors by how far each moves the predictions (KL divergence from float32); one table per "

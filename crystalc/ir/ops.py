@@ -1,8 +1,10 @@
 """The ops of the crystal IR.
 
 Each op's `kind` is its name through every layer of the toolchain: the
-interpreter function, the C function, the CUDA kernel, the Verilog module and
-the SPICE subcircuit all carry it, so one search follows an op everywhere.
+interpreter function, the C function, the CUDA kernel, the Verilog core's opcode
+(one core runs every op: OP_NEURON_FIELD, ...) and the SPICE subcircuit all carry
+it, so one search follows an op everywhere. position_embedding is computed fused
+with token_embedding, under both names.
 """
 
 from __future__ import annotations
