@@ -124,8 +124,8 @@ def _read_text(path: str) -> str:
 
 def _parse_ids(text: str) -> list[int]:
     """Comma-separated ids, as the generated programs read --prompt-ids: ASCII digits (a leading minus is
-    left for the range check to name), no empty entries, spaces ignored."""
-    items = text.replace(" ", "").split(",")
+    left for the range check to name), no empty entries, spaces around them ignored."""
+    items = [x.strip(" ") for x in text.split(",")]  # "1 2" is not 12
     if not all(x.removeprefix("-").isascii() and x.removeprefix("-").isdigit() for x in items):
         raise CrystalError(f"token ids must be comma-separated integers, got {text!r}")
     return [int(x) for x in items]

@@ -34,28 +34,40 @@ TEXT_LIMIT = 1 << 30
 def model_file(path: str | os.PathLike[str]) -> Path:
     """A model's path, which must be a regular file (its readers seek and map it)."""
     p = Path(path)
-    if not p.is_file():
-        raise CrystalError(f"{path}: " + ("not a regular file (a folder, FIFO or device): give the model's file"
-                                          if p.exists() else "no such file"))
-    return p
+    try:
+        if p.is_file():
+            return p
+        exists = p.exists()
+    except OSError as e:  # a name too long, a folder on the way that may not be searched
+        raise CrystalError(f"{path}: cannot read the model ({e.strerror or e})") from None
+    raise CrystalError(f"{path}: " + ("not a regular file (a folder, FIFO or device): give the model's file"
+                                      if exists else "no such file"))
+
+
+# Read in pieces: one read of `limit` bytes would ask for all of it at once, however small the file.
+_CHUNK = 1 << 20
 
 
 def read_text(path: str | os.PathLike[str], what: str = "corpus", limit: int = TEXT_LIMIT) -> str:
     """A UTF-8 text input, whole: a file, or a pipe (<(...)); one CrystalError for anything else."""
     p = Path(path)
-    if p.is_dir():
-        raise CrystalError(f"{path}: a folder, not a {what}")
-    if not p.exists():
-        raise CrystalError(f"{path}: no such {what} file")
+    chunks: list[bytes] = []
+    size = 0
     try:
+        if p.is_dir():
+            raise CrystalError(f"{path}: a folder, not a {what} file")
+        if not p.exists():
+            raise CrystalError(f"{path}: no such {what} file")
         with open(p, "rb") as f:
-            data = f.read(limit + 1)
+            while size <= limit and (chunk := f.read(min(_CHUNK, limit + 1 - size))):
+                chunks.append(chunk)
+                size += len(chunk)
     except OSError as e:
         raise CrystalError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
-    if len(data) > limit:
+    if size > limit:
         raise CrystalError(f"{path}: the {what} is larger than {limit:,} bytes: give a part of it")
     try:
-        return data.decode("utf-8")
+        return b"".join(chunks).decode("utf-8")
     except UnicodeDecodeError as e:
         raise CrystalError(f"{path}: cannot read the {what} as UTF-8 text ({e})") from None
 
@@ -112,7 +124,7 @@ def _umask() -> int:
 def _make_parents(folder: Path) -> list[Path]:
     """mkdir -p folder; the folders it made, deepest first (removed again if the output fails)."""
     made = []
-    f = folder
+    f = folder = Path(os.path.abspath(folder))  # "a/../b": walking up must not meet "a" as a folder made here
     while not f.exists() and f != f.parent:
         made.append(f)
         f = f.parent
@@ -138,10 +150,16 @@ def _signals_held() -> Iterator[None]:
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if caught:
-            signal.raise_signal(caught[0])
+        for s, handler in previous.items():  # (None: a handler set outside Python, which cannot be put back)
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        first: BaseException | None = None
+        for n in dict.fromkeys(caught):  # each signal once, in the order they came, though a handler raises
+            try:
+                signal.raise_signal(n)
+            except BaseException as e:
+                first = first or e
+        if first is not None:
+            raise first
 
 
 @contextmanager

@@ -150,11 +150,14 @@ def run_model(model_path: str | os.PathLike[str], args: list[str], prompt: str |
     with tempfile.TemporaryDirectory(prefix="crystalc-run-") as tmp:
         model = path
         if not is_crystal:
-            from crystalc.format.crystal import write_crystal
+            from crystalc.format.crystal import encode_crystal
 
             model = Path(tmp) / "model.crystal"
             assert graph is not None
-            write_crystal(graph, model)
+            try:  # a private scratch file, deleted with its folder: not an output to write atomically or report
+                model.write_bytes(encode_crystal(graph))
+            except OSError as e:
+                raise CrystalError(f"cannot write the model for the runtime in {tmp} ({e.strerror or e})") from None
         try:
             if tokenizer is None or "--logits" in args:
                 return subprocess.run([str(exe), str(model), *args]).returncode

@@ -20,7 +20,7 @@ def check_spec(spec: Any, n_ids: int | None = None) -> None:
         raise CrystalError(f"tokenizer: expected a record with a 'kind', got type {type(spec).__name__}")
     kind = spec.get("kind")
     if kind == "char":
-        if set(spec) != {"kind", "chars"}:  # its file sections hold the characters alone (docs/crystal-format.md)
+        if set(spec) - {"kind", "chars"}:  # its file sections hold the characters alone (docs/crystal-format.md)
             extra = ", ".join(sorted(map(repr, set(spec) - {"kind", "chars"})))
             raise CrystalError(f"tokenizer: a char tokenizer has a 'kind' and 'chars' only, not {extra}")
         chars = spec.get("chars")

@@ -10,6 +10,11 @@ missing=()
 for i in "${!need_cmds[@]}"; do
   command -v "${need_cmds[$i]}" >/dev/null 2>&1 || missing+=(${need_pkgs[$i]})  # unquoted: one tool may need several packages
 done
+# clang without its runtimes compiles but cannot link -fsanitize=fuzzer (Debian ships them apart)
+if command -v clang >/dev/null 2>&1 && ! printf 'int LLVMFuzzerTestOneInput(const char *d, long n) { return 0; }\n' |
+    clang -x c -fsanitize=fuzzer -o /dev/null - >/dev/null 2>&1; then
+  missing+=(libclang-rt-dev)
+fi
 # nvcc comes with NVIDIA's CUDA toolkit, not with the distribution: say so, install nothing
 command -v nvcc >/dev/null 2>&1 || echo "crystalc: nvcc is missing: the CUDA backend's tests need NVIDIA's CUDA toolkit" >&2
 [ ${#missing[@]} -eq 0 ] && exit 0

@@ -227,14 +227,18 @@ def test_read_text_reads_pipes_and_bounds_the_size(tmp_path: Path) -> None:
     (tmp_path / "big.txt").write_text("x" * 11)
     with pytest.raises(CrystalError, match="larger than 10 bytes"):
         read_text(tmp_path / "big.txt", limit=10)
-    with pytest.raises(CrystalError, match="a folder, not a corpus"):
+    with pytest.raises(CrystalError, match="a folder, not a corpus file"):
         read_text(tmp_path)
     with pytest.raises(CrystalError, match="no such corpus file"):
         read_text(tmp_path / "none")
 
 
 def test_sigterm_cleans_up_as_an_interrupt(tmp_path: Path) -> None:
-    """timeout, docker and systemd stop with SIGTERM: no temporary output may stay behind."""
+    """timeout, docker and systemd stop with SIGTERM: it acts as Ctrl-C, exit 130 and one line.
+
+    train writes only at its end, so the empty folder shows only that nothing was written early; the removal of
+    a half-made output under an interrupt is what the atomic_file/atomic_dir interrupt tests above check.
+    """
     import signal
     import time
 
@@ -247,3 +251,60 @@ def test_sigterm_cleans_up_as_an_interrupt(tmp_path: Path) -> None:
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130 and "crystalc: interrupted: nothing written" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unreadable_paths_are_one_line(tmp_path: Path) -> None:
+    """A name too long for the file system fails in stat(), before any open: still one CrystalError."""
+    from crystalc.fsutil import model_file, read_text
+
+    long = tmp_path / ("x" * 5000)
+    with pytest.raises(CrystalError, match="cannot read the corpus"):
+        read_text(long)
+    with pytest.raises(CrystalError, match="cannot read the model"):
+        model_file(long)
+
+
+def test_read_text_does_not_reserve_its_limit(tmp_path: Path) -> None:
+    """Under a memory cap below the 1 GiB limit, a small corpus still reads (no read of limit+1 bytes at once)."""
+    (tmp_path / "c.txt").write_text("small " * 300_000)
+    code = ("import resource, sys\n"
+            "from crystalc.fsutil import read_text\n"
+            "used = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (used + (256 << 20), resource.RLIM_INFINITY))\n"
+            f"print(len(read_text({str(tmp_path / 'c.txt')!r})))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout == "1800000\n", res.stderr
+
+
+def test_a_failed_output_keeps_a_folder_reached_through_dotdot(tmp_path: Path) -> None:
+    """-o new/../kept/out.bin: kept/ existed (empty) and must survive the failure; new/ is not made."""
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(ValueError), atomic_file(tmp_path / "new" / ".." / "kept" / "out.bin") as f:
+        f.write(b"half")
+        raise ValueError("crash mid-write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
+
+
+def test_every_signal_held_during_a_swap_is_delivered(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    from crystalc import fsutil
+
+    seen: list[int] = []
+    old = signal.signal(signal.SIGTERM, lambda n, _: seen.append(n))
+    real = fsutil._swap_in
+
+    def swap_twice_interrupted(tmp: Path, path: Path) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        real(tmp, path)
+
+    fsutil._swap_in = swap_twice_interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt), atomic_dir(tmp_path / "out") as d:
+            (d / "v").write_text("1")
+    finally:
+        fsutil._swap_in = real
+        signal.signal(signal.SIGTERM, old)
+    assert seen == [signal.SIGTERM] and (tmp_path / "out" / "v").read_text() == "1"

@@ -44,6 +44,7 @@ def test_bpe_round_trip() -> None:
 @pytest.mark.parametrize(("spec", "needle"), [
     ({"kind": "char", "chars": "abca"}, "repeats"),
     ({"kind": "char", "chars": ""}, "non-empty"),
+    ({"kind": "char"}, "non-empty"),
     ({"kind": "hf-tokenizers", "json": "{not json"}, "bad tokenizer.json"),
     ({"kind": "words"}, "unknown kind"),
     ("char", "expected a record"),
