@@ -157,8 +157,8 @@ calibrate_option = click.option(
     "--calibrate", type=click.Path(dir_okay=False), default=None,
     help="Text (e.g. training data) for calibrated rounding: the linear layers' codes are chosen to keep "
          "their outputs on this text close to float32 (GPTQ-style), instead of rounding each weight to "
-         "the nearest code. Same scales; the file grows by at most 64 bytes (its metadata records the "
-         "calibration; sections are 64-byte aligned); see docs/quantization.md.")
+         "the nearest code. Same scales and sizes: a .crystal file gains at most 64 bytes, the metadata that "
+         "records the calibration (sections are 64-byte aligned); see docs/quantization.md.")
 calibrate_tokens_option = click.option("--calibrate-tokens", type=click.IntRange(1), default=None,
                                        help=f"Tokens of the --calibrate text used (default: "
                                             f"{DEFAULT_CALIBRATE_TOKENS}).")
@@ -399,7 +399,8 @@ def prune_vocab(model: str, corpus: str | None, keep: str | None, out_path: str,
 @click.option("--max-neurons", type=click.IntRange(0), default=1024, show_default=True, help="Cap per block.")
 @click.option("--growth", type=click.Choice(["split", "none"]), default="split", show_default=True,
               help="split: split the hottest non-frozen neurons; none: fixed size.")
-@click.option("--grow-every", type=click.IntRange(1), default=10, show_default=True, help="Rounds between growths.")
+@click.option("--grow-every", type=click.IntRange(1), default=10, show_default=True,
+              help="Rounds between growths, and between freezing passes.")
 @click.option("--grow-count", type=click.IntRange(0), default=0, show_default=True,
               help="Splits per growth; 0: reach --max-neurons by 80% of training.")
 @click.option("--freeze", type=click.Choice(["graceful", "none"]), default="graceful", show_default=True,
@@ -424,7 +425,8 @@ def prune_vocab(model: str, corpus: str | None, keep: str | None, out_path: str,
               help="Tail of the corpus held out for validation; 0: none.")
 @click.option("--sampling", type=click.Choice(["auto", "overlap", "random"]), default="auto", show_default=True,
               help="overlap: windows with stride T/2; random: random starts; auto picks by corpus size.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initialisation and the batch order.")
+@click.option("--seed", type=click.IntRange(-(1 << 63), (1 << 63) - 1), default=0, show_default=True,
+              help="Seed of the initialisation and the batch order.")
 @click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True,
               help="torch threads; 0: default.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,

@@ -63,6 +63,18 @@ def compiler() -> str:
     return cc
 
 
+def _compiler_identity(cc: str) -> str:
+    """What `cc` is now: its resolved path and its --version, so that an upgraded or switched compiler
+    (cc from gcc to clang) builds afresh instead of reusing a binary another compiler made."""
+    path = os.path.realpath(shutil.which(cc) or cc)
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, errors="replace",
+                                 timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):  # the build itself will say what is wrong with it
+        version = ""
+    return f"{path}\0{version}"
+
+
 def build_runtime(sanitize: bool = False, loader_only: bool = False, cflags: tuple[str, ...] | None = None) -> Path:
     """Path of the runtime binary, compiling it only when no cached build matches.
 
@@ -75,7 +87,7 @@ def build_runtime(sanitize: bool = False, loader_only: bool = False, cflags: tup
         flags.append("-DCRYSTAL_LOADER_CHECK")
     srcs = runtime_sources(loader_only)
     include = templates_dir() / "c"
-    h = hashlib.sha256(f"{__version__}\0{cc}\0{' '.join(flags)}\0".encode())
+    h = hashlib.sha256(f"{__version__}\0{_compiler_identity(cc)}\0{' '.join(flags)}\0".encode())
     for p in srcs + sorted(include.glob("*.h")):
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
     name = "crystal_check" if loader_only else "crystal_runtime"

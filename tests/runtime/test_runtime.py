@@ -369,9 +369,30 @@ def test_a_damaged_cache_entry_is_rebuilt_and_one_that_cannot_run_is_one_line(ca
     write_crystal(random_graph("d40_h5", seed=1), model)
     import crystalc.runtime as runtime
 
-    def cannot_run(*args, **kwargs):
+    real_run = runtime.subprocess.run
+
+    def cannot_run(cmd, *args, **kwargs):
+        if cmd[0] != str(exe):  # the compiler's --version, asked for the cache key, still answers
+            return real_run(cmd, *args, **kwargs)
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(runtime.subprocess, "run", cannot_run)
     with pytest.raises(CrystalError, match="cannot run the runtime .*set CRYSTALC_CACHE"):
         runtime.run_model(model, ["--prompt-ids", "1", "--logits"])
+
+
+def test_the_cache_knows_the_compiler_behind_cc(cache, tmp_path, monkeypatch):
+    """cc upgraded, or pointed from gcc to clang, under the same name: a build of its own, not the old binary."""
+    require_tool("cc")
+    from crystalc.runtime import build_runtime
+
+    for version in ("1.0", "2.0"):
+        (tmp_path / "cc").write_text(f'#!/bin/sh\n[ "$1" = --version ] && {{ echo "fake cc {version}"; exit 0; }}\n'
+                                     'exec cc "$@"\n')
+        (tmp_path / "cc").chmod(0o755)
+        monkeypatch.setenv("CC", str(tmp_path / "cc"))
+        exe = build_runtime()
+        assert build_runtime() == exe  # cached while the compiler stays the same
+        if version == "1.0":
+            first = exe
+    assert exe != first and exe.is_file() and first.is_file()
