@@ -65,14 +65,23 @@ def _check_output(out: str, **inputs: str | None) -> None:
     from crystalc.fsutil import check_writable
 
     check_writable(out)
-    o = Path(out).resolve()
+    o = _resolved(out)
     for what, path in inputs.items():
         if path is None:
             continue
-        p = Path(path).resolve()
+        p = _resolved(path)
         if p == o or o in p.parents:
             raise CrystalError(f"the output {out} would replace the {what.replace('_', ' ')} {path}: "
                                "choose another output path")
+
+
+def _resolved(path: str) -> Path:
+    """The path with its links followed, where that can be done; else as written, made absolute (a link
+    loop, a name too long: reading or writing it says what is wrong, and it is nothing else's path)."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):  # RuntimeError: Python 3.11's word for a link loop
+        return Path(os.path.abspath(path))
 
 
 def _load(path: str, n_heads: int | None = None) -> Graph:
@@ -272,10 +281,14 @@ def simulate(out_dir: str, prompt: str | None, prompt_ids: str | None, n_tokens:
 @click.argument("model", type=click.Path(dir_okay=False))
 @n_heads_option
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
-              help="Also draw the neuron field (PCA, frozen vs active) and the training curve to this PNG.")
+              help="Also draw the neuron field (PCA, frozen vs active) and the training curve to this .png "
+                   "(or .svg) file.")
 def inspect(model: str, n_heads: int | None, plot_path: str | None) -> None:
     """Print MODEL's ops, shapes, dtypes, parameter counts, bytes and frozen/active neurons."""
     if plot_path is not None:
+        from crystalc.plot import plot_format
+
+        plot_format(plot_path)
         _check_output(plot_path, model=model)
     graph = _load(model, n_heads)
     if plot_path is not None:  # first: a model whose curve cannot be drawn fails before printing anything
@@ -523,8 +536,13 @@ def _interrupted() -> NoReturn:
     sys.exit(130)
 
 
+class _Terminated(BaseException):
+    """SIGTERM (timeout, docker, systemd): cleans up as an interrupt does, past click, which would print an
+    empty line after a ^C that no terminal echoed."""
+
+
 def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # SIGTERM (timeout, docker, systemd) cleans up as an interrupt does
+    raise _Terminated
 
 
 def main() -> None:
@@ -542,7 +560,7 @@ def main() -> None:
     except CrystalError as e:
         click.echo(f"crystalc: error: {e}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated):
         _interrupted()
     except MemoryError:
         click.echo("crystalc: error: out of memory (nothing written): a smaller model, corpus or batch", err=True)

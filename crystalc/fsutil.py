@@ -6,6 +6,7 @@ import errno
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -33,15 +34,15 @@ TEXT_LIMIT = 1 << 30
 
 def model_file(path: str | os.PathLike[str]) -> Path:
     """A model's path, which must be a regular file (its readers seek and map it)."""
-    p = Path(path)
     try:
-        if p.is_file():
-            return p
-        exists = p.exists()
-    except OSError as e:  # a name too long, a folder on the way that may not be searched
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CrystalError(f"{path}: no such file") from None
+    except OSError as e:  # a name too long, a link loop, a folder on the way that may not be searched
         raise CrystalError(f"{path}: cannot read the model ({e.strerror or e})") from None
-    raise CrystalError(f"{path}: " + ("not a regular file (a folder, FIFO or device): give the model's file"
-                                      if exists else "no such file"))
+    if not stat.S_ISREG(mode):
+        raise CrystalError(f"{path}: not a regular file (a folder, FIFO or device): give the model's file")
+    return Path(path)
 
 
 # Read in pieces: one read of `limit` bytes would ask for all of it at once, however small the file.
@@ -54,15 +55,15 @@ def read_text(path: str | os.PathLike[str], what: str = "corpus", limit: int = T
     chunks: list[bytes] = []
     size = 0
     try:
-        if p.is_dir():
-            raise CrystalError(f"{path}: a folder, not a {what} file")
-        if not p.exists():
-            raise CrystalError(f"{path}: no such {what} file")
         with open(p, "rb") as f:
             while size <= limit and (chunk := f.read(min(_CHUNK, limit + 1 - size))):
                 chunks.append(chunk)
                 size += len(chunk)
-    except OSError as e:
+    except FileNotFoundError:
+        raise CrystalError(f"{path}: no such {what} file") from None
+    except IsADirectoryError:
+        raise CrystalError(f"{path}: a folder, not a {what} file") from None
+    except OSError as e:  # a name too long, a link loop, a folder on the way that may not be searched
         raise CrystalError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
     if size > limit:
         raise CrystalError(f"{path}: the {what} is larger than {limit:,} bytes: give a part of it")
@@ -80,12 +81,24 @@ def _output_path(path: str | os.PathLike[str]) -> Path:
     out = Path(path)
     if out.name in ("", ".", ".."):  # "", ".", "/", "..": a folder we must not replace, not an output's name
         raise CrystalError(f"output path {str(path)!r} names no file or folder of its own")
-    if out.is_symlink():  # the output goes where the link points; renamed over, the link itself would go
-        out = Path(os.path.realpath(out))
-    # an output is renamed into place, which would replace a device or a FIFO (-o /dev/null) with a file
-    if out.exists() and not (out.is_file() or out.is_dir()):
-        raise CrystalError(f"{out} is not a regular file (a device, FIFO or socket): choose a file to write")
+    try:
+        if out.is_symlink():  # the output goes where the link points; renamed over, the link itself would go
+            try:
+                out = Path(os.path.realpath(out, strict=True))
+            except FileNotFoundError:  # a link to a file yet to be written; a loop is an OSError of its own
+                out = Path(os.path.realpath(out))
+        # an output is renamed into place, which would replace a device or a FIFO (-o /dev/null) with a file
+        if out.exists() and not (out.is_file() or out.is_dir()):
+            raise CrystalError(f"{out} is not a regular file (a device, FIFO or socket): choose a file to write")
+    except OSError as e:  # a name too long, a link loop, a folder on the way that may not be searched
+        raise _cannot_write(Path(path), e) from None
     return out
+
+
+def _temp_prefix(name: str) -> str:
+    """A temporary sibling's name prefix: the output's name, cut so that prefix, random part and suffix
+    still fit a file name's 255 bytes however long the output's own name is."""
+    return "." + name.encode("utf-8", "surrogateescape")[:200].decode("utf-8", "ignore") + "."
 
 
 def check_writable(path: str | os.PathLike[str]) -> None:
@@ -95,13 +108,13 @@ def check_writable(path: str | os.PathLike[str]) -> None:
     that a command that fails later leaves no trace (not even a folder it would create).
     """
     out = _output_path(path)
-    folder = out.absolute().parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise CrystalError(f"cannot write {out}: {folder} is a file, not a folder")
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=folder)
+        folder = out.absolute().parent
+        while not folder.exists():
+            folder = folder.parent
+        if not folder.is_dir():
+            raise CrystalError(f"cannot write {out}: {folder} is a file, not a folder")
+        fd, probe = tempfile.mkstemp(prefix=_temp_prefix(out.name), suffix=".probe", dir=folder)
     except OSError as e:
         raise _cannot_write(out, e) from None
     os.close(fd)
@@ -169,7 +182,7 @@ def atomic_file(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
     made: list[Path] = []
     try:
         made = _make_parents(path.parent)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     except OSError as e:
         _remove_made(made)
         raise _cannot_write(path, e) from None
@@ -212,7 +225,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     made: list[Path] = []
     try:
         made = _make_parents(path.parent)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent))
     except OSError as e:
         _remove_made(made)
         raise _cannot_write(path, e) from None
@@ -242,7 +255,7 @@ def _swap_in(tmp: Path, path: Path) -> None:
     if path.exists():
         # a folder cannot be renamed over a non-empty one: move the old aside, put it back on failure
         try:
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path.name), suffix=".old", dir=path.parent))
         except OSError as e:
             raise _cannot_write(path, e) from None
         try:

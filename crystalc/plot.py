@@ -41,6 +41,19 @@ def pca2(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return proj, share
 
 
+# what --plot writes, by the output's suffix; the metadata keys that would put the date or the matplotlib
+# version into the file are left out, so that the same model draws the same bytes
+FORMATS = {".png": ("png", {"Software": None}), ".svg": ("svg", {"Date": None, "Creator": None})}
+
+
+def plot_format(out: str | Path) -> str:
+    """The format `out`'s suffix asks for (no suffix: PNG); any other suffix is an error, not a PNG under it."""
+    suffix = Path(out).suffix.lower()
+    if suffix and suffix not in FORMATS:
+        raise CrystalError(f"--plot writes {' or '.join(FORMATS)} files, not {suffix}: name the output so")
+    return suffix or ".png"
+
+
 def plot_model(graph: Graph, out: str | Path, title: str | None = None) -> None:
     try:
         import matplotlib
@@ -51,6 +64,8 @@ def plot_model(graph: Graph, out: str | Path, title: str | None = None) -> None:
         raise CrystalError("--plot needs matplotlib (pip install 'crystalc[plot]')") from None
     from crystalc.fsutil import atomic_file
 
+    fmt, metadata = FORMATS[plot_format(out)]
+    matplotlib.rcParams["svg.hashsalt"] = "crystalc"  # SVG element ids from a fixed salt, not a random one
     blocks = list(graph.blocks)
     curve = _checked_curve(graph.meta.get("curve") or [])
     ncols = max(len(blocks), 2 if curve else 1)
@@ -69,7 +84,7 @@ def plot_model(graph: Graph, out: str | Path, title: str | None = None) -> None:
     fig.suptitle(title or _title(graph), fontsize=11)
     fig.tight_layout()
     with atomic_file(str(out)) as f:
-        fig.savefig(f, format="png", metadata={"Software": None})
+        fig.savefig(f, format=fmt, metadata=metadata)
     plt.close(fig)
 
 

@@ -56,23 +56,27 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "crystalc"
 
 
-def compiler() -> str:
-    cc = os.environ.get("CC", "cc")
-    if shutil.which(cc) is None:
-        raise CrystalError(f"no C compiler: '{cc}' is not on PATH (install gcc, or set CC)")
+def compiler() -> list[str]:
+    """$CC as make takes it: a command and maybe its own flags (CC="gcc -m64", CC="ccache cc")."""
+    try:
+        cc = shlex.split(os.environ.get("CC", "cc"))
+    except ValueError as e:
+        raise CrystalError(f"CC={os.environ['CC']!r} is not a command line ({e})") from None
+    if not cc or shutil.which(cc[0]) is None:
+        raise CrystalError(f"no C compiler: '{cc[0] if cc else ''}' is not on PATH (install gcc, or set CC)")
     return cc
 
 
-def _compiler_identity(cc: str) -> str:
+def _compiler_identity(cc: list[str]) -> str:
     """What `cc` is now: its resolved path and its --version, so that an upgraded or switched compiler
     (cc from gcc to clang) builds afresh instead of reusing a binary another compiler made."""
-    path = os.path.realpath(shutil.which(cc) or cc)
+    path = os.path.realpath(shutil.which(cc[0]) or cc[0])
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, errors="replace",
+        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, errors="replace",
                                  timeout=60).stdout
     except (OSError, subprocess.TimeoutExpired):  # the build itself will say what is wrong with it
         version = ""
-    return f"{path}\0{version}"
+    return f"{path}\0{shlex.join(cc[1:])}\0{version}"
 
 
 def build_runtime(sanitize: bool = False, loader_only: bool = False, cflags: tuple[str, ...] | None = None) -> Path:
@@ -94,25 +98,28 @@ def build_runtime(sanitize: bool = False, loader_only: bool = False, cflags: tup
     out = cache_dir() / f"{name}-{__version__}-{h.hexdigest()[:16]}" / name
     # an entry is put in place whole (renamed), but a crash before the data reached the disk can leave it
     # empty: only a non-empty executable is trusted, anything else rebuilt
-    if out.is_file() and out.stat().st_size > 0 and os.access(out, os.X_OK):
-        return out
     try:
+        if out.is_file() and out.stat().st_size > 0 and os.access(out, os.X_OK):
+            return out
         return _compile(cc, flags, srcs, include, out)
     except OSError as e:
         raise CrystalError(f"cannot build the runtime in {out.parent} ({e.strerror or e}); "
                            "set CRYSTALC_CACHE to a writable folder") from None
 
 
-def _compile(cc: str, flags: list[str], srcs: list[Path], include: Path, out: Path) -> Path:
+def _compile(cc: list[str], flags: list[str], srcs: list[Path], include: Path, out: Path) -> Path:
     name = out.name
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         exe = Path(tmp) / name
-        cmd = [cc, *flags, f"-I{include}", *map(str, srcs), "-o", str(exe), "-lm"]
+        cmd = [*cc, *flags, f"-I{include}", *map(str, srcs), "-o", str(exe), "-lm"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise CrystalError(f"building the runtime failed ({shlex.join(cmd)}): "
                                + " ".join(proc.stderr.split())[:2000])
+        if not exe.is_file():
+            raise CrystalError(f"building the runtime made no program ({shlex.join(cmd)} succeeded but wrote no "
+                               f"{exe.name}): is CC a C compiler?")
         exe.chmod(0o755)
         with open(exe, "rb") as f:
             os.fsync(f.fileno())
@@ -156,7 +163,10 @@ def run_model(model_path: str | os.PathLike[str], args: list[str], prompt: str |
             if lost:  # said here, of the text: the runtime would speak of ids it was never given by the user
                 raise CrystalError(f"--prompt: token {tokenizer.decode([lost[0]])!r} (id {lost[0]}) was pruned from "
                                    "this model's vocabulary")
-            args = ["--prompt-ids", ",".join(map(str, prompt_ids)), *args]
+            # the runtime keeps a prompt's last n_ctx tokens (the spec): only those go, which keeps a long
+            # prompt's ids under the kernel's limit on one argument (128 KiB)
+            window = prompt_ids[-graph.config.n_ctx:]
+            args = ["--prompt-ids", ",".join(map(str, window)), *args]
     exe = build_runtime()
     sys.stdout.flush()
     with tempfile.TemporaryDirectory(prefix="crystalc-run-") as tmp:

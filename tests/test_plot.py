@@ -70,6 +70,15 @@ def test_inspect_plot_cli(tmp_path: Path) -> None:
     r = _crystalc("inspect", str(model), "--plot", str(out))
     assert r.returncode == 0, r.stderr
     assert out.read_bytes().startswith(PNG) and f"wrote {out}" in r.stdout
+    svg = tmp_path / "field.svg"
+    drawn = []
+    for _ in range(2):  # the same bytes each time: no date, no random element ids
+        assert _crystalc("inspect", str(model), "--plot", str(svg)).returncode == 0
+        drawn.append(svg.read_bytes())
+    assert drawn[0].startswith(b"<?xml") and b"<svg" in drawn[0] and drawn[1] == drawn[0]
+    r = _crystalc("inspect", str(model), "--plot", str(tmp_path / "field.jpg"))
+    assert r.returncode == 2 and r.stderr == "crystalc: error: --plot writes .png or .svg files, not .jpg: name the " \
+                                             "output so\n" and not (tmp_path / "field.jpg").exists()
 
 
 def test_plot_of_a_crystal_file_does_not_import_torch(tmp_path: Path) -> None:

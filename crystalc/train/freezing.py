@@ -56,5 +56,5 @@ def choose_frozen(stats: FieldStats, frozen: torch.Tensor, activity: torch.Tenso
 
 def soft_multiplier(stats: FieldStats, round_: int, halflife: float) -> torch.Tensor:
     """Per-neuron learning-rate multiplier of soft freezing."""
-    age = (round_ - stats.birth).float()
-    return torch.clamp(0.5 ** (age / halflife), min=0.01)
+    age = (round_ - stats.birth).double()  # float32 would round a tiny halflife to 0, and age 0 / 0 to NaN
+    return torch.clamp(0.5 ** (age / halflife), min=0.01).float()

@@ -324,6 +324,15 @@ def test_crystalc_run_speaks_text_for_a_bpe_model(cache, tmp_path):
                              capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr
         assert res.stdout == want
+    # one token a byte: 60,000 of them are over 128 KiB as a list of ids, more than one argument may hold;
+    # only the window's last n_ctx go to the runtime, which keeps no more (the spec)
+    long = "zq" * 30_000
+    long_ids = tok.encode(long)
+    assert len(",".join(map(str, long_ids))) > 1 << 17
+    res = subprocess.run([exe, "run", str(crystal), "--prompt", long, "-n", "3", "-t", "0"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout == tok.decode(long_ids + generate(g, long_ids[-6:], 3)) + "\n", \
+        res.stderr
     res = subprocess.run([exe, "run", str(crystal), "--prompt", "to be", "--prompt-ids", "1"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "exactly one of --prompt and --prompt-ids" in res.stderr
@@ -396,3 +405,8 @@ def test_the_cache_knows_the_compiler_behind_cc(cache, tmp_path, monkeypatch):
         if version == "1.0":
             first = exe
     assert exe != first and exe.is_file() and first.is_file()
+    monkeypatch.setenv("CC", "cc -DCRYSTAL_UNUSED=1")  # a command and its own flags, as make takes $CC
+    assert build_runtime() not in (exe, first)
+    monkeypatch.setenv("CC", "true")
+    with pytest.raises(CrystalError, match="made no program .*is CC a C compiler"):
+        build_runtime()

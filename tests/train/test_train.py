@@ -102,6 +102,9 @@ def test_soft_freezing_scales_updates() -> None:
     assert torch.allclose(m, torch.tensor([0.25, 0.5, 1.0]))
     st.birth = torch.tensor([-10_000, 0, 0])
     assert float(soft_multiplier(st, 0, 50)[0]) == pytest.approx(0.01)
+    # a halflife below float32's smallest number (--soft-halflife 1e-320) is still a number: newborns at
+    # full rate, the rest at the floor, none NaN
+    assert soft_multiplier(st, 0, 1e-320).tolist() == pytest.approx([0.01, 1.0, 1.0])
 
 
 def test_growth_splits_hottest_and_preserves_value_sum() -> None:
