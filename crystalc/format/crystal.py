@@ -15,6 +15,7 @@ import math
 import re
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,10 +164,12 @@ def _plain(o: Any) -> Any:
 
 def _json_bytes(obj: Any, what: str) -> bytes:
     try:
-        return json.dumps(_plain(obj), sort_keys=True, ensure_ascii=False, separators=(",", ":"),
-                          allow_nan=False).encode("utf-8")
-    except (TypeError, ValueError) as e:
+        raw = json.dumps(_plain(obj), sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+                         allow_nan=False).encode("utf-8")
+        _json_loads(raw)  # what the readers would refuse is not written
+    except (TypeError, ValueError, RecursionError) as e:
         raise CrystalError(f"cannot write .crystal: the {what} is not JSON-serialisable ({e})") from None
+    return raw
 
 
 def encode_crystal(graph: Graph) -> bytes:
@@ -436,11 +439,47 @@ def _tensor(data: bytes, e: Entry) -> Tensor:
     return Tensor(e.name, arr, quant)
 
 
+# Bounds on the JSON sections that the C runtime's syntax check shares (JSON_DEPTH, JSON_NUMBER), so
+# that the two readers refuse the same files; crystalc writes nothing near them.
+JSON_DEPTH = 64
+JSON_NUMBER = 100
+
+
+def _json_number(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        if len(text) > JSON_NUMBER:
+            raise ValueError("number too long")
+        return convert(text)
+    return parse
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python's extensions NaN, Infinity, -Infinity
+
+
+def _nesting(obj: Any) -> int:
+    """How deep arrays and objects nest in `obj`, counted level by level (no recursion to run out of)."""
+    depth, level = 0, [obj]
+    while level := [x for x in level if isinstance(x, (dict, list))]:
+        depth += 1
+        level = [v for x in level for v in (x.values() if isinstance(x, dict) else x)]
+    return depth
+
+
+def _json_loads(raw: bytes) -> Any:
+    """A JSON section's value, within the bounds both readers hold to (else ValueError)."""
+    obj = json.loads(raw.decode("utf-8"), parse_int=_json_number(int), parse_float=_json_number(float),
+                     parse_constant=_not_json)
+    if _nesting(obj) > JSON_DEPTH:
+        raise ValueError(f"arrays and objects nested more than {JSON_DEPTH} deep")
+    return obj
+
+
 def _json_section(data: bytes, e: Entry) -> dict[str, Any]:
     try:
-        obj = json.loads(bytes(_array(data, e)).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise CrystalError(f"section {e.name}: not valid UTF-8 JSON") from None
+        obj = _json_loads(bytes(_array(data, e)))
+    except (ValueError, RecursionError) as err:  # (UnicodeDecodeError is a ValueError)
+        raise CrystalError(f"section {e.name}: not valid UTF-8 JSON ({err})") from None
     if not isinstance(obj, dict):
         raise CrystalError(f"section {e.name}: expected a JSON object")
     return obj

@@ -29,7 +29,7 @@ def load_model(path: str | Path, n_heads: int | None = None) -> Graph:
         graph = read_crystal(path)
         if n_heads is not None and n_heads != graph.config.n_heads:
             raise CrystalError(f"{path}: --n-heads {n_heads} disagrees with the file's n_heads {graph.config.n_heads}")
-        return graph
+        return _tokenizer_checked(path, graph)
     # safetensors: a little-endian u64 header length, then the JSON header itself; checked before
     # torch's magics, since a length's low byte can be a pickle's 0x80
     if head[8:9] == b"{" or (path.suffix == ".safetensors" and not head.startswith(TORCH_MAGICS)):
@@ -48,8 +48,23 @@ def load_model(path: str | Path, n_heads: int | None = None) -> Graph:
     from crystalc.frontend.lower import lower
 
     try:
-        return lower(raw, n_heads=n_heads)
+        graph = lower(raw, n_heads=n_heads)
     except CrystalError as e:
         # a config read from a JSON beside the weights may be the wrong one (an unrelated config.json): name it
         beside = f" (config from {raw.config_source})" if raw.config_source else ""
         raise CrystalError(f"{path}{beside}: {e}") from None
+    return _tokenizer_checked(path, graph)
+
+
+def _tokenizer_checked(path: Path, graph: Graph) -> Graph:
+    """Graph.verify checks a Hugging Face tokenizer's record, not its JSON (parsing it costs more than a
+    verify should): parsed here, so that a broken one is said of its file now, not by a later command that
+    encodes a prompt, nor copied into outputs."""
+    if graph.tokenizer is not None and graph.tokenizer.get("kind") == "hf-tokenizers":
+        from crystalc.tokenizer import Tokenizer
+
+        try:
+            Tokenizer(graph.tokenizer, graph.original_vocab_size)
+        except CrystalError as e:
+            raise CrystalError(f"{path}: {e}") from None
+    return graph

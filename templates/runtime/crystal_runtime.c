@@ -244,6 +244,91 @@ static int utf8_next(const uint8_t *s, uint64_t n, uint64_t i, uint64_t *len) {
     return 1;
 }
 
+/* JSON syntax (RFC 8259), for the sections only Python reads: a file its reader refuses is refused here
+ * too. Both bound what crystalc never writes: nesting past JSON_DEPTH arrays and objects, a number
+ * longer than JSON_NUMBER bytes (NaN and Infinity, Python's extensions, are not JSON). */
+#define JSON_DEPTH 64
+#define JSON_NUMBER 100
+
+static uint64_t json_space(const uint8_t *s, uint64_t n, uint64_t i) {
+    while (i < n && (s[i] == ' ' || s[i] == '\t' || s[i] == '\n' || s[i] == '\r')) i++;
+    return i;
+}
+
+static int json_digits(const uint8_t *s, uint64_t n, uint64_t *i) {
+    uint64_t k = *i;
+    while (*i < n && s[*i] >= '0' && s[*i] <= '9') (*i)++;
+    return *i > k;
+}
+
+static int is_hex(uint8_t c) {
+    return (c >= '0' && c <= '9') || ((c | 0x20) >= 'a' && (c | 0x20) <= 'f');
+}
+
+static int json_string(const uint8_t *s, uint64_t n, uint64_t *i) {  /* s[*i] is the opening quote */
+    for (uint64_t k = *i + 1; k < n; k++) {
+        if (s[k] == '"') { *i = k + 1; return 1; }
+        if (s[k] < 0x20) return 0;              /* control characters only as escapes */
+        if (s[k] != '\\') continue;
+        if (++k >= n) return 0;
+        if (s[k] == 'u') {
+            for (int j = 0; j < 4; j++, k++)
+                if (k + 1 >= n || !is_hex(s[k + 1])) return 0;
+        } else if (!memchr("\"\\/bfnrt", s[k], 8)) {
+            return 0;
+        }
+    }
+    return 0;
+}
+
+static int json_value(const uint8_t *s, uint64_t n, uint64_t *i, int depth) {
+    uint64_t k = json_space(s, n, *i);
+    if (k >= n) return 0;
+    if (s[k] == '{' || s[k] == '[') {
+        uint8_t close = s[k] == '{' ? '}' : ']';
+        if (depth >= JSON_DEPTH) return 0;
+        k = json_space(s, n, k + 1);
+        if (k < n && s[k] == close) { *i = k + 1; return 1; }
+        for (;;) {
+            if (close == '}') {                 /* a member: "key" : value */
+                if (k >= n || s[k] != '"' || !json_string(s, n, &k)) return 0;
+                k = json_space(s, n, k);
+                if (k >= n || s[k++] != ':') return 0;
+            }
+            if (!json_value(s, n, &k, depth + 1)) return 0;
+            k = json_space(s, n, k);
+            if (k < n && s[k] == close) { *i = k + 1; return 1; }
+            if (k >= n || s[k] != ',') return 0;
+            k = json_space(s, n, k + 1);
+        }
+    }
+    if (s[k] == '"') { *i = k; return json_string(s, n, i); }
+    static const char *const words[] = {"true", "false", "null"};
+    for (int w = 0; w < 3; w++) {
+        size_t len = strlen(words[w]);
+        if (n - k >= len && !memcmp(s + k, words[w], len)) { *i = k + len; return 1; }
+    }
+    uint64_t j = k + (s[k] == '-');             /* -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)? */
+    if (j < n && s[j] == '0') j++;
+    else if (!(j < n && s[j] >= '1' && s[j] <= '9' && json_digits(s, n, &j))) return 0;
+    if (j < n && s[j] == '.') {
+        j++;
+        if (!json_digits(s, n, &j)) return 0;
+    }
+    if (j < n && (s[j] == 'e' || s[j] == 'E')) {
+        j += 1 + (j + 1 < n && (s[j + 1] == '+' || s[j + 1] == '-'));
+        if (!json_digits(s, n, &j)) return 0;
+    }
+    *i = j;
+    return j - k <= JSON_NUMBER;
+}
+
+/* one JSON object, whitespace around it */
+static int json_object(const uint8_t *s, uint64_t n) {
+    uint64_t i = json_space(s, n, 0);
+    return i < n && s[i] == '{' && json_value(s, n, &i, 0) && json_space(s, n, i) == n;
+}
+
 static int load_v3(crystal_file *f, crystal_model *m, const uint8_t *buf, size_t size, char *err, size_t errlen) {
     if (size < HEADER_BYTES + 4)
         return fail(err, errlen, "file is %zu bytes, too short for a .crystal header and checksum", size);
@@ -471,13 +556,15 @@ static int load_v3(crystal_file *f, crystal_model *m, const uint8_t *buf, size_t
             if (bytes_sections[i]->dtype != DT_U8 || bytes_sections[i]->ndim != 1)
                 return fail(err, errlen, "section %s: expected a 1-D u8 array", bytes_sections[i]->name);
         }
-    /* the JSON sections are for Python; the runtime only checks that they are UTF-8 */
+    /* the JSON sections are for Python; the runtime checks their form, not what they say */
     for (int i = 1; i < 3; i++) {
         const entry *e = bytes_sections[i];
         uint64_t len;
         for (uint64_t k = 0; e && k < e->len; k += len)
             if (!utf8_next(buf + e->off, e->len, k, &len))
                 return fail(err, errlen, "section %s: not valid UTF-8", e->name);
+        if (e && !json_object(buf + e->off, e->len))
+            return fail(err, errlen, "section %s: not a JSON object", e->name);
     }
     m->tokenizer = tj ? CRYSTAL_TOK_OTHER : CRYSTAL_TOK_NONE;
     if (tc) {

@@ -118,22 +118,21 @@ def test_c_loader_agrees_under_sanitizers(base, sanitized_loader, tmp_path):
 def test_random_byte_flips_never_crash(sanitized_loader, tmp_path):
     """Random damage, checksum re-sealed, so the flips reach the structural checks.
 
-    The runtime never uses meta.json or tokenizer.json and checks them only as
-    UTF-8, where Python also parses the JSON: flips inside them are left out.
+    Half the files are damaged only in meta.json, the section the runtime checks as
+    JSON syntax without reading it.
     """
     from tests.format.corrupt import reseal, table
 
     rng = np.random.default_rng(0)
     data = BASES["quantized_pruned"]
-    json_bytes = {k for e in table(data)[1] if e.name.endswith(".json") for k in range(e.offset, e.offset + e.length)}
+    meta = next(e for e in table(data)[1] if e.name == "meta.json")
     paths, blobs = [], []
-    for i in range(60):
+    for i in range(120):
         b = bytearray(data)
+        lo, hi = (meta.offset, meta.offset + meta.length) if i % 2 else (0, len(b) - 4)
         for _ in range(int(rng.integers(1, 6))):
-            k = int(rng.integers(0, len(b) - 4))
-            while k in json_bytes:
-                k = int(rng.integers(0, len(b) - 4))
-            b[k] = int(rng.integers(0, 256))
+            k = int(rng.integers(lo, hi))
+            b[k] = int(rng.choice([rng.integers(0, 256), *b'{}[]":,.-+eE0 \\tnu']))
         blobs.append(reseal(b))
         paths.append(_write(tmp_path / f"r{i}.crystal", blobs[-1]))
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -141,6 +140,48 @@ def test_random_byte_flips_never_crash(sanitized_loader, tmp_path):
     for blob, res in zip(blobs, results, strict=True):
         assert res.returncode in (0, 2), res.stderr[-3000:]
         assert (res.returncode == 0) == (python_verdict(blob) is None)
+
+
+# (meta.json body, valid): padded with spaces, which JSON allows around a value, to the base's section length
+JSON_BODIES = [
+    ('{"a":1}', True), (' {"a" : [1, -0.5e+3, 2E-2, true, false, null, "x\\u00e9\\n\\\\"], "b": {}} ', True),
+    ('{"a":' + "[" * 63 + "]" * 63 + "}", True), ('{"a":' + "[" * 64 + "]" * 64 + "}", False),  # 64 nested deep
+    ('{"a":' + "1" * 100 + "}", True), ('{"a":' + "1" * 101 + "}", False), ('{"a":-' + "1" * 99 + "}", True),
+    ('{"a":0.' + "5" * 99 + "}", False),
+    ('{"a":NaN}', False), ('{"a":-Infinity}', False), ('{"a":1', False), ("[1]", False), ('"a"', False),
+    ('{"a":"\x01"}', False), ('{"a":"\\x"}', False), ('{"a":"\\u12G4"}', False), ('{"a":"\\u12"}', False),
+    ('{"a":01}', False), ('{"a":.5}', False), ('{"a":1.}', False), ('{"a":1e}', False), ('{"a":-}', False),
+    ('{"a":tru}', False), ('{"a":[1,]}', False), ('{,}', False), ('{"a" 1}', False), ('{"a":1}x', False),
+    ('{"a":1,"a":2}', True), ("{}", True), ("{1:2}", False), ('{"a":"\t"}', False), ('{"a":"\x7f"}', True),
+]
+
+
+def json_files() -> list[tuple[str, bytes]]:
+    from tests.format.corrupt import reseal, table
+
+    g = random_graph("d40_h5", seed=4).replace(meta={"note": "x" * 300})
+    data = encode_crystal(g)
+    meta = next(e for e in table(data)[1] if e.name == "meta.json")
+    out = []
+    for body, _ in JSON_BODIES:
+        raw = body.encode("utf-8").ljust(meta.length)
+        assert len(raw) == meta.length, body
+        out.append((body, reseal(data[:meta.offset] + raw + data[meta.offset + meta.length:])))
+    return out
+
+
+def test_c_loader_and_python_agree_on_json_sections(sanitized_loader, tmp_path):
+    """The runtime never reads meta.json or tokenizer.json, but refuses what Python's reader refuses."""
+    cases = json_files()
+    paths = [_write(tmp_path / f"j{i}.crystal", data) for i, (_, data) in enumerate(cases)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda p: run_c(sanitized_loader, p), paths))
+    for (body, data), res, (_, valid) in zip(cases, results, JSON_BODIES, strict=True):
+        py = python_verdict(data)
+        assert (py is None) == valid, f"{body[:80]!r}: Python {py!r}"
+        assert res.returncode == (0 if valid else 2), f"{body[:80]!r}: C {res.stderr.strip()!r}"
+        if not valid:
+            assert res.stderr.count("\n") == 1 and "meta.json" in res.stderr, res.stderr
 
 
 def _write(path, data: bytes):

@@ -154,8 +154,11 @@ def test_pruned_vocabulary_round_trip(tmp_path):
 
 
 def test_hf_tokenizer_and_frontend_dispatch(tmp_path):
-    tok = {"kind": "hf-tokenizers", "json": '{"model": {"type": "BPE"}}'}
-    g = random_graph("all_on", seed=8, tokenizer=tok)
+    from crystalc.tokenizer import Tokenizer
+    from crystalc.train.data import build_tokenizer
+
+    tok = build_tokenizer("to be or not to be\n" * 10, "bpe:262")
+    g = random_graph(dict(FIXTURE_SHAPES["all_on"], vocab_size=Tokenizer(tok).vocab_size), seed=8, tokenizer=tok)
     path = tmp_path / "m.crystal"
     write_crystal(g, path)
     assert_graphs_identical(g, load_model(path))

@@ -474,3 +474,15 @@ def test_a_tied_head_saved_under_both_names(tmp_path: Path) -> None:
     sd["head.weight"] = sd["head.weight"] + 1
     with pytest.raises(CrystalError, match="head.weight differs from token_embed.weight, but the config ties"):
         load_model(_pt(tmp_path, sd, g.config.to_dict()))
+
+
+def test_a_broken_tokenizer_json_is_said_of_its_file(tmp_path: Path) -> None:
+    """Not only when a later command encodes a prompt, and never copied into an output."""
+    from crystalc.format.crystal import write_crystal
+
+    g = random_graph("d40_h5", seed=1, tokenizer={"kind": "hf-tokenizers", "json": "{not json"})
+    crystal = tmp_path / "m.crystal"
+    write_crystal(g, crystal)
+    for path in (save_pt(g, tmp_path / "m.pt"), crystal):
+        with pytest.raises(CrystalError, match=f"^{path}: tokenizer: bad tokenizer.json"):
+            load_model(path)
