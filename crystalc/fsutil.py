@@ -52,23 +52,21 @@ _CHUNK = 1 << 20
 def read_text(path: str | os.PathLike[str], what: str = "corpus", limit: int = TEXT_LIMIT) -> str:
     """A UTF-8 text input, whole: a file, or a pipe (<(...)); one CrystalError for anything else."""
     p = Path(path)
-    chunks: list[bytes] = []
-    size = 0
+    data = bytearray()  # grown in place: a list of pieces joined at the end would hold the text twice
     try:
         with open(p, "rb") as f:
-            while size <= limit and (chunk := f.read(min(_CHUNK, limit + 1 - size))):
-                chunks.append(chunk)
-                size += len(chunk)
+            while len(data) <= limit and (chunk := f.read(min(_CHUNK, limit + 1 - len(data)))):
+                data += chunk
     except FileNotFoundError:
         raise CrystalError(f"{path}: no such {what} file") from None
     except IsADirectoryError:
         raise CrystalError(f"{path}: a folder, not a {what} file") from None
     except OSError as e:  # a name too long, a link loop, a folder on the way that may not be searched
         raise CrystalError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
-    if size > limit:
+    if len(data) > limit:
         raise CrystalError(f"{path}: the {what} is larger than {limit:,} bytes: give a part of it")
     try:
-        return b"".join(chunks).decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise CrystalError(f"{path}: cannot read the {what} as UTF-8 text ({e})") from None
 
@@ -82,6 +80,8 @@ def _output_path(path: str | os.PathLike[str]) -> Path:
     if out.name in ("", ".", ".."):  # "", ".", "/", "..": a folder we must not replace, not an output's name
         raise CrystalError(f"output path {str(path)!r} names no file or folder of its own")
     try:
+        # the folder as the kernel will reach it ("new/../kept", "link/.."), once: made, probed and renamed into alike
+        out = Path(os.path.realpath(out.parent)) / out.name
         if out.is_symlink():  # the output goes where the link points; renamed over, the link itself would go
             try:
                 out = Path(os.path.realpath(out, strict=True))
@@ -95,10 +95,15 @@ def _output_path(path: str | os.PathLike[str]) -> Path:
     return out
 
 
-def _temp_prefix(name: str) -> str:
+def _temp_prefix(name: str, folder: Path) -> str:
     """A temporary sibling's name prefix: the output's name, cut so that prefix, random part and suffix
-    still fit a file name's 255 bytes however long the output's own name is."""
-    return "." + name.encode("utf-8", "surrogateescape")[:200].decode("utf-8", "ignore") + "."
+    (up to 16 bytes) still fit the folder's file system however long the output's own name is."""
+    try:
+        name_max = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    keep = max(name_max - 24, 1)
+    return "." + name.encode("utf-8", "surrogateescape")[:keep].decode("utf-8", "ignore") + "."
 
 
 def check_writable(path: str | os.PathLike[str]) -> None:
@@ -110,11 +115,15 @@ def check_writable(path: str | os.PathLike[str]) -> None:
     out = _output_path(path)
     try:
         folder = out.absolute().parent
-        while not folder.exists():
-            folder = folder.parent
-        if not folder.is_dir():
+        while True:  # up to the nearest that exists; any error but "missing" (a link loop) is the output's
+            try:
+                mode = os.stat(folder).st_mode
+                break
+            except (FileNotFoundError, NotADirectoryError):
+                folder = folder.parent
+        if not stat.S_ISDIR(mode):
             raise CrystalError(f"cannot write {out}: {folder} is a file, not a folder")
-        fd, probe = tempfile.mkstemp(prefix=_temp_prefix(out.name), suffix=".probe", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=_temp_prefix(out.name, folder), suffix=".probe", dir=folder)
     except OSError as e:
         raise _cannot_write(out, e) from None
     os.close(fd)
@@ -137,7 +146,7 @@ def _umask() -> int:
 def _make_parents(folder: Path) -> list[Path]:
     """mkdir -p folder; the folders it made, deepest first (removed again if the output fails)."""
     made = []
-    f = folder = Path(os.path.abspath(folder))  # "a/../b": walking up must not meet "a" as a folder made here
+    f = folder  # (resolved by _output_path: no "..", so walking up meets only folders on the way)
     while not f.exists() and f != f.parent:
         made.append(f)
         f = f.parent
@@ -182,7 +191,7 @@ def atomic_file(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
     made: list[Path] = []
     try:
         made = _make_parents(path.parent)
-        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name, path.parent), suffix=".tmp", dir=path.parent)
     except OSError as e:
         _remove_made(made)
         raise _cannot_write(path, e) from None
@@ -225,7 +234,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     made: list[Path] = []
     try:
         made = _make_parents(path.parent)
-        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path.name, path.parent), suffix=".tmp", dir=path.parent))
     except OSError as e:
         _remove_made(made)
         raise _cannot_write(path, e) from None
@@ -255,7 +264,7 @@ def _swap_in(tmp: Path, path: Path) -> None:
     if path.exists():
         # a folder cannot be renamed over a non-empty one: move the old aside, put it back on failure
         try:
-            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path.name), suffix=".old", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path.name, path.parent), suffix=".old", dir=path.parent))
         except OSError as e:
             raise _cannot_write(path, e) from None
         try:

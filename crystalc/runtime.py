@@ -9,6 +9,7 @@ hash of every source, so an edited source or a new version rebuilds it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shlex
@@ -72,8 +73,9 @@ def _compiler_identity(cc: list[str]) -> str:
     (cc from gcc to clang) builds afresh instead of reusing a binary another compiler made."""
     path = os.path.realpath(shutil.which(cc[0]) or cc[0])
     try:
+        # LC_ALL=C: gcc translates its --version, which would give each locale a build of its own
         version = subprocess.run([*cc, "--version"], capture_output=True, text=True, errors="replace",
-                                 timeout=60).stdout
+                                 timeout=60, env={**os.environ, "LC_ALL": "C"}).stdout
     except (OSError, subprocess.TimeoutExpired):  # the build itself will say what is wrong with it
         version = ""
     return f"{path}\0{shlex.join(cc[1:])}\0{version}"
@@ -185,6 +187,9 @@ def run_model(model_path: str | os.PathLike[str], args: list[str], prompt: str |
                 return subprocess.run([str(exe), str(model), *args]).returncode
             res = subprocess.run([str(exe), str(model), *args], stdout=subprocess.PIPE, text=True)
         except OSError as e:  # e.g. a cache on a file system mounted noexec
+            if e.errno == errno.E2BIG:  # ids of a window longer than 128 KiB as text (n_ctx in the tens of thousands)
+                raise CrystalError("the prompt's last n_ctx token ids are more than one command-line argument may "
+                                   "hold (128 KiB): give a shorter prompt") from None
             raise CrystalError(f"cannot run the runtime {exe} ({e.strerror or e}): set CRYSTALC_CACHE to a folder "
                                "whose file system lets programs run") from None
         if res.returncode == 0:

@@ -14,7 +14,8 @@ from crystalc.errors import CrystalError
 def check_spec(spec: Any, n_ids: int | None = None) -> None:
     """Check a tokenizer record's structure (and, for characters, its size against `n_ids`).
 
-    Cheap enough for Graph.verify: a Hugging Face JSON is parsed only when used.
+    Cheap enough for Graph.verify: a Hugging Face JSON is parsed when a model is loaded (the front end)
+    and when it is used, not here.
     """
     if not isinstance(spec, dict):
         raise CrystalError(f"tokenizer: expected a record with a 'kind', got type {type(spec).__name__}")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from crystalc.errors import CrystalError
-from crystalc.fsutil import OUTPUT_MARK, atomic_dir, atomic_file
+from crystalc.fsutil import OUTPUT_MARK, atomic_dir, atomic_file, check_writable
 from tests.conftest import REPO
 
 
@@ -286,6 +286,16 @@ def test_a_failed_output_keeps_a_folder_reached_through_dotdot(tmp_path: Path) -
         f.write(b"half")
         raise ValueError("crash mid-write")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
+    # and on success the output is where the kernel resolves the path, whether or not new/ exists
+    for via in ("new", "kept"):
+        out = tmp_path / via / ".." / "kept" / f"{via}.bin"
+        check_writable(out)
+        with atomic_file(out) as f:
+            f.write(b"whole")
+        with atomic_dir(tmp_path / via / ".." / "kept" / f"{via}.d") as d:
+            (d / "f").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["kept.bin", "kept.d", "new.bin", "new.d"]
 
 
 def test_every_signal_held_during_a_swap_is_delivered(tmp_path: Path) -> None:
@@ -320,6 +330,8 @@ def test_link_loops_and_long_names_are_one_line(tmp_path: Path) -> None:
     (tmp_path / "loop2").symlink_to("loop1")
     with pytest.raises(CrystalError, match="cannot write .*loop1: Too many levels of symbolic links"):
         check_writable(tmp_path / "loop1")
+    with pytest.raises(CrystalError, match="Too many levels of symbolic links"):  # a loop on the way, found early
+        check_writable(tmp_path / "loop1" / "sub" / "out.bin")
     with pytest.raises(CrystalError, match="cannot write"), atomic_file(tmp_path / "loop1"):
         pass
     with pytest.raises(CrystalError, match="cannot read the corpus .*symbolic links"):

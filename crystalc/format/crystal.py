@@ -10,12 +10,13 @@ CrystalError naming the problem.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -440,16 +441,21 @@ def _tensor(data: bytes, e: Entry) -> Tensor:
 
 
 # Bounds on the JSON sections that the C runtime's syntax check shares (JSON_DEPTH, JSON_NUMBER), so
-# that the two readers refuse the same files; crystalc writes nothing near them.
+# that the two readers refuse the same files; crystalc's writer refuses to write past them.
 JSON_DEPTH = 64
 JSON_NUMBER = 100
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
 
 
 def _json_number(convert: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         if len(text) > JSON_NUMBER:
             raise ValueError("number too long")
-        return convert(text)
+        value = convert(text)
+        if value in (math.inf, -math.inf):
+            raise ValueError(f"{text} overflows a double")
+        return value
     return parse
 
 
@@ -457,21 +463,33 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")  # Python's extensions NaN, Infinity, -Infinity
 
 
-def _nesting(obj: Any) -> int:
-    """How deep arrays and objects nest in `obj`, counted level by level (no recursion to run out of)."""
-    depth, level = 0, [obj]
-    while level := [x for x in level if isinstance(x, (dict, list))]:
-        depth += 1
-        level = [v for x in level for v in (x.values() if isinstance(x, dict) else x)]
-    return depth
+def _nesting(text: str) -> int:
+    """How deep arrays and objects nest in valid JSON `text`, counted in the text: in the parsed value a
+    repeated key would hide its earlier, deeper value."""
+    steps = [1 if c in "[{" else -1 for c in _JSON_BRACKET.findall(_JSON_STRING.sub("", text))]
+    return max(itertools.accumulate(steps), default=0)
+
+
+def _strings(obj: Any) -> Iterator[str]:
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            yield x
+        elif isinstance(x, dict):
+            stack += [*x, *x.values()]
+        elif isinstance(x, list):
+            stack += x
 
 
 def _json_loads(raw: bytes) -> Any:
     """A JSON section's value, within the bounds both readers hold to (else ValueError)."""
-    obj = json.loads(raw.decode("utf-8"), parse_int=_json_number(int), parse_float=_json_number(float),
-                     parse_constant=_not_json)
-    if _nesting(obj) > JSON_DEPTH:
+    text = raw.decode("utf-8")
+    obj = json.loads(text, parse_int=_json_number(int), parse_float=_json_number(float), parse_constant=_not_json)
+    if _nesting(text) > JSON_DEPTH:
         raise ValueError(f"arrays and objects nested more than {JSON_DEPTH} deep")
+    for s in _strings(obj):
+        s.encode("utf-8")  # a \ud800 escape alone is half a character (UnicodeEncodeError, a ValueError)
     return obj
 
 

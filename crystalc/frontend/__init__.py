@@ -59,12 +59,24 @@ def load_model(path: str | Path, n_heads: int | None = None) -> Graph:
 def _tokenizer_checked(path: Path, graph: Graph) -> Graph:
     """Graph.verify checks a Hugging Face tokenizer's record, not its JSON (parsing it costs more than a
     verify should): parsed here, so that a broken one is said of its file now, not by a later command that
-    encodes a prompt, nor copied into outputs."""
-    if graph.tokenizer is not None and graph.tokenizer.get("kind") == "hf-tokenizers":
-        from crystalc.tokenizer import Tokenizer
+    encodes a prompt, nor copied into outputs. Without the optional tokenizers package (the [bpe] extra)
+    the commands that only carry the tokenizer still run: its JSON is then checked as JSON alone."""
+    if graph.tokenizer is None or graph.tokenizer.get("kind") != "hf-tokenizers":
+        return graph
+    import importlib.util
 
-        try:
+    try:
+        if importlib.util.find_spec("tokenizers") is not None:
+            from crystalc.tokenizer import Tokenizer
+
             Tokenizer(graph.tokenizer, graph.original_vocab_size)
-        except CrystalError as e:
-            raise CrystalError(f"{path}: {e}") from None
+        else:
+            import json
+
+            try:
+                json.loads(graph.tokenizer["json"])
+            except ValueError as e:
+                raise CrystalError(f"tokenizer: bad tokenizer.json: {e}") from None
+    except CrystalError as e:
+        raise CrystalError(f"{path}: {e}") from None
     return graph

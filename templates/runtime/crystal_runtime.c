@@ -245,8 +245,9 @@ static int utf8_next(const uint8_t *s, uint64_t n, uint64_t i, uint64_t *len) {
 }
 
 /* JSON syntax (RFC 8259), for the sections only Python reads: a file its reader refuses is refused here
- * too. Both bound what crystalc never writes: nesting past JSON_DEPTH arrays and objects, a number
- * longer than JSON_NUMBER bytes (NaN and Infinity, Python's extensions, are not JSON). */
+ * too. Both refuse what crystalc's writer cannot write: nesting past JSON_DEPTH arrays and objects, a
+ * number longer than JSON_NUMBER bytes or past double's range, a \u escape of half a surrogate pair
+ * (NaN and Infinity, Python's extensions, are not JSON). */
 #define JSON_DEPTH 64
 #define JSON_NUMBER 100
 
@@ -261,8 +262,17 @@ static int json_digits(const uint8_t *s, uint64_t n, uint64_t *i) {
     return *i > k;
 }
 
-static int is_hex(uint8_t c) {
-    return (c >= '0' && c <= '9') || ((c | 0x20) >= 'a' && (c | 0x20) <= 'f');
+/* the value of the four hex digits at s[i], or -1 */
+static long json_hex4(const uint8_t *s, uint64_t n, uint64_t i) {
+    long v = 0;
+    if (i > n || n - i < 4) return -1;
+    for (uint64_t j = i; j < i + 4; j++) {
+        uint8_t c = s[j];
+        if (c >= '0' && c <= '9') v = v * 16 + (c - '0');
+        else if ((c | 0x20) >= 'a' && (c | 0x20) <= 'f') v = v * 16 + ((c | 0x20) - 'a' + 10);
+        else return -1;
+    }
+    return v;
 }
 
 static int json_string(const uint8_t *s, uint64_t n, uint64_t *i) {  /* s[*i] is the opening quote */
@@ -272,8 +282,15 @@ static int json_string(const uint8_t *s, uint64_t n, uint64_t *i) {  /* s[*i] is
         if (s[k] != '\\') continue;
         if (++k >= n) return 0;
         if (s[k] == 'u') {
-            for (int j = 0; j < 4; j++, k++)
-                if (k + 1 >= n || !is_hex(s[k + 1])) return 0;
+            long u = json_hex4(s, n, k + 1);
+            k += 4;                                          /* at the escape's last digit */
+            if (u < 0 || (u >= 0xdc00 && u <= 0xdfff)) return 0;  /* not hex; a low half alone */
+            if (u >= 0xd800 && u <= 0xdbff) {                /* a high half: its low half must follow */
+                if (k + 2 >= n || s[k + 1] != '\\' || s[k + 2] != 'u') return 0;
+                long lo = json_hex4(s, n, k + 3);
+                if (lo < 0xdc00 || lo > 0xdfff) return 0;
+                k += 6;
+            }
         } else if (!memchr("\"\\/bfnrt", s[k], 8)) {
             return 0;
         }
@@ -309,18 +326,28 @@ static int json_value(const uint8_t *s, uint64_t n, uint64_t *i, int depth) {
         if (n - k >= len && !memcmp(s + k, words[w], len)) { *i = k + len; return 1; }
     }
     uint64_t j = k + (s[k] == '-');             /* -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)? */
+    int fraction = 0;
     if (j < n && s[j] == '0') j++;
     else if (!(j < n && s[j] >= '1' && s[j] <= '9' && json_digits(s, n, &j))) return 0;
     if (j < n && s[j] == '.') {
         j++;
+        fraction = 1;
         if (!json_digits(s, n, &j)) return 0;
     }
     if (j < n && (s[j] == 'e' || s[j] == 'E')) {
         j += 1 + (j + 1 < n && (s[j + 1] == '+' || s[j + 1] == '-'));
+        fraction = 1;
         if (!json_digits(s, n, &j)) return 0;
     }
+    if (j - k > JSON_NUMBER) return 0;
+    if (fraction) {                             /* read as a double, as Python does: 1e400 overflows */
+        char text[JSON_NUMBER + 1];
+        memcpy(text, s + k, j - k);
+        text[j - k] = 0;
+        if (isinf(strtod(text, NULL))) return 0;
+    }
     *i = j;
-    return j - k <= JSON_NUMBER;
+    return 1;
 }
 
 /* one JSON object, whitespace around it */

@@ -153,6 +153,12 @@ JSON_BODIES = [
     ('{"a":01}', False), ('{"a":.5}', False), ('{"a":1.}', False), ('{"a":1e}', False), ('{"a":-}', False),
     ('{"a":tru}', False), ('{"a":[1,]}', False), ('{,}', False), ('{"a" 1}', False), ('{"a":1}x', False),
     ('{"a":1,"a":2}', True), ("{}", True), ("{1:2}", False), ('{"a":"\t"}', False), ('{"a":"\x7f"}', True),
+    # a repeated key's earlier value still counts for the depth; what a double cannot hold, or half a
+    # surrogate pair, the writer could not write back
+    ('{"a":' + "[" * 64 + "]" * 64 + ',"a":1}', False), ('{"a\\"[":[]}', True),
+    ('{"a":1e308}', True), ('{"a":-1e400}', False), ('{"a":1e-400}', True), ('{"a":1.8e308}', False),
+    ('{"a":"\\ud83d\\ude00"}', True), ('{"a":"\\ud800"}', False), ('{"a":"\\udc00\\ud800"}', False),
+    ('{"a":"\\ud800\\u0041"}', False), ('{"\\udfff":1}', False), ('{"a":"\\uD83D\\uDE00"}', True),
 ]
 
 

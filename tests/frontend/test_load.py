@@ -486,3 +486,21 @@ def test_a_broken_tokenizer_json_is_said_of_its_file(tmp_path: Path) -> None:
     for path in (save_pt(g, tmp_path / "m.pt"), crystal):
         with pytest.raises(CrystalError, match=f"^{path}: tokenizer: bad tokenizer.json"):
             load_model(path)
+
+
+def test_without_the_tokenizers_package_a_bpe_model_still_loads(tmp_path: Path, monkeypatch) -> None:
+    """Only the commands that encode need the [bpe] extra; the rest carry the tokenizer, checked as JSON."""
+    import importlib.util
+
+    from crystalc.tokenizer import Tokenizer
+    from crystalc.train.data import build_tokenizer
+
+    tok = build_tokenizer("to be or not to be\n" * 10, "bpe:262")
+    g = random_graph(dict(vocab_size=Tokenizer(tok).vocab_size, d_model=8, n_ctx=4, n_heads=2, n_neurons=2,
+                          ffn_hidden=8), seed=1, tokenizer=tok)
+    good, bad = save_pt(g, tmp_path / "good.pt"), save_pt(g.replace(tokenizer={**tok, "json": "{x"}), tmp_path / "b.pt")
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if not installed: finding or importing it fails
+    assert importlib.util.find_spec("tokenizers") is None
+    assert load_model(good).tokenizer == tok
+    with pytest.raises(CrystalError, match=f"^{bad}: tokenizer: bad tokenizer.json"):
+        load_model(bad)

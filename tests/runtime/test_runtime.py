@@ -389,6 +389,15 @@ def test_a_damaged_cache_entry_is_rebuilt_and_one_that_cannot_run_is_one_line(ca
     with pytest.raises(CrystalError, match="cannot run the runtime .*set CRYSTALC_CACHE"):
         runtime.run_model(model, ["--prompt-ids", "1", "--logits"])
 
+    def too_long(cmd, *args, **kwargs):  # what the kernel says of an argument over 128 KiB
+        if cmd[0] != str(exe):
+            return real_run(cmd, *args, **kwargs)
+        raise OSError(7, "Argument list too long")
+
+    monkeypatch.setattr(runtime.subprocess, "run", too_long)
+    with pytest.raises(CrystalError, match="more than one command-line argument may hold"):
+        runtime.run_model(model, ["--prompt-ids", "1", "--logits"])
+
 
 def test_the_cache_knows_the_compiler_behind_cc(cache, tmp_path, monkeypatch):
     """cc upgraded, or pointed from gcc to clang, under the same name: a build of its own, not the old binary."""
