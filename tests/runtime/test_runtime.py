@@ -404,13 +404,16 @@ def test_the_cache_knows_the_compiler_behind_cc(cache, tmp_path, monkeypatch):
     require_tool("cc")
     from crystalc.runtime import build_runtime
 
-    for version in ("1.0", "2.0"):
-        (tmp_path / "cc").write_text(f'#!/bin/sh\n[ "$1" = --version ] && {{ echo "fake cc {version}"; exit 0; }}\n'
-                                     'exec cc "$@"\n')
+    for version in ("1.0", "2.0"):  # (its --version speaks the locale's language, as gcc's does)
+        (tmp_path / "cc").write_text(f'#!/bin/sh\n[ "$1" = --version ] && {{ echo "fake cc {version} '
+                                     '${LC_ALL:-$LANG}"; exit 0; }\nexec cc "$@"\n')
         (tmp_path / "cc").chmod(0o755)
         monkeypatch.setenv("CC", str(tmp_path / "cc"))
+        monkeypatch.delenv("LC_ALL", raising=False)
+        monkeypatch.setenv("LANG", "de_DE.UTF-8")
         exe = build_runtime()
-        assert build_runtime() == exe  # cached while the compiler stays the same
+        monkeypatch.setenv("LANG", "fr_FR.UTF-8")
+        assert build_runtime() == exe  # cached while the compiler stays the same, whatever the locale
         if version == "1.0":
             first = exe
     assert exe != first and exe.is_file() and first.is_file()
