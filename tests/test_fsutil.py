@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -185,7 +186,18 @@ def test_folders_made_for_a_failed_output_are_removed(tmp_path: Path, opener) ->
     assert list(tmp_path.iterdir()) == []
 
 
-def test_signals_wait_for_the_swap_and_then_act(tmp_path: Path) -> None:
+@pytest.fixture
+def ctrl_c() -> Iterator[None]:
+    """Ctrl-C as Python sets it up: a run started in the background by a shell without job control
+    (`make test &`) inherits SIGINT ignored, and Python then leaves it so."""
+    import signal
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def test_signals_wait_for_the_swap_and_then_act(tmp_path: Path, ctrl_c: None) -> None:
     """An interrupt during the swap of an existing folder would leave the old one aside and none in place."""
     import os
     import signal
@@ -298,7 +310,7 @@ def test_a_failed_output_keeps_a_folder_reached_through_dotdot(tmp_path: Path) -
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["kept.bin", "kept.d", "new.bin", "new.d"]
 
 
-def test_every_signal_held_during_a_swap_is_delivered(tmp_path: Path) -> None:
+def test_every_signal_held_during_a_swap_is_delivered(tmp_path: Path, ctrl_c: None) -> None:
     import os
     import signal
 
