@@ -97,14 +97,19 @@ def run_c(exe, path) -> subprocess.CompletedProcess:
                           env={"ASAN_OPTIONS": "abort_on_error=0:detect_leaks=1", "PATH": "/usr/bin:/bin"})
 
 
+def run_c_all(exe, tmp_path, blobs: list[bytes]) -> list[subprocess.CompletedProcess]:
+    """run_c on each of `blobs`, written to files of their own, two at a time."""
+    paths = [_write(tmp_path / f"case{i}.crystal", data) for i, data in enumerate(blobs)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(lambda p: run_c(exe, p), paths))
+
+
 @pytest.mark.parametrize("base", sorted(BASES))
 def test_c_loader_agrees_under_sanitizers(base, sanitized_loader, tmp_path):
     ok = run_c(sanitized_loader, _write(tmp_path / "ok.crystal", BASES[base]))
     assert ok.returncode == 0 and ok.stderr == "", ok.stderr
     cases = all_cases(BASES[base])
-    paths = [_write(tmp_path / f"c{i}.crystal", data) for i, (_, data, _) in enumerate(cases)]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(lambda p: run_c(sanitized_loader, p), paths))
+    results = run_c_all(sanitized_loader, tmp_path, [data for _, data, _ in cases])
     for (label, data, _), res in zip(cases, results, strict=True):
         py = python_verdict(data)
         assert res.returncode in (0, 2), f"{label}: exit {res.returncode}\n{res.stderr[-3000:]}"
@@ -126,7 +131,7 @@ def test_random_byte_flips_never_crash(sanitized_loader, tmp_path):
     rng = np.random.default_rng(0)
     data = BASES["quantized_pruned"]
     meta = next(e for e in table(data)[1] if e.name == "meta.json")
-    paths, blobs = [], []
+    blobs = []
     for i in range(120):
         b = bytearray(data)
         lo, hi = (meta.offset, meta.offset + meta.length) if i % 2 else (0, len(b) - 4)
@@ -134,9 +139,7 @@ def test_random_byte_flips_never_crash(sanitized_loader, tmp_path):
             k = int(rng.integers(lo, hi))
             b[k] = int(rng.choice([rng.integers(0, 256), *b'{}[]":,.-+eE0 \\tnu']))
         blobs.append(reseal(b))
-        paths.append(_write(tmp_path / f"r{i}.crystal", blobs[-1]))
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(lambda p: run_c(sanitized_loader, p), paths))
+    results = run_c_all(sanitized_loader, tmp_path, blobs)
     for blob, res in zip(blobs, results, strict=True):
         assert res.returncode in (0, 2), res.stderr[-3000:]
         assert (res.returncode == 0) == (python_verdict(blob) is None)
@@ -179,9 +182,7 @@ def json_files() -> list[tuple[str, bytes]]:
 def test_c_loader_and_python_agree_on_json_sections(sanitized_loader, tmp_path):
     """The runtime never reads meta.json or tokenizer.json, but refuses what Python's reader refuses."""
     cases = json_files()
-    paths = [_write(tmp_path / f"j{i}.crystal", data) for i, (_, data) in enumerate(cases)]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(lambda p: run_c(sanitized_loader, p), paths))
+    results = run_c_all(sanitized_loader, tmp_path, [data for _, data in cases])
     for (body, data), res, (_, valid) in zip(cases, results, JSON_BODIES, strict=True):
         py = python_verdict(data)
         assert (py is None) == valid, f"{body[:80]!r}: Python {py!r}"
@@ -243,9 +244,7 @@ def v2_cases() -> list[tuple[str, bytes]]:
 
 def test_c_loader_agrees_on_seeds_v2_files(sanitized_loader, tmp_path):
     cases = v2_cases()
-    paths = [_write(tmp_path / f"v{i}.crystal", data) for i, (_, data) in enumerate(cases)]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(lambda p: run_c(sanitized_loader, p), paths))
+    results = run_c_all(sanitized_loader, tmp_path, [data for _, data in cases])
     rejected = 0
     for (label, data), res in zip(cases, results, strict=True):
         py = python_verdict(data)
