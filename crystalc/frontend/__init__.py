@@ -65,18 +65,18 @@ def _tokenizer_checked(path: Path, graph: Graph) -> Graph:
         return graph
     import importlib.util
 
+    if importlib.util.find_spec("tokenizers") is None:
+        import json
+
+        try:
+            json.loads(graph.tokenizer["json"])
+        except ValueError as e:
+            raise CrystalError(f"{path}: tokenizer: bad tokenizer.json: {e}") from None
+        return graph
+    from crystalc.tokenizer import Tokenizer
+
     try:
-        if importlib.util.find_spec("tokenizers") is not None:
-            from crystalc.tokenizer import Tokenizer
-
-            Tokenizer(graph.tokenizer, graph.original_vocab_size)
-        else:
-            import json
-
-            try:
-                json.loads(graph.tokenizer["json"])
-            except ValueError as e:
-                raise CrystalError(f"tokenizer: bad tokenizer.json: {e}") from None
+        Tokenizer(graph.tokenizer, graph.original_vocab_size)
     except CrystalError as e:
         raise CrystalError(f"{path}: {e}") from None
     return graph
