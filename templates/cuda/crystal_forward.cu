@@ -370,6 +370,9 @@ extern "C" const float *crystal_forward(const crystal_model *m, crystal_state *s
         ffn(bl, wk->h, d, f, wk->u, wk->x);
     }
     CK(cudaGetLastError(), "kernel launch");
+    /* a kernel's fault surfaces at the next synchronising call: wait here, so that it is named a kernel's
+     * and this position's (not a copy's, nor a later position's when no logits are copied back) */
+    CK(cudaDeviceSynchronize(), "kernel execution");
     if (!want_logits) return NULL;
     const float *src = wk->x;
     if (m->final_norm) {
@@ -378,6 +381,7 @@ extern "C" const float *crystal_forward(const crystal_model *m, crystal_state *s
     }
     head(wk, src, m->vocab_size, d, wk->logits);
     CK(cudaGetLastError(), "kernel launch");
+    CK(cudaDeviceSynchronize(), "kernel execution");
     CK(cudaMemcpy(s->logits, wk->logits, (size_t)m->vocab_size * sizeof *s->logits, cudaMemcpyDeviceToHost),
        "cudaMemcpy from the GPU");
     return s->logits;

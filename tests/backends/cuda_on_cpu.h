@@ -433,6 +433,10 @@ inline cudaError_t cudaGetLastError() {
     return err;
 }
 
+/* kernels run to completion at their launch here: nothing is left to wait for, and a kernel's fault has
+ * already ended the program */
+inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+
 inline cudaError_t cudaGetDeviceCount(int *n) {
     *n = 1;
     return cudaSuccess;

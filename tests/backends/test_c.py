@@ -673,6 +673,35 @@ def test_compile_not_a_checkpoint_leaves_no_output(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temporary left behind
 
 
+UNSAFE_MATH = ["-Ofast", "-ffast-math", "-funsafe-math-optimizations", "-fassociative-math", "-freciprocal-math",
+               "-ffinite-math-only"]
+
+
+@pytest.mark.tool
+@pytest.mark.parametrize("flag", UNSAFE_MATH)
+def test_the_makefile_refuses_math_that_is_not_the_models(flag, tmp_path):
+    # -funsafe-math-optimizations alone moved the example model's logits by 0.1 (fast_exp's rounding
+    # constant is reassociated away) and -ffinite-math-only drops NaN checks: make stops before compiling
+    from crystalc.backends.c import BACKEND
+
+    require_tool("make")
+    BACKEND.emit(random_graph("d40_h5", seed=2), tmp_path)
+    res = subprocess.run(["make", "-n", f"CFLAGS=-O2 {flag}"], cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode != 0 and f"CFLAGS has {flag}, which changes the arithmetic" in res.stderr, res.stderr
+    res = subprocess.run(["make", "-n", "CFLAGS=-O2 -fno-fast-math"], cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.tool
+def test_compile_build_with_fast_math_is_one_line(tmp_path):
+    require_tool("make", "cc")
+    ckpt = save_pt(random_graph("d40_h5", seed=2), tmp_path / "m.pt")
+    out = tmp_path / "out"
+    res = cli("compile", str(ckpt), "--target", "c", "-o", str(out), "--build", "--cflags", "-O3 -ffast-math")
+    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1 and not out.exists(), res.stderr
+    assert "CFLAGS has -ffast-math" in res.stderr, res.stderr
+
+
 def test_compile_build_failure_is_one_line(tmp_path):
     ckpt = save_pt(random_graph("all_on", seed=20), tmp_path / "m.pt")
     out = tmp_path / "out"

@@ -204,6 +204,26 @@ def test_emit_and_build_take_no_options(tmp_path):
 
 
 @pytest.mark.tool
+def test_the_makefile_keeps_ieee_math_whatever_nvccflags_say(tmp_path):
+    # nvcc takes an option's last value, so the Makefile's IEEE flags after NVCCFLAGS win; no later flag
+    # undoes -use_fast_math's approximate expf, so that is refused
+    require_tool("make")
+    BACKEND.emit(random_graph("d40_h5", seed=2), tmp_path)
+    res = subprocess.run(["make", "-n", "NVCCFLAGS=-O3 --ftz=true --prec-div=false --fmad=true"], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    line = next(x for x in res.stdout.splitlines() if "crystal_forward.cu" in x).split()
+    for user, ours in (("--ftz=true", "--ftz=false"), ("--prec-div=false", "--prec-div=true"),
+                       ("--fmad=true", "--fmad=false")):
+        assert line.index(user) < line.index(ours), line
+    assert "--prec-sqrt=true" in line
+    for flags, says in (("NVCCFLAGS=-O3 -use_fast_math", "NVCCFLAGS has -use_fast_math"),
+                        ("CFLAGS=-O2 -ffast-math", "CFLAGS has -ffast-math")):
+        res = subprocess.run(["make", "-n", flags], cwd=tmp_path, capture_output=True, text=True)
+        assert res.returncode != 0 and says in res.stderr, res.stderr
+
+
+@pytest.mark.tool
 def test_compile_target_cuda_build(tmp_path):
     import sys
 
@@ -236,7 +256,8 @@ def cpu_program(graph: Graph, out: Path, threads: int = 256, sanitize: bool = Fa
     # (-fsanitize-sections: redzones around the __shared__ arrays too, which cuda_on_cpu.h puts in a section)
     san = ["-fsanitize=address,undefined", "-fsanitize-sections=cuda_on_cpu_shared", "-fno-sanitize-recover=all",
            "-g"] if sanitize else []
-    steps = [["g++", "-std=c++20", "-O1", "-Wall", "-Wextra", "-Werror", f"-DTHREADS={threads}", *san,
+    steps = [["g++", "-std=c++20", "-O1", "-Wall", "-Wextra", "-Werror", "-ffp-contract=off", f"-DTHREADS={threads}",
+              *san,
               "-include", str(CPU_EMULATION), "-x", "c++", "-c", "crystal_forward.cu", "-o", "crystal_forward.o"]]
     steps += [["cc", *STRICT_C.split(), "-ffp-contract=off", *san, "-c", f"{n}.c", "-o", f"{n}.o"]
               for n in ("main", "model", "crystal_cli")]
