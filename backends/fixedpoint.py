@@ -58,6 +58,9 @@ from crystalc.ir.tensor import Tensor, read_only
 
 FRAC = 16  # fractional bits of every stored value
 ONE = 1 << FRAC
+# but a field's 1/(|tau| + 0.1) (at most 10): a Q16 step there is off by up to 7.6e-6 of a neuron's distance,
+# which a far field with large temperatures carried past the tolerance (2.5e-3 of logits near 3)
+COEF_FRAC = 24
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 LOG2E_Q30 = round(math.log2(math.e) * (1 << 30))
 EXP_LUT_BITS = 8  # 2^f table: 2^8 + 1 entries
@@ -385,8 +388,8 @@ def lower(graph: Graph) -> Program:
         f = blk.field
         if f.n_neurons:
             layer_norm(blk.ln2, x, f"{p}.ln2")
-            coef = rom.add(f"{p}.field 1/(|temperature| + 0.1)",
-                           to_q16(f"{p}.field.temperature", 1.0 / field_temperatures(f)))
+            coef = rom.add(f"{p}.field 1/(|temperature| + 0.1), Q8.24",
+                           np.round(1.0 / field_temperatures(f).astype(np.float64) * (1 << COEF_FRAC)).astype(np.int64))
             flags = (NORMALIZE if f.normalize else 0) | (HAS_EPS if f.normalize and f.eps > 0 else 0)
             ln_inv_eps = round(-math.log(f.eps) * ONE) if flags & HAS_EPS else 0
             code.append(Instr("neuron_field", dst=x, src=h, a=w(f.positions), b=w(f.values), c=coef, n=d,
@@ -454,7 +457,7 @@ def _exec(ins: Instr, rom: np.ndarray, ram: np.ndarray, tok: int, pos: int) -> N
         pts = rom[ins.a:ins.a + n * d].reshape(n, d)
         diff = hv[None, :] - pts
         dist = isqrt(np.sum(diff * diff, axis=1))
-        a = sat32(rshift_round(dist * rom[ins.c:ins.c + n], FRAC))
+        a = sat32(rshift_round(dist * rom[ins.c:ins.c + n], COEF_FRAC))
         if ins.flags & NORMALIZE:
             amin = a.min()
             e = exp_q30(amin - a)

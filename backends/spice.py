@@ -279,6 +279,9 @@ def simulate_field(out_dir: Path, block: int, h: np.ndarray, timeout: float | No
         raise CrystalError(f"{netlist.name} takes inputs of width {d}, got an array of shape {list(h.shape)}")
     if not np.isfinite(h).all():
         raise CrystalError(f"{netlist.name}: an input is not finite (row {int(np.argmin(np.isfinite(h).all(1)))})")
+    big = np.abs(h) > np.finfo(np.float32).max  # no float32 model's layer_norm makes one; ngspice's numbers fail
+    if big.any():
+        raise CrystalError(f"{netlist.name}: an input is beyond float32's range (row {int(np.argmax(big.any(1)))})")
     if len(h) == 0:
         return np.zeros((0, len(outputs)))
 
@@ -293,9 +296,10 @@ def simulate_field(out_dir: Path, block: int, h: np.ndarray, timeout: float | No
             raise CrystalError(f"ngspice did not finish {netlist.name} within {timeout:g} s") from e
         found = dict(re.findall(r"^v\(f(\w+)\) = (\S+)$", proc.stdout, re.MULTILINE))
         if proc.returncode != 0 or sorted(found) != sorted(outputs):
-            said = (proc.stderr + proc.stdout).splitlines()
+            said = list(dict.fromkeys(ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()))
             why = [ln for ln in said if re.search(r"error|fail|singular|abort", ln, re.IGNORECASE)] or said
-            detail = " ".join(" ".join(why).split())[-1500:]
+            detail = " ".join(" ".join(why).split())  # each line once: ngspice repeats its complaints
+            detail = detail if len(detail) <= 1500 else detail[:1500] + " ..."  # from the first, whole
             raise CrystalError(f"ngspice failed on {netlist.name} (exit {proc.returncode}): {detail}")
         got = [float(found[o]) for o in outputs]
         # ngspice stands 1e50 in for a division by zero (INFINITE_V) and exits 0: that, or no number, is no

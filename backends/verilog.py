@@ -599,8 +599,9 @@ def simulate(out_dir: Path, ids: list[int], simulator: str = "icarus", timeout: 
             said = " ".join(out.split())[:500]
             raise CrystalError(f"the simulation printed {len(tokens)} of {generate} tokens: {said}")
         return np.array(tokens, dtype=np.int64), cycles
-    if not logits or cycles < 0 or sorted(logits) != list(range(len(logits))):
-        raise CrystalError(f"the simulation printed no logits: {' '.join(out.split())[:500]}")
+    if not logits or cycles < 0 or sorted(logits) != list(range(sizes["VOCAB_SIZE"])):
+        raise CrystalError(f"the simulation printed {len(logits)} of {sizes['VOCAB_SIZE']} logits: "
+                           f"{' '.join(out.split())[:500]}")
     return np.array([logits[i] for i in range(len(logits))], dtype=np.int64), cycles
 
 
@@ -641,10 +642,10 @@ def compiled_window(out_dir: Path) -> int:
 
 
 def _rows(out_dir: Path, simulator: str) -> _Rows:
-    """The folder's rows (vocab_map.txt when pruned), its simulation built first when it is not there."""
+    """The folder's rows (vocab_map.txt when pruned), its simulation (re)built first when it is missing or
+    older than its sources (make decides: a no-op otherwise)."""
     rows = _row_map(out_dir)
-    if not (out_dir / _simulator(simulator).target).is_file():
-        BACKEND.build(out_dir, simulator=simulator)
+    BACKEND.build(out_dir, simulator=simulator)
     return rows
 
 
@@ -671,6 +672,10 @@ def simulate_logits(out_dir: Path, original_ids: list[int],
     out_dir = Path(out_dir)
     rows = _rows(out_dir, simulator)
     q16, cycles = simulate(out_dir, rows.of(original_ids)[-rows.window:], simulator)
+    held = np.flatnonzero((q16 >= (1 << 31) - 1) | (q16 <= -(1 << 31)))
+    if len(held):  # a RAM word saturates: printed, it would pass for the model's logit
+        raise CrystalError(f"the logit of id {rows.to_orig[int(held[0])]} reached Q16.16's bound (+-32768), where "
+                           "the hardware saturates: this model's logits are beyond what the core represents")
     return [(orig, float(v) / (1 << 16)) for orig, v in zip(rows.to_orig, q16, strict=True)], cycles
 
 

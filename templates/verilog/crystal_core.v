@@ -58,6 +58,7 @@ module crystal_core (
     output wire [31:0] rd_data
 );
     localparam integer FRAC = 16;
+    localparam integer COEF_FRAC = 24;  // a field's 1/(|tau| + 0.1) in the ROM is Q8.24 (fixedpoint.COEF_FRAC)
     localparam signed [63:0] LOG2E_Q30 = 64'sd1549082005;
     localparam signed [63:0] EXP_CAP = 64'sd1 <<< 60;
     localparam signed [63:0] GELU_LO = -64'sd524288;  // -8.0
@@ -421,7 +422,9 @@ module crystal_core (
     reg signed [33:0] mac_x, mac_y, scl_x, scl_y;
     wire signed [63:0] mac = acc + mac_x * mac_y;  // the running sum of products, this step's included
     wire signed [63:0] scaled = scl_x * scl_y;
-    wire signed [63:0] scaled_word = sx(sat32(rshift_round(scaled, FRAC)));  // a score or a field exponent
+    // a score (Q16 x Q16) or a field exponent (a Q16 distance x a Q8.24 coefficient)
+    wire signed [63:0] scaled_word = sx(sat32(drain_x == S_NF_DIST_DRAIN ? rshift_round(scaled, COEF_FRAC)
+                                                                         : rshift_round(scaled, FRAC)));
     reg signed [63:0] div_n, div_d, sqrt_in;
     reg div_unsigned;  // LayerNorm's sum of squares: up to 2^64, read unsigned as the square root reads it
     wire signed [64:0] div_n65 = {div_unsigned ? 1'b0 : div_n[63], div_n};

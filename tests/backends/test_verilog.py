@@ -79,6 +79,42 @@ def test_simulation_equals_the_emulator(shape, tmp_path):
 
 
 @pytest.mark.tool
+def test_far_neurons_with_large_temperatures(tmp_path):
+    # the field's coefficients are Q8.24, not Q16.16: the core shifts their products by 24, the emulator too
+    g = random_graph("d40_h5", seed=3)
+    f = g.blocks[0].field
+    scale = {id(f.positions): 300.0, id(f.temperature): 30.0, id(f.values): 4.0}
+    far = g.map_tensors(lambda t: type(t)(t.name, t.data * np.float32(scale[id(t)])) if id(t) in scale else t)
+    check(far, built(far, tmp_path / "out", lanes=3), [1, 2, 3, 4, 5, 6], lanes=3)
+
+
+@pytest.mark.tool
+def test_a_saturated_logit_is_refused_not_printed(tmp_path):
+    # found by an audit: logits past +-32768 were printed as 32768, tied, and the hardware's argmax picked
+    # another token than the model's; the core saturates, so its logits are refused, naming the id
+    g = random_graph(dict(vocab_size=6, d_model=4, n_ctx=3, n_heads=1, n_blocks=1, n_neurons=1, ffn_hidden=4,
+                          final_norm=True), seed=0)
+    head = g.head.weight
+    g = g.map_tensors(lambda t: type(t)(t.name, (np.sign(t.data) * 20000).astype(np.float32)) if t is head else t)
+    assert np.abs(forward(g, [1, 2])[-1]).max() > 32768
+    out = built(g, tmp_path / "out")
+    with pytest.raises(CrystalError, match=r"^the logit of id \d reached Q16.16's bound"):
+        verilog.simulate_logits(out, [1, 2])
+
+
+@pytest.mark.tool
+def test_a_folder_emitted_again_is_simulated_afresh(tmp_path):
+    # found by an audit: a simulation built for one model ran the next one emitted into its folder (the
+    # library's emit, which the command line never does), and said "undefined values (x)"
+    out = built(random_graph(dict(vocab_size=9, d_model=4, n_ctx=4, n_heads=1, n_blocks=1, n_neurons=1,
+                                  ffn_hidden=3), seed=1), tmp_path / "out")
+    g = random_graph(dict(vocab_size=5, d_model=6, n_ctx=4, n_heads=2, n_blocks=1, n_neurons=2, ffn_hidden=3), seed=1)
+    BACKEND.emit(g, out)
+    got, _ = verilog.simulate_logits(out, [1, 2])
+    assert [round(v * fp.ONE) for _, v in got] == fp.emulate(fp.lower(g), [1, 2]).tolist()
+
+
+@pytest.mark.tool
 def test_quantized_pruned_graph(tmp_path):
     full = random_graph("tied_unnormalised", seed=8)
     keep = [0, 1, 4, 5, 9, 10, 17, 30]

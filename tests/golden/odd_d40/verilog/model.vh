@@ -33,7 +33,7 @@
 //       3040 +40       blocks.0.attn.out_proj.bias
 //       3080 +40       blocks.0.ln2.weight
 //       3120 +40       blocks.0.ln2.bias
-//       3160 +7        blocks.0.field 1/(|temperature| + 0.1)
+//       3160 +7        blocks.0.field 1/(|temperature| + 0.1), Q8.24
 //       3167 +40       blocks.0.ln3.weight
 //       3207 +40       blocks.0.ln3.bias
 //       3247 +80       blocks.0.ffn.fc1.bias

@@ -66,7 +66,7 @@
 //       1016 +12       blocks.1.attn.out_proj.bias
 //       1028 +12       blocks.1.ln2.weight
 //       1040 +12       blocks.1.ln2.bias
-//       1052 +1        blocks.1.field 1/(|temperature| + 0.1)
+//       1052 +1        blocks.1.field 1/(|temperature| + 0.1), Q8.24
 //       1053 +12       blocks.1.ln3.weight
 //       1065 +12       blocks.1.ln3.bias
 //       1077 +20       blocks.1.ffn.fc1.bias
@@ -79,7 +79,7 @@
 //       1169 +12       blocks.2.attn.out_proj.bias
 //       1181 +12       blocks.2.ln2.weight
 //       1193 +12       blocks.2.ln2.bias
-//       1205 +5        blocks.2.field 1/(|temperature| + 0.1)
+//       1205 +5        blocks.2.field 1/(|temperature| + 0.1), Q8.24
 //       1210 +12       blocks.2.ln3.weight
 //       1222 +12       blocks.2.ln3.bias
 //       1234 +20       blocks.2.ffn.fc1.bias
