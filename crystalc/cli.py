@@ -415,7 +415,8 @@ def prune_vocab(model: str, corpus: str | None, keep: str | None, out_path: str,
 @click.option("--grow-every", type=click.IntRange(1), default=10, show_default=True,
               help="Rounds between growths, and between freezing passes.")
 @click.option("--grow-count", type=click.IntRange(0), default=0, show_default=True,
-              help="Splits per growth; 0: reach --max-neurons by 80% of training.")
+              help="Splits per growth; 0: reach --max-neurons by 80% of training (growth happens every "
+                   "--grow-every rounds before then: none when that is past 80% of --rounds).")
 @click.option("--freeze", type=click.Choice(["graceful", "none"]), default="graceful", show_default=True,
               help="graceful: from 20% of training on, freeze cold, quiet, old neurons; none: never.")
 @click.option("--freeze-min-age", type=click.IntRange(0), default=50, show_default=True,
@@ -438,8 +439,9 @@ def prune_vocab(model: str, corpus: str | None, keep: str | None, out_path: str,
               help="Tail of the corpus held out for validation; 0: none.")
 @click.option("--sampling", type=click.Choice(["auto", "overlap", "random"]), default="auto", show_default=True,
               help="overlap: windows with stride T/2; random: random starts; auto picks by corpus size.")
-@click.option("--seed", type=click.IntRange(-(1 << 63), (1 << 63) - 1), default=0, show_default=True,
-              help="Seed of the initialisation and the batch order.")
+@click.option("--seed", type=click.IntRange(0, (1 << 32) - 1), default=0, show_default=True,
+              help="Seed of the initialisation and the batch order, 0 to 2^32-1 (torch's CPU generator keeps "
+                   "32 bits: a wider seed would train the same model as its low 32 bits).")
 @click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True,
               help="torch threads; 0: default.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
@@ -477,7 +479,7 @@ def train(data: str, out_path: str, tokenizer: str, d_model: int, n_ctx: int, n_
     best = [p for p in meta["curve"] if p["step"] == meta["best_step"]] if cfg.patience else meta["curve"][-1:]
     point = best[0] if best else None
     val = "" if point is None or point["val_loss"] != point["val_loss"] else f" val loss {point['val_loss']:.4f},"
-    summary = (f":{val} {sum(point['neurons'])} neurons, "
+    summary = (f":{val} {sum(point['neurons'])} neuron{'' if sum(point['neurons']) == 1 else 's'}, "
                f"{point['frozen_pct']:.1f}% frozen" + (f" (step {point['step']}, the best)" if cfg.patience else "")
                if point else "")
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes the file, so only it says so

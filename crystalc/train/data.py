@@ -89,7 +89,7 @@ def split(ids: torch.Tensor, val_frac: float, n_ctx: int) -> tuple[torch.Tensor,
         n_val = max(n_val, n_ctx + 1)
     if len(ids) - n_val < n_ctx + 1:
         raise CrystalError(f"the corpus has {len(ids)} tokens: too few for context {n_ctx} "
-                           f"with a {val_frac:.0%} validation split")
+                           f"with a {val_frac * 100:g}% validation split")
     return ids[:len(ids) - n_val], ids[len(ids) - n_val:]
 
 
@@ -153,5 +153,7 @@ def eval_windows(ids: torch.Tensor, n_ctx: int, max_windows: int) -> torch.Tenso
     k = min(max_windows, max(1, n // n_ctx)) if n > 0 else 0
     if k == 0:
         return torch.empty(0, n_ctx + 1, dtype=torch.long)
-    starts = torch.linspace(0, n - 1, k).long()
+    # float32 steps, as runs have always had them (the probe windows steer freezing); past 2^24 tokens the
+    # last start can round up beyond n - 1, hence the clamp
+    starts = torch.linspace(0, n - 1, k).long().clamp_(max=n - 1)
     return ids[starts.unsqueeze(1) + torch.arange(n_ctx + 1)]

@@ -85,6 +85,8 @@ class TrainConfig:
             raise CrystalError(f"freeze {self.freeze!r}: expected graceful or none")
         if self.sampling not in ("auto", "overlap", "random"):
             raise CrystalError(f"sampling {self.sampling!r}: expected auto, overlap or random")
+        if not 0 <= self.seed < 1 << 32:  # torch's CPU generator keeps 32 bits: wider seeds would alias
+            raise CrystalError(f"seed {self.seed}: expected 0 to 2^32-1")
         if self.steps < 1 or self.rounds < 1 or self.batch_size < 1:
             raise CrystalError("steps, rounds and batch size must be at least 1")
         if self.warmup is not None and not 0 <= self.warmup <= self.steps:
@@ -99,6 +101,13 @@ class TrainConfig:
         if self.patience and self.val_frac == 0:  # every evaluation would be NaN, never better: it stopped at once
             raise CrystalError("--patience watches the validation loss: it needs --val-frac above 0")
         D.parse_tokenizer_spec(self.tokenizer)
+        # the model's shape, checked now with any vocabulary and the field at its cap: a d_model that
+        # n_heads does not divide is said before the corpus is read (and a BPE trained on it), a cap past
+        # the format's limit before the run that grows to it
+        ModelConfig.from_dict(dict(
+            vocab_size=256, d_model=self.d_model, n_ctx=self.n_ctx, n_heads=self.n_heads, n_blocks=self.n_blocks,
+            n_neurons=self.max_neurons if self.growth == "split" else self.neurons,
+            ffn_hidden=self.ffn_hidden or 2 * self.d_model, final_norm=self.final_norm, tie_head=self.tie_head))
         if self.device not in ("cpu", "cuda"):
             raise CrystalError(f"device {self.device!r}: expected cpu or cuda")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -134,9 +143,11 @@ def _wrap(model: CrystalLM, dd: _Dist) -> torch.nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    # Construction broadcasts rank 0's parameters and buffers (the frozen bits too).
+    # Construction broadcasts rank 0's parameters and buffers (the frozen bits too). A field of no neurons
+    # adds nothing to the output, so its (empty) parameters get no gradient, which DDP must be told of.
     ids = [dd.device.index] if dd.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    unused = any(f.n_neurons == 0 for f in model.fields)
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False, find_unused_parameters=unused)
 
 
 @dataclass
@@ -256,88 +267,96 @@ def train(text: str, cfg: TrainConfig, out: str | None = None,
         if cfg.patience and run.best_state is not None:
             run.stopped_early = True
             return
-        bar.close()
         raise CrystalError(f"training diverged at step {step + 1} ({what} {loss}): nothing written; lower --lr")
 
-    for step in range(cfg.steps):
-        r = _round_of(cfg, step)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(cfg, step)
-        x, y = batches.next()
-        x, y = x.to(dd.device), y.to(dd.device)
-        logits = net(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for f, st in zip(model.fields, stats, strict=True):
-            st.observe(f.positions.grad)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        _step_with_freezing(opt, model, stats, r, cfg.soft_halflife)
-        last_loss = loss.item()
-        if not math.isfinite(last_loss):
-            diverged("loss", last_loss)
-            break
-        bar.update(1)
-        if _round_of(cfg, step + 1) == r and step + 1 < cfg.steps:
-            continue
-        # --- end of round r: bookkeeping, growth, freezing, evaluation ---
-        for st in stats:
-            st.end_round()
-        done = r + 1
-        changed = False
-        if cfg.freeze == "graceful" and done % cfg.freeze_every == 0:
-            acts = activity(model, probe)
-            for f, st, act in zip(model.fields, stats, acts, strict=True):
-                idx = choose_frozen(st, f.frozen, act, done / cfg.rounds, done, cfg.freeze_min_age)
-                if len(idx):
-                    f.frozen[idx.to(f.frozen.device)] = True
-        if cfg.growth == "split" and done % cfg.grow_every == 0 and done < cfg.rounds * cfg.grow_until + 1e-9:
+    try:  # the bar is closed however the loop ends: an interrupt's message then stands on its own line
+        for step in range(cfg.steps):
+            r = _round_of(cfg, step)
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(cfg, step)
+            x, y = batches.next()
+            x, y = x.to(dd.device), y.to(dd.device)
+            logits = net(x)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
             for f, st in zip(model.fields, stats, strict=True):
-                k = min(per_event, cfg.max_neurons - f.n_neurons)
-                parents = hottest(st, f.frozen, k)
-                if len(parents):
-                    swaps = split(f, parents, grow_gen, cfg.grow_noise, cfg.halve_parent)
-                    remap_optimizer(opt, swaps, parents)
-                    st.append_children(parents, done)
-                    changed = True
-        if changed:
-            model.config = _with_neurons(model.config, model)
-            net = _wrap(model, dd)
-        if done % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            if dd.on:  # the curve records the loss of the global batch, the same on every rank
+                st.observe(f.positions.grad)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            _step_with_freezing(opt, model, stats, r, cfg.soft_halflife)
+            last_loss = loss.item()
+            failed = not math.isfinite(last_loss)
+            if dd.on:  # every rank stops together: one left alone would wait for the others' gradients forever
                 import torch.distributed as dist
 
-                t = torch.tensor([last_loss], dtype=torch.float64, device=dd.device)
+                t = torch.tensor([float(failed)], device=dd.device)
                 dist.all_reduce(t)
-                last_loss = float(t.cpu()) / dd.world
-            val = evaluate(model, val_windows)
-            # a step's loss comes before its update, so an evaluation checks the updates since: the
-            # validation loss, or without validation text the last update on training windows
-            if len(val_windows):
-                after, what = val, "validation loss"
-            else:
-                last = step + 1 == cfg.steps
-                after, what = (evaluate(model, train_windows) if last else 0.0), "loss after the last update"
-            if not math.isfinite(after):
-                diverged(what, after)
+                failed = bool(t.item())
+            if failed:
+                diverged(*(("loss", last_loss) if not math.isfinite(last_loss) else ("another rank's loss", math.nan)))
                 break
-            point = _curve_point(step + 1, done, last_loss, val, model)
-            run.curve.append(point)
-            bar.set_postfix_str(f"loss {last_loss:.3f} val {val:.3f} neurons {sum(point['neurons'])} "
-                                f"frozen {point['frozen_pct']:.0f}%", refresh=False)
-            if log is not None and not show and dd.rank == 0:
-                log(_fmt_point(point))
-            if val < run.best_val - 1e-4 or math.isnan(run.best_val):
-                run.best_val, run.best_step = val, step + 1
-                run.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                bad = 0
-            else:
-                bad += 1
-                if cfg.patience and bad >= cfg.patience:
-                    run.stopped_early = True
+            bar.update(1)
+            if _round_of(cfg, step + 1) == r and step + 1 < cfg.steps:
+                continue
+            # --- end of round r: bookkeeping, growth, freezing, evaluation ---
+            for st in stats:
+                st.end_round()
+            done = r + 1
+            changed = False
+            if cfg.freeze == "graceful" and done % cfg.freeze_every == 0:
+                acts = activity(model, probe)
+                for f, st, act in zip(model.fields, stats, acts, strict=True):
+                    idx = choose_frozen(st, f.frozen, act, done / cfg.rounds, done, cfg.freeze_min_age)
+                    if len(idx):
+                        f.frozen[idx.to(f.frozen.device)] = True
+            if cfg.growth == "split" and done % cfg.grow_every == 0 and done < cfg.rounds * cfg.grow_until + 1e-9:
+                for f, st in zip(model.fields, stats, strict=True):
+                    k = min(per_event, cfg.max_neurons - f.n_neurons)
+                    parents = hottest(st, f.frozen, k)
+                    if len(parents):
+                        swaps = split(f, parents, grow_gen, cfg.grow_noise, cfg.halve_parent)
+                        remap_optimizer(opt, swaps, parents)
+                        st.append_children(parents, done)
+                        changed = True
+            if changed:
+                model.config = _with_neurons(model.config, model)
+                net = _wrap(model, dd)
+            if done % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                if dd.on:  # the curve records the loss of the global batch, the same on every rank
+                    import torch.distributed as dist
+
+                    t = torch.tensor([last_loss], dtype=torch.float64, device=dd.device)
+                    dist.all_reduce(t)
+                    last_loss = float(t.cpu()) / dd.world
+                val = evaluate(model, val_windows)
+                # a step's loss comes before its update, so an evaluation checks the updates since: the
+                # validation loss, or without validation text the last update on training windows
+                if len(val_windows):
+                    after, what = val, "validation loss"
+                else:
+                    last = step + 1 == cfg.steps
+                    after, what = (evaluate(model, train_windows) if last else 0.0), "loss after the last update"
+                if not math.isfinite(after):
+                    diverged(what, after)
                     break
-    bar.close()
+                point = _curve_point(step + 1, done, last_loss, val, model)
+                run.curve.append(point)
+                bar.set_postfix_str(f"loss {last_loss:.3f} val {val:.3f} neurons {sum(point['neurons'])} "
+                                    f"frozen {point['frozen_pct']:.0f}%", refresh=False)
+                if log is not None and not show and dd.rank == 0:
+                    log(_fmt_point(point))
+                if val < run.best_val - 1e-4 or math.isnan(run.best_val):
+                    run.best_val, run.best_step = val, step + 1
+                    run.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    bad = 0
+                else:
+                    bad += 1
+                    if cfg.patience and bad >= cfg.patience:
+                        run.stopped_early = True
+                        break
+    finally:
+        bar.close()
     if run.best_state is not None and cfg.patience:
         model = _model_from_state(model.config, run.best_state).to(dd.device)
     _fast_fields(model, False)

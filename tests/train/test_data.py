@@ -55,3 +55,12 @@ def test_split_and_eval_windows() -> None:
 def test_bad_tokenizer_specs(spec: str) -> None:
     with pytest.raises(CrystalError):
         parse_tokenizer_spec(spec)
+
+
+def test_eval_windows_of_a_corpus_past_float32s_integers() -> None:
+    # found by an audit: float32 starts of a 25M-token corpus rounded the last one past the end (IndexError)
+    n_ctx = 8
+    for n in (25_245_268, (1 << 24) + 3, (1 << 27) - 5):
+        ids = torch.zeros(n + n_ctx, dtype=torch.uint8)
+        w = eval_windows(ids, n_ctx, 64)
+        assert w.shape == (64, n_ctx + 1)

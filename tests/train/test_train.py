@@ -215,6 +215,12 @@ def _crystalc(*args: str) -> subprocess.CompletedProcess:
     # a batch no machine holds (5e14 bytes of activations): torch's allocator error was a traceback, exit 1
     (["--batch-size", "1000000000000", "--d-model", "16", "--n-heads", "2", "--n-ctx", "8", "--neurons", "2"],
      "training ran out of memory"),
+    # found by an audit: the shape was checked only after the corpus was read and tokenized, and a cap past
+    # the format's limit only when growth reached it, after the training
+    (["--n-heads", "3", "--d-model", "16", "--n-ctx", "100000"], "not divisible by n_heads 3"),
+    (["--max-neurons", "2000000"], "outside 0..1048576"),
+    (["--seed", "4294967296"], "4294967296 is not in the range 0<=x<=4294967295"),
+    (["--seed", "-1"], "-1 is not in the range 0<=x<=4294967295"),
     pytest.param(["--device", "cuda"], "no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
 ])
@@ -305,3 +311,26 @@ def test_early_stopping_keeps_the_best() -> None:
     assert meta["stopped_early"] and meta["steps_done"] < cfg.steps
     assert meta["best_step"] == meta["curve"][0]["step"]
     assert len(meta["curve"]) == 1 + cfg.patience
+
+
+def test_an_interrupt_closes_the_progress_bar(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    # found by an audit: the bar was closed on the normal path only, so after Ctrl-C it was redrawn after
+    # the interrupt's message, on its line
+    calls = 0
+    real = Batches.next
+
+    def interrupted(self: Batches) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(Batches, "next", interrupted)
+    try:
+        train(corpus(20), replace(TINY, steps=5, warmup=0, progress=True))
+    except KeyboardInterrupt:  # where the command line says "interrupted": the bar's frame is alive still
+        err = capsys.readouterr().err
+    else:
+        raise AssertionError("not interrupted")
+    assert "2/5" in err and err.endswith("\n"), repr(err)
