@@ -38,8 +38,12 @@ lint: venv
 	$(BIN)/ruff check crystalc backends tests bench examples scripts
 	$(BIN)/mypy
 
+# A worker per core (pytest-xdist), tests dealt out one by one but for the files that mark themselves
+# an xdist_group: their module fixtures (trained models, built runtimes) would be built on every worker.
+# PYTEST_JOBS= runs in one process.
+PYTEST_JOBS ?= -n auto --dist loadgroup
 test: venv tools lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_JOBS)
 
 # Slow (about 16 minutes here) and not part of test: can the tests fail? See scripts/mutants.txt.
 mutants: venv tools

@@ -35,6 +35,10 @@ from tests.conftest import (
     save_pt,
 )
 
+# under pytest-xdist the file's tests share one worker, which builds its module fixtures
+# (the char model's build) once
+pytestmark = pytest.mark.xdist_group("test_c")
+
 TOL = 1e-4
 STRICT = "-std=c99 -O2 -Wall -Wextra -Werror"
 # A greedy continuation is only comparable where the interpreter's best token beats the

@@ -43,6 +43,10 @@ from crystalc.passes.prune_vocab import prune_vocab
 from crystalc.passes.quantize import quantize
 from tests.conftest import FIXTURE_SHAPES, random_graph, require_tool
 
+# under pytest-xdist the file's tests share one worker, which builds its module fixtures
+# (the GPU probe's build and the emulation's) once
+pytestmark = pytest.mark.xdist_group("test_cuda")
+
 TOL = 1e-4
 STRICT_C = "-std=c99 -O2 -Wall -Wextra -Werror"
 STRICT_NVCC = "-O3 -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror"

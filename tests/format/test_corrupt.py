@@ -21,6 +21,10 @@ from tests.conftest import FIXTURE_SHAPES, random_graph, require_tool
 from tests.format.corrupt import all_cases
 from tests.format.test_crystal import CHARS, pruned, quantize_by_hand
 
+# under pytest-xdist the file's tests share one worker, which builds its module fixtures
+# (the sanitized loader's build) once
+pytestmark = pytest.mark.xdist_group("test_corrupt")
+
 # meta.json, the file's last section, is then {"note":"..."} of 65 bytes: it can end one byte into the table
 NOTE = "corruption base".ljust(65 - len('{"note":""}'), ".")
 

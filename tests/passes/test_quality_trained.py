@@ -27,6 +27,10 @@ from crystalc.passes.quantize import quantize
 from crystalc.tokenizer import Tokenizer, char_tokenizer
 from tests.conftest import CORPUS, REPO, random_graph, require_module
 
+# under pytest-xdist the file's tests share one worker, which builds its module fixtures
+# (models trained and scored) once
+pytestmark = pytest.mark.xdist_group("test_quality_trained")
+
 TRAIN_CHARS = 300_000
 HELD_OUT_CHARS = 20_000
 

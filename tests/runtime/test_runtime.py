@@ -26,6 +26,10 @@ from tests.backends.test_c import greedy_with_margin
 from tests.conftest import MIN_SAMPLE_MARGIN, random_graph, require_tool, sampled_with_margin, save_pt
 from tests.format.test_crystal import pruned, quantize_by_hand
 
+# under pytest-xdist the file's tests share one worker, which builds its module fixtures
+# (the runtimes built into one cache) once
+pytestmark = pytest.mark.xdist_group("test_runtime")
+
 TOL = 1e-4
 SHAPES = ["d40_h5", "three_blocks_n0_n1", "tied_unnormalised", "all_on"]
 SANITIZER_ENV = {"ASAN_OPTIONS": "abort_on_error=0:detect_leaks=1", "UBSAN_OPTIONS": "print_stacktrace=1"}

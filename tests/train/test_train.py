@@ -18,6 +18,10 @@ from crystalc.train.loop import TrainConfig, _step_with_freezing, train
 from crystalc.train.stats import FieldStats
 from tests.conftest import require_module
 
+# under pytest-xdist the file's tests share one worker, which builds its module fixtures
+# (a model trained) once
+pytestmark = pytest.mark.xdist_group("test_train")
+
 WORDS = ["the", "king", "queen", "crown", "doth", "speak", "night", "love", "sword", "fair"]
 
 # Small enough to train in seconds on one shared core, long enough (120 steps,
