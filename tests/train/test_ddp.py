@@ -13,7 +13,6 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 
 
-# Two processes x 16 steps of a D=16 model: about 30 s on a loaded 2-core machine, so CI runs it.
 def two_ranks(out: Path, case: str = "grow") -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run(
@@ -22,6 +21,7 @@ def two_ranks(out: Path, case: str = "grow") -> subprocess.CompletedProcess:
         capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
 
 
+# Two processes x 16 steps of a D=16 model: about 30 s on a loaded 2-core machine, so CI runs it.
 @pytest.mark.slow
 def test_two_ranks_agree(tmp_path: Path) -> None:
     r = two_ranks(tmp_path)
