@@ -483,6 +483,7 @@ class VerilogBackend:
             "vocab_size": program.vocab_size, "n_ctx": program.n_ctx, "lanes": lanes,
             "cycles": [(pos, sum(by_op.values()), by_op) for pos in sorted({0, program.n_ctx - 1})
                        for by_op in [core_cycles(program, lanes, pos)]],
+            "token_cycles": sum(core_cycles(program, lanes, program.n_ctx - 1).values()) + 4,  # and crystal_gen's 4
         }
         written = []
         for template, name in (("model.vh.j2", "model.vh"), ("Makefile.j2", "Makefile")):
@@ -514,7 +515,16 @@ class VerilogBackend:
         return Path(out_dir) / sim.target
 
 
-_SIZES = ("ROM_WORDS", "LANE_WORDS", "SCALE_WORDS", "PROGRAM_WORDS", "INSTR_BITS", "VOCAB_SIZE", "N_CTX", "LANES")
+_SIZES = ("ROM_WORDS", "LANE_WORDS", "SCALE_WORDS", "PROGRAM_WORDS", "INSTR_BITS", "VOCAB_SIZE", "N_CTX", "LANES",
+          "TOKEN_CYCLES")
+
+
+def cycle_bound(sizes: dict[str, int], prompt_len: int, generate: int) -> int:
+    """At least the clock cycles crystal_tb counts for a run (cycles_counted's terms, every position priced as
+    the last, every token as refilling the whole window), from model.vh alone: a simulation past twice this is
+    a damaged program looping, stopped by the testbench's +max_cycles."""
+    t, v, tc = sizes["N_CTX"], sizes["VOCAB_SIZE"], sizes["TOKEN_CYCLES"]
+    return prompt_len + 2 + prompt_len * tc + generate * (v + 2 + t + t * tc)
 
 
 def _defines(out_dir: Path) -> dict[str, int]:
@@ -576,13 +586,17 @@ def simulate(out_dir: Path, ids: list[int], simulator: str = "icarus", timeout: 
     with tempfile.TemporaryDirectory() as tmp:
         prompt = Path(tmp) / "ids.hex"
         prompt.write_text("".join(f"{i:08x}\n" for i in ids))
-        args = [f"+prompt={prompt}", f"+tokens={len(ids)}"] + ([f"+generate={generate}", f"+shift={shift}"]
-                                                               if generate else [])
+        limit = 2 * cycle_bound(sizes, len(ids), generate) + 1000
+        args = [f"+prompt={prompt}", f"+tokens={len(ids)}", f"+max_cycles={limit}"] + (
+            [f"+generate={generate}", f"+shift={shift}"] if generate else [])
         out = run_tool([*sim.command, *args], sim.run_tools, f"simulating the Verilog with {simulator}",
                        cwd=out_dir, timeout=timeout)
     logits: dict[int, int] = {}
     tokens: list[int] = []
     cycles = -1
+    if re.search(r"^timeout ", out, re.MULTILINE):
+        raise CrystalError(f"the simulation ran past {limit} clock cycles, more than this model's program can take: "
+                           f"{out_dir / 'program.hex'} is damaged (compile the folder again)")
     if re.search(r"^(logit \d+|token|cycles) .*[xz]", out, re.MULTILINE | re.IGNORECASE):
         raise CrystalError(f"the simulation computed undefined values (x) from the files in {out_dir}: "
                            "compile the folder again")

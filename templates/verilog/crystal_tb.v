@@ -1,7 +1,10 @@
 // crystal_tb: runs a prompt through crystal_gen (and so crystal_core) and prints what it made.
 //
-//   vvp sim.vvp +prompt=ids.hex +tokens=N [+generate=G] [+shift=K] [+abort=A]
+//   vvp sim.vvp +prompt=ids.hex +tokens=N [+generate=G] [+shift=K] [+abort=A] [+max_cycles=C]
 //       (run in this folder: the core reads rom.hex, lanes.hex, scales.hex, program.hex)
+//
+// +max_cycles=C: after C clocks, print "timeout <cycles>" and stop (a damaged program.hex can loop for
+// 2^32 steps); crystalc passes twice what the run can take (verilog.cycle_bound).
 //
 // +abort=A: A clocks after the start, the host resets the design mid-run (rst for a clock), loads the
 // prompt again and starts it again; what the first run made is not printed, and the cycles count both.
@@ -29,8 +32,12 @@ module crystal_tb;
     reg [8*4096-1:0] prompt;
     integer count, p, v, abort_at;
     reg quiet = 1'b0;  // the aborted run's tokens are not printed
-    reg [63:0] cycles = 0, total;
+    reg [63:0] cycles = 0, total, max_cycles = 0;
     always @(posedge clk) cycles <= cycles + 1;
+    always @(posedge clk) if (max_cycles != 0 && cycles >= max_cycles) begin
+        $display("timeout %0d", cycles);
+        $finish;
+    end
     always @(posedge clk) if (tok_valid && !quiet) $display("token %0d", tok);
 
     initial begin
@@ -42,6 +49,7 @@ module crystal_tb;
         if (!$value$plusargs("generate=%d", n)) n = 0;
         if (!$value$plusargs("shift=%d", shift)) shift = 1;
         if (!$value$plusargs("abort=%d", abort_at)) abort_at = 0;
+        if (!$value$plusargs("max_cycles=%d", max_cycles)) max_cycles = 0;
         $readmemh(prompt, ids, 0, count - 1);
         for (p = 0; p < count; p = p + 1)
             @(negedge clk) begin rst = 1'b0; buf_we = 1'b1; buf_addr = p; buf_data = ids[p]; end

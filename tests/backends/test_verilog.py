@@ -115,6 +115,21 @@ def test_a_folder_emitted_again_is_simulated_afresh(tmp_path):
 
 
 @pytest.mark.tool
+def test_a_program_that_never_halts_is_stopped_and_named(tmp_path):
+    # found by an audit: a neuron_field of width 0 in a well-formed program.hex made the core count 2^32 steps,
+    # and the simulation hung; the testbench stops at twice what the run can take (model.vh's TOKEN_CYCLES)
+    g = random_graph("d40_h5", seed=3)
+    out = built(g, tmp_path / "out")
+    got, cycles = simulate(out, [1, 2, 3], generate=4)
+    assert cycles <= verilog.cycle_bound(verilog._defines(out), 3, 4)  # the bound holds for a real run
+    instrs = [dataclasses.replace(i, n=0) if i.op == "neuron_field" else i
+              for i in core_memories(fp.lower(g), 1).instrs]
+    (out / "program.hex").write_text(verilog.program_hex(instrs))
+    with pytest.raises(CrystalError, match=r"^the simulation ran past \d+ clock cycles, .*program.hex is damaged"):
+        simulate(out, [1, 2, 3])
+
+
+@pytest.mark.tool
 def test_quantized_pruned_graph(tmp_path):
     full = random_graph("tied_unnormalised", seed=8)
     keep = [0, 1, 4, 5, 9, 10, 17, 30]

@@ -79,6 +79,8 @@
 `define VOCAB_SIZE 62
 `define N_CTX 9
 `define LANES 1
+// the most clock cycles crystal_gen spends on a position (the last): a bound on a run's, for the testbench
+`define TOKEN_CYCLES 17145
 //
 // How program.hex encodes an instruction. Python decides it (crystalc.backends.fixedpoint: FIELDS, OPCODES,
 // the flags) and writes the program with it; crystal_core.v reads the program by these names and holds no

@@ -145,6 +145,8 @@
 `define VOCAB_SIZE 62
 `define N_CTX 7
 `define LANES 1
+// the most clock cycles crystal_gen spends on a position (the last): a bound on a run's, for the testbench
+`define TOKEN_CYCLES 5147
 //
 // How program.hex encodes an instruction. Python decides it (crystalc.backends.fixedpoint: FIELDS, OPCODES,
 // the flags) and writes the program with it; crystal_core.v reads the program by these names and holds no
