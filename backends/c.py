@@ -33,6 +33,11 @@ from crystalc.templating import copy_template, render
 ALIGN = 64
 BLOB_MAGIC = 0x57595243  # "CRYW" read as a little-endian uint32: the start-up byte-order check
 DEFAULT_CFLAGS = "-O3 -march=native"
+# CFLAGS the C and CUDA Makefiles refuse: -ffast-math and its parts reassociate and approximate the float
+# arithmetic the outputs are checked against (fast_exp's rounding constant alone then moves logits by 0.1)
+# and drop NaN checks
+UNSAFE_CFLAGS = ("-Ofast", "-ffast-math", "-funsafe-math-optimizations", "-fassociative-math", "-freciprocal-math",
+                 "-ffinite-math-only")
 SHARED_FILES = ("crystal.h", "crystal_forward.c", "crystal_cli.c")
 DTYPE_ENUM = {"f32": "CRYSTAL_F32", "i8": "CRYSTAL_I8", "i16": "CRYSTAL_I16"}
 LITTLE = {"f32": "<f4", "i8": "i1", "i16": "<i2"}
@@ -198,7 +203,8 @@ class CBackend:
                                ("weights.S.j2", "weights.S"), ("Makefile.j2", "Makefile")):
             path = out_dir / name
             path.write_text(render("c", template, **ctx, default_cflags=DEFAULT_CFLAGS,
-                                          forward_source="crystal_forward.c"), encoding="utf-8")
+                                   unsafe_cflags=" ".join(UNSAFE_CFLAGS), forward_source="crystal_forward.c"),
+                            encoding="utf-8")
             written.append(path)
         (out_dir / "weights.bin").write_bytes(blob)
         written.append(out_dir / "weights.bin")

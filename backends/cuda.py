@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from crystalc.backends.c import lower
+from crystalc.backends.c import UNSAFE_CFLAGS, lower
 from crystalc.backends.tools import run_tool
 from crystalc.ir.graph import Graph
 from crystalc.templating import copy_template, render
@@ -46,7 +46,8 @@ class CudaBackend:
                                        ("cuda", "Makefile.j2", "Makefile")):
             path = out_dir / name
             path.write_text(render(target, template, **ctx, default_nvccflags=DEFAULT_NVCCFLAGS,
-                                   forward_source="crystal_forward.cu"), encoding="utf-8")
+                                   unsafe_cflags=" ".join(UNSAFE_CFLAGS), forward_source="crystal_forward.cu"),
+                            encoding="utf-8")
             written.append(path)
         (out_dir / "weights.bin").write_bytes(blob)
         written.append(out_dir / "weights.bin")

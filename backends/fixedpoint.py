@@ -59,7 +59,7 @@ from crystalc.ir.tensor import Tensor, read_only
 FRAC = 16  # fractional bits of every stored value
 ONE = 1 << FRAC
 # but a field's 1/(|tau| + 0.1) (at most 10): a Q16 step there is off by up to 7.6e-6 of a neuron's distance,
-# which a far field with large temperatures carried past the tolerance (2.5e-3 of logits near 3)
+# which a far field with large temperatures carried past the tolerance (2.7e-3 of logits near 3)
 COEF_FRAC = 24
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 LOG2E_Q30 = round(math.log2(math.e) * (1 << 30))

@@ -686,7 +686,7 @@ def simulate_logits(out_dir: Path, original_ids: list[int],
     out_dir = Path(out_dir)
     rows = _rows(out_dir, simulator)
     q16, cycles = simulate(out_dir, rows.of(original_ids)[-rows.window:], simulator)
-    held = np.flatnonzero((q16 >= (1 << 31) - 1) | (q16 <= -(1 << 31)))
+    held = np.flatnonzero((q16 >= INT32_MAX) | (q16 <= INT32_MIN))
     if len(held):  # a RAM word saturates: printed, it would pass for the model's logit
         raise CrystalError(f"the logit of id {rows.to_orig[int(held[0])]} reached Q16.16's bound (+-32768), where "
                            "the hardware saturates: this model's logits are beyond what the core represents")

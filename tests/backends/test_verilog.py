@@ -37,7 +37,7 @@ from crystalc.ir.interpret import forward, generate
 from crystalc.passes.prune_vocab import prune_vocab
 from crystalc.passes.quantize import quantize
 from tests.backends.test_c import greedy_with_margin
-from tests.backends.test_fixedpoint import TOL
+from tests.backends.test_fixedpoint import TOL, far_field_graph
 from tests.conftest import FIXTURE_SHAPES, random_graph, require_tool, save_pt
 
 SIM_TIMEOUT = 300  # s: a core that never halts fails its test instead of hanging it (the longest here takes seconds)
@@ -81,10 +81,7 @@ def test_simulation_equals_the_emulator(shape, tmp_path):
 @pytest.mark.tool
 def test_far_neurons_with_large_temperatures(tmp_path):
     # the field's coefficients are Q8.24, not Q16.16: the core shifts their products by 24, the emulator too
-    g = random_graph("d40_h5", seed=3)
-    f = g.blocks[0].field
-    scale = {id(f.positions): 300.0, id(f.temperature): 30.0, id(f.values): 4.0}
-    far = g.map_tensors(lambda t: type(t)(t.name, t.data * np.float32(scale[id(t)])) if id(t) in scale else t)
+    far = far_field_graph(3)
     check(far, built(far, tmp_path / "out", lanes=3), [1, 2, 3, 4, 5, 6], lanes=3)
 
 
