@@ -14,6 +14,9 @@ from crystalc.errors import CrystalError
 MAX_DIM = 1 << 20
 MAX_ELEMENTS = 1 << 31
 FLOAT32_MAX = 3.4028234663852886e38
+# The two defaults that depend on other fields (the spec: 2*D hidden units, 64 neurons a block) are
+# filled in by __post_init__; Any lets the field keep its int type for every reader.
+_DERIVED: Any = None
 
 
 def as_int(name: str, v: Any) -> int:
@@ -32,13 +35,20 @@ class ModelConfig:
     n_ctx: int = 64
     n_heads: int = 4
     n_blocks: int = 1
-    n_neurons: tuple[int, ...] = (64,)
-    ffn_hidden: int = 256
+    n_neurons: tuple[int, ...] = _DERIVED  # 64 a block
+    ffn_hidden: int = _DERIVED  # 2 * d_model
     field_norm: bool = True
     field_eps: float = 1e-8
     final_norm: bool = False
     tie_head: bool = False
     ln_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.ffn_hidden is None:
+            object.__setattr__(self, "ffn_hidden", 2 * self.d_model)
+        if self.n_neurons is None and isinstance(self.n_blocks, int):
+            # an absurd block count is validate()'s to name, not a tuple's to allocate
+            object.__setattr__(self, "n_neurons", (64,) * min(self.n_blocks, MAX_DIM + 1))
 
     @property
     def head_dim(self) -> int:
@@ -69,13 +79,12 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_ctx", "n_heads", "n_blocks", "ffn_hidden"):
             if name in kw:
                 kw[name] = as_int(name, kw[name])
-        kw.setdefault("ffn_hidden", 2 * kw.get("d_model", 128))
-        neurons = kw.get("n_neurons", 64)
-        if isinstance(neurons, (list, tuple)):
-            neurons = tuple(as_int("n_neurons entry", n) for n in neurons)
-        else:
-            neurons = (as_int("n_neurons", neurons),) * min(kw.get("n_blocks", 1), MAX_DIM)
-        kw["n_neurons"] = neurons
+        if "n_neurons" in kw:
+            neurons = kw["n_neurons"]
+            if isinstance(neurons, (list, tuple)):
+                kw["n_neurons"] = tuple(as_int("n_neurons entry", n) for n in neurons)
+            else:
+                kw["n_neurons"] = (as_int("n_neurons", neurons),) * min(kw.get("n_blocks", 1), MAX_DIM)
         try:
             cfg = cls(**kw)
         except (TypeError, ValueError) as e:

@@ -34,3 +34,18 @@ def test_a_tensor_over_max_elements() -> None:
     assert side * side > MAX_ELEMENTS
     with pytest.raises(CrystalError, match="token_embed would hold"):
         ModelConfig.from_dict(dict(SMALL, vocab_size=side, d_model=side)).validate()
+
+
+def test_the_spec_defaults_built_directly_and_from_a_dict() -> None:
+    # F = 2*D and 64 neurons in every block, whichever way the config is made
+    for cfg in (ModelConfig(vocab_size=8, d_model=40, n_heads=5, n_blocks=3),
+                ModelConfig.from_dict(dict(vocab_size=8, d_model=40, n_heads=5, n_blocks=3))):
+        cfg.validate()
+        assert cfg.ffn_hidden == 80 and cfg.n_neurons == (64, 64, 64)
+    assert ModelConfig(vocab_size=8).ffn_hidden == 256  # D = 128 by default
+
+
+def test_an_explicit_none_is_not_a_default() -> None:
+    for key in ("ffn_hidden", "n_neurons"):
+        with pytest.raises(CrystalError, match=f"{key} must be an integer"):
+            ModelConfig.from_dict(dict(SMALL, **{key: None}))

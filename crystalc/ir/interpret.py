@@ -16,6 +16,7 @@ from crystalc.config import ModelConfig
 from crystalc.errors import CrystalError
 from crystalc.ir.graph import Graph
 from crystalc.ir.ops import FFN, CausalSelfAttention, Head, LayerNorm, NeuronField
+from crystalc.ir.sampling import first_argmax
 from crystalc.ir.tensor import Tensor
 
 _erf = np.frompyfunc(math.erf, 1, 1)
@@ -177,7 +178,7 @@ def generate(
         raise CrystalError(f"--shift {shift} is outside 1..{t}")
     if not prompt:
         raise CrystalError("empty prompt")
-    choose = pick or (lambda logits: int(np.argmax(logits)))
+    choose = pick or first_argmax  # NaNs skipped, as the programs' greedy pick skips them
     ctx = list(prompt)[-t:]
     out: list[int] = []
     for i in range(n):

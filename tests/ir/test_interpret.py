@@ -59,6 +59,13 @@ def test_generate_window_semantics() -> None:
             ctx.append(tok)
 
 
+def test_greedy_skips_nan_logits_as_the_programs_do() -> None:
+    # found by an audit: np.argmax took the first NaN, where the C programs' greedy pick skips NaNs
+    g = random_graph("all_on")
+    nan_first = np.array([1.0, np.nan, 2.0, 2.0], dtype=np.float32)
+    assert generate(g, [0], 2, logits_of=lambda ctx: nan_first) == [2, 2]
+
+
 def test_forward_rejects_bad_sequences() -> None:
     g = random_graph("all_on")
     with pytest.raises(CrystalError):
