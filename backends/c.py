@@ -75,7 +75,9 @@ def _tensor(blob: Blob, t: Tensor) -> dict[str, Any]:
     q = t.quant
     desc = {
         "name": t.name, "dtype": DTYPE_ENUM[t.dtype], "scheme": SCHEME_ENUM[q.scheme if q else None],
-        "rows": rows, "cols": cols, "group": q.group if q and q.scheme == "group" else 0,
+        # a group wider than the row is the row (as the runtime reads it); and it keeps crystal.h's
+        # int arithmetic (cols + group - 1) from overflowing for groups near 2^31
+        "rows": rows, "cols": cols, "group": min(q.group, max(cols, 1)) if q and q.scheme == "group" else 0,
         "data": blob.add(t.name, np.ascontiguousarray(t.data, dtype=LITTLE[t.dtype]).tobytes()),
         "scale": None, "offset": None,
         "shape": "x".join(map(str, shape)) or "0", "kind": t.dtype + (f"/{q.scheme}" if q else ""),

@@ -319,6 +319,19 @@ def test_quantize_pass_output_matches_the_interpreter(tmp_path):
     assert np.abs(library(g, tmp_path).forward(ids) - forward(g, ids)).max() <= TOL
 
 
+def test_a_group_near_2_31_is_one_scale_a_row(tmp_path):
+    # found by an audit: crystal.h's (cols + group - 1) / group overflowed int for a group the format allows
+    # (up to 2^32 - 1; wider than the row is the row) and read other rows' scales: logits off by 3
+    from dataclasses import replace
+
+    g = quantized(random_graph("d40_h5", seed=16), "i8", "group", group=1000)
+    g = g.map_tensors(lambda t: t if t.quant is None or t.quant.group == 0 else
+                      Tensor(t.name, t.data, replace(t.quant, group=2**31 - 1))).verify()
+    ids = some_prompt(g, g.config.n_ctx)
+    _, got = binary_logits(program(g, tmp_path), ids)
+    assert np.abs(got - forward(g, ids)[-1]).max() <= TOL
+
+
 def test_a_library_folder_reused_for_another_graph_runs_the_new_one(tmp_path):
     # the folder is re-emitted and rebuilt, and the new library loaded, though dlopen caches by path
     a, b = random_graph("d40_h5", seed=1), random_graph("d40_h5", seed=2)
