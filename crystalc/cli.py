@@ -93,6 +93,13 @@ def _load(path: str, n_heads: int | None = None) -> Graph:
 DEFAULT_CALIBRATE_TOKENS = 16384
 
 
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one is missing: its reader names it
+        return False
+
+
 def _check_calibration(path: str | None, max_tokens: int | None) -> None:
     if path is None and max_tokens is not None:
         raise CrystalError("--calibrate-tokens sizes the --calibrate text: give --calibrate too")
@@ -513,6 +520,9 @@ def eval_(model: str, corpus: str, modes: str, granularities: str, max_tokens: i
     if not mode_list or not gran_list:  # an empty list would report float32 alone: a slip, not a request
         raise CrystalError("give at least one mode and one granularity (--modes, --granularities)")
     mode_list, gran_list = checked_options(mode_list, gran_list)  # before the model is read; each once
+    if calibrate is not None and _same_file(calibrate, corpus):
+        # calibrated codes fit their text: scored on it, they would look better than they are
+        raise CrystalError(f"--calibrate {calibrate} is the --corpus it would be scored on: calibrate on other text")
     graph = _load(model, n_heads)
     text = _read_text(corpus)
     calibration = _calibration(graph, calibrate, calibrate_tokens)

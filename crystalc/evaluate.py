@@ -43,11 +43,15 @@ class CorpusNotes:
     dropped_tokens: int = 0  # corpus tokens absent from a pruned vocabulary, left out of the sequence
     unknown_chars: int = 0  # corpus characters the tokenizer lacks, skipped
     calibration_tokens: int = 0  # tokens of calibration text the quantized rows' rounding used; 0: nearest
+    quantized_input: int = 0  # tensors the input model held quantized: "float32" is their dequantized values
 
     def markdown(self) -> str:
-        notes = [f"{self.n_tokens:,} predicted tokens"]
+        notes = ["1 predicted token" if self.n_tokens == 1 else f"{self.n_tokens:,} predicted tokens"]
         if self.calibration_tokens:
             notes.append(f"codes by calibrated rounding on {self.calibration_tokens:,} tokens of calibration text")
+        if self.quantized_input:
+            notes.append(f"the input was quantized ({self.quantized_input:,} tensors): its float32 row is those "
+                         "tensors dequantized, not the model they were quantized from")
         if self.unknown_chars:
             notes.append(f"{self.unknown_chars:,} corpus characters the tokenizer lacks skipped")
         if self.dropped_tokens:
@@ -126,7 +130,8 @@ def _scored_positions(graph: Graph, corpus_text: str, max_tokens: int | None, ca
     groups = _split(ids, graph.config.n_ctx)
     targets = np.concatenate([y.reshape(-1) for _, y in groups])
     n_cal = 0 if calibration is None else int(np.asarray(calibration).size)
-    return groups, targets, CorpusNotes(int(targets.size), dropped, unknown, n_cal)
+    quantized = sum(t.quant is not None for t in graph.tensors())
+    return groups, targets, CorpusNotes(int(targets.size), dropped, unknown, n_cal, quantized)
 
 
 def _logits(graph: Graph, groups: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:

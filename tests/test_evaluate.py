@@ -191,7 +191,7 @@ def test_eval_command(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("one tensor at a time") == 2 and r.stdout.count("| (all) |") == 2
     for bad in (("--modes", "int4"), ("--granularities", "group:0"), ("--per-tensor", "--modes", "int8,int4"),
-                ("--modes", ""), ("--granularities", ",")):
+                ("--modes", ""), ("--granularities", ","), ("--calibrate", str(corpus))):
         r = _crystalc("eval", str(model), "--corpus", str(corpus), *bad)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
 
@@ -223,3 +223,16 @@ def test_a_model_whose_float32_logits_overflow_is_a_crystal_error() -> None:
             evaluate(g, TEXT, modes=["int8"], granularities=["tensor"])
         with pytest.raises(CrystalError, match="float32 logits are not finite"):
             sensitivity(g, TEXT, "int8", "tensor")
+
+
+def test_a_quantized_input_is_said_to_be_the_reference() -> None:
+    # an audit: a .crystal input of codes was reported as "float32" with nothing saying it was quantized
+    g = char_graph()
+    plain = markdown(evaluate(g, TEXT, modes=["int8"], granularities=["row"], max_tokens=40))
+    assert "the input was quantized" not in plain
+    q = quantize(g, "int8", "row")
+    n = sum(t.quant is not None for t in q.tensors())
+    said = markdown(evaluate(q, TEXT, modes=["int8"], granularities=["row"], max_tokens=40))
+    assert f"the input was quantized ({n:,} tensors)" in said
+    assert "the input was quantized" in sensitivity_markdown(sensitivity(q, TEXT, "int8", "row", max_tokens=40))
+    assert "\n1 predicted token.\n" in markdown(evaluate(g, TEXT[:2], modes=["int8"], granularities=["row"]))

@@ -35,10 +35,16 @@ def calibration_windows(graph: Graph, text: str, max_tokens: int = 16384) -> np.
     if graph.tokenizer is None:
         raise CrystalError("calibration needs a model with a tokenizer")
     tokenizer = Tokenizer(graph.tokenizer, graph.original_vocab_size)
-    ids, _ = graph.known_rows(tokenizer.encode(text, strict=False)[:max_tokens])
+    # the first max_tokens tokens, counted before a pruned vocabulary's missing ones are skipped, as
+    # eval --max-tokens counts them
+    tokens = tokenizer.encode(text, strict=False)
+    ids, _ = graph.known_rows(tokens[:max_tokens])
     t = graph.config.n_ctx
     if ids.size < t:
-        raise CrystalError(f"calibration text holds {ids.size} known tokens, fewer than one window of {t}")
+        where = ("the calibration text holds" if len(tokens) <= max_tokens
+                 else f"the first {max_tokens:,} tokens of the calibration text (--calibrate-tokens) hold")
+        known = "1 token" if ids.size == 1 else f"{ids.size:,} tokens"
+        raise CrystalError(f"{where} {known} this model knows, fewer than one window of {t}")
     return ids[: ids.size // t * t].reshape(-1, t)
 
 

@@ -22,8 +22,10 @@ Decisions this module makes (and why):
 - The bool frozen mask stays bool: it is not a weight.
 - A tensor that is already quantized is requantized from its dequantized values,
   so a .crystal input composes with the pass like a .pt input.
-- A constant (or empty) tensor, row or group gets scale 0: every code is 0 and
-  dequantization returns the constant exactly, with no division by zero.
+- An empty or all-zero tensor, row or group, and a constant tensor under the tensor
+  scheme, get scale 0: every code is 0 and dequantization returns the constant exactly,
+  with no division by zero. (A constant non-zero row under a symmetric scheme is an
+  ordinary row: scale c/qmax, within half a step.)
 
 Rounding is to the nearest code unless calibration text is given: then the linear layers'
 codes are chosen to keep their outputs close (crystalc.passes.calibrate), same scales.

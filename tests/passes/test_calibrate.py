@@ -160,7 +160,12 @@ def test_calibrated_quantize_pass(mode: str, gran: str) -> None:
 
 def test_calibration_text_must_fill_a_window() -> None:
     g = _graph("d40_h5")
-    with pytest.raises(CrystalError, match="fewer than one window"):
+    with pytest.raises(CrystalError, match="the calibration text holds 2 tokens this model knows, fewer than one"):
         calibration_windows(g, "ab", 100)
+    # the cap counts tokens before a pruned vocabulary's missing ones are skipped; the message says so (an
+    # audit: "holds 8 known tokens" of a text with a thousand)
+    with pytest.raises(CrystalError, match=r"the first 3 tokens of the calibration text \(--calibrate-tokens\) "
+                                           "hold 3 tokens"):
+        calibration_windows(g, TEXT, 3)
     with pytest.raises(CrystalError, match="tokenizer"):
         calibration_windows(random_graph("d40_h5", seed=1), TEXT, 100)
