@@ -398,6 +398,9 @@ def prune_vocab(model: str, corpus: str | None, keep: str | None, out_path: str,
     skipped = graph.meta.get("prune_vocab", {}).get("skipped_chars", 0)
     plural = "" if skipped == 1 else "s"
     note = f" ({skipped:,} corpus character{plural} not in the vocabulary skipped)" if skipped else ""
+    removed = graph.meta.get("prune_vocab", {}).get("removed_tokens", 0)
+    if removed:
+        note += f" ({removed:,} distinct corpus token{'' if removed == 1 else 's'} already pruned away, not restored)"
     of = graph.original_vocab_size
     click.echo(f"kept {graph.config.vocab_size} of {of} tokens{note}; wrote {out_path}")
 

@@ -62,8 +62,10 @@ def prune_vocab(graph: Graph, corpus_text: str | None, keep_ids: list[int] | tup
     current_orig = graph.original_ids()
     wanted: list[np.ndarray] = []
     skipped = 0
+    removed = 0  # distinct corpus tokens a previous pruning removed: they cannot come back
     if corpus_text:
         ids, skipped = corpus_ids(graph, corpus_text)
+        removed = int(np.count_nonzero(~np.isin(ids, current_orig)))
         wanted.append(ids)
     elif not keep_ids:
         raise CrystalError("nothing to keep: " + ("the corpus is empty" if corpus_text is not None else "no corpus")
@@ -88,7 +90,7 @@ def prune_vocab(graph: Graph, corpus_text: str | None, keep_ids: list[int] | tup
     meta = dict(graph.meta)
     meta["prune_vocab"] = {
         "kept": int(rows.size), "of": int(graph.config.vocab_size), "orig_vocab_size": int(n_orig),
-        "skipped_chars": int(skipped),
+        "skipped_chars": int(skipped), "removed_tokens": removed,
     }
     return graph.replace(
         config=dataclasses.replace(graph.config, vocab_size=int(rows.size)),

@@ -71,6 +71,12 @@ def test_quantize_and_prune_commands_write_what_the_passes_compute(tmp_path: Pat
     p = load_model(tmp_path / "p.crystal")
     assert p.vocab_map.tolist() == kept
     np.testing.assert_array_equal(p.token_embed.weight.values(), q.token_embed.weight.values()[kept])
+    # pruned again with a corpus holding tokens the first pruning removed: they are counted, not lost silently
+    gone = next(c for c in CHARS if CHARS.index(c) not in kept and c.isalpha())
+    (tmp_path / "more.txt").write_text(CORPUS + gone * 3)
+    r = _crystalc("prune-vocab", str(tmp_path / "p.crystal"), "--corpus", str(tmp_path / "more.txt"),
+                  "-o", str(tmp_path / "p2.crystal"))
+    assert r.returncode == 0 and "(1 distinct corpus token already pruned away, not restored)" in r.stdout
     # --calibrate: the pass with calibration windows of that text
     r = _crystalc("quantize", str(model), "--int8", "--granularity", "row", "--calibrate", str(corpus),
                   "--calibrate-tokens", "500", "-o", str(tmp_path / "c.crystal"))

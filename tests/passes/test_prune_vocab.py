@@ -76,6 +76,10 @@ def test_pruning_twice_composes_the_maps() -> None:
     assert "q" not in CORPUS
     with pytest.raises(CrystalError, match="pruned"):
         prune_vocab(first, "", Tokenizer(g.tokenizer).encode("q"))
+    # and a corpus's are counted (an audit: they vanished without a word); "qqxq": q and x, if CORPUS lacks x
+    assert second.meta["prune_vocab"]["removed_tokens"] == 0
+    lost = sorted(set("qx") - set(CORPUS) - set("Z"))
+    assert prune_vocab(first, "what light qqxq", []).meta["prune_vocab"]["removed_tokens"] == len(lost) >= 1
 
 
 def test_tied_head_slices_the_embedding_once() -> None:
