@@ -25,10 +25,12 @@ from typing import Any
 import numpy as np
 
 from crystalc.backends.tools import run_tool
+from crystalc.errors import CrystalError
 from crystalc.ir.graph import Graph
 from crystalc.ir.ops import LayerNorm
 from crystalc.ir.tensor import Tensor
 from crystalc.templating import copy_template, render
+from crystalc.tokenizer import byte_level_bpe
 
 ALIGN = 64
 BLOB_MAGIC = 0x57595243  # "CRYW" read as a little-endian uint32: the start-up byte-order check
@@ -42,7 +44,7 @@ SHARED_FILES = ("crystal.h", "crystal_forward.c", "crystal_cli.c")
 DTYPE_ENUM = {"f32": "CRYSTAL_F32", "i8": "CRYSTAL_I8", "i16": "CRYSTAL_I16"}
 LITTLE = {"f32": "<f4", "i8": "i1", "i16": "<i2"}
 SCHEME_ENUM = {None: "CRYSTAL_Q_NONE", "tensor": "CRYSTAL_Q_TENSOR", "row": "CRYSTAL_Q_ROW", "group": "CRYSTAL_Q_GROUP"}
-TOKENIZER_ENUM = {None: "CRYSTAL_TOK_NONE", "char": "CRYSTAL_TOK_CHAR"}
+TOKENIZER_ENUM = {None: "CRYSTAL_TOK_NONE", "char": "CRYSTAL_TOK_CHAR", "bpe": "CRYSTAL_TOK_BPE"}
 
 
 @dataclass
@@ -177,9 +179,28 @@ def lower(graph: Graph, *, head_tiles: bool = True) -> tuple[dict[str, Any], byt
     kind = tok.get("kind")
     ctx["tokenizer"] = TOKENIZER_ENUM.get(kind, "CRYSTAL_TOK_OTHER")
     ctx["tokenizer_kind"] = kind or "none"
-    ctx["chars"] = ctx["char_offsets"] = None
+    ctx["chars"] = ctx["char_offsets"] = ctx["bpe_byte_ids"] = ctx["bpe_merges"] = None
+    ctx["bpe_n_merges"], ctx["tokenizer_note"] = 0, ""
+    pieces: list[bytes] | None = None
     if kind == "char":
         pieces = [ch.encode("utf-8") for ch in tok["chars"]]  # one per original id: Graph.verify checked
+    elif kind == "hf-tokenizers":
+        try:
+            bpe = byte_level_bpe(tok["json"])
+        except CrystalError as e:  # the program takes --prompt-ids only, and says why in model.c
+            ctx["tokenizer_note"] = f"no --prompt: {e}".replace("*/", "*\\/")  # inside a C comment
+        else:
+            if len(bpe.token_bytes) != orig:
+                raise CrystalError(f"tokenizer: {len(bpe.token_bytes)} tokens for a vocabulary of {orig} ids")
+            ctx["tokenizer"], ctx["tokenizer_kind"] = TOKENIZER_ENUM["bpe"], "byte-level BPE"
+            pieces = list(bpe.token_bytes)
+            ctx["bpe_byte_ids"] = blob.add("tokenizer byte ids", np.asarray(bpe.byte_ids, dtype="<i4").tobytes())
+            # sorted by pair, for a binary search: (left, right, rank, merged)
+            table = sorted((a, b, rank, m) for rank, (a, b, m) in enumerate(bpe.merges))
+            ctx["bpe_n_merges"] = len(table)
+            if table:
+                ctx["bpe_merges"] = blob.add("tokenizer merges", np.asarray(table, dtype="<i4").tobytes())
+    if pieces is not None:
         offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype("<u4")
         ctx["chars"] = blob.add("tokenizer chars", b"".join(pieces))
         ctx["char_offsets"] = blob.add("tokenizer char offsets", offsets.tobytes())

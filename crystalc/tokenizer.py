@@ -6,6 +6,8 @@ rows of the pruned model elsewhere (Graph.to_current_ids).
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Any
 
 from crystalc.errors import CrystalError
@@ -105,3 +107,71 @@ class Tokenizer:
 def char_tokenizer(text: str) -> dict[str, Any]:
     """The spec's char tokenizer over the sorted characters of `text`."""
     return {"kind": "char", "chars": "".join(sorted(set(text)))}
+
+
+@dataclass(frozen=True)
+class ByteLevelBPE:
+    """A Hugging Face byte-level BPE as tables a C program runs (templates/c/crystal_cli.c, encode_bpe):
+    GPT-2's pre-tokenizer splits the text, each piece starts as one id per byte, and the adjacent pair of
+    lowest merge rank is merged until none is left (the leftmost among equals)."""
+
+    token_bytes: tuple[bytes, ...]  # per id: the bytes it stands for (its text, byte-level decoded)
+    byte_ids: tuple[int, ...]  # 256: the id of each single byte
+    merges: tuple[tuple[int, int, int], ...]  # in rank order: (left id, right id, merged id)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: printable bytes stand for themselves, the rest for code points from 256."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    others = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + i): b for i, b in enumerate(others)})
+    return table
+
+
+def byte_level_bpe(json_text: str) -> ByteLevelBPE:
+    """The tables of a tokenizer.json that is a plain byte-level BPE (what `crystalc train --tokenizer bpe:N`
+    writes: no normalizer, no added tokens, GPT-2's pre-tokenizer without a prefix space); a CrystalError
+    naming what else it holds."""
+    try:
+        spec = json.loads(json_text)
+    except ValueError as e:
+        raise CrystalError(f"tokenizer.json is not JSON ({e})") from None
+    model = spec.get("model") if isinstance(spec, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        raise CrystalError("the tokenizer is not a BPE")
+    plain = {"dropout": None, "unk_token": None, "continuing_subword_prefix": None, "end_of_word_suffix": None,
+             "fuse_unk": False, "byte_fallback": False, "ignore_merges": False}
+    for key, want in plain.items():
+        if model.get(key, want) != want:
+            raise CrystalError(f"the BPE has {key} = {model[key]!r}")
+    if spec.get("normalizer") is not None or spec.get("added_tokens"):
+        raise CrystalError("the tokenizer has a normalizer or added tokens")
+    pre = spec.get("pre_tokenizer")
+    if not (isinstance(pre, dict) and pre.get("type") == "ByteLevel" and pre.get("add_prefix_space") is False
+            and pre.get("use_regex", True) is True):
+        raise CrystalError("the pre-tokenizer is not byte-level, GPT-2's pattern, without a prefix space")
+    if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise CrystalError("the decoder is not byte-level")
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict) or sorted(vocab.values()) != list(range(len(vocab))):
+        raise CrystalError("the BPE's vocabulary ids are not 0..V-1, once each")
+    alphabet = _byte_level_alphabet()
+    token_bytes: list[bytes] = [b""] * len(vocab)
+    for text, i in vocab.items():
+        if not isinstance(text, str) or not text or any(ch not in alphabet for ch in text):
+            raise CrystalError(f"the BPE's token {text!r} is not byte-level text")
+        token_bytes[i] = bytes(alphabet[ch] for ch in text)
+    byte_ids = [vocab.get(ch) for ch in sorted(alphabet, key=alphabet.__getitem__)]
+    if any(i is None for i in byte_ids):
+        raise CrystalError("the BPE lacks a byte of the byte-level alphabet")
+    merges = []
+    for pair in model.get("merges") or []:
+        parts = pair.split(" ") if isinstance(pair, str) else pair
+        if not (isinstance(parts, list) and len(parts) == 2 and all(p in vocab for p in parts)
+                and parts[0] + parts[1] in vocab):
+            raise CrystalError(f"the BPE's merge {pair!r} is not two tokens whose sum is one")
+        merges.append((vocab[parts[0]], vocab[parts[1]], vocab[parts[0] + parts[1]]))
+    if len({(a, b) for a, b, _ in merges}) != len(merges):
+        raise CrystalError("the BPE merges a pair twice")
+    return ByteLevelBPE(tuple(token_bytes), tuple(int(i) for i in byte_ids if i is not None), tuple(merges))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from crystalc.errors import CrystalError
-from crystalc.tokenizer import Tokenizer, char_tokenizer
+from crystalc.tokenizer import Tokenizer, byte_level_bpe, char_tokenizer
 from crystalc.train.data import build_tokenizer
 
 TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
@@ -65,3 +67,39 @@ def test_a_bpe_tokenizer_must_fit_the_model() -> None:
     for n in (size - 20, size + 100):
         with pytest.raises(CrystalError, match=f"{size} tokens for a vocabulary of {n} ids"):
             Tokenizer(spec, n)
+
+
+def test_byte_level_bpe_tables() -> None:
+    """The tables the C programs encode with (crystal_cli.c's encode_bpe; tests/backends/test_c.py runs it against
+    the tokenizers library): each id's bytes, each byte's id, the merges in rank order."""
+    spec = build_tokenizer(TEXT * 20, "bpe:300")
+    tok = Tokenizer(spec)
+    bpe = byte_level_bpe(spec["json"])
+    assert len(bpe.token_bytes) == tok.vocab_size and len(bpe.byte_ids) == 256
+    for i, piece in enumerate(bpe.token_bytes):
+        assert tok.decode([i]).encode() == piece or b"\xef\xbf\xbd" in tok.decode([i]).encode()
+    assert [bpe.token_bytes[i] for i in bpe.byte_ids] == [bytes([b]) for b in range(256)]
+    for a, b, m in bpe.merges:
+        assert bpe.token_bytes[a] + bpe.token_bytes[b] == bpe.token_bytes[m]
+    ids = tok.encode(TEXT)
+    assert b"".join(bpe.token_bytes[i] for i in ids) == TEXT.encode()
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    (lambda j: j.update(normalizer={"type": "Lowercase"}), "normalizer or added tokens"),
+    (lambda j: j["added_tokens"].append({"id": 0, "content": "<s>"}), "normalizer or added tokens"),
+    (lambda j: j["pre_tokenizer"].update(add_prefix_space=True), "without a prefix space"),
+    (lambda j: j.update(pre_tokenizer={"type": "Whitespace"}), "pre-tokenizer is not byte-level"),
+    (lambda j: j.update(decoder=None), "decoder is not byte-level"),
+    (lambda j: j["model"].update(dropout=0.1), "dropout = 0.1"),
+    (lambda j: j["model"].update(type="WordPiece"), "not a BPE"),
+    (lambda j: j["model"]["vocab"].update({"zz": 10_000}), "not 0..V-1"),
+    (lambda j: j["model"]["merges"].append(["Ġ", "Ġ"]) if "ĠĠ" not in j["model"]["vocab"]
+     else j["model"]["merges"].append(["x", "zzz"]), "merge"),
+    (lambda j: j["model"]["merges"].append(j["model"]["merges"][0]), "merges a pair twice"),
+])
+def test_byte_level_bpe_refuses_what_it_cannot_lower(change, needle: str) -> None:
+    j = json.loads(build_tokenizer(TEXT * 20, "bpe:300")["json"])
+    change(j)
+    with pytest.raises(CrystalError, match=needle):
+        byte_level_bpe(json.dumps(j))

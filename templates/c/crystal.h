@@ -85,7 +85,7 @@ typedef struct {
     crystal_ffn ffn;
 } crystal_block;
 
-enum crystal_tokenizer { CRYSTAL_TOK_NONE = 0, CRYSTAL_TOK_CHAR = 1, CRYSTAL_TOK_OTHER = 2 };
+enum crystal_tokenizer { CRYSTAL_TOK_NONE = 0, CRYSTAL_TOK_CHAR = 1, CRYSTAL_TOK_OTHER = 2, CRYSTAL_TOK_BPE = 3 };
 
 typedef struct {
     int vocab_size;        /* current vocabulary (after pruning) */
@@ -100,8 +100,12 @@ typedef struct {
     int orig_vocab_size;              /* the tokenizer's vocabulary before pruning */
     const int32_t *vocab_map;         /* [vocab_size] original id of each row; NULL = identity */
     int tokenizer;                    /* enum crystal_tokenizer */
-    const char *chars;                /* CRYSTAL_TOK_CHAR: UTF-8 text of each original id, */
+    const char *chars;                /* CRYSTAL_TOK_CHAR: UTF-8 text of each original id; BPE: its bytes; */
     const uint32_t *char_offsets;     /* id i is chars[char_offsets[i] .. char_offsets[i+1]) */
+    /* CRYSTAL_TOK_BPE, a byte-level BPE lowered by crystalc (crystalc.tokenizer.byte_level_bpe): */
+    const int32_t *bpe_byte_ids;      /* [256] the id of each single byte */
+    int bpe_n_merges;
+    const int32_t *bpe_merges;        /* [bpe_n_merges][4] left, right, rank, merged id; sorted by (left, right) */
     /* NULL, or an untied float32 head already laid out as crystal_forward.c packs it: tiles of
      * CRYSTAL_HEAD_TILE rows (V rounded up, zero rows past V), each stored transposed [D][tile]
      * (the C backend writes it so; head_weight.data is then NULL) */

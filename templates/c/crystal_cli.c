@@ -4,8 +4,8 @@
  *   PROG --prompt "ROMEO:" [-n 100] [-t 0.8] [--top-p 0.9] [--seed 42] [--shift K] [--threads N]
  *   PROG --prompt-ids 5,17,3 --logits
  *
- * --prompt needs the model's char tokenizer; it prints the prompt and its continuation as
- * text. --prompt-ids takes ids of the ORIGINAL tokenizer (mapped through vocab_map) and
+ * --prompt needs the model's char tokenizer, or a byte-level BPE crystalc lowered (ASCII text);
+ * it prints the prompt and its continuation as text. --prompt-ids takes ids of the ORIGINAL tokenizer (mapped through vocab_map) and
  * prints the generated ids the same way, comma-separated on one line. --logits prints the
  * last prompt position's logits as `<original-id> <logit %.9g>` per current vocabulary
  * entry. Generation past the window follows the spec: when the T positions are full, the
@@ -49,7 +49,7 @@ static void usage(const char *prog) {
     printf("usage: %s --prompt TEXT | --prompt-ids ID,ID,... [-n N] [-t TEMP] [--top-p P] [--seed S]\n"
            "       [--shift K] [--threads N]\n"
            "       %s --prompt TEXT | --prompt-ids ID,ID,... --logits [--threads N]\n"
-           "  --prompt TEXT       text prompt (needs the model's char tokenizer); prints text\n"
+           "  --prompt TEXT       text prompt (needs a char or byte-level BPE tokenizer); prints text\n"
            "  --prompt-ids IDS    comma-separated ids of the original tokenizer; prints ids\n"
            "  --logits            print `<original-id> <logit>` of the last prompt position, generate nothing\n"
            "  -n N                tokens to generate (default 100)\n"
@@ -180,6 +180,97 @@ static int encode_chars(const crystal_model *m, const char *prog, const char *te
         if (n < cap) rows[n] = row;
         n++;
         i += k;
+    }
+    return n;
+}
+
+/* --- the byte-level BPE tokenizer (crystalc.tokenizer.byte_level_bpe) ------------------------ */
+
+/* GPT-2's pre-tokenizer pattern, as Hugging Face tokenizers runs it, on ASCII text:
+ *   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+ * (the first alternative that matches wins). Its letters, digits and spaces beyond ASCII would
+ * need Unicode's tables: encode_bpe refuses such text instead. */
+static int is_letter(unsigned char c) { return (c | 32) >= 'a' && (c | 32) <= 'z'; }
+static int is_digit(unsigned char c) { return c >= '0' && c <= '9'; }
+static int is_space(unsigned char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }
+static int is_other(unsigned char c) { return !is_letter(c) && !is_digit(c) && !is_space(c); }
+
+/* Where the piece that starts at s[i] ends. */
+static size_t piece_end(const unsigned char *s, size_t n, size_t i) {
+    static const char *const contractions[] = {"s", "t", "re", "ve", "m", "ll", "d"};
+    if (s[i] == '\'') {
+        for (size_t k = 0; k < sizeof contractions / sizeof *contractions; k++) {
+            size_t len = strlen(contractions[k]);
+            if (len <= n - i - 1 && memcmp(s + i + 1, contractions[k], len) == 0) return i + 1 + len;
+        }
+    }
+    size_t j = i + (s[i] == ' ' && i + 1 < n);  /* " ?": the space joins a word, a number or punctuation */
+    int (*same)(unsigned char) = is_letter(s[j]) ? is_letter : is_digit(s[j]) ? is_digit : is_other(s[j]) ? is_other : NULL;
+    if (same) {
+        while (j < n && same(s[j])) j++;
+        return j;
+    }
+    size_t k = i;  /* a run of spaces: all of it at the end; before a word, all but its last (the word's " ?") */
+    while (k < n && is_space(s[k])) k++;
+    return k == n || k - i == 1 ? k : k - 1;
+}
+
+/* The rank of merging ids (a, b) and the id it makes, or -1: a binary search of the table. */
+static int merge_rank(const crystal_model *m, int32_t a, int32_t b, int32_t *merged) {
+    int lo = 0, hi = m->bpe_n_merges - 1;
+    while (lo <= hi) {
+        int mid = lo + (hi - lo) / 2;
+        const int32_t *e = m->bpe_merges + 4 * (size_t)mid;
+        if (e[0] == a && e[1] == b) {
+            *merged = e[3];
+            return e[2];
+        }
+        if (e[0] < a || (e[0] == a && e[1] < b)) lo = mid + 1;
+        else hi = mid - 1;
+    }
+    return -1;
+}
+
+/* Encode `text` as rows: each piece starts as one id a byte, and the adjacent pair of lowest rank
+ * is merged (the leftmost among equals) until no pair has a rank. cap >= strlen(text). */
+static int encode_bpe(const crystal_model *m, const char *prog, const char *text, int32_t *rows, int cap) {
+    const unsigned char *s = (const unsigned char *)text;
+    size_t len = strlen(text);
+    for (size_t i = 0; i < len; i++) {
+        char c[8];
+        size_t k = s[i] >= 0xf0 ? 4 : s[i] >= 0xe0 ? 3 : s[i] >= 0xc0 ? 2 : 1;
+        if (s[i] >= 0x80)
+            return bad(prog, "--prompt: character '%s' is not ASCII, which this program's BPE tokenizer is "
+                       "limited to; use crystalc run, or --prompt-ids", shown(c, text + i, k < len - i ? k : len - i)),
+                   -1;
+    }
+    int n = 0;
+    for (size_t i = 0; i < len;) {
+        size_t end = piece_end(s, len, i);
+        int32_t *w = rows + n;
+        int k = 0;
+        for (; i < end; i++) w[k++] = m->bpe_byte_ids[s[i]];
+        for (;;) {
+            int best = -1, best_rank = 0;
+            int32_t best_id = 0;
+            for (int p = 0; p + 1 < k; p++) {
+                int32_t id;
+                int r = merge_rank(m, w[p], w[p + 1], &id);
+                if (r >= 0 && (best < 0 || r < best_rank)) best = p, best_rank = r, best_id = id;
+            }
+            if (best < 0) break;
+            w[best] = best_id;
+            memmove(w + best + 1, w + best + 2, (size_t)(k - best - 2) * sizeof *w);
+            k--;
+        }
+        n += k;
+    }
+    (void)cap;  /* a byte makes at most one id: n <= strlen(text) < cap */
+    for (int j = 0; j < n; j++) {
+        int row = current_row(m, rows[j]);
+        if (row < 0)
+            return bad(prog, "--prompt: its token %d was pruned from this model's vocabulary", (int)rows[j]), -1;
+        rows[j] = row;
     }
     return n;
 }
@@ -416,8 +507,10 @@ int crystal_main(const crystal_model *m, int argc, char **argv) {
     if (o.shift < 1 || o.shift > t) return bad(prog, "--shift %ld is outside 1..%d", o.shift, t);
     if (crystal_set_threads((int)o.threads))
         return bad(prog, "--threads %ld: this program was built without OpenMP (add -fopenmp to CFLAGS)", o.threads);
-    if (o.prompt && m->tokenizer != CRYSTAL_TOK_CHAR)
-        return bad(prog, "--prompt needs a char tokenizer, which this model lacks; use --prompt-ids");
+    if (o.prompt && m->tokenizer != CRYSTAL_TOK_CHAR && m->tokenizer != CRYSTAL_TOK_BPE)
+        return bad(prog, m->tokenizer == CRYSTAL_TOK_NONE ? "--prompt: this model has no tokenizer; use --prompt-ids"
+                   : "--prompt: this program cannot encode this model's tokenizer (only characters and a plain "
+                     "byte-level BPE); use --prompt-ids");
 
     /* the prompt, as current rows; one longer than the window keeps its last T tokens. Read before the
      * device is looked for (a bad prompt is named as such where there is no GPU) and the state made */
@@ -431,8 +524,9 @@ int crystal_main(const crystal_model *m, int argc, char **argv) {
         bad(prog, "out of memory for a model of %d tokens x %d positions", v, t);
         goto done;
     }
-    int n = o.prompt ? encode_chars(m, prog, o.prompt, prompt, (int)cap)
-                     : parse_prompt_ids(m, prog, o.prompt_ids, prompt, (int)cap);
+    int n = !o.prompt ? parse_prompt_ids(m, prog, o.prompt_ids, prompt, (int)cap)
+            : m->tokenizer == CRYSTAL_TOK_BPE ? encode_bpe(m, prog, o.prompt, prompt, (int)cap)
+            : encode_chars(m, prog, o.prompt, prompt, (int)cap);
     if (n == 0) bad(prog, "empty prompt");
     if (n <= 0) goto done;
     if (crystal_device_check && crystal_device_check(prog)) goto done;

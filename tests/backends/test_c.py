@@ -26,6 +26,7 @@ from crystalc.ir.graph import Graph
 from crystalc.ir.interpret import forward, generate
 from crystalc.ir.tensor import Quant, Tensor
 from tests.conftest import (
+    CORPUS,
     FIXTURE_SHAPES,
     MIN_SAMPLE_MARGIN,
     SPEC_VECTORS,
@@ -506,10 +507,76 @@ def test_a_prompt_character_the_model_lacks_is_shown_escaped(char_model):
         assert len(res.stderr.splitlines()) == 1
 
 
-def test_prompt_needs_a_char_tokenizer(tmp_path):
+def test_prompt_needs_a_tokenizer(tmp_path):
     exe = program(random_graph("all_on", seed=17), tmp_path)
     res = run(exe, "--prompt", "hi")
+    assert res.returncode == 2 and res.stderr.endswith("--prompt: this model has no tokenizer; use --prompt-ids\n")
+
+
+@pytest.fixture(scope="module")
+def bpe_model(tmp_path_factory):
+    """A byte-level BPE trained as `crystalc train --tokenizer bpe:500` trains it, on a random model whose
+    window holds every test prompt."""
+    from crystalc.tokenizer import Tokenizer
+    from crystalc.train.data import build_tokenizer
+
+    spec = build_tokenizer(CORPUS.read_text()[:50_000], "bpe:500")
+    tok = Tokenizer(spec)
+    g = random_graph(dict(vocab_size=tok.vocab_size, d_model=16, n_ctx=96, n_heads=2, n_neurons=5, ffn_hidden=32),
+                     seed=31, tokenizer=spec)
+    return g, tok, program(g, tmp_path_factory.mktemp("bpe"))
+
+
+def bpe_prompts() -> list[str]:
+    """GPT-2's pre-tokenizer's every branch (contractions, ' ?' before letters, digits and punctuation, runs
+    of spaces at the end and before a word, every ASCII control character), then random ASCII."""
+    fixed = ["ROMEO: what's this?", "  hello  world\n\n\nthere ", "it's 123abc 4.5 'tis I'll we've they'd",
+             "\t\t x\r\n y", "a'S don't 'x", " ", "\n", "''s 're", "x  ", "!!!  ...,,, ;;", "a\x0bb\x0cc",
+             "".join(map(chr, range(1, 128)))]
+    rng = np.random.default_rng(5)
+    alphabet = [chr(c) for c in range(1, 128)] + [" "] * 10 + list("abcde ' 12") * 4
+    return fixed + ["".join(rng.choice(alphabet, size=rng.integers(1, 40))) for _ in range(150)]
+
+
+def test_a_bpe_prompt_is_encoded_as_the_tokenizer_encodes_it(bpe_model):
+    # the last position's logits of the program's own encoding equal the interpreter's of the tokenizers
+    # library's: a different encoding (length or ids) moves them by far more than TOL
+    g, tok, exe = bpe_model
+    for prompt in bpe_prompts():
+        ids = tok.encode(prompt)
+        res = run(exe, "--prompt", prompt, "--logits")
+        assert res.returncode == 0, (prompt, res.stderr)
+        got = np.array([float(line.split()[1]) for line in res.stdout.splitlines()])
+        assert np.abs(got - forward(g, ids[-g.config.n_ctx:])[-1]).max() <= TOL, (prompt, ids)
+
+
+def test_a_bpe_model_generates_text(bpe_model, tmp_path):
+    from crystalc.passes.prune_vocab import prune_vocab
+    from crystalc.tokenizer import byte_level_bpe
+
+    g, tok, exe = bpe_model
+    ids = tok.encode("ROMEO: what")
+    # the tokens' bytes as they are (a random model strings byte tokens into no UTF-8), as for a char model
+    pieces = byte_level_bpe(tok.spec["json"]).token_bytes
+    want = b"ROMEO: what" + b"".join(pieces[i] for i in generate(g, ids, 30)) + b"\n"
+    res = subprocess.run([str(exe), "--prompt", "ROMEO: what", "-n", "30", "-t", "0"], capture_output=True, timeout=120)
+    assert res.returncode == 0 and res.stdout == want, res.stderr
+    # text past ASCII would need Unicode's letter and space tables: refused, the character shown
+    res = run(exe, "--prompt", "ROM\u00c9O")
     assert res.returncode == 2 and len(res.stderr.splitlines()) == 1
+    assert "--prompt: character '\u00c9' is not ASCII" in res.stderr, res.stderr
+    # a tokenizer.json of another shape (here a normalizer): --prompt-ids only, and model.c says why
+    other = json.loads(tok.spec["json"])
+    other["normalizer"] = {"type": "Lowercase"}
+    h = g.replace(tokenizer={"kind": "hf-tokenizers", "json": json.dumps(other)}).verify()
+    exe_h = program(h, tmp_path / "other")
+    assert "no --prompt: the tokenizer has a normalizer or added tokens" in (tmp_path / "other" / "model.c").read_text()
+    res = run(exe_h, "--prompt", "ROMEO")
+    assert res.returncode == 2 and "--prompt: this program cannot encode this model's tokenizer" in res.stderr
+    # a token pruned away is named by its original id
+    pruned = program(prune_vocab(g, None, [i for i in range(tok.vocab_size) if i != ids[-1]]), tmp_path / "pruned")
+    res = run(pruned, "--prompt", "ROMEO: what")
+    assert res.returncode == 2 and f"--prompt: its token {ids[-1]} was pruned" in res.stderr, res.stderr
 
 
 # --- the generated source ---------------------------------------------------------------------
