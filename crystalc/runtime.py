@@ -65,6 +65,12 @@ def compiler() -> list[str]:
         raise CrystalError(f"CC={os.environ['CC']!r} is not a command line ({e})") from None
     if not cc or shutil.which(cc[0]) is None:
         raise CrystalError(f"no C compiler: '{cc[0] if cc else ''}' is not on PATH (install gcc, or set CC)")
+    from crystalc.backends.c import UNSAFE_CFLAGS
+
+    unsafe = [flag for flag in cc[1:] if flag in UNSAFE_CFLAGS]
+    if unsafe:  # as the generated Makefiles refuse it: the runtime's logits would move (0.96 on the bundled model)
+        raise CrystalError(f"CC={os.environ['CC']!r} has {unsafe[0]}, which changes the arithmetic the runtime is "
+                           "checked with; remove it")
     return cc
 
 

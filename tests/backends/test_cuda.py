@@ -221,8 +221,12 @@ def test_the_makefile_keeps_ieee_math_whatever_nvccflags_say(tmp_path):
                        ("--fmad=true", "--fmad=false")):
         assert line.index(user) < line.index(ours), line
     assert "--prec-sqrt=true" in line
-    for flags, says in (("NVCCFLAGS=-O3 -use_fast_math", "NVCCFLAGS has -use_fast_math"),
-                        ("CFLAGS=-O2 -ffast-math", "CFLAGS has -ffast-math")):
+    # wherever given: host flags nvcc passes on (-Xcompiler, comma-separated or after =) and CC too
+    for flags, says in (("NVCCFLAGS=-O3 -use_fast_math", "has -use_fast_math"),
+                        ("CFLAGS=-O2 -ffast-math", "has -ffast-math"), ("CC=cc -Ofast", "has -Ofast"),
+                        ("NVCCFLAGS=-O3 -Xcompiler=-O3,-ffast-math", "has -ffast-math"),
+                        ("NVCCFLAGS=-Xcompiler -ffinite-math-only", "has -ffinite-math-only"),
+                        ("NVCC=nvcc -use_fast_math", "has -use_fast_math")):
         res = subprocess.run(["make", "-n", flags], cwd=tmp_path, capture_output=True, text=True)
         assert res.returncode != 0 and says in res.stderr, res.stderr
 

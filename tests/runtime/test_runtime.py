@@ -426,3 +426,7 @@ def test_the_cache_knows_the_compiler_behind_cc(cache, tmp_path, monkeypatch):
     monkeypatch.setenv("CC", "true")
     with pytest.raises(CrystalError, match="made no program .*is CC a C compiler"):
         build_runtime()
+    # an audit's CC="cc -ffast-math" built a runtime 0.96 off on the bundled model: refused, as the Makefiles do
+    monkeypatch.setenv("CC", "cc -O2 -ffast-math")
+    with pytest.raises(CrystalError, match="CC='cc -O2 -ffast-math' has -ffast-math, which changes the arithmetic"):
+        build_runtime()
