@@ -24,9 +24,9 @@ DEFAULT_DATA = HERE.parents[1].parent / "shared" / "data" / "tinyshakespeare.txt
 
 # D 128, T 64, one block: the seeds' causal crystal, with 4,000 steps to fit two shared cores.
 # Neurons grow from 64 to 320 by splitting (every 10 of 600 rounds, until 80%);
-# the graceful schedule freezes from 20% on.
+# the graceful schedule freezes from 20% on. Warm-up: train's default, 100 steps (a tenth of a shorter run).
 CONFIG = dict(d_model=128, n_ctx=64, n_heads=4, n_blocks=1, neurons=64, max_neurons=320, steps=4000,
-              rounds=600, batch_size=32, lr=3e-3, warmup=100, eval_every=25, eval_windows=128,
+              rounds=600, batch_size=32, lr=3e-3, eval_every=25, eval_windows=128,
               val_frac=0.1, tokenizer="char", seed=1337, threads=2)
 
 

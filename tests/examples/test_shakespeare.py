@@ -79,3 +79,14 @@ def test_compiles_to_c_and_generates(tmp_path: Path) -> None:
     got = np.array([float(line.split()[1]) for line in r.stdout.splitlines()])
     ref = forward(model, prompt)[-1]
     assert np.abs(ref).max() > 5 and np.abs(got - ref).max() <= 1e-4, np.abs(got - ref).max()
+
+
+def test_the_training_script_takes_a_short_run(tmp_path: Path) -> None:
+    # an audit: --steps below 100 was refused, the script's fixed 100-step warm-up longer than the run
+    data = tmp_path / "play.txt"
+    data.write_text((REPO / "tests" / "data" / "tinyshakespeare.txt").read_text()[:20_000])
+    res = subprocess.run([sys.executable, str(REPO / "examples" / "shakespeare" / "train.py"), "--data", str(data),
+                          "--out", str(tmp_path / "m.pt"), "--steps", "10", "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert load_model(tmp_path / "m.pt").meta["train"]["warmup"] == 1  # a tenth of the run
