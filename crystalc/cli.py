@@ -552,8 +552,8 @@ def _interrupted() -> NoReturn:
 
 
 class _Terminated(BaseException):
-    """SIGTERM (timeout, docker, systemd): cleans up as an interrupt does, past click, which would print an
-    empty line after a ^C that no terminal echoed."""
+    """SIGINT, or SIGTERM (timeout, docker, systemd): cleans up as an interrupt does, past click, which would
+    print an empty line after a ^C that no terminal echoed."""
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -562,6 +562,8 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (one ignored from the start stays so)
+        signal.signal(signal.SIGINT, _terminate)  # past click too, which prints an empty line on a ^C
     try:
         cli.main(standalone_mode=False, prog_name="crystalc")
     except click.exceptions.Abort:
@@ -580,6 +582,11 @@ def main() -> None:
     except MemoryError:
         click.echo("crystalc: error: out of memory (nothing written): a smaller model, corpus or batch", err=True)
         sys.exit(2)
+    finally:
+        # the outcome is settled (outputs whole, or the error said): a signal in the interpreter's last moments
+        # would only turn it into a bare exit 130
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ import pytest
 
 from crystalc.errors import CrystalError
 from crystalc.fsutil import OUTPUT_MARK, atomic_dir, atomic_file, check_writable
-from tests.conftest import REPO
+from tests.conftest import REPO, random_graph, save_pt
 
 
 def test_atomic_file_replaces_only_on_success(tmp_path: Path) -> None:
@@ -190,8 +191,6 @@ def test_folders_made_for_a_failed_output_are_removed(tmp_path: Path, opener) ->
 def ctrl_c() -> Iterator[None]:
     """Ctrl-C as Python sets it up: a run started in the background by a shell without job control
     (`make test &`) inherits SIGINT ignored, and Python then leaves it so."""
-    import signal
-
     old = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, old)
@@ -200,7 +199,6 @@ def ctrl_c() -> Iterator[None]:
 def test_signals_wait_for_the_swap_and_then_act(tmp_path: Path, ctrl_c: None) -> None:
     """An interrupt during the swap of an existing folder would leave the old one aside and none in place."""
     import os
-    import signal
 
     import crystalc.fsutil as fsutil
 
@@ -245,27 +243,44 @@ def test_read_text_reads_pipes_and_bounds_the_size(tmp_path: Path) -> None:
         read_text(tmp_path / "none")
 
 
-def test_sigterm_cleans_up_as_an_interrupt(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_signal_cleans_up_as_an_interrupt(tmp_path: Path, name: str) -> None:
     """timeout, docker and systemd stop with SIGTERM: it acts as Ctrl-C, exit 130 and one line.
 
     train writes only at its end, so the empty folder shows only that nothing was written early; the removal of
     a half-made output under an interrupt is what the atomic_file/atomic_dir interrupt tests above check.
     """
-    import signal
     import time
 
+    # (a SIGINT ignored by whoever started the tests, `make test &`, would be inherited: not here)
     p = subprocess.Popen([sys.executable, "-m", "crystalc.cli", "train", "--data", str(REPO / "README.md"),
                           "--out", str(tmp_path / "m.pt"), "--steps", "100000", "--quiet"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(8)  # into the steps (torch's import and the model's set-up take a few seconds)
     assert p.poll() is None, p.communicate()
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(getattr(signal, name))
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
     lines = err.splitlines()  # (an evaluation's line may come first, under --quiet)
     assert lines[-1] == "crystalc: interrupted: nothing written (an existing output is unchanged)", err
-    assert "" not in lines, err  # no empty line: nothing echoed a ^C to end
+    assert "" not in lines, err  # no empty line: nothing echoed a ^C to end (click did, for SIGINT: an audit)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_signal_after_the_work_is_done_changes_nothing(tmp_path: Path) -> None:
+    # an audit: a ^C in the interpreter's last moments, the output whole and its path printed, gave a bare 130
+    model = save_pt(random_graph("all_on"), tmp_path / "m.pt")
+    code = ("import os, signal, sys\n"
+            "from crystalc.cli import main\n"
+            f"sys.argv = ['crystalc', 'inspect', {str(model)!r}]\n"
+            "main()\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "print('exited as main left it')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert res.returncode == 0 and res.stdout.endswith("exited as main left it\n") and not res.stderr, res
 
 
 def test_unreadable_paths_are_one_line(tmp_path: Path) -> None:
@@ -312,7 +327,6 @@ def test_a_failed_output_keeps_a_folder_reached_through_dotdot(tmp_path: Path) -
 
 def test_every_signal_held_during_a_swap_is_delivered(tmp_path: Path, ctrl_c: None) -> None:
     import os
-    import signal
 
     from crystalc import fsutil
 
