@@ -650,6 +650,21 @@ class _Rows(NamedTuple):
         return current_rows(original_ids, self.to_orig, None if self.pruned else len(self.to_orig))
 
 
+def check_prompt(out_dir: Path, original_ids: list[int], tokenizer: Tokenizer | None = None) -> None:
+    """Every id of a prompt has a row in the compiled folder, checked before anything is built; a token a
+    pruning removed is named as text when the prompt was text (`tokenizer`), as `crystalc run` names it."""
+    rows = _row_map(Path(out_dir))
+    try:
+        rows.of(original_ids)
+    except CrystalError:
+        if tokenizer is None:
+            raise
+        kept = set(rows.to_orig)
+        lost = next(i for i in original_ids if i not in kept)
+        raise CrystalError(f"--prompt: token {tokenizer.decode([lost])!r} (id {lost}) was pruned from this "
+                           "model's vocabulary") from None
+
+
 def compiled_window(out_dir: Path) -> int:
     """The context length N_CTX of a folder compiled with --target verilog."""
     return _defines(Path(out_dir))["N_CTX"]

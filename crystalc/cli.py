@@ -258,7 +258,13 @@ def simulate(out_dir: str, prompt: str | None, prompt_ids: str | None, n_tokens:
     prompt and the tokens as text; after --prompt-ids, the tokens' original ids separated by commas. On stderr,
     the clock cycles it took. Builds the simulation first when OUT lacks it.
     """
-    from crystalc.backends.verilog import compiled_tokenizer, compiled_window, simulate_generate, simulate_logits
+    from crystalc.backends.verilog import (
+        check_prompt,
+        compiled_tokenizer,
+        compiled_window,
+        simulate_generate,
+        simulate_logits,
+    )
 
     if (prompt is None) == (prompt_ids is None):
         raise CrystalError("give exactly one of --prompt and --prompt-ids")
@@ -272,6 +278,7 @@ def simulate(out_dir: str, prompt: str | None, prompt_ids: str | None, n_tokens:
     ids = tokenizer.encode(prompt) if tokenizer is not None and prompt is not None else _parse_ids(prompt_ids or "")
     if not ids:
         raise CrystalError("the prompt has no tokens")
+    check_prompt(Path(out_dir), ids, tokenizer)  # before the simulation is built
     kept = ids[-window:]  # the spec: a prompt longer than the window keeps its last tokens
     if n_tokens:
         made, cycles = simulate_generate(Path(out_dir), kept, n_tokens, shift, simulator)

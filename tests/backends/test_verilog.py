@@ -833,6 +833,15 @@ def test_simulate_command_speaks_text(tmp_path):
     (out / "tokenizer.json").unlink()
     res = cli("simulate", str(out), "--prompt", "ab")
     assert res.returncode == 2 and "has no tokenizer.json (its model had no tokenizer): give --prompt-ids" in res.stderr
+    # a pruned model's folder: a text prompt's pruned token named as text (an audit: "token id 2 is not in this
+    # model's vocabulary"), before the simulation is built
+    pruned = tmp_path / "pruned"
+    pruned.mkdir()
+    BACKEND.emit(prune_vocab(g, None, [0, 1, 3]), pruned)
+    res = cli("simulate", str(pruned), "--prompt", "abc")
+    assert res.returncode == 2 and res.stderr == "crystalc: error: --prompt: token 'c' (id 2) was pruned from this " \
+        "model's vocabulary\n", res.stderr
+    assert not (pruned / "sim.vvp").exists()
 
 
 @pytest.mark.tool
