@@ -469,7 +469,8 @@ static int parse_options(const char *prog, int argc, char **argv, options *o, in
             char *end;
             errno = 0;
             long long s = strtoll(val, &end, 10);
-            if (end == val || *end != '\0' || errno) return bad(prog, "--seed: expected an integer, got '%s'", val);
+            if (end == val || *end != '\0' || errno)
+                return bad(prog, "--seed: expected an integer in -2^63..2^63-1, got '%s'", val);
             o->seed = (unsigned long long)s;
             break;
         }
@@ -479,7 +480,7 @@ static int parse_options(const char *prog, int argc, char **argv, options *o, in
             o->threads = l;
             break;
         default: /* OPT_SHIFT; its range needs the model's window, checked by crystal_main */
-            if (parse_long(val, &l)) return bad(prog, "--shift: expected an integer, got '%s'", val);
+            if (parse_long(val, &l)) return bad(prog, "--shift: expected a count of tokens in 1..n_ctx, got '%s'", val);
             o->shift = l;
         }
     }

@@ -462,6 +462,15 @@ def test_bad_arguments_exit_2_with_one_line(char_model, args):
     assert len(res.stderr.splitlines()) == 1 and "error" in res.stderr and res.stdout == ""
 
 
+def test_an_out_of_range_integer_is_said_to_be_out_of_range(char_model):
+    # an audit: past long's range, --shift and --seed said "expected an integer" of an integer
+    _, exe = char_model
+    for flag, says in (("--shift", "expected a count of tokens in 1..n_ctx"),
+                       ("--seed", "expected an integer in -2^63..2^63-1")):
+        res = run(exe, "--prompt-ids", "1", "-n", "2", flag, "99999999999999999999")
+        assert res.returncode == 2 and f"{flag}: {says}, got '99999999999999999999'" in res.stderr, res.stderr
+
+
 def test_logits_refuses_every_sampling_option_and_any_option_twice(char_model):
     _, exe = char_model
     for flag, value in (("-n", "5"), ("-t", "0"), ("--top-p", "0.5"), ("--seed", "3"), ("--shift", "1")):
