@@ -143,11 +143,13 @@ def _wrap(model: CrystalLM, dd: _Dist) -> torch.nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    # Construction broadcasts rank 0's parameters and buffers (the frozen bits too). A field of no neurons
-    # adds nothing to the output, so its (empty) parameters get no gradient, which DDP must be told of.
+    # Construction broadcasts rank 0's parameters and buffers (the frozen bits too); the buffers are not synced
+    # again before each forward (every rank changes them alike; broadcast_buffers=False, torch's old name for
+    # that, skipped the first sync too and warns now). A field of no neurons adds nothing to the output, so its
+    # (empty) parameters get no gradient, which DDP must be told of.
     ids = [dd.device.index] if dd.device.type == "cuda" else None
     unused = any(f.n_neurons == 0 for f in model.fields)
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False, find_unused_parameters=unused)
+    return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False, find_unused_parameters=unused)
 
 
 @dataclass
