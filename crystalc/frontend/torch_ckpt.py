@@ -32,9 +32,13 @@ def read_torch_checkpoint(path: Path) -> RawCheckpoint:
         said = str(e)
         if said.startswith("Weights only load failed"):  # torch's advice to turn the safety off is not ours
             found = re.search(r"GLOBAL (\S+)", said)
-            what = f" ({found.group(1)})" if found else ""
-            raise CrystalError(f"{path}: refused: it holds pickled objects other than tensors{what}; crystalc "
-                               "loads weights only") from None
+            if found or "Unsupported operand" not in said:
+                what = f" ({found.group(1)})" if found else ""
+                raise CrystalError(f"{path}: refused: it holds pickled objects other than tensors{what}; crystalc "
+                                   "loads weights only") from None
+            # an opcode the safe unpickler lacks (pickle's protocol 4 framing): a pickle, but not torch.save's
+            raise CrystalError(f"{path}: not a PyTorch checkpoint: a plain pickle (torch.save writes a zip "
+                               "archive), which crystalc does not read") from None
         first = said.strip().splitlines()[0] if said.strip() else type(e).__name__
         raise CrystalError(f"{path}: not a readable PyTorch checkpoint ({first[:200]})") from None
     if not isinstance(obj, dict):

@@ -373,6 +373,19 @@ def test_weights_only_refuses_pickled_code(tmp_path: Path) -> None:
     assert "refused: it holds pickled objects other than tensors" in r.stderr and "Re-running" not in r.stderr
 
 
+def test_a_plain_pickle_is_said_to_be_one(tmp_path: Path) -> None:
+    # an audit: pickle.dump({"x": 1}) was "refused: it holds pickled objects other than tensors", which it does not
+    import os
+    import pickle
+
+    marker = tmp_path / "pwned"
+    for name, obj in (("plain.pkl", {"x": 1}), ("evil.pkl", {"x": (os.system, (f"touch {marker}",))})):
+        (tmp_path / name).write_bytes(pickle.dumps(obj, protocol=4))
+        r = _cli("inspect", str(tmp_path / name))
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert "not a PyTorch checkpoint: a plain pickle" in r.stderr and not marker.exists(), r.stderr
+
+
 def test_inspect_reports_neurons() -> None:
     r = _cli("inspect", str(SPEC_VECTORS / "two_blocks.pt"))
     assert r.returncode == 0, r.stderr
