@@ -189,7 +189,8 @@ calibrate_tokens_option = click.option("--calibrate-tokens", type=click.IntRange
               help="Output folder; replaced as a whole only once everything is written (an existing one only "
                    "if it is empty or crystalc wrote it).")
 @click.option("--build", is_flag=True, help="Also build the artifact with the target's tool and print its path.")
-@click.option("--cflags", default=None, help="C compiler flags for --build (default: -O3 -march=native).")
+@click.option("--cflags", default=None, help="c: C compiler flags for --build (default: -O3 -march=native; "
+                                             "fast math is refused).")
 @click.option("--lanes", type=click.IntRange(1, 64), default=None,
               help="verilog: sums the core computes at once, one multiplier each: rows of a linear layer, "
                    "neurons and output components of the neuron field, attention scores and outputs (default 1).")
@@ -230,7 +231,10 @@ def compile(model: str, target: str, out_dir: str, build: bool, cflags: str | No
             emit_options["lanes"] = lanes
         backend.emit(graph, tmp, **emit_options)
         if build:
-            product = backend.build(tmp, **({"cflags": cflags} if cflags is not None else {}))
+            try:
+                product = backend.build(tmp, **({"cflags": cflags} if cflags is not None else {}))
+            except CrystalError as e:  # named as the folder it was to be: the temporary one is gone with it
+                raise CrystalError(f"{str(e).replace(str(tmp), str(out_dir))} (nothing written)") from None
     if product is not None:
         click.echo(str(Path(out_dir) / product.name))
     else:
@@ -244,7 +248,8 @@ def compile(model: str, target: str, out_dir: str, build: bool, cflags: str | No
 @click.option("-n", "n_tokens", type=click.IntRange(0, 1_000_000_000), default=0, show_default=True,
               help="Greedy tokens for the hardware to generate after the prompt (0: print the logits).")
 @click.option("--shift", type=int, default=None,
-              help="With -n: tokens dropped when the window is full (default 1: the exact sliding window).")
+              help="With -n: tokens dropped when the window is full, 1..N_CTX (default 1: the exact sliding "
+                   "window).")
 @click.option("--simulator", type=click.Choice(["icarus", "verilator", "netlist"]), default="icarus",
               show_default=True,
               help="Icarus Verilog; Verilator (tens of times faster to run, seconds to build); or the netlist "

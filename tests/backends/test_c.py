@@ -802,6 +802,9 @@ def test_compile_build_failure_is_one_line(tmp_path):
     out = tmp_path / "out"
     res = cli("compile", str(ckpt), "--target", "c", "-o", str(out), "--build", "--cflags", "-O2 -fno-such-flag")
     assert res.returncode == 2 and len(res.stderr.splitlines()) == 1 and not out.exists(), res.stderr
+    # the folder named as the one asked for, not the temporary one gone with it (an audit)
+    assert f"make -s -C {out} model" in res.stderr and ".tmp" not in res.stderr, res.stderr
+    assert res.stderr.endswith("(nothing written)\n"), res.stderr
 
 
 def test_acceptance_size_model_source_and_build_time(tmp_path):
