@@ -176,3 +176,14 @@ def sampled_with_margin(graph: Graph, prompt: list[int], n: int, shift: int, tem
         return sampler(logits)
 
     return generate(graph, prompt, n, shift, pick), min(gaps)
+
+
+def bpe_prompts() -> list[str]:
+    """GPT-2's pre-tokenizer's every branch (contractions, ' ?' before letters, digits and punctuation, runs
+    of spaces at the end and before a word, every ASCII control character), then random ASCII."""
+    fixed = ["ROMEO: what's this?", "  hello  world\n\n\nthere ", "it's 123abc 4.5 'tis I'll we've they'd",
+             "\t\t x\r\n y", "a'S don't 'x", " ", "\n", "''s 're", "x  ", "!!!  ...,,, ;;", "a\x0bb\x0cc",
+             "".join(map(chr, range(1, 128)))]
+    rng = np.random.default_rng(5)
+    alphabet = [chr(c) for c in range(1, 128)] + [" "] * 10 + list("abcde ' 12") * 4
+    return fixed + ["".join(rng.choice(alphabet, size=rng.integers(1, 40))) for _ in range(150)]

@@ -28,6 +28,7 @@ from crystalc.errors import CrystalError
 from crystalc.fsutil import atomic_file
 from crystalc.ir.graph import Graph, build_graph, tensor_names
 from crystalc.ir.tensor import Quant, Tensor
+from crystalc.tokenizer import byte_level_bpe
 
 MAGIC = 0x53595243  # b"CRYS" read as a little-endian u32
 VERSION = 3  # the seeds' compiler wrote version 2 (read by crystalc.format.seeds_v2)
@@ -62,7 +63,12 @@ SCHEME_NAME = {v: k for k, v in SCHEMES.items()}
 
 NAME_BYTES = 48
 _NAME_RE = re.compile(r"[A-Za-z0-9_.]+")
-EXTRA_SECTIONS = {"vocab_map": DT_I32, "tokenizer.chars": DT_U8, "tokenizer.json": DT_U8, "meta.json": DT_U8}
+EXTRA_SECTIONS = {"vocab_map": DT_I32, "tokenizer.chars": DT_U8, "tokenizer.json": DT_U8, "meta.json": DT_U8,
+                  "tokenizer.bpe.bytes": DT_U8, "tokenizer.bpe.offsets": DT_I32, "tokenizer.bpe.byte_ids": DT_I32}
+# A byte-level BPE's tables for the C runtime (crystalc.tokenizer.byte_level_bpe), derived from tokenizer.json:
+# each original id's bytes (bytes, offsets [V+1]), each byte's id [256], merges [M, 4] (left, right, rank, merged
+# id; sorted by pair). The one 2-D extra section is the merges'.
+BPE_SECTIONS = ("tokenizer.bpe.bytes", "tokenizer.bpe.offsets", "tokenizer.bpe.byte_ids", "tokenizer.bpe.merges")
 EMBEDDINGS = ("token_embed.weight", "pos_embed.weight")
 
 
@@ -115,6 +121,26 @@ class _Section:
     qdata: bytes = b""
 
 
+def _bpe_sections(tok: Any, n_orig: int) -> list[_Section]:
+    """The byte-level BPE tables of a Hugging Face tokenizer, when it is one the C programs can run."""
+    if not isinstance(tok, dict) or tok.get("kind") != "hf-tokenizers" or not isinstance(tok.get("json"), str):
+        return []
+    try:
+        bpe = byte_level_bpe(tok["json"])
+    except CrystalError:  # another shape: the runtime takes --prompt-ids (crystalc run encodes text for it)
+        return []
+    if len(bpe.token_bytes) != n_orig:
+        return []
+    text = b"".join(bpe.token_bytes)
+    offsets = np.concatenate([[0], np.cumsum([len(p) for p in bpe.token_bytes])]).astype("<i4")
+    merges = np.asarray(sorted((a, b, rank, m) for rank, (a, b, m) in enumerate(bpe.merges)),
+                        dtype="<i4").reshape(-1, 4)
+    return [_Section("tokenizer.bpe.bytes", DT_U8, (len(text),), text),
+            _Section("tokenizer.bpe.offsets", DT_I32, offsets.shape, offsets.tobytes()),
+            _Section("tokenizer.bpe.byte_ids", DT_I32, (256,), np.asarray(bpe.byte_ids, dtype="<i4").tobytes()),
+            _Section("tokenizer.bpe.merges", DT_I32, merges.shape, merges.tobytes())]
+
+
 def _sections(graph: Graph) -> list[_Section]:
     c = graph.config
     out = []
@@ -142,6 +168,7 @@ def _sections(graph: Graph) -> list[_Section]:
         else:
             raw = _json_bytes(tok, "tokenizer")
             out.append(_Section("tokenizer.json", DT_U8, (len(raw),), raw))
+            out += _bpe_sections(tok, graph.original_vocab_size)
     if graph.meta:
         raw = _json_bytes(graph.meta, "meta")
         out.append(_Section("meta.json", DT_U8, (len(raw),), raw))
@@ -315,6 +342,9 @@ def decode_crystal(data: bytes) -> Graph:
         if n in EXTRA_SECTIONS:
             if e.dtype != EXTRA_SECTIONS[n] or len(e.shape) != 1:
                 raise CrystalError(f"section {n}: expected a 1-D {DTYPE_NAME[EXTRA_SECTIONS[n]]} array")
+        elif n == "tokenizer.bpe.merges":
+            if e.dtype != DT_I32 or len(e.shape) != 2 or e.shape[1] != 4:
+                raise CrystalError(f"section {n}: expected an i32 array of 4 columns")
         elif n not in names:
             raise CrystalError(f"unknown section {n}")
 
@@ -343,6 +373,13 @@ def decode_crystal(data: bytes) -> Graph:
         tokenizer = _json_section(data, entries["tokenizer.json"])
         if isinstance(tokenizer, dict) and tokenizer.get("kind") == "char":  # the C runtime reads chars only there
             raise CrystalError("tokenizer.json: a char tokenizer belongs in a tokenizer.chars section")
+    given = [n for n in BPE_SECTIONS if n in entries]
+    if given:  # derived data: it must be what this tokenizer gives, or the runtime would encode otherwise
+        want = {sec.name: sec for sec in _bpe_sections(tokenizer, orig_vocab)}
+        for n in BPE_SECTIONS:
+            sec, e = want.get(n), entries.get(n)
+            if sec is None or e is None or e.shape != sec.shape or bytes(_array(data, e).tobytes()) != sec.data:
+                raise CrystalError(f"section {n}: not the byte-level BPE tables of the file's tokenizer.json")
     meta = _json_section(data, entries["meta.json"]) if "meta.json" in entries else {}
     return build_graph(config, params, tokenizer, vocab_map=vocab_map,
                        orig_vocab_size=orig_vocab if vocab_map is not None else None, meta=meta)

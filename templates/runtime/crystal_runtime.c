@@ -356,6 +356,58 @@ static int json_object(const uint8_t *s, uint64_t n) {
     return i < n && s[i] == '{' && json_value(s, n, &i, 0) && json_space(s, n, i) == n;
 }
 
+/* A byte-level BPE's tables (crystalc.format.crystal's tokenizer.bpe sections, derived from tokenizer.json),
+ * checked as crystal_cli.c's encoder and printer read them: every id within the original vocabulary, the
+ * token texts' offsets running from 0 to the end of their bytes, the merges sorted by pair for its binary
+ * search, their ranks within their count. */
+static int load_bpe(entry *es, uint32_t n_sections, crystal_model *m, const uint8_t *buf, uint32_t orig,
+                    int have_json, char *err, size_t errlen) {
+    static const char *const names[4] = {"tokenizer.bpe.bytes", "tokenizer.bpe.offsets", "tokenizer.bpe.byte_ids",
+                                         "tokenizer.bpe.merges"};
+    entry *e[4];
+    int n = 0;
+    for (int i = 0; i < 4; i++)
+        if ((e[i] = find(es, n_sections, names[i])) != NULL) e[i]->used = 1, n++;
+    if (n == 0) return 0;
+    if (n != 4 || !have_json)
+        return fail(err, errlen, "the four tokenizer.bpe sections come together, beside a tokenizer.json section");
+    if (e[0]->dtype != DT_U8 || e[0]->ndim != 1)
+        return fail(err, errlen, "tokenizer.bpe.bytes: expected a 1-D u8 array");
+    if (e[1]->dtype != DT_I32 || e[1]->ndim != 1 || e[1]->dim0 != (uint64_t)orig + 1)
+        return fail(err, errlen, "tokenizer.bpe.offsets: expected an i32 [%llu] section", (unsigned long long)orig + 1);
+    if (e[2]->dtype != DT_I32 || e[2]->ndim != 1 || e[2]->dim0 != 256)
+        return fail(err, errlen, "tokenizer.bpe.byte_ids: expected an i32 [256] section");
+    if (e[3]->dtype != DT_I32 || e[3]->ndim != 2 || e[3]->dim1 != 4 || e[3]->dim0 > INT32_MAX)
+        return fail(err, errlen, "tokenizer.bpe.merges: expected an i32 [M, 4] section");
+    const int32_t *offs = (const int32_t *)(buf + e[1]->off);
+    if (offs[0] != 0 || offs[orig] < 0 || (uint64_t)offs[orig] != e[0]->len)
+        return fail(err, errlen, "tokenizer.bpe.offsets: must run from 0 to the %llu bytes of tokenizer.bpe.bytes",
+                    (unsigned long long)e[0]->len);
+    for (uint32_t k = 0; k < orig; k++)
+        if (offs[k + 1] < offs[k]) return fail(err, errlen, "tokenizer.bpe.offsets: must not decrease");
+    const int32_t *ids = (const int32_t *)(buf + e[2]->off);
+    for (int b = 0; b < 256; b++)
+        if (ids[b] < 0 || (uint32_t)ids[b] >= orig)
+            return fail(err, errlen, "tokenizer.bpe.byte_ids: an id outside the original vocabulary");
+    const int32_t *merges = (const int32_t *)(buf + e[3]->off);
+    uint32_t n_merges = e[3]->dim0;
+    for (uint32_t i = 0; i < n_merges; i++) {
+        const int32_t *r = merges + 4 * (size_t)i, *prev = r - 4;
+        for (int j = 0; j < 4; j++)
+            if (r[j] < 0 || (uint32_t)r[j] >= (j == 2 ? n_merges : orig))
+                return fail(err, errlen, "tokenizer.bpe.merges: row %u holds an id or rank out of range", i);
+        if (i && (r[0] < prev[0] || (r[0] == prev[0] && r[1] <= prev[1])))
+            return fail(err, errlen, "tokenizer.bpe.merges: pairs not strictly increasing at row %u", i);
+    }
+    m->tokenizer = CRYSTAL_TOK_BPE;
+    m->chars = (const char *)(buf + e[0]->off);
+    m->char_offsets = (const uint32_t *)offs;  /* non-negative, checked above */
+    m->bpe_byte_ids = ids;
+    m->bpe_n_merges = (int)n_merges;
+    m->bpe_merges = merges;
+    return 0;
+}
+
 static int load_v3(crystal_file *f, crystal_model *m, const uint8_t *buf, size_t size, char *err, size_t errlen) {
     if (size < HEADER_BYTES + 4)
         return fail(err, errlen, "file is %zu bytes, too short for a .crystal header and checksum", size);
@@ -629,6 +681,7 @@ static int load_v3(crystal_file *f, crystal_model *m, const uint8_t *buf, size_t
         m->chars = (const char *)s;
         m->char_offsets = offs;
     }
+    if (load_bpe(es, n_sections, m, buf, orig, tj != NULL, err, errlen)) return -1;
     for (uint32_t i = 0; i < n_sections; i++)
         if (!es[i].used) return fail(err, errlen, "unknown section %s", es[i].name);
     return 0;

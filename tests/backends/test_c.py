@@ -30,6 +30,7 @@ from tests.conftest import (
     FIXTURE_SHAPES,
     MIN_SAMPLE_MARGIN,
     SPEC_VECTORS,
+    bpe_prompts,
     random_graph,
     require_tool,
     sampled_with_margin,
@@ -534,17 +535,6 @@ def bpe_model(tmp_path_factory):
     g = random_graph(dict(vocab_size=tok.vocab_size, d_model=16, n_ctx=96, n_heads=2, n_neurons=5, ffn_hidden=32),
                      seed=31, tokenizer=spec)
     return g, tok, program(g, tmp_path_factory.mktemp("bpe"))
-
-
-def bpe_prompts() -> list[str]:
-    """GPT-2's pre-tokenizer's every branch (contractions, ' ?' before letters, digits and punctuation, runs
-    of spaces at the end and before a word, every ASCII control character), then random ASCII."""
-    fixed = ["ROMEO: what's this?", "  hello  world\n\n\nthere ", "it's 123abc 4.5 'tis I'll we've they'd",
-             "\t\t x\r\n y", "a'S don't 'x", " ", "\n", "''s 're", "x  ", "!!!  ...,,, ;;", "a\x0bb\x0cc",
-             "".join(map(chr, range(1, 128)))]
-    rng = np.random.default_rng(5)
-    alphabet = [chr(c) for c in range(1, 128)] + [" "] * 10 + list("abcde ' 12") * 4
-    return fixed + ["".join(rng.choice(alphabet, size=rng.integers(1, 40))) for _ in range(150)]
 
 
 def test_a_bpe_prompt_is_encoded_as_the_tokenizer_encodes_it(bpe_model):

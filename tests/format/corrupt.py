@@ -193,11 +193,27 @@ def entry_cases(data: bytes, picks: int = 8) -> Iterator[Case]:
 
 
 def tokenizer_cases(data: bytes) -> Iterator[Case]:
-    """A char tokenizer with one character twice: which id would a prompt's character be?"""
+    """A char tokenizer with one character twice: which id would a prompt's character be? A byte-level BPE's
+    tables with an id past the vocabulary, offsets that go back, merges out of order or ranked past their count
+    (the runtime would read outside them, or its binary search would miss)."""
     _, entries = table(data)
+    orig = struct.unpack_from("<I", data, 12)[0]
     for e in entries:
         if e.name == "tokenizer.chars" and e.length >= 2 and data[e.offset] < 0x80:
             yield "tokenizer.chars repeats its first character", patched(data, e.offset + 1, "<B", data[e.offset]), True
+        if e.name == "tokenizer.bpe.byte_ids":
+            yield "tokenizer.bpe.byte_ids holds the id past the vocabulary", patched(data, e.offset, "<i", orig), True
+            yield "tokenizer.bpe.byte_ids holds a negative id", patched(data, e.offset + 4 * 255, "<i", -1), True
+        if e.name == "tokenizer.bpe.offsets":
+            yield "tokenizer.bpe.offsets go back", patched(data, e.offset + 4, "<i", 2**31 - 1), True
+            end = patched(data, e.offset + e.length - 4, "<i", 2**31 - 1)
+            yield "tokenizer.bpe.offsets end past the bytes", end, True
+        if e.name == "tokenizer.bpe.merges" and e.shape[0] >= 2:
+            first, second = data[e.offset:e.offset + 16], data[e.offset + 16:e.offset + 32]
+            swapped = reseal(data[:e.offset] + second + first + data[e.offset + 32:])
+            yield "tokenizer.bpe.merges out of order", swapped, True
+            yield "tokenizer.bpe.merges rank past their count", patched(data, e.offset + 8, "<i", e.shape[0]), True
+            yield "tokenizer.bpe.merges make an id past the vocabulary", patched(data, e.offset + 12, "<i", orig), True
 
 
 def all_cases(data: bytes) -> list[Case]:

@@ -17,6 +17,8 @@ import pytest
 from crystalc.errors import CrystalError
 from crystalc.format.crystal import decode_crystal, encode_crystal
 from crystalc.ir.tensor import Quant, Tensor
+from crystalc.tokenizer import Tokenizer
+from crystalc.train.data import build_tokenizer
 from tests.conftest import FIXTURE_SHAPES, random_graph, require_tool
 from tests.format.corrupt import all_cases
 from tests.format.test_crystal import CHARS, pruned, quantize_by_hand
@@ -37,7 +39,11 @@ def base_files() -> dict[str, bytes]:
     q = pruned(quantize_by_hand(g, "i8", "group"), [0, 1, 4, 5, 9, 18]).replace(meta={"note": NOTE})
     q = q.map_tensors(_per_tensor)  # all three schemes among the entries corrupt.py picks
     f = random_graph("tied_unnormalised", seed=3, tokenizer={"kind": "hf-tokenizers", "json": "{}"})
-    return {"quantized_pruned": encode_crystal(q), "float_tied": encode_crystal(f)}
+    # a byte-level BPE the runtime runs: its tables (tokenizer.bpe.*) beside tokenizer.json, pruned
+    spec = build_tokenizer("to be or not to be, that is the question\n" * 8, "bpe:270")
+    b = random_graph(dict(FIXTURE_SHAPES["d40_h5"], vocab_size=Tokenizer(spec).vocab_size), seed=4, tokenizer=spec)
+    b = pruned(b, list(range(0, b.config.vocab_size, 3)))
+    return {"quantized_pruned": encode_crystal(q), "float_tied": encode_crystal(f), "bpe_pruned": encode_crystal(b)}
 
 
 def _per_tensor(t: Tensor) -> Tensor:

@@ -164,6 +164,32 @@ def test_hf_tokenizer_and_frontend_dispatch(tmp_path):
     assert_graphs_identical(g, load_model(path))
 
 
+def test_a_byte_level_bpe_carries_its_tables(tmp_path):
+    """The runtime's BPE tables ride beside tokenizer.json, derived from it: written when the tokenizer is one
+    the C programs run, and refused by the reader unless they are what tokenizer.json gives."""
+    from crystalc.tokenizer import Tokenizer
+    from crystalc.train.data import build_tokenizer
+    from tests.format.corrupt import reseal, table
+
+    tok = build_tokenizer("to be or not to be\n" * 10, "bpe:262")
+    g = random_graph(dict(FIXTURE_SHAPES["all_on"], vocab_size=Tokenizer(tok).vocab_size), seed=8, tokenizer=tok)
+    data = encode_crystal(g)
+    entries = {e.name: e for e in table(data)[1]}
+    assert set(fmt.BPE_SECTIONS) <= set(entries) and entries["tokenizer.bpe.merges"].shape[1] == 4
+    assert encode_crystal(decode_crystal(data)) == data
+    # two merges' ranks swapped: in range and in order, which the runtime cannot tell from the real tables
+    m = entries["tokenizer.bpe.merges"]
+    assert m.shape[0] >= 2
+    b = bytearray(data)
+    r0, r1 = b[m.offset + 8:m.offset + 12], b[m.offset + 24:m.offset + 28]
+    b[m.offset + 8:m.offset + 12], b[m.offset + 24:m.offset + 28] = r1, r0
+    with pytest.raises(CrystalError, match="tokenizer.bpe.merges: not the byte-level BPE tables"):
+        decode_crystal(reseal(b))
+    # a tokenizer of another shape gets none
+    other = g.replace(tokenizer={"kind": "hf-tokenizers", "json": "{}"})
+    assert not set(fmt.BPE_SECTIONS) & {e.name for e in table(encode_crystal(other))[1]}
+
+
 def test_char_tokenizer_from_corpus_round_trips(tmp_path):
     tok = char_tokenizer("héllo wörld\n")
     g = random_graph(dict(FIXTURE_SHAPES["all_on"], vocab_size=len(tok["chars"])), seed=9, tokenizer=tok)

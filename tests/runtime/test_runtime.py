@@ -23,7 +23,15 @@ from crystalc.errors import CrystalError
 from crystalc.format.crystal import encode_crystal, write_crystal
 from crystalc.ir.interpret import forward, generate
 from tests.backends.test_c import greedy_with_margin
-from tests.conftest import MIN_SAMPLE_MARGIN, random_graph, require_tool, sampled_with_margin, save_pt
+from tests.conftest import (
+    CORPUS,
+    MIN_SAMPLE_MARGIN,
+    bpe_prompts,
+    random_graph,
+    require_tool,
+    sampled_with_margin,
+    save_pt,
+)
 from tests.format.test_crystal import pruned, quantize_by_hand
 
 # under pytest-xdist the file's tests share one worker, which builds its module fixtures
@@ -309,8 +317,41 @@ def test_crystalc_run_on_crystal_and_pt(cache, tmp_path):
     assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr
 
 
+def test_the_runtime_encodes_a_bpe_prompt_as_the_tokenizer_does(runtime, sanitized, tmp_path):
+    """A .crystal file carries a byte-level BPE's tables (tokenizer.bpe.*) beside tokenizer.json: the runtime's
+    --prompt encodes ASCII text as the tokenizers library does (the same logits), and prints the tokens' bytes."""
+    from crystalc.format.crystal import read_crystal
+    from crystalc.passes.prune_vocab import prune_vocab
+    from crystalc.tokenizer import Tokenizer, byte_level_bpe
+    from crystalc.train.data import build_tokenizer
+
+    spec = build_tokenizer(CORPUS.read_text()[:50_000], "bpe:500")
+    tok = Tokenizer(spec)
+    g = random_graph(dict(vocab_size=tok.vocab_size, d_model=16, n_ctx=96, n_heads=2, n_neurons=5, ffn_hidden=32),
+                     seed=31, tokenizer=spec)
+    path = tmp_path / "bpe.crystal"
+    write_crystal(prune_vocab(g, None, list(range(tok.vocab_size - 1))), path)  # pruned: the last id gone
+    p = read_crystal(path)
+    for prompt in bpe_prompts():
+        ids = tok.encode(prompt)
+        if tok.vocab_size - 1 in ids:
+            continue
+        res = run(runtime, path, "--prompt", prompt, "--logits")
+        assert res.returncode == 0, (prompt, res.stderr)
+        got = np.array([float(line.split()[1]) for line in res.stdout.splitlines()])
+        assert np.abs(got - forward(p, p.to_current_ids(ids[-p.config.n_ctx:]))[-1]).max() <= TOL, (prompt, ids)
+    ids = tok.encode("ROMEO: what")
+    pieces = byte_level_bpe(spec["json"]).token_bytes
+    want = b"ROMEO: what" + b"".join(pieces[p.original_ids()[r]] for r in generate(p, p.to_current_ids(ids), 20))
+    for exe, env in ((runtime, None), (sanitized, dict(os.environ, **SANITIZER_ENV))):
+        res = subprocess.run([str(exe), str(path), "--prompt", "ROMEO: what", "-n", "20", "-t", "0"],
+                             capture_output=True, timeout=120, env=env)
+        assert res.returncode == 0 and res.stdout == want + b"\n", res.stderr
+
+
 def test_crystalc_run_speaks_text_for_a_bpe_model(cache, tmp_path):
-    """The C runtime knows only characters: `crystalc run` encodes a BPE prompt and decodes what it generates."""
+    """`crystalc run` encodes a BPE prompt itself (any text, not only the runtime's ASCII) and decodes what it
+    generates as the tokenizers library does."""
     from crystalc.tokenizer import Tokenizer
     from crystalc.train.data import build_tokenizer
 
