@@ -180,10 +180,22 @@ def sampled_with_margin(graph: Graph, prompt: list[int], n: int, shift: int, tem
 
 def bpe_prompts() -> list[str]:
     """GPT-2's pre-tokenizer's every branch (contractions, ' ?' before letters, digits and punctuation, runs
-    of spaces at the end and before a word, every ASCII control character), then random ASCII."""
+    of spaces at the end and before a word, every ASCII control character), runs of one letter (a pair merged
+    twice in a piece: the leftmost first), line ends of \\r\\n (\\r a space: with `bpe_tokenizer`'s merges of
+    them), then random ASCII."""
     fixed = ["ROMEO: what's this?", "  hello  world\n\n\nthere ", "it's 123abc 4.5 'tis I'll we've they'd",
              "\t\t x\r\n y", "a'S don't 'x", " ", "\n", "''s 're", "x  ", "!!!  ...,,, ;;", "a\x0bb\x0cc",
-             "".join(map(chr, range(1, 128)))]
+             "".join(map(chr, range(1, 128))), "thee eee ooo lll sss ttt rrr eeeee", "hark!\r\n\r\n",
+             "so\r\n\r\nthen \r\n"]
     rng = np.random.default_rng(5)
     alphabet = [chr(c) for c in range(1, 128)] + [" "] * 10 + list("abcde ' 12") * 4
     return fixed + ["".join(rng.choice(alphabet, size=rng.integers(1, 40))) for _ in range(150)]
+
+
+def bpe_tokenizer() -> dict:
+    """A byte-level BPE as `crystalc train --tokenizer bpe:500` trains it, on Shakespeare with some lines ended
+    by \\r\\n, so that its merges join \\r (a space to GPT-2's pattern) as well as letters."""
+    from crystalc.train.data import build_tokenizer
+
+    text = CORPUS.read_text()[:50_000]
+    return build_tokenizer(text[:25_000] + text[25_000:].replace("\n", "\r\n"), "bpe:500")

@@ -26,11 +26,11 @@ from crystalc.ir.graph import Graph
 from crystalc.ir.interpret import forward, generate
 from crystalc.ir.tensor import Quant, Tensor
 from tests.conftest import (
-    CORPUS,
     FIXTURE_SHAPES,
     MIN_SAMPLE_MARGIN,
     SPEC_VECTORS,
     bpe_prompts,
+    bpe_tokenizer,
     random_graph,
     require_tool,
     sampled_with_margin,
@@ -528,9 +528,8 @@ def bpe_model(tmp_path_factory):
     """A byte-level BPE trained as `crystalc train --tokenizer bpe:500` trains it, on a random model whose
     window holds every test prompt."""
     from crystalc.tokenizer import Tokenizer
-    from crystalc.train.data import build_tokenizer
 
-    spec = build_tokenizer(CORPUS.read_text()[:50_000], "bpe:500")
+    spec = bpe_tokenizer()
     tok = Tokenizer(spec)
     g = random_graph(dict(vocab_size=tok.vocab_size, d_model=16, n_ctx=96, n_heads=2, n_neurons=5, ffn_hidden=32),
                      seed=31, tokenizer=spec)
