@@ -5,10 +5,10 @@
  *   PROG --prompt-ids 5,17,3 --logits
  *
  * --prompt needs the model's char tokenizer, or a byte-level BPE crystalc lowered (ASCII text);
- * it prints the prompt and its continuation as text. --prompt-ids takes ids of the ORIGINAL tokenizer (mapped through vocab_map) and
- * prints the generated ids the same way, comma-separated on one line. --logits prints the
- * last prompt position's logits as `<original-id> <logit %.9g>` per current vocabulary
- * entry. Generation past the window follows the spec: when the T positions are full, the
+ * it prints the prompt and its continuation as text. --prompt-ids takes ids of the ORIGINAL
+ * tokenizer (mapped through vocab_map) and prints the generated ids the same way,
+ * comma-separated on one line. --logits prints the last prompt position's logits as
+ * `<original-id> <logit %.9g>` per current vocabulary entry. Generation past the window follows the spec: when the T positions are full, the
  * oldest K (--shift) tokens are dropped and the remaining T-K recomputed once.
  * Bad arguments: one line on stderr, exit status 2.
  */
@@ -205,7 +205,8 @@ static size_t piece_end(const unsigned char *s, size_t n, size_t i) {
         }
     }
     size_t j = i + (s[i] == ' ' && i + 1 < n);  /* " ?": the space joins a word, a number or punctuation */
-    int (*same)(unsigned char) = is_letter(s[j]) ? is_letter : is_digit(s[j]) ? is_digit : is_other(s[j]) ? is_other : NULL;
+    int (*same)(unsigned char) = is_letter(s[j]) ? is_letter : is_digit(s[j]) ? is_digit
+                                 : is_other(s[j]) ? is_other : NULL;
     if (same) {
         while (j < n && same(s[j])) j++;
         return j;
