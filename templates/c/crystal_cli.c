@@ -8,8 +8,9 @@
  * it prints the prompt and its continuation as text. --prompt-ids takes ids of the ORIGINAL
  * tokenizer (mapped through vocab_map) and prints the generated ids the same way,
  * comma-separated on one line. --logits prints the last prompt position's logits as
- * `<original-id> <logit %.9g>` per current vocabulary entry. Generation past the window follows the spec: when the T positions are full, the
- * oldest K (--shift) tokens are dropped and the remaining T-K recomputed once.
+ * `<original-id> <logit %.9g>` per current vocabulary entry. Generation past the window
+ * follows the spec: when the T positions are full, the oldest K (--shift) tokens are dropped
+ * and the remaining T-K recomputed once.
  * Bad arguments: one line on stderr, exit status 2.
  */
 #include <errno.h>
@@ -463,7 +464,8 @@ static int parse_options(const char *prog, int argc, char **argv, options *o, in
             o->temperature = d;
             break;
         case OPT_TOP_P:
-            if (parse_double(val, &d) || !(d > 0 && d <= 1)) return bad(prog, "--top-p: expected a value in (0, 1], got '%s'", val);
+            if (parse_double(val, &d) || !(d > 0 && d <= 1))
+                return bad(prog, "--top-p: expected a value in (0, 1], got '%s'", val);
             o->top_p = d;
             break;
         case OPT_SEED: {
