@@ -195,11 +195,10 @@ def lower(graph: Graph, *, head_tiles: bool = True) -> tuple[dict[str, Any], byt
             ctx["tokenizer"], ctx["tokenizer_kind"] = TOKENIZER_ENUM["bpe"], "byte-level BPE"
             pieces = list(bpe.token_bytes)
             ctx["bpe_byte_ids"] = blob.add("tokenizer byte ids", np.asarray(bpe.byte_ids, dtype="<i4").tobytes())
-            # sorted by pair, for a binary search: (left, right, rank, merged)
-            table = sorted((a, b, rank, m) for rank, (a, b, m) in enumerate(bpe.merges))
+            table = bpe.merge_table()
             ctx["bpe_n_merges"] = len(table)
-            if table:
-                ctx["bpe_merges"] = blob.add("tokenizer merges", np.asarray(table, dtype="<i4").tobytes())
+            if len(table):
+                ctx["bpe_merges"] = blob.add("tokenizer merges", table.tobytes())
     if pieces is not None:
         offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype("<u4")
         ctx["chars"] = blob.add("tokenizer chars", b"".join(pieces))

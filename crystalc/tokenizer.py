@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from crystalc.errors import CrystalError
 
 
@@ -118,6 +120,12 @@ class ByteLevelBPE:
     token_bytes: tuple[bytes, ...]  # per id: the bytes it stands for (its text, byte-level decoded)
     byte_ids: tuple[int, ...]  # 256: the id of each single byte
     merges: tuple[tuple[int, int, int], ...]  # in rank order: (left id, right id, merged id)
+
+    def merge_table(self) -> np.ndarray:
+        """[M, 4] int32 rows (left id, right id, rank, merged id) sorted by pair, as the C programs binary-search
+        them (the C backend's model.c and a .crystal file's tokenizer.bpe.merges alike)."""
+        rows = sorted((a, b, rank, m) for rank, (a, b, m) in enumerate(self.merges))
+        return np.asarray(rows, dtype="<i4").reshape(-1, 4)
 
 
 def _byte_level_alphabet() -> dict[str, int]:

@@ -133,8 +133,7 @@ def _bpe_sections(tok: Any, n_orig: int) -> list[_Section]:
         return []
     text = b"".join(bpe.token_bytes)
     offsets = np.concatenate([[0], np.cumsum([len(p) for p in bpe.token_bytes])]).astype("<i4")
-    merges = np.asarray(sorted((a, b, rank, m) for rank, (a, b, m) in enumerate(bpe.merges)),
-                        dtype="<i4").reshape(-1, 4)
+    merges = bpe.merge_table()
     return [_Section("tokenizer.bpe.bytes", DT_U8, (len(text),), text),
             _Section("tokenizer.bpe.offsets", DT_I32, offsets.shape, offsets.tobytes()),
             _Section("tokenizer.bpe.byte_ids", DT_I32, (256,), np.asarray(bpe.byte_ids, dtype="<i4").tobytes()),
