@@ -139,12 +139,19 @@ def _byte_level_alphabet() -> dict[str, int]:
 
 def byte_level_bpe(json_text: str) -> ByteLevelBPE:
     """The tables of a tokenizer.json that is a plain byte-level BPE (what `crystalc train --tokenizer bpe:N`
-    writes: no normalizer, no added tokens, GPT-2's pre-tokenizer without a prefix space); a CrystalError
-    naming what else it holds."""
+    writes: no normalizer, no added tokens, GPT-2's pre-tokenizer without a prefix space, no post-processing,
+    truncation or padding); a CrystalError naming what else it holds."""
     try:
         spec = json.loads(json_text)
-    except ValueError as e:
-        raise CrystalError(f"tokenizer.json is not JSON ({e})") from None
+    except (ValueError, RecursionError) as e:
+        raise CrystalError(f"tokenizer.json is not JSON within Python's nesting limit ({e})") from None
+    try:
+        return _byte_level_bpe(spec)
+    except (TypeError, AttributeError, KeyError, IndexError) as e:  # a field of another type than the library's
+        raise CrystalError(f"the tokenizer.json is not one the library writes ({type(e).__name__}: {e})") from None
+
+
+def _byte_level_bpe(spec: Any) -> ByteLevelBPE:
     model = spec.get("model") if isinstance(spec, dict) else None
     if not isinstance(model, dict) or model.get("type") != "BPE":
         raise CrystalError("the tokenizer is not a BPE")
@@ -155,6 +162,13 @@ def byte_level_bpe(json_text: str) -> ByteLevelBPE:
             raise CrystalError(f"the BPE has {key} = {model[key]!r}")
     if spec.get("normalizer") is not None or spec.get("added_tokens"):
         raise CrystalError("the tokenizer has a normalizer or added tokens")
+    # the library's encode applies these too: special tokens around the text, a cut, padding ids
+    post = spec.get("post_processor")
+    if post is not None and post.get("type") != "ByteLevel":  # (ByteLevel trims offsets only)
+        raise CrystalError(f"the tokenizer has a {post.get('type')} post-processor")
+    for key in ("truncation", "padding"):
+        if spec.get(key) is not None:
+            raise CrystalError(f"the tokenizer has {key}")
     pre = spec.get("pre_tokenizer")
     if not (isinstance(pre, dict) and pre.get("type") == "ByteLevel" and pre.get("add_prefix_space") is False
             and pre.get("use_regex", True) is True):
@@ -162,7 +176,8 @@ def byte_level_bpe(json_text: str) -> ByteLevelBPE:
     if (spec.get("decoder") or {}).get("type") != "ByteLevel":
         raise CrystalError("the decoder is not byte-level")
     vocab = model.get("vocab")
-    if not isinstance(vocab, dict) or sorted(vocab.values()) != list(range(len(vocab))):
+    if (not isinstance(vocab, dict) or any(type(i) is not int for i in vocab.values())
+            or sorted(vocab.values()) != list(range(len(vocab)))):
         raise CrystalError("the BPE's vocabulary ids are not 0..V-1, once each")
     alphabet = _byte_level_alphabet()
     token_bytes: list[bytes] = [b""] * len(vocab)
@@ -176,7 +191,7 @@ def byte_level_bpe(json_text: str) -> ByteLevelBPE:
     merges = []
     for pair in model.get("merges") or []:
         parts = pair.split(" ") if isinstance(pair, str) else pair
-        if not (isinstance(parts, list) and len(parts) == 2 and all(p in vocab for p in parts)
+        if not (isinstance(parts, list) and len(parts) == 2 and all(isinstance(p, str) and p in vocab for p in parts)
                 and parts[0] + parts[1] in vocab):
             raise CrystalError(f"the BPE's merge {pair!r} is not two tokens whose sum is one")
         merges.append((vocab[parts[0]], vocab[parts[1]], vocab[parts[0] + parts[1]]))

@@ -186,7 +186,7 @@ def bpe_prompts() -> list[str]:
     fixed = ["ROMEO: what's this?", "  hello  world\n\n\nthere ", "it's 123abc 4.5 'tis I'll we've they'd",
              "\t\t x\r\n y", "a'S don't 'x", " ", "\n", "''s 're", "x  ", "!!!  ...,,, ;;", "a\x0bb\x0cc",
              "".join(map(chr, range(1, 128))), "thee eee ooo lll sss ttt rrr eeeee", "hark!\r\n\r\n",
-             "so\r\n\r\nthen \r\n"]
+             "so\r\n\r\nthen \r\n", "e" * 3001, "hello" * 700 + " thee" * 300]  # long pieces: many merges
     rng = np.random.default_rng(5)
     alphabet = [chr(c) for c in range(1, 128)] + [" "] * 10 + list("abcde ' 12") * 4
     return fixed + ["".join(rng.choice(alphabet, size=rng.integers(1, 40))) for _ in range(150)]

@@ -97,9 +97,31 @@ def test_byte_level_bpe_tables() -> None:
     (lambda j: j["model"]["merges"].append(["Ġ", "Ġ"]) if "ĠĠ" not in j["model"]["vocab"]
      else j["model"]["merges"].append(["x", "zzz"]), "merge"),
     (lambda j: j["model"]["merges"].append(j["model"]["merges"][0]), "merges a pair twice"),
+    # found by an audit: the library's encode adds a post-processor's tokens, cuts and pads, which the tables
+    # do not; and fields of other types than the library writes were tracebacks
+    (lambda j: j.update(post_processor={"type": "TemplateProcessing", "single": [], "pair": [],
+                                        "special_tokens": {}}), "TemplateProcessing post-processor"),
+    (lambda j: j.update(truncation={"max_length": 2}), "has truncation"),
+    (lambda j: j.update(padding={"strategy": "BatchLongest"}), "has padding"),
+    (lambda j: j["model"]["vocab"].update({"zz": 5.0}), "not 0..V-1"),
+    (lambda j: j.update(decoder="ByteLevel"), "not one the library writes"),
+    (lambda j: j["model"]["merges"].append([["a"], "b"]), "merge"),
 ])
 def test_byte_level_bpe_refuses_what_it_cannot_lower(change, needle: str) -> None:
     j = json.loads(build_tokenizer(TEXT * 20, "bpe:300")["json"])
     change(j)
     with pytest.raises(CrystalError, match=needle):
         byte_level_bpe(json.dumps(j))
+
+
+def test_byte_level_bpe_takes_what_does_not_change_the_ids() -> None:
+    # GPT-2's own tokenizer.json has a ByteLevel post-processor (offsets only); JSON nested past Python's
+    # limit is refused in one line, not a RecursionError
+    spec = build_tokenizer(TEXT * 20, "bpe:300")
+    j = json.loads(spec["json"])
+    j["post_processor"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    other = {"kind": "hf-tokenizers", "json": json.dumps(j)}
+    assert Tokenizer(other).encode(TEXT) == Tokenizer(spec).encode(TEXT)
+    assert byte_level_bpe(other["json"]) == byte_level_bpe(spec["json"])
+    with pytest.raises(CrystalError, match="nesting limit"):
+        byte_level_bpe("[" * 100_000 + "]" * 100_000)

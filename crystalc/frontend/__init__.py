@@ -70,7 +70,7 @@ def _tokenizer_checked(path: Path, graph: Graph) -> Graph:
 
         try:
             json.loads(graph.tokenizer["json"])
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise CrystalError(f"{path}: tokenizer: bad tokenizer.json: {e}") from None
         return graph
     from crystalc.tokenizer import Tokenizer

@@ -233,8 +233,46 @@ static int merge_rank(const crystal_model *m, int32_t a, int32_t b, int32_t *mer
     return -1;
 }
 
+/* The merges still to make in a piece: (rank, left symbol's position, the pair's ids), a min-heap on
+ * (rank, position) so that the lowest rank, leftmost among equals, comes first; an entry whose symbols
+ * have changed since it was pushed is passed over when it comes up. */
+typedef struct { int rank, pos; int32_t left, right; } bpe_merge;
+
+static int merge_before(const bpe_merge *a, const bpe_merge *b) {
+    return a->rank < b->rank || (a->rank == b->rank && a->pos < b->pos);
+}
+
+static void heap_push(bpe_merge *h, size_t *n, bpe_merge e) {
+    size_t i = (*n)++;
+    for (; i > 0 && merge_before(&e, &h[(i - 1) / 2]); i = (i - 1) / 2) h[i] = h[(i - 1) / 2];
+    h[i] = e;
+}
+
+static bpe_merge heap_pop(bpe_merge *h, size_t *n) {
+    bpe_merge top = h[0], last = h[--*n];
+    size_t i = 0;
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= *n) break;
+        if (c + 1 < *n && merge_before(&h[c + 1], &h[c])) c++;
+        if (!merge_before(&h[c], &last)) break;
+        h[i] = h[c];
+        i = c;
+    }
+    if (*n) h[i] = last;
+    return top;
+}
+
+/* The pair of symbols p and next[p], pushed when it has a rank. */
+static void push_pair(const crystal_model *m, bpe_merge *h, size_t *n, const int32_t *w, const int *next, int p) {
+    int32_t merged = 0;
+    int r = next[p] < 0 ? -1 : merge_rank(m, w[p], w[next[p]], &merged);
+    if (r >= 0) heap_push(h, n, (bpe_merge){r, p, w[p], w[next[p]]});
+}
+
 /* Encode `text` as rows: each piece starts as one id a byte, and the adjacent pair of lowest rank
- * is merged (the leftmost among equals) until no pair has a rank. cap >= strlen(text). */
+ * is merged (the leftmost among equals) until no pair has a rank, as the tokenizers library does:
+ * the symbols a linked list, the pairs a heap, so a piece of k bytes costs O(k log k). cap > strlen(text). */
 static int encode_bpe(const crystal_model *m, const char *prog, const char *text, int32_t *rows, int cap) {
     const unsigned char *s = (const unsigned char *)text;
     size_t len = strlen(text);
@@ -246,34 +284,57 @@ static int encode_bpe(const crystal_model *m, const char *prog, const char *text
                        "limited to; use crystalc run, or --prompt-ids", shown(c, text + i, k < len - i ? k : len - i)),
                    -1;
     }
+    (void)cap;  /* a byte makes at most one id: n <= strlen(text) < cap */
+    int *next = malloc((len + 1) * sizeof *next), *prev = malloc((len + 1) * sizeof *prev);
+    bpe_merge *heap = malloc((3 * len + 1) * sizeof *heap);  /* k - 1 pairs, then at most 2 a merge */
     int n = 0;
+    if (!next || !prev || !heap) {
+        bad(prog, "out of memory encoding a prompt of %zu bytes", len);
+        n = -1;
+        goto done;
+    }
     for (size_t i = 0; i < len;) {
         size_t end = piece_end(s, len, i);
         int32_t *w = rows + n;
-        int k = 0;
-        for (; i < end; i++) w[k++] = m->bpe_byte_ids[s[i]];
-        for (;;) {
-            int best = -1, best_rank = 0;
-            int32_t best_id = 0;
-            for (int p = 0; p + 1 < k; p++) {
-                int32_t id;
-                int r = merge_rank(m, w[p], w[p + 1], &id);
-                if (r >= 0 && (best < 0 || r < best_rank)) best = p, best_rank = r, best_id = id;
-            }
-            if (best < 0) break;
-            w[best] = best_id;
-            memmove(w + best + 1, w + best + 2, (size_t)(k - best - 2) * sizeof *w);
-            k--;
+        int k = (int)(end - i);
+        for (int p = 0; p < k; p++) {
+            w[p] = m->bpe_byte_ids[s[i + (size_t)p]];
+            prev[p] = p - 1;
+            next[p] = p + 1 < k ? p + 1 : -1;
         }
-        n += k;
+        i = end;
+        size_t queued = 0;
+        for (int p = 0; p + 1 < k; p++) push_pair(m, heap, &queued, w, next, p);
+        while (queued) {
+            bpe_merge e = heap_pop(heap, &queued);
+            int p = e.pos, q = next[p];
+            if (prev[p] == -2 || q < 0 || w[p] != e.left || w[q] != e.right) continue;  /* changed since */
+            int32_t merged = w[p];
+            merge_rank(m, w[p], w[q], &merged);  /* found: the entry's pair is still these two symbols */
+            w[p] = merged;  /* p takes q's place: q leaves the list */
+            next[p] = next[q];
+            if (next[q] >= 0) prev[next[q]] = p;
+            prev[q] = -2;
+            if (prev[p] >= 0) push_pair(m, heap, &queued, w, next, prev[p]);
+            push_pair(m, heap, &queued, w, next, p);
+        }
+        int kept = 0;  /* the list in order, packed (symbol 0 is never merged away) */
+        for (int p = 0; p >= 0; p = next[p]) w[kept++] = w[p];
+        n += kept;
     }
-    (void)cap;  /* a byte makes at most one id: n <= strlen(text) < cap */
     for (int j = 0; j < n; j++) {
         int row = current_row(m, rows[j]);
-        if (row < 0)
-            return bad(prog, "--prompt: its token %d was pruned from this model's vocabulary", (int)rows[j]), -1;
+        if (row < 0) {
+            bad(prog, "--prompt: its token %d was pruned from this model's vocabulary", (int)rows[j]);
+            n = -1;
+            goto done;
+        }
         rows[j] = row;
     }
+done:
+    free(next);
+    free(prev);
+    free(heap);
     return n;
 }
 
@@ -513,8 +574,9 @@ int crystal_main(const crystal_model *m, int argc, char **argv) {
         return bad(prog, "--threads %ld: this program was built without OpenMP (add -fopenmp to CFLAGS)", o.threads);
     if (o.prompt && m->tokenizer != CRYSTAL_TOK_CHAR && m->tokenizer != CRYSTAL_TOK_BPE)
         return bad(prog, m->tokenizer == CRYSTAL_TOK_NONE ? "--prompt: this model has no tokenizer; use --prompt-ids"
-                   : "--prompt: this program cannot encode this model's tokenizer (only characters and a plain "
-                     "byte-level BPE); use --prompt-ids");
+                   : "--prompt: this program cannot encode this model's tokenizer (it encodes characters, or a "
+                     "plain byte-level BPE with the tables crystalc now writes beside it); use --prompt-ids, or "
+                     "crystalc run");
 
     /* the prompt, as current rows; one longer than the window keeps its last T tokens. Read before the
      * device is looked for (a bad prompt is named as such where there is no GPU) and the state made */
