@@ -7,9 +7,11 @@ generation (the difference method) and `cold` its start.
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import proc
 
@@ -65,6 +67,21 @@ def compile_and_build(ckpt: Path, work: Path, quantize: str | None, reps: int = 
     src = sum(size for name, size in files.items() if name.endswith(SOURCE_SUFFIXES))
     data = sum(size for name, size in files.items() if name.endswith(DATA_SUFFIXES))
     return Build(binary, proc.median(emit), build_s, src, data, binary.stat().st_size, files)
+
+
+def logit_error(binary: Path, model: Any, prompt: list[int]) -> float:
+    """max |C logit - PyTorch logit| / max(1, max |PyTorch logit|) at the prompt's last position (model: a
+    CrystalLM; report.LOGIT_TOL gates on it)."""
+    import numpy as np
+    import torch
+    import torch_gen
+
+    out = subprocess.run([str(binary), "--prompt-ids", ",".join(map(str, prompt)), "--logits"],
+                         capture_output=True, text=True, check=True).stdout
+    got = np.array([float(line.split()[1]) for line in out.splitlines()], dtype=np.float64)
+    with torch.inference_mode():
+        want = torch_gen.forward_last(model, torch.tensor([prompt])).double().numpy()
+    return float(np.abs(got - want).max() / max(1.0, float(np.abs(want).max())))
 
 
 def argv(binary: Path, prompt: list[int], n: int, shift: int) -> list[str]:

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/hardware.py            # the bundled model; writes bench/hardware.md
     .venv/bin/python bench/hardware.py --quick    # fewer repetitions; writes bench/work/hardware.md
+    (--work DIR: builds and simulations there instead of bench/work)
 
 A simulation has no speed of its own, so the core is measured in clock cycles (Verilator
 simulates it, cycle-exactly, and the testbench counts them), and the ratio printed is the
@@ -52,12 +53,15 @@ def per_token_cpu(make_gen: Callable[[], Iterator[int]], skip: int, reps: int) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="1 repetition; writes bench/work/hardware.md")
+    ap.add_argument("--quick", action="store_true", help="1 PyTorch repetition (the Verilator builds stay); writes "
+                                                         "WORK/hardware.md")
+    ap.add_argument("--work", type=Path, default=HERE / "work",
+                    help="folder for the builds and simulations (default bench/work)")
     args = ap.parse_args()
     reps = 1 if args.quick else 5
     torch.set_num_threads(1)
-    work = HERE / "work"
-    work.mkdir(exist_ok=True)
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
 
     graph = load_model(MODEL)
     t = graph.config.n_ctx

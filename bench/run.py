@@ -90,11 +90,11 @@ def git_state() -> str:
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "backends", "templates"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "crystalc", "backends", "templates",
+                                "bench"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
-    return head + (" with uncommitted changes in backends/ or templates/" if dirty else "")
+    return head + (" with uncommitted changes in crystalc/, backends/, templates/ or bench/" if dirty else "")
 
 
 def build_c(ckpt: Path, work: Path, reps: int) -> dict:
@@ -232,6 +232,10 @@ def main() -> None:
         regimes["shift32"]["torch"]["tokens"],
         list(torch_gen.generate_recompute(model, p64, warm + m, 32)))
     res["checks"] = checks
+    # the gate: a build whose logits are not the model's is reported as such and fails the run (its ratios
+    # would be a fast answer to another question); the token checks above report, as near-ties may flip
+    res["logit_errors"] = {tag: cprog.logit_error(Path(b["binary"]), ref_models[tag], p64)
+                           for tag, b in builds.items()}
 
     print("[bench] cold start", flush=True)
     n = workload.COLD_TOKENS
@@ -253,6 +257,10 @@ def main() -> None:
     args.results.write_text(report.markdown(res))
     report.plot(res, args.plot)
     print(f"[bench] wrote {args.results} and {args.plot} in {res['elapsed_s']:.0f} s", flush=True)
+    wrong = {tag: e for tag, e in res["logit_errors"].items() if not e <= report.LOGIT_TOL}
+    if wrong:
+        sys.exit(f"[bench] the C {', '.join(wrong)} build's logits are off by {max(wrong.values()):.3g} (relative), "
+                 f"past {report.LOGIT_TOL:g}: its speed is not the model's (targets marked unmet)")
 
 
 if __name__ == "__main__":

@@ -34,10 +34,14 @@ def prompts() -> tuple[list[int], list[int]]:
 
 
 def make_checkpoint(path: Path) -> Path:
-    """Write the benchmark checkpoint (random weights, torch seed SEED) unless it already exists."""
-    if path.is_file():
-        return path
+    """Write the benchmark checkpoint (random weights, torch seed SEED) unless one of this CONFIG and SEED is
+    there already (one left by a run of another shape is written again: results.md names CONFIG)."""
     import torch
+
+    if path.is_file():
+        old = torch.load(path, map_location="cpu", weights_only=True)
+        if old.get("config") == CONFIG.to_dict() and old.get("meta", {}).get("seed") == SEED:
+            return path
 
     from crystalc.model import CrystalLM, save_checkpoint
 

@@ -221,3 +221,19 @@ def test_onnx_runtime_int8_path_has_int8_weights_and_generates(tmp_path, pruned)
     got = sess.run(None, {"ids": ids})[0][0]
     want = interpret.forward(g, prompt)[-1]
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max() and np.abs(got - want).max() > 1e-6
+
+
+def test_the_gate_tells_a_wrong_build_from_a_right_one(tmp_path):
+    # an audit: a fast but wrong C build was reported with its targets met; run.py now fails on its logits
+    import cprog
+    import report
+
+    from crystalc.backends.c import BACKEND
+
+    g, other = random_graph("d40_h5", seed=5), random_graph("d40_h5", seed=6)
+    BACKEND.emit(g, tmp_path)
+    exe = BACKEND.build(tmp_path, cflags="-O2")
+    prompt = [1, 2, 3, 4]
+    assert cprog.logit_error(exe, model_from_graph(g).eval(), prompt) <= 1e-5
+    assert cprog.logit_error(exe, model_from_graph(other).eval(), prompt) > report.LOGIT_TOL
+    assert not report._right({"logit_errors": {"f32": 0.5}}, "f32") and report._right({}, "mixed8")
