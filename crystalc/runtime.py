@@ -132,7 +132,27 @@ def _compile(cc: list[str], flags: list[str], srcs: list[Path], include: Path, o
         with open(exe, "rb") as f:
             os.fsync(f.fileno())
         os.replace(exe, out)  # same folder: atomic, and a concurrent build of the same key replaces it whole
+    _evict(out)
     return out
+
+
+KEEP_BUILDS = 8  # of each program (runtime, loader check), the most recently built
+
+
+def _evict(out: Path) -> None:
+    """Remove the builds of the same program beyond the KEEP_BUILDS newest: a new compiler, flags or crystalc
+    each add one, and nothing else would ever remove them."""
+    prefix = out.name + "-"
+    entries = []
+    for d in out.parent.parent.iterdir():
+        exe = d / out.name
+        if d.name.startswith(prefix) and d.is_dir() and d != out.parent:
+            try:
+                entries.append((exe.stat().st_mtime if exe.exists() else d.stat().st_mtime, d))
+            except OSError:  # another process removed it meanwhile
+                pass
+    for _, d in sorted(entries, reverse=True)[KEEP_BUILDS - 1:]:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def run_model(model_path: str | os.PathLike[str], args: list[str], prompt: str | None = None,

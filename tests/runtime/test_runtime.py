@@ -443,6 +443,27 @@ def test_a_damaged_cache_entry_is_rebuilt_and_one_that_cannot_run_is_one_line(ca
         runtime.run_model(model, ["--prompt-ids", "1", "--logits"])
 
 
+def test_the_cache_keeps_the_newest_builds(tmp_path, monkeypatch):
+    # an audit: every new compiler, flag or crystalc left a binary behind for good
+    require_tool("cc")
+    from crystalc.runtime import KEEP_BUILDS, build_runtime
+
+    monkeypatch.setenv("CRYSTALC_CACHE", str(tmp_path))
+    old = []
+    for i in range(KEEP_BUILDS + 2):
+        d = tmp_path / f"crystal_runtime-0.0.{i}-{i:016x}"
+        d.mkdir()
+        (d / "crystal_runtime").write_bytes(b"#!")
+        os.utime(d / "crystal_runtime", (1000.0 + i, 1000.0 + i))  # the older, the smaller i
+        old.append(d)
+    (tmp_path / "crystal_check-0.0.0-0").mkdir()  # another program's builds count apart
+    exe = build_runtime()
+    kept = sorted(p for p in tmp_path.iterdir() if p.name.startswith("crystal_runtime-"))
+    assert exe.parent in kept and len(kept) == KEEP_BUILDS
+    assert set(kept) - {exe.parent} == set(old[-(KEEP_BUILDS - 1):])  # the newest of the rest
+    assert (tmp_path / "crystal_check-0.0.0-0").is_dir()
+
+
 def test_the_cache_knows_the_compiler_behind_cc(cache, tmp_path, monkeypatch):
     """cc upgraded, or pointed from gcc to clang, under the same name: a build of its own, not the old binary."""
     require_tool("cc")
