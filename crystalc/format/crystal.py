@@ -377,7 +377,7 @@ def decode_crystal(data: bytes) -> Graph:
         want = {sec.name: sec for sec in _bpe_sections(tokenizer, orig_vocab)}
         for n in BPE_SECTIONS:
             sec, e = want.get(n), entries.get(n)
-            if sec is None or e is None or e.shape != sec.shape or bytes(_array(data, e).tobytes()) != sec.data:
+            if sec is None or e is None or e.shape != sec.shape or _array(data, e).tobytes() != sec.data:
                 raise CrystalError(f"section {n}: not the byte-level BPE tables of the file's tokenizer.json")
     meta = _json_section(data, entries["meta.json"]) if "meta.json" in entries else {}
     return build_graph(config, params, tokenizer, vocab_map=vocab_map,

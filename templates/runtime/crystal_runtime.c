@@ -392,11 +392,11 @@ static int load_bpe(entry *es, uint32_t n_sections, crystal_model *m, const uint
     const int32_t *merges = (const int32_t *)(buf + e[3]->off);
     uint32_t n_merges = e[3]->dim0;
     for (uint32_t i = 0; i < n_merges; i++) {
-        const int32_t *r = merges + 4 * (size_t)i, *prev = r - 4;
+        const int32_t *r = merges + 4 * (size_t)i;
         for (int j = 0; j < 4; j++)
             if (r[j] < 0 || (uint32_t)r[j] >= (j == 2 ? n_merges : orig))
                 return fail(err, errlen, "tokenizer.bpe.merges: row %u holds an id or rank out of range", i);
-        if (i && (r[0] < prev[0] || (r[0] == prev[0] && r[1] <= prev[1])))
+        if (i && (r[0] < r[-4] || (r[0] == r[-4] && r[1] <= r[-3])))  /* against the row before */
             return fail(err, errlen, "tokenizer.bpe.merges: pairs not strictly increasing at row %u", i);
     }
     m->tokenizer = CRYSTAL_TOK_BPE;
