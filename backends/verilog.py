@@ -472,6 +472,9 @@ class VerilogBackend:
         enc = encoding()  # first: an encoding the core cannot decode is refused as that
         program = lower(graph)
         mem = core_memories(program, lanes)
+        # clock cycles of the first and the last position (the most: TOKEN_CYCLES's bound), by op
+        cycles = [(pos, sum(by_op.values()), by_op) for pos in sorted({0, program.n_ctx - 1})
+                  for by_op in [core_cycles(program, lanes, pos)]]
         ctx = {
             "summary": program.summary, "instrs": mem.instrs, "rom_table": mem.rom_table,
             "lane_table": mem.lane_table, "ram_table": mem.ram_table, "rom_words": int(mem.rom.size),
@@ -481,9 +484,8 @@ class VerilogBackend:
             "ram_words": mem.ram_words, "logits": mem.logits, "cache_table": mem.cache_table,
             "key_words": mem.key_words, "key_groups": mem.key_groups, "value_words": mem.value_words,
             "vocab_size": program.vocab_size, "n_ctx": program.n_ctx, "lanes": lanes,
-            "cycles": [(pos, sum(by_op.values()), by_op) for pos in sorted({0, program.n_ctx - 1})
-                       for by_op in [core_cycles(program, lanes, pos)]],
-            "token_cycles": sum(core_cycles(program, lanes, program.n_ctx - 1).values()) + 4,  # and crystal_gen's 4
+            "cycles": cycles,
+            "token_cycles": cycles[-1][1] + 4,  # the last position's, and crystal_gen's 4
         }
         written = []
         for template, name in (("model.vh.j2", "model.vh"), ("Makefile.j2", "Makefile")):

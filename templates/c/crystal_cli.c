@@ -159,13 +159,19 @@ static const char *shown(char out[8], const char *s, size_t k) {
     return out;
 }
 
+/* The bytes of the character at s as its first byte claims them (one for a stray continuation byte),
+ * at most the `left` there are. */
+static size_t char_bytes(const char *s, size_t left) {
+    unsigned char b = (unsigned char)s[0];
+    size_t k = b < 0x80 ? 1 : b >= 0xf0 ? 4 : b >= 0xe0 ? 3 : b >= 0xc0 ? 2 : 1;
+    return k < left ? k : left;
+}
+
 static int encode_chars(const crystal_model *m, const char *prog, const char *text, int32_t *rows, int cap) {
     int n = 0;
     size_t len = strlen(text), i = 0;
     while (i < len) {
-        unsigned char b = (unsigned char)text[i];
-        size_t k = b < 0x80 ? 1 : b >= 0xf0 ? 4 : b >= 0xe0 ? 3 : b >= 0xc0 ? 2 : 1;
-        if (k > len - i) k = len - i;
+        size_t k = char_bytes(text + i, len - i);
         int found = -1;
         for (int id = 0; id < orig_vocab(m) && found < 0; id++) {
             const char *t;
@@ -278,11 +284,10 @@ static int encode_bpe(const crystal_model *m, const char *prog, const char *text
     size_t len = strlen(text);
     for (size_t i = 0; i < len; i++) {
         char c[8];
-        size_t k = s[i] >= 0xf0 ? 4 : s[i] >= 0xe0 ? 3 : s[i] >= 0xc0 ? 2 : 1;
         if (s[i] >= 0x80)
             return bad(prog, "--prompt: character '%s' is not ASCII, which this program's BPE tokenizer is "
-                       "limited to; use crystalc run, or --prompt-ids", shown(c, text + i, k < len - i ? k : len - i)),
-                   -1;
+                       "limited to; use crystalc run, or --prompt-ids",
+                       shown(c, text + i, char_bytes(text + i, len - i))), -1;
     }
     (void)cap;  /* a byte makes at most one id: n <= strlen(text) < cap */
     int *next = malloc((len + 1) * sizeof *next), *prev = malloc((len + 1) * sizeof *prev);
