@@ -40,7 +40,7 @@ DEFAULT_CFLAGS = "-O3 -march=native"
 # and drop NaN checks
 UNSAFE_CFLAGS = ("-Ofast", "-ffast-math", "-funsafe-math-optimizations", "-fassociative-math", "-freciprocal-math",
                  "-ffinite-math-only")
-SHARED_FILES = ("crystal.h", "crystal_forward.c", "crystal_cli.c")
+SHARED_FILES = ("crystal.h", "unicode_classes.h", "crystal_forward.c", "crystal_cli.c")
 DTYPE_ENUM = {"f32": "CRYSTAL_F32", "i8": "CRYSTAL_I8", "i16": "CRYSTAL_I16"}
 LITTLE = {"f32": "<f4", "i8": "i1", "i16": "<i2"}
 SCHEME_ENUM = {None: "CRYSTAL_Q_NONE", "tensor": "CRYSTAL_Q_TENSOR", "row": "CRYSTAL_Q_ROW", "group": "CRYSTAL_Q_GROUP"}

@@ -26,7 +26,7 @@ from crystalc.ir.graph import Graph
 from crystalc.templating import copy_template, render
 
 DEFAULT_NVCCFLAGS = "-O3"
-SHARED_C = ("crystal.h", "crystal_cli.c")
+SHARED_C = ("crystal.h", "unicode_classes.h", "crystal_cli.c")
 
 
 class CudaBackend:

@@ -178,24 +178,40 @@ def sampled_with_margin(graph: Graph, prompt: list[int], n: int, shift: int, tem
     return generate(graph, prompt, n, shift, pick), min(gaps)
 
 
+# Text past ASCII in each of GPT-2's classes: letters (accented, Greek, Cyrillic with U+1C89, new in Unicode
+# 16, CJK, a title-case digraph, a 4-byte one), numbers (Arabic-Indic, superscripts, Roman, fractions), spaces
+# (no-break, ideographic, em, line separator, NEL) and the rest (combining marks, punctuation, emoji).
+# `bpe_tokenizer` learns merges of its bytes, so that a character put in the wrong class changes the ids.
+UNICODE_TEXT = ("Roméo et Juliette, café naïve façade. Ωμέγα λόγος. Мир и война \u1c89. 日本語のテキスト。"
+                " ١٢٣ ٤٥٦ x²³ Ⅻ ½ \U0001d400\U0001d401 — «quoted» ‘single’ “double” … 😀👍 e\u0301t\u0301"
+                " a\u0308\u00a0non-breaking\u3000ideographic\u2003em\u2003\u2003space end\u2028line\u0085next"
+                " ﬁne Ǆwarf ᾈ \u00a0\u00a0Roméo\u3000 \u3000")
+
+
 def bpe_prompts() -> list[str]:
     """GPT-2's pre-tokenizer's every branch (contractions, ' ?' before letters, digits and punctuation, runs
     of spaces at the end and before a word, every ASCII control character), runs of one letter (a pair merged
     twice in a piece: the leftmost first), line ends of \\r\\n (\\r a space: with `bpe_tokenizer`'s merges of
-    them), then random ASCII."""
+    them), text past ASCII in every class, then random ASCII and random text past it."""
     fixed = ["ROMEO: what's this?", "  hello  world\n\n\nthere ", "it's 123abc 4.5 'tis I'll we've they'd",
              "\t\t x\r\n y", "a'S don't 'x", " ", "\n", "''s 're", "x  ", "!!!  ...,,, ;;", "a\x0bb\x0cc",
              "".join(map(chr, range(1, 128))), "thee eee ooo lll sss ttt rrr eeeee", "hark!\r\n\r\n",
-             "so\r\n\r\nthen \r\n", "e" * 3001, "hello" * 700 + " thee" * 300]  # long pieces: many merges
+             "so\r\n\r\nthen \r\n", "e" * 3001, "hello" * 700 + " thee" * 300,  # long pieces: many merges
+             UNICODE_TEXT, " café", "Roméo\u00a0\u00a0Juliette", "\u3000\u3000word", "e\u0301\u0301t", "١٢3 x²y",
+             "\u2003 Ωμέγα", "mot\u0085", "日本語 テキスト", "😀😀 👍"]
     rng = np.random.default_rng(5)
     alphabet = [chr(c) for c in range(1, 128)] + [" "] * 10 + list("abcde ' 12") * 4
-    return fixed + ["".join(rng.choice(alphabet, size=rng.integers(1, 40))) for _ in range(150)]
+    fixed += ["".join(rng.choice(alphabet, size=rng.integers(1, 40))) for _ in range(150)]
+    beyond = sorted(set(UNICODE_TEXT) - set(alphabet)) * 3 + [  # and code points from anywhere, assigned or not
+        chr(c) for c in rng.integers(0x80, 0x110000, size=60) if not 0xD800 <= c <= 0xDFFF]
+    return fixed + ["".join(rng.choice(alphabet + beyond, size=rng.integers(1, 40))) for _ in range(100)]
 
 
 def bpe_tokenizer() -> dict:
     """A byte-level BPE as `crystalc train --tokenizer bpe:500` trains it, on Shakespeare with some lines ended
-    by \\r\\n, so that its merges join \\r (a space to GPT-2's pattern) as well as letters."""
+    by \\r\\n, so that its merges join \\r (a space to GPT-2's pattern) as well as letters, and with
+    UNICODE_TEXT among them, so that they join bytes of characters past ASCII too."""
     from crystalc.train.data import build_tokenizer
 
     text = CORPUS.read_text()[:50_000]
-    return build_tokenizer(text[:25_000] + text[25_000:].replace("\n", "\r\n"), "bpe:500")
+    return build_tokenizer(text[:25_000] + text[25_000:].replace("\n", "\r\n") + UNICODE_TEXT * 40, "bpe:500")

@@ -4,7 +4,7 @@
  *   PROG --prompt "ROMEO:" [-n 100] [-t 0.8] [--top-p 0.9] [--seed 42] [--shift K] [--threads N]
  *   PROG --prompt-ids 5,17,3 --logits
  *
- * --prompt needs the model's char tokenizer, or a byte-level BPE crystalc lowered (ASCII text);
+ * --prompt needs the model's char tokenizer, or a byte-level BPE crystalc lowered (UTF-8 text);
  * it prints the prompt and its continuation as text. --prompt-ids takes ids of the ORIGINAL
  * tokenizer (mapped through vocab_map) and prints the generated ids the same way,
  * comma-separated on one line. --logits prints the last prompt position's logits as
@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "crystal.h"
+#include "unicode_classes.h"
 
 #define EXIT_BAD 2
 
@@ -137,24 +138,36 @@ static size_t token_text(const crystal_model *m, int orig, const char **text) {
     return m->char_offsets[orig + 1] - m->char_offsets[orig];
 }
 
-/* Encode `text` one character (one UTF-8 sequence) at a time; -1 after an error message. */
+/* The code point of the UTF-8 sequence at s, its length in *k; or -1, *k = 1, where the bytes there
+ * (at most `left`) are no whole, well-formed sequence. */
+static long utf8_char(const unsigned char *s, size_t left, size_t *k) {
+    unsigned char b = s[0];
+    size_t need = b < 0x80 ? 1 : b >= 0xf0 ? 4 : b >= 0xe0 ? 3 : 2;
+    /* the second byte's range excludes overlong forms, UTF-16 surrogates and code points past U+10FFFF */
+    unsigned lo = b == 0xe0 ? 0xa0 : b == 0xf0 ? 0x90 : 0x80;
+    unsigned hi = b == 0xed ? 0x9f : b == 0xf4 ? 0x8f : 0xbf;
+    *k = 1;
+    if ((b >= 0x80 && b < 0xc2) || b > 0xf4 || need > left) return -1;
+    long cp = need == 1 ? b : b & (0x7f >> need);
+    for (size_t j = 1; j < need; j++) {
+        if (s[j] < (j == 1 ? lo : 0x80) || s[j] > (j == 1 ? hi : 0xbf)) return -1;
+        cp = cp << 6 | (s[j] & 0x3f);
+    }
+    *k = need;
+    return cp;
+}
+
 /* One character of a prompt as a message shows it: itself when it is printable UTF-8 (one whole,
  * well-formed sequence, no control character), else its first byte as \xNN (a newline or an
  * invalid byte would otherwise break or garble the one-line message). */
 static const char *shown(char out[8], const char *s, size_t k) {
-    const unsigned char *u = (const unsigned char *)s;
-    size_t need = u[0] < 0x80 ? 1 : u[0] >= 0xf0 ? 4 : u[0] >= 0xe0 ? 3 : 2;
-    /* the second byte's range excludes overlong forms, UTF-16 surrogates, code points past U+10FFFF
-     * and (after 0xc2) the C1 controls */
-    unsigned lo = u[0] == 0xc2 ? 0xa0 : u[0] == 0xe0 ? 0xa0 : u[0] == 0xf0 ? 0x90 : 0x80;
-    unsigned hi = u[0] == 0xed ? 0x9f : u[0] == 0xf4 ? 0x8f : 0xbf;
-    int ok = k == need && (k == 1 ? u[0] >= 0x20 && u[0] < 0x7f : u[0] >= 0xc2 && u[0] <= 0xf4);
-    for (size_t j = 1; j < k && ok; j++) ok = u[j] >= (j == 1 ? lo : 0x80) && u[j] <= (j == 1 ? hi : 0xbf);
-    if (ok) {
+    size_t need;
+    long cp = utf8_char((const unsigned char *)s, k, &need);
+    if (need == k && cp >= 0x20 && cp != 0x7f && (cp < 0x80 || cp >= 0xa0)) {
         memcpy(out, s, k);
         out[k] = '\0';
     } else {
-        snprintf(out, 8, "\\x%02x", u[0]);
+        snprintf(out, 8, "\\x%02x", (unsigned char)s[0]);
     }
     return out;
 }
@@ -167,6 +180,7 @@ static size_t char_bytes(const char *s, size_t left) {
     return k < left ? k : left;
 }
 
+/* Encode `text` one character (one UTF-8 sequence) at a time; -1 after an error message. */
 static int encode_chars(const crystal_model *m, const char *prog, const char *text, int32_t *rows, int cap) {
     int n = 0;
     size_t len = strlen(text), i = 0;
@@ -193,34 +207,45 @@ static int encode_chars(const crystal_model *m, const char *prog, const char *te
 
 /* --- the byte-level BPE tokenizer (crystalc.tokenizer.byte_level_bpe) ------------------------ */
 
-/* GPT-2's pre-tokenizer pattern, as Hugging Face tokenizers runs it, on ASCII text:
+/* GPT-2's pre-tokenizer pattern, as Hugging Face tokenizers runs it:
  *   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
- * (the first alternative that matches wins). Its letters, digits and spaces beyond ASCII would
- * need Unicode's tables: encode_bpe refuses such text instead. */
-static int is_letter(unsigned char c) { return (c | 32) >= 'a' && (c | 32) <= 'z'; }
-static int is_digit(unsigned char c) { return c >= '0' && c <= '9'; }
-static int is_space(unsigned char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }
-static int is_other(unsigned char c) { return !is_letter(c) && !is_digit(c) && !is_space(c); }
+ * (the first alternative that matches wins). Its classes are the library's own, tabled in
+ * unicode_classes.h: 'L' letters, 'N' numbers, 'S' spaces, 'O' the rest. */
+static char char_class(long cp) {
+    size_t lo = 0, hi = sizeof unicode_classes / sizeof *unicode_classes;
+    while (lo < hi) {  /* the first range that ends at or after cp */
+        size_t mid = lo + (hi - lo) / 2;
+        if (unicode_classes[mid].last < (uint32_t)cp) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo < sizeof unicode_classes / sizeof *unicode_classes && unicode_classes[lo].first <= (uint32_t)cp
+               ? unicode_classes[lo].cls : 'O';
+}
+
+/* The class of the character at s[i] of well-formed UTF-8 text, its length in *k. */
+static char class_at(const unsigned char *s, size_t n, size_t i, size_t *k) {
+    return char_class(utf8_char(s + i, n - i, k));
+}
 
 /* Where the piece that starts at s[i] ends. */
 static size_t piece_end(const unsigned char *s, size_t n, size_t i) {
     static const char *const contractions[] = {"s", "t", "re", "ve", "m", "ll", "d"};
     if (s[i] == '\'') {
-        for (size_t k = 0; k < sizeof contractions / sizeof *contractions; k++) {
-            size_t len = strlen(contractions[k]);
-            if (len <= n - i - 1 && memcmp(s + i + 1, contractions[k], len) == 0) return i + 1 + len;
+        for (size_t c = 0; c < sizeof contractions / sizeof *contractions; c++) {
+            size_t len = strlen(contractions[c]);
+            if (len <= n - i - 1 && memcmp(s + i + 1, contractions[c], len) == 0) return i + 1 + len;
         }
     }
-    size_t j = i + (s[i] == ' ' && i + 1 < n);  /* " ?": the space joins a word, a number or punctuation */
-    int (*same)(unsigned char) = is_letter(s[j]) ? is_letter : is_digit(s[j]) ? is_digit
-                                 : is_other(s[j]) ? is_other : NULL;
-    if (same) {
-        while (j < n && same(s[j])) j++;
+    size_t k, j = i + (s[i] == ' ' && i + 1 < n);  /* " ?": the space joins a word, a number or the rest */
+    char cls = class_at(s, n, j, &k);
+    if (cls != 'S') {
+        while (j < n && class_at(s, n, j, &k) == cls) j += k;
         return j;
     }
-    size_t k = i;  /* a run of spaces: all of it at the end; before a word, all but its last (the word's " ?") */
-    while (k < n && is_space(s[k])) k++;
-    return k == n || k - i == 1 ? k : k - 1;
+    /* a run of spaces: all of it at the end; before anything else, all but its last (a word's " ?") */
+    size_t end = i, last = i, count = 0;
+    for (; end < n && class_at(s, n, end, &k) == 'S'; end += k, count++) last = end;
+    return end == n || count == 1 ? end : last;
 }
 
 /* The rank of merging ids (a, b) and the id it makes, or -1: a binary search of the table. */
@@ -282,12 +307,11 @@ static void push_pair(const crystal_model *m, bpe_merge *h, size_t *n, const int
 static int encode_bpe(const crystal_model *m, const char *prog, const char *text, int32_t *rows, int cap) {
     const unsigned char *s = (const unsigned char *)text;
     size_t len = strlen(text);
-    for (size_t i = 0; i < len; i++) {
+    for (size_t i = 0, k; i < len; i += k) {
         char c[8];
-        if (s[i] >= 0x80)
-            return bad(prog, "--prompt: character '%s' is not ASCII, which this program's BPE tokenizer is "
-                       "limited to; use crystalc run, or --prompt-ids",
-                       shown(c, text + i, char_bytes(text + i, len - i))), -1;
+        if (utf8_char(s + i, len - i, &k) < 0)
+            return bad(prog, "--prompt: byte %zu ('%s') is not part of a UTF-8 character; the text must be UTF-8",
+                       i, shown(c, text + i, 1)), -1;
     }
     (void)cap;  /* a byte makes at most one id: n <= strlen(text) < cap */
     int *next = malloc((len + 1) * sizeof *next), *prev = malloc((len + 1) * sizeof *prev);

@@ -559,10 +559,13 @@ def test_a_bpe_model_generates_text(bpe_model, tmp_path):
     want = b"ROMEO: what" + b"".join(pieces[i] for i in generate(g, ids, 30)) + b"\n"
     res = subprocess.run([str(exe), "--prompt", "ROMEO: what", "-n", "30", "-t", "0"], capture_output=True, timeout=120)
     assert res.returncode == 0 and res.stdout == want, res.stderr
-    # text past ASCII would need Unicode's letter and space tables: refused, the character shown
-    res = run(exe, "--prompt", "ROM\u00c9O")
-    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1
-    assert "--prompt: character '\u00c9' is not ASCII" in res.stderr, res.stderr
+    # bytes that are no UTF-8 are no text for the tokenizer (a lone lead byte, a stray continuation byte, a
+    # UTF-16 surrogate, an overlong form)
+    for arg, where in ((b"ROM\xc3O", b"byte 3 ('\\xc3')"), (b"\x80", b"byte 0 ('\\x80')"),
+                       (b"a\xed\xa0\x80", b"byte 1 ('\\xed')"), (b"\xe0\x80\xaf", b"byte 0 ('\\xe0')")):
+        res = subprocess.run([str(exe), "--prompt", arg], capture_output=True, timeout=60)
+        assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr
+        assert b"--prompt: " + where + b" is not part of a UTF-8 character" in res.stderr, res.stderr
     # a tokenizer.json of another shape (here a normalizer): --prompt-ids only, and model.c says why
     other = json.loads(tok.spec["json"])
     other["normalizer"] = {"type": "Lowercase"}
@@ -585,7 +588,7 @@ def test_emit_is_deterministic_and_weights_are_not_c_literals(tmp_path):
     a, b = emit(g, tmp_path / "a"), emit(g, tmp_path / "b")
     names = sorted(p.name for p in a.iterdir())
     assert names == ["Makefile", "crystal.h", "crystal_cli.c", "crystal_forward.c", "main.c", "model.c", "model.h",
-                     "weights.S", "weights.bin"]
+                     "unicode_classes.h", "weights.S", "weights.bin"]
     for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     # the float32 bytes of the token embedding lie in the blob, and nowhere in the C

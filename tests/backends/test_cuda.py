@@ -172,8 +172,8 @@ def test_emit_is_the_c_model_with_a_cuda_forward_pass(tmp_path):
             backend.emit(g, out)
         names = sorted(p.name for p in cu.iterdir())
         assert names == ["Makefile", "crystal.h", "crystal_cli.c", "crystal_forward.cu", "main.c", "model.c",
-                         "model.h", "weights.S", "weights.bin"]
-        for same in ("crystal.h", "crystal_cli.c", "model.h"):
+                         "model.h", "unicode_classes.h", "weights.S", "weights.bin"]
+        for same in ("crystal.h", "unicode_classes.h", "crystal_cli.c", "model.h"):
             assert (cu / same).read_bytes() == (c / same).read_bytes(), same
         blob = (cu / "weights.bin").read_bytes()
         if tied:  # byte for byte the C backend's, but model.c's note of which file holds the forward pass

@@ -25,6 +25,7 @@ from crystalc.ir.interpret import forward, generate
 from tests.backends.test_c import greedy_with_margin
 from tests.conftest import (
     MIN_SAMPLE_MARGIN,
+    UNICODE_TEXT,
     bpe_prompts,
     bpe_tokenizer,
     random_graph,
@@ -319,7 +320,7 @@ def test_crystalc_run_on_crystal_and_pt(cache, tmp_path):
 
 def test_the_runtime_encodes_a_bpe_prompt_as_the_tokenizer_does(runtime, sanitized, tmp_path):
     """A .crystal file carries a byte-level BPE's tables (tokenizer.bpe.*) beside tokenizer.json: the runtime's
-    --prompt encodes ASCII text as the tokenizers library does (the same logits), and prints the tokens' bytes."""
+    --prompt encodes text as the tokenizers library does (the same logits), and prints the tokens' bytes."""
     from crystalc.format.crystal import read_crystal
     from crystalc.passes.prune_vocab import prune_vocab
     from crystalc.tokenizer import Tokenizer, byte_level_bpe
@@ -346,11 +347,20 @@ def test_the_runtime_encodes_a_bpe_prompt_as_the_tokenizer_does(runtime, sanitiz
         res = subprocess.run([str(exe), str(path), "--prompt", "ROMEO: what", "-n", "20", "-t", "0"],
                              capture_output=True, timeout=120, env=env)
         assert res.returncode == 0 and res.stdout == want + b"\n", res.stderr
+    # the encoder's UTF-8 and class tables under the sanitizers: the plain build's logits, bit for bit
+    prompts = [q for q in (UNICODE_TEXT, UNICODE_TEXT[:70], UNICODE_TEXT[::-1], "\U0010fffd \u00a0x\u0301\U0001f600")
+               if tok.vocab_size - 1 not in tok.encode(q)]
+    assert len(prompts) >= 2
+    for prompt in prompts:
+        plain, checked = (subprocess.run([str(exe), str(path), "--prompt", prompt, "--logits"], capture_output=True,
+                                         timeout=120, env=env) for exe, env in
+                          ((runtime, None), (sanitized, dict(os.environ, **SANITIZER_ENV))))
+        assert plain.returncode == checked.returncode == 0 and plain.stdout == checked.stdout, checked.stderr
 
 
 def test_crystalc_run_speaks_text_for_a_bpe_model(cache, tmp_path):
-    """`crystalc run` encodes a BPE prompt itself (any text, not only the runtime's ASCII) and decodes what it
-    generates as the tokenizers library does."""
+    """`crystalc run` encodes a BPE prompt itself and decodes what it generates as the tokenizers library
+    does."""
     from crystalc.tokenizer import Tokenizer
     from crystalc.train.data import build_tokenizer
 
