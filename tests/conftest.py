@@ -185,7 +185,10 @@ def sampled_with_margin(graph: Graph, prompt: list[int], n: int, shift: int, tem
 UNICODE_TEXT = ("Roméo et Juliette, café naïve façade. Ωμέγα λόγος. Мир и война \u1c89. 日本語のテキスト。"
                 " ١٢٣ ٤٥٦ x²³ Ⅻ ½ \U0001d400\U0001d401 — «quoted» ‘single’ “double” … 😀👍 e\u0301t\u0301"
                 " a\u0308\u00a0non-breaking\u3000ideographic\u2003em\u2003\u2003space end\u2028line\u0085next"
-                " ﬁne Ǆwarf ᾈ \u00a0\u00a0Roméo\u3000 \u3000")
+                " ﬁne Ǆwarf ᾈ \u00a0\u00a0Roméo\u3000 \u3000"
+                # a class's characters past ASCII beside its ASCII ones, so that merges cross between them: one
+                # past ASCII put in another class splits the piece, and the merge is missed
+                " Ⅻ12 ١٢3 ²7 テキストabc Ωmega 𝐀bc na\u0308\u0301!! —!! …?? 😀!! x\n\u3000\n\u00a0\n\u2003\t\u0085\n\n")
 
 
 def bpe_prompts() -> list[str]:
@@ -199,6 +202,7 @@ def bpe_prompts() -> list[str]:
              "so\r\n\r\nthen \r\n", "e" * 3001, "hello" * 700 + " thee" * 300,  # long pieces: many merges
              UNICODE_TEXT, " café", "Roméo\u00a0\u00a0Juliette", "\u3000\u3000word", "e\u0301\u0301t", "١٢3 x²y",
              "\u2003 Ωμέγα", "mot\u0085", "日本語 テキスト", "😀😀 👍"]
+    fixed += [UNICODE_TEXT[i:i + 40] for i in range(0, len(UNICODE_TEXT), 40)]  # within a 96-token window
     rng = np.random.default_rng(5)
     alphabet = [chr(c) for c in range(1, 128)] + [" "] * 10 + list("abcde ' 12") * 4
     fixed += ["".join(rng.choice(alphabet, size=rng.integers(1, 40))) for _ in range(150)]
@@ -214,4 +218,4 @@ def bpe_tokenizer() -> dict:
     from crystalc.train.data import build_tokenizer
 
     text = CORPUS.read_text()[:50_000]
-    return build_tokenizer(text[:25_000] + text[25_000:].replace("\n", "\r\n") + UNICODE_TEXT * 40, "bpe:500")
+    return build_tokenizer(text[:25_000] + text[25_000:].replace("\n", "\r\n") + UNICODE_TEXT * 120, "bpe:500")
