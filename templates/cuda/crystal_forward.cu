@@ -42,8 +42,10 @@ static_assert(THREADS >= 32 && THREADS <= 1024 && (THREADS & (THREADS - 1)) == 0
 /* A device failure ends the program, one line and exit status 2, rather than travelling back as an error:
  * this file is linked only into its own program (no library of it is loaded into another process), and
  * a GPU that failed a malloc, copy or launch mid-generation leaves nothing to recover. */
+static const char *cuda_prog = "crystal";  /* argv[0], once crystal_cuda_check has it */
+
 static void cuda_fail(cudaError_t err, const char *what) {
-    fprintf(stderr, "crystal: error: CUDA %s: %s\n", what, cudaGetErrorString(err));
+    fprintf(stderr, "%s: error: CUDA %s: %s\n", cuda_prog, what, cudaGetErrorString(err));
     exit(2);
 }
 
@@ -83,13 +85,15 @@ __device__ static float block_max(float v, float *shared) {
 }
 
 /* token_embedding + position_embedding: x = token_embed[tok] + pos_embed[pos] */
-__global__ void token_embedding(const float *embed, const float *pos_embed, int tok, int pos, int d, float *x) {
+__global__ void __launch_bounds__(THREADS)
+token_embedding(const float *embed, const float *pos_embed, int tok, int pos, int d, float *x) {
     for (int i = (int)threadIdx.x; i < d; i += (int)blockDim.x)
         x[i] = embed[(size_t)tok * d + i] + pos_embed[(size_t)pos * d + i];
 }
 
 /* out = (x - mean) / sqrt(var + eps) * w + b, one block */
-__global__ void layer_norm(const float *x, const float *w, const float *b, int d, float eps, float *out) {
+__global__ void __launch_bounds__(THREADS)
+layer_norm(const float *x, const float *w, const float *b, int d, float eps, float *out) {
     __shared__ float shared[THREADS];
     float s = 0.0f;
     for (int i = threadIdx.x; i < d; i += THREADS) s += x[i];
@@ -101,7 +105,8 @@ __global__ void layer_norm(const float *x, const float *w, const float *b, int d
 }
 
 /* y[r] (+)= W[r] . x + b[r]: one warp a row */
-__global__ void linear(const float *w, const float *b, const float *x, int rows, int cols, float *y, int accumulate) {
+__global__ void __launch_bounds__(THREADS)
+linear(const float *w, const float *b, const float *x, int rows, int cols, float *y, int accumulate) {
     int row = (int)((blockIdx.x * blockDim.x + threadIdx.x) / 32);
     int lane = threadIdx.x % 32;
     if (row >= rows) return;
@@ -114,8 +119,9 @@ __global__ void linear(const float *w, const float *b, const float *x, int rows,
 
 /* y[head] = softmax(q k^T / sqrt(hd)) v over positions 0..pos, one block a head;
  * scores holds n_ctx floats a head */
-__global__ void causal_attention(const float *q, const float *kc, const float *vc, int pos, int d, int hd,
-                                 int n_ctx, float *scores, float *y) {
+__global__ void __launch_bounds__(THREADS)
+causal_attention(const float *q, const float *kc, const float *vc, int pos, int d, int hd,
+                 int n_ctx, float *scores, float *y) {
     __shared__ float shared[THREADS];
     int head = blockIdx.x;
     const float *qh = q + head * hd;
@@ -145,8 +151,9 @@ __global__ void causal_attention(const float *q, const float *kc, const float *v
 
 /* x += sum_j w_j val_j, w_j = exp(-|h - pos_j| / (|tau_j| + 0.1)) (normalised: / (sum + eps)),
  * one block; w holds n floats */
-__global__ void neuron_field(const float *h, const float *positions, const float *values, const float *temperature,
-                             int n, int d, int normalize, float eps, float *w, float *x) {
+__global__ void __launch_bounds__(THREADS)
+neuron_field(const float *h, const float *positions, const float *values, const float *temperature,
+             int n, int d, int normalize, float eps, float *w, float *x) {
     __shared__ float shared[THREADS];
     float part = 0.0f;
     for (int j = threadIdx.x; j < n; j += THREADS) {
@@ -166,7 +173,8 @@ __global__ void neuron_field(const float *h, const float *positions, const float
 }
 
 /* u = GELU(u), the exact erf form */
-__global__ void gelu(float *u, int n) {
+__global__ void __launch_bounds__(THREADS)
+gelu(float *u, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) u[i] = 0.5f * u[i] * (1.0f + erff(u[i] * 0.70710678118654752f));
 }
@@ -410,6 +418,7 @@ extern "C" int crystal_forward_sequence(const crystal_model *m, const int32_t *i
 
 /* Called by main() before anything else: one line and exit status 2 when no GPU can run us. */
 extern "C" int crystal_cuda_check(const char *prog) {
+    cuda_prog = prog;
     int count = 0;
     cudaError_t err = cudaGetDeviceCount(&count);
     if (err != cudaSuccess || count == 0) {

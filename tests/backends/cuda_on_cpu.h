@@ -66,6 +66,7 @@ struct dim3 {
 
 #define __global__
 #define __device__
+#define __launch_bounds__(threads)
 /* Every __shared__ array is one static copy, holding the bytes of the block that runs; launch swaps the
  * other resident blocks' bytes in and out. Every copy goes in one section, which the linker brackets with
  * __start_ and __stop_ symbols (GNU ld, lld and gold do for a section named like a C identifier), so the
@@ -442,9 +443,14 @@ inline cudaError_t cudaGetDeviceCount(int *n) {
     return cudaSuccess;
 }
 
-/* poisoned as shared memory is: cudaMalloc leaves the GPU's memory undefined too */
+/* poisoned as shared memory is: cudaMalloc leaves the GPU's memory undefined too. CUDA_ON_CPU_MEMORY=BYTES
+ * is the GPU's size: an allocation past it fails as on a GPU that is full. */
 inline cudaError_t cudaMalloc(void **p, size_t n) {
     if (!n) n = 1;  /* a distinct address, so that it can be told from its neighbours */
+    static const char *limit = std::getenv("CUDA_ON_CPU_MEMORY");
+    size_t used = 0;
+    for (const auto &a : cuda_on_cpu::device) used += a.second;
+    if (limit && used + n > std::strtoull(limit, nullptr, 10)) return cudaErrorMemoryAllocation;
     void *m = std::malloc(n);
     if (!m) return cudaErrorMemoryAllocation;
     std::memset(m, cuda_on_cpu::POISON, n);

@@ -190,7 +190,7 @@ def test_emit_is_the_c_model_with_a_cuda_forward_pass(tmp_path):
         assert "head_tiles" not in (cu / "crystal_forward.cu").read_text()
     kernels = (cu / "crystal_forward.cu").read_text()
     for op in ("token_embedding", "layer_norm", "linear", "causal_attention", "neuron_field", "gelu"):
-        assert f"__global__ void {op}(" in kernels
+        assert f"__global__ void __launch_bounds__(THREADS)\n{op}(" in kernels
     for op in ("ffn", "head"):  # several kernels each, launched by a host function of the op's name
         assert f"static void {op}(" in kernels
 
@@ -229,6 +229,15 @@ def test_the_makefile_keeps_ieee_math_whatever_nvccflags_say(tmp_path):
                         ("NVCC=nvcc -use_fast_math", "has -use_fast_math")):
         res = subprocess.run(["make", "-n", flags], cwd=tmp_path, capture_output=True, text=True)
         assert res.returncode != 0 and says in res.stderr, res.stderr
+    # nvcc reads flags from its environment too, and takes NVCC_APPEND_FLAGS after the Makefile's own
+    for env, says in ((dict(NVCC_APPEND_FLAGS="-use_fast_math"), "has -use_fast_math"),
+                      (dict(NVCC_PREPEND_FLAGS="-Xcompiler=-ffast-math"), "has -ffast-math"),
+                      (dict(NVCC_APPEND_FLAGS="-O3 --fmad=true"), "NVCC_APPEND_FLAGS sets --fmad")):
+        res = subprocess.run(["make", "-n"], cwd=tmp_path, capture_output=True, text=True, env={**os.environ, **env})
+        assert res.returncode != 0 and says in res.stderr, (env, res.stderr)
+    res = subprocess.run(["make", "-n"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "NVCC_APPEND_FLAGS": "-lineinfo", "NVCC_PREPEND_FLAGS": "-O3"})
+    assert res.returncode == 0, res.stderr
 
 
 @pytest.mark.tool
@@ -276,6 +285,17 @@ def cpu_program(graph: Graph, out: Path, threads: int = 256, sanitize: bool = Fa
         res = subprocess.run(cmd, cwd=out, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr
     return out / "model_cpu"
+
+
+@pytest.mark.tool
+def test_a_full_gpu_is_one_line_naming_the_program(tmp_path):
+    # a cudaMalloc that fails partway through the uploads: one line under the program's own name, exit 2,
+    # and (under the sanitizers) nothing leaked or freed twice on the way out
+    exe = cpu_program(random_graph("d40_h5", seed=3), tmp_path / "out", sanitize=True)
+    res = subprocess.run([str(exe), "--prompt-ids", "1,2", "--logits"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "CUDA_ON_CPU_MEMORY": "20000"})
+    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr
+    assert res.stderr.startswith(f"{exe}: error: CUDA ") and "out of memory" in res.stderr, res.stderr
 
 
 @pytest.mark.tool
