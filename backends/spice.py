@@ -13,7 +13,9 @@ Decisions taken here (templates/spice/ only renders text):
   neuron (a_j = 0) at 1.09 V and 1.7 mA; neurons beyond A temperatures carry
   -IS, which next to IS * exp(A) is 6e-19 of a weight, and next to the eps
   current of a normalised field is what `far_field_error` bounds: emit refuses
-  a field_eps too small for it (eps = 0 among them).
+  a field_eps too small for it (eps = 0 among them), judged against the largest
+  |value| (an output's scale: the bound, and float32's rounding, scale with the
+  values).
 - Vt is what ngspice computes at 27 C, from its own constants (Boltzmann
   1.38064852e-23 J/K, charge 1.6021766208e-19 C), so the diode's exponent is
   the intended one to a few ulp (with every number read as written, below: the
@@ -23,6 +25,10 @@ Decisions taken here (templates/spice/ only renders text):
 - Each position is solved by its own ngspice run, in parallel: one circuit of S
   instances took ngspice time growing far faster than S (the bundled model's
   field: 3.3 s for one position, 241 s for eight).
+- The testbench holds the netlist's body at its top level, not an instance of the
+  subcircuit: ngspice-39 instances a subcircuit of at most 1004 ports
+  (N_GLOBAL_NODES), and this one has 2D (2D + 1 for a frozen core), so a model of
+  D >= 503 did not load. The netlist stays a .subckt, the artifact to place.
 - ngspice puts GMIN (default 1e-12 S) beside every junction; the eps current is
   1.7e-11 A, so GMIN would leak 4% of it. The testbench sets GMIN to 1e-30 and
   solves to a relative tolerance of 1e-12.
@@ -61,6 +67,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -82,7 +89,9 @@ DIODE_IS = 1e-21  # A
 THERMAL_VOLTAGE = 1.38064852e-23 * 300.15 / 1.6021766208e-19  # ngspice's kT/q at 27 C
 GMIN = 1e-30  # S, beside every junction (ngspice's default 1e-12 would leak 4% of the eps current)
 OPTIONS = f"reltol=1e-12 abstol=1e-24 vntol=1e-15 gmin={GMIN:g} temp=27 tnom=27"
-FAR_ERROR_MAX = 1e-7  # an output's error from the diodes' -IS that emit accepts: below float32's rounding
+# An output's error from the diodes' -IS that emit accepts, of the largest |value| (which bounds a normalised
+# field's outputs): below float32's rounding
+FAR_ERROR_MAX = 1e-7
 # What a diode carries at most instead of nearly nothing, in units of IS: its -IS, and GMIN times its reverse
 # voltage, at most A Vt (the drive's cap)
 LEAK_IS = 1.0 + GMIN * DRIVE_A * THERMAL_VOLTAGE / DIODE_IS
@@ -91,6 +100,7 @@ LEAK_IS = 1.0 + GMIN * DRIVE_A * THERMAL_VOLTAGE / DIODE_IS
 # |value|, a sum at most N of them)
 INFINITE_V = 1e49
 FINGERPRINT = "* crystalc fingerprint:"
+NGSPICE_MAX_PORTS = 1004  # the most ports ngspice-39 instances a subcircuit with (N_GLOBAL_NODES overflow past it)
 
 
 def _num(x: float) -> str:
@@ -168,6 +178,7 @@ def lower_field(graph: Graph, block: int, frozen_only: bool = False) -> dict[str
         "block": block, "d": graph.config.d_model, "neurons": neurons, "n_frozen": int(frozen.sum()),
         "n_digital": f.n_neurons - len(neurons),
         "n_total": f.n_neurons, "partial": frozen_only,
+        "n_ports": 2 * graph.config.d_model + frozen_only, "max_ports": NGSPICE_MAX_PORTS,
         "normalize": f.normalize, "eps_current": _num(f.eps * scale), "inv_scale": _bnum(1.0 / scale),
         "a_vt": _bnum(DRIVE_A * THERMAL_VOLTAGE), "a_vt_cap": _bnum(2 * DRIVE_A * THERMAL_VOLTAGE),
         "diode_is": _num(DIODE_IS), "drive_a": f"{DRIVE_A:g}", "vt": f"{THERMAL_VOLTAGE:.9g}",
@@ -192,14 +203,19 @@ class SpiceBackend:
             raise CrystalError(f"the SPICE target compiles neuron fields, and no block has {what}")
         for b in blocks:
             op = graph.blocks[b].field
-            if far_field_error(op) > FAR_ERROR_MAX:
+            # Relative, as the leaks and float32's rounding are: an absolute bound refused a good field's values
+            # x1000 and let values of 1e-3 be 1.65e-5 off. An unnormalised field's leaks are at most
+            # N LEAK_IS e^-A (5.8e-19 N) of its largest |value|, and eps is not in it: only a normalised field
+            # can fail. Every value 0: every output is 0, whatever the leaks.
+            largest = float(np.abs(op.values.values()).max(initial=0.0))
+            if op.normalize and largest > 0 and far_field_error(op) > FAR_ERROR_MAX * largest:
                 # the eps at which far_field_error reaches the most, rounded up so that the eps named is accepted
-                need = _far_field_current(op) / FAR_ERROR_MAX
+                need = _far_field_current(op) / (FAR_ERROR_MAX * largest)
                 step = 10.0 ** (math.floor(math.log10(need)) - 1)
                 raise CrystalError(f"field_eps {op.eps:g} is too small for the SPICE circuit of block {b}: its "
                                    f"diodes carry -IS beyond {DRIVE_A:g} temperatures, and only an eps current of "
                                    f"field_eps >= {math.ceil(need / step) * step:.2g} keeps that below "
-                                   f"{FAR_ERROR_MAX:g} of an output")
+                                   f"{FAR_ERROR_MAX:g} of the largest |value| ({largest:.3g})")
         written = []
         for b in blocks:
             path = Path(out_dir) / netlist_name(b)
@@ -264,6 +280,20 @@ def _ports(netlist: Path) -> Ports:
     return Ports(d, outputs)
 
 
+def _body(netlist: Path) -> str:
+    """The netlist without its .subckt and .ends lines, for the testbench's top level: ngspice-39 instances a
+    subcircuit of at most NGSPICE_MAX_PORTS, and a field's has 2D (2D + 1), over that from D = 503 (502)."""
+    return re.sub(r"^\.(subckt|ends)\b.*\n?", "", netlist.read_text(encoding="ascii"),
+                  flags=re.MULTILINE | re.IGNORECASE)
+
+
+def _killed_by(number: int) -> str:
+    try:
+        return f"killed by {signal.Signals(number).name}, signal {number}"
+    except ValueError:  # a real-time signal between SIGRTMIN and SIGRTMAX, which Signals does not name
+        return f"killed by signal {number}"
+
+
 def simulate_field(out_dir: Path, block: int, h: np.ndarray, timeout: float | None = 600) -> np.ndarray:
     """Block `block`'s field at the inputs h [S, D], by ngspice's operating point: [S, D] float64
     (a frozen core: [S, D + 1], its sums f<k> and then fden). Each row is its own ngspice run (timeout
@@ -285,10 +315,13 @@ def simulate_field(out_dir: Path, block: int, h: np.ndarray, timeout: float | No
     if len(h) == 0:
         return np.zeros((0, len(outputs)))
 
+    body = f"body_b{block}.cir"
+
     def solve(tmp: str, s: int, row: np.ndarray) -> list[float]:
         bench = Path(tmp) / f"bench{s}.cir"
-        bench.write_text(render("spice", "testbench.cir.j2", block=block, d=d, outputs=outputs,
-                                options=OPTIONS, h=[_num(v) for v in row]), encoding="ascii")
+        bench.write_text(render("spice", "testbench.cir.j2", block=block, body=body, d=d, outputs=outputs,
+                                max_ports=NGSPICE_MAX_PORTS, options=OPTIONS, h=[_num(v) for v in row]),
+                         encoding="ascii")
         try:
             proc = subprocess.run(["ngspice", "-n", "-b", bench.name], cwd=tmp, capture_output=True,
                                   text=True, timeout=timeout)
@@ -300,7 +333,9 @@ def simulate_field(out_dir: Path, block: int, h: np.ndarray, timeout: float | No
             why = [ln for ln in said if re.search(r"error|fail|singular|abort", ln, re.IGNORECASE)] or said
             detail = " ".join(" ".join(why).split())  # each line once: ngspice repeats its complaints
             detail = detail if len(detail) <= 1500 else detail[:1500] + " ..."  # from the first, whole
-            raise CrystalError(f"ngspice failed on {netlist.name} (exit {proc.returncode}): {detail}")
+            # killed (the out-of-memory killer's SIGKILL among them), ngspice says nothing: the signal is the cause
+            how = _killed_by(-proc.returncode) if proc.returncode < 0 else f"exit {proc.returncode}"
+            raise CrystalError(f"ngspice failed on {netlist.name} ({how}){': ' + detail if detail else ''}")
         got = [float(found[o]) for o in outputs]
         # ngspice stands 1e50 in for a division by zero (INFINITE_V) and exits 0: that, or no number, is no
         # solution
@@ -312,7 +347,8 @@ def simulate_field(out_dir: Path, block: int, h: np.ndarray, timeout: float | No
         return got
 
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max_workers=min(len(h), os.cpu_count() or 1)) as pool:
-        shutil.copy(netlist, Path(tmp) / netlist.name)  # once; .include by a plain name: paths may hold spaces
+        # once; .include by a plain name: paths may hold spaces
+        (Path(tmp) / body).write_text(_body(netlist), encoding="ascii")
         return np.array(list(pool.map(lambda sr: solve(tmp, *sr), enumerate(h))))
 
 
