@@ -441,7 +441,7 @@ def prune_vocab(model: str, corpus: str | None, keep: str | None, out_path: str,
                    "--grow-every rounds before then: none when that is past 80% of --rounds).")
 @click.option("--freeze", type=click.Choice(["graceful", "none"]), default="graceful", show_default=True,
               help="graceful: from 20% of training on, freeze cold, quiet, old neurons; none: never.")
-@click.option("--freeze-min-age", type=click.IntRange(0), default=50, show_default=True,
+@click.option("--freeze-min-age", type=click.IntRange(0, (1 << 31) - 1), default=50, show_default=True,
               help="Rounds a neuron lives before it may freeze.")
 @click.option("--soft-halflife", type=FiniteRange(0), default=0.0, show_default=True,
               help="Soft freezing: LR x max(0.01, 0.5^(age/halflife)) in rounds; 0 is off.")
@@ -449,7 +449,7 @@ def prune_vocab(model: str, corpus: str | None, keep: str | None, out_path: str,
 @click.option("--rounds", type=click.IntRange(1), default=600, show_default=True,
               help="Rounds the run is divided into (the seeds' epochs); schedules count in rounds.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Windows per step.")
-@click.option("--lr", type=FiniteRange(0, min_open=True), default=3e-3, show_default=True,
+@click.option("--lr", type=FiniteRange(0, 1e30, min_open=True), default=3e-3, show_default=True,
               help="Adam learning rate.")
 @click.option("--warmup", type=click.IntRange(0), default=None,
               help="Steps of linear warm-up to --lr before the cosine decay (default: 100, or a tenth of --steps "
@@ -488,6 +488,7 @@ def train(data: str, out_path: str, tokenizer: str, d_model: int, n_ctx: int, n_
         soft_halflife=soft_halflife, steps=steps, rounds=rounds, batch_size=batch_size, lr=lr, warmup=warmup,
         eval_every=eval_every, patience=patience, val_frac=val_frac, sampling=sampling, tokenizer=tokenizer,
         seed=seed, threads=threads, device=device, progress=not quiet)
+    cfg.validate()  # before the corpus is read (up to 1 GiB)
     try:
         _, _, meta = run_training(read_corpus(data), cfg, out=out_path, log=lambda s: click.echo(s, err=True))
     except (MemoryError, RuntimeError) as e:

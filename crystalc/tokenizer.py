@@ -68,6 +68,10 @@ class Tokenizer:
                 self._hf = HFTokenizer.from_str(spec["json"])
             except Exception as e:
                 raise CrystalError(f"tokenizer: bad tokenizer.json: {e}") from None
+            # A prompt or a corpus is one sequence: padding would add tokens to it (Fixed: 2^40 aborted inside
+            # the library) and truncation cut it, both silently; they are for batches of a fixed length
+            self._hf.no_padding()
+            self._hf.no_truncation()
             self.vocab_size = self._hf.get_vocab_size()
             if n_ids is not None and self.vocab_size != n_ids:
                 raise CrystalError(f"tokenizer: {self.vocab_size} tokens for a vocabulary of {n_ids} ids")
@@ -85,7 +89,10 @@ class Tokenizer:
                 text.encode("utf-8")
             except UnicodeEncodeError as e:
                 raise CrystalError(f"the text is not valid UTF-8 (character {e.start})") from None
-            return list(self._hf.encode(text).ids)[:limit], 0
+            try:
+                return list(self._hf.encode(text).ids)[:limit], 0
+            except Exception as e:  # the library's own (a WordLevel whose unk_token is not in its vocabulary)
+                raise CrystalError(f"tokenizer: cannot encode the text ({e})") from None
         out: list[int] = []
         skipped = 0
         for ch in text:
@@ -102,7 +109,10 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         if self._hf is not None:
-            return self._hf.decode(ids)
+            try:
+                return self._hf.decode(ids)
+            except Exception as e:
+                raise CrystalError(f"tokenizer: cannot decode ids ({e})") from None
         return "".join(self.chars[i] for i in ids)
 
 
@@ -139,8 +149,8 @@ def _byte_level_alphabet() -> dict[str, int]:
 
 def byte_level_bpe(json_text: str) -> ByteLevelBPE:
     """The tables of a tokenizer.json that is a plain byte-level BPE (what `crystalc train --tokenizer bpe:N`
-    writes: no normalizer, no added tokens, GPT-2's pre-tokenizer without a prefix space, no post-processing,
-    truncation or padding); a CrystalError naming what else it holds."""
+    writes: no normalizer, no added tokens, GPT-2's pre-tokenizer without a prefix space, no post-processing;
+    truncation and padding, which Tokenizer turns off, are let be); a CrystalError naming what else it holds."""
     try:
         spec = json.loads(json_text)
     except (ValueError, RecursionError) as e:
@@ -162,13 +172,10 @@ def _byte_level_bpe(spec: Any) -> ByteLevelBPE:
             raise CrystalError(f"the BPE has {key} = {model[key]!r}")
     if spec.get("normalizer") is not None or spec.get("added_tokens"):
         raise CrystalError("the tokenizer has a normalizer or added tokens")
-    # the library's encode applies these too: special tokens around the text, a cut, padding ids
+    # the library's encode applies a post-processor's special tokens around the text
     post = spec.get("post_processor")
     if post is not None and post.get("type") != "ByteLevel":  # (ByteLevel trims offsets only)
         raise CrystalError(f"the tokenizer has a {post.get('type')} post-processor")
-    for key in ("truncation", "padding"):
-        if spec.get(key) is not None:
-            raise CrystalError(f"the tokenizer has {key}")
     pre = spec.get("pre_tokenizer")
     if not (isinstance(pre, dict) and pre.get("type") == "ByteLevel" and pre.get("add_prefix_space") is False
             and pre.get("use_regex", True) is True):

@@ -97,12 +97,10 @@ def test_byte_level_bpe_tables() -> None:
     (lambda j: j["model"]["merges"].append(["Ġ", "Ġ"]) if "ĠĠ" not in j["model"]["vocab"]
      else j["model"]["merges"].append(["x", "zzz"]), "merge"),
     (lambda j: j["model"]["merges"].append(j["model"]["merges"][0]), "merges a pair twice"),
-    # found by an audit: the library's encode adds a post-processor's tokens, cuts and pads, which the tables
-    # do not; and fields of other types than the library writes were tracebacks
+    # found by an audit: the library's encode adds a post-processor's tokens, which the tables do not; and
+    # fields of other types than the library writes were tracebacks
     (lambda j: j.update(post_processor={"type": "TemplateProcessing", "single": [], "pair": [],
                                         "special_tokens": {}}), "TemplateProcessing post-processor"),
-    (lambda j: j.update(truncation={"max_length": 2}), "has truncation"),
-    (lambda j: j.update(padding={"strategy": "BatchLongest"}), "has padding"),
     (lambda j: j["model"]["vocab"].update({"zz": 5.0}), "not 0..V-1"),
     (lambda j: j.update(decoder="ByteLevel"), "not one the library writes"),
     (lambda j: j["model"]["merges"].append([["a"], "b"]), "merge"),
@@ -125,3 +123,27 @@ def test_byte_level_bpe_takes_what_does_not_change_the_ids() -> None:
     assert byte_level_bpe(other["json"]) == byte_level_bpe(spec["json"])
     with pytest.raises(CrystalError, match="nesting limit"):
         byte_level_bpe("[" * 100_000 + "]" * 100_000)
+
+
+def test_padding_and_truncation_do_not_touch_a_sequence() -> None:
+    # a prompt or a corpus is one sequence, not a batch: the library would pad it (to 2^40 tokens it aborted) or
+    # cut it, silently; the tables of the C programs encode as Tokenizer does
+    spec = build_tokenizer(TEXT * 20, "bpe:300")
+    j = json.loads(spec["json"])
+    j["truncation"] = {"direction": "Right", "max_length": 2, "strategy": "LongestFirst", "stride": 0}
+    j["padding"] = {"strategy": {"Fixed": 1 << 40}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+                    "pad_type_id": 0, "pad_token": "!"}
+    other = {"kind": "hf-tokenizers", "json": json.dumps(j)}
+    assert Tokenizer(other).encode(TEXT) == Tokenizer(spec).encode(TEXT)
+    assert byte_level_bpe(other["json"]) == byte_level_bpe(spec["json"])
+
+
+def test_the_library_s_own_errors_are_one_line() -> None:
+    # a WordLevel whose unknown token is not in its vocabulary: the library raises on a word it lacks
+    spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+            "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+            "model": {"type": "WordLevel", "vocab": {"a": 0, "b": 1}, "unk_token": "<unk>"}}
+    tok = Tokenizer({"kind": "hf-tokenizers", "json": json.dumps(spec)})
+    assert tok.encode("a b") == [0, 1]
+    with pytest.raises(CrystalError, match="tokenizer: cannot encode the text"):
+        tok.encode("a c")

@@ -175,18 +175,25 @@ def _sections(graph: Graph) -> list[_Section]:
 
 
 def _plain(o: Any) -> Any:
-    """o as JSON can hold it: numpy scalars and arrays (common in training metrics) as numbers and lists, every
-    NaN or infinity as None (JSON has no such numbers: a training run without a validation set records NaN
-    losses, and a strict reader refuses Python's NaN)."""
+    """o as JSON can hold it: numpy and torch scalars and arrays (common in training metrics) as numbers and
+    lists, every NaN or infinity as None (JSON has no such numbers: a training run without a validation set
+    records NaN losses, and a strict reader refuses Python's NaN), keys as strings, and anything else (bytes,
+    a set) as its repr: the spec leaves a checkpoint's meta free-form, and a record of it is better than a
+    model that cannot be written."""
     if isinstance(o, float):
         return o if math.isfinite(o) else None
+    if o is None or isinstance(o, (str, int)):
+        return o
     if isinstance(o, dict):
-        return {k: _plain(v) for k, v in o.items()}
+        return {k if isinstance(k, str) else repr(_plain(k)): _plain(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
         return [_plain(v) for v in o]
-    if isinstance(o, (np.generic, np.ndarray)):
-        return _plain(o.tolist())
-    return o
+    if isinstance(o, np.generic | np.ndarray) or type(o).__module__ == "torch":
+        try:
+            return _plain(o.tolist())
+        except (AttributeError, TypeError, RuntimeError):
+            pass
+    return repr(o)
 
 
 def _json_bytes(obj: Any, what: str) -> bytes:

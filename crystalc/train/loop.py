@@ -34,6 +34,9 @@ from crystalc.train.freezing import choose_frozen, soft_multiplier
 from crystalc.train.growth import hottest, remap_optimizer, split
 from crystalc.train.stats import FieldStats
 
+MAX_LR = 1e30  # far past any rate that trains (0.1 diverges), and far below where Adam's step overflows float32
+MAX_BATCH_TOKENS = 1 << 48
+
 
 @dataclass
 class TrainConfig:
@@ -89,6 +92,16 @@ class TrainConfig:
             raise CrystalError(f"seed {self.seed}: expected 0 to 2^32-1")
         if self.steps < 1 or self.rounds < 1 or self.batch_size < 1:
             raise CrystalError("steps, rounds and batch size must be at least 1")
+        # bounds past which torch fails mid-run with a traceback, not a model: Adam's update overflows float32
+        # from lr 3.4e37, a batch's tensors' sizes int64 from about 2^58 tokens, the freezing round's ages 2^63
+        # (below these, a rate too high diverges and a batch too big runs out of memory: both said in one line)
+        if not 0 < self.lr <= MAX_LR:
+            raise CrystalError(f"learning rate {self.lr:g}: expected above 0 and at most {MAX_LR:g}")
+        if self.batch_size * (self.n_ctx + 1) > MAX_BATCH_TOKENS:
+            raise CrystalError(f"batch size {self.batch_size} x (context {self.n_ctx} + 1) tokens: past 2^48 a "
+                               "batch, which no machine holds")
+        if not 0 <= self.freeze_min_age < 1 << 31:
+            raise CrystalError(f"freeze min age {self.freeze_min_age}: expected 0 to 2^31-1 rounds")
         if self.warmup is not None and not 0 <= self.warmup <= self.steps:
             raise CrystalError(f"warm-up of {self.warmup} steps: expected 0 to the run's {self.steps} steps")
         if not 0 <= self.neurons <= self.max_neurons:

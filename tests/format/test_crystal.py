@@ -203,6 +203,20 @@ def test_numpy_values_in_meta_are_written_as_plain_json(tmp_path):
     assert read_crystal(path).meta == {"loss": 0.5, "curve": [0, 1, 2]}
 
 
+def test_any_meta_a_checkpoint_may_hold_is_written(tmp_path):
+    # the spec leaves meta free-form, and weights_only loading admits tensors, bytes and keys of other types:
+    # written as JSON can hold them (a key as its repr, bytes as theirs) instead of refusing a valid model
+    import torch
+
+    meta = {"t": torch.tensor([1.5, 2.0]), "s": torch.tensor(3), 1: "one", (2, 3): "pair", "b": b"\x00k",
+            "nested": [{"x": torch.tensor([[1]])}]}
+    g = random_graph("all_on", seed=1).replace(meta=meta)
+    path = tmp_path / "m.crystal"
+    write_crystal(g, path)
+    assert read_crystal(path).meta == {"t": [1.5, 2.0], "s": 3, "1": "one", "[2, 3]": "pair", "b": "b'\\x00k'",
+                                       "nested": [{"x": [[1]]}]}
+
+
 def test_non_finite_numbers_in_meta_are_json_nulls(tmp_path):
     # a run without a validation set records NaN losses; JSON has no NaN, and a strict reader refuses it
     import json
@@ -226,7 +240,10 @@ def test_non_finite_numbers_in_meta_are_json_nulls(tmp_path):
 def test_write_is_atomic_on_failure(tmp_path):
     path = tmp_path / "m.crystal"
     path.write_bytes(b"old")
-    g = random_graph("all_on", seed=1).replace(meta={"bad": object()})
+    deep: list = []
+    for _ in range(100_000):  # past any JSON reader's nesting limit: not written
+        deep = [deep]
+    g = random_graph("all_on", seed=1).replace(meta={"bad": deep})
     with pytest.raises(CrystalError, match="JSON"):
         write_crystal(g, path)
     assert path.read_bytes() == b"old"

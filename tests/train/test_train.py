@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -216,6 +217,11 @@ def _crystalc(*args: str) -> subprocess.CompletedProcess:
     (["--val-frac", "0", "--patience", "2"], "needs --val-frac above 0"),
     (["--lr", "1e30", "--d-model", "16", "--n-heads", "2", "--n-ctx", "8", "--neurons", "2"], "diverged at step"),
     (["--threads", "99999"], "99999 is not in the range 0<=x<=1024"),
+    # found by an audit: past these, torch failed mid-run (Adam's step overflowing float32, a tensor's size
+    # int64, the freezing round's ages) with a traceback, exit 1
+    (["--lr", "1e37"], "is not in the range 0<x<=1e+30"),
+    (["--batch-size", "100000000000000000000"], "past 2^48 a batch"),
+    (["--freeze-min-age", "100000000000000000000"], "is not in the range 0<=x<=2147483647"),
     # a batch no machine holds (5e14 bytes of activations): torch's allocator error was a traceback, exit 1
     (["--batch-size", "1000000000000", "--d-model", "16", "--n-heads", "2", "--n-ctx", "8", "--neurons", "2"],
      "training ran out of memory"),
@@ -237,6 +243,17 @@ def test_cli_bad_input(tmp_path: Path, args: list[str], needle: str) -> None:
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
     assert not out.exists()
+
+
+def test_options_are_checked_before_the_corpus_is_read(tmp_path: Path) -> None:
+    # found by an audit: the CLI read the whole corpus (up to 1 GiB) before the run's options were checked; a
+    # FIFO nobody writes to would block that read for good
+    fifo = tmp_path / "corpus"
+    os.mkfifo(fifo)
+    r = subprocess.run([sys.executable, "-m", "crystalc.cli", "train", "--data", str(fifo), "--out",
+                        str(tmp_path / "m.pt"), "--batch-size", str(1 << 45)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "past 2^48 a batch" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("extra", [[], ["--val-frac", "0"], ["--patience", "3"]])
