@@ -47,6 +47,10 @@ def run(file: str, original: str, mutated: str, tests: str) -> bool:
         res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     finally:
         path.write_text(text, encoding="utf-8")
+    # pytest's 1 is a failed test and 2 a collection error (the mutant broke an import); 5 is no test selected
+    # and 4 a bad command line, which say nothing of the mutant and would otherwise count as kills
+    if res.returncode in (4, 5):
+        sys.exit(f"{file}: {tests!r} runs no tests (pytest exit {res.returncode}): fix scripts/mutants.txt")
     return res.returncode != 0
 
 
