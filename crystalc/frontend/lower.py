@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -20,6 +21,33 @@ _CANONICAL = re.compile(
     r"blocks\.\d+\.(ln[123]\.(weight|bias)|attn\.(q|k|v|out)_proj\.(weight|bias)|"
     r"field\.(positions|values|temperature|frozen)|ffn\.fc[12]\.(weight|bias)))$"
 )
+
+
+_SCALARS = (type(None), bool, int, float, str)
+
+
+def _given(config: dict[Any, Any]) -> dict[Any, Any]:
+    """The config under the spec's names. A field's value must be JSON's kind of value, as the comparisons and
+    checks of the config expect (a tensor of two elements has no truth value); the seeds' training settings,
+    ignored, may be anything."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    given: dict[Any, Any] = {}
+    said_by: dict[Any, Any] = {}
+    for k, v in config.items():
+        name = aliases.CONFIG_ALIASES.get(k, k)
+        if name in fields:
+            if not isinstance(v, (*_SCALARS, list, tuple)):
+                raise CrystalError(f"config: {k} is a {type(v).__name__}")
+            for entry in v if isinstance(v, (list, tuple)) else ():
+                if not isinstance(entry, _SCALARS):
+                    raise CrystalError(f"config: {k} holds a {type(entry).__name__}")
+        if name in given:
+            # Two spellings of one field (n_heads and num_heads) saying the same value say one thing; saying
+            # two, either would be a guess at the model, so neither is taken.
+            if type(v) is not type(given[name]) or v != given[name]:
+                raise CrystalError(f"config: {said_by[name]} and {k} both give {name}")
+        given[name], said_by[name] = v, k
+    return given
 
 
 def _shape(state: dict[str, np.ndarray], key: str, ndim: int) -> tuple[int, ...]:
@@ -77,6 +105,11 @@ def _check_partial(config: ModelConfig, given: dict[str, Any]) -> None:
             raise CrystalError(f"the config says {k} = {said!r}, but the tensors say {inferred[k]!r}")
 
 
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    # not np.ascontiguousarray, which makes a 0-d array 1-D: a scalar would pass for a tensor of one element
+    return a if a.flags.c_contiguous else np.array(a, order="C")
+
+
 def lower(raw: RawCheckpoint, n_heads: int | None = None) -> Graph:
     keys = list(raw.state)
     seeds = aliases.is_seeds_layout(keys)
@@ -95,7 +128,7 @@ def lower(raw: RawCheckpoint, n_heads: int | None = None) -> Graph:
             raise CrystalError(f"{source[name]} and {k} both give {name}")
         state[name], source[name] = raw.state[k], k
 
-    given = {aliases.CONFIG_ALIASES.get(k, k): v for k, v in (raw.config or {}).items()}
+    given = _given(raw.config or {})
     if not seeds:  # the seeds' config carries training settings (lr...), which are ignored; a crystalc one only fields
         ModelConfig.check_fields(given)
     if raw.config is not None and not seeds and "vocab_size" in given:
@@ -118,14 +151,14 @@ def lower(raw: RawCheckpoint, n_heads: int | None = None) -> Graph:
                     raise CrystalError(f"{name}: a frozen mask must be bool or 0/1, got {arr.dtype} values "
                                        "other than 0 and 1")
                 arr = arr.astype(bool)
-            params[name] = Tensor(name, np.ascontiguousarray(arr))
+            params[name] = Tensor(name, _contiguous(arr))
             continue
         if arr.dtype.kind == "f" and arr.dtype != np.float32:  # float16/64 as .pt files' are: values checked next
             with np.errstate(over="ignore"):
                 arr = arr.astype(np.float32)
         if arr.dtype != np.float32:
             raise CrystalError(f"{name}: dtype {arr.dtype}, expected a floating-point tensor")
-        params[name] = Tensor(name, np.ascontiguousarray(arr))
+        params[name] = Tensor(name, _contiguous(arr))
     # Older seeds' files predate freezing: no frozen buffer means nothing is frozen.
     for b, n in enumerate(config.n_neurons):
         key = f"blocks.{b}.field.frozen"

@@ -7,6 +7,22 @@ from typing import Any
 
 import numpy as np
 
+from crystalc.errors import CrystalError
+
+# The dtypes the readers take, by the name torch and numpy (with ml_dtypes) both give them. A list, not "any
+# float": torch has floats it cannot convert (float4_e2m1fn_x2), and numpy lacks most narrow ones. The floats
+# are widened to float32 (exactly, but for float64, whose overflow is then refused as Inf); the integers and
+# bool reach lower, which takes them for a frozen mask and refuses them for weights.
+FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64", "float8_e4m3fn", "float8_e4m3fnuz",
+                          "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu"})
+OTHER_DTYPES = frozenset({"bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64"})
+
+
+def check_dtype(path: object, key: str, name: str) -> None:
+    """`name`: a torch dtype's name without "torch.", or a numpy dtype's."""
+    if name not in FLOAT_DTYPES and name not in OTHER_DTYPES:
+        raise CrystalError(f"{path}: {key}: dtype {name} is not one crystalc reads")
+
 
 @dataclass
 class RawCheckpoint:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from crystalc.errors import CrystalError
-from crystalc.frontend.raw import RawCheckpoint
+from crystalc.frontend.raw import FLOAT_DTYPES, RawCheckpoint, check_dtype
 
 
 def config_path_for(path: Path) -> Path | None:
@@ -39,7 +39,10 @@ def _through_torch(path: Path) -> dict:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, TypeError) as e:
         raise CrystalError(f"{path}: not a readable safetensors file ({e})") from None
-    return {k: (v.to(torch.float32) if v.is_floating_point() else v).numpy().copy() for k, v in tensors.items()}
+    for k, v in tensors.items():
+        check_dtype(path, k, str(v.dtype).removeprefix("torch."))  # before .to(): float4 has no conversion
+    return {k: (v.to(torch.float32) if str(v.dtype).removeprefix("torch.") in FLOAT_DTYPES else v).numpy().copy()
+            for k, v in tensors.items()}
 
 
 def read_safetensors(path: Path) -> RawCheckpoint:
@@ -49,17 +52,21 @@ def read_safetensors(path: Path) -> RawCheckpoint:
     except ImportError:
         raise CrystalError("reading .safetensors needs the 'safetensors' package (pip install safetensors)") from None
     try:
-        state = {k: _widened(a) for k, a in load_file(str(path)).items()}
+        arrays = load_file(str(path))
     except (TypeError, AttributeError):  # a dtype numpy lacks (bfloat16, float8): torch reads those
         state = _through_torch(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise CrystalError(f"{path}: not a readable safetensors file ({e})") from None
+    else:
+        for k, a in arrays.items():
+            check_dtype(path, k, a.dtype.name)  # with ml_dtypes numpy has float4 and float6 too
+        state = {k: _widened(a) for k, a in arrays.items()}
     cfg_path = config_path_for(path)
     config = tokenizer = None
     meta: dict = {}
     if cfg_path is not None:
         try:
-            doc = json.loads(cfg_path.read_text())
+            doc = json.loads(cfg_path.read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError) as e:  # RecursionError: nesting too deep to decode
             raise CrystalError(f"{cfg_path}: not valid JSON ({e})") from None
         if not isinstance(doc, dict):

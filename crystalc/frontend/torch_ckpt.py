@@ -11,8 +11,44 @@ from typing import Any
 
 import numpy as np
 
+from crystalc.config import MAX_ELEMENTS
 from crystalc.errors import CrystalError
-from crystalc.frontend.raw import RawCheckpoint
+from crystalc.frontend.raw import FLOAT_DTYPES, RawCheckpoint, check_dtype
+
+
+def _refuse_compressed(path: Path) -> None:
+    """torch.save stores its zip's entries; torch.load would inflate a deflated one, and a small file of them
+    can inflate to gigabytes (a zip bomb). Only the central directory is read here, no entry."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            packed = next((i for i in z.infolist() if i.compress_type != zipfile.ZIP_STORED), None)
+    except Exception:  # not a zip (the legacy pickle format), or a damaged one: torch.load says which
+        return
+    if packed is not None:
+        raise CrystalError(f"{path}: {packed.filename[:200]}: a compressed entry; torch.save writes none, and "
+                           "crystalc does not inflate them")
+
+
+def _check_sizes(path: Path, state: dict[str, Any]) -> None:
+    """Before anything is copied: each tensor's elements must lie in its own data (an expanded tensor, stride 0,
+    holds a huge shape in a few bytes: a 49 KB file once became 1.2 GB here), and no more than a model's many.
+    Together the tensors may view their data at most twice (a head tied to the embedding is saved under both
+    names), or many names over one storage would multiply it the same way."""
+    viewed = 0
+    stored: dict[tuple[int, int], int] = {}
+    for k, v in state.items():
+        n, storage = v.numel(), v.untyped_storage()
+        if n * v.element_size() > storage.nbytes():
+            raise CrystalError(f"{path}: {k}: shape {list(v.shape)} is larger than the data it holds")
+        if n > MAX_ELEMENTS:
+            raise CrystalError(f"{path}: {k}: {n} elements, more than {MAX_ELEMENTS}")
+        viewed += n * v.element_size()
+        stored[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+    if viewed > 2 * sum(stored.values()):
+        raise CrystalError(f"{path}: its tensors view {viewed} bytes in {sum(stored.values())} bytes of data: "
+                           "more than twice, which no model's tied weights need")
 
 
 def read_torch_checkpoint(path: Path) -> RawCheckpoint:
@@ -20,6 +56,7 @@ def read_torch_checkpoint(path: Path) -> RawCheckpoint:
 
     import torch
 
+    _refuse_compressed(path)
     try:
         with warnings.catch_warnings():
             # a damaged pickle can make torch warn on stderr before it fails; our one line says what went wrong
@@ -50,20 +87,26 @@ def read_torch_checkpoint(path: Path) -> RawCheckpoint:
         state = obj["model"]
         if obj.get("format", "crystalc-checkpoint") != "crystalc-checkpoint":
             raise CrystalError(f"{path}: unknown checkpoint format {obj.get('format')!r}")
-        if obj.get("version", 1) != 1:
-            raise CrystalError(f"{path}: checkpoint version {obj.get('version')!r}; this crystalc reads 1")
+        version = obj.get("version", 1)
+        if isinstance(version, bool) or not isinstance(version, int):  # True == 1; a tensor's != is a tensor
+            said = repr(version)[:50] if isinstance(version, (bool, float, str)) else f"a {type(version).__name__}"
+            raise CrystalError(f"{path}: checkpoint version {said}, not an integer; this crystalc reads 1")
+        if version != 1:
+            # str() of an int of thousands of digits raises
+            said = str(version) if abs(version) < 10**12 else "beyond 10**12"
+            raise CrystalError(f"{path}: checkpoint version {said}; this crystalc reads 1")
         config = obj.get("config")
         if config is not None and not isinstance(config, dict):
             raise CrystalError(f"{path}: 'config' is a {type(config).__name__}, expected a dict")
         tokenizer = obj.get("tokenizer")
-        meta = obj.get("meta") or {}
-        if not isinstance(meta, dict):
-            raise CrystalError(f"{path}: 'meta' should be a dict, not {type(meta).__name__}")
+        given_meta = obj.get("meta")  # not `or {}`: a tensor has no truth value, and a 0 or [] is not a meta
+        if given_meta is not None and not isinstance(given_meta, dict):
+            raise CrystalError(f"{path}: 'meta' should be a dict, not {type(given_meta).__name__}")
+        meta = given_meta or {}
         if "format" not in obj:
             meta = {}  # the seeds' {"model", "config"}: their extras are not ours to carry
     else:
         state = obj
-    arrays: dict[str, np.ndarray] = {}
     for k, v in state.items():
         if not isinstance(k, str):
             raise CrystalError(f"{path}: state_dict key {k!r} is not a string")
@@ -75,10 +118,12 @@ def read_torch_checkpoint(path: Path) -> RawCheckpoint:
             kind = "quantized" if v.is_quantized else f"{v.layout} (not dense)"
             raise CrystalError(f"{path}: {k} is a {kind} tensor: save dense float tensors "
                                "(.dequantize() or .to_dense() first)")
-        if v.dtype == torch.bool:
-            arrays[k] = v.numpy().copy()
-        elif v.is_floating_point():
-            arrays[k] = v.detach().to(torch.float32).numpy().copy()
-        else:
-            arrays[k] = v.numpy().copy()
+        check_dtype(path, k, str(v.dtype).removeprefix("torch."))
+    _check_sizes(path, state)
+    arrays: dict[str, np.ndarray] = {}
+    for k, v in state.items():
+        v = v.detach()  # a saved Parameter may require grad, and numpy() refuses one that does
+        if str(v.dtype).removeprefix("torch.") in FLOAT_DTYPES:
+            v = v.to(torch.float32)
+        arrays[k] = v.numpy().copy()
     return RawCheckpoint(str(path), arrays, config, tokenizer, dict(meta))

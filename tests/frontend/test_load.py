@@ -237,6 +237,12 @@ BAD = {
     "float64 past float32": (lambda c: c["model"].__setitem__("head.bias", torch.full((23,), 1e300,
                                                                                        dtype=torch.float64)),
                              "head.bias: 23 NaN/Inf"),
+    # Found by an audit of the front end: True == 1 was version 1; a tensor meta had no truth value (traceback)
+    "version is a bool": (lambda c: c.__setitem__("version", True), "version True, not an integer"),
+    "version is a tensor": (lambda c: c.__setitem__("version", torch.ones(2)), "version a Tensor, not an integer"),
+    "meta is a tensor": (lambda c: c.__setitem__("meta", torch.zeros(3)), "'meta' should be a dict, not Tensor"),
+    "integer weights": (lambda c: c["model"].__setitem__("head.bias", torch.zeros(23, dtype=torch.int64)),
+                        "head.bias: dtype int64, expected a floating-point tensor"),
 }
 
 
@@ -517,3 +523,141 @@ def test_without_the_tokenizers_package_a_bpe_model_still_loads(tmp_path: Path, 
     assert load_model(good).tokenizer == tok
     with pytest.raises(CrystalError, match=f"^{bad}: tokenizer: bad tokenizer.json"):
         load_model(bad)
+
+
+# --- found by an audit of the front end: each was a traceback, a silently different model, or gigabytes ---------
+
+def _pt_dtype(dtype_case: str) -> torch.Tensor:
+    if dtype_case == "complex64 requiring grad":
+        return torch.zeros(23, dtype=torch.complex64).requires_grad_()
+    if dtype_case == "complex32":
+        return torch.zeros(23).to(torch.complex32)
+    return torch.empty(23, dtype=getattr(torch, dtype_case))
+
+
+@pytest.mark.parametrize(("dtype_case", "shown"), [
+    ("complex64 requiring grad", "complex64"), ("complex32", "complex32"), ("bits8", "bits8"),
+    ("bits16", "bits16"), ("float4_e2m1fn_x2", "float4_e2m1fn_x2")])
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+def test_pt_dtypes_crystalc_does_not_read(tmp_path: Path, dtype_case: str, shown: str) -> None:
+    p = _ckpt(tmp_path, lambda c: c["model"].__setitem__("head.bias", _pt_dtype(dtype_case)))
+    with pytest.raises(CrystalError, match=f"bad.pt: head.bias: dtype {shown} is not one crystalc reads"):
+        load_model(p)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e5m2", "float16"])
+def test_pt_narrow_floats_and_parameters_are_read(tmp_path: Path, dtype: str) -> None:
+    # widened exactly, and a Parameter (requires_grad) saved as it is, not refused for its grad
+    g = random_graph("d40_h5", seed=7)
+    narrow = getattr(torch, dtype)
+    sd = {k: torch.from_numpy(np.array(v)) for k, v in g.state_dict().items()}
+    sd = {k: (torch.nn.Parameter(v.to(narrow)) if v.is_floating_point() else v) for k, v in sd.items()}
+    torch.save({"model": sd, "config": g.config.to_dict()}, tmp_path / "m.pt")
+    got = load_model(tmp_path / "m.pt").state_dict()
+    for k, v in sd.items():
+        if v.is_floating_point():
+            np.testing.assert_array_equal(got[k], v.detach().to(torch.float32).numpy())
+
+
+def test_safetensors_float4_is_refused(tmp_path: Path) -> None:
+    import struct
+
+    g = random_graph("d40_h5", seed=5)
+    header, data = {}, b""
+    for k, v in g.state_dict().items():
+        raw, dtype, shape = np.ascontiguousarray(v).tobytes(), "BOOL" if v.dtype == bool else "F32", list(v.shape)
+        if k == "head.bias":
+            raw, dtype, shape = b"\x01" * 12, "F4", [24]  # two values a byte
+        header[k] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    (tmp_path / "m.safetensors").write_bytes(struct.pack("<Q", len(h)) + h + data)
+    (tmp_path / "m.json").write_text(json.dumps(g.config.to_dict()))
+    with pytest.raises(CrystalError, match="m.safetensors: head.bias: dtype float4_e2m1fn_x2 is not one crystalc"):
+        load_model(tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize(("config", "n_heads", "match"), [
+    ({"n_heads": 5, "d_model": torch.tensor([40, 40])}, None, "config: d_model is a Tensor"),
+    ({"n_heads": torch.tensor([5, 5])}, 5, "config: n_heads is a Tensor"),  # compared with --n-heads
+    ({"num_heads": torch.tensor([5, 5])}, None, "config: num_heads is a Tensor"),
+    ({"n_heads": 5, "n_neurons": [torch.tensor(7)]}, None, "config: n_neurons holds a Tensor"),
+])
+def test_config_values_of_other_types_are_refused(tmp_path: Path, config: dict, n_heads: int | None,
+                                                  match: str) -> None:
+    g = random_graph("d40_h5", seed=3)
+    with pytest.raises(CrystalError, match=match):
+        load_model(_pt(tmp_path, g.state_dict(), config), n_heads=n_heads)
+
+
+def test_two_spellings_of_one_config_field(tmp_path: Path) -> None:
+    # the later key won, silently: a model of 4 heads where the config said 5 too
+    with pytest.raises(CrystalError, match="config: n_heads and num_heads both give n_heads"):
+        load_model(_ckpt(tmp_path, _config("num_heads", 4)))
+    with pytest.raises(CrystalError, match="config: context_len and n_ctx both give n_ctx"):
+        load_model(_pt(tmp_path, random_graph("d40_h5", seed=3).state_dict(),
+                       {"n_heads": 5, "context_len": 9, "n_ctx": 9.0}))
+    assert load_model(_ckpt(tmp_path, _config("num_heads", 5))).config.n_heads == 5  # the same value: one thing
+
+
+@pytest.mark.parametrize("key", ["blocks.0.field.temperature", "blocks.0.field.frozen"])
+def test_a_scalar_is_not_a_tensor_of_one_element(tmp_path: Path, key: str) -> None:
+    g = random_graph(dict(vocab_size=23, d_model=8, n_ctx=4, n_heads=2, n_neurons=1, ffn_hidden=8), seed=1)
+    sd = {k: torch.from_numpy(np.array(v)) for k, v in g.state_dict().items()}
+    sd[key] = sd[key].reshape(())
+    torch.save({"model": sd, "config": g.config.to_dict()}, tmp_path / "m.pt")
+    with pytest.raises(CrystalError, match=rf"{key}: shape \[\], expected \[1\]"):
+        load_model(tmp_path / "m.pt")
+
+
+def test_a_tensor_larger_than_its_data_is_refused_before_it_is_copied(tmp_path: Path) -> None:
+    # an expanded (stride 0) tensor: a 49 KB file once became 1.2 GB before any shape was checked
+    p = _ckpt(tmp_path, lambda c: c["model"].__setitem__("head.bias", torch.zeros(1).expand(23)))
+    with pytest.raises(CrystalError, match=r"bad.pt: head.bias: shape \[23\] is larger than the data it holds"):
+        load_model(p)
+    # many names over one storage multiply it the same way
+    shared = torch.zeros(100)
+    torch.save({f"k{i}": shared for i in range(3)}, tmp_path / "shared.pt")
+    with pytest.raises(CrystalError, match="view 1200 bytes in 400 bytes of data: more than twice"):
+        load_model(tmp_path / "shared.pt", n_heads=1)
+
+
+def test_views_of_shared_data_still_load(tmp_path: Path) -> None:
+    # a tied head saved as the one tensor under both names, and a slice of a larger tensor
+    g = random_graph("tied_unnormalised", seed=4)
+    sd = {k: torch.from_numpy(np.array(v)) for k, v in g.state_dict().items()}
+    sd["head.weight"] = sd["token_embed.weight"]
+    sd["head.bias"] = torch.cat([sd["head.bias"], torch.ones(50)])[: len(sd["head.bias"])]
+    torch.save({"model": sd, "config": g.config.to_dict()}, tmp_path / "m.pt")
+    _same(g, load_model(tmp_path / "m.pt"))
+
+
+def test_a_compressed_checkpoint_is_refused_before_it_is_inflated(tmp_path: Path) -> None:
+    import zipfile
+
+    src = save_pt(random_graph("d40_h5", seed=2), tmp_path / "m.pt")
+    packed = tmp_path / "packed.pt"
+    with zipfile.ZipFile(src) as zi, zipfile.ZipFile(packed, "w", compression=zipfile.ZIP_DEFLATED) as zo:
+        for info in zi.infolist():
+            zo.writestr(info.filename, zi.read(info.filename))
+    with pytest.raises(CrystalError, match=r"packed.pt: m/data.pkl: a compressed entry; torch.save writes none"):
+        load_model(packed)
+
+
+def test_the_json_beside_safetensors_is_utf8_whatever_the_locale(tmp_path: Path) -> None:
+    import os
+
+    g = random_graph("d40_h5", seed=5)
+    chars = "é" + CHARS_22
+    p = _safetensors(tmp_path, None)
+    (tmp_path / "m.json").write_text(json.dumps({"config": g.config.to_dict(), "tokenizer": {"kind": "char",
+                                                 "chars": chars}}, ensure_ascii=False), encoding="utf-8")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    code = (f"from crystalc.frontend import load_model; "
+            f"assert load_model({str(p)!r}).tokenizer['chars'] == {ascii(chars)}")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+
+
+CHARS_22 = "abcdefghijklmnopqrstuv"
