@@ -247,7 +247,11 @@ def train(text: str, cfg: TrainConfig, out: str | None = None,
         torch.set_num_threads(cfg.threads)
     dd = _init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
-    tok = D.build_tokenizer(text, cfg.tokenizer)
+    # A BPE's merges are fitted on the training part only: fitted on the held-out tail too, they would make
+    # the validation text's tokens its own and its loss optimistic. (Byte-level, it still encodes the tail;
+    # a char tokenizer must see every character, and knowing them tells it nothing of their order.)
+    fit_on = text[:len(text) - int(len(text) * cfg.val_frac)] if cfg.tokenizer.startswith("bpe:") else text
+    tok = D.build_tokenizer(fit_on, cfg.tokenizer)
     ids = D.encode(text, tok)
     train_ids, val_ids = D.split(ids, cfg.val_frac, cfg.n_ctx)
     vocab = Tokenizer(tok).vocab_size
