@@ -136,6 +136,7 @@ def _compile(cc: list[str], flags: list[str], srcs: list[Path], include: Path, o
     return out
 
 
+RUN_NAME = "crystalc run"  # the runtime's argv[0] under `crystalc run`: the name its messages give
 KEEP_BUILDS = 8  # of each program (runtime, loader check), the most recently built
 
 
@@ -208,10 +209,12 @@ def run_model(model_path: str | os.PathLike[str], args: list[str], prompt: str |
                 model.write_bytes(encode_crystal(graph))
             except OSError as e:
                 raise CrystalError(f"cannot write the model for the runtime in {tmp} ({e.strerror or e})") from None
+        # its messages under the command's name ("crystalc run: error: ..."), not the cached binary's
+        argv = [RUN_NAME, str(model), *args]
         try:
             if tokenizer is None or "--logits" in args:
-                return subprocess.run([str(exe), str(model), *args]).returncode
-            res = subprocess.run([str(exe), str(model), *args], stdout=subprocess.PIPE, text=True)
+                return subprocess.run(argv, executable=exe).returncode
+            res = subprocess.run(argv, executable=exe, stdout=subprocess.PIPE, text=True)
         except OSError as e:  # e.g. a cache on a file system mounted noexec
             if e.errno == errno.E2BIG:  # ids of a window longer than 128 KiB as text (n_ctx in the tens of thousands)
                 raise CrystalError("the prompt's last n_ctx token ids are more than one command-line argument may "

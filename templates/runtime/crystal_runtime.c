@@ -937,7 +937,10 @@ static int asks_for_help(int argc, char **argv) {
 }
 
 int main(int argc, char **argv) {
-    static const char prog[] = "crystal_runtime";
+    /* the name it was run by, without the cache's folders: `crystalc run` passes its own */
+    const char *prog = argc > 0 && argv[0] && argv[0][0] ? argv[0] : "crystal_runtime";
+    const char *slash = strrchr(prog, '/');
+    if (slash && slash[1]) prog = slash + 1;
     if (asks_for_help(argc, argv)) {  /* before the model is read, and with MODEL in the usage */
         runtime_usage(prog);
         return 0;

@@ -316,6 +316,7 @@ def test_crystalc_run_on_crystal_and_pt(cache, tmp_path):
     res = subprocess.run([os.path.join(os.path.dirname(sys.executable), "crystalc"), "run", str(bad),
                           "--prompt-ids", "1"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr
+    assert res.stderr.startswith("crystalc run: error: "), res.stderr  # the command's name, not the cached binary's
 
 
 def test_the_runtime_encodes_a_bpe_prompt_as_the_tokenizer_does(runtime, sanitized, tmp_path):
