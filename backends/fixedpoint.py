@@ -18,7 +18,9 @@ The arithmetic, defined once here and mirrored by the Verilog:
   word for word; neither then agrees with the float model.
 - `rshift_round(a, s)` = (a + 2^(s-1)) >> s, the shift arithmetic (floor), so
   halves round up. `tdiv` truncates toward zero, as Verilog's signed `/` does.
-  Every word written to RAM saturates to 32 bits (`sat32`).
+  Every word written to RAM saturates to 32 bits (`sat32`), as do a score's dot product and a LayerNorm's
+  normalised value before their multiplications; `emulate_run` says whether any saturation acted, as the
+  core's `saturated` does: the words are then not the model's, however in range they look.
 - exp(x) = 2^(x log2 e): the base-2 exponent y (Q24) splits into an integer n
   and a fraction f; 2^f (Q29) comes from a 257-entry table with linear
   interpolation, then shifts by n into a Q30 result (right shifts round; left
@@ -47,6 +49,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import NamedTuple
 
 import numpy as np
 
@@ -112,8 +115,11 @@ def rshift_round(a: np.ndarray | int, s: np.ndarray | int) -> np.ndarray | int:
 
 def tdiv(a: np.ndarray | int, b: np.ndarray | int) -> np.ndarray | int:
     """Integer division truncating toward zero (Verilog's signed `/`)."""
-    q = np.abs(a) // np.abs(b)
-    return np.where((np.asarray(a) < 0) != (np.asarray(b) < 0), -q, q)
+    # the floor's quotient moved up a step, not |a| // |b|: |INT64_MIN| overflows int64, and the core's 65-bit
+    # divider gives -2^63 / 2^32 = -2^31 (an attention numerator of 4 equal scores on values at -32768)
+    q = np.floor_divide(a, b)
+    inexact = np.remainder(a, b) != 0
+    return np.where(inexact & ((np.asarray(a) < 0) != (np.asarray(b) < 0)), q + 1, q)
 
 
 def sat32(a: np.ndarray | int) -> np.ndarray:
@@ -417,11 +423,20 @@ def lower(graph: Graph) -> Program:
 
 # --- the emulator ------------------------------------------------------------------------
 
-def _exec(ins: Instr, rom: np.ndarray, ram: np.ndarray, tok: int, pos: int) -> None:
+def _exec(ins: Instr, rom: np.ndarray, ram: np.ndarray, tok: int, pos: int) -> bool:
+    """Run one instruction; True when one of its saturations changed a value (the core's `clip`)."""
+    clipped = False
+
+    def clip32(a: np.ndarray | int) -> np.ndarray:  # sat32, noting whether it acted
+        nonlocal clipped
+        held = sat32(a)
+        clipped = clipped or bool(np.any(held != np.asarray(a)))
+        return held
+
     op = ins.op
     if op == "token_embedding":
         d = ins.n
-        ram[ins.dst:ins.dst + d] = sat32(rom[ins.a + tok * d:ins.a + (tok + 1) * d] + rom[ins.b + pos * d:
+        ram[ins.dst:ins.dst + d] = clip32(rom[ins.a + tok * d:ins.a + (tok + 1) * d] + rom[ins.b + pos * d:
                                                                                         ins.b + (pos + 1) * d])
     elif op == "layer_norm":
         d = ins.n
@@ -431,8 +446,8 @@ def _exec(ins: Instr, rom: np.ndarray, ram: np.ndarray, tok: int, pos: int) -> N
         # the 64-bit sum of squares, divided and rooted unsigned as the core does: exact below 2^64
         var = (int(np.sum(dx * dx)) & 0xFFFF_FFFF_FFFF_FFFF) // d
         r = max(math.isqrt((var + ins.k) & 0xFFFF_FFFF_FFFF_FFFF), 1)
-        yv = sat32(tdiv(dx << FRAC, r))  # |y| <= sqrt(D): the saturation never acts, but bounds the multiplier
-        ram[ins.dst:ins.dst + d] = sat32(rshift_round(yv * rom[ins.a:ins.a + d], FRAC) + rom[ins.b:ins.b + d])
+        yv = clip32(tdiv(dx << FRAC, r))  # |y| <= sqrt(D): the saturation never acts, but bounds the multiplier
+        ram[ins.dst:ins.dst + d] = clip32(rshift_round(yv * rom[ins.a:ins.a + d], FRAC) + rom[ins.b:ins.b + d])
     elif op == "linear":
         rows, cols = ins.n, ins.m
         wmat = rom[ins.a:ins.a + rows * cols].reshape(rows, cols)
@@ -440,7 +455,7 @@ def _exec(ins: Instr, rom: np.ndarray, ram: np.ndarray, tok: int, pos: int) -> N
         dst = ins.dst + (pos * rows if ins.flags & PER_POSITION else 0)
         if ins.flags & ACCUMULATE:
             val = ram[dst:dst + rows] + val
-        ram[dst:dst + rows] = sat32(val)
+        ram[dst:dst + rows] = clip32(val)
     elif op == "causal_attention":
         d, nh, hd = ins.n, ins.m, ins.c
         keys = ram[ins.a:ins.a + (pos + 1) * d].reshape(pos + 1, d)
@@ -448,16 +463,16 @@ def _exec(ins: Instr, rom: np.ndarray, ram: np.ndarray, tok: int, pos: int) -> N
         for hh in range(nh):
             part = slice(hh * hd, (hh + 1) * hd)
             dots = keys[:, part] @ ram[ins.src + hh * hd:ins.src + (hh + 1) * hd]
-            scores = sat32(rshift_round(sat32(rshift_round(dots, FRAC)) * ins.k, FRAC))
+            scores = clip32(rshift_round(clip32(rshift_round(dots, FRAC)) * ins.k, FRAC))
             e = exp_q30(scores - scores.max())
-            ram[ins.dst + hh * hd:ins.dst + (hh + 1) * hd] = sat32(tdiv(e @ vals[:, part], np.sum(e)))
+            ram[ins.dst + hh * hd:ins.dst + (hh + 1) * hd] = clip32(tdiv(e @ vals[:, part], np.sum(e)))
     elif op == "neuron_field":
         d, n = ins.n, ins.m
         hv = ram[ins.src:ins.src + d]
         pts = rom[ins.a:ins.a + n * d].reshape(n, d)
         diff = hv[None, :] - pts
         dist = isqrt(np.sum(diff * diff, axis=1))
-        a = sat32(rshift_round(dist * rom[ins.c:ins.c + n], COEF_FRAC))
+        a = clip32(rshift_round(dist * rom[ins.c:ins.c + n], COEF_FRAC))
         if ins.flags & NORMALIZE:
             amin = a.min()
             e = exp_q30(amin - a)
@@ -466,23 +481,42 @@ def _exec(ins: Instr, rom: np.ndarray, ram: np.ndarray, tok: int, pos: int) -> N
         else:
             e = exp_q30(-a)
             out = rshift_round(e @ rom[ins.b:ins.b + n * d].reshape(n, d), EXP_FRAC)
-        ram[ins.dst:ins.dst + d] = sat32(ram[ins.dst:ins.dst + d] + out)
+        ram[ins.dst:ins.dst + d] = clip32(ram[ins.dst:ins.dst + d] + out)
     elif op == "gelu":
-        ram[ins.dst:ins.dst + ins.n] = sat32(gelu_q16(ram[ins.src:ins.src + ins.n]))
+        ram[ins.dst:ins.dst + ins.n] = clip32(gelu_q16(ram[ins.src:ins.src + ins.n]))
     else:
         raise CrystalError(f"fixed-point program: unknown op {op!r}")
+    return clipped
 
 
-def emulate(program: Program, ids: Sequence[int]) -> np.ndarray:
-    """The last position's logits (Q16 integers) for current-vocabulary ids, as the hardware computes them."""
+class Emulation(NamedTuple):
+    logits: np.ndarray  # the last position's, Q16 integers
+    saturated: bool  # a saturation changed a value at some position (crystal_core's `saturated`, any token)
+
+
+def emulate_run(program: Program, ids: Sequence[int]) -> Emulation:
+    """The last position's logits for current-vocabulary ids, as the hardware computes them, and whether any
+    position's run saturated a value, as the hardware says."""
     ids = check_ids(ids, program.n_ctx, program.vocab_size).tolist()
     ram = np.zeros(program.ram_words, dtype=np.int64)
+    saturated = False
     for pos, tok in enumerate(ids):
         for ins in program.instrs:
             if ins.op == "halt":
                 break
-            _exec(ins, program.rom, ram, int(tok), pos)
-    return ram[program.logits:program.logits + program.vocab_size].copy()
+            saturated = _exec(ins, program.rom, ram, int(tok), pos) or saturated
+    return Emulation(ram[program.logits:program.logits + program.vocab_size].copy(), saturated)
+
+
+def emulate(program: Program, ids: Sequence[int]) -> np.ndarray:
+    """The last position's logits (Q16 integers) for current-vocabulary ids, as the hardware computes them."""
+    return emulate_run(program, ids).logits
+
+
+def at_bound(q16: np.ndarray) -> np.ndarray:
+    """Which Q16 words lie at the 32-bit bound: saturated, or exactly there, which a reader cannot tell apart."""
+    q16 = np.asarray(q16)
+    return (q16 >= INT32_MAX) | (q16 <= INT32_MIN)
 
 
 def to_float(q: np.ndarray) -> np.ndarray:

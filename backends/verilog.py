@@ -472,9 +472,12 @@ class VerilogBackend:
         enc = encoding()  # first: an encoding the core cannot decode is refused as that
         program = lower(graph)
         mem = core_memories(program, lanes)
-        # clock cycles of the first and the last position (the most: TOKEN_CYCLES's bound), by op
-        cycles = [(pos, sum(by_op.values()), by_op) for pos in sorted({0, program.n_ctx - 1})
-                  for by_op in [core_cycles(program, lanes, pos)]]
+        # TOKEN_CYCLES bounds every position, so it is the costliest one's: a position's cycles are not monotone (a
+        # lanes' pass over the positions drains beside the next group's steps once they reach LANES), and the last
+        # can take fewer than the one before (D 32, one head, window 8, 8 lanes). Listed: the first, the last and it
+        by_pos = [core_cycles(program, lanes, pos) for pos in range(program.n_ctx)]
+        costliest = max(range(program.n_ctx), key=lambda pos: sum(by_pos[pos].values()))
+        cycles = [(pos, sum(by_pos[pos].values()), by_pos[pos]) for pos in sorted({0, program.n_ctx - 1, costliest})]
         ctx = {
             "summary": program.summary, "instrs": mem.instrs, "rom_table": mem.rom_table,
             "lane_table": mem.lane_table, "ram_table": mem.ram_table, "rom_words": int(mem.rom.size),
@@ -485,7 +488,7 @@ class VerilogBackend:
             "key_words": mem.key_words, "key_groups": mem.key_groups, "value_words": mem.value_words,
             "vocab_size": program.vocab_size, "n_ctx": program.n_ctx, "lanes": lanes,
             "cycles": cycles,
-            "token_cycles": cycles[-1][1] + 4,  # the last position's, and crystal_gen's 4
+            "token_cycles": sum(by_pos[costliest].values()) + 4,  # and crystal_gen's 4
         }
         written = []
         for template, name in (("model.vh.j2", "model.vh"), ("Makefile.j2", "Makefile")):
@@ -523,8 +526,8 @@ _SIZES = ("ROM_WORDS", "LANE_WORDS", "SCALE_WORDS", "PROGRAM_WORDS", "INSTR_BITS
 
 def cycle_bound(sizes: dict[str, int], prompt_len: int, generate: int) -> int:
     """At least the clock cycles crystal_tb counts for a run (cycles_counted's terms, every position priced as
-    the last, every token as refilling the whole window), from model.vh alone: a simulation past twice this is
-    a damaged program looping, stopped by the testbench's +max_cycles."""
+    the costliest, TOKEN_CYCLES, every token as refilling the whole window), from model.vh alone: a simulation
+    past twice this is a damaged program looping, stopped by the testbench's +max_cycles."""
     t, v, tc = sizes["N_CTX"], sizes["VOCAB_SIZE"], sizes["TOKEN_CYCLES"]
     return prompt_len + 2 + prompt_len * tc + generate * (v + 2 + t + t * tc)
 
@@ -570,10 +573,32 @@ def _simulator(name: str) -> Simulator:
     return SIMULATORS[name]
 
 
+class Simulation(NamedTuple):
+    values: np.ndarray  # the last position's Q16 logits, or the rows of the greedy tokens
+    cycles: int
+    saturated: bool  # crystal_gen's flag: a value of the run reached Q16.16's bound (fixedpoint.emulate_run's)
+
+
+def saturation_error(generate: int) -> CrystalError:
+    made = "tokens" if generate else "logits"
+    return CrystalError(f"a value reached Q16.16's bound (+-32768) in the simulation, where the hardware saturates: "
+                        f"this model's values are beyond what the core represents, and the {made} are not the model's")
+
+
 def simulate(out_dir: Path, ids: list[int], simulator: str = "icarus", timeout: float | None = None,
              generate: int = 0, shift: int = 1) -> tuple[np.ndarray, int]:
     """Run the built simulation on current-vocabulary ids: (the last position's Q16 logits, clock cycles), or
-    with generate=G, (the rows of G greedy tokens, the window shifted by `shift` when full, clock cycles)."""
+    with generate=G, (the rows of G greedy tokens, the window shifted by `shift` when full, clock cycles).
+    Refused when a value saturated: in range or not, the outputs are then not the model's."""
+    run = run_simulation(out_dir, ids, simulator, timeout, generate, shift)
+    if run.saturated:
+        raise saturation_error(generate)
+    return run.values, run.cycles
+
+
+def run_simulation(out_dir: Path, ids: list[int], simulator: str = "icarus", timeout: float | None = None,
+                   generate: int = 0, shift: int = 1) -> Simulation:
+    """`simulate`'s run, its saturation flag returned instead of refused (to hold it to the emulator's)."""
     out_dir = Path(out_dir)
     sim = _simulator(simulator)
     if not (out_dir / sim.target).is_file():
@@ -596,10 +621,11 @@ def simulate(out_dir: Path, ids: list[int], simulator: str = "icarus", timeout: 
     logits: dict[int, int] = {}
     tokens: list[int] = []
     cycles = -1
+    saturated: bool | None = None
     if re.search(r"^timeout ", out, re.MULTILINE):
         raise CrystalError(f"the simulation ran past {limit} clock cycles, more than this model's program can take: "
                            f"{out_dir / 'program.hex'} is damaged (compile the folder again)")
-    if re.search(r"^(logit \d+|token|cycles) .*[xz]", out, re.MULTILINE | re.IGNORECASE):
+    if re.search(r"^(logit \d+|token|saturated|cycles) .*[xz]", out, re.MULTILINE | re.IGNORECASE):
         raise CrystalError(f"the simulation computed undefined values (x) from the files in {out_dir}: "
                            "compile the folder again")
     for line in out.splitlines():
@@ -610,15 +636,22 @@ def simulate(out_dir: Path, ids: list[int], simulator: str = "icarus", timeout: 
             tokens.append(int(parts[1]))
         elif len(parts) == 2 and parts[0] == "cycles":
             cycles = int(parts[1])
+        elif len(parts) == 2 and parts[0] == "saturated":
+            saturated = parts[1] != "0"
     if generate:
         if len(tokens) != generate or cycles < 0:
             said = " ".join(out.split())[:500]
             raise CrystalError(f"the simulation printed {len(tokens)} of {generate} tokens: {said}")
-        return np.array(tokens, dtype=np.int64), cycles
-    if not logits or cycles < 0 or sorted(logits) != list(range(sizes["VOCAB_SIZE"])):
+        values = np.array(tokens, dtype=np.int64)
+    elif not logits or cycles < 0 or sorted(logits) != list(range(sizes["VOCAB_SIZE"])):
         raise CrystalError(f"the simulation printed {len(logits)} of {sizes['VOCAB_SIZE']} logits: "
                            f"{' '.join(out.split())[:500]}")
-    return np.array([logits[i] for i in range(len(logits))], dtype=np.int64), cycles
+    else:
+        values = np.array([logits[i] for i in range(len(logits))], dtype=np.int64)
+    if saturated is None:  # a testbench from before the flag: its outputs could be saturated unsaid
+        raise CrystalError(f"the simulation printed no saturation flag: {out_dir / 'crystal_tb.v'} is older than "
+                           "this crystalc (compile the folder again)")
+    return Simulation(values, cycles, saturated)
 
 
 def compiled_tokenizer(out_dir: Path) -> Tokenizer:
@@ -702,11 +735,13 @@ def simulate_logits(out_dir: Path, original_ids: list[int],
     when it is not there."""
     out_dir = Path(out_dir)
     rows = _rows(out_dir, simulator)
-    q16, cycles = simulate(out_dir, rows.of(original_ids)[-rows.window:], simulator)
-    held = np.flatnonzero((q16 >= INT32_MAX) | (q16 <= INT32_MIN))
+    q16, cycles, saturated = run_simulation(out_dir, rows.of(original_ids)[-rows.window:], simulator)
+    held = np.flatnonzero(fixedpoint.at_bound(q16))
     if len(held):  # a RAM word saturates: printed, it would pass for the model's logit
         raise CrystalError(f"the logit of id {rows.to_orig[int(held[0])]} reached Q16.16's bound (+-32768), where "
                            "the hardware saturates: this model's logits are beyond what the core represents")
+    if saturated:  # inside the network: the logits look in range, but are not the model's
+        raise saturation_error(0)
     return [(orig, float(v) / (1 << 16)) for orig, v in zip(rows.to_orig, q16, strict=True)], cycles
 
 

@@ -8,7 +8,8 @@
 // opcodes and flags); exp2.hex and gelu.hex hold the two function tables.
 // The arithmetic is backends/fixedpoint.py's, word for word: Q16.16 values,
 // exact 64-bit products and sums, round-half-up shifts, truncating division,
-// saturation to 32 bits on every RAM write.
+// saturation to 32 bits on every RAM write; `saturated` says that a saturation
+// acted (fixedpoint.emulate_run's flag).
 //
 // Two stages, one step of a loop each a clock. The *issue* stage walks the
 // instruction's loops (i, j, h, wp; the drain's dl beside them) and sends
@@ -42,7 +43,9 @@
 // next start or reset), and nothing computed. Positions
 // go 0, 1, 2, ... (the key/value caches hold the earlier ones). While idle, the
 // core reads RAM word rd_addr for the outside: its value is on rd_data a clock
-// later (the logits of the last token are at LOGITS + i).
+// later (the logits of the last token are at LOGITS + i). With `done`,
+// `saturated` is high when a value of the run reached Q16.16's bound and was
+// held there: the words are then not the model's, however in range they look.
 `include "model.vh"
 
 module crystal_core (
@@ -53,6 +56,7 @@ module crystal_core (
     input  wire [31:0] pos,
     output reg         done,
     output reg         error,  // the last start was refused (token or pos out of range)
+    output reg         saturated,  // since the last start, a saturation (sat32) changed a value
     output wire        busy,
     input  wire [31:0] rd_addr,
     output wire [31:0] rd_data
@@ -100,6 +104,10 @@ module crystal_core (
         if (a > 64'sd2147483647) sat32 = 32'h7fffffff;
         else if (a < -64'sd2147483648) sat32 = 32'h80000000;
         else sat32 = a[31:0];
+    endfunction
+
+    function clips(input signed [63:0] a);  // sat32 changes a
+        clips = a > 64'sd2147483647 || a < -64'sd2147483648;
     endfunction
 
     function signed [33:0] s34(input [31:0] v);  // a stored word as a multiplier operand
@@ -423,8 +431,9 @@ module crystal_core (
     wire signed [63:0] mac = acc + mac_x * mac_y;  // the running sum of products, this step's included
     wire signed [63:0] scaled = scl_x * scl_y;
     // a score (Q16 x Q16) or a field exponent (a Q16 distance x a Q8.24 coefficient)
-    wire signed [63:0] scaled_word = sx(sat32(drain_x == S_NF_DIST_DRAIN ? rshift_round(scaled, COEF_FRAC)
-                                                                         : rshift_round(scaled, FRAC)));
+    wire signed [63:0] scaled_wide = drain_x == S_NF_DIST_DRAIN ? rshift_round(scaled, COEF_FRAC)
+                                                                : rshift_round(scaled, FRAC);
+    wire signed [63:0] scaled_word = sx(sat32(scaled_wide));
     reg signed [63:0] div_n, div_d, sqrt_in;
     reg div_unsigned;  // LayerNorm's sum of squares: up to 2^64, read unsigned as the square root reads it
     wire signed [64:0] div_n65 = {div_unsigned ? 1'b0 : div_n[63], div_n};
@@ -481,15 +490,22 @@ module crystal_core (
     reg signed [63:0] dx, distance;
     /* verilator lint_on UNUSEDSIGNAL */
     wire [31:0] row_x = dst + (flags[PER_POSITION] ? cur * n : 0) + di_x + dl_x;  // the row a drain step writes
+    // a value before its sat32, kept to see whether the saturation acts (clip): a clipped word is silently
+    // wrong, so the run says so (`saturated`) rather than the host taking in-range outputs for the model's
+    reg signed [63:0] wide;
+    reg clip;
 
     always @* begin
         exp_x = 0; gelu_x = 0;
         mac_x = 0; mac_y = 0; scl_x = 0; scl_y = 0; div_n = 0; div_d = 1; div_unsigned = 1'b0; sqrt_in = 0;
-        dx = 0; distance = 0;
+        dx = 0; distance = 0; wide = 0; clip = 1'b0;
         m_we = 1'b0; m_waddr = 0; m_wdata = 0; c_we = 1'b0; c_waddr = 0; c_lane = 0;
         case (state_x)
         // token_embedding: x = token_embed[tok] + pos_embed[pos]
-        S_TOKEN_EMBEDDING: begin m_we = 1'b1; m_waddr = dst + i_x; m_wdata = sat32(w0 + w1); end
+        S_TOKEN_EMBEDDING: begin
+            wide = w0 + w1; clip = clips(wide);
+            m_we = 1'b1; m_waddr = dst + i_x; m_wdata = sat32(wide);
+        end
 
         // layer_norm: mean, then variance, then (x - mean) / sqrt(var + eps) * weight + bias
         S_LN_SUM: if (i_x == n - 1) begin div_n = acc + m0; div_d = {32'd0, n}; end
@@ -500,7 +516,8 @@ module crystal_core (
         S_LN_OUT: begin
             div_n = (m0 - mean) <<< FRAC; div_d = rr;
             scl_x = s34(sat32(quot)); scl_y = w0[33:0];
-            m_we = 1'b1; m_waddr = dst + i_x; m_wdata = sat32(rshift_round(scaled, FRAC) + w1);
+            wide = rshift_round(scaled, FRAC) + w1; clip = clips(quot) || clips(wide);
+            m_we = 1'b1; m_waddr = dst + i_x; m_wdata = sat32(wide);
         end
 
         // causal_attention, head h (width c): scores q.k / sqrt(c) over positions 0..pos into the
@@ -518,7 +535,10 @@ module crystal_core (
         S_NF_EPS: exp_x = mn - sx(k);
 
         // gelu, in place
-        S_GELU: begin gelu_x = m0; m_we = 1'b1; m_waddr = dst + i_x; m_wdata = sat32(gelu_out); end
+        S_GELU: begin
+            gelu_x = m0; clip = clips(gelu_out);
+            m_we = 1'b1; m_waddr = dst + i_x; m_wdata = sat32(gelu_out);
+        end
         default: ;
         endcase
 
@@ -527,8 +547,9 @@ module crystal_core (
         case (drain_x)
         // linear: dst[i] (+)= sum_j W[i][j] src[j] + bias[i]
         S_LINEAR_DRAIN: begin
-            m_wdata = sat32(flags[ACCUMULATE] ? m1 + rshift_round(lane_sum[dl_x], FRAC) + w1
-                                              : rshift_round(lane_sum[dl_x], FRAC) + w1);
+            wide = flags[ACCUMULATE] ? m1 + rshift_round(lane_sum[dl_x], FRAC) + w1
+                                     : rshift_round(lane_sum[dl_x], FRAC) + w1;
+            clip = clip || clips(wide); m_wdata = sat32(wide);
             if (flags[TO_KEYS]) begin  // key d of position cur: word d KEY_GROUPS + cur / LANES
                 c_we = 1'b1; c_waddr = dst + (di_x + dl_x) * `KEY_GROUPS + cur_group; c_lane = cur_lane;
             end else if (flags[TO_VALUES]) begin  // k heads of width c: the counters follow the rows
@@ -539,23 +560,33 @@ module crystal_core (
         end
         S_ATT_SCORE_DRAIN: begin  // position di + dl
             scl_x = s34(sat32(rshift_round(lane_sum[dl_x], FRAC))); scl_y = s34(k);
+            clip = clip || clips(rshift_round(lane_sum[dl_x], FRAC)) || clips(scaled_wide);
             m_we = 1'b1; m_waddr = s + di_x + dl_x; m_wdata = scaled_word[31:0];
         end
         S_ATT_OUT_DRAIN: begin  // component di + dl of head h
             div_n = lane_sum[dl_x]; div_d = sum;
+            clip = clip || clips(quot);
             m_we = 1'b1; m_waddr = dst + h_x * c + di_x + dl_x; m_wdata = sat32(quot);
         end
         S_NF_DIST_DRAIN: begin  // neuron di + dl
             sqrt_in = lane_sum[dl_x]; distance = root; scl_x = distance[33:0]; scl_y = w1[33:0];
+            clip = clip || clips(scaled_wide);
             m_we = 1'b1; m_waddr = s + di_x + dl_x; m_wdata = scaled_word[31:0];
         end
         S_NF_OUT_DRAIN: begin  // component di + dl
             div_n = lane_sum[dl_x]; div_d = den;
             m_we = 1'b1; m_waddr = dst + di_x + dl_x;
-            m_wdata = sat32(m1 + (flags[NORMALIZE] ? quot : rshift_round(lane_sum[dl_x], 30)));
+            wide = m1 + (flags[NORMALIZE] ? quot : rshift_round(lane_sum[dl_x], 30));
+            clip = clip || clips(wide); m_wdata = sat32(wide);
         end
         default: ;
         endcase
+    end
+
+    // sticky over a token's run: cleared by a start (taken or refused), set by any clip until the next
+    always @(posedge clk) begin
+        if (clip) saturated <= 1'b1;
+        if (rst || (state == S_IDLE && start)) saturated <= 1'b0;
     end
 
     // the execute stage's registers: running sums, extremes, the statistics of a layer_norm

@@ -14,7 +14,10 @@
 // `busy` is low, and prompt_len, n and shift are read then, once. A prompt_len
 // or shift outside 1..N_CTX (a shift of 0 would grow the window past the
 // caches, one past N_CTX would count its move for 2^32 clocks), or a token the
-// core refuses, ends the run: `done` with `error` high.
+// core refuses, ends the run: `done` with `error` high. With `done`, `saturated`
+// is high when, since `start`, a value of one of the core's runs saturated
+// (its `saturated`) or a logit the argmax read lies at Q16.16's bound: a tie at
+// the bound is no longer the model's choice, so the tokens are not the model's.
 `include "model.vh"
 
 module crystal_gen (
@@ -31,6 +34,7 @@ module crystal_gen (
     output reg  [31:0] tok,
     output reg         done,
     output reg         error,  // the last run was refused: prompt_len, shift or a token out of range
+    output reg         saturated,  // since start, a value reached Q16.16's bound (the outputs are not the model's)
     output wire        busy,
     input  wire [31:0] rd_addr,
     output wire [31:0] rd_data
@@ -55,11 +59,12 @@ module crystal_gen (
     end
 
     reg core_start;
-    wire core_done, core_error;
+    wire core_done, core_error, core_saturated;
     reg [31:0] core_rd;
     /* verilator lint_off PINCONNECTEMPTY */  // the generator knows when the core is busy: it started it
     crystal_core core (.clk(clk), .rst(rst), .start(core_start), .token(bq), .pos(p), .done(core_done),
-                       .error(core_error), .busy(), .rd_addr(core_rd), .rd_data(rd_data));
+                       .error(core_error), .saturated(core_saturated), .busy(), .rd_addr(core_rd),
+                       .rd_data(rd_data));
     /* verilator lint_on PINCONNECTEMPTY */
 
     // the addresses and the one buffer write of each state
@@ -82,6 +87,7 @@ module crystal_gen (
         done <= 1'b0; tok_valid <= 1'b0; core_start <= 1'b0;
         case (state)
         G_IDLE: if (start) begin
+            saturated <= 1'b0;
             error <= prompt_len == 0 || prompt_len > `N_CTX || shift == 0 || shift > `N_CTX;
             if (prompt_len == 0 || prompt_len > `N_CTX || shift == 0 || shift > `N_CTX) done <= 1'b1;
             else begin len <= prompt_len; n_run <= n; shift_run <= shift; p <= 0; made <= 0; state <= G_READ; end
@@ -89,6 +95,7 @@ module crystal_gen (
         G_READ: state <= G_START;  // BUF[p] is read
         G_START: begin core_start <= 1'b1; state <= G_WAIT; end
         G_WAIT: if (core_done) begin
+            if (core_saturated) saturated <= 1'b1;
             if (core_error) begin error <= 1'b1; done <= 1'b1; state <= G_IDLE; end
             else if (p + 1 < len) begin p <= p + 1; state <= G_READ; end
             else if (made == n_run) begin done <= 1'b1; state <= G_IDLE; end
@@ -98,6 +105,8 @@ module crystal_gen (
         G_ARGMAX: begin
             v <= v + 1;
             if (v == 1 || (v > 1 && $signed(rd_data) > top)) begin top <= $signed(rd_data); best <= v - 1; end
+            // an exact logit at the bound is indistinguishable from a clipped one (the logits path refuses both)
+            if (v != 0 && (rd_data == 32'h7fffffff || rd_data == 32'h80000000)) saturated <= 1'b1;
             if (v == `VOCAB_SIZE) state <= G_EMIT;
         end
         G_EMIT: begin
@@ -112,6 +121,7 @@ module crystal_gen (
         end
         default: state <= G_IDLE;
         endcase
-        if (rst) begin state <= G_IDLE; error <= 1'b0; end  // last, so it wins; done, tok_valid and the core's start fall every clock
+        // last, so it wins; done, tok_valid and the core's start fall every clock
+        if (rst) begin state <= G_IDLE; error <= 1'b0; saturated <= 1'b0; end
     end
 endmodule

@@ -12,19 +12,22 @@
 // ids.hex holds N rows of the current vocabulary (1 <= N <= N_CTX), one hex word
 // a line. Without +generate, prints "logit <row> <Q16.16 integer>" for every row
 // of the last position; with it, "token <row>" for each of G greedy tokens (the
-// window shifted by K when full, 1 by default). Then "cycles <clock cycles>",
-// from time 0 to `done` (the prompt's loading included, the logits' reading not).
+// window shifted by K when full, 1 by default). Then "saturated <0|1>", 1 when a
+// value of the run reached Q16.16's bound (crystal_gen's `saturated`: what was
+// printed is then not the model's), and "cycles <clock cycles>", from time 0 to
+// `done` (the prompt's loading included, the logits' reading not).
 `include "model.vh"
 
 module crystal_tb;
     reg clk = 1'b0, rst = 1'b1, start = 1'b0, buf_we = 1'b0;  // rst: the first clock edge only
     reg [31:0] prompt_len = 0, n = 0, shift = 1, buf_addr = 0, buf_data = 0, rd_addr = 0;
-    wire tok_valid, done, error;
+    wire tok_valid, done, error, saturated;
     wire [31:0] tok, rd_data;
     /* verilator lint_off PINCONNECTEMPTY */
     crystal_gen gen (.clk(clk), .rst(rst), .start(start), .prompt_len(prompt_len), .n(n), .shift(shift),
                      .buf_we(buf_we), .buf_addr(buf_addr), .buf_data(buf_data), .tok_valid(tok_valid), .tok(tok),
-                     .done(done), .error(error), .busy(), .rd_addr(rd_addr), .rd_data(rd_data));
+                     .done(done), .error(error), .saturated(saturated), .busy(), .rd_addr(rd_addr),
+                     .rd_data(rd_data));
     /* verilator lint_on PINCONNECTEMPTY */
     always #1 clk = ~clk;
 
@@ -77,6 +80,7 @@ module crystal_tb;
                 @(negedge clk) rd_addr = `LOGITS + v;
                 @(negedge clk) $display("logit %0d %0d", v, $signed(rd_data));  // a clock after its address
             end
+        $display("saturated %0d", saturated);
         $display("cycles %0d", total);
         $finish;
     end

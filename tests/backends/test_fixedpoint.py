@@ -66,6 +66,44 @@ def test_rounding_division_and_saturation():
     assert fp.isqrt(np.array([0, 1, 15, 16, 2**62])).tolist() == [0, 1, 3, 4, 2**31]
 
 
+def test_division_truncates_at_int64_min():
+    # found by an audit: |INT64_MIN| overflowed int64 and -2^63 / 2^32 came out +2^31, where the core's 65-bit
+    # divider gives -2^31 (an attention numerator of 4 equal scores on values at -32768; tested on Icarus)
+    lo = -(2**63)
+    a = np.array([lo, lo, lo, lo, lo + 1, 2**63 - 1, -7, 0], dtype=np.int64)
+    b = np.array([2**32, 3, 2**62, 1, 2**32, -3, 7, -5], dtype=np.int64)
+    want = [abs(x) // abs(y) * (1 if (x < 0) == (y < 0) else -1) for x, y in zip(a.tolist(), b.tolist(), strict=True)]
+    assert fp.tdiv(a, b).tolist() == want
+    assert int(fp.tdiv(np.int64(lo), np.int64(2**32))) == -(2**31)  # scalars, as layer_norm's mean divides
+
+
+def saturating_graph() -> Graph:
+    """x = 40000 in the residual stream's first component: the token embedding's RAM write saturates it."""
+    g = random_graph(dict(vocab_size=5, d_model=4, n_ctx=3, n_heads=1, n_blocks=1, n_neurons=1, ffn_hidden=4,
+                          final_norm=True), seed=0)
+
+    def planted(t):
+        if t.name not in ("token_embed.weight", "pos_embed.weight"):
+            return t
+        data = t.data.copy()
+        data[:, :3] = [20000, 15000, -15000]
+        return type(t)(t.name, data)
+
+    return g.map_tensors(planted)
+
+
+def test_the_emulator_says_when_a_value_saturated():
+    # found by an audit: a saturated residual stream gave logits in range but 0.18 off the model's, unsaid;
+    # the emulator reports the saturation as the core does (test_verilog holds the two flags equal)
+    g = saturating_graph()
+    run = fp.emulate_run(fp.lower(g), [1, 2])
+    assert run.saturated and not fp.at_bound(run.logits).any()  # the logits alone look fine
+    assert np.abs(fp.to_float(run.logits) - forward(g, [1, 2])[-1]).max() > 0.1
+    assert not fp.emulate_run(fp.lower(random_graph("all_on", seed=3)), [1, 2, 3]).saturated
+    assert fp.at_bound(np.array([fp.INT32_MAX, fp.INT32_MIN, fp.INT32_MAX - 1, 0])).tolist() == [True, True, False,
+                                                                                                   False]
+
+
 def test_weights_must_fit_q16():
     g = random_graph("all_on", seed=3)
     big = g.map_tensors(lambda t: t if t.name != "head.bias" else

@@ -25,7 +25,9 @@ from crystalc.backends import fixedpoint as fp
 from crystalc.backends import verilog
 from crystalc.backends.verilog import (
     BACKEND,
+    core_cycles,
     core_memories,
+    cycle_bound,
     cycles_counted,
     lanes_hex,
     simulate_generate,
@@ -37,7 +39,7 @@ from crystalc.ir.interpret import forward, generate
 from crystalc.passes.prune_vocab import prune_vocab
 from crystalc.passes.quantize import quantize
 from tests.backends.test_c import greedy_with_margin
-from tests.backends.test_fixedpoint import TOL, far_field_graph
+from tests.backends.test_fixedpoint import TOL, far_field_graph, saturating_graph
 from tests.conftest import FIXTURE_SHAPES, random_graph, require_tool, save_pt
 
 SIM_TIMEOUT = 300  # s: a core that never halts fails its test instead of hanging it (the longest here takes seconds)
@@ -61,8 +63,10 @@ def built(graph: Graph, out: Path, lanes: int = 1) -> Path:
 
 
 def check(graph: Graph, out: Path, ids: list[int], lanes: int = 1) -> None:
-    got, cycles = simulate(out, ids)
-    assert got.tolist() == fp.emulate(fp.lower(graph), ids).tolist()
+    got, cycles, saturated = verilog.run_simulation(out, ids, "icarus", SIM_TIMEOUT)
+    want = fp.emulate_run(fp.lower(graph), ids)
+    assert got.tolist() == want.logits.tolist()
+    assert saturated is want.saturated is False  # in range; out of it, test_a_saturated_value_inside_the_network_...
     ref = forward(graph, ids)[-1]
     assert np.abs(fp.to_float(got) - ref).max() <= TOL * max(1.0, float(np.abs(ref).max()))
     assert cycles == cycles_counted(fp.lower(graph), lanes, len(ids))
@@ -97,6 +101,111 @@ def test_a_saturated_logit_is_refused_not_printed(tmp_path):
     out = built(g, tmp_path / "out")
     with pytest.raises(CrystalError, match=r"^the logit of id \d reached Q16.16's bound"):
         verilog.simulate_logits(out, [1, 2])
+
+
+def emulated_generation(g: Graph, ids: list[int], n: int, shift: int) -> tuple[list[int], bool]:
+    """The emulator's greedy tokens, and crystal_gen's saturation flag as the emulator sees it: a value of a
+    run saturated, or a logit the argmax read lies at the bound."""
+    prog = fp.lower(g)
+    flags = []
+
+    def logits_of(ctx: list[int]) -> np.ndarray:
+        run = fp.emulate_run(prog, ctx)
+        flags.append(run.saturated or bool(fp.at_bound(run.logits).any()))
+        return run.logits
+
+    return generate(g, ids, n, shift, logits_of=logits_of), any(flags)
+
+
+@pytest.mark.tool
+def test_a_saturated_value_inside_the_network_is_refused(tmp_path):
+    # found by an audit: x = 40000 in the residual stream saturated at 32768 and the logits, in range, came out
+    # 0.18 off the model's without a word; the core says a saturation acted, as the emulator does
+    g = saturating_graph()
+    out = built(g, tmp_path / "out", lanes=2)
+    got, _, saturated = verilog.run_simulation(out, [1, 2], "icarus", SIM_TIMEOUT)
+    want = fp.emulate_run(fp.lower(g), [1, 2])
+    assert got.tolist() == want.logits.tolist() and saturated is want.saturated is True
+    assert not fp.at_bound(got).any()
+    said = r"^a value reached Q16.16's bound \(\+-32768\) in the simulation, where the hardware saturates: .* the {}"
+    with pytest.raises(CrystalError, match=said.format("logits")):
+        simulate(out, [1, 2])
+    with pytest.raises(CrystalError, match=said.format("logits")):
+        verilog.simulate_logits(out, [1, 2])
+    with pytest.raises(CrystalError, match=said.format("tokens")):
+        simulate(out, [1, 2], generate=3)
+    assert emulated_generation(g, [1, 2], 3, 1)[1]
+    res = cli("simulate", str(out), "--prompt-ids", "1,2", "-n", "3")
+    assert res.returncode == 2 and res.stdout == "" and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+@pytest.mark.tool
+def test_generation_from_saturated_logits_is_refused(tmp_path):
+    # found by an audit: `simulate -n` took the argmax of logits saturated at 32768 (tied, the first won)
+    # where the logits path refuses them; a logit exactly at the bound, no saturation having acted, is as
+    # ambiguous, so crystal_gen flags both
+    from crystalc.ir.tensor import Tensor
+
+    cfg = dict(vocab_size=6, d_model=4, n_ctx=3, n_heads=1, n_blocks=1, n_neurons=1, ffn_hidden=4, final_norm=True)
+    g = random_graph(cfg, seed=0)
+    head = g.head.weight
+    clipped = g.map_tensors(lambda t: Tensor(t.name, (np.sign(t.data) * 20000).astype(np.float32)) if t is head else t)
+    assert np.abs(forward(clipped, [1, 2])[-1]).max() > 32768
+    out = built(clipped, tmp_path / "clipped")
+    with pytest.raises(CrystalError, match=r"^a value reached Q16.16's bound .* the tokens are not the model's$"):
+        simulate(out, [1, 2], generate=3)
+    assert emulated_generation(clipped, [1, 2], 3, 1)[1]
+
+    # h = ln_f's bias (its weight 0), 2 - 2^-16 in component 0; row 0 of the head 16384 there and a bias of
+    # 16383 / 2^16: logit 0 = 2^14 (2^17 - 1) + 16383 = 2^31 - 1 exactly, nothing saturated on the way
+    exact = {"ln_f.weight": np.zeros(4), "ln_f.bias": np.array([2 - 2**-16, 0, 0, 0]),
+             "head.weight": np.zeros((6, 4)), "head.bias": np.array([16383 / 2**16, 0, 0, 0, 0, 0])}
+    exact["head.weight"][0, 0] = 16384
+    g = g.map_tensors(lambda t: Tensor(t.name, exact[t.name].astype(np.float32)) if t.name in exact else t)
+    run = fp.emulate_run(fp.lower(g), [1, 2])
+    assert run.logits[0] == fp.INT32_MAX and not run.saturated
+    out = built(g, tmp_path / "exact")
+    assert verilog.run_simulation(out, [1, 2], "icarus", SIM_TIMEOUT)[2] is False  # the core's flag alone: no
+    made, _, saturated = verilog.run_simulation(out, [1, 2], "icarus", SIM_TIMEOUT, generate=3)
+    assert (made.tolist(), saturated) == emulated_generation(g, [1, 2], 3, 1) == ([0, 0, 0], True)
+    with pytest.raises(CrystalError, match=r"^a value reached Q16.16's bound .* the tokens are not the model's$"):
+        simulate_generate(out, [1, 2], 3)
+
+
+@pytest.mark.tool
+def test_an_attention_numerator_of_minus_2_63_is_divided_as_the_core_does(tmp_path):
+    # found by an audit: the emulator's division took |INT64_MIN|, which overflows, and its attention output
+    # was +32768 where the core's 65-bit divider gives -32768. D = 1: h = ln1's bias, 1; q = 0, so every
+    # score is 0 and every e_j 2^30; v = -16384 h - 16384 = -32768 exactly (-2^31, nothing saturated), so
+    # the fourth position's numerator is 4 x 2^30 x -2^31 = -2^63
+    from crystalc.ir.tensor import Tensor
+
+    cfg = dict(vocab_size=3, d_model=1, n_ctx=4, n_heads=1, n_blocks=1, n_neurons=0, ffn_hidden=1)
+    planted = {"blocks.0.ln1.weight": 1.0, "blocks.0.ln1.bias": 1.0, "blocks.0.attn.q_proj.weight": 0.0,
+               "blocks.0.attn.q_proj.bias": 0.0, "blocks.0.attn.v_proj.weight": -16384.0,
+               "blocks.0.attn.v_proj.bias": -16384.0, "blocks.0.attn.out_proj.weight": 2**-10,
+               "blocks.0.attn.out_proj.bias": 0.0}
+    g = random_graph(cfg, seed=0).map_tensors(
+        lambda t: Tensor(t.name, np.full_like(t.data, planted[t.name])) if t.name in planted else t)
+    check(g, built(g, tmp_path / "out"), [0, 1, 2, 0])
+
+
+def test_token_cycles_bound_every_position_not_only_the_last(tmp_path):
+    # found by an audit: TOKEN_CYCLES was the last position's cycles, but a position's are not monotone (the
+    # attention's output pass drains beside its steps once the positions reach the lanes): here position 6
+    # takes 18 more than 7, and cycle_bound, which prices each position at TOKEN_CYCLES, fell below a run's
+    g = random_graph(dict(vocab_size=3, d_model=32, n_ctx=8, n_heads=1, n_blocks=1, n_neurons=1, ffn_hidden=2),
+                     seed=0)
+    BACKEND.emit(g, tmp_path, lanes=8)
+    prog = fp.lower(g)
+    per = [sum(core_cycles(prog, 8, pos).values()) for pos in range(8)]
+    assert per[-1] < max(per)
+    sizes = verilog._defines(tmp_path)
+    assert sizes["TOKEN_CYCLES"] == max(per) + 4
+    for prompt in range(1, 9):
+        for n, shift in ((0, 1), (1, 1), (6, 3), (20, 1), (20, 8)):
+            assert cycles_counted(prog, 8, prompt, n, shift) <= cycle_bound(sizes, prompt, n)
+    assert f"position {per.index(max(per))}: {max(per)} =" in (tmp_path / "model.vh").read_text()
 
 
 @pytest.mark.tool
@@ -166,8 +275,9 @@ def test_the_hardware_generates_as_the_emulator(shape, lanes, prompt, n, shift, 
     out = built(g, tmp_path / "out", lanes)
     ids = np.random.default_rng(5).integers(0, g.config.vocab_size, prompt).tolist()
     prog = fp.lower(g)
-    got, cycles = simulate(out, ids, generate=n, shift=shift)
-    assert got.tolist() == generate(g, ids, n, shift, logits_of=lambda ctx: fp.emulate(prog, ctx))
+    got, cycles, saturated = verilog.run_simulation(out, ids, "icarus", SIM_TIMEOUT, generate=n, shift=shift)
+    assert (got.tolist(), saturated) == emulated_generation(g, ids, n, shift)
+    assert not saturated
     assert cycles == cycles_counted(prog, lanes, prompt, n, shift)
     want, margin = greedy_with_margin(g, ids, n, shift)
     assert margin > 4 * TOL * max(1.0, float(np.abs(forward(g, ids)).max()))  # measured 4.7x to 44x of it

@@ -89,7 +89,8 @@
 `define VOCAB_SIZE 62
 `define N_CTX 9
 `define LANES 3
-// the most clock cycles crystal_gen spends on a position (the last): a bound on a run's, for the testbench
+// the most clock cycles crystal_gen spends on a position (its costliest, not always the last): a bound on a
+// run's, for the testbench
 `define TOKEN_CYCLES 6355
 //
 // How program.hex encodes an instruction. Python decides it (crystalc.backends.fixedpoint: FIELDS, OPCODES,
