@@ -5,8 +5,12 @@ set -u
 need_cmds=(cc make clang g++ iverilog yosys verilator ngspice)
 need_pkgs=(gcc make "clang libclang-rt-dev" g++ iverilog yosys verilator ngspice)  # clang + its runtimes: libFuzzer for fuzz/ (tests/fuzz); g++: the CUDA kernels on the CPU (tests/backends/cuda_on_cpu.h); then the Verilog and SPICE backends
 missing=()
-# Debian and Ubuntu split ensurepip, which `python3 -m venv` needs, into python3-venv
-"${PYTHON:-python3}" -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
+# Debian and Ubuntu split ensurepip, which `python3 -m venv` needs, into python3.X-venv, one for each Python
+# (python3-venv is the default Python's only)
+py="${PYTHON:-python3}"
+venv_pkg="python$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)-venv"
+[ "$venv_pkg" = python-venv ] && venv_pkg=python3-venv  # no such Python: the Makefile's check says so
+"$py" -c 'import ensurepip' 2>/dev/null || missing+=("$venv_pkg")
 for i in "${!need_cmds[@]}"; do
   command -v "${need_cmds[$i]}" >/dev/null 2>&1 || missing+=(${need_pkgs[$i]})  # unquoted: one tool may need several packages
 done

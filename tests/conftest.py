@@ -6,7 +6,7 @@ import importlib
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pytest
@@ -105,10 +105,14 @@ def require_tool(*names: str) -> None:
     """Skip when a tool is missing, except in CI, where a missing tool is a failure."""
     missing = [n for n in names if shutil.which(n) is None]
     if missing:
-        msg = f"missing tool(s): {', '.join(missing)}"
-        if in_ci():
-            pytest.fail(msg + " (CI=true: tool-backed tests may not skip)")
-        pytest.skip(msg)
+        tool_missing(f"missing tool(s): {', '.join(missing)}")
+
+
+def tool_missing(msg: str) -> NoReturn:
+    """A skip saying what is missing, except in CI, where a missing tool is a failure."""
+    if in_ci():
+        pytest.fail(msg + " (CI=true: tool-backed tests may not skip)")
+    pytest.skip(msg)
 
 
 def require_module(name: str) -> Any:

@@ -2,8 +2,8 @@
 
     .venv/bin/python examples/shakespeare/train.py [--data PATH] [--out PATH] [--steps N]
 
-The corpus is not in the repository: by default it is read from
-../shared/data/tinyshakespeare.txt beside the checkout. The settings below are the
+By default the corpus is the repository's copy, tests/data/tinyshakespeare.txt
+(the project's shared corpus, byte for byte). The settings below are the
 ones the committed model.pt was trained with (see README.md); the same command
 gives the same checkpoint, byte for byte, on the same torch and thread count.
 """
@@ -20,7 +20,7 @@ from crystalc.train.data import read_corpus
 from crystalc.train.loop import TrainConfig, train
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_DATA = HERE.parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
+DEFAULT_DATA = HERE.parents[1] / "tests" / "data" / "tinyshakespeare.txt"
 
 # D 128, T 64, one block: the seeds' causal crystal, with 4,000 steps to fit two shared cores.
 # Neurons grow from 64 to 320 by splitting (every 10 of 600 rounds, until 80%);

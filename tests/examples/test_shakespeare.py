@@ -56,7 +56,7 @@ def test_writes_a_play(graph) -> None:
 
 
 def test_compiles_to_c_and_generates(tmp_path: Path) -> None:
-    require_tool("cc")
+    require_tool("cc", "make")  # compile --build runs make
     out = tmp_path / "demo"
     r = subprocess.run([sys.executable, "-m", "crystalc.cli", "compile", str(MODEL), "--target", "c", "-o", str(out),
                         "--build"], capture_output=True, text=True, timeout=300)

@@ -10,13 +10,18 @@ from __future__ import annotations
 import os
 import subprocess
 
-from tests.conftest import REPO, require_tool
+from tests.conftest import REPO, require_tool, tool_missing
 from tests.format.seeds_v2_writer import seeds_v2_bytes
 from tests.format.test_corrupt import BASES
 
 
 def test_loader_survives_a_bounded_fuzz_run(tmp_path):
     require_tool("clang")
+    # Debian ships clang's runtimes apart (libclang-rt-dev): without libFuzzer's, clang compiles but cannot link
+    probe = subprocess.run(["clang", "-x", "c", "-fsanitize=fuzzer", "-o", os.devnull, "-"], capture_output=True,
+                           input=b"int LLVMFuzzerTestOneInput(const char *d, long n) { return 0; }\n")
+    if probe.returncode != 0:
+        tool_missing("missing libFuzzer's runtime (clang -fsanitize=fuzzer cannot link: install libclang-rt-dev)")
     exe = tmp_path / "crystal_load_fuzz"
     build = subprocess.run(
         ["clang", "-g", "-O1", "-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=all",
