@@ -31,24 +31,47 @@ def _refuse_compressed(path: Path) -> None:
                            "crystalc does not inflate them")
 
 
-def _check_sizes(path: Path, state: dict[str, Any]) -> None:
+MAX_META_ELEMENTS = 1 << 20  # in meta's tensors together: a record (a training curve), not weights
+
+
+def _view(v: Any) -> tuple[Any, ...]:
+    """What a tensor reads: the same for every name of one tied or shared parameter, which is read once."""
+    return (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
+
+
+def _check_sizes(path: Path, tensors: dict[str, Any]) -> None:
     """Before anything is copied: each tensor's elements must lie in its own data (an expanded tensor, stride 0,
     holds a huge shape in a few bytes: a 49 KB file once became 1.2 GB here), and no more than a model's many.
-    Together the tensors may view their data at most twice (a head tied to the embedding is saved under both
-    names), or many names over one storage would multiply it the same way."""
-    viewed = 0
+    Together the distinct views may span their data at most twice (a tied head, blocks sharing one module, and
+    slices of one buffer are each read once), or many overlapping views of one storage would multiply it."""
+    viewed: dict[tuple[Any, ...], int] = {}
     stored: dict[tuple[int, int], int] = {}
-    for k, v in state.items():
+    for k, v in tensors.items():
         n, storage = v.numel(), v.untyped_storage()
         if n * v.element_size() > storage.nbytes():
             raise CrystalError(f"{path}: {k}: shape {list(v.shape)} is larger than the data it holds")
         if n > MAX_ELEMENTS:
             raise CrystalError(f"{path}: {k}: {n} elements, more than {MAX_ELEMENTS}")
-        viewed += n * v.element_size()
+        viewed[_view(v)] = n * v.element_size()
         stored[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
-    if viewed > 2 * sum(stored.values()):
-        raise CrystalError(f"{path}: its tensors view {viewed} bytes in {sum(stored.values())} bytes of data: "
-                           "more than twice, which no model's tied weights need")
+    if sum(viewed.values()) > 2 * sum(stored.values()):
+        raise CrystalError(f"{path}: its tensors view {sum(viewed.values())} bytes in {sum(stored.values())} bytes "
+                           "of data: more than twice, which no model's shared weights need")
+
+
+def _meta_tensors(o: Any, where: str, out: dict[str, Any]) -> dict[str, Any]:
+    """The tensors in a meta, by where they lie ('meta.curve[3]'), for the same checks as the weights'."""
+    import torch
+
+    if isinstance(o, torch.Tensor):
+        out[where] = o
+    elif isinstance(o, dict):
+        for k, v in o.items():
+            _meta_tensors(v, f"{where}.{k}", out)
+    elif isinstance(o, (list, tuple, set, frozenset)):
+        for i, v in enumerate(o):
+            _meta_tensors(v, f"{where}[{i}]", out)
+    return out
 
 
 def read_torch_checkpoint(path: Path) -> RawCheckpoint:
@@ -120,10 +143,22 @@ def read_torch_checkpoint(path: Path) -> RawCheckpoint:
                                "(.dequantize() or .to_dense() first)")
         check_dtype(path, k, str(v.dtype).removeprefix("torch."))
     _check_sizes(path, state)
+    try:
+        in_meta = _meta_tensors(meta, "meta", {})
+    except RecursionError:
+        raise CrystalError(f"{path}: its meta is nested too deep") from None
+    _check_sizes(path, in_meta)
+    if sum(v.numel() for v in in_meta.values()) > MAX_META_ELEMENTS:  # each would become a list of Python numbers
+        raise CrystalError(f"{path}: its meta holds tensors of more than {MAX_META_ELEMENTS} elements together: "
+                           "a record, not weights")
     arrays: dict[str, np.ndarray] = {}
+    read: dict[tuple[Any, ...], np.ndarray] = {}  # one copy for the names of one view (a tied or shared weight)
     for k, v in state.items():
-        v = v.detach()  # a saved Parameter may require grad, and numpy() refuses one that does
-        if str(v.dtype).removeprefix("torch.") in FLOAT_DTYPES:
-            v = v.to(torch.float32)
-        arrays[k] = v.numpy().copy()
+        key = _view(v)
+        if key not in read:
+            v = v.detach()  # a saved Parameter may require grad, and numpy() refuses one that does
+            if str(v.dtype).removeprefix("torch.") in FLOAT_DTYPES:
+                v = v.to(torch.float32)
+            read[key] = v.numpy().copy()
+        arrays[k] = read[key]
     return RawCheckpoint(str(path), arrays, config, tokenizer, dict(meta))
