@@ -177,22 +177,33 @@ def _sections(graph: Graph) -> list[_Section]:
 def _plain(o: Any) -> Any:
     """o as JSON can hold it: numpy and torch scalars and arrays (common in training metrics) as numbers and
     lists, every NaN or infinity as None (JSON has no such numbers: a training run without a validation set
-    records NaN losses, and a strict reader refuses Python's NaN), keys as strings, and anything else (bytes,
-    a set) as its repr: the spec leaves a checkpoint's meta free-form, and a record of it is better than a
-    model that cannot be written."""
+    records NaN losses, and a strict reader refuses Python's NaN), a set as its sorted list, keys and anything
+    else (bytes) as their repr, an int past the readers' digits as its size: the spec leaves a checkpoint's meta
+    free-form, and a record of it is better than a model that cannot be written."""
+    import sys
+
+    torch = sys.modules.get("torch")  # a torch tensor can only be here if torch is loaded: not imported for it
+    if isinstance(o, bool) or o is None or isinstance(o, str):
+        return o
     if isinstance(o, float):
         return o if math.isfinite(o) else None
-    if o is None or isinstance(o, (str, int)):
-        return o
+    if isinstance(o, int):
+        # (300 bits are 91 digits, within JSON_NUMBER; str() of a huge int would raise)
+        return o if o.bit_length() <= 300 else f"<an int of {o.bit_length()} bits>"
     if isinstance(o, dict):
-        return {k if isinstance(k, str) else repr(_plain(k)): _plain(v) for k, v in o.items()}
+        out: dict[str, Any] = {}
+        for k, v in o.items():
+            key = k if isinstance(k, str) else repr(_plain(k))
+            if key in out:  # {1: .., "1": ..}: one would be lost
+                raise CrystalError(f"cannot write .crystal: two keys of the meta are both {key!r} as JSON")
+            out[key] = _plain(v)
+        return out
     if isinstance(o, (list, tuple)):
         return [_plain(v) for v in o]
-    if isinstance(o, np.generic | np.ndarray) or type(o).__module__ == "torch":
-        try:
-            return _plain(o.tolist())
-        except (AttributeError, TypeError, RuntimeError):
-            pass
+    if isinstance(o, (set, frozenset)):  # sorted: a set's order changes with PYTHONHASHSEED, the file must not
+        return sorted((_plain(v) for v in o), key=lambda v: json.dumps(v, sort_keys=True))
+    if isinstance(o, np.generic | np.ndarray) or (torch is not None and isinstance(o, torch.Tensor)):
+        return _plain(o.tolist())
     return repr(o)
 
 
