@@ -247,15 +247,23 @@ def train(text: str, cfg: TrainConfig, out: str | None = None,
         torch.set_num_threads(cfg.threads)
     dd = _init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
-    # A BPE's merges are fitted on the training part only: fitted on the held-out tail too, they would make
-    # the validation text's tokens its own and its loss optimistic. (Byte-level, it still encodes the tail;
-    # a char tokenizer must see every character, and knowing them tells it nothing of their order.)
-    fit_on = text[:len(text) - int(len(text) * cfg.val_frac)] if cfg.tokenizer.startswith("bpe:") else text
-    tok = D.build_tokenizer(fit_on, cfg.tokenizer)
-    ids = D.encode(text, tok)
-    train_ids, val_ids = D.split(ids, cfg.val_frac, cfg.n_ctx)
-    vocab = Tokenizer(tok).vocab_size
     kind, asked = D.parse_tokenizer_spec(cfg.tokenizer)
+    if kind == "bpe" and cfg.val_frac > 0:
+        # A BPE's merges are fitted on the training text only: fitted on the held-out tail too, they would make
+        # its tokens their own and its loss optimistic. So the text is split first, by characters (a char
+        # tokenizer's split, below, is the same by tokens; it must see every character, and knowing them tells
+        # it nothing of their order), and the byte-level BPE encodes the tail it never saw.
+        cut = len(text) - int(len(text) * cfg.val_frac)
+        tok = D.build_tokenizer(text[:cut], cfg.tokenizer)
+        train_ids, val_ids = D.encode(text[:cut], tok), D.encode(text[cut:], tok)
+        for part, n in (("training part", len(train_ids)), ("held-out tail", len(val_ids))):
+            if n < cfg.n_ctx + 1:
+                raise CrystalError(f"the corpus's {part} encodes to {n} tokens: too few for context {cfg.n_ctx} "
+                                   f"with a {cfg.val_frac * 100:g}% validation split")
+    else:
+        tok = D.build_tokenizer(text, cfg.tokenizer)
+        train_ids, val_ids = D.split(D.encode(text, tok), cfg.val_frac, cfg.n_ctx)
+    vocab = Tokenizer(tok).vocab_size
     if kind == "bpe" and vocab < asked and log is not None and dd.rank == 0:  # said, not refused: still a model
         log(f"tokenizer {cfg.tokenizer}: the corpus gives {vocab} tokens (BPE runs out of pairs to merge)")
     mcfg = ModelConfig.from_dict(dict(
