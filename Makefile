@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml Makefile | tools
 	$(BIN)/pip install -q --upgrade pip
 	$(if $(TORCH_INDEX),$(BIN)/pip install -q $(TORCH) --index-url $(TORCH_INDEX),\
 	  $(BIN)/pip install -q --no-index $(TORCH) 2>/dev/null || \
-	  { echo "crystalc: $(TORCH) with its dependencies is not all in pip's local wheels; installing through the index" >&2; \
+	  { echo "crystalc: $(TORCH) with its dependencies is not in pip's local wheels; installing via the index" >&2; \
 	    $(BIN)/pip install -q $(TORCH); })
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
