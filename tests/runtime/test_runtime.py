@@ -435,8 +435,8 @@ def test_a_damaged_cache_entry_is_rebuilt_and_one_that_cannot_run_is_one_line(ca
 
     real_run = runtime.subprocess.run
 
-    def cannot_run(cmd, *args, **kwargs):
-        if cmd[0] != str(exe):  # the compiler's --version, asked for the cache key, still answers
+    def cannot_run(cmd, *args, **kwargs):  # the runtime runs as "crystalc run", its path the executable
+        if str(kwargs.get("executable")) != str(exe):  # the compiler's --version, for the cache key, still answers
             return real_run(cmd, *args, **kwargs)
         raise PermissionError(13, "Permission denied")
 
@@ -445,7 +445,7 @@ def test_a_damaged_cache_entry_is_rebuilt_and_one_that_cannot_run_is_one_line(ca
         runtime.run_model(model, ["--prompt-ids", "1", "--logits"])
 
     def too_long(cmd, *args, **kwargs):  # what the kernel says of an argument over 128 KiB
-        if cmd[0] != str(exe):
+        if str(kwargs.get("executable")) != str(exe):
             return real_run(cmd, *args, **kwargs)
         raise OSError(7, "Argument list too long")
 
