@@ -491,7 +491,7 @@ def _exec(ins: Instr, rom: np.ndarray, ram: np.ndarray, tok: int, pos: int) -> b
 
 class Emulation(NamedTuple):
     logits: np.ndarray  # the last position's, Q16 integers
-    saturated: bool  # a saturation changed a value at some position (crystal_core's `saturated`, any token)
+    saturated: bool  # a saturation changed a value at some position, the logits' own excepted (crystal_core's)
 
 
 def emulate_run(program: Program, ids: Sequence[int]) -> Emulation:
@@ -504,7 +504,10 @@ def emulate_run(program: Program, ids: Sequence[int]) -> Emulation:
         for ins in program.instrs:
             if ins.op == "halt":
                 break
-            saturated = _exec(ins, program.rom, ram, int(tok), pos) or saturated
+            clipped = _exec(ins, program.rom, ram, int(tok), pos)
+            # the head's own clips are left to whoever reads the logits (a clipped one lies at the bound, which
+            # they check): an earlier position's, never read, would refuse a run whose read logits are right
+            saturated = saturated or (clipped and ins.dst != program.logits)
     return Emulation(ram[program.logits:program.logits + program.vocab_size].copy(), saturated)
 
 

@@ -591,7 +591,9 @@ def simulate(out_dir: Path, ids: list[int], simulator: str = "icarus", timeout: 
     with generate=G, (the rows of G greedy tokens, the window shifted by `shift` when full, clock cycles).
     Refused when a value saturated: in range or not, the outputs are then not the model's."""
     run = run_simulation(out_dir, ids, simulator, timeout, generate, shift)
-    if run.saturated:
+    # the core leaves the logits' own clips to their reader: here the last position's (generation's argmax
+    # reads them in crystal_gen, which flags one at the bound)
+    if run.saturated or (not generate and fixedpoint.at_bound(run.values).any()):
         raise saturation_error(generate)
     return run.values, run.cycles
 

@@ -46,6 +46,8 @@
 // later (the logits of the last token are at LOGITS + i). With `done`,
 // `saturated` is high when a value of the run reached Q16.16's bound and was
 // held there: the words are then not the model's, however in range they look.
+// The logits' own clips are not counted: a clipped logit lies at the bound,
+// where its reader sees it, and an earlier position's are never read.
 `include "model.vh"
 
 module crystal_core (
@@ -56,7 +58,7 @@ module crystal_core (
     input  wire [31:0] pos,
     output reg         done,
     output reg         error,  // the last start was refused (token or pos out of range)
-    output reg         saturated,  // since the last start, a saturation (sat32) changed a value
+    output reg         saturated,  // since the last start, a saturation (sat32) changed a value, not a logit
     output wire        busy,
     input  wire [31:0] rd_addr,
     output wire [31:0] rd_data
@@ -549,7 +551,9 @@ module crystal_core (
         S_LINEAR_DRAIN: begin
             wide = flags[ACCUMULATE] ? m1 + rshift_round(lane_sum[dl_x], FRAC) + w1
                                      : rshift_round(lane_sum[dl_x], FRAC) + w1;
-            clip = clip || clips(wide); m_wdata = sat32(wide);
+            // the head's clips are left to the logits' readers, who see a clipped one at the bound: an
+            // earlier position's logits are never read, and their clip would refuse a right run
+            clip = clip || (clips(wide) && dst != `LOGITS); m_wdata = sat32(wide);
             if (flags[TO_KEYS]) begin  // key d of position cur: word d KEY_GROUPS + cur / LANES
                 c_we = 1'b1; c_waddr = dst + (di_x + dl_x) * `KEY_GROUPS + cur_group; c_lane = cur_lane;
             end else if (flags[TO_VALUES]) begin  // k heads of width c: the counters follow the rows

@@ -92,6 +92,38 @@ def saturating_graph() -> Graph:
     return g.map_tensors(planted)
 
 
+def head_clipping_graph() -> Graph:
+    """Only the position embedding reaches the head (every block adds 0): x = 2 at position 0 and 0.5 at 1 in
+    component 0, where head row 0 weighs 20000, so position 0's logit 0 (40000) clips and position 1's (10000)
+    does not."""
+    g = random_graph(dict(vocab_size=6, d_model=4, n_ctx=3, n_heads=1, n_blocks=1, n_neurons=1, ffn_hidden=4),
+                     seed=0)
+    zero = ("token_embed.weight", "blocks.0.attn.out_proj.weight", "blocks.0.attn.out_proj.bias",
+            "blocks.0.field.values", "blocks.0.ffn.fc2.weight", "blocks.0.ffn.fc2.bias", "head.bias")
+
+    def planted(t):
+        if t.name not in zero + ("pos_embed.weight", "head.weight"):
+            return t
+        data = np.zeros_like(t.data)
+        if t.name == "pos_embed.weight":
+            data[:2, 0] = [2.0, 0.5]
+        elif t.name == "head.weight":
+            data[0, 0] = 20000
+        return type(t)(t.name, data)
+
+    return g.map_tensors(planted)
+
+
+def test_an_unread_logit_s_clip_is_no_saturation():
+    # found by a review: the head runs at every prompt position, and an earlier position's logit, never read,
+    # clipping refused a run whose read logits are the model's
+    g = head_clipping_graph()
+    assert forward(g, [1])[-1][0] == 40000 and forward(g, [1, 2])[-1][0] == 10000
+    run = fp.emulate_run(fp.lower(g), [1, 2])
+    assert not run.saturated and np.abs(fp.to_float(run.logits) - forward(g, [1, 2])[-1]).max() <= TOL
+    assert fp.at_bound(fp.emulate_run(fp.lower(g), [1]).logits).any()  # read, the clipped one is at the bound
+
+
 def test_the_emulator_says_when_a_value_saturated():
     # found by an audit: a saturated residual stream gave logits in range but 0.18 off the model's, unsaid;
     # the emulator reports the saturation as the core does (test_verilog holds the two flags equal)

@@ -39,7 +39,7 @@ from crystalc.ir.interpret import forward, generate
 from crystalc.passes.prune_vocab import prune_vocab
 from crystalc.passes.quantize import quantize
 from tests.backends.test_c import greedy_with_margin
-from tests.backends.test_fixedpoint import TOL, far_field_graph, saturating_graph
+from tests.backends.test_fixedpoint import TOL, far_field_graph, head_clipping_graph, saturating_graph
 from tests.conftest import FIXTURE_SHAPES, random_graph, require_tool, save_pt
 
 SIM_TIMEOUT = 300  # s: a core that never halts fails its test instead of hanging it (the longest here takes seconds)
@@ -137,6 +137,18 @@ def test_a_saturated_value_inside_the_network_is_refused(tmp_path):
     assert emulated_generation(g, [1, 2], 3, 1)[1]
     res = cli("simulate", str(out), "--prompt-ids", "1,2", "-n", "3")
     assert res.returncode == 2 and res.stdout == "" and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+@pytest.mark.tool
+def test_an_unread_logit_s_clip_is_no_saturation(tmp_path):
+    # found by a review: the core flagged position 0's clipped logit, which nothing reads
+    g = head_clipping_graph()
+    out = built(g, tmp_path / "out")
+    got, _, saturated = verilog.run_simulation(out, [1, 2], "icarus", SIM_TIMEOUT)
+    assert got.tolist() == fp.emulate_run(fp.lower(g), [1, 2]).logits.tolist() and not saturated
+    assert simulate(out, [1, 2])[0].tolist() == got.tolist()
+    with pytest.raises(CrystalError, match="the logits are not the model's"):  # read, it is refused
+        simulate(out, [1])
 
 
 @pytest.mark.tool
