@@ -19,9 +19,24 @@ OTHER_DTYPES = frozenset({"bool", "uint8", "int8", "int16", "int32", "int64", "u
 
 
 def check_dtype(path: object, key: str, name: str) -> None:
-    """`name`: a torch dtype's name without "torch.", or a numpy dtype's."""
+    """`name`: a torch dtype's name without "torch." (torch_dtype_name), or a numpy dtype's."""
     if name not in FLOAT_DTYPES and name not in OTHER_DTYPES:
         raise CrystalError(f"{path}: {key}: dtype {name} is not one crystalc reads")
+
+
+def torch_dtype_name(t: Any) -> str:
+    """A torch tensor's dtype by the name numpy gives it too ("float16", not "torch.float16")."""
+    return str(t.dtype).removeprefix("torch.")
+
+
+def torch_array(t: Any) -> np.ndarray:
+    """A torch tensor of a dtype check_dtype took, as a numpy array of its own: floats widened to float32."""
+    import torch
+
+    t = t.detach()  # a saved Parameter may require grad, and numpy() refuses one that does
+    if torch_dtype_name(t) in FLOAT_DTYPES:
+        t = t.to(torch.float32)
+    return t.numpy().copy()
 
 
 @dataclass

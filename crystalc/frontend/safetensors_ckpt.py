@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from crystalc.errors import CrystalError
-from crystalc.frontend.raw import FLOAT_DTYPES, RawCheckpoint, check_dtype
+from crystalc.frontend.raw import RawCheckpoint, check_dtype, torch_array, torch_dtype_name
 
 
 def config_path_for(path: Path) -> Path | None:
@@ -29,8 +29,7 @@ def _widened(a: np.ndarray) -> np.ndarray:
 def _through_torch(path: Path) -> dict:
     """The tensors of a file whose dtypes numpy has no type for (bfloat16, the float8s), widened to float32
     (exactly: each is a subset of float32's values) by torch."""
-    try:
-        import torch
+    try:  # (safetensors.torch imports torch: without it, an ImportError here)
         from safetensors import SafetensorError
         from safetensors.torch import load_file
     except ImportError:
@@ -40,9 +39,8 @@ def _through_torch(path: Path) -> dict:
     except (SafetensorError, OSError, ValueError, TypeError) as e:
         raise CrystalError(f"{path}: not a readable safetensors file ({e})") from None
     for k, v in tensors.items():
-        check_dtype(path, k, str(v.dtype).removeprefix("torch."))  # before .to(): float4 has no conversion
-    return {k: (v.to(torch.float32) if str(v.dtype).removeprefix("torch.") in FLOAT_DTYPES else v).numpy().copy()
-            for k, v in tensors.items()}
+        check_dtype(path, k, torch_dtype_name(v))  # before the conversion: float4 has none
+    return {k: torch_array(v) for k, v in tensors.items()}
 
 
 def read_safetensors(path: Path) -> RawCheckpoint:

@@ -1,6 +1,7 @@
 """Reading `.pt` checkpoints: the spec's wrapper dict, the seeds' {"model", "config"}, or a bare state_dict.
 
-The only module of the front end that imports torch, and it does so lazily.
+torch is imported lazily, as by the other readers that need it (bfloat16 .safetensors, raw.torch_array):
+a .crystal or plain .safetensors never loads it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 
 from crystalc.config import MAX_ELEMENTS
 from crystalc.errors import CrystalError
-from crystalc.frontend.raw import FLOAT_DTYPES, RawCheckpoint, check_dtype
+from crystalc.frontend.raw import RawCheckpoint, check_dtype, torch_array, torch_dtype_name
 
 
 def _refuse_compressed(path: Path) -> None:
@@ -141,7 +142,7 @@ def read_torch_checkpoint(path: Path) -> RawCheckpoint:
             kind = "quantized" if v.is_quantized else f"{v.layout} (not dense)"
             raise CrystalError(f"{path}: {k} is a {kind} tensor: save dense float tensors "
                                "(.dequantize() or .to_dense() first)")
-        check_dtype(path, k, str(v.dtype).removeprefix("torch."))
+        check_dtype(path, k, torch_dtype_name(v))
     _check_sizes(path, state)
     try:
         in_meta = _meta_tensors(meta, "meta", {})
@@ -156,9 +157,6 @@ def read_torch_checkpoint(path: Path) -> RawCheckpoint:
     for k, v in state.items():
         key = _view(v)
         if key not in read:
-            v = v.detach()  # a saved Parameter may require grad, and numpy() refuses one that does
-            if str(v.dtype).removeprefix("torch.") in FLOAT_DTYPES:
-                v = v.to(torch.float32)
-            read[key] = v.numpy().copy()
+            read[key] = torch_array(v)
         arrays[k] = read[key]
     return RawCheckpoint(str(path), arrays, config, tokenizer, dict(meta))
