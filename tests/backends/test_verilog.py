@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -230,6 +232,24 @@ def test_a_folder_emitted_again_is_simulated_afresh(tmp_path):
     BACKEND.emit(g, out)
     got, _ = verilog.simulate_logits(out, [1, 2])
     assert [round(v * fp.ONE) for _, v in got] == fp.emulate(fp.lower(g), [1, 2]).tolist()
+
+
+@pytest.mark.tool
+def test_a_built_folder_runs_where_only_vvp_is(tmp_path, monkeypatch):
+    # an audit's find: simulating asked for iverilog even when sim.vvp was built and up to date
+    g = random_graph(dict(vocab_size=5, d_model=3, n_ctx=4, n_heads=1, n_blocks=1, n_neurons=1, ffn_hidden=2), seed=3)
+    out = built(g, tmp_path / "out")
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for name in ("make", "vvp"):
+        (tools / name).symlink_to(shutil.which(name))
+    monkeypatch.setenv("PATH", str(tools))
+    got, _ = verilog.simulate_logits(out, [1, 2])
+    assert [round(v * fp.ONE) for _, v in got] == fp.emulate(fp.lower(g), [1, 2]).tolist()
+    later = (out / verilog.SIM).stat().st_mtime + 10  # a source newer than sim.vvp: building again needs iverilog
+    os.utime(out / "crystal_core.v", (later, later))
+    with pytest.raises(CrystalError, match="needs 'iverilog', which is not on PATH"):
+        verilog.simulate_logits(out, [1, 2])
 
 
 @pytest.mark.tool
