@@ -21,7 +21,10 @@ Decisions taken here (templates/spice/ only renders text):
   the intended one to a few ulp (with every number read as written, below: the
   circuit matches its own equations to 6e-15); the options pin 27 C and ngspice
   runs with -n, so that no .spiceinit of the user's changes the temperature (or
-  anything else).
+  anything else). Those are ngspice 39's constants (CODATA 2014), not a law: every
+  run checks them, by a diode of the netlist's model driven at A Vt beside the
+  circuit (THERMAL_CHECK), and an ngspice of other constants is refused, not
+  trusted with fields that would be off by millionths.
 - Each position is solved by its own ngspice run, in parallel: one circuit of S
   instances took ngspice time growing far faster than S (the bundled model's
   field: 3.3 s for one position, 241 s for eight).
@@ -100,6 +103,9 @@ LEAK_IS = 1.0 + GMIN * DRIVE_A * THERMAL_VOLTAGE / DIODE_IS
 # |value|, a sum at most N of them)
 INFINITE_V = 1e49
 FINGERPRINT = "* crystalc fingerprint:"
+# The check diode's current, of IS (exp(A) - 1), may be this far from 1: ngspice reads the drive to an ulp and
+# the exponent carries it A-fold (seen 2e-14); CODATA 2018's constants against 2014's move it by 1.5e-5
+THERMAL_CHECK = 1e-9
 NGSPICE_MAX_PORTS = 1004  # the most ports ngspice-39 instances a subcircuit with (N_GLOBAL_NODES overflow past it)
 
 
@@ -294,6 +300,19 @@ def _killed_by(number: int) -> str:
         return f"killed by signal {number}"
 
 
+def _check_thermal_voltage(source_current: float) -> None:
+    """That ngspice's kT/q is THERMAL_VOLTAGE, from the check diode's current (the testbench's Vthermal carries
+    it, negative: into the source's + node); the netlists' drives are written in it."""
+    drive = DRIVE_A * THERMAL_VOLTAGE
+    current = -source_current
+    if abs(current / (DIODE_IS * math.expm1(DRIVE_A)) - 1.0) <= THERMAL_CHECK:
+        return
+    vt = drive / math.log1p(current / DIODE_IS) if current > 0 else math.nan
+    raise CrystalError(f"this ngspice's thermal voltage at 27 C is {vt:.10g} V, not the {THERMAL_VOLTAGE:.10g} V "
+                       f"the netlists are written in (kT/q of CODATA 2014, as ngspice 39 has it): its fields would "
+                       f"be off; simulate with an ngspice of those constants")
+
+
 def simulate_field(out_dir: Path, block: int, h: np.ndarray, timeout: float | None = 600) -> np.ndarray:
     """Block `block`'s field at the inputs h [S, D], by ngspice's operating point: [S, D] float64
     (a frozen core: [S, D + 1], its sums f<k> and then fden). Each row is its own ngspice run (timeout
@@ -320,7 +339,8 @@ def simulate_field(out_dir: Path, block: int, h: np.ndarray, timeout: float | No
     def solve(tmp: str, s: int, row: np.ndarray) -> list[float]:
         bench = Path(tmp) / f"bench{s}.cir"
         bench.write_text(render("spice", "testbench.cir.j2", block=block, body=body, d=d, outputs=outputs,
-                                max_ports=NGSPICE_MAX_PORTS, options=OPTIONS, h=[_num(v) for v in row]),
+                                max_ports=NGSPICE_MAX_PORTS, options=OPTIONS, h=[_num(v) for v in row],
+                                thermal_drive=_num(DRIVE_A * THERMAL_VOLTAGE)),
                          encoding="ascii")
         try:
             proc = subprocess.run(["ngspice", "-n", "-b", bench.name], cwd=tmp, capture_output=True,
@@ -328,7 +348,8 @@ def simulate_field(out_dir: Path, block: int, h: np.ndarray, timeout: float | No
         except subprocess.TimeoutExpired as e:
             raise CrystalError(f"ngspice did not finish {netlist.name} within {timeout:g} s") from e
         found = dict(re.findall(r"^v\(f(\w+)\) = (\S+)$", proc.stdout, re.MULTILINE))
-        if proc.returncode != 0 or sorted(found) != sorted(outputs):
+        thermal = re.findall(r"^i\(vthermal\) = (\S+)$", proc.stdout, re.MULTILINE)
+        if proc.returncode != 0 or sorted(found) != sorted(outputs) or len(thermal) != 1:
             said = list(dict.fromkeys(ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()))
             why = [ln for ln in said if re.search(r"error|fail|singular|abort", ln, re.IGNORECASE)] or said
             detail = " ".join(" ".join(why).split())  # each line once: ngspice repeats its complaints
@@ -336,6 +357,7 @@ def simulate_field(out_dir: Path, block: int, h: np.ndarray, timeout: float | No
             # killed (the out-of-memory killer's SIGKILL among them), ngspice says nothing: the signal is the cause
             how = _killed_by(-proc.returncode) if proc.returncode < 0 else f"exit {proc.returncode}"
             raise CrystalError(f"ngspice failed on {netlist.name} ({how}){': ' + detail if detail else ''}")
+        _check_thermal_voltage(float(thermal[0]))
         got = [float(found[o]) for o in outputs]
         # ngspice stands 1e50 in for a division by zero (INFINITE_V) and exits 0: that, or no number, is no
         # solution

@@ -372,6 +372,19 @@ def test_a_result_ngspice_stands_in_for_infinity_is_refused(tmp_path):
         spice.simulate_field(out, 0, h)
 
 
+@pytest.mark.tool
+def test_an_ngspice_of_other_constants_is_refused(tmp_path, monkeypatch):
+    # the netlists' drives are written in ngspice 39's kT/q (CODATA 2014); an ngspice of CODATA 2018's (as a
+    # netlist written for them meets here) puts every exponent 1.5e-5 off, which no output would show
+    codata_2018 = 1.380649e-23 * 300.15 / 1.602176634e-19
+    monkeypatch.setattr(spice, "THERMAL_VOLTAGE", codata_2018)
+    out = emitted(random_graph("all_on", seed=4), tmp_path / "out")
+    ngspice_39 = 1.38064852e-23 * 300.15 / 1.6021766208e-19
+    with pytest.raises(CrystalError, match=rf"^this ngspice's thermal voltage at 27 C is {ngspice_39:.10g} V, not the "
+                                           rf"{codata_2018:.10g} V the netlists are written in \(kT/q of CODATA"):
+        spice.simulate_field(out, 0, np.zeros((1, 8)))
+
+
 def test_a_killed_ngspice_is_named_as_such(tmp_path, monkeypatch):
     # killed (by the out-of-memory killer, say), ngspice writes nothing: the error read "(exit -9): "
     out = emitted(random_graph("all_on", seed=4), tmp_path / "out")
