@@ -27,7 +27,9 @@ Decisions taken here (templates/spice/ only renders text):
   trusted with fields that would be off by millionths.
 - Each position is solved by its own ngspice run, in parallel: one circuit of S
   instances took ngspice time growing far faster than S (the bundled model's
-  field: 3.3 s for one position, 241 s for eight).
+  field: 3.3 s for one position, 241 s for eight). A run is a process, not
+  PySpice's shared library, whose failures are the host's (docs/backends.md);
+  it prints 17 significant digits, which give back the double it solved.
 - The testbench holds the netlist's body at its top level, not an instance of the
   subcircuit: ngspice-39 instances a subcircuit of at most 1004 ports
   (N_GLOBAL_NODES), and this one has 2D (2D + 1 for a frozen core), so a model of
