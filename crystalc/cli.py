@@ -144,6 +144,10 @@ def _parse_ids(text: str) -> list[int]:
     items = [x.strip(" ") for x in text.split(",")]  # "1 2" is not 12
     if not all(x.removeprefix("-").isascii() and x.removeprefix("-").isdigit() for x in items):
         raise CrystalError(f"token ids must be comma-separated integers, got {text!r}")
+    # past int64 any id is out of every vocabulary's range, and past 4,300 digits int() itself refuses
+    digits = max(len(x.removeprefix("-").lstrip("0")) for x in items)
+    if digits > 19:
+        raise CrystalError(f"token ids must be comma-separated integers of at most 19 digits, got one of {digits}")
     return [int(x) for x in items]
 
 

@@ -55,7 +55,8 @@ class CorpusNotes:
         if self.unknown_chars:
             notes.append(f"{self.unknown_chars:,} corpus characters the tokenizer lacks skipped")
         if self.dropped_tokens:
-            notes.append(f"{self.dropped_tokens:,} corpus tokens outside the pruned vocabulary left out (perplexity "
+            tokens = "token" if self.dropped_tokens == 1 else "tokens"
+            notes.append(f"{self.dropped_tokens:,} corpus {tokens} outside the pruned vocabulary left out (perplexity "
                          "over the kept vocabulary: not comparable with the unpruned model's)")
         return "; ".join(notes)
 
@@ -78,8 +79,11 @@ class EvalReport:
 
 
 def _dequantized(graph: Graph) -> Graph:
-    """The same graph with every quantized tensor replaced by its float32 values."""
+    """The same graph with every quantized tensor replaced by its float32 values, and no record of the
+    quantization it no longer has (which the float32 row's file size would count)."""
     out = graph.map_tensors(lambda t: t if t.quant is None else Tensor(t.name, t.values()))
+    if "quantize" in out.meta:
+        out = out.replace(meta={k: v for k, v in out.meta.items() if k != "quantize"})
     out.verify()  # a pass, as any other: its output checked
     return out
 
@@ -104,7 +108,8 @@ def corpus_to_ids(graph: Graph, text: str, max_tokens: int | None) -> tuple[np.n
     ids, unknown = tokenizer.encode_counted(text, limit=None if max_tokens is None else max_tokens + 1)
     kept, dropped = graph.known_rows(ids)
     if kept.size < 2:
-        raise CrystalError("the corpus holds fewer than 2 tokens the model knows: nothing to evaluate")
+        within = "" if max_tokens is None else f" (of the first {max_tokens + 1:,} tokens: --max-tokens)"
+        raise CrystalError(f"the corpus holds fewer than 2 tokens the model knows{within}: nothing to evaluate")
     return kept, dropped, unknown
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from crystalc.errors import CrystalError
 from crystalc.evaluate import (
+    CorpusNotes,
     _split,
     corpus_to_ids,
     evaluate,
@@ -236,3 +237,16 @@ def test_a_quantized_input_is_said_to_be_the_reference() -> None:
     assert f"the input was quantized ({n:,} tensors)" in said
     assert "the input was quantized" in sensitivity_markdown(sensitivity(q, TEXT, "int8", "row", max_tokens=40))
     assert "\n1 predicted token.\n" in markdown(evaluate(g, TEXT[:2], modes=["int8"], granularities=["row"]))
+    # its float32 row is sized as float32: the input's quantize record, which a .crystal of it would carry, is
+    # not (an audit: 160 bytes more than the same float32 model's file)
+    float32_q, float32_g = (evaluate(m, TEXT, modes=[], granularities=["row"], max_tokens=40).rows[0] for m in (q, g))
+    assert float32_q.nbytes == float32_g.nbytes
+
+
+def test_too_few_tokens_within_max_tokens_says_so() -> None:
+    # an audit: a pruned model's first 2 tokens were both pruned, and the error blamed the corpus
+    p = prune_vocab(char_graph(), "F", [])  # "F" alone: "First" loses its "i" onwards
+    with pytest.raises(CrystalError, match=r"fewer than 2 tokens the model knows \(of the first 2 tokens: "
+                                           r"--max-tokens\)"):
+        evaluate(p, TEXT, modes=["int8"], granularities=["row"], max_tokens=1)
+    assert "1 corpus token outside" in CorpusNotes(n_tokens=3, dropped_tokens=1).markdown()

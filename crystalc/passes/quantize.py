@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from crystalc.config import MAX_DIM
+from crystalc.config import FLOAT32_MAX, MAX_DIM
 from crystalc.errors import CrystalError
 from crystalc.ir.graph import Graph
 from crystalc.ir.tensor import Quant, Tensor
@@ -66,7 +66,8 @@ def parse_granularity(text: str) -> Granularity:
         return Granularity(t)
     if t.startswith("group:"):
         n = t[len("group:"):]
-        if n.isascii() and n.isdigit() and 1 <= int(n) <= MAX_DIM:  # isdigit alone takes '²' and '١٢'
+        # isdigit alone takes '²' and '١٢'; the length first, as int() refuses past 4,300 digits
+        if n.isascii() and n.isdigit() and len(n.lstrip("0")) <= len(str(MAX_DIM)) and 1 <= int(n) <= MAX_DIM:
             return Granularity("group", int(n))
     raise CrystalError(f"granularity must be tensor, row or group:N with 1 <= N <= {MAX_DIM}, got {text!r}")
 
@@ -92,16 +93,41 @@ def quantize_tensor_minmax(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.flo
         scale = np.float32((vmax - vmin) / np.float32(2 * qmax))
         offset = np.float32(vmin + np.float32(qmax) * scale)
     # a constant tensor: codes 0, offset == the constant; a non-finite scale: the caller refuses the tensor
-    if scale == 0 or not (np.isfinite(scale) and np.isfinite(offset)):
+    if scale == 0 and vmax == vmin or not (np.isfinite(scale) and np.isfinite(offset)):
         return np.zeros(x.shape, dtype=itype), scale, offset
+    while not _spans(scale, offset, vmin, vmax, qmax):  # a scale among float32's subnormals, as _roomy_scales
+        scale = np.nextafter(scale, np.float32(np.inf))
+        offset = np.float32(vmin + np.float32(qmax) * scale)
     codes = np.clip(np.round((x - offset) / scale), -qmax, qmax)
     return codes.astype(itype), scale, offset
+
+
+def _spans(scale: np.float32, offset: np.float32, vmin: np.float32, vmax: np.float32, qmax: int) -> bool:
+    """Whether codes -qmax..qmax reach min and max within half a step."""
+    if scale == 0:  # min < max here: a span that rounded to 0
+        return False
+    lo, hi = ((float(v) - float(offset)) / float(scale) for v in (vmin, vmax))
+    return lo >= -qmax - 0.5 and hi <= qmax + 0.5
+
+
+def _roomy_scales(scale: np.ndarray, amax: np.ndarray, qmax: int) -> np.ndarray:
+    """Scales whose codes reach each row's largest |x| within half a step. A float32 scale among the
+    subnormals (a row below 1e-36 or so) holds few digits: rounded down, amax / scale passed qmax + 1/2 and
+    the largest codes clipped (36 half-steps off, seen), or the scale was 0 for a row that is not. The next
+    float32 up is enough there (it adds a whole spacing, the rounding took at most half of one); a scale of
+    normal float32 is never short."""
+    short = scale.astype(np.float64) * (qmax + 0.5) < amax
+    scale = np.where(short, np.nextafter(scale, np.float32(np.inf)), scale)
+    # at the other end, a row reaching float32's largest value: amax / qmax rounded up made qmax x scale
+    # overflow, and a scale an ulp smaller still holds amax within a millionth of a step
+    over = scale.astype(np.float64) * qmax > FLOAT32_MAX
+    return np.where(over, np.nextafter(scale, np.float32(0)), scale).astype(np.float32)
 
 
 def _symmetric(x2: np.ndarray, qmax: int, itype: type[np.integer]) -> tuple[np.ndarray, np.ndarray]:
     """Per-row symmetric codes for a 2-D array; returns (codes, scale[rows])."""
     amax = np.abs(x2).max(axis=1) if x2.shape[1] else np.zeros(x2.shape[0], dtype=np.float32)
-    scale = (amax / np.float32(qmax)).astype(np.float32)
+    scale = _roomy_scales((amax / np.float32(qmax)).astype(np.float32), amax, qmax)
     safe = np.where(scale > 0, scale, np.float32(1)).astype(np.float64)
     # float64 division: the code nearest to x for the float32 scale actually stored
     codes = np.clip(np.round(x2.astype(np.float64) / safe[:, None]), -qmax, qmax)
@@ -114,6 +140,10 @@ def quantize_array(name: str, x: np.ndarray, bits: int, gran: Granularity) -> Te
     x = np.ascontiguousarray(x, dtype=np.float32)
     if gran.scheme == "tensor":
         codes, t_scale, t_offset = quantize_tensor_minmax(x, bits)
+        if not (np.isfinite(t_scale) and np.isfinite(t_offset)):
+            span = float(x.max()) - float(x.min())
+            raise CrystalError(f"{name}: its values span {span:.3g}, past float32's range, which one per-tensor "
+                               f"scale and offset cannot cover: quantize it per row or in groups")
         q = Quant("tensor", np.array([t_scale], dtype=np.float32), np.array([t_offset], dtype=np.float32))
         return Tensor(name, codes, q)
     if x.ndim == 1 or gran.scheme == "row":

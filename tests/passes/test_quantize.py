@@ -44,7 +44,8 @@ def sample_arrays() -> dict[str, np.ndarray]:
 
 def _bound(x: np.ndarray, deq: np.ndarray, scale: np.ndarray) -> None:
     """|x - deq| <= scale/2, plus float32 rounding of the products (a few ulps of |x|)."""
-    slack = 4 * np.spacing(np.float32(np.abs(x).max()))
+    top = np.float32(np.abs(x).max())
+    slack = 8 * float(top - np.nextafter(top, np.float32(0)))  # 4 ulps above (np.spacing overflows at the max)
     err = np.abs(x.astype(np.float64) - deq.astype(np.float64))
     assert np.all(err <= scale.astype(np.float64) / 2 * (1 + 1e-6) + slack), float((err - scale / 2).max())
 
@@ -62,6 +63,34 @@ def test_error_is_at_most_half_a_step(name: str, gran: str, bits: int) -> None:
         assert not np.any(offset), "row and group scales are symmetric"
     _bound(x, t.values(), np.asarray(scale))
     np.testing.assert_array_equal(t.values(), dequantize(t.data, t.quant))
+
+
+def edge_arrays() -> dict[str, np.ndarray]:
+    """Magnitudes at float32's ends, where a scale loses digits (among the subnormals) or qmax x scale
+    overflows: an audit found codes clipped 36 half-steps off, and a non-zero row of scale 0."""
+    rng = np.random.default_rng(3)
+    return {
+        "tiny": (rng.standard_normal((3, 9)) * 1e-38).astype(np.float32),
+        "subnormal": (rng.integers(-70, 70, (3, 9)) * 2.0**-149).astype(np.float32),
+        "one_ulp": np.array([[2.0**-149, -(2.0**-149), 0.0], [2.0**-149, 2.0**-149, 2.0**-149]], np.float32),
+        "at_max": np.array([[np.finfo(np.float32).max, -3e38, 1.0], [1.0, 2.0, -3.0]], np.float32),
+    }
+
+
+@pytest.mark.parametrize("bits", (8, 16))
+@pytest.mark.parametrize("gran", GRANS)
+@pytest.mark.parametrize("name", sorted(edge_arrays()))
+def test_float32_s_ends_keep_half_a_step(name: str, gran: str, bits: int) -> None:
+    x = edge_arrays()[name]
+    if name == "at_max" and gran == "tensor":
+        with pytest.raises(CrystalError, match=r"^at_max: its values span 6\.4e\+38, past float32's range"):
+            quantize_array(name, x, bits, parse_granularity(gran))
+        return
+    t = quantize_array(name, x, bits, parse_granularity(gran))
+    t.verify(x.shape, ("i8", "i16"))
+    scale, offset = t.quant.expanded(x.shape)
+    _bound(x, t.values(), np.asarray(scale))
+    assert np.all(np.asarray(scale)[x != 0] > 0), "a row or group that is not 0 got scale 0"
 
 
 @pytest.mark.parametrize("bits", (8, 16))
@@ -182,7 +211,8 @@ def test_requantizing_a_quantized_graph() -> None:
 
 
 @pytest.mark.parametrize("bad", ("", "rows", "group", "group:", "group:0", "group:-2", "group:x", "tensor:3",
-                                 "group:²", "group:١٢"))  # digits to str.isdigit, not to int() or ASCII
+                                 "group:²", "group:١٢",  # digits to str.isdigit, not to int() or ASCII
+                                 "group:" + "9" * 5000))  # past int()'s 4,300 digits: a traceback, an audit found
 def test_bad_granularity(bad: str) -> None:
     with pytest.raises(CrystalError, match="granularity"):
         quantize(random_graph("all_on"), "int8", bad)
