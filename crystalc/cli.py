@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # the library is imported lazily, so that `--help` starts fas
 
 TARGETS = tuple(BACKENDS)
 QUANT_MODES = ("int8", "int16", "mixed", "mixed8")
+MAX_STEPS = 10**9  # as -n: more is no run that ends (a typo's 10^20 steps showed an ETA of 10^14 hours)
 
 
 class FiniteRange(click.FloatRange):
@@ -449,7 +450,7 @@ def prune_vocab(model: str, corpus: str | None, keep: str | None, out_path: str,
               help="Rounds a neuron lives before it may freeze.")
 @click.option("--soft-halflife", type=FiniteRange(0), default=0.0, show_default=True,
               help="Soft freezing: LR x max(0.01, 0.5^(age/halflife)) in rounds; 0 is off.")
-@click.option("--steps", type=click.IntRange(1), default=6000, show_default=True, help="Optimizer steps.")
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=6000, show_default=True, help="Optimizer steps.")
 @click.option("--rounds", type=click.IntRange(1), default=600, show_default=True,
               help="Rounds the run is divided into (the seeds' epochs); schedules count in rounds.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Windows per step.")
@@ -484,6 +485,15 @@ def train(data: str, out_path: str, tokenizer: str, d_model: int, n_ctx: int, n_
     from crystalc.train.loop import train as run_training
 
     parse_tokenizer_spec(tokenizer)  # a bad spec fails before the corpus is read
+    # options that would do nothing, as compile's --granularity without a mode: a typo's, or a wrong belief
+    ctx = click.get_current_context()
+    for option, name, off, because in (("--grow-count", "grow_count", growth == "none", "--growth none"),
+                                       ("--max-neurons", "max_neurons", growth == "none", "--growth none"),
+                                       ("--freeze-min-age", "freeze_min_age", freeze == "none", "--freeze none"),
+                                       ("--grow-every", "grow_every", growth == freeze == "none",
+                                        "--growth none and --freeze none")):
+        if off and ctx.get_parameter_source(name) != ParameterSource.DEFAULT:
+            raise CrystalError(f"{option} has no effect with {because}")
     _check_output(out_path, corpus=data)
     cfg = TrainConfig(
         d_model=d_model, n_ctx=n_ctx, n_heads=n_heads, n_blocks=n_blocks, ffn_hidden=ffn_hidden, tie_head=tie_head,
@@ -598,6 +608,9 @@ def main() -> None:
         _interrupted()
     except MemoryError:
         click.echo("crystalc: error: out of memory (nothing written): a smaller model, corpus or batch", err=True)
+        sys.exit(2)
+    except OSError as e:  # what no command turned into a CrystalError: writing stdout (a full disk, /dev/full)
+        click.echo(f"crystalc: error: {e.filename or 'writing the output'}: {e.strerror or e}", err=True)
         sys.exit(2)
     finally:
         # the outcome is settled (outputs whole, or the error said): a signal in the interpreter's last moments

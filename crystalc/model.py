@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crystalc.config import ModelConfig
+from crystalc.errors import CrystalError
 
 if TYPE_CHECKING:
     from crystalc.ir.graph import Graph
@@ -258,7 +259,12 @@ def save_checkpoint(
     from crystalc.fsutil import atomic_file
 
     with atomic_file(path) as f:
-        torch.save(checkpoint_dict(model, tokenizer, meta), f)
+        try:
+            torch.save(checkpoint_dict(model, tokenizer, meta), f)
+        except RuntimeError as e:  # torch's zip writer reports the file's OSError (a full disk) as this
+            cause = e.__cause__ or e.__context__
+            why = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(e).splitlines()[0]
+            raise CrystalError(f"{path}: writing the checkpoint failed ({why}); nothing written") from None
 
 
 def model_from_graph(graph: Graph) -> CrystalLM:

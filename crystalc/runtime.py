@@ -213,7 +213,7 @@ def run_model(model_path: str | os.PathLike[str], args: list[str], prompt: str |
         argv = [RUN_NAME, str(model), *args]
         try:
             if tokenizer is None or "--logits" in args:
-                return subprocess.run(argv, executable=exe).returncode
+                return _status(subprocess.run(argv, executable=exe).returncode)
             res = subprocess.run(argv, executable=exe, stdout=subprocess.PIPE, text=True)
         except OSError as e:  # e.g. a cache on a file system mounted noexec
             if e.errno == errno.E2BIG:  # ids of a window longer than 128 KiB as text (n_ctx in the tens of thousands)
@@ -224,4 +224,10 @@ def run_model(model_path: str | os.PathLike[str], args: list[str], prompt: str |
         if res.returncode == 0:
             generated = [int(x) for x in res.stdout.strip().split(",") if x]
             print(tokenizer.decode(prompt_ids + generated))
-        return res.returncode
+        return _status(res.returncode)
+
+
+def _status(returncode: int) -> int:
+    """The runtime's exit status as a shell reports it: killed by a signal (a closed pipe's SIGPIPE) is
+    128 + the signal, not subprocess's -signal, which sys.exit made 256 - signal (243)."""
+    return 128 - returncode if returncode < 0 else returncode

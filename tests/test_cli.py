@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from crystalc.cli import _parse_ids
 from crystalc.errors import CrystalError
+from tests.conftest import random_graph, save_pt
 
 
 def test_ids_are_comma_separated_and_spaces_only_pad_them() -> None:
@@ -22,3 +27,12 @@ def test_an_id_of_thousands_of_digits_is_one_line() -> None:
     for bad in ("9" * 5000, "1," + "9" * 20, "-" + "9" * 20):
         with pytest.raises(CrystalError, match="at most 19 digits, got one of 20|got one of 5000"):
             _parse_ids(bad)
+
+
+def test_a_full_stdout_is_one_line(tmp_path: Path) -> None:
+    # an audit: `crystalc inspect m.pt > /dev/full` (and eval, quantize's report, simulate) ended in a traceback
+    model = save_pt(random_graph("all_on"), tmp_path / "m.pt")
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "crystalc.cli", "inspect", str(model)], stdout=full,
+                           stderr=subprocess.PIPE, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr == "crystalc: error: writing the output: No space left on device\n"

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 import torch
 
-from crystalc.model import NeuronField, _FieldFunction
+from crystalc.config import ModelConfig
+from crystalc.errors import CrystalError
+from crystalc.model import CrystalLM, NeuronField, _FieldFunction, save_checkpoint
 
 
 def reference(h, pos, val, tau, normalize, eps, frozen):
@@ -57,3 +61,20 @@ def test_forward_is_the_spec_formula_bit_for_bit() -> None:
     assert torch.equal(f(h.requires_grad_()).detach(), ref)
     f.fast_distance = True  # the trainer's switch: close, not bit-identical
     assert (f(h).detach() - ref).abs().max() < 1e-5
+
+
+def test_a_full_disk_while_saving_is_one_error(tmp_path, monkeypatch) -> None:
+    # an audit: torch's zip writer turns the file's OSError into a RuntimeError ("unexpected pos 74304 vs 74256"),
+    # and `train` ended its run in a traceback
+    def full_disk(obj, f) -> None:
+        f.write(b"PK")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 74304 vs 74256") from None
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CrystalError, match=r"m\.pt: writing the checkpoint failed \(No space left on device\); "
+                                           r"nothing written$"):
+        save_checkpoint(str(tmp_path / "m.pt"), CrystalLM(ModelConfig(vocab_size=5, d_model=4, n_heads=1)))
+    assert not list(tmp_path.iterdir())

@@ -39,6 +39,6 @@ def standard_passes(prune_text: str | None, keep_ids: Sequence[int], mode: str |
     if prune_text is not None or keep_ids:
         passes.append(Pass("prune_vocab", lambda g: prune_vocab(g, prune_text, list(keep_ids))))
     if mode is not None:
-        passes.append(Pass("quantize", lambda g: quantize(g, mode, granularity or "tensor",
+        passes.append(Pass("quantize", lambda g: quantize(g, mode, "tensor" if granularity is None else granularity,
                                                           calibration=calibration(g))))
     return passes

@@ -38,10 +38,8 @@ def parse_tokenizer_spec(spec: str) -> tuple[str, int]:
     if spec == "char":
         return "char", 0
     if spec.startswith("bpe:"):
-        try:
-            n = int(spec[4:])
-        except ValueError:
-            n = -1
+        digits = spec[4:]  # ASCII digits only, as every count on the command line: not '3_00', '+300', '３００'
+        n = int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 8 else -1
         if 260 <= n <= MAX_DIM:
             return "bpe", n
         raise CrystalError(f"tokenizer {spec!r}: bpe:N needs an integer vocabulary size 260 <= N <= {MAX_DIM} "

@@ -109,6 +109,7 @@ def test_quantize_and_prune_commands_write_what_the_passes_compute(tmp_path: Pat
     ("quantize", "{m}", "--int8", "--calibrate", "{d}/short.txt", "-o", "{d}/x.crystal"),
     ("compile", "{m}", "--target", "c", "-o", "{d}/out", "--calibrate", "{d}/short.txt"),
     ("compile", "{m}", "--target", "c", "-o", "{d}/out", "--granularity", "row"),  # was silently ignored
+    ("quantize", "{m}", "--int8", "--granularity", "", "-o", "{d}/x.crystal"),  # was taken as tensor
     ("compile", "{m}", "--target", "c", "-o", "{d}/out", "--cflags", "-O0"),  # flags of --build, which is absent
     ("quantize", "{m}", "--int8", "--calibrate-tokens", "64", "-o", "{d}/x.crystal"),  # nothing to calibrate on
     ("quantize", "{m}", "--int8", "-o", "{m}"),  # would replace the checkpoint it reads

@@ -12,6 +12,7 @@ logits by far more).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -502,3 +503,15 @@ def test_the_cache_knows_the_compiler_behind_cc(cache, tmp_path, monkeypatch):
     monkeypatch.setenv("CC", "cc -ffast-math -O2")
     with pytest.raises(CrystalError, match="CC='cc -ffast-math -O2' has -ffast-math, which changes the arithmetic"):
         build_runtime()
+
+
+def test_a_reader_that_stops_early_is_the_runtime_s_sigpipe(cache, tmp_path):
+    # an audit: `crystalc run ... | head -c 10` exited 243 (sys.exit of subprocess's -13); a shell says 141
+    _, path, _ = char_model(tmp_path)
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "crystalc"), "run", str(path),
+                             "--prompt-ids", "1", "-n", "1000000", "-t", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    proc.stdout.read(10)
+    proc.stdout.close()
+    assert proc.wait(timeout=300) == 128 + signal.SIGPIPE

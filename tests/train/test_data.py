@@ -51,7 +51,8 @@ def test_split_and_eval_windows() -> None:
 
 
 @pytest.mark.parametrize("spec", ["", "bpe", "bpe:10", "bpe:-5", "char:3", "BPE:300",
-                                  "bpe:1048577", "bpe:99999999999"])  # past MAX_DIM: tokenizers would abort
+                                  "bpe:1048577", "bpe:99999999999",  # past MAX_DIM: tokenizers would abort
+                                  "bpe:3_00", "bpe:+300", "bpe: 300", "bpe:\uff13\uff10\uff10"])  # int() took these
 def test_bad_tokenizer_specs(spec: str) -> None:
     with pytest.raises(CrystalError):
         parse_tokenizer_spec(spec)

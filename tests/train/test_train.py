@@ -241,6 +241,12 @@ def _crystalc(*args: str) -> subprocess.CompletedProcess:
     (["--max-neurons", "2000000"], "outside 0..1048576"),
     (["--seed", "4294967296"], "4294967296 is not in the range 0<=x<=4294967295"),
     (["--seed", "-1"], "-1 is not in the range 0<=x<=4294967295"),
+    # found by an audit: options that do nothing were taken silently
+    (["--growth", "none", "--grow-count", "5"], "--grow-count has no effect with --growth none"),
+    (["--growth", "none", "--max-neurons", "50"], "--max-neurons has no effect with --growth none"),
+    (["--freeze", "none", "--freeze-min-age", "5"], "--freeze-min-age has no effect with --freeze none"),
+    (["--growth", "none", "--freeze", "none", "--grow-every", "3"],
+     "--grow-every has no effect with --growth none and --freeze none"),
     pytest.param(["--device", "cuda"], "no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
 ])
@@ -365,3 +371,11 @@ def test_an_interrupt_closes_the_progress_bar(monkeypatch: pytest.MonkeyPatch, c
     else:
         raise AssertionError("not interrupted")
     assert "2/5" in err and err.endswith("\n"), repr(err)
+
+
+def test_steps_past_a_billion_are_refused(tmp_path: Path) -> None:
+    # an audit: 10^20 steps started a run whose bar showed an ETA of 10^14 hours
+    data = tmp_path / "c.txt"
+    data.write_text(corpus(20))
+    r = _crystalc("train", "--data", str(data), "--out", str(tmp_path / "m.pt"), "--steps", "1" + "0" * 20, "--quiet")
+    assert r.returncode == 2 and "is not in the range 1<=x<=1000000000" in r.stderr, r.stderr
