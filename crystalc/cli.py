@@ -113,7 +113,7 @@ def _calibration(graph: Graph, path: str | None, max_tokens: int | None) -> np.n
         return None
     from crystalc.passes.calibrate import calibration_windows
 
-    return calibration_windows(graph, _read_text(path), max_tokens or DEFAULT_CALIBRATE_TOKENS)
+    return calibration_windows(graph, _read_text(path, "calibration text"), max_tokens or DEFAULT_CALIBRATE_TOKENS)
 
 
 def _apply_passes(graph: Graph, prune_corpus: str | None, keep: str | None, quantize: str | None,
@@ -133,10 +133,10 @@ def _apply_passes(graph: Graph, prune_corpus: str | None, keep: str | None, quan
     return run_pipeline(graph, passes)
 
 
-def _read_text(path: str) -> str:
+def _read_text(path: str, what: str = "corpus") -> str:
     from crystalc.fsutil import read_text
 
-    return read_text(path, "corpus")
+    return read_text(path, what)
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -144,7 +144,12 @@ def _parse_ids(text: str) -> list[int]:
     left for the range check to name), no empty entries, spaces around them ignored."""
     items = [x.strip(" ") for x in text.split(",")]  # "1 2" is not 12
     if not all(x.removeprefix("-").isascii() and x.removeprefix("-").isdigit() for x in items):
-        raise CrystalError(f"token ids must be comma-separated integers, got {text!r}")
+        try:
+            shown = repr(text)
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a command line's invalid UTF-8 arrives as lone surrogates: its bytes, shown
+            shown = repr(text.encode("utf-8", "surrogateescape"))[1:]
+        raise CrystalError(f"token ids must be comma-separated integers, got {shown}")
     # past int64 any id is out of every vocabulary's range, and past 4,300 digits int() itself refuses
     digits = max(len(x.removeprefix("-").lstrip("0")) for x in items)
     if digits > 19:
@@ -212,7 +217,7 @@ calibrate_tokens_option = click.option("--calibrate-tokens", type=click.IntRange
 def compile(model: str, target: str, out_dir: str, build: bool, cflags: str | None, lanes: int | None,
             frozen_only: bool, n_heads: int | None, prune_corpus: str | None, keep: str | None, quantize: str | None,
             granularity: str | None, calibrate: str | None, calibrate_tokens: int | None) -> None:
-    """Compile MODEL for a target into the folder OUT."""
+    """Compile MODEL for a target into the folder -o OUT."""
     from crystalc.backends import get_backend
     from crystalc.fsutil import atomic_dir
 

@@ -89,7 +89,8 @@ def _output_path(path: str | os.PathLike[str]) -> Path:
                 out = Path(os.path.realpath(out))
         # an output is renamed into place, which would replace a device or a FIFO (-o /dev/null) with a file
         if out.exists() and not (out.is_file() or out.is_dir()):
-            raise CrystalError(f"{out} is not a regular file (a device, FIFO or socket): choose a file to write")
+            raise CrystalError(f"{out} is not a regular file or folder (a device, FIFO or socket): choose a path to "
+                               "write")
     except OSError as e:  # a name too long, a link loop, a folder on the way that may not be searched
         raise _cannot_write(Path(path), e) from None
     return out

@@ -100,6 +100,9 @@ class Tokenizer:
                 break
             i = self.index.get(ch)
             if i is None:
+                if strict and "\udc80" <= ch <= "\udcff":  # a command line's invalid UTF-8 byte (surrogateescape)
+                    raise CrystalError(f"the text is not valid UTF-8 (byte 0x{ord(ch) - 0xDC00:02x} at character "
+                                       f"{len(out) + skipped})")
                 if strict:
                     raise CrystalError(f"character {ch!r} is not in the model's vocabulary")
                 skipped += 1

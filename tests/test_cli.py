@@ -10,6 +10,7 @@ import pytest
 
 from crystalc.cli import _parse_ids
 from crystalc.errors import CrystalError
+from crystalc.tokenizer import Tokenizer
 from tests.conftest import random_graph, save_pt
 
 
@@ -36,3 +37,20 @@ def test_a_full_stdout_is_one_line(tmp_path: Path) -> None:
         r = subprocess.run([sys.executable, "-m", "crystalc.cli", "inspect", str(model)], stdout=full,
                            stderr=subprocess.PIPE, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr == "crystalc: error: writing the output: No space left on device\n"
+
+
+def test_invalid_utf_8_is_named_as_its_bytes() -> None:
+    # an audit: `--prompt-ids $'1,\xff'` and simulate's `--prompt $'\xff'` said '\udcff', Python's stand-in
+    with pytest.raises(CrystalError, match=r"^token ids must be comma-separated integers, got '1,\\xff'$"):
+        _parse_ids("1,\udcff")
+    tok = Tokenizer({"kind": "char", "chars": "ab"})
+    with pytest.raises(CrystalError, match=r"^the text is not valid UTF-8 \(byte 0xff at character 1\)$"):
+        tok.encode("a\udcffb")
+
+
+def test_a_missing_calibration_text_is_called_so(tmp_path: Path) -> None:
+    model = save_pt(random_graph("all_on"), tmp_path / "m.pt")
+    r = subprocess.run([sys.executable, "-m", "crystalc.cli", "quantize", str(model), "--int8", "--calibrate",
+                        str(tmp_path / "missing.txt"), "-o", str(tmp_path / "q.crystal")], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.endswith("missing.txt: no such calibration text file\n"), r.stderr

@@ -78,7 +78,8 @@ def infer_config(state: dict[str, np.ndarray], given: dict[str, Any], n_heads: i
         raise CrystalError(f"--n-heads {n_heads} disagrees with the checkpoint's n_heads {given['n_heads']!r}")
     heads = next((h for h in (n_heads, given.get("n_heads"), default_heads) if h is not None), None)
     if heads is None:
-        raise CrystalError("n_heads cannot be inferred from a bare state_dict: pass --n-heads")
+        raise CrystalError("n_heads cannot be inferred from weights alone (a bare state_dict, or a .safetensors "
+                           "without its JSON config beside it): pass --n-heads")
     cfg: dict[str, Any] = {
         "vocab_size": v, "d_model": d, "n_ctx": t, "n_heads": as_int("n_heads", heads), "n_blocks": len(blocks),
         "n_neurons": list(neurons), "ffn_hidden": f,
