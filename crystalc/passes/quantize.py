@@ -95,7 +95,11 @@ def quantize_tensor_minmax(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.flo
     # a constant tensor: codes 0, offset == the constant; a non-finite scale: the caller refuses the tensor
     if scale == 0 and vmax == vmin or not (np.isfinite(scale) and np.isfinite(offset)):
         return np.zeros(x.shape, dtype=itype), scale, offset
-    while not _spans(scale, offset, vmin, vmax, qmax):  # a scale among float32's subnormals, as _roomy_scales
+    # a scale among float32's subnormals, as _roomy_scales: one step up for the scale's rounding, and one for the
+    # offset's at most (bounded: a loop widening by ulps would take hours where no step helps)
+    for _ in range(2):
+        if _spans(scale, offset, vmin, vmax, qmax):
+            break
         scale = np.nextafter(scale, np.float32(np.inf))
         offset = np.float32(vmin + np.float32(qmax) * scale)
     codes = np.clip(np.round((x - offset) / scale), -qmax, qmax)
@@ -103,11 +107,15 @@ def quantize_tensor_minmax(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.flo
 
 
 def _spans(scale: np.float32, offset: np.float32, vmin: np.float32, vmax: np.float32, qmax: int) -> bool:
-    """Whether codes -qmax..qmax reach min and max within half a step."""
+    """Whether codes -qmax..qmax reach min and max within half a step, or within float32's own rounding of
+    them: a span narrow against its values (1e6 and 1e6 + 1/16) has a step far below their ulp, and its
+    offset is rounded by a whole ulp, which dequantizing rounds away again."""
     if scale == 0:  # min < max here: a span that rounded to 0
         return False
-    lo, hi = ((float(v) - float(offset)) / float(scale) for v in (vmin, vmax))
-    return lo >= -qmax - 0.5 and hi <= qmax + 0.5
+    with np.errstate(over="ignore"):  # the spacing at float32's largest value: inf, which reaches anything
+        slack = 4 * float(np.spacing(np.maximum(np.abs(vmin), np.abs(vmax))))
+    reach = (qmax + 0.5) * float(scale) + slack
+    return float(vmin) - float(offset) >= -reach and float(vmax) - float(offset) <= reach
 
 
 def _roomy_scales(scale: np.ndarray, amax: np.ndarray, qmax: int) -> np.ndarray:

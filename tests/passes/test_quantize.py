@@ -74,6 +74,9 @@ def edge_arrays() -> dict[str, np.ndarray]:
         "subnormal": (rng.integers(-70, 70, (3, 9)) * 2.0**-149).astype(np.float32),
         "one_ulp": np.array([[2.0**-149, -(2.0**-149), 0.0], [2.0**-149, 2.0**-149, 2.0**-149]], np.float32),
         "at_max": np.array([[np.finfo(np.float32).max, -3e38, 1.0], [1.0, 2.0, -3.0]], np.float32),
+        # a span far below its values' ulp: the step is a fraction of an ulp (a first fix widened it ulp by ulp
+        # for minutes), and float32's rounding of the values is the error
+        "narrow": np.array([[1e6, 1e6 + 0.0625, 1e6 + 0.125], [3e7, 3e7 + 2, 3e7 + 4]], np.float32),
     }
 
 
