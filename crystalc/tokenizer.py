@@ -46,6 +46,14 @@ def check_spec(spec: Any, n_ids: int | None = None) -> None:
         raise CrystalError(f"tokenizer: unknown kind {kind!r} (expected 'char' or 'hf-tokenizers')")
 
 
+def _not_utf8(text: str, at: int) -> CrystalError:
+    """text[at] is a lone surrogate: a command line's byte that is not UTF-8 arrives as U+DC80..U+DCFF
+    (surrogateescape), named here as the byte it was."""
+    code = ord(text[at])
+    what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+    return CrystalError(f"the text is not valid UTF-8 ({what} at character {at})")
+
+
 class Tokenizer:
     def __init__(self, spec: dict[str, Any], n_ids: int | None = None) -> None:
         """`n_ids`: the model's original vocabulary, which the tokenizer's must equal (checked by check_spec for
@@ -88,7 +96,7 @@ class Tokenizer:
             try:  # a command line's invalid UTF-8 arrives as lone surrogates, which tokenizers refuses
                 text.encode("utf-8")
             except UnicodeEncodeError as e:
-                raise CrystalError(f"the text is not valid UTF-8 (character {e.start})") from None
+                raise _not_utf8(text, e.start) from None
             try:
                 return list(self._hf.encode(text).ids)[:limit], 0
             except Exception as e:  # the library's own (a WordLevel whose unk_token is not in its vocabulary)
@@ -101,8 +109,7 @@ class Tokenizer:
             i = self.index.get(ch)
             if i is None:
                 if strict and "\udc80" <= ch <= "\udcff":  # a command line's invalid UTF-8 byte (surrogateescape)
-                    raise CrystalError(f"the text is not valid UTF-8 (byte 0x{ord(ch) - 0xDC00:02x} at character "
-                                       f"{len(out) + skipped})")
+                    raise _not_utf8(text, len(out) + skipped)
                 if strict:
                     raise CrystalError(f"character {ch!r} is not in the model's vocabulary")
                 skipped += 1
